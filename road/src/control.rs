@@ -1,0 +1,111 @@
+//! The control port's requests and replies.
+//!
+//! Every Driver is born holding a capability to its Junction's control port
+//! (handle 0). It calls it with a postcard-encoded [`ControlRequest`] as the
+//! payload; the reply's payload is a postcard-encoded [`ControlReply`].
+
+use junction_identity::ServiceName;
+use serde::{Deserialize, Serialize};
+
+use crate::address::Address;
+use crate::frame::ErrorCode;
+
+/// The handle every Driver holds for its Junction's control port.
+pub const CONTROL_HANDLE: u32 = 0;
+
+/// A request to the control port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Register `name` for the capability passed as the call's only capability
+    /// (it needs `send` and `grant`). Lookups hand out copies of it.
+    Register {
+        /// The name.
+        name: ServiceName,
+    },
+    /// Remove a registration this connection made.
+    Unregister {
+        /// The name.
+        name: ServiceName,
+    },
+    /// Get a capability for a registered name.
+    Lookup {
+        /// The name.
+        name: ServiceName,
+    },
+    /// List ports, connections and names (behind `junction ls`).
+    List,
+}
+
+/// The control port's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// The name is registered.
+    Registered,
+    /// The name is no longer registered.
+    Unregistered,
+    /// The capability for the name is the reply's only capability.
+    Found {
+        /// The address of the service's port.
+        address: Address,
+    },
+    /// What `List` asked for.
+    Listing(Listing),
+    /// The request was refused.
+    Refused {
+        /// What went wrong, for programs.
+        code: ErrorCode,
+        /// What went wrong, for people.
+        message: String,
+    },
+}
+
+/// A snapshot of a Junction, for `junction ls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Listing {
+    /// This junction's id.
+    pub junction: u16,
+    /// Every open port.
+    pub ports: Vec<PortInfo>,
+    /// Every connection.
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// One port in a [`Listing`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortInfo {
+    /// Its address.
+    pub address: Address,
+    /// The connection that owns it (0 for the control port).
+    pub owner: u64,
+    /// Messages delivered to the owner and not yet consumed.
+    pub queued: u32,
+    /// Capabilities that can send to it.
+    pub senders: u32,
+    /// The names registered for it.
+    pub names: Vec<String>,
+    /// Whether it is its owner's home port.
+    pub home: bool,
+}
+
+/// One connection in a [`Listing`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// The connection id.
+    pub id: u64,
+    /// The label from its Hello.
+    pub label: String,
+    /// How it is attached: `unix`, `stdio`.
+    pub road: String,
+    /// Process id, when the Road knows it.
+    pub pid: Option<u32>,
+    /// User id, when the Road knows it.
+    pub uid: Option<u32>,
+    /// Its home port.
+    pub home: Address,
+    /// Ports it owns.
+    pub ports: u32,
+    /// Capability handles it holds.
+    pub handles: u32,
+    /// Its calls waiting for a reply.
+    pub pending_calls: u32,
+}

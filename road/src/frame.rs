@@ -1,0 +1,407 @@
+//! Frame types: the [`Header`] of every frame and the values it carries.
+//!
+//! Headers are encoded with postcard; enum variants are numbered in the order
+//! they are declared here, so the order is part of the protocol: add new
+//! variants at the end only.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::address::Address;
+
+/// The four bytes `JNCT` that open every Hello, so that a stray client of
+/// another protocol is told apart from a Junction driver at once.
+pub const MAGIC: [u8; 4] = *b"JNCT";
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// One frame: a header and the payload bytes that follow it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    /// What the frame is.
+    pub header: Header,
+    /// The raw payload; empty for most control frames. The Junction forwards
+    /// it without re-encoding.
+    pub payload: Bytes,
+}
+
+impl Frame {
+    /// A frame with no payload.
+    pub fn bare(header: Header) -> Self {
+        Self {
+            header,
+            payload: Bytes::new(),
+        }
+    }
+
+    /// A frame with a payload.
+    pub fn with_payload(header: Header, payload: Bytes) -> Self {
+        Self { header, payload }
+    }
+}
+
+/// The header of a frame. Arrows say who sends it: D is a Driver, J the Junction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Header {
+    /// D→J, first frame: who is speaking and which protocol.
+    Hello(Hello),
+    /// J→D, answer to a good Hello: the limits of this connection.
+    Welcome(Welcome),
+    /// D→J: open a new port; the Driver holds its receive right.
+    OpenPort {
+        /// Request id, echoed in the answer.
+        req: u32,
+    },
+    /// J→D: the port is open.
+    PortOpened {
+        /// Request id of the `OpenPort`.
+        req: u32,
+        /// The new port's address.
+        address: Address,
+    },
+    /// D→J: close a port this Driver owns. Every capability to it dies.
+    ClosePort {
+        /// The port number.
+        port: u16,
+    },
+    /// J→D: a port this Driver owned is closed.
+    PortClosed {
+        /// The port number.
+        port: u16,
+        /// Why it closed.
+        reason: Reason,
+    },
+    /// D→J: mint a capability to a port this Driver owns.
+    Mint {
+        /// Request id, echoed in the answer.
+        req: u32,
+        /// The port number.
+        port: u16,
+        /// The rights of the new capability.
+        rights: Rights,
+    },
+    /// J→D: the minted capability's handle.
+    Minted {
+        /// Request id of the `Mint`.
+        req: u32,
+        /// The new handle.
+        handle: u32,
+        /// Send credits the handle starts with.
+        credits: u32,
+    },
+    /// D→J: forget a capability handle.
+    Drop {
+        /// The handle.
+        handle: u32,
+    },
+    /// D→J: tell me when the port behind this handle dies.
+    Watch {
+        /// The handle.
+        handle: u32,
+    },
+    /// J→D: a watched capability is dead.
+    Dead {
+        /// The handle.
+        handle: u32,
+        /// Why.
+        reason: Reason,
+    },
+    /// D→J: send the payload to the port behind a capability.
+    Send(Send),
+    /// D→J: send the payload as a call; the receiver gets a send-once reply
+    /// capability whose reply comes back to the caller's home port with `tag`.
+    Call(Call),
+    /// J→D: a message for one of this Driver's ports.
+    Deliver(Deliver),
+    /// D→J: `count` messages delivered to `port` have been consumed.
+    Credit {
+        /// The port number.
+        port: u16,
+        /// How many messages.
+        count: u32,
+    },
+    /// J→D: `count` more messages may be sent on `handle`.
+    SendCredit {
+        /// The handle.
+        handle: u32,
+        /// How many more messages.
+        count: u32,
+    },
+    /// J→D: messages this Driver sent were not delivered.
+    Undeliverable {
+        /// The handle they were sent on.
+        handle: u32,
+        /// The per-handle sequence number of the first.
+        first_seq: u64,
+        /// How many consecutive messages from `first_seq`.
+        count: u32,
+        /// Why.
+        reason: Reason,
+    },
+    /// J→D: a call made with `tag` will get no reply.
+    CallFailed {
+        /// The call's tag.
+        tag: u64,
+        /// Why.
+        reason: Reason,
+    },
+    /// J→D: a request was refused, or a frame was bad.
+    Error(ErrorFrame),
+    /// Either way: are you there?
+    Ping {
+        /// Echoed in the Pong.
+        nonce: u64,
+    },
+    /// Either way: answer to a Ping.
+    Pong {
+        /// The Ping's nonce.
+        nonce: u64,
+    },
+    /// J→D: the Junction is closing this connection, and why.
+    Goodbye {
+        /// What happened, for a person.
+        reason: String,
+    },
+}
+
+/// The first frame a Driver sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must be [`MAGIC`].
+    pub magic: [u8; 4],
+    /// The protocol version the Driver speaks.
+    pub version: u16,
+    /// The largest frame the Driver accepts.
+    pub max_frame: u32,
+    /// A label for diagnostics (`junction ls`), such as the program name.
+    pub label: String,
+}
+
+/// The Junction's answer to a good Hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version in use.
+    pub version: u16,
+    /// This junction's id.
+    pub junction: u16,
+    /// The Driver's home port: the origin of what it sends, and where replies
+    /// to its calls arrive.
+    pub home: Address,
+    /// The largest frame the Junction accepts from this Driver.
+    pub max_frame: u32,
+    /// Send credits every new capability handle starts with.
+    pub window: u32,
+    /// The most capability handles this connection may hold.
+    pub max_handles: u32,
+    /// The most ports this connection may own.
+    pub max_ports: u32,
+    /// The most calls this connection may have waiting for a reply.
+    pub max_pending_calls: u32,
+}
+
+/// A one-way message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Send {
+    /// The capability to send on.
+    pub handle: u32,
+    /// Capabilities to pass along; each needs the `grant` right. Send-once
+    /// capabilities move; others are copied.
+    pub caps: Vec<u32>,
+}
+
+/// A call: a message with a reply capability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    /// The capability to call on.
+    pub handle: u32,
+    /// Chosen by the caller; the reply (or `CallFailed`) carries it back.
+    pub tag: u64,
+    /// Capabilities to pass along, as in [`Send`].
+    pub caps: Vec<u32>,
+}
+
+/// A message delivered to a port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deliver {
+    /// The receiving port's number.
+    pub port: u16,
+    /// The sender's home port, stamped by the Junction; cannot be forged.
+    pub origin: Address,
+    /// For a reply: the tag of the call it answers; 0 otherwise.
+    pub tag: u64,
+    /// For a call: the send-once capability to reply with.
+    pub reply: Option<u32>,
+    /// Capabilities that came with the message, now in the receiver's table.
+    pub caps: Vec<Granted>,
+}
+
+/// A capability handed to a Driver inside a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Granted {
+    /// Its handle in the receiver's table.
+    pub handle: u32,
+    /// Its rights.
+    pub rights: Rights,
+    /// Send credits it starts with.
+    pub credits: u32,
+    /// The address of the port it reaches, for diagnostics.
+    pub address: Address,
+}
+
+/// An error: which request failed or which frame was bad, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// The request id it answers, or 0 when it answers no request.
+    pub req: u32,
+    /// The handle concerned, or `u32::MAX` when none.
+    pub handle: u32,
+    /// What went wrong, for programs.
+    pub code: ErrorCode,
+    /// What went wrong and what to do, for people.
+    pub message: String,
+}
+
+/// The rights a capability carries, a small bit set.
+///
+/// ```
+/// use junction_road::Rights;
+/// let r = Rights::SEND | Rights::GRANT;
+/// assert!(r.contains(Rights::SEND));
+/// assert!(!r.contains(Rights::SEND_ONCE));
+/// assert_eq!(r.to_string(), "send+grant");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Rights(u8);
+
+impl Rights {
+    /// No rights.
+    pub const NONE: Rights = Rights(0);
+    /// May send any number of messages.
+    pub const SEND: Rights = Rights(1);
+    /// May send exactly one message (a reply); consumed by its use.
+    pub const SEND_ONCE: Rights = Rights(2);
+    /// May be passed on inside a message.
+    pub const GRANT: Rights = Rights(4);
+    const KNOWN: u8 = 0b111;
+
+    /// Rights from their bits; unknown bits are refused.
+    pub fn from_bits(bits: u8) -> Option<Rights> {
+        (bits & !Self::KNOWN == 0).then_some(Rights(bits))
+    }
+
+    /// The bits.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// Whether every right in `other` is in `self`.
+    pub fn contains(self, other: Rights) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether the bits are all known and the set is one a capability can
+    /// have: some way to send, but not both `send` and `send-once`.
+    pub fn is_valid(self) -> bool {
+        Self::from_bits(self.0).is_some()
+            && (self.contains(Self::SEND) != self.contains(Self::SEND_ONCE))
+    }
+}
+
+impl std::ops::BitOr for Rights {
+    type Output = Rights;
+    fn bitor(self, rhs: Rights) -> Rights {
+        Rights(self.0 | rhs.0)
+    }
+}
+
+impl std::fmt::Display for Rights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.contains(Rights::SEND) {
+            parts.push("send");
+        }
+        if self.contains(Rights::SEND_ONCE) {
+            parts.push("send-once");
+        }
+        if self.contains(Rights::GRANT) {
+            parts.push("grant");
+        }
+        if parts.is_empty() {
+            parts.push("none");
+        }
+        f.write_str(&parts.join("+"))
+    }
+}
+
+/// Why a port, a capability or a call died.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Reason {
+    /// Its owner closed the port.
+    PortClosed,
+    /// The process that owned the port went away.
+    OwnerGone,
+    /// The capability was revoked.
+    Revoked,
+    /// The capability expired.
+    Expired,
+    /// The receiver dropped a call's reply capability without replying.
+    ReplyDropped,
+    /// The Junction is shutting down.
+    Shutdown,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reason::PortClosed => "the port was closed by its owner",
+            Reason::OwnerGone => "the process that owned the port went away",
+            Reason::Revoked => "the capability was revoked",
+            Reason::Expired => "the capability expired",
+            Reason::ReplyDropped => "the receiver dropped the call without replying",
+            Reason::Shutdown => "the junction is shutting down",
+        })
+    }
+}
+
+/// What went wrong, in an [`ErrorFrame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The first frame was not a good Hello (wrong magic or another frame).
+    HandshakeRequired,
+    /// The Hello asked for a protocol version this Junction does not speak.
+    UnsupportedVersion,
+    /// The frame's header could not be decoded.
+    BadHeader,
+    /// The frame was larger than the limit given in the Welcome.
+    FrameTooLarge,
+    /// The frame is not one a Driver may send (e.g. a `Deliver`).
+    UnexpectedFrame,
+    /// No capability has that handle in this connection's table.
+    UnknownHandle,
+    /// This connection owns no port with that number.
+    UnknownPort,
+    /// The capability does not carry the right needed (send, or grant to pass it on).
+    MissingRight,
+    /// The rights asked for are not a valid set.
+    BadRights,
+    /// The capability has no send credit left: wait for `SendCredit`.
+    NoCredit,
+    /// The connection holds as many handles as it may.
+    TooManyHandles,
+    /// The connection owns as many ports as it may.
+    TooManyPorts,
+    /// The connection has as many calls waiting as it may.
+    TooManyPendingCalls,
+    /// A message carried the same capability twice, or its own reply capability.
+    BadCapabilityList,
+    /// The control port only answers calls, with a valid request.
+    BadControlRequest,
+    /// The name is registered already.
+    NameTaken,
+    /// No service is registered under that name.
+    NameNotFound,
+    /// Registering needs exactly one capability, with send and grant rights.
+    BadRegistration,
+}

@@ -1,0 +1,41 @@
+//! The Junction wire protocol and the local Roads.
+//!
+//! A Road is a framed, bidirectional byte link between a Driver and its
+//! Junction: the Junction's Unix stream socket, or the stdin/stdout pipes of a
+//! child the Junction spawned. This crate holds everything both ends must agree
+//! on, and nothing that decides what to do with a frame:
+//!
+//! - [`frame`]: the frame types ([`Header`], [`Frame`]) and the values they carry;
+//! - [`codec`]: the pure codec: [`codec::encode`] into a buffer and
+//!   [`codec::decode`] out of one, with a distinct [`FrameError`] for every way a
+//!   peer's bytes can be wrong;
+//! - [`control`]: the requests the control port (port 0) answers;
+//! - [`transport`]: async readers and writers over any byte stream, and the two
+//!   local transports.
+//!
+//! Every frame is a 4-byte big-endian length, a postcard-encoded [`Header`],
+//! then the payload as raw bytes, which the Junction forwards without touching.
+//! `docs/protocol.md` in the repository describes every frame byte by byte.
+
+#![forbid(unsafe_code)]
+
+pub mod address;
+pub mod codec;
+pub mod control;
+pub mod frame;
+pub mod transport;
+
+pub use address::{Address, AddressError};
+pub use codec::FrameError;
+pub use frame::{
+    Call, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Hello, MAGIC, PROTOCOL_VERSION,
+    Reason, Rights, Send, Welcome,
+};
+pub use transport::{RoadError, RoadReader, RoadWriter};
+
+/// The default largest frame (length prefix excluded) a Junction accepts: 4 MiB.
+pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
+
+/// The smallest maximum frame size a peer may announce; below it control
+/// replies could not fit.
+pub const MIN_MAX_FRAME: u32 = 64 * 1024;

@@ -1,0 +1,358 @@
+//! Async frame readers and writers, and the two local transports.
+//!
+//! [`RoadReader`] and [`RoadWriter`] work over any byte stream. A Road is made
+//! from a Unix socket ([`unix`]) or from stdio pipes ([`stdio`] for the child's
+//! side, [`child`] for the parent's).
+
+use std::io;
+use std::path::Path;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::codec::{self, FrameError};
+use crate::frame::Frame;
+
+/// Payloads at least this large are written straight from their own buffer
+/// instead of being copied into the write buffer.
+const COPY_LIMIT: usize = 16 * 1024;
+
+/// The write buffer is flushed once it holds this much.
+pub const FLUSH_AT: usize = 64 * 1024;
+
+/// How much a reader asks the socket for at least.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a Road failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoadError {
+    /// The peer's bytes were wrong.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The operating system reported an error on the link.
+    #[error("road I/O failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads frames from a byte stream.
+#[derive(Debug)]
+pub struct RoadReader<R> {
+    io: R,
+    buf: BytesMut,
+    max_frame: u32,
+}
+
+impl<R: AsyncRead + Unpin> RoadReader<R> {
+    /// A reader that refuses frames longer than `max_frame`.
+    pub fn new(io: R, max_frame: u32) -> Self {
+        Self {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max_frame,
+        }
+    }
+
+    /// Changes the largest accepted frame (after the handshake).
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame;
+    }
+
+    /// The next frame, or `None` when the link closed cleanly between frames.
+    ///
+    /// A [`FrameError::BadHeader`] error leaves the reader usable; any other
+    /// error means the link must close.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, RoadError> {
+        loop {
+            if let Some(frame) = self.try_frame()? {
+                return Ok(Some(frame));
+            }
+            if self.fill().await? == 0 {
+                codec::check_eof(&self.buf, self.max_frame)?;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// A frame already buffered, without reading.
+    pub fn try_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        codec::decode(&mut self.buf, self.max_frame)
+    }
+
+    /// Whether whole or partial frames are waiting in the buffer.
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Reads once from the link into the buffer; returns the bytes read.
+    pub async fn fill(&mut self) -> Result<usize, RoadError> {
+        // Reserve room for the whole frame being read, so that a large frame
+        // arrives into one allocation rather than a chain of doublings.
+        let want = match codec::peek_length(&self.buf, self.max_frame)? {
+            Some(len) => (codec::LENGTH_BYTES + len).saturating_sub(self.buf.len()),
+            None => 0,
+        };
+        self.buf.reserve(want.max(READ_CHUNK));
+        Ok(self.io.read_buf(&mut self.buf).await?)
+    }
+}
+
+/// Writes frames to a byte stream, batching small ones into one write.
+#[derive(Debug)]
+pub struct RoadWriter<W> {
+    io: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> RoadWriter<W> {
+    /// A writer over `io`.
+    pub fn new(io: W) -> Self {
+        Self {
+            io,
+            buf: BytesMut::with_capacity(FLUSH_AT),
+        }
+    }
+
+    /// Adds a frame to the batch; writes out when the batch is full or the
+    /// payload is large. Call [`RoadWriter::flush`] when nothing else is
+    /// ready to go.
+    pub async fn queue(&mut self, frame: &Frame) -> io::Result<()> {
+        self.queue_parts(&frame.header, &frame.payload).await
+    }
+
+    /// As [`RoadWriter::queue`], from a header and a payload.
+    pub async fn queue_parts(
+        &mut self,
+        header: &crate::frame::Header,
+        payload: &Bytes,
+    ) -> io::Result<()> {
+        if payload.len() >= COPY_LIMIT {
+            codec::encode_header(header, payload.len(), &mut self.buf);
+            self.flush_buffer().await?;
+            self.io.write_all(payload).await?;
+        } else {
+            codec::encode_parts(header, payload, &mut self.buf);
+            if self.buf.len() >= FLUSH_AT {
+                self.flush_buffer().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one frame and flushes it.
+    pub async fn send(&mut self, frame: &Frame) -> io::Result<()> {
+        self.queue(frame).await?;
+        self.flush().await
+    }
+
+    /// Bytes waiting in the batch.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes out everything batched.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.flush_buffer().await?;
+        self.io.flush().await
+    }
+
+    async fn flush_buffer(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.io.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Flushes and shuts down the write side.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.flush().await?;
+        self.io.shutdown().await
+    }
+}
+
+/// The Unix socket transport.
+pub mod unix {
+    use super::*;
+    use tokio::net::UnixStream;
+    use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+    /// Both halves of a Unix socket Road.
+    pub type Halves = (RoadReader<OwnedReadHalf>, RoadWriter<OwnedWriteHalf>);
+
+    /// Splits a connected socket into a reader and a writer.
+    pub fn split(stream: UnixStream, max_frame: u32) -> Halves {
+        let (r, w) = stream.into_split();
+        (RoadReader::new(r, max_frame), RoadWriter::new(w))
+    }
+
+    /// Connects to a Junction's socket.
+    pub async fn connect(path: &Path, max_frame: u32) -> io::Result<Halves> {
+        Ok(split(UnixStream::connect(path).await?, max_frame))
+    }
+}
+
+/// The child's side of a stdio Road: its own stdin and stdout.
+pub mod stdio {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::net::unix::pipe;
+
+    /// The read side: stdin.
+    #[derive(Debug)]
+    pub enum Input {
+        /// stdin is a pipe, read without blocking.
+        Pipe(pipe::Receiver),
+        /// stdin is something else (a file, a terminal), read on a blocking thread.
+        Other(tokio::io::Stdin),
+    }
+
+    /// The write side: stdout.
+    #[derive(Debug)]
+    pub enum Output {
+        /// stdout is a pipe, written without blocking.
+        Pipe(pipe::Sender),
+        /// stdout is something else, written on a blocking thread.
+        Other(tokio::io::Stdout),
+    }
+
+    /// Both halves of the child's stdio Road.
+    pub type Halves = (RoadReader<Input>, RoadWriter<Output>);
+
+    /// This process's stdin and stdout as a Road. Must run inside a tokio
+    /// runtime. Nothing else in the process may use stdin or stdout after this.
+    pub fn open(max_frame: u32) -> io::Result<Halves> {
+        let input = match std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(pipe::Receiver::from_owned_fd)
+        {
+            Ok(rx) => Input::Pipe(rx),
+            Err(_) => Input::Other(tokio::io::stdin()),
+        };
+        let output = match std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(pipe::Sender::from_owned_fd)
+        {
+            Ok(tx) => Output::Pipe(tx),
+            Err(_) => Output::Other(tokio::io::stdout()),
+        };
+        Ok((RoadReader::new(input, max_frame), RoadWriter::new(output)))
+    }
+
+    impl AsyncRead for Input {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Input::Pipe(p) => Pin::new(p).poll_read(cx, buf),
+                Input::Other(s) => Pin::new(s).poll_read(cx, buf),
+            }
+        }
+    }
+
+    impl AsyncWrite for Output {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.get_mut() {
+                Output::Pipe(p) => Pin::new(p).poll_write(cx, buf),
+                Output::Other(s) => Pin::new(s).poll_write(cx, buf),
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Output::Pipe(p) => Pin::new(p).poll_flush(cx),
+                Output::Other(s) => Pin::new(s).poll_flush(cx),
+            }
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Output::Pipe(p) => Pin::new(p).poll_shutdown(cx),
+                Output::Other(s) => Pin::new(s).poll_shutdown(cx),
+            }
+        }
+    }
+}
+
+/// The parent's side of a stdio Road: a spawned child's pipes.
+pub mod child {
+    use super::*;
+    use tokio::process::{ChildStdin, ChildStdout};
+
+    /// Both halves of the parent's side of a child's stdio Road.
+    pub type Halves = (RoadReader<ChildStdout>, RoadWriter<ChildStdin>);
+
+    /// A Road over a child's stdout (read) and stdin (write).
+    pub fn split(stdout: ChildStdout, stdin: ChildStdin, max_frame: u32) -> Halves {
+        (RoadReader::new(stdout, max_frame), RoadWriter::new(stdin))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Header, Send};
+
+    #[tokio::test]
+    async fn frames_cross_a_socket_pair_in_order() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ra, mut wa) = unix::split(a, 1 << 22);
+        let (mut rb, _wb) = unix::split(b, 1 << 22);
+        let big = Bytes::from(vec![7u8; 1 << 20]);
+        let writer = tokio::spawn(async move {
+            for i in 0..100u32 {
+                let payload = if i % 10 == 0 {
+                    big.clone()
+                } else {
+                    Bytes::from(i.to_be_bytes().to_vec())
+                };
+                let f = Frame::with_payload(
+                    Header::Send(Send {
+                        handle: i,
+                        caps: vec![],
+                    }),
+                    payload,
+                );
+                wa.queue(&f).await.unwrap();
+            }
+            wa.shutdown().await.unwrap();
+        });
+        for i in 0..100u32 {
+            let f = rb.read_frame().await.unwrap().unwrap();
+            let Header::Send(s) = f.header else {
+                panic!("wrong frame")
+            };
+            assert_eq!(s.handle, i);
+            if i % 10 == 0 {
+                assert_eq!(f.payload.len(), 1 << 20);
+            } else {
+                assert_eq!(&f.payload[..], &i.to_be_bytes());
+            }
+        }
+        assert!(rb.read_frame().await.unwrap().is_none());
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn half_frame_then_close_is_truncated() {
+        let (mut a, b) = tokio::net::UnixStream::pair().unwrap();
+        a.write_all(&[0, 0, 0, 20, 1, 2, 3]).await.unwrap();
+        drop(a);
+        let (mut rb, _wb) = unix::split(b, 1024);
+        let err = rb.read_frame().await.unwrap_err();
+        assert!(
+            matches!(err, RoadError::Frame(FrameError::Truncated { have: 7, need: 24 })),
+            "{err:?}"
+        );
+    }
+}
