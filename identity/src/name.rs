@@ -43,7 +43,9 @@ pub enum NameError {
         len: usize,
     },
     /// Two dots in a row, or a dot at either end.
-    #[error("service name {name:?} has an empty label (check for doubled, leading or trailing dots)")]
+    #[error(
+        "service name {name:?} has an empty label (check for doubled, leading or trailing dots)"
+    )]
     EmptyLabel {
         /// The rejected name.
         name: String,
@@ -55,7 +57,9 @@ pub enum NameError {
         name: String,
     },
     /// A character outside `a-z 0-9 - _ .`.
-    #[error("service name {name:?} contains {found:?}; use lower-case letters, digits, '-', '_' and '.'")]
+    #[error(
+        "service name {name:?} contains {found:?}; use lower-case letters, digits, '-', '_' and '.'"
+    )]
     BadCharacter {
         /// The rejected name.
         name: String,
@@ -63,7 +67,9 @@ pub enum NameError {
         found: char,
     },
     /// A label that starts with `-` or `_`.
-    #[error("a label of service name {name:?} starts with '-' or '_'; labels start with a letter or digit")]
+    #[error(
+        "a label of service name {name:?} starts with '-' or '_'; labels start with a letter or digit"
+    )]
     BadLabelStart {
         /// The rejected name.
         name: String,

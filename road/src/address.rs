@@ -43,7 +43,9 @@ impl fmt::Display for Address {
 
 /// Why a string is not a `J.P` address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{input:?} is not a port address; expected J.P with two numbers from 0 to 65535, like 12.7")]
+#[error(
+    "{input:?} is not a port address; expected J.P with two numbers from 0 to 65535, like 12.7"
+)]
 pub struct AddressError {
     /// The rejected text.
     pub input: String,
@@ -63,6 +65,9 @@ impl FromStr for Address {
             }
             t.parse::<u16>().ok()
         };
-        Ok(Self::new(number(j).ok_or_else(err)?, number(p).ok_or_else(err)?))
+        Ok(Self::new(
+            number(j).ok_or_else(err)?,
+            number(p).ok_or_else(err)?,
+        ))
     }
 }

@@ -20,7 +20,9 @@ pub enum FrameError {
     #[error("bad frame length 0: every frame carries at least a header")]
     ZeroLength,
     /// The length prefix was larger than the maximum agreed at the handshake.
-    #[error("frame of {len} bytes is larger than the limit of {max} bytes; send large data as a stream of smaller messages")]
+    #[error(
+        "frame of {len} bytes is larger than the limit of {max} bytes; send large data as a stream of smaller messages"
+    )]
     TooLarge {
         /// The length the peer announced.
         len: u32,
@@ -193,18 +195,29 @@ mod tests {
                 .prop_map(|(req, address)| Header::PortOpened { req, address }),
             (any::<u32>(), any::<u16>(), arb_rights())
                 .prop_map(|(req, port, rights)| Header::Mint { req, port, rights }),
-            (any::<u32>(), caps.clone()).prop_map(|(handle, caps)| Header::Send(Send { handle, caps })),
-            (any::<u32>(), any::<u64>(), caps)
-                .prop_map(|(handle, tag, caps)| Header::Call(Call { handle, tag, caps })),
-            (any::<u16>(), arb_address(), any::<u64>(), any::<Option<u32>>(), granted).prop_map(
-                |(port, origin, tag, reply, caps)| Header::Deliver(Deliver {
-                    port,
-                    origin,
-                    tag,
-                    reply,
-                    caps
-                })
-            ),
+            (any::<u32>(), caps.clone())
+                .prop_map(|(handle, caps)| Header::Send(Send { handle, caps })),
+            (any::<u32>(), any::<u64>(), caps).prop_map(|(handle, tag, caps)| Header::Call(Call {
+                handle,
+                tag,
+                caps
+            })),
+            (
+                any::<u16>(),
+                arb_address(),
+                any::<u64>(),
+                any::<Option<u32>>(),
+                granted
+            )
+                .prop_map(|(port, origin, tag, reply, caps)| Header::Deliver(
+                    Deliver {
+                        port,
+                        origin,
+                        tag,
+                        reply,
+                        caps
+                    }
+                )),
             (any::<u32>(), any::<u64>(), any::<u32>(), arb_reason()).prop_map(
                 |(handle, first_seq, count, reason)| Header::Undeliverable {
                     handle,
@@ -213,7 +226,8 @@ mod tests {
                     reason
                 }
             ),
-            (any::<u64>(), arb_reason()).prop_map(|(tag, reason)| Header::CallFailed { tag, reason }),
+            (any::<u64>(), arb_reason())
+                .prop_map(|(tag, reason)| Header::CallFailed { tag, reason }),
             (any::<u32>(), ".{0,40}").prop_map(|(req, message)| Header::Error(ErrorFrame {
                 req,
                 handle: u32::MAX,
@@ -232,7 +246,10 @@ mod tests {
         let mut big = BytesMut::from(&(MAX + 1).to_be_bytes()[..]);
         assert_eq!(
             decode(&mut big, MAX),
-            Err(FrameError::TooLarge { len: MAX + 1, max: MAX })
+            Err(FrameError::TooLarge {
+                len: MAX + 1,
+                max: MAX
+            })
         );
 
         let mut garbage = BytesMut::new();

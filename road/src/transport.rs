@@ -351,7 +351,10 @@ mod tests {
         let (mut rb, _wb) = unix::split(b, 1024);
         let err = rb.read_frame().await.unwrap_err();
         assert!(
-            matches!(err, RoadError::Frame(FrameError::Truncated { have: 7, need: 24 })),
+            matches!(
+                err,
+                RoadError::Frame(FrameError::Truncated { have: 7, need: 24 })
+            ),
             "{err:?}"
         );
     }

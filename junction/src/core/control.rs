@@ -1,0 +1,217 @@
+//! The control port (port 0): name registration, lookup and listings.
+
+use bytes::Bytes;
+use junction_road::control::{ConnectionInfo, ControlReply, ControlRequest, Listing, PortInfo};
+use junction_road::{Address, Deliver, ErrorCode, Frame, Granted, Header, Rights};
+
+use super::{CONTROL_PORT, ConnId, Core, InFlight, Output, Registration, port_key};
+
+impl Core {
+    /// A call to the control port: answer it on the caller's home port.
+    pub(super) fn control_call(&mut self, conn: ConnId, tag: u64, caps: Vec<u32>, payload: &Bytes) {
+        let (reply, granted) = match postcard::from_bytes::<ControlRequest>(payload) {
+            Ok(request) => self.control_request(conn, request, &caps),
+            Err(e) => (
+                refused(
+                    ErrorCode::BadControlRequest,
+                    format!("the control request did not decode: {e}"),
+                ),
+                None,
+            ),
+        };
+        let payload = postcard::to_allocvec(&reply).expect("control replies always serialize");
+        let Some(c) = self.conns.get_mut(conn.key()) else {
+            return;
+        };
+        c.pending_calls += 1;
+        let home = c.home;
+        if let Some(generation) = self.ports.generation_of(u32::from(home)) {
+            if let Some(p) = self.ports.get_mut(port_key(home, generation)) {
+                p.in_flight.push_back(InFlight {
+                    sender: None,
+                    seq: 0,
+                    reply: None,
+                    is_reply: true,
+                });
+            }
+        }
+        let deliver = Deliver {
+            port: home,
+            origin: Address::new(self.config.junction, CONTROL_PORT),
+            tag,
+            reply: None,
+            caps: granted.into_iter().collect(),
+        };
+        self.out.push_back(Output::Frame {
+            conn,
+            frame: Frame::with_payload(Header::Deliver(deliver), Bytes::from(payload)),
+        });
+    }
+
+    fn control_request(
+        &mut self,
+        conn: ConnId,
+        request: ControlRequest,
+        caps: &[u32],
+    ) -> (ControlReply, Option<Granted>) {
+        match request {
+            ControlRequest::Register { name } => (self.register(conn, name, caps), None),
+            ControlRequest::Unregister { name } => {
+                let owned = self.names.get(&name).is_some_and(|reg| {
+                    self.ports
+                        .get(reg.port)
+                        .is_some_and(|p| p.owner == Some(conn))
+                });
+                if !owned {
+                    return (
+                        refused(
+                            ErrorCode::NameNotFound,
+                            format!("{name} is not registered by this connection"),
+                        ),
+                        None,
+                    );
+                }
+                if let Some(reg) = self.names.remove(&name) {
+                    if let Some(p) = self.ports.get_mut(reg.port) {
+                        p.names.retain(|n| n != &name);
+                    }
+                }
+                (ControlReply::Unregistered, None)
+            }
+            ControlRequest::Lookup { name } => {
+                let Some(reg) = self.names.get(&name).cloned() else {
+                    return (
+                        refused(
+                            ErrorCode::NameNotFound,
+                            format!("no service is registered as {name}"),
+                        ),
+                        None,
+                    );
+                };
+                if !self.has_room(conn, 1) {
+                    return (
+                        refused(
+                            ErrorCode::TooManyHandles,
+                            "this connection's capability table is full; drop some handles first"
+                                .into(),
+                        ),
+                        None,
+                    );
+                }
+                let Some(handle) = self.new_cap(conn, reg.port, reg.rights, None) else {
+                    return (
+                        refused(ErrorCode::TooManyHandles, "capability table full".into()),
+                        None,
+                    );
+                };
+                let address = Address::new(self.config.junction, reg.port.index as u16);
+                let granted = Granted {
+                    handle,
+                    rights: reg.rights,
+                    credits: self.initial_credits(reg.rights),
+                    address,
+                };
+                (ControlReply::Found { address }, Some(granted))
+            }
+            ControlRequest::List => (ControlReply::Listing(self.listing()), None),
+        }
+    }
+
+    fn register(
+        &mut self,
+        conn: ConnId,
+        name: junction_identity::ServiceName,
+        caps: &[u32],
+    ) -> ControlReply {
+        let &[handle] = caps else {
+            return refused(
+                ErrorCode::BadRegistration,
+                format!(
+                    "registering {name} needs exactly one capability (to the service's port); {} came",
+                    caps.len()
+                ),
+            );
+        };
+        let Some(cap) = self.cap(conn, handle).cloned() else {
+            return refused(
+                ErrorCode::UnknownHandle,
+                format!("handle {handle} is not in this connection's capability table"),
+            );
+        };
+        if !cap.rights.contains(Rights::SEND | Rights::GRANT) {
+            return refused(
+                ErrorCode::BadRegistration,
+                format!(
+                    "registering {name} needs a capability with send and grant rights; it has {}",
+                    cap.rights
+                ),
+            );
+        }
+        if self.ports.get(cap.port).and_then(|p| p.owner) != Some(conn) {
+            return refused(
+                ErrorCode::BadRegistration,
+                format!("a name can only be registered for a port this connection owns ({name})"),
+            );
+        }
+        if let Some(existing) = self.names.get(&name) {
+            let address = Address::new(self.config.junction, existing.port.index as u16);
+            return refused(
+                ErrorCode::NameTaken,
+                format!("{name} is already registered, by port {address}"),
+            );
+        }
+        if let Some(p) = self.ports.get_mut(cap.port) {
+            p.names.push(name.clone());
+        }
+        self.names.insert(
+            name,
+            Registration {
+                port: cap.port,
+                rights: cap.rights,
+            },
+        );
+        ControlReply::Registered
+    }
+
+    /// A snapshot of ports, connections and names.
+    pub fn listing(&self) -> Listing {
+        let junction = self.config.junction;
+        let ports = self
+            .ports
+            .iter()
+            .map(|(key, p)| PortInfo {
+                address: Address::new(junction, key.index as u16),
+                owner: p.owner.map_or(0, ConnId::get),
+                queued: p.in_flight.len() as u32,
+                senders: p.senders,
+                names: p.names.iter().map(|n| n.to_string()).collect(),
+                home: p.home,
+            })
+            .collect();
+        let connections = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.ready)
+            .map(|(key, c)| ConnectionInfo {
+                id: ConnId::from_key(key).get(),
+                label: c.label.clone(),
+                road: c.peer.road.to_string(),
+                pid: c.peer.pid,
+                uid: c.peer.uid,
+                home: Address::new(junction, c.home),
+                ports: c.ports.len() as u32,
+                handles: c.caps.len() as u32,
+                pending_calls: c.pending_calls,
+            })
+            .collect();
+        Listing {
+            junction,
+            ports,
+            connections,
+        }
+    }
+}
+
+fn refused(code: ErrorCode, message: String) -> ControlReply {
+    ControlReply::Refused { code, message }
+}

@@ -1,0 +1,869 @@
+//! The core driven by events, no sockets: a small harness that connects
+//! drivers, feeds frames and sorts the core's output into per-connection inboxes.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use junction_road::control::{ControlReply, ControlRequest};
+use junction_road::{
+    Call, Deliver, ErrorCode, Frame, Granted, Header, Hello, MAGIC, PROTOCOL_VERSION, Reason,
+    Rights, Send, Welcome,
+};
+use proptest::prelude::*;
+
+use super::*;
+
+struct Harness {
+    core: Core,
+    inbox: HashMap<ConnId, Vec<Header>>,
+    payloads: HashMap<ConnId, Vec<Bytes>>,
+    closed: Vec<ConnId>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(Config {
+            window: 4,
+            ..Config::default()
+        })
+    }
+
+    fn with(config: Config) -> Self {
+        Self {
+            core: Core::new(config),
+            inbox: HashMap::new(),
+            payloads: HashMap::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Frame { conn, frame } => {
+                    self.inbox.entry(conn).or_default().push(frame.header);
+                    self.payloads.entry(conn).or_default().push(frame.payload);
+                }
+                Output::Close { conn, .. } => self.closed.push(conn),
+            }
+        }
+    }
+
+    fn connect(&mut self) -> (ConnId, Welcome) {
+        let conn = self.core.handle_connected(Peer {
+            road: "test",
+            ..Peer::default()
+        });
+        self.feed(
+            conn,
+            Header::Hello(Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                max_frame: 1 << 20,
+                label: "test".into(),
+            }),
+        );
+        match self.take(conn).as_slice() {
+            [Header::Welcome(w)] => (conn, w.clone()),
+            other => panic!("expected a Welcome, got {other:?}"),
+        }
+    }
+
+    fn feed(&mut self, conn: ConnId, header: Header) {
+        self.feed_payload(conn, header, Bytes::new());
+    }
+
+    fn feed_payload(&mut self, conn: ConnId, header: Header, payload: Bytes) {
+        self.core
+            .handle_frame(conn, Frame::with_payload(header, payload));
+        self.drain();
+    }
+
+    fn take(&mut self, conn: ConnId) -> Vec<Header> {
+        self.payloads.remove(&conn);
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    fn open_port(&mut self, conn: ConnId) -> u16 {
+        self.feed(conn, Header::OpenPort { req: 1 });
+        match self.take(conn).as_slice() {
+            [Header::PortOpened { address, .. }] => address.port,
+            other => panic!("expected PortOpened, got {other:?}"),
+        }
+    }
+
+    fn mint(&mut self, conn: ConnId, port: u16, rights: Rights) -> u32 {
+        self.feed(
+            conn,
+            Header::Mint {
+                req: 2,
+                port,
+                rights,
+            },
+        );
+        match self.take(conn).as_slice() {
+            [Header::Minted { handle, .. }] => *handle,
+            other => panic!("expected Minted, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, handle: u32, caps: Vec<u32>, payload: &'static [u8]) {
+        self.feed_payload(
+            conn,
+            Header::Send(Send { handle, caps }),
+            Bytes::from_static(payload),
+        );
+    }
+
+    fn call(&mut self, conn: ConnId, handle: u32, tag: u64, payload: &'static [u8]) {
+        self.feed_payload(
+            conn,
+            Header::Call(Call {
+                handle,
+                tag,
+                caps: vec![],
+            }),
+            Bytes::from_static(payload),
+        );
+    }
+
+    fn control(
+        &mut self,
+        conn: ConnId,
+        request: ControlRequest,
+        caps: Vec<u32>,
+    ) -> (ControlReply, Vec<Granted>) {
+        let payload = postcard::to_allocvec(&request).unwrap();
+        self.feed_payload(
+            conn,
+            Header::Call(Call {
+                handle: 0,
+                tag: 99,
+                caps,
+            }),
+            Bytes::from(payload),
+        );
+        let headers = self.inbox.remove(&conn).unwrap_or_default();
+        let payloads = self.payloads.remove(&conn).unwrap_or_default();
+        let [Header::Deliver(d)] = headers.as_slice() else {
+            panic!("expected one Deliver, got {headers:?}")
+        };
+        assert_eq!(d.tag, 99);
+        assert_eq!(d.origin.port, 0);
+        let reply = postcard::from_bytes(&payloads[0]).unwrap();
+        self.feed(
+            conn,
+            Header::Credit {
+                port: d.port,
+                count: 1,
+            },
+        );
+        (reply, d.caps.clone())
+    }
+
+    fn delivered(&mut self, conn: ConnId) -> Vec<Deliver> {
+        self.take(conn)
+            .into_iter()
+            .map(|h| match h {
+                Header::Deliver(d) => d,
+                other => panic!("expected Deliver, got {other:?}"),
+            })
+            .collect()
+    }
+
+    /// The core's own bookkeeping agrees with what its tables hold.
+    fn check_invariants(&self) {
+        let core = &self.core;
+        let mut senders: HashMap<Key, u32> = HashMap::new();
+        for (_, c) in core.conns.iter() {
+            for (_, cap) in c.caps.iter() {
+                if cap.port.index != 0 {
+                    *senders.entry(cap.port).or_default() += 1;
+                }
+            }
+            let window = core.config.window;
+            for (_, cap) in c.caps.iter() {
+                if cap.port.index != 0 && !cap.rights.contains(Rights::SEND_ONCE) {
+                    assert!(cap.credits <= window, "credits above the window");
+                }
+            }
+            assert!(c.pending_calls <= core.config.max_pending_calls);
+        }
+        for (key, port) in core.ports.iter() {
+            if key.index == 0 {
+                continue;
+            }
+            assert_eq!(
+                port.senders,
+                senders.get(&key).copied().unwrap_or(0),
+                "sender count of port {key:?}"
+            );
+            let owner = port.owner.expect("only the control port has no owner");
+            assert!(
+                core.conns.get(owner.key()).is_some(),
+                "port outlived its owner"
+            );
+        }
+        for (name, reg) in &core.names {
+            assert!(
+                core.ports.get(reg.port).is_some(),
+                "{name} names a dead port"
+            );
+        }
+    }
+}
+
+fn error_code(headers: &[Header]) -> Option<ErrorCode> {
+    headers.iter().find_map(|h| match h {
+        Header::Error(e) => Some(e.code),
+        _ => None,
+    })
+}
+
+#[test]
+fn handshake_gives_a_home_port_and_the_control_handle() {
+    let mut h = Harness::new();
+    let (_, w) = h.connect();
+    assert_eq!(w.version, PROTOCOL_VERSION);
+    assert_eq!(w.junction, 1);
+    assert_ne!(w.home.port, 0);
+    let (a, _) = h.connect();
+    let (reply, _) = h.control(a, ControlRequest::List, vec![]);
+    let ControlReply::Listing(listing) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(listing.connections.len(), 2);
+    h.check_invariants();
+}
+
+#[test]
+fn a_bad_first_frame_or_version_is_refused_and_closed() {
+    let mut h = Harness::new();
+    let conn = h.core.handle_connected(Peer::default());
+    h.feed(conn, Header::Ping { nonce: 1 });
+    assert_eq!(
+        error_code(&h.take(conn)),
+        Some(ErrorCode::HandshakeRequired)
+    );
+    assert_eq!(h.closed, vec![conn]);
+
+    let conn = h.core.handle_connected(Peer::default());
+    h.feed(
+        conn,
+        Header::Hello(Hello {
+            magic: MAGIC,
+            version: 99,
+            max_frame: 1 << 20,
+            label: String::new(),
+        }),
+    );
+    let out = h.take(conn);
+    assert_eq!(error_code(&out), Some(ErrorCode::UnsupportedVersion));
+    assert!(matches!(&out[0], Header::Error(e) if e.message.contains("version 99")));
+    assert!(h.closed.contains(&conn));
+    assert_eq!(h.core.connections(), 0);
+}
+
+#[test]
+fn send_delivers_with_origin_and_credit_comes_back() {
+    let mut h = Harness::new();
+    let (a, wa) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(b);
+    let cap_b = h.mint(b, port, Rights::SEND | Rights::GRANT);
+    let (reply, caps) = {
+        h.control(
+            b,
+            ControlRequest::Register {
+                name: "svc".parse().unwrap(),
+            },
+            vec![cap_b],
+        )
+    };
+    assert_eq!(reply, ControlReply::Registered);
+    assert!(caps.is_empty());
+    let (reply, caps) = h.control(
+        a,
+        ControlRequest::Lookup {
+            name: "svc".parse().unwrap(),
+        },
+        vec![],
+    );
+    assert!(matches!(reply, ControlReply::Found { .. }));
+    let cap = caps[0].handle;
+    assert_eq!(caps[0].credits, 4);
+
+    h.send(a, cap, vec![], b"one");
+    let d = h.delivered(b);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].port, port);
+    assert_eq!(d[0].origin, wa.home, "origin is the sender's home port");
+    assert!(h.take(a).is_empty());
+
+    h.feed(b, Header::Credit { port, count: 1 });
+    assert_eq!(
+        h.take(a),
+        vec![Header::SendCredit {
+            handle: cap,
+            count: 1
+        }]
+    );
+    h.check_invariants();
+}
+
+#[test]
+fn a_slow_receiver_stops_its_senders_only() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (slow, _) = h.connect();
+    let (fast, _) = h.connect();
+    let slow_port = h.open_port(slow);
+    let fast_port = h.open_port(fast);
+    let to_slow = h.mint(slow, slow_port, Rights::SEND | Rights::GRANT);
+    let to_fast = h.mint(fast, fast_port, Rights::SEND | Rights::GRANT);
+    // Hand both capabilities to `a` through its home port.
+    let a_home = h.core.conns.get(a.key()).unwrap().home;
+    let a_cap_slow = h
+        .core
+        .new_cap(a, port_key(slow_port, 0), Rights::SEND, None)
+        .unwrap();
+    let a_cap_fast = h
+        .core
+        .new_cap(a, port_key(fast_port, 0), Rights::SEND, None)
+        .unwrap();
+    let _ = (to_slow, to_fast, a_home);
+
+    for _ in 0..4 {
+        h.send(a, a_cap_slow, vec![], b"x");
+    }
+    assert_eq!(h.delivered(slow).len(), 4);
+    h.send(a, a_cap_slow, vec![], b"x");
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::NoCredit));
+    assert!(
+        h.take(slow).is_empty(),
+        "nothing beyond the window is delivered"
+    );
+
+    // The fast flow from the same sender goes on.
+    for _ in 0..10 {
+        h.send(a, a_cap_fast, vec![], b"y");
+        assert_eq!(h.delivered(fast).len(), 1);
+        h.feed(
+            fast,
+            Header::Credit {
+                port: fast_port,
+                count: 1,
+            },
+        );
+    }
+    let listing = h.core.listing();
+    let slow_info = listing
+        .ports
+        .iter()
+        .find(|p| p.address.port == slow_port)
+        .unwrap();
+    assert_eq!(slow_info.queued, 4);
+    h.check_invariants();
+}
+
+#[test]
+fn calls_get_replies_and_fail_when_the_reply_capability_is_dropped() {
+    let mut h = Harness::new();
+    let (client, wc) = h.connect();
+    let (server, ws) = h.connect();
+    let port = h.open_port(server);
+    let cap = h
+        .core
+        .new_cap(client, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+
+    h.call(client, cap, 7, b"ping");
+    let d = h.delivered(server);
+    let reply = d[0].reply.expect("a call carries a reply capability");
+    assert_eq!(d[0].origin, wc.home);
+    h.send(server, reply, vec![], b"pong");
+    let r = h.delivered(client);
+    assert_eq!(r[0].tag, 7);
+    assert_eq!(r[0].port, wc.home.port);
+    assert_eq!(r[0].origin, ws.home);
+    assert_eq!(h.core.conns.get(client.key()).unwrap().pending_calls, 1);
+    h.feed(
+        client,
+        Header::Credit {
+            port: wc.home.port,
+            count: 1,
+        },
+    );
+    assert_eq!(h.core.conns.get(client.key()).unwrap().pending_calls, 0);
+
+    // The reply capability is used up.
+    h.send(server, reply, vec![], b"again");
+    assert_eq!(error_code(&h.take(server)), Some(ErrorCode::UnknownHandle));
+
+    h.call(client, cap, 8, b"ping");
+    let d = h.delivered(server);
+    h.feed(
+        server,
+        Header::Drop {
+            handle: d[0].reply.unwrap(),
+        },
+    );
+    assert_eq!(
+        h.take(client),
+        vec![Header::CallFailed {
+            tag: 8,
+            reason: Reason::ReplyDropped
+        }]
+    );
+    h.check_invariants();
+}
+
+#[test]
+fn capabilities_travel_only_with_grant() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let (c, wc) = h.connect();
+    let (target, _) = h.connect();
+    let tport = h.open_port(target);
+    let granted = h.mint(target, tport, Rights::SEND | Rights::GRANT);
+    let plain = h.mint(target, tport, Rights::SEND);
+    let to_a = h
+        .core
+        .new_cap(
+            target,
+            port_key(h.core.conns.get(a.key()).unwrap().home, 0),
+            Rights::SEND,
+            None,
+        )
+        .unwrap();
+
+    // target → a: both capabilities? The plain one has no grant: refused whole.
+    h.send(target, to_a, vec![granted, plain], b"caps");
+    let out = h.take(target);
+    assert_eq!(error_code(&out), Some(ErrorCode::MissingRight));
+    assert!(
+        out.contains(&Header::SendCredit {
+            handle: to_a,
+            count: 1
+        }),
+        "{out:?}"
+    );
+    assert!(h.take(a).is_empty(), "nothing was delivered");
+
+    h.send(target, to_a, vec![granted], b"cap");
+    let d = h.delivered(a);
+    let at_a = d[0].caps[0];
+    assert_eq!(at_a.rights, Rights::SEND | Rights::GRANT);
+    assert_eq!(at_a.address.port, tport);
+
+    // a → b → c, then c uses it.
+    let b_home = h.core.conns.get(b.key()).unwrap().home;
+    let a_to_b = h
+        .core
+        .new_cap(a, port_key(b_home, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(a, a_to_b, vec![at_a.handle], b"");
+    let at_b = h.delivered(b)[0].caps[0];
+    let b_to_c = h
+        .core
+        .new_cap(b, port_key(wc.home.port, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(b, b_to_c, vec![at_b.handle], b"");
+    let at_c = h.delivered(c)[0].caps[0];
+    h.send(c, at_c.handle, vec![], b"hello from c");
+    let d = h.delivered(target);
+    assert_eq!(d[0].port, tport);
+    assert_eq!(d[0].origin, wc.home);
+    h.check_invariants();
+}
+
+#[test]
+fn a_dead_owner_fails_calls_reports_undelivered_and_tells_watchers() {
+    let mut h = Harness::new();
+    let (client, _) = h.connect();
+    let (server, _) = h.connect();
+    let port = h.open_port(server);
+    let cap = h
+        .core
+        .new_cap(client, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.feed(client, Header::Watch { handle: cap });
+    h.call(client, cap, 1, b"a");
+    h.send(client, cap, vec![], b"b");
+    h.send(client, cap, vec![], b"c");
+    assert_eq!(h.delivered(server).len(), 3);
+
+    h.core.handle_disconnected(server);
+    h.drain();
+    let out = h.take(client);
+    assert!(
+        out.contains(&Header::CallFailed {
+            tag: 1,
+            reason: Reason::OwnerGone
+        }),
+        "{out:?}"
+    );
+    assert!(
+        out.contains(&Header::Undeliverable {
+            handle: cap,
+            first_seq: 0,
+            count: 3,
+            reason: Reason::OwnerGone
+        }),
+        "{out:?}"
+    );
+    assert!(out.contains(&Header::Dead {
+        handle: cap,
+        reason: Reason::OwnerGone
+    }));
+    assert_eq!(h.core.conns.get(client.key()).unwrap().pending_calls, 0);
+
+    // Later sends learn it at once.
+    h.send(client, cap, vec![], b"d");
+    assert_eq!(
+        h.take(client),
+        vec![Header::Undeliverable {
+            handle: cap,
+            first_seq: 3,
+            count: 1,
+            reason: Reason::OwnerGone
+        }]
+    );
+    h.feed(client, Header::Watch { handle: cap });
+    assert_eq!(
+        h.take(client),
+        vec![Header::Dead {
+            handle: cap,
+            reason: Reason::OwnerGone
+        }]
+    );
+    h.check_invariants();
+}
+
+#[test]
+fn names_are_unique_and_die_with_their_port() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let pa = h.open_port(a);
+    let ca = h.mint(a, pa, Rights::SEND | Rights::GRANT);
+    let name: junction_identity::ServiceName = "org.example.echo".parse().unwrap();
+    let (r, _) = h.control(a, ControlRequest::Register { name: name.clone() }, vec![ca]);
+    assert_eq!(r, ControlReply::Registered);
+
+    let pb = h.open_port(b);
+    let cb = h.mint(b, pb, Rights::SEND | Rights::GRANT);
+    let (r, _) = h.control(b, ControlRequest::Register { name: name.clone() }, vec![cb]);
+    assert!(
+        matches!(
+            r,
+            ControlReply::Refused {
+                code: ErrorCode::NameTaken,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let plain = h.mint(b, pb, Rights::SEND);
+    let (r, _) = h.control(
+        b,
+        ControlRequest::Register {
+            name: "other".parse().unwrap(),
+        },
+        vec![plain],
+    );
+    assert!(
+        matches!(
+            r,
+            ControlReply::Refused {
+                code: ErrorCode::BadRegistration,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let (r, _) = h.control(b, ControlRequest::Unregister { name: name.clone() }, vec![]);
+    assert!(
+        matches!(
+            r,
+            ControlReply::Refused {
+                code: ErrorCode::NameNotFound,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+
+    h.feed(a, Header::ClosePort { port: pa });
+    assert_eq!(
+        h.take(a),
+        vec![Header::PortClosed {
+            port: pa,
+            reason: Reason::PortClosed
+        }]
+    );
+    let (r, _) = h.control(b, ControlRequest::Lookup { name: name.clone() }, vec![]);
+    assert!(
+        matches!(
+            r,
+            ControlReply::Refused {
+                code: ErrorCode::NameNotFound,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let (r, _) = h.control(b, ControlRequest::Register { name }, vec![cb]);
+    assert_eq!(r, ControlReply::Registered);
+    h.check_invariants();
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_connection_lives() {
+    let mut h = Harness::new();
+    let (a, w) = h.connect();
+    h.feed(
+        a,
+        Header::Deliver(Deliver {
+            port: 1,
+            origin: w.home,
+            tag: 0,
+            reply: None,
+            caps: vec![],
+        }),
+    );
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnexpectedFrame));
+    h.send(a, 12345, vec![], b"x");
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnknownHandle));
+    h.feed(
+        a,
+        Header::Mint {
+            req: 5,
+            port: w.home.port,
+            rights: Rights::SEND | Rights::SEND_ONCE,
+        },
+    );
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::BadRights));
+    h.feed(
+        a,
+        Header::Mint {
+            req: 5,
+            port: 999,
+            rights: Rights::SEND,
+        },
+    );
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnknownPort));
+    h.feed(a, Header::ClosePort { port: w.home.port });
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnknownPort));
+    h.send(a, 0, vec![], b"not a call");
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::BadControlRequest));
+    h.feed_payload(
+        a,
+        Header::Call(Call {
+            handle: 0,
+            tag: 1,
+            caps: vec![],
+        }),
+        Bytes::from_static(b"\xff\xff"),
+    );
+    let out = h.take(a);
+    assert!(
+        matches!(&out[0], Header::Deliver(d) if d.tag == 1),
+        "{out:?}"
+    );
+    h.core
+        .handle_frame_error(a, &FrameError::BadHeader { detail: "x".into() });
+    h.drain();
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::BadHeader));
+    assert!(h.closed.is_empty());
+    h.feed(a, Header::Ping { nonce: 3 });
+    assert_eq!(h.take(a), vec![Header::Pong { nonce: 3 }]);
+
+    h.core
+        .handle_frame_error(a, &FrameError::TooLarge { len: 10, max: 5 });
+    h.drain();
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::FrameTooLarge));
+    assert_eq!(h.closed, vec![a]);
+    h.check_invariants();
+}
+
+#[test]
+fn pending_calls_are_bounded_for_a_client_that_never_reads() {
+    let mut h = Harness::with(Config {
+        window: 1000,
+        max_pending_calls: 3,
+        ..Config::default()
+    });
+    let (client, _) = h.connect();
+    let (server, _) = h.connect();
+    let port = h.open_port(server);
+    let cap = h
+        .core
+        .new_cap(client, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    for tag in 0..3 {
+        h.call(client, cap, tag, b"q");
+    }
+    for d in h.delivered(server) {
+        h.send(server, d.reply.unwrap(), vec![], b"r");
+    }
+    h.feed(server, Header::Credit { port, count: 3 });
+    h.take(client);
+    h.call(client, cap, 4, b"q");
+    assert_eq!(
+        error_code(&h.take(client)),
+        Some(ErrorCode::TooManyPendingCalls)
+    );
+    assert!(h.take(server).is_empty(), "the server is not troubled");
+    h.check_invariants();
+}
+
+#[test]
+fn shutdown_says_goodbye_to_everyone() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    h.core.handle_shutdown();
+    h.drain();
+    assert!(matches!(h.take(a)[0], Header::Goodbye { .. }));
+    assert!(matches!(h.take(b)[0], Header::Goodbye { .. }));
+    assert_eq!(h.closed.len(), 2);
+    assert_eq!(h.core.connections(), 0);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Connect,
+    Disconnect(usize),
+    OpenPort(usize),
+    ClosePort(usize, usize),
+    Mint(usize, usize, bool),
+    Send(usize, usize, Option<usize>, bool),
+    Reply(usize),
+    Credit(usize, usize, u32),
+    Drop(usize, usize),
+    Watch(usize, usize),
+    Register(usize, usize),
+    Lookup(usize),
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    let i = || 0usize..8;
+    prop_oneof![
+        Just(Op::Connect),
+        i().prop_map(Op::Disconnect),
+        i().prop_map(Op::OpenPort),
+        (i(), i()).prop_map(|(a, b)| Op::ClosePort(a, b)),
+        (i(), i(), any::<bool>()).prop_map(|(a, b, g)| Op::Mint(a, b, g)),
+        (i(), i(), proptest::option::of(i()), any::<bool>())
+            .prop_map(|(a, b, c, call)| Op::Send(a, b, c, call)),
+        i().prop_map(Op::Reply),
+        (i(), i(), 0u32..6).prop_map(|(a, b, n)| Op::Credit(a, b, n)),
+        (i(), i()).prop_map(|(a, b)| Op::Drop(a, b)),
+        (i(), i()).prop_map(|(a, b)| Op::Watch(a, b)),
+        (i(), i()).prop_map(|(a, b)| Op::Register(a, b)),
+        i().prop_map(Op::Lookup),
+    ]
+}
+
+/// Picks the `i`th element, wrapping, of a possibly empty list.
+fn pick<T: Copy>(v: &[T], i: usize) -> Option<T> {
+    (!v.is_empty()).then(|| v[i % v.len()])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn any_sequence_of_operations_keeps_the_books_straight(ops in proptest::collection::vec(arb_op(), 1..80)) {
+        let mut h = Harness::new();
+        let mut conns: Vec<ConnId> = Vec::new();
+        // What each connection has seen: ports it owns, handles it holds, replies it may send.
+        let mut ports: HashMap<ConnId, Vec<u16>> = HashMap::new();
+        let mut handles: HashMap<ConnId, Vec<u32>> = HashMap::new();
+        let mut replies: Vec<(ConnId, u32)> = Vec::new();
+        let mut tag = 0u64;
+        for op in ops {
+            match op {
+                Op::Connect => {
+                    let (c, w) = h.connect();
+                    conns.push(c);
+                    ports.insert(c, vec![w.home.port]);
+                    handles.insert(c, vec![]);
+                }
+                Op::Disconnect(i) => if let Some(c) = pick(&conns, i) {
+                    h.core.handle_disconnected(c);
+                    conns.retain(|&x| x != c);
+                }
+                Op::OpenPort(i) => if let Some(c) = pick(&conns, i) {
+                    h.feed(c, Header::OpenPort { req: 1 });
+                }
+                Op::ClosePort(i, p) => if let Some(c) = pick(&conns, i) {
+                    if let Some(p) = pick(&ports[&c], p) { h.feed(c, Header::ClosePort { port: p }); }
+                }
+                Op::Mint(i, p, grant) => if let Some(c) = pick(&conns, i) {
+                    if let Some(p) = pick(&ports[&c], p) {
+                        let rights = if grant { Rights::SEND | Rights::GRANT } else { Rights::SEND };
+                        h.feed(c, Header::Mint { req: 2, port: p, rights });
+                    }
+                }
+                Op::Send(i, k, cap, call) => if let Some(c) = pick(&conns, i) {
+                    if let Some(handle) = pick(&handles[&c], k) {
+                        let caps: Vec<u32> = cap.and_then(|j| pick(&handles[&c], j)).into_iter().collect();
+                        if call {
+                            tag += 1;
+                            h.core.handle_frame(c, Frame::bare(Header::Call(Call { handle, tag, caps })));
+                        } else {
+                            h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle, caps })));
+                        }
+                    }
+                }
+                Op::Reply(i) => if let Some((c, r)) = pick(&replies, i) {
+                    h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle: r, caps: vec![] })));
+                    replies.retain(|&x| x != (c, r));
+                }
+                Op::Credit(i, p, n) => if let Some(c) = pick(&conns, i) {
+                    if let Some(p) = pick(&ports[&c], p) { h.feed(c, Header::Credit { port: p, count: n }); }
+                }
+                Op::Drop(i, k) => if let Some(c) = pick(&conns, i) {
+                    if let Some(handle) = pick(&handles[&c], k) {
+                        h.feed(c, Header::Drop { handle });
+                        handles.get_mut(&c).unwrap().retain(|&x| x != handle);
+                    }
+                }
+                Op::Watch(i, k) => if let Some(c) = pick(&conns, i) {
+                    if let Some(handle) = pick(&handles[&c], k) { h.feed(c, Header::Watch { handle }); }
+                }
+                Op::Register(i, k) => if let Some(c) = pick(&conns, i) {
+                    if let Some(handle) = pick(&handles[&c], k) {
+                        let payload = postcard::to_allocvec(&ControlRequest::Register { name: format!("n{}", k % 3).parse().unwrap() }).unwrap();
+                        tag += 1;
+                        h.core.handle_frame(c, Frame::with_payload(Header::Call(Call { handle: 0, tag, caps: vec![handle] }), Bytes::from(payload)));
+                    }
+                }
+                Op::Lookup(i) => if let Some(c) = pick(&conns, i) {
+                    let payload = postcard::to_allocvec(&ControlRequest::Lookup { name: format!("n{}", i % 3).parse().unwrap() }).unwrap();
+                    tag += 1;
+                    h.core.handle_frame(c, Frame::with_payload(Header::Call(Call { handle: 0, tag, caps: vec![] }), Bytes::from(payload)));
+                }
+            }
+            h.drain();
+            // Learn what the core handed out.
+            for (&c, headers) in h.inbox.iter_mut() {
+                for header in headers.drain(..) {
+                    match header {
+                        Header::PortOpened { address, .. } => ports.entry(c).or_default().push(address.port),
+                        Header::Minted { handle, .. } => handles.entry(c).or_default().push(handle),
+                        Header::Deliver(d) => {
+                            handles.entry(c).or_default().extend(d.caps.iter().map(|g| g.handle));
+                            if let Some(r) = d.reply { replies.push((c, r)); }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            h.payloads.clear();
+            h.check_invariants();
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! A generational slab: dense storage with keys that go stale when their
+//! entry is removed, so a reused slot is never mistaken for the old one.
+
+use std::collections::VecDeque;
+
+/// A key into a [`Slab`]: a slot index and the generation it was issued in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Key {
+    pub(crate) index: u32,
+    pub(crate) generation: u32,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+/// Values addressed by [`Key`]s. Freed slots are reused oldest first, which
+/// keeps a just-freed key from coming back soon.
+#[derive(Debug)]
+pub(crate) struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    free: VecDeque<u32>,
+    len: usize,
+    limit: u32,
+    generation_mask: u32,
+}
+
+impl<T> Slab<T> {
+    /// A slab of at most `limit` entries.
+    pub(crate) fn with_limit(limit: u32) -> Self {
+        Self {
+            slots: Vec::new(),
+            free: VecDeque::new(),
+            len: 0,
+            limit,
+            generation_mask: u32::MAX,
+        }
+    }
+
+    /// A slab whose generations wrap within `mask` (for keys packed into
+    /// fewer bits).
+    pub(crate) fn with_limit_and_mask(limit: u32, mask: u32) -> Self {
+        Self {
+            generation_mask: mask,
+            ..Self::with_limit(limit)
+        }
+    }
+
+    /// Stores `value`; `None` when the slab is full.
+    pub(crate) fn insert(&mut self, value: T) -> Option<Key> {
+        if self.len as u64 >= u64::from(self.limit) {
+            return None;
+        }
+        let index = match self.free.pop_front() {
+            Some(index) => index,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    value: None,
+                });
+                u32::try_from(self.slots.len() - 1).ok()?
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.value = Some(value);
+        self.len += 1;
+        Some(Key {
+            index,
+            generation: slot.generation,
+        })
+    }
+
+    /// The value behind `key`, if it is still there.
+    pub(crate) fn get(&self, key: Key) -> Option<&T> {
+        let slot = self.slots.get(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.value.as_ref()
+    }
+
+    /// The value behind `key`, if it is still there.
+    pub(crate) fn get_mut(&mut self, key: Key) -> Option<&mut T> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.value.as_mut()
+    }
+
+    /// Takes the value out; its key and all copies of it go stale.
+    pub(crate) fn remove(&mut self, key: Key) -> Option<T> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        let value = slot.value.take()?;
+        slot.generation = slot.generation.wrapping_add(1) & self.generation_mask;
+        self.free.push_back(key.index);
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// The generation of the entry in slot `index`, if the slot is occupied.
+    pub(crate) fn generation_of(&self, index: u32) -> Option<u32> {
+        let slot = self.slots.get(index as usize)?;
+        slot.value.as_ref().map(|_| slot.generation)
+    }
+
+    /// How many values are stored.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Every stored key and value.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Key, &T)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            s.value.as_ref().map(|v| {
+                (
+                    Key {
+                        index: i as u32,
+                        generation: s.generation,
+                    },
+                    v,
+                )
+            })
+        })
+    }
+
+    /// Every stored key.
+    pub(crate) fn keys(&self) -> Vec<Key> {
+        self.iter().map(|(k, _)| k).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_keys_miss_after_reuse() {
+        let mut s = Slab::with_limit(2);
+        let a = s.insert("a").unwrap();
+        let b = s.insert("b").unwrap();
+        assert!(s.insert("c").is_none(), "limit holds");
+        assert_eq!(s.remove(a), Some("a"));
+        let c = s.insert("c").unwrap();
+        assert_eq!(c.index, a.index);
+        assert_eq!(s.get(a), None);
+        assert_eq!(s.get(c), Some(&"c"));
+        assert_eq!(s.get(b), Some(&"b"));
+        assert_eq!(s.len(), 2);
+    }
+}
