@@ -1,1 +1,367 @@
-//! placeholder
+//! The Junction Driver: how a process attaches to its Junction.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), junction_driver::Error> {
+//! use std::time::Duration;
+//! use junction_driver::{Driver, Rights};
+//!
+//! // A service: open a port, register a name for it, answer calls.
+//! let service = Driver::connect_default().await?;
+//! let port = service.open_port().await?;
+//! let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
+//! service.register("org.example.echo", &cap).await?;
+//! tokio::spawn(async move {
+//!     while let Ok(msg) = port.recv().await {
+//!         let payload = msg.payload.clone();
+//!         let _ = msg.reply(payload).await;
+//!     }
+//! });
+//!
+//! // A client: look the name up, call it.
+//! let client = Driver::connect_default().await?;
+//! let echo = client.lookup("org.example.echo").await?;
+//! let answer = client.call(&echo, "hello", Duration::from_secs(5)).await?;
+//! assert_eq!(&answer.payload[..], b"hello");
+//! # Ok(()) }
+//! ```
+//!
+//! A [`Driver`] is a cheap handle to one connection (clone it freely). Two
+//! background tasks serve it: a reader that sorts incoming frames to ports,
+//! calls and capabilities, and a writer that batches outgoing frames. A
+//! [`Capability`] is the right to send to a port; it carries send credits,
+//! and [`Driver::send`] waits when they run out, which is how a slow receiver
+//! slows its senders. Dropping the last clone of a capability gives it back
+//! to the Junction.
+
+#![forbid(unsafe_code)]
+
+mod conn;
+mod error;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest, Listing};
+use junction_road::{Header, Hello, MAGIC, PROTOCOL_VERSION, Send as SendHeader};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use conn::{Capability, Message, Notice, Port};
+pub use error::Error;
+pub use junction_identity::ServiceName;
+pub use junction_road::{Address, ErrorCode, Reason, Rights};
+
+use conn::Shared;
+
+/// The environment variable that names the Junction's socket.
+pub const SOCKET_ENV: &str = "JUNCTION_SOCKET";
+
+/// The socket a Junction listens on when nothing says otherwise:
+/// `$XDG_RUNTIME_DIR/junction.sock`, else `junction-<uid>/junction.sock`
+/// in the temp dir.
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("junction.sock"),
+        _ => {
+            let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+            std::env::temp_dir()
+                .join(format!("junction-{user}"))
+                .join("junction.sock")
+        }
+    }
+}
+
+/// The socket named by `$JUNCTION_SOCKET`, else [`default_socket_path`].
+pub fn socket_path() -> PathBuf {
+    match std::env::var_os(SOCKET_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => default_socket_path(),
+    }
+}
+
+/// One connection to a Junction. Clones share the connection.
+#[derive(Clone, Debug)]
+pub struct Driver {
+    shared: Arc<Shared>,
+}
+
+impl Driver {
+    /// Connects to the Junction at `$JUNCTION_SOCKET`, or at the default
+    /// socket.
+    pub async fn connect_default() -> Result<Driver, Error> {
+        Self::connect(&socket_path()).await
+    }
+
+    /// Connects to the Junction listening at `path`.
+    pub async fn connect(path: &Path) -> Result<Driver, Error> {
+        let label = program_label();
+        let (reader, writer) =
+            junction_road::transport::unix::connect(path, junction_road::DEFAULT_MAX_FRAME)
+                .await
+                .map_err(|source| Error::Connect {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        Self::attach(reader, writer, label).await
+    }
+
+    /// Attaches over this process's stdin and stdout, as a child the
+    /// Junction spawned. Nothing else may use stdin or stdout afterwards.
+    pub async fn from_stdio() -> Result<Driver, Error> {
+        let (reader, writer) =
+            junction_road::transport::stdio::open(junction_road::DEFAULT_MAX_FRAME)
+                .map_err(Error::Stdio)?;
+        Self::attach(reader, writer, program_label()).await
+    }
+
+    /// Attaches over any Road: sends the Hello and waits for the Welcome.
+    pub async fn attach<R, W>(
+        mut reader: junction_road::RoadReader<R>,
+        mut writer: junction_road::RoadWriter<W>,
+        label: String,
+    ) -> Result<Driver, Error>
+    where
+        R: tokio::io::AsyncRead + Unpin + std::marker::Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin + std::marker::Send + 'static,
+    {
+        let hello = Header::Hello(Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            max_frame: junction_road::DEFAULT_MAX_FRAME,
+            label,
+        });
+        writer
+            .send(&junction_road::Frame::bare(hello))
+            .await
+            .map_err(|e| Error::Closed {
+                reason: format!("the junction closed the road during the handshake: {e}"),
+            })?;
+        let welcome = match reader.read_frame().await {
+            Ok(Some(frame)) => match frame.header {
+                Header::Welcome(w) => w,
+                Header::Error(e) => return Err(Error::Handshake(e.message)),
+                other => {
+                    return Err(Error::Handshake(format!(
+                        "expected a Welcome, got {other:?}"
+                    )));
+                }
+            },
+            Ok(None) => {
+                return Err(Error::Closed {
+                    reason: "the junction closed the road during the handshake".into(),
+                });
+            }
+            Err(e) => return Err(Error::Handshake(e.to_string())),
+        };
+        reader.set_max_frame(welcome.max_frame.max(junction_road::MIN_MAX_FRAME));
+        let shared = Shared::start(reader, writer, welcome);
+        Ok(Driver { shared })
+    }
+
+    /// This Driver's home port: the origin stamped on what it sends.
+    pub fn home(&self) -> Address {
+        self.shared.welcome.home
+    }
+
+    /// The id of the Junction this Driver is attached to.
+    pub fn junction_id(&self) -> u16 {
+        self.shared.welcome.junction
+    }
+
+    /// The largest frame the Junction accepts; payloads must fit in it with
+    /// their header.
+    pub fn max_frame(&self) -> u32 {
+        self.shared.welcome.max_frame
+    }
+
+    /// Opens a new port; this Driver holds its receive right.
+    pub async fn open_port(&self) -> Result<Port, Error> {
+        let (req, rx) = self.shared.request()?;
+        self.shared.write(Header::OpenPort { req }, Bytes::new())?;
+        match self.shared.answer(rx).await? {
+            Header::PortOpened { address, .. } => Ok(Port::new(&self.shared, address)),
+            other => Err(self.shared.unexpected(other)),
+        }
+    }
+
+    /// Sends `payload` to the port behind `cap`. Waits while the capability
+    /// has no send credit (the receiver is behind). Returns the message's
+    /// sequence number on this capability, which [`Notice::Undeliverable`]
+    /// refers to.
+    pub async fn send(&self, cap: &Capability, payload: impl Into<Bytes>) -> Result<u64, Error> {
+        self.send_with(cap, payload, &[]).await
+    }
+
+    /// Sends `payload` with capabilities attached. Each needs the `grant`
+    /// right; the receiver gets its own handles for them.
+    pub async fn send_with(
+        &self,
+        cap: &Capability,
+        payload: impl Into<Bytes>,
+        caps: &[&Capability],
+    ) -> Result<u64, Error> {
+        let caps = self.shared.attachments(caps)?;
+        let seq = cap.spend().await?;
+        let header = Header::Send(SendHeader {
+            handle: cap.handle(),
+            caps,
+        });
+        self.shared.write(header, payload.into())?;
+        Ok(seq)
+    }
+
+    /// Sends `value` encoded with postcard.
+    pub async fn send_typed<T: Serialize>(
+        &self,
+        cap: &Capability,
+        value: &T,
+    ) -> Result<u64, Error> {
+        let bytes = postcard::to_allocvec(value).map_err(Error::Encode)?;
+        self.send(cap, bytes).await
+    }
+
+    /// Calls the port behind `cap` and waits up to `timeout` for the reply.
+    pub async fn call(
+        &self,
+        cap: &Capability,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Message, Error> {
+        self.call_with(cap, payload, &[], timeout).await
+    }
+
+    /// Calls with capabilities attached (see [`Driver::send_with`]).
+    pub async fn call_with(
+        &self,
+        cap: &Capability,
+        payload: impl Into<Bytes>,
+        caps: &[&Capability],
+        timeout: Duration,
+    ) -> Result<Message, Error> {
+        let caps = self.shared.attachments(caps)?;
+        cap.spend().await?;
+        self.shared
+            .call(cap.handle(), caps, payload.into(), timeout)
+            .await
+    }
+
+    /// Calls with a postcard-encoded request and decodes the reply.
+    pub async fn call_typed<Q: Serialize, A: DeserializeOwned>(
+        &self,
+        cap: &Capability,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<A, Error> {
+        let bytes = postcard::to_allocvec(request).map_err(Error::Encode)?;
+        self.call(cap, bytes, timeout).await?.decode()
+    }
+
+    /// Registers `name` for the port behind `cap`, a port this Driver owns;
+    /// `cap` needs `send` and `grant`. Lookups of the name get copies of it.
+    pub async fn register(&self, name: &str, cap: &Capability) -> Result<(), Error> {
+        let name = ServiceName::new(name)?;
+        match self
+            .control(ControlRequest::Register { name }, &[cap])
+            .await?
+        {
+            (ControlReply::Registered, _) => Ok(()),
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
+    /// Removes a registration this Driver made.
+    pub async fn unregister(&self, name: &str) -> Result<(), Error> {
+        let name = ServiceName::new(name)?;
+        match self
+            .control(ControlRequest::Unregister { name }, &[])
+            .await?
+        {
+            (ControlReply::Unregistered, _) => Ok(()),
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
+    /// A capability to the service registered as `name`.
+    pub async fn lookup(&self, name: &str) -> Result<Capability, Error> {
+        let name = ServiceName::new(name)?;
+        match self.control(ControlRequest::Lookup { name }, &[]).await? {
+            (ControlReply::Found { .. }, mut caps) if caps.len() == 1 => Ok(caps.remove(0)),
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
+    /// The Junction's ports and connections, as `junction ls` shows them.
+    pub async fn listing(&self) -> Result<Listing, Error> {
+        match self.control(ControlRequest::List, &[]).await? {
+            (ControlReply::Listing(listing), _) => Ok(listing),
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
+    async fn control(
+        &self,
+        request: ControlRequest,
+        caps: &[&Capability],
+    ) -> Result<(ControlReply, Vec<Capability>), Error> {
+        let caps = self.shared.attachments(caps)?;
+        let payload = postcard::to_allocvec(&request).map_err(Error::Encode)?;
+        let reply = self
+            .shared
+            .call(CONTROL_HANDLE, caps, payload.into(), CONTROL_TIMEOUT)
+            .await?;
+        let decoded: ControlReply = reply.decode()?;
+        Ok((decoded, reply.caps))
+    }
+
+    /// The next notice about messages this Driver sent that were not
+    /// delivered, or about errors the Junction reported outside any request.
+    /// `None` once the connection is closed.
+    pub async fn next_notice(&self) -> Option<Notice> {
+        self.shared.next_notice().await
+    }
+
+    /// Waits until the Junction has handled everything this Driver sent
+    /// before: a round trip. Use it before exiting right after a send.
+    pub async fn sync(&self) -> Result<(), Error> {
+        self.shared.sync().await
+    }
+
+    /// Resolves when the connection to the Junction is gone, with the reason.
+    pub async fn closed(&self) -> Error {
+        self.shared.closed().await
+    }
+
+    /// Whether the connection to the Junction is gone.
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+}
+
+/// How long control requests (register, lookup, listing) may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn control_error(reply: ControlReply) -> Error {
+    match reply {
+        ControlReply::Refused { code, message } => Error::Refused { code, message },
+        other => Error::Protocol(format!("unexpected control reply {other:?}")),
+    }
+}
+
+fn program_label() -> String {
+    // The program's name, and its subcommand when it has one: "junction echo".
+    let mut args = std::env::args();
+    let program = args
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "driver".into());
+    match args.next() {
+        Some(sub) if !sub.starts_with('-') && sub.len() <= 32 => format!("{program} {sub}"),
+        _ => program,
+    }
+}

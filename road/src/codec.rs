@@ -231,6 +231,7 @@ mod tests {
             (any::<u32>(), ".{0,40}").prop_map(|(req, message)| Header::Error(ErrorFrame {
                 req,
                 handle: u32::MAX,
+                tag: 0,
                 code: ErrorCode::NameTaken,
                 message
             })),

@@ -256,6 +256,8 @@ pub struct ErrorFrame {
     pub req: u32,
     /// The handle concerned, or `u32::MAX` when none.
     pub handle: u32,
+    /// The tag of the call it answers, or 0 when it answers no call.
+    pub tag: u64,
     /// What went wrong, for programs.
     pub code: ErrorCode,
     /// What went wrong and what to do, for people.

@@ -169,6 +169,26 @@ impl<W: AsyncWrite + Unpin> RoadWriter<W> {
         self.flush().await?;
         self.io.shutdown().await
     }
+
+    /// Writes every frame that arrives on `frames`, batching whatever is
+    /// ready at once into few writes, until the channel closes (then shuts
+    /// the link down) or the link fails.
+    pub async fn serve(mut self, mut frames: tokio::sync::mpsc::UnboundedReceiver<Frame>) {
+        while let Some(frame) = frames.recv().await {
+            if self.queue(&frame).await.is_err() {
+                return;
+            }
+            while let Ok(frame) = frames.try_recv() {
+                if self.queue(&frame).await.is_err() {
+                    return;
+                }
+            }
+            if self.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = self.shutdown().await;
+    }
 }
 
 /// The Unix socket transport.

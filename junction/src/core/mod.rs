@@ -94,6 +94,12 @@ impl ConnId {
     pub fn get(self) -> u64 {
         self.0
     }
+
+    /// A small dense index: no two live connections share it, so a shell
+    /// can keep per-connection state in a vector.
+    pub fn slot(self) -> usize {
+        self.key().index as usize
+    }
 }
 
 impl std::fmt::Display for ConnId {
@@ -671,7 +677,7 @@ impl Core {
                         "handle {handle} has no send credit left; wait for SendCredit before sending again"
                     ),
                 };
-                self.error(conn, 0, handle, code, message);
+                self.call_error(conn, 0, handle, call.unwrap_or(0), code, message);
                 return;
             }
         };
@@ -708,7 +714,7 @@ impl Core {
 
         if let Err((code, message)) = self.check_transfer(conn, owner, handle, &caps, call) {
             self.return_credit(conn, handle, rights, reply_to);
-            self.error(conn, 0, handle, code, message);
+            self.call_error(conn, 0, handle, call.unwrap_or(0), code, message);
             return;
         }
         let granted = self.transfer(conn, owner, &caps);
@@ -1032,11 +1038,25 @@ impl Core {
     }
 
     fn error(&mut self, conn: ConnId, req: u32, handle: u32, code: ErrorCode, message: String) {
+        self.call_error(conn, req, handle, 0, code, message);
+    }
+
+    /// An error that answers a call with `tag` (0 for none).
+    fn call_error(
+        &mut self,
+        conn: ConnId,
+        req: u32,
+        handle: u32,
+        tag: u64,
+        code: ErrorCode,
+        message: String,
+    ) {
         self.frame(
             conn,
             Header::Error(ErrorFrame {
                 req,
                 handle,
+                tag,
                 code,
                 message,
             }),

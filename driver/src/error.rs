@@ -1,0 +1,72 @@
+//! The Driver's one error type.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use junction_road::{ErrorCode, Reason};
+
+/// Everything that can go wrong for a Driver user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The Junction's socket could not be reached.
+    #[error("could not reach the junction at {}: {source}; is `junction serve` running there? (set JUNCTION_SOCKET to point elsewhere)", path.display())]
+    Connect {
+        /// The socket path tried.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// stdin/stdout could not be used as a Road.
+    #[error("could not attach over stdin/stdout: {0}")]
+    Stdio(std::io::Error),
+    /// The Junction refused the handshake.
+    #[error("the junction refused the handshake: {0}")]
+    Handshake(String),
+    /// The connection to the Junction is gone.
+    #[error("the connection to the junction is closed: {reason}")]
+    Closed {
+        /// What happened.
+        reason: String,
+    },
+    /// The Junction refused a request.
+    #[error("the junction refused: {message} ({code:?})")]
+    Refused {
+        /// What went wrong, for programs.
+        code: ErrorCode,
+        /// What went wrong, for people.
+        message: String,
+    },
+    /// The port behind a capability is gone.
+    #[error("the capability is dead: {0}")]
+    Dead(Reason),
+    /// A call will get no reply.
+    #[error("the call failed: {0}")]
+    CallFailed(Reason),
+    /// No reply came in time.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// A capability without `grant` cannot be passed on.
+    #[error("capability {handle} has rights {rights} without grant, so it cannot be passed on")]
+    NotGrantable {
+        /// Its handle.
+        handle: u32,
+        /// Its rights.
+        rights: junction_road::Rights,
+    },
+    /// A reply capability was used already.
+    #[error("this message was replied to already, or was not a call")]
+    NoReply,
+    /// The name is not a valid service name.
+    #[error(transparent)]
+    Name(#[from] junction_identity::NameError),
+    /// A value could not be encoded.
+    #[error("could not encode the message: {0}")]
+    Encode(postcard::Error),
+    /// A payload was not the expected type.
+    #[error("could not decode the message: {0}")]
+    Decode(postcard::Error),
+    /// The Junction sent something this Driver did not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,501 @@
+//! `junction bench`: the junction measured against a raw socket baseline in
+//! the same run, so that the figures are ratios that mean something on any
+//! machine.
+//!
+//! The baseline is two processes moving the same frames over a Unix socket
+//! with tokio: a ping-pong for round trips, and a one-way stream with the
+//! same write batching the junction uses. The junction figures are the same
+//! work between two driver processes through a junction process. Round trips
+//! are measured twice: unpinned, and with every process pinned to one CPU,
+//! where software cost is not hidden behind cross-CPU wake-ups.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use junction_driver::{Driver, Rights};
+use junction_road::transport::unix;
+use junction_road::{Frame, Header, Send};
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+
+/// `junction bench` options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// A short run (a tenth of the work), for smoke tests.
+    #[arg(long)]
+    quick: bool,
+    /// Skip the runs pinned to one CPU.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+/// A benchmark child's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Role {
+    /// Raw socket: send every frame back.
+    RawEcho,
+    /// Raw socket: count frames, answer after `count`.
+    RawSink,
+    /// Driver: register bench.echo and answer calls with their payload.
+    Echo,
+    /// Driver: register bench.sink, count messages, answer a call with the count.
+    Sink,
+}
+
+/// `junction bench-peer` options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PeerArgs {
+    /// What this process does.
+    #[arg(long, value_enum)]
+    role: Role,
+    /// The socket to connect to.
+    #[arg(long)]
+    socket: PathBuf,
+    /// For raw-sink: how many frames to expect.
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+}
+
+const SMALL: usize = 64;
+const LARGE: usize = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Work {
+    round_trips: usize,
+    small_messages: u64,
+    large_messages: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct Rtt {
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Side {
+    rtt: Rtt,
+    rtt_pinned: Option<Rtt>,
+    small_msgs_per_sec: f64,
+    large_gb_per_sec: f64,
+}
+
+/// Runs the benchmark and prints the report.
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let work = if args.quick {
+        Work {
+            round_trips: 2_000,
+            small_messages: 100_000,
+            large_messages: 100,
+        }
+    } else {
+        Work {
+            round_trips: 20_000,
+            small_messages: 1_000_000,
+            large_messages: 1_000,
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("junction-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = crate::cmd::block_on(async {
+        let mut raw = Side::default();
+        let mut through = Side::default();
+        let mut junction_rss_kib = 0;
+        measure(
+            &dir,
+            &work,
+            &mut raw,
+            &mut through,
+            false,
+            &mut junction_rss_kib,
+        )
+        .await?;
+        if !args.no_pin {
+            pin_to_cpu0()?;
+            measure(
+                &dir,
+                &work,
+                &mut raw,
+                &mut through,
+                true,
+                &mut junction_rss_kib,
+            )
+            .await?;
+        }
+        Ok::<_, anyhow::Error>((raw, through, junction_rss_kib))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let (raw, through, rss) = result?;
+    report(&raw, &through, rss, args.json);
+    Ok(())
+}
+
+async fn measure(
+    dir: &Path,
+    work: &Work,
+    raw: &mut Side,
+    through: &mut Side,
+    pinned: bool,
+    rss: &mut u64,
+) -> anyhow::Result<()> {
+    let raw_rtt = raw_round_trips(dir, work.round_trips).await?;
+    let jct = JunctionProcess::start(dir).await?;
+    let result = async {
+        let driver = Driver::connect(&jct.socket).await?;
+        let echo_peer = spawn_peer(Role::Echo, &jct.socket, 0)?;
+        let sink_peer = spawn_peer(Role::Sink, &jct.socket, 0)?;
+        let echo = lookup(&driver, "bench.echo").await?;
+        let sink = lookup(&driver, "bench.sink").await?;
+        let rtt = junction_round_trips(&driver, &echo, work.round_trips).await?;
+        if pinned {
+            raw.rtt_pinned = Some(raw_rtt);
+            through.rtt_pinned = Some(rtt);
+        } else {
+            raw.rtt = raw_rtt;
+            through.rtt = rtt;
+            raw.small_msgs_per_sec =
+                work.small_messages as f64 / raw_stream(dir, SMALL, work.small_messages).await?;
+            through.small_msgs_per_sec = work.small_messages as f64
+                / junction_stream(&driver, &sink, SMALL, work.small_messages).await?;
+            let bytes = (LARGE as u64 * work.large_messages) as f64;
+            raw.large_gb_per_sec =
+                bytes / 1e9 / raw_stream(dir, LARGE, work.large_messages).await?;
+            through.large_gb_per_sec =
+                bytes / 1e9 / junction_stream(&driver, &sink, LARGE, work.large_messages).await?;
+        }
+        *rss = (*rss).max(jct.peak_rss_kib());
+        drop(driver);
+        for mut p in [echo_peer, sink_peer] {
+            let _ = p.kill().await;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    jct.stop().await;
+    result
+}
+
+fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    if json {
+        let value = serde_json::json!({
+            "raw": raw,
+            "junction": through,
+            "ratios": {
+                "rtt_p50": ratio(through.rtt.p50_us, raw.rtt.p50_us),
+                "rtt_p99": ratio(through.rtt.p99_us, raw.rtt.p99_us),
+                "rtt_pinned_p50": through.rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
+                "rtt_pinned_p99": through.rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p99_us, r.p99_us)),
+                "small_msgs_per_sec": ratio(through.small_msgs_per_sec, raw.small_msgs_per_sec),
+                "large_gb_per_sec": ratio(through.large_gb_per_sec, raw.large_gb_per_sec),
+            },
+            "junction_peak_rss_kib": rss_kib,
+        });
+        println!("{value}");
+        return;
+    }
+    println!(
+        "{:<34} {:>14} {:>14} {:>8}",
+        "measure", "raw socket", "junction", "ratio"
+    );
+    let row = |name: &str, r: f64, j: f64, unit: &str| {
+        println!(
+            "{:<34} {:>11.2} {unit:<2} {:>11.2} {unit:<2} {:>7.2}x",
+            name,
+            r,
+            j,
+            ratio(j, r)
+        );
+    };
+    row(
+        "call round trip p50 (µs)",
+        raw.rtt.p50_us,
+        through.rtt.p50_us,
+        "",
+    );
+    row(
+        "call round trip p99 (µs)",
+        raw.rtt.p99_us,
+        through.rtt.p99_us,
+        "",
+    );
+    if let (Some(r), Some(j)) = (raw.rtt_pinned, through.rtt_pinned) {
+        row("pinned round trip p50 (µs)", r.p50_us, j.p50_us, "");
+        row("pinned round trip p99 (µs)", r.p99_us, j.p99_us, "");
+    }
+    row(
+        "64 B one-way (M msg/s)",
+        raw.small_msgs_per_sec / 1e6,
+        through.small_msgs_per_sec / 1e6,
+        "",
+    );
+    row(
+        "1 MiB one-way (GB/s)",
+        raw.large_gb_per_sec,
+        through.large_gb_per_sec,
+        "",
+    );
+    println!("junction peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> Rtt {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1e6
+    };
+    Rtt {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+    }
+}
+
+fn bench_frame(payload: Bytes) -> Frame {
+    Frame::with_payload(
+        Header::Send(Send {
+            handle: 1,
+            caps: Vec::new(),
+        }),
+        payload,
+    )
+}
+
+async fn raw_round_trips(dir: &Path, n: usize) -> anyhow::Result<Rtt> {
+    let socket = dir.join("raw-echo.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    let mut child = spawn_peer(Role::RawEcho, &socket, 0)?;
+    let (stream, _) = tokio::time::timeout(TIMEOUT, listener.accept()).await??;
+    let (mut reader, mut writer) = unix::split(stream, 1 << 24);
+    let frame = bench_frame(Bytes::from(vec![7u8; SMALL]));
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let start = Instant::now();
+        writer.send(&frame).await?;
+        reader.read_frame().await?.context("raw echo closed")?;
+        if i >= n / 10 {
+            samples.push(start.elapsed());
+        }
+    }
+    drop(writer);
+    let _ = child.wait().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(percentiles(samples))
+}
+
+/// Streams `count` frames of `size` bytes one way; returns seconds.
+async fn raw_stream(dir: &Path, size: usize, count: u64) -> anyhow::Result<f64> {
+    let socket = dir.join("raw-sink.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    let mut child = spawn_peer(Role::RawSink, &socket, count)?;
+    let (stream, _) = tokio::time::timeout(TIMEOUT, listener.accept()).await??;
+    let (mut reader, mut writer) = unix::split(stream, 1 << 24);
+    let frame = bench_frame(Bytes::from(vec![7u8; size]));
+    let start = Instant::now();
+    for _ in 0..count {
+        writer.queue(&frame).await?;
+    }
+    writer.flush().await?;
+    reader
+        .read_frame()
+        .await?
+        .context("raw sink closed early")?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(writer);
+    let _ = child.wait().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(secs)
+}
+
+async fn junction_round_trips(
+    driver: &Driver,
+    echo: &junction_driver::Capability,
+    n: usize,
+) -> anyhow::Result<Rtt> {
+    let payload = Bytes::from(vec![7u8; SMALL]);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let start = Instant::now();
+        driver.call(echo, payload.clone(), TIMEOUT).await?;
+        if i >= n / 10 {
+            samples.push(start.elapsed());
+        }
+    }
+    Ok(percentiles(samples))
+}
+
+async fn junction_stream(
+    driver: &Driver,
+    sink: &junction_driver::Capability,
+    size: usize,
+    count: u64,
+) -> anyhow::Result<f64> {
+    let payload = Bytes::from(vec![7u8; size]);
+    let start = Instant::now();
+    for _ in 0..count {
+        driver.send(sink, payload.clone()).await?;
+    }
+    let reply = driver.call(sink, Bytes::new(), TIMEOUT).await?;
+    let secs = start.elapsed().as_secs_f64();
+    let seen: u64 = reply.decode()?;
+    if seen < count {
+        bail!("the sink saw {seen} of {count} messages");
+    }
+    Ok(secs)
+}
+
+async fn lookup(driver: &Driver, name: &str) -> anyhow::Result<junction_driver::Capability> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match driver.lookup(name).await {
+            Ok(cap) => return Ok(cap),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+fn spawn_peer(role: Role, socket: &Path, count: u64) -> anyhow::Result<Child> {
+    let role = clap::ValueEnum::to_possible_value(&role)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    Command::new(crate::self_exe()?)
+        .args([
+            "bench-peer",
+            "--role",
+            &role,
+            "--count",
+            &count.to_string(),
+            "--socket",
+        ])
+        .arg(socket)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start a benchmark process")
+}
+
+struct JunctionProcess {
+    socket: PathBuf,
+    child: Child,
+}
+
+impl JunctionProcess {
+    async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let socket = dir.join("junction.sock");
+        let child = Command::new(crate::self_exe()?)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the junction")?;
+        let deadline = Instant::now() + TIMEOUT;
+        while tokio::net::UnixStream::connect(&socket).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("the junction did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self { socket, child })
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").arg(pid.to_string()).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn pin_to_cpu0() -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        bail!("cannot pin to CPU 0: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A benchmark child process.
+pub(crate) fn peer(args: PeerArgs) -> anyhow::Result<()> {
+    crate::cmd::block_on(async move {
+        match args.role {
+            Role::RawEcho => {
+                let (mut reader, mut writer) = unix::connect(&args.socket, 1 << 24).await?;
+                while let Some(frame) = reader.read_frame().await? {
+                    writer.send(&frame).await?;
+                }
+            }
+            Role::RawSink => {
+                let (mut reader, mut writer) = unix::connect(&args.socket, 1 << 24).await?;
+                let mut seen = 0;
+                while seen < args.count {
+                    reader
+                        .read_frame()
+                        .await?
+                        .context("the stream ended early")?;
+                    seen += 1;
+                }
+                writer.send(&bench_frame(Bytes::new())).await?;
+                while reader.read_frame().await?.is_some() {}
+            }
+            Role::Echo | Role::Sink => {
+                let driver = Driver::connect(&args.socket).await?;
+                let port = driver.open_port().await?;
+                let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
+                let name = if args.role == Role::Echo {
+                    "bench.echo"
+                } else {
+                    "bench.sink"
+                };
+                driver.register(name, &cap).await?;
+                let mut seen = 0u64;
+                loop {
+                    let msg = match port.recv().await {
+                        Ok(m) => m,
+                        Err(_) => return Ok(()),
+                    };
+                    if args.role == Role::Echo {
+                        let payload = msg.payload.clone();
+                        msg.reply(payload).await?;
+                    } else if msg.is_call() {
+                        msg.reply(postcard::to_allocvec(&seen)?).await?;
+                        seen = 0;
+                    } else {
+                        seen += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,369 @@
+//! The everyday subcommands: serve, ls, call, send, listen, and the echo
+//! service.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use junction::config::{FileConfig, check_junction_id};
+use junction::core;
+use junction::shell::{self, ServeConfig};
+use junction_driver::{Driver, Rights};
+
+/// Where to find the junction.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SocketArg {
+    /// The junction's socket [default: $JUNCTION_SOCKET, else
+    /// $XDG_RUNTIME_DIR/junction.sock, else a temp dir].
+    #[arg(long, short = 's')]
+    socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    pub(crate) fn path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(junction_driver::socket_path)
+    }
+}
+
+/// `junction serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// A TOML config file; the flags here override it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// This junction's id, 1 to 65534 [default: 1].
+    #[arg(long)]
+    junction_id: Option<u16>,
+    /// Spawn this command with a stdio Road (repeatable), e.g. --spawn 'my-svc --flag'.
+    #[arg(long)]
+    spawn: Vec<String>,
+    /// Send credits per capability (the per-sender queue bound).
+    #[arg(long)]
+    window: Option<u32>,
+    /// The largest frame accepted, in bytes.
+    #[arg(long)]
+    max_frame: Option<u32>,
+}
+
+/// Runs a current-thread runtime for a subcommand.
+pub(crate) fn block_on<T, F: std::future::Future<Output = anyhow::Result<T>>>(
+    future: F,
+) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(future)
+}
+
+/// `junction serve`: runs until SIGINT or SIGTERM.
+pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let socket = args
+        .socket
+        .socket
+        .clone()
+        .or(file.socket.clone())
+        .unwrap_or_else(junction_driver::socket_path);
+    let defaults = core::Config::default();
+    let junction = check_junction_id(args.junction_id.or(file.junction_id).unwrap_or(1))?;
+    let max_frame = args
+        .max_frame
+        .or(file.max_frame)
+        .unwrap_or(defaults.max_frame);
+    if max_frame < junction_road::MIN_MAX_FRAME {
+        bail!(
+            "--max-frame {max_frame} is below the minimum of {} bytes",
+            junction_road::MIN_MAX_FRAME
+        );
+    }
+    let window = args.window.or(file.window).unwrap_or(defaults.window);
+    if window == 0 {
+        bail!("--window 0 would let nobody send; use at least 1");
+    }
+    let mut spawn = file.spawn.clone();
+    spawn.extend(args.spawn);
+    let config = ServeConfig {
+        socket,
+        core: core::Config {
+            junction,
+            max_frame,
+            window,
+            max_handles: file.max_handles.unwrap_or(defaults.max_handles),
+            max_ports: file.max_ports.unwrap_or(defaults.max_ports),
+            max_pending_calls: file.max_pending_calls.unwrap_or(defaults.max_pending_calls),
+        },
+        spawn,
+        grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
+    };
+    run_junction(config, shutdown_signal())
+}
+
+/// Binds the socket and runs a junction on this thread until `shutdown`.
+pub(crate) fn run_junction(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let (listener, guard) = shell::bind(&config.socket)?;
+        shell::serve(config, listener, guard, shutdown).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<Driver> {
+    Ok(Driver::connect(socket).await?)
+}
+
+fn read_payload(payload: String) -> anyhow::Result<Bytes> {
+    if payload == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("cannot read the payload from stdin")?;
+        Ok(Bytes::from(buf))
+    } else {
+        Ok(Bytes::from(payload.into_bytes()))
+    }
+}
+
+/// A payload for people: text when it is text, else hex.
+pub(crate) fn show(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(s) if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => s.to_string(),
+        _ => {
+            let hex: String = payload
+                .iter()
+                .take(64)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let more = if payload.len() > 64 { "…" } else { "" };
+            format!("0x{hex}{more} ({} bytes)", payload.len())
+        }
+    }
+}
+
+/// `junction ls`.
+pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
+    let driver = connect(&socket).await?;
+    let listing = driver.listing().await?;
+    if json {
+        println!("{}", listing_json(&listing));
+        return Ok(());
+    }
+    println!("junction {} at {}", listing.junction, socket.display());
+    println!();
+    println!(
+        "{:<10} {:<8} {:>7} {:>8}  NAMES",
+        "PORT", "OWNER", "QUEUED", "SENDERS"
+    );
+    for p in &listing.ports {
+        let owner = if p.owner == 0 {
+            "junction".to_string()
+        } else {
+            format!("c{}", p.owner)
+        };
+        let mut names = p.names.join(",");
+        if p.home {
+            names = if names.is_empty() {
+                "(home)".into()
+            } else {
+                format!("(home) {names}")
+            };
+        }
+        if p.address.port == 0 {
+            names = "(control)".into();
+        }
+        println!(
+            "{:<10} {:<8} {:>7} {:>8}  {}",
+            p.address.to_string(),
+            owner,
+            p.queued,
+            p.senders,
+            names
+        );
+    }
+    println!();
+    println!(
+        "{:<8} {:<6} {:>8} {:>6} {:<8} {:>5} {:>7} {:>7}  LABEL",
+        "CONN", "ROAD", "PID", "UID", "HOME", "PORTS", "HANDLES", "CALLS"
+    );
+    for c in &listing.connections {
+        let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+        println!(
+            "{:<8} {:<6} {:>8} {:>6} {:<8} {:>5} {:>7} {:>7}  {}",
+            format!("c{}", c.id),
+            c.road,
+            opt(c.pid),
+            opt(c.uid),
+            c.home.to_string(),
+            c.ports,
+            c.handles,
+            c.pending_calls,
+            c.label
+        );
+    }
+    Ok(())
+}
+
+fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value {
+    serde_json::json!({
+        "junction": listing.junction,
+        "ports": listing.ports.iter().map(|p| serde_json::json!({
+            "address": p.address.to_string(),
+            "owner": p.owner,
+            "queued": p.queued,
+            "senders": p.senders,
+            "names": p.names,
+            "home": p.home,
+        })).collect::<Vec<_>>(),
+        "connections": listing.connections.iter().map(|c| serde_json::json!({
+            "id": c.id,
+            "label": c.label,
+            "road": c.road,
+            "pid": c.pid,
+            "uid": c.uid,
+            "home": c.home.to_string(),
+            "ports": c.ports,
+            "handles": c.handles,
+            "pending_calls": c.pending_calls,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `junction call`.
+pub(crate) async fn call(
+    socket: PathBuf,
+    name: String,
+    payload: String,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let payload = read_payload(payload)?;
+    let driver = connect(&socket).await?;
+    let cap = driver
+        .lookup(&name)
+        .await
+        .with_context(|| format!("cannot look up {name}"))?;
+    let reply = driver
+        .call(&cap, payload, timeout)
+        .await
+        .with_context(|| format!("calling {name} failed"))?;
+    println!("{}", show(&reply.payload));
+    Ok(())
+}
+
+/// `junction send`.
+pub(crate) async fn send(socket: PathBuf, name: String, payload: String) -> anyhow::Result<()> {
+    let payload = read_payload(payload)?;
+    let driver = connect(&socket).await?;
+    let cap = driver
+        .lookup(&name)
+        .await
+        .with_context(|| format!("cannot look up {name}"))?;
+    driver.send(&cap, payload).await?;
+    driver.sync().await?;
+    Ok(())
+}
+
+/// `junction listen`.
+pub(crate) async fn listen(
+    socket: PathBuf,
+    name: String,
+    count: Option<u64>,
+    reply: Option<String>,
+) -> anyhow::Result<()> {
+    let driver = connect(&socket).await?;
+    let port = driver.open_port().await?;
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
+    driver
+        .register(&name, &cap)
+        .await
+        .with_context(|| format!("cannot register {name}"))?;
+    eprintln!("listening as {name} on port {}", port.address());
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        let msg = port.recv().await?;
+        seen += 1;
+        let kind = if msg.is_call() { "call" } else { "message" };
+        let caps: Vec<String> = msg
+            .caps
+            .iter()
+            .map(|c| format!("{}({})", c.address(), c.rights()))
+            .collect();
+        let caps = if caps.is_empty() {
+            String::new()
+        } else {
+            format!(" caps=[{}]", caps.join(", "))
+        };
+        println!("{kind} from {}{caps}: {}", msg.origin, show(&msg.payload));
+        if msg.is_call() {
+            let answer = match &reply {
+                Some(text) => Bytes::from(text.clone().into_bytes()),
+                None => msg.payload.clone(),
+            };
+            msg.reply(answer).await?;
+        }
+    }
+    driver.sync().await?;
+    Ok(())
+}
+
+/// The echo service: registers `name` and answers every call with its
+/// payload. Attaches over stdio when spawned by a junction.
+pub(crate) async fn echo(name: String) -> anyhow::Result<()> {
+    let driver = attach().await?;
+    let port = driver.open_port().await?;
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
+    driver.register(&name, &cap).await?;
+    loop {
+        let msg = match port.recv().await {
+            Ok(msg) => msg,
+            // The junction went away: a spawned child's cue to exit.
+            Err(junction_driver::Error::Closed { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if msg.is_call() {
+            let payload = msg.payload.clone();
+            let _ = msg.reply(payload).await;
+        }
+    }
+}
+
+/// Attaches over stdio when spawned by a junction, else over the socket.
+pub(crate) async fn attach() -> anyhow::Result<Driver> {
+    if std::env::var("JUNCTION_ROAD").as_deref() == Ok("stdio") {
+        Ok(Driver::from_stdio().await?)
+    } else {
+        Ok(Driver::connect_default().await?)
+    }
+}

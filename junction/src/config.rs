@@ -1,0 +1,139 @@
+//! The optional configuration file (TOML). Every field may be left out; the
+//! command line overrides the file.
+//!
+//! ```toml
+//! socket = "/run/junction/junction.sock"
+//! junction_id = 12
+//! max_frame = 4194304
+//! window = 64
+//! max_handles = 4096
+//! max_ports = 256
+//! max_pending_calls = 1024
+//! grace_ms = 3000
+//! spawn = ["/usr/bin/my-service --flag"]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The configuration file's contents.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The Unix socket to listen on.
+    pub socket: Option<PathBuf>,
+    /// This junction's id, 1 to 65534.
+    pub junction_id: Option<u16>,
+    /// The largest frame accepted, in bytes.
+    pub max_frame: Option<u32>,
+    /// Send credits each capability starts with.
+    pub window: Option<u32>,
+    /// Capability handles one connection may hold.
+    pub max_handles: Option<u32>,
+    /// Ports one connection may own.
+    pub max_ports: Option<u32>,
+    /// Calls one connection may have waiting.
+    pub max_pending_calls: Option<u32>,
+    /// Milliseconds children get between SIGTERM and SIGKILL at shutdown.
+    pub grace_ms: Option<u64>,
+    /// Commands to spawn with stdio Roads.
+    #[serde(default)]
+    pub spawn: Vec<String>,
+}
+
+/// Why the configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("the config file {} is invalid: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its place in the file.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl FileConfig {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        if let Some(id) = config.junction_id {
+            check_junction_id(id)?;
+        }
+        if let Some(max) = config.max_frame {
+            if max < junction_road::MIN_MAX_FRAME {
+                return Err(ConfigError::Invalid(format!(
+                    "max_frame = {max} is below the minimum of {} bytes",
+                    junction_road::MIN_MAX_FRAME
+                )));
+            }
+        }
+        if config.window == Some(0) {
+            return Err(ConfigError::Invalid(
+                "window = 0 would let nobody send; use at least 1".into(),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// Checks that `id` may name a junction: 0 means "this junction" and
+/// 0xFFFF is reserved.
+pub fn check_junction_id(id: u16) -> Result<u16, ConfigError> {
+    if id == 0 || id == u16::MAX {
+        return Err(ConfigError::Invalid(format!(
+            "junction id {id} is reserved; use 1 to 65534"
+        )));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses_and_bad_ones_say_why() {
+        let c = FileConfig::parse("junction_id = 12\nwindow = 8\nspawn = [\"echo hi\"]").unwrap();
+        assert_eq!(c.junction_id, Some(12));
+        assert_eq!(c.spawn, vec!["echo hi".to_string()]);
+        let e = FileConfig::parse("junction_id = 0").unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let e = FileConfig::parse("bogus = 1").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = FileConfig::parse("max_frame = 10").unwrap_err();
+        assert!(e.to_string().contains("minimum"), "{e}");
+    }
+}

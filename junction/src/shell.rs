@@ -1,0 +1,350 @@
+//! The tokio shell around the core: sockets, child processes, signals.
+//!
+//! The shell runs on one thread (a current-thread runtime with a `LocalSet`).
+//! The core is owned by that thread; each connection's reader task decodes
+//! frames and hands them to the core directly, then drains the core's output
+//! into per-connection writer tasks, which batch frames into few writes. No
+//! lock and no cross-thread wake-up sits on the message path.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use junction_road::transport::{child as child_road, unix as unix_road};
+use junction_road::{Frame, RoadError, RoadReader, RoadWriter};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::children::{self, Child};
+use crate::core::{self, ConnId, Core, Output, Peer};
+
+/// How the junction daemon is set up.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The Unix socket to listen on.
+    pub socket: PathBuf,
+    /// The core's identity and limits.
+    pub core: core::Config,
+    /// Commands to spawn with a stdio Road, as shell-quoted strings.
+    pub spawn: Vec<String>,
+    /// How long children get between the terminate signal and the kill.
+    pub grace: Duration,
+}
+
+/// Why the junction could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Another junction holds the socket.
+    #[error("another junction is already running on {}; stop it first, or give this one another socket with --socket", path.display())]
+    AlreadyRunning {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket's directory or the socket itself could not be set up.
+    #[error("could not listen on {}: {source}", path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A `--spawn` command could not be started.
+    #[error(transparent)]
+    Spawn(#[from] children::SpawnError),
+}
+
+/// Cheap handle for controlling a running junction from inside its thread.
+struct Shell {
+    core: RefCell<Core>,
+    conns: RefCell<Vec<Option<ConnSlot>>>,
+    max_frame: u32,
+}
+
+struct ConnSlot {
+    id: ConnId,
+    writer: mpsc::UnboundedSender<Frame>,
+    reader: Option<tokio::task::AbortHandle>,
+}
+
+/// Owns the socket path and its lock; removes the socket when dropped.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Claims `path` for this junction: takes the lock next to it (refusing if
+/// another junction holds it), replaces a stale socket, binds and restricts
+/// the socket to its owner.
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
+    let listen_err = |source| ServeError::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(listen_err)?;
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
+    }
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(listen_err)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(ServeError::AlreadyRunning {
+                path: path.to_owned(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(listen_err(e)),
+    }
+    // We hold the lock, so a socket file here is left over from a junction
+    // that died without cleaning up.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::AlreadyRunning {
+                path: path.to_owned(),
+            });
+        }
+        tracing::info!(socket = %path.display(), "replacing a stale socket left by a junction that died");
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    Ok((
+        listener,
+        SocketGuard {
+            path: path.to_owned(),
+            _lock: lock,
+        },
+    ))
+}
+
+/// Runs a junction until `shutdown` resolves; then says goodbye to every
+/// driver, ends the children and removes the socket.
+///
+/// Must be called inside a `LocalSet` on a current-thread runtime.
+pub async fn serve(
+    config: ServeConfig,
+    listener: UnixListener,
+    guard: SocketGuard,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let shell = Rc::new(Shell {
+        max_frame: config.core.max_frame,
+        core: RefCell::new(Core::new(config.core.clone())),
+        conns: RefCell::new(Vec::new()),
+    });
+    let mut writers: Vec<JoinHandle<()>> = Vec::new();
+    let mut kids: Vec<Child> = Vec::new();
+    for command in &config.spawn {
+        let (child, stdout, stdin) = children::spawn(command, &config.socket)?;
+        let peer = Peer {
+            road: "stdio",
+            pid: child.pid(),
+            ..Peer::default()
+        };
+        let (reader, writer) = child_road::split(stdout, stdin, shell.max_frame);
+        writers.push(shell.attach(peer, reader, writer));
+        kids.push(child);
+    }
+    tracing::info!(
+        socket = %config.socket.display(),
+        junction = config.core.junction,
+        children = kids.len(),
+        "junction ready"
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let handle = shell.accept(stream);
+                    writers.retain(|w| !w.is_finished());
+                    writers.push(handle);
+                }
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait, don't spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!("shutting down: telling drivers, ending children");
+    drop(listener);
+    drop(guard);
+    shell.core.borrow_mut().handle_shutdown();
+    shell.pump();
+    // Give writers a moment to deliver the goodbyes.
+    let flush = futures_join(writers);
+    let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
+    children::end_all(kids, config.grace).await;
+    Ok(())
+}
+
+async fn futures_join(handles: Vec<JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+impl Shell {
+    fn accept(self: &Rc<Self>, stream: UnixStream) -> JoinHandle<()> {
+        let cred = stream.peer_cred().ok();
+        let peer = Peer {
+            road: "unix",
+            pid: cred
+                .and_then(|c| c.pid())
+                .and_then(|p| u32::try_from(p).ok()),
+            uid: cred.map(|c| c.uid()),
+            gid: cred.map(|c| c.gid()),
+        };
+        let (reader, writer) = unix_road::split(stream, self.max_frame);
+        self.attach(peer, reader, writer)
+    }
+
+    /// Registers a new connection and starts its reader and writer tasks.
+    /// Returns the writer task, which ends once its last frame is written.
+    fn attach<R, W>(
+        self: &Rc<Self>,
+        peer: Peer,
+        reader: RoadReader<R>,
+        writer: RoadWriter<W>,
+    ) -> JoinHandle<()>
+    where
+        R: AsyncRead + Unpin + 'static,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        tracing::debug!(road = peer.road, pid = ?peer.pid, uid = ?peer.uid, "connection");
+        let id = self.core.borrow_mut().handle_connected(peer);
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut conns = self.conns.borrow_mut();
+            let slot = id.slot();
+            if conns.len() <= slot {
+                conns.resize_with(slot + 1, || None);
+            }
+            conns[slot] = Some(ConnSlot {
+                id,
+                writer: tx,
+                reader: None,
+            });
+        }
+        let writer_task = tokio::task::spawn_local(writer.serve(rx));
+        let reader_task = tokio::task::spawn_local(read_loop(self.clone(), id, reader));
+        if let Some(Some(slot)) = self.conns.borrow_mut().get_mut(id.slot()) {
+            if slot.id == id {
+                slot.reader = Some(reader_task.abort_handle());
+            }
+        }
+        writer_task
+    }
+
+    /// Carries out everything the core asked for.
+    fn pump(&self) {
+        let mut core = self.core.borrow_mut();
+        let mut conns = self.conns.borrow_mut();
+        while let Some(output) = core.poll_output() {
+            match output {
+                Output::Frame { conn, frame } => {
+                    if let Some(Some(slot)) = conns.get(conn.slot()) {
+                        if slot.id == conn {
+                            let _ = slot.writer.send(frame);
+                        }
+                    }
+                }
+                Output::Close { conn, reason } => {
+                    if let Some(entry) = conns.get_mut(conn.slot()) {
+                        if entry.as_ref().is_some_and(|s| s.id == conn) {
+                            tracing::info!(%conn, "closing connection: {reason}");
+                            // Dropping the writer's sender lets it flush and shut down.
+                            if let Some(slot) = entry.take() {
+                                if let Some(reader) = slot.reader {
+                                    reader.abort();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_open(&self, conn: ConnId) -> bool {
+        matches!(self.conns.borrow().get(conn.slot()), Some(Some(s)) if s.id == conn)
+    }
+
+    fn disconnected(&self, conn: ConnId) {
+        self.core.borrow_mut().handle_disconnected(conn);
+        if let Some(entry) = self.conns.borrow_mut().get_mut(conn.slot()) {
+            if entry.as_ref().is_some_and(|s| s.id == conn) {
+                *entry = None;
+            }
+        }
+        self.pump();
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    shell: Rc<Shell>,
+    conn: ConnId,
+    mut reader: RoadReader<R>,
+) {
+    loop {
+        match reader.read_frame().await {
+            Ok(Some(frame)) => {
+                shell.core.borrow_mut().handle_frame(conn, frame);
+                shell.pump();
+            }
+            Ok(None) => {
+                tracing::debug!(%conn, "connection closed by the driver");
+                shell.disconnected(conn);
+                return;
+            }
+            Err(RoadError::Frame(e)) => {
+                tracing::warn!(%conn, "bad frame: {e}");
+                shell.core.borrow_mut().handle_frame_error(conn, &e);
+                shell.pump();
+                if e.is_fatal() {
+                    return;
+                }
+            }
+            Err(RoadError::Io(e)) => {
+                tracing::debug!(%conn, "road failed: {e}");
+                shell.disconnected(conn);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(%conn, "road failed: {e}");
+                shell.disconnected(conn);
+                return;
+            }
+        }
+        if !shell.is_open(conn) {
+            return;
+        }
+    }
+}
