@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use junction_road::control::CONTROL_HANDLE;
+use junction_road::frame::credit_cost;
 use junction_road::{
     Address, Call, ErrorCode, Frame, Header, Reason, Rights, RoadReader, RoadWriter, Send, Welcome,
 };
@@ -38,14 +39,14 @@ type Answer = oneshot::Sender<Result<Header, Error>>;
 struct State {
     requests: HashMap<u32, Answer>,
     calls: HashMap<u64, oneshot::Sender<Result<Message, Error>>>,
-    ports: HashMap<u16, mpsc::UnboundedSender<Message>>,
+    ports: HashMap<u16, mpsc::UnboundedSender<(Message, bool)>>,
     caps: HashMap<u32, Weak<CapInner>>,
     pings: HashMap<u64, oneshot::Sender<()>>,
     closed: bool,
 }
 
-/// Replies are acknowledged in batches of this many, or sooner when the
-/// Driver makes its next call.
+/// Replies are acknowledged in batches of this many at most, or at once
+/// when the Junction asks.
 const HOME_ACK_BATCH: u32 = 32;
 
 /// Something the Junction reported outside any request.
@@ -182,7 +183,6 @@ impl Shared {
             }
             state.calls.insert(tag, tx);
         }
-        self.flush_home_acks();
         self.write(Header::Call(Call { handle, tag, caps }), payload)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
@@ -298,7 +298,8 @@ impl Shared {
                     reply,
                 };
                 if d.tag != 0 && d.port == self.welcome.home.port {
-                    if self.home_acks.fetch_add(1, Ordering::Relaxed) + 1 >= HOME_ACK_BATCH {
+                    let batch = (self.welcome.max_pending_calls / 4).clamp(1, HOME_ACK_BATCH);
+                    if self.home_acks.fetch_add(1, Ordering::Relaxed) + 1 >= batch || d.ack {
                         self.flush_home_acks();
                     }
                     let call = self.state().calls.remove(&d.tag);
@@ -310,7 +311,7 @@ impl Shared {
                 let port = self.state().ports.get(&d.port).cloned();
                 match port {
                     Some(tx) => {
-                        let _ = tx.send(msg);
+                        let _ = tx.send((msg, d.ack));
                     }
                     None => {
                         // A message for a port being closed, or for the home
@@ -377,12 +378,6 @@ impl Shared {
                     code: e.code,
                     message: e.message.clone(),
                 };
-                if e.code == ErrorCode::TooManyPendingCalls {
-                    // The Junction did not spend the credit this call took.
-                    if let Some(cap) = self.cap(e.handle) {
-                        cap.credits.add_permits(1);
-                    }
-                }
                 if e.req != 0 {
                     let tx = self.state().requests.remove(&e.req);
                     if let Some(tx) = tx {
@@ -494,7 +489,7 @@ impl Capability {
         self.inner.address
     }
 
-    /// Send credits left before [`crate::Driver::send`] waits.
+    /// Send credit units left (see [`junction_road::frame::credit_cost`]).
     pub fn credits(&self) -> usize {
         self.inner.credits.available_permits()
     }
@@ -525,8 +520,9 @@ impl Capability {
         }
     }
 
-    /// Takes one send credit, waiting for it; returns the message's sequence number.
-    pub(crate) async fn spend(&self) -> Result<u64, Error> {
+    /// Takes the send credits a payload of `len` bytes costs, waiting for
+    /// them; returns the message's sequence number.
+    pub(crate) async fn spend(&self, len: usize) -> Result<u64, Error> {
         if let Some(reason) = self.dead() {
             return Err(Error::Dead(reason));
         }
@@ -535,8 +531,8 @@ impl Capability {
         {
             return Err(Error::NoReply);
         }
-        if self.inner.handle != CONTROL_HANDLE {
-            match self.inner.credits.acquire().await {
+        if self.inner.handle != CONTROL_HANDLE && !self.inner.rights.contains(Rights::SEND_ONCE) {
+            match self.inner.credits.acquire_many(credit_cost(len)).await {
                 Ok(permit) => permit.forget(),
                 Err(_) => {
                     return Err(match self.dead() {
@@ -585,8 +581,9 @@ impl Drop for CapInner {
 pub struct Port {
     shared: Arc<Shared>,
     address: Address,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
-    unacked: AtomicU32,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Message, bool)>>,
+    /// Messages consumed and not yet reported, and the credit units they cost.
+    unacked: Mutex<(u32, u32)>,
     closed: AtomicBool,
 }
 
@@ -598,7 +595,7 @@ impl Port {
             shared: shared.clone(),
             address,
             rx: tokio::sync::Mutex::new(rx),
-            unacked: AtomicU32::new(0),
+            unacked: Mutex::new((0, 0)),
             closed: AtomicBool::new(false),
         }
     }
@@ -637,27 +634,29 @@ impl Port {
     /// credit to send more.
     pub async fn recv(&self) -> Result<Message, Error> {
         let mut rx = self.rx.lock().await;
-        let msg = match rx.try_recv() {
-            Ok(msg) => msg,
-            Err(_) => {
-                // About to wait: let senders know everything so far is consumed.
-                self.flush_acks();
-                match rx.recv().await {
-                    Some(msg) => msg,
-                    None if self.shared.is_closed() => return Err(self.shared.closed_error()),
-                    None => return Err(Error::Dead(Reason::PortClosed)),
-                }
-            }
+        let (msg, ack) = match rx.recv().await {
+            Some(entry) => entry,
+            None if self.shared.is_closed() => return Err(self.shared.closed_error()),
+            None => return Err(Error::Dead(Reason::PortClosed)),
         };
-        let batch = (self.shared.welcome.window / 2).max(1);
-        if self.unacked.fetch_add(1, Ordering::Relaxed) + 1 >= batch {
+        // Report consumption in batches of a quarter window, or at once when
+        // the Junction says a sender is running low: senders get credit back
+        // before they run dry, at one small frame per batch.
+        let batch = (self.shared.welcome.window / 4).max(1);
+        let flush = {
+            let mut unacked = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
+            unacked.0 += 1;
+            unacked.1 = unacked.1.saturating_add(credit_cost(msg.payload.len()));
+            ack || unacked.1 >= batch
+        };
+        if flush {
             self.flush_acks();
         }
         Ok(msg)
     }
 
     fn flush_acks(&self) {
-        let count = self.unacked.swap(0, Ordering::Relaxed);
+        let count = std::mem::take(&mut *self.unacked.lock().unwrap_or_else(|e| e.into_inner())).0;
         if count > 0 {
             let _ = self.shared.write(
                 Header::Credit {
@@ -743,7 +742,7 @@ impl Message {
 }
 
 async fn reply_on(cap: &Capability, payload: Bytes, caps: Vec<u32>) -> Result<(), Error> {
-    cap.spend().await?;
+    cap.spend(payload.len()).await?;
     cap.inner.shared.write(
         Header::Send(Send {
             handle: cap.handle(),

@@ -203,12 +203,13 @@ impl Driver {
         caps: &[&Capability],
     ) -> Result<u64, Error> {
         let caps = self.shared.attachments(caps)?;
-        let seq = cap.spend().await?;
+        let payload = payload.into();
+        let seq = cap.spend(payload.len()).await?;
         let header = Header::Send(SendHeader {
             handle: cap.handle(),
             caps,
         });
-        self.shared.write(header, payload.into())?;
+        self.shared.write(header, payload)?;
         Ok(seq)
     }
 
@@ -241,10 +242,9 @@ impl Driver {
         timeout: Duration,
     ) -> Result<Message, Error> {
         let caps = self.shared.attachments(caps)?;
-        cap.spend().await?;
-        self.shared
-            .call(cap.handle(), caps, payload.into(), timeout)
-            .await
+        let payload = payload.into();
+        cap.spend(payload.len()).await?;
+        self.shared.call(cap.handle(), caps, payload, timeout).await
     }
 
     /// Calls with a postcard-encoded request and decodes the reply.

@@ -16,6 +16,24 @@ pub const MAGIC: [u8; 4] = *b"JNCT";
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Bytes of payload that one credit unit pays for, beyond the first.
+pub const CREDIT_UNIT_BYTES: usize = 16 * 1024;
+
+/// The send credits a message with `payload_len` bytes of payload costs:
+/// one, plus one for every whole 16 KiB. Counting bytes as well as messages
+/// keeps what a window lets into the Junction bounded in both.
+///
+/// ```
+/// use junction_road::frame::credit_cost;
+/// assert_eq!(credit_cost(0), 1);
+/// assert_eq!(credit_cost(64), 1);
+/// assert_eq!(credit_cost(16 * 1024), 2);
+/// assert_eq!(credit_cost(1 << 20), 65);
+/// ```
+pub fn credit_cost(payload_len: usize) -> u32 {
+    1 + u32::try_from(payload_len / CREDIT_UNIT_BYTES).unwrap_or(u32::MAX - 1)
+}
+
 /// One frame: a header and the payload bytes that follow it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
@@ -114,18 +132,18 @@ pub enum Header {
     Call(Call),
     /// J→D: a message for one of this Driver's ports.
     Deliver(Deliver),
-    /// D→J: `count` messages delivered to `port` have been consumed.
+    /// D→J: the oldest `count` messages delivered to `port` have been consumed.
     Credit {
         /// The port number.
         port: u16,
         /// How many messages.
         count: u32,
     },
-    /// J→D: `count` more messages may be sent on `handle`.
+    /// J→D: `count` more credit units may be spent on `handle`.
     SendCredit {
         /// The handle.
         handle: u32,
-        /// How many more messages.
+        /// How many credit units (see [`credit_cost`]).
         count: u32,
     },
     /// J→D: messages this Driver sent were not delivered.
@@ -190,7 +208,8 @@ pub struct Welcome {
     pub home: Address,
     /// The largest frame the Junction accepts from this Driver.
     pub max_frame: u32,
-    /// Send credits every new capability handle starts with.
+    /// Send credits every new capability handle starts with, in units of
+    /// [`credit_cost`].
     pub window: u32,
     /// The most capability handles this connection may hold.
     pub max_handles: u32,
@@ -234,6 +253,9 @@ pub struct Deliver {
     pub reply: Option<u32>,
     /// Capabilities that came with the message, now in the receiver's table.
     pub caps: Vec<Granted>,
+    /// Set when the sender is running low on credit: the receiver should
+    /// report consumption (`Credit`) as soon as it has consumed this message.
+    pub ack: bool,
 }
 
 /// A capability handed to a Driver inside a message.

@@ -29,6 +29,7 @@ impl Core {
             if let Some(p) = self.ports.get_mut(port_key(home, generation)) {
                 p.in_flight.push_back(InFlight {
                     sender: None,
+                    cost: 0,
                     seq: 0,
                     reply: None,
                     is_reply: true,
@@ -41,6 +42,7 @@ impl Core {
             tag,
             reply: None,
             caps: granted.into_iter().collect(),
+            ack: false,
         };
         self.out.push_back(Output::Frame {
             conn,

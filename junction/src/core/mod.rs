@@ -16,8 +16,9 @@
 //!
 //! # Flow control
 //!
-//! Every send capability handle carries send credits, `window` when it is
-//! created. Each `Send` or `Call` spends one. The message is delivered to the
+//! Every send capability handle carries send credits, `window` units when it
+//! is created. Each `Send` or `Call` spends [`credit_cost`] units: one, plus
+//! one per 16 KiB of payload, so the window bounds both messages and bytes. The message is delivered to the
 //! port owner at once and recorded in the port's in-flight queue; when the
 //! owner reports it consumed (`Credit`), the credit goes back to the handle it
 //! was sent on (`SendCredit`). So a slow receiver stops exactly the handles
@@ -41,6 +42,7 @@ use junction_road::{
     Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, MAGIC, PROTOCOL_VERSION,
     Reason, Rights, Welcome,
 };
+pub use junction_road::frame::credit_cost;
 
 use crate::slab::{Key, Slab};
 
@@ -51,7 +53,8 @@ pub struct Config {
     pub junction: u16,
     /// The largest frame accepted from a Driver.
     pub max_frame: u32,
-    /// Send credits each new capability handle starts with.
+    /// Send credits each new capability handle starts with, in units of
+    /// [`credit_cost`]; at least twice the cost of the largest frame.
     pub window: u32,
     /// Capability handles one connection may hold.
     pub max_handles: u32,
@@ -66,7 +69,7 @@ impl Default for Config {
         Self {
             junction: 1,
             max_frame: junction_road::DEFAULT_MAX_FRAME,
-            window: 64,
+            window: 1024,
             max_handles: 4096,
             max_ports: 256,
             max_pending_calls: 1024,
@@ -194,6 +197,8 @@ struct Port {
 struct InFlight {
     /// The handle it was sent on, to return the credit to.
     sender: Option<(ConnId, u32)>,
+    /// The credit units it cost.
+    cost: u32,
     seq: u64,
     /// The send-once reply capability it carried into the owner's table.
     reply: Option<u32>,
@@ -230,8 +235,14 @@ fn port_key(number: u16, generation: u32) -> Key {
 }
 
 impl Core {
-    /// A core with no connections, holding only the control port.
-    pub fn new(config: Config) -> Self {
+    /// A core with no connections, holding only the control port. A window
+    /// smaller than twice the cost of the largest frame is raised to that.
+    pub fn new(mut config: Config) -> Self {
+        // Twice the largest frame's cost: a sender that stalls has then been
+        // below half its window, and the receiver was asked to report.
+        config.window = config
+            .window
+            .max(2 * credit_cost(config.max_frame as usize));
         let mut ports = Slab::with_limit(u32::from(u16::MAX) + 1);
         let control = ports.insert(Port {
             owner: None,
@@ -643,6 +654,8 @@ impl Core {
         caps: Vec<u32>,
         payload: Bytes,
     ) {
+        let cost = credit_cost(payload.len());
+        let mut low_credit = false;
         let window_check = {
             let Some(c) = self.conns.get_mut(conn.key()) else {
                 return;
@@ -651,13 +664,24 @@ impl Core {
             match c.caps.get_mut(key_of(handle)) {
                 None => Err(ErrorCode::UnknownHandle),
                 Some(_) if pending_full => Err(ErrorCode::TooManyPendingCalls),
-                Some(cap) if cap.credits == 0 => Err(ErrorCode::NoCredit),
+                Some(cap) if cap.rights.contains(Rights::SEND_ONCE) => {
+                    // A reply is never held back: what bounds replies is the
+                    // caller's limit of pending calls.
+                    let seq = cap.seq;
+                    cap.seq += 1;
+                    Ok((cap.port, cap.rights, seq, cap.reply_to))
+                }
+                Some(cap) if cap.port.index == u32::from(CONTROL_PORT) => {
+                    let seq = cap.seq;
+                    cap.seq += 1;
+                    Ok((cap.port, cap.rights, seq, cap.reply_to))
+                }
+                Some(cap) if cap.credits < cost => Err(ErrorCode::NoCredit),
                 Some(cap) => {
                     let seq = cap.seq;
                     cap.seq += 1;
-                    if cap.port.index != u32::from(CONTROL_PORT) {
-                        cap.credits -= 1;
-                    }
+                    cap.credits -= cost;
+                    low_credit = cap.credits < self.config.window / 2;
                     Ok((cap.port, cap.rights, seq, cap.reply_to))
                 }
             }
@@ -674,9 +698,13 @@ impl Core {
                         self.config.max_pending_calls
                     ),
                     _ => format!(
-                        "handle {handle} has no send credit left; wait for SendCredit before sending again"
+                        "handle {handle} has less than the {cost} send credits this message costs; wait for SendCredit before sending again"
                     ),
                 };
+                if code == ErrorCode::TooManyPendingCalls {
+                    // The driver spent the credit; the core did not take it.
+                    self.frame(conn, Header::SendCredit { handle, count: cost });
+                }
                 self.call_error(conn, 0, handle, call.unwrap_or(0), code, message);
                 return;
             }
@@ -713,7 +741,7 @@ impl Core {
         };
 
         if let Err((code, message)) = self.check_transfer(conn, owner, handle, &caps, call) {
-            self.return_credit(conn, handle, rights, reply_to);
+            self.return_credit(conn, handle, rights, reply_to, cost);
             self.call_error(conn, 0, handle, call.unwrap_or(0), code, message);
             return;
         }
@@ -744,10 +772,18 @@ impl Core {
             Some((_, tag)) => (tag, true),
             None => (0, false),
         };
+        // Ask for a prompt report when the sender would soon stall: for a
+        // send, its credit; for a reply, its caller's pending calls.
+        let ack = low_credit
+            || (is_reply
+                && self.conns.get(owner.key()).is_some_and(|c| {
+                    c.pending_calls >= self.config.max_pending_calls / 2
+                }));
         let sender = (!rights.contains(Rights::SEND_ONCE)).then_some((conn, handle));
         if let Some(p) = self.ports.get_mut(port) {
             p.in_flight.push_back(InFlight {
                 sender,
+                cost,
                 seq,
                 reply,
                 is_reply,
@@ -759,6 +795,7 @@ impl Core {
             tag,
             reply,
             caps: granted,
+            ack,
         };
         self.out.push_back(Output::Frame {
             conn: owner,
@@ -796,6 +833,7 @@ impl Core {
         handle: u32,
         rights: Rights,
         reply_to: Option<(ConnId, u64)>,
+        cost: u32,
     ) {
         if rights.contains(Rights::SEND_ONCE) {
             // The reply capability was used up by a refused reply: the call fails.
@@ -809,8 +847,8 @@ impl Core {
             .get_mut(conn.key())
             .and_then(|c| c.caps.get_mut(key_of(handle)))
         {
-            cap.credits += 1;
-            self.frame(conn, Header::SendCredit { handle, count: 1 });
+            cap.credits += cost;
+            self.frame(conn, Header::SendCredit { handle, count: cost });
         }
     }
 
@@ -923,8 +961,8 @@ impl Core {
                 }
                 if let Some((sender, handle)) = entry.sender {
                     match returns.last_mut() {
-                        Some((c, h, k)) if *c == sender && *h == handle => *k += 1,
-                        _ => returns.push((sender, handle, 1)),
+                        Some((c, h, k)) if *c == sender && *h == handle => *k += entry.cost,
+                        _ => returns.push((sender, handle, entry.cost)),
                     }
                 }
             }

@@ -24,6 +24,8 @@ impl Harness {
     fn new() -> Self {
         Self::with(Config {
             window: 4,
+            // Small enough that the window need not grow to fit a frame.
+            max_frame: 16 * 1024,
             ..Config::default()
         })
     }
@@ -631,6 +633,7 @@ fn bad_requests_get_errors_and_the_connection_lives() {
             tag: 0,
             reply: None,
             caps: vec![],
+            ack: false,
         }),
     );
     assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnexpectedFrame));
