@@ -564,10 +564,12 @@ impl CapInner {
 impl Drop for CapInner {
     fn drop(&mut self) {
         let mut state = self.shared.state();
-        if let Some(w) = state.caps.get(&self.handle) {
-            if w.strong_count() == 0 {
-                state.caps.remove(&self.handle);
-            }
+        if state
+            .caps
+            .get(&self.handle)
+            .is_some_and(|w| w.strong_count() == 0)
+        {
+            state.caps.remove(&self.handle);
         }
         drop(state);
         let consumed = self.rights.contains(Rights::SEND_ONCE) && self.used.load(Ordering::Relaxed);

@@ -92,13 +92,13 @@ impl FileConfig {
         if let Some(id) = config.junction_id {
             check_junction_id(id)?;
         }
-        if let Some(max) = config.max_frame {
-            if max < junction_road::MIN_MAX_FRAME {
-                return Err(ConfigError::Invalid(format!(
-                    "max_frame = {max} is below the minimum of {} bytes",
-                    junction_road::MIN_MAX_FRAME
-                )));
-            }
+        if let Some(max) = config.max_frame
+            && max < junction_road::MIN_MAX_FRAME
+        {
+            return Err(ConfigError::Invalid(format!(
+                "max_frame = {max} is below the minimum of {} bytes",
+                junction_road::MIN_MAX_FRAME
+            )));
         }
         if config.window == Some(0) {
             return Err(ConfigError::Invalid(

@@ -1,7 +1,7 @@
 //! `junction demo`: a private junction, two spawned processes, and a walk
 //! through calls, capability passing and a dead-port notice.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -86,7 +86,7 @@ async fn lookup_when_registered(driver: &Driver, name: &str) -> anyhow::Result<C
     }
 }
 
-async fn script(socket: &PathBuf) -> anyhow::Result<()> {
+async fn script(socket: &Path) -> anyhow::Result<()> {
     let me = connect_when_ready(socket).await?;
     step(
         2,

@@ -92,12 +92,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(listen_err)?;
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        }
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
@@ -255,10 +256,10 @@ impl Shell {
         }
         let writer_task = tokio::task::spawn_local(writer.serve(rx));
         let reader_task = tokio::task::spawn_local(read_loop(self.clone(), id, reader));
-        if let Some(Some(slot)) = self.conns.borrow_mut().get_mut(id.slot()) {
-            if slot.id == id {
-                slot.reader = Some(reader_task.abort_handle());
-            }
+        if let Some(Some(slot)) = self.conns.borrow_mut().get_mut(id.slot())
+            && slot.id == id
+        {
+            slot.reader = Some(reader_task.abort_handle());
         }
         writer_task
     }
@@ -270,22 +271,22 @@ impl Shell {
         while let Some(output) = core.poll_output() {
             match output {
                 Output::Frame { conn, frame } => {
-                    if let Some(Some(slot)) = conns.get(conn.slot()) {
-                        if slot.id == conn {
-                            let _ = slot.writer.send(frame);
-                        }
+                    if let Some(Some(slot)) = conns.get(conn.slot())
+                        && slot.id == conn
+                    {
+                        let _ = slot.writer.send(frame);
                     }
                 }
                 Output::Close { conn, reason } => {
-                    if let Some(entry) = conns.get_mut(conn.slot()) {
-                        if entry.as_ref().is_some_and(|s| s.id == conn) {
-                            tracing::info!(%conn, "closing connection: {reason}");
-                            // Dropping the writer's sender lets it flush and shut down.
-                            if let Some(slot) = entry.take() {
-                                if let Some(reader) = slot.reader {
-                                    reader.abort();
-                                }
-                            }
+                    if let Some(entry) = conns.get_mut(conn.slot())
+                        && entry.as_ref().is_some_and(|s| s.id == conn)
+                    {
+                        tracing::info!(%conn, "closing connection: {reason}");
+                        // Dropping the writer's sender lets it flush and shut down.
+                        if let Some(slot) = entry.take()
+                            && let Some(reader) = slot.reader
+                        {
+                            reader.abort();
                         }
                     }
                 }
@@ -299,10 +300,10 @@ impl Shell {
 
     fn disconnected(&self, conn: ConnId) {
         self.core.borrow_mut().handle_disconnected(conn);
-        if let Some(entry) = self.conns.borrow_mut().get_mut(conn.slot()) {
-            if entry.as_ref().is_some_and(|s| s.id == conn) {
-                *entry = None;
-            }
+        if let Some(entry) = self.conns.borrow_mut().get_mut(conn.slot())
+            && entry.as_ref().is_some_and(|s| s.id == conn)
+        {
+            *entry = None;
         }
         self.pump();
     }

@@ -207,15 +207,17 @@ mod tests {
                 arb_address(),
                 any::<u64>(),
                 any::<Option<u32>>(),
-                granted
+                granted,
+                any::<bool>()
             )
-                .prop_map(|(port, origin, tag, reply, caps)| Header::Deliver(
+                .prop_map(|(port, origin, tag, reply, caps, ack)| Header::Deliver(
                     Deliver {
                         port,
                         origin,
                         tag,
                         reply,
-                        caps
+                        caps,
+                        ack
                     }
                 )),
             (any::<u32>(), any::<u64>(), any::<u32>(), arb_reason()).prop_map(

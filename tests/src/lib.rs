@@ -1,1 +1,300 @@
-//! placeholder
+//! Helpers for Junction's cross-process tests: a real `junction` daemon in a
+//! temp dir, child processes that are killed when the test ends (pass or
+//! fail), and a raw Road client for sending frames no driver would send.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use junction_road::{Frame, Header, Hello, MAGIC, PROTOCOL_VERSION, codec};
+
+/// The `junction` binary of this build (`target/<profile>/junction`).
+pub fn junction_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test> → target/<profile>/junction
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let bin = dir.join("junction");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p junction` (cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh, private temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates one under the system temp dir.
+    pub fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "jt-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("can create a temp dir");
+        Self(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process that is killed and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `command`, keeping the child for cleanup.
+    pub fn spawn(command: &mut Command) -> Self {
+        let child = command.spawn().expect("can start the process");
+        Self { child }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill has no memory-safety preconditions.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// The child's stdout, to read what it prints.
+    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// Waits (polling) up to `timeout` for the child to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `junction serve` daemon on a socket in its own temp dir.
+#[derive(Debug)]
+pub struct TestJunction {
+    /// Its socket.
+    pub socket: PathBuf,
+    /// The daemon process.
+    pub process: Proc,
+    dir: TempDir,
+}
+
+impl TestJunction {
+    /// Starts `junction serve` with `extra` arguments and waits until it
+    /// accepts connections.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = TempDir::new();
+        let socket = dir.path().join("j.sock");
+        let process = Proc::spawn(
+            Command::new(junction_bin())
+                .arg("serve")
+                .arg("--socket")
+                .arg(&socket)
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the junction did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            socket,
+            process,
+            dir,
+        }
+    }
+
+    /// The temp dir the junction lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A command for `junction` with this junction's socket in its environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(junction_bin());
+        c.args(args)
+            .env("JUNCTION_SOCKET", &self.socket)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Starts a process with this junction's socket in its environment and
+    /// waits for it to print `ready` (or for `name` to be registered).
+    pub fn spawn_ready(&self, program: &Path, args: &[&str]) -> Proc {
+        let mut proc = Proc::spawn(
+            Command::new(program)
+                .args(args)
+                .env("JUNCTION_SOCKET", &self.socket)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped()),
+        );
+        let stdout = proc.stdout().expect("stdout is piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("can read the peer's stdout");
+        assert_eq!(line.trim(), "ready", "the peer did not start");
+        proc
+    }
+
+    /// The daemon's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A Road client speaking raw frames, for tests of what drivers never send.
+#[derive(Debug)]
+pub struct RawClient {
+    stream: UnixStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    /// Connects without a handshake.
+    pub fn connect(socket: &Path) -> Self {
+        let stream = UnixStream::connect(socket).expect("can connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("can set a timeout");
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and completes the handshake; returns the Welcome.
+    pub fn hello(socket: &Path) -> (Self, junction_road::Welcome) {
+        let mut c = Self::connect(socket);
+        c.send(Header::Hello(Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            max_frame: junction_road::DEFAULT_MAX_FRAME,
+            label: "raw".into(),
+        }));
+        match c.recv().map(|f| f.header) {
+            Some(Header::Welcome(w)) => (c, w),
+            other => panic!("expected a Welcome, got {other:?}"),
+        }
+    }
+
+    /// Writes one frame.
+    pub fn send(&mut self, header: Header) {
+        self.send_frame(&Frame::bare(header));
+    }
+
+    /// Writes one frame with a payload.
+    pub fn send_frame(&mut self, frame: &Frame) {
+        let mut out = BytesMut::new();
+        codec::encode(frame, &mut out);
+        self.write_raw(&out);
+    }
+
+    /// Writes bytes as they are.
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("can write");
+    }
+
+    /// Reads the next frame; `None` when the junction closed the connection.
+    pub fn recv(&mut self) -> Option<Frame> {
+        loop {
+            match codec::decode(&mut self.buf, u32::MAX) {
+                Ok(Some(frame)) => return Some(frame),
+                Ok(None) => {}
+                Err(e) => panic!("the junction sent a bad frame: {e}"),
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("reading from the junction failed: {e}"),
+            }
+        }
+    }
+
+    /// Reads frames until one matches `want`; panics if the link closes first.
+    pub fn recv_until(&mut self, mut want: impl FnMut(&Header) -> bool) -> Frame {
+        loop {
+            let frame = self.recv().expect("the junction closed the connection");
+            if want(&frame.header) {
+                return frame;
+            }
+        }
+    }
+}

@@ -25,16 +25,16 @@ impl Core {
         };
         c.pending_calls += 1;
         let home = c.home;
-        if let Some(generation) = self.ports.generation_of(u32::from(home)) {
-            if let Some(p) = self.ports.get_mut(port_key(home, generation)) {
-                p.in_flight.push_back(InFlight {
-                    sender: None,
-                    cost: 0,
-                    seq: 0,
-                    reply: None,
-                    is_reply: true,
-                });
-            }
+        if let Some(generation) = self.ports.generation_of(u32::from(home))
+            && let Some(p) = self.ports.get_mut(port_key(home, generation))
+        {
+            p.in_flight.push_back(InFlight {
+                sender: None,
+                cost: 0,
+                seq: 0,
+                reply: None,
+                is_reply: true,
+            });
         }
         let deliver = Deliver {
             port: home,
@@ -73,10 +73,10 @@ impl Core {
                         None,
                     );
                 }
-                if let Some(reg) = self.names.remove(&name) {
-                    if let Some(p) = self.ports.get_mut(reg.port) {
-                        p.names.retain(|n| n != &name);
-                    }
+                if let Some(reg) = self.names.remove(&name)
+                    && let Some(p) = self.ports.get_mut(reg.port)
+                {
+                    p.names.retain(|n| n != &name);
                 }
                 (ControlReply::Unregistered, None)
             }

@@ -38,11 +38,11 @@ use bytes::Bytes;
 use junction_identity::ServiceName;
 use junction_road::codec::FrameError;
 use junction_road::control::CONTROL_HANDLE;
+pub use junction_road::frame::credit_cost;
 use junction_road::{
     Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, MAGIC, PROTOCOL_VERSION,
     Reason, Rights, Welcome,
 };
-pub use junction_road::frame::credit_cost;
 
 use crate::slab::{Key, Slab};
 
@@ -703,7 +703,13 @@ impl Core {
                 };
                 if code == ErrorCode::TooManyPendingCalls {
                     // The driver spent the credit; the core did not take it.
-                    self.frame(conn, Header::SendCredit { handle, count: cost });
+                    self.frame(
+                        conn,
+                        Header::SendCredit {
+                            handle,
+                            count: cost,
+                        },
+                    );
                 }
                 self.call_error(conn, 0, handle, call.unwrap_or(0), code, message);
                 return;
@@ -759,10 +765,10 @@ impl Core {
                 let reply_handle = caller_home.and_then(|home| {
                     self.new_cap(owner, home, Rights::SEND_ONCE, Some((conn, tag)))
                 });
-                if reply_handle.is_some() {
-                    if let Some(c) = self.conns.get_mut(conn.key()) {
-                        c.pending_calls += 1;
-                    }
+                if reply_handle.is_some()
+                    && let Some(c) = self.conns.get_mut(conn.key())
+                {
+                    c.pending_calls += 1;
                 }
                 reply_handle
             }
@@ -776,9 +782,10 @@ impl Core {
         // send, its credit; for a reply, its caller's pending calls.
         let ack = low_credit
             || (is_reply
-                && self.conns.get(owner.key()).is_some_and(|c| {
-                    c.pending_calls >= self.config.max_pending_calls / 2
-                }));
+                && self
+                    .conns
+                    .get(owner.key())
+                    .is_some_and(|c| c.pending_calls >= self.config.max_pending_calls / 2));
         let sender = (!rights.contains(Rights::SEND_ONCE)).then_some((conn, handle));
         if let Some(p) = self.ports.get_mut(port) {
             p.in_flight.push_back(InFlight {
@@ -848,7 +855,13 @@ impl Core {
             .and_then(|c| c.caps.get_mut(key_of(handle)))
         {
             cap.credits += cost;
-            self.frame(conn, Header::SendCredit { handle, count: cost });
+            self.frame(
+                conn,
+                Header::SendCredit {
+                    handle,
+                    count: cost,
+                },
+            );
         }
     }
 
@@ -967,10 +980,10 @@ impl Core {
                 }
             }
         }
-        if replies > 0 {
-            if let Some(c) = self.conns.get_mut(conn.key()) {
-                c.pending_calls = c.pending_calls.saturating_sub(replies);
-            }
+        if replies > 0
+            && let Some(c) = self.conns.get_mut(conn.key())
+        {
+            c.pending_calls = c.pending_calls.saturating_sub(replies);
         }
         for &(sender, handle, count) in &returns {
             let Some(cap) = self

@@ -801,17 +801,15 @@ proptest! {
                 Op::OpenPort(i) => if let Some(c) = pick(&conns, i) {
                     h.feed(c, Header::OpenPort { req: 1 });
                 }
-                Op::ClosePort(i, p) => if let Some(c) = pick(&conns, i) {
-                    if let Some(p) = pick(&ports[&c], p) { h.feed(c, Header::ClosePort { port: p }); }
-                }
-                Op::Mint(i, p, grant) => if let Some(c) = pick(&conns, i) {
-                    if let Some(p) = pick(&ports[&c], p) {
+                Op::ClosePort(i, p) => if let Some(c) = pick(&conns, i)
+                    && let Some(p) = pick(&ports[&c], p) { h.feed(c, Header::ClosePort { port: p }); }
+                Op::Mint(i, p, grant) => if let Some(c) = pick(&conns, i)
+                    && let Some(p) = pick(&ports[&c], p) {
                         let rights = if grant { Rights::SEND | Rights::GRANT } else { Rights::SEND };
                         h.feed(c, Header::Mint { req: 2, port: p, rights });
                     }
-                }
-                Op::Send(i, k, cap, call) => if let Some(c) = pick(&conns, i) {
-                    if let Some(handle) = pick(&handles[&c], k) {
+                Op::Send(i, k, cap, call) => if let Some(c) = pick(&conns, i)
+                    && let Some(handle) = pick(&handles[&c], k) {
                         let caps: Vec<u32> = cap.and_then(|j| pick(&handles[&c], j)).into_iter().collect();
                         if call {
                             tag += 1;
@@ -820,30 +818,25 @@ proptest! {
                             h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle, caps })));
                         }
                     }
-                }
                 Op::Reply(i) => if let Some((c, r)) = pick(&replies, i) {
                     h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle: r, caps: vec![] })));
                     replies.retain(|&x| x != (c, r));
                 }
-                Op::Credit(i, p, n) => if let Some(c) = pick(&conns, i) {
-                    if let Some(p) = pick(&ports[&c], p) { h.feed(c, Header::Credit { port: p, count: n }); }
-                }
-                Op::Drop(i, k) => if let Some(c) = pick(&conns, i) {
-                    if let Some(handle) = pick(&handles[&c], k) {
+                Op::Credit(i, p, n) => if let Some(c) = pick(&conns, i)
+                    && let Some(p) = pick(&ports[&c], p) { h.feed(c, Header::Credit { port: p, count: n }); }
+                Op::Drop(i, k) => if let Some(c) = pick(&conns, i)
+                    && let Some(handle) = pick(&handles[&c], k) {
                         h.feed(c, Header::Drop { handle });
                         handles.get_mut(&c).unwrap().retain(|&x| x != handle);
                     }
-                }
-                Op::Watch(i, k) => if let Some(c) = pick(&conns, i) {
-                    if let Some(handle) = pick(&handles[&c], k) { h.feed(c, Header::Watch { handle }); }
-                }
-                Op::Register(i, k) => if let Some(c) = pick(&conns, i) {
-                    if let Some(handle) = pick(&handles[&c], k) {
+                Op::Watch(i, k) => if let Some(c) = pick(&conns, i)
+                    && let Some(handle) = pick(&handles[&c], k) { h.feed(c, Header::Watch { handle }); }
+                Op::Register(i, k) => if let Some(c) = pick(&conns, i)
+                    && let Some(handle) = pick(&handles[&c], k) {
                         let payload = postcard::to_allocvec(&ControlRequest::Register { name: format!("n{}", k % 3).parse().unwrap() }).unwrap();
                         tag += 1;
                         h.core.handle_frame(c, Frame::with_payload(Header::Call(Call { handle: 0, tag, caps: vec![handle] }), Bytes::from(payload)));
                     }
-                }
                 Op::Lookup(i) => if let Some(c) = pick(&conns, i) {
                     let payload = postcard::to_allocvec(&ControlRequest::Lookup { name: format!("n{}", i % 3).parse().unwrap() }).unwrap();
                     tag += 1;

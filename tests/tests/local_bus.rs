@@ -1,0 +1,423 @@
+//! The local bus across real processes: a `junction serve` daemon, driver
+//! processes, and raw clients that misbehave.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use junction_driver::{Driver, Error, Notice, Reason, Rights};
+use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
+use junction_road::{Call, ErrorCode, Frame, Header, Send};
+use junction_tests::{RawClient, TestJunction};
+
+const PEER: &str = env!("CARGO_BIN_EXE_junction-test-peer");
+const T: Duration = Duration::from_secs(10);
+
+fn peer() -> &'static std::path::Path {
+    std::path::Path::new(PEER)
+}
+
+async fn lookup_eventually(driver: &Driver, name: &str) -> junction_driver::Capability {
+    let deadline = Instant::now() + T;
+    loop {
+        match driver.lookup(name).await {
+            Ok(cap) => return cap,
+            Err(e) if Instant::now() > deadline => panic!("{name} never registered: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn echo_call_across_processes() {
+    let j = TestJunction::start(&[]);
+    let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let echo = lookup_eventually(&me, "t.echo").await;
+    let reply = me.call(&echo, "ping", T).await.unwrap();
+    assert_eq!(&reply.payload[..], b"ping");
+    assert_ne!(
+        reply.origin,
+        me.home(),
+        "the origin is the echo's port, stamped by the junction"
+    );
+
+    // The command-line client works against the same junction.
+    let out = j
+        .command(&["call", "t.echo", "from the cli"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from the cli");
+    let out = j.command(&["ls"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("t.echo"), "{text}");
+    assert!(text.contains("junction echo"), "{text}");
+}
+
+#[tokio::test]
+async fn a_capability_travels_a_to_b_to_c_and_c_uses_it() {
+    let j = TestJunction::start(&[]);
+    let _svc = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.svc"]));
+    let _a = j.spawn_ready(peer(), &["holder", "t.a"]);
+    let _b = j.spawn_ready(peer(), &["holder", "t.b"]);
+    let _c = j.spawn_ready(peer(), &["holder", "t.c"]);
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let svc = lookup_eventually(&me, "t.svc").await;
+    let a = me.lookup("t.a").await.unwrap();
+    let b = me.lookup("t.b").await.unwrap();
+    let c = me.lookup("t.c").await.unwrap();
+
+    let r = me.call_with(&a, "take this", &[&svc], T).await.unwrap();
+    assert_eq!(&r.payload[..], b"kept");
+    let r = me.call(&a, "forward:t.b", T).await.unwrap();
+    assert_eq!(&r.payload[..], b"forwarded");
+    let r = me.call(&b, "forward:t.c", T).await.unwrap();
+    assert_eq!(&r.payload[..], b"forwarded");
+    let r = me
+        .call(&c, "use:hello via three processes", T)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&r.payload);
+    assert_eq!(
+        text,
+        format!("hello via three processes via {}", svc.address())
+    );
+}
+
+#[tokio::test]
+async fn a_capability_without_grant_is_refused() {
+    let j = TestJunction::start(&[]);
+    let _b = j.spawn_ready(peer(), &["holder", "t.b"]);
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let b = me.lookup("t.b").await.unwrap();
+    let port = me.open_port().await.unwrap();
+    let private = port.mint(Rights::SEND).await.unwrap();
+    // The driver refuses before anything is sent...
+    let err = me.send_with(&b, "x", &[&private]).await.unwrap_err();
+    assert!(matches!(err, Error::NotGrantable { .. }), "{err}");
+
+    // ...and the junction refuses a client that skips the driver.
+    let (mut raw, _) = RawClient::hello(&j.socket);
+    let lookup = postcard::to_allocvec(&ControlRequest::Lookup {
+        name: "t.b".parse().unwrap(),
+    })
+    .unwrap();
+    raw.send_frame(&Frame::with_payload(
+        Header::Call(Call {
+            handle: CONTROL_HANDLE,
+            tag: 1,
+            caps: vec![],
+        }),
+        Bytes::from(lookup),
+    ));
+    let found = raw.recv_until(|h| matches!(h, Header::Deliver(d) if d.tag == 1));
+    let Header::Deliver(d) = found.header else {
+        unreachable!()
+    };
+    let to_b = d.caps[0].handle;
+    raw.send(Header::OpenPort { req: 1 });
+    let opened = raw.recv_until(|h| matches!(h, Header::PortOpened { .. }));
+    let Header::PortOpened { address, .. } = opened.header else {
+        unreachable!()
+    };
+    raw.send(Header::Mint {
+        req: 2,
+        port: address.port,
+        rights: Rights::SEND,
+    });
+    let minted = raw.recv_until(|h| matches!(h, Header::Minted { .. }));
+    let Header::Minted {
+        handle: no_grant, ..
+    } = minted.header
+    else {
+        unreachable!()
+    };
+    raw.send(Header::Send(Send {
+        handle: to_b,
+        caps: vec![no_grant],
+    }));
+    let err = raw.recv_until(|h| matches!(h, Header::Error(_)));
+    let Header::Error(e) = err.header else {
+        unreachable!()
+    };
+    assert_eq!(e.code, ErrorCode::MissingRight);
+    assert!(e.message.contains("without grant"), "{}", e.message);
+
+    // B got nothing: its next message is the one we send now.
+    let r = me.call(&b, "still fine", T).await.unwrap();
+    assert_eq!(&r.payload[..], b"kept");
+}
+
+#[tokio::test]
+async fn sigkill_produces_dead_port_notices_and_fails_pending_calls() {
+    let j = TestJunction::start(&[]);
+    let mut silent = j.spawn_ready(peer(), &["silent", "t.silent"]);
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let cap = me.lookup("t.silent").await.unwrap();
+    let watch = {
+        let cap = cap.clone();
+        tokio::spawn(async move { cap.watch().await })
+    };
+    let pending = {
+        let me = me.clone();
+        let cap = cap.clone();
+        tokio::spawn(async move { me.call(&cap, "never answered", T).await })
+    };
+    me.send(&cap, "one-way").await.unwrap();
+    me.sync().await.unwrap();
+    // Let the silent peer take the messages in, then kill it hard.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    silent.kill();
+
+    let call = tokio::time::timeout(T, pending).await.unwrap().unwrap();
+    assert!(
+        matches!(call, Err(Error::CallFailed(Reason::OwnerGone))),
+        "{call:?}"
+    );
+    let reason = tokio::time::timeout(T, watch)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reason, Reason::OwnerGone);
+    let err = me.send(&cap, "too late").await.unwrap_err();
+    assert!(matches!(err, Error::Dead(Reason::OwnerGone)), "{err}");
+}
+
+#[tokio::test]
+async fn messages_to_a_killed_process_are_reported_undelivered() {
+    let j = TestJunction::start(&[]);
+    let mut slow = j.spawn_ready(peer(), &["slow", "t.slow"]);
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let cap = me.lookup("t.slow").await.unwrap();
+    for i in 0..5u8 {
+        assert_eq!(me.send(&cap, vec![i]).await.unwrap(), u64::from(i));
+    }
+    me.sync().await.unwrap();
+    slow.kill();
+    let notice = tokio::time::timeout(T, me.next_notice())
+        .await
+        .unwrap()
+        .unwrap();
+    match notice {
+        Notice::Undeliverable {
+            first_seq,
+            count,
+            reason,
+            ..
+        } => {
+            assert_eq!((first_seq, count, reason), (0, 5, Reason::OwnerGone));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn garbage_oversize_and_half_frames_get_errors_while_others_carry_on() {
+    let j = TestJunction::start(&[]);
+    let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let echo = lookup_eventually(&me, "t.echo").await;
+
+    // Garbage instead of a handshake: an error, then the link closes.
+    let mut garbage = RawClient::connect(&j.socket);
+    garbage.write_raw(b"\x00\x00\x00\x05GET /");
+    let f = garbage.recv().expect("an error frame comes first");
+    assert!(
+        matches!(&f.header, Header::Error(e) if e.code == ErrorCode::HandshakeRequired || e.code == ErrorCode::BadHeader),
+        "{:?}",
+        f.header
+    );
+
+    // An HTTP request: its first four bytes read as a huge length.
+    let mut http = RawClient::connect(&j.socket);
+    http.write_raw(b"GET / HTTP/1.1\r\n\r\n");
+    let f = http.recv().expect("an error frame comes first");
+    assert!(
+        matches!(&f.header, Header::Error(e) if e.code == ErrorCode::FrameTooLarge),
+        "{:?}",
+        f.header
+    );
+    assert!(http.recv().is_none(), "the connection is closed");
+
+    // An oversize length after a good handshake.
+    let (mut big, _) = RawClient::hello(&j.socket);
+    big.write_raw(&u32::MAX.to_be_bytes());
+    let f = big.recv_until(|h| matches!(h, Header::Error(_)));
+    let Header::Error(e) = f.header else {
+        unreachable!()
+    };
+    assert_eq!(e.code, ErrorCode::FrameTooLarge);
+    assert!(e.message.contains("larger than the limit"), "{}", e.message);
+    assert!(big.recv().is_none());
+
+    // A well-framed but undecodable header: an error, and the link lives.
+    let (mut bad, _) = RawClient::hello(&j.socket);
+    bad.write_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    let f = bad.recv_until(|h| matches!(h, Header::Error(_)));
+    assert!(matches!(f.header, Header::Error(e) if e.code == ErrorCode::BadHeader));
+    bad.send(Header::Ping { nonce: 9 });
+    let f = bad.recv_until(|h| matches!(h, Header::Pong { .. }));
+    assert_eq!(f.header, Header::Pong { nonce: 9 });
+
+    // Half a frame, then the client vanishes.
+    let (mut half, _) = RawClient::hello(&j.socket);
+    half.write_raw(&[0, 0, 0, 100, 1, 2, 3]);
+    drop(half);
+
+    // Everyone else is still served.
+    for i in 0..10 {
+        let r = me.call(&echo, format!("still here {i}"), T).await.unwrap();
+        assert_eq!(r.payload, Bytes::from(format!("still here {i}")));
+    }
+    let listing = me.listing().await.unwrap();
+    assert!(
+        listing.connections.iter().any(|c| c.label == "raw"),
+        "the bad-header client is alive"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_receiver_makes_its_sender_wait_with_junction_memory_bounded() {
+    let j = TestJunction::start(&[]);
+    let _slow = j.spawn_ready(peer(), &["slow", "t.slow"]);
+    let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let slow = me.lookup("t.slow").await.unwrap();
+    let echo = lookup_eventually(&me, "t.echo").await;
+    let before = j.rss_kib();
+
+    // 1 MiB messages: the window lets a bounded number through, then the
+    // sender waits. The loop is bounded by count and by time.
+    let payload = Bytes::from(vec![0x5a; 1 << 20]);
+    let mut sent = 0u32;
+    let mut blocked = false;
+    for _ in 0..200 {
+        match tokio::time::timeout(Duration::from_millis(300), me.send(&slow, payload.clone()))
+            .await
+        {
+            Ok(r) => {
+                r.unwrap();
+                sent += 1;
+            }
+            Err(_) => {
+                blocked = true;
+                break;
+            }
+        }
+    }
+    eprintln!("{sent} MiB went out before the sender had to wait");
+    assert!(
+        blocked,
+        "the sender was never made to wait ({sent} MiB went out)"
+    );
+    assert!(
+        (4..64).contains(&sent),
+        "{sent} messages went through before the wait"
+    );
+
+    // An unrelated flow from the same sender is not stalled.
+    let r = me.call(&echo, "unrelated", T).await.unwrap();
+    assert_eq!(&r.payload[..], b"unrelated");
+
+    let listing = me.listing().await.unwrap();
+    let queued: u32 = listing
+        .ports
+        .iter()
+        .filter(|p| p.names.iter().any(|n| n == "t.slow"))
+        .map(|p| p.queued)
+        .sum();
+    assert_eq!(
+        queued, sent,
+        "every message sent is accounted for, none dropped"
+    );
+    let grown_mib = j.rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 128, "the junction grew by {grown_mib} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_drivers_at_once_are_all_served() {
+    let j = TestJunction::start(&[]);
+    let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
+    let first = Driver::connect(&j.socket).await.unwrap();
+    lookup_eventually(&first, "t.echo").await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let socket = j.socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let d = Driver::connect(&socket).await?;
+            let echo = d.lookup("t.echo").await?;
+            let r = d.call(&echo, format!("driver {i}"), T).await?;
+            assert_eq!(r.payload, Bytes::from(format!("driver {i}")));
+            Ok::<_, Error>(d)
+        }));
+    }
+    let mut drivers = Vec::new();
+    for t in tasks {
+        drivers.push(t.await.unwrap().unwrap());
+    }
+    let listing = first.listing().await.unwrap();
+    assert!(
+        listing.connections.len() >= 201,
+        "{} connections",
+        listing.connections.len()
+    );
+}
+
+#[tokio::test]
+async fn control_port_refusals_are_clear() {
+    let j = TestJunction::start(&[]);
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let err = me.lookup("nobody.home").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Refused { code: ErrorCode::NameNotFound, message } if message.contains("nobody.home")),
+        "{err}"
+    );
+    let err = me.lookup("Not A Name").await.unwrap_err();
+    assert!(matches!(err, Error::Name(_)), "{err}");
+
+    let port = me.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    me.register("t.mine", &cap).await.unwrap();
+    let other = Driver::connect(&j.socket).await.unwrap();
+    let p2 = other.open_port().await.unwrap();
+    let c2 = p2.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    let err = other.register("t.mine", &c2).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                code: ErrorCode::NameTaken,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // A raw client sending a control request that does not decode.
+    let (mut raw, _) = RawClient::hello(&j.socket);
+    raw.send_frame(&Frame::with_payload(
+        Header::Call(Call {
+            handle: CONTROL_HANDLE,
+            tag: 5,
+            caps: vec![],
+        }),
+        Bytes::from_static(&[0xee, 0xee]),
+    ));
+    let f = raw.recv_until(|h| matches!(h, Header::Deliver(_)));
+    let reply: ControlReply = postcard::from_bytes(&f.payload).unwrap();
+    assert!(
+        matches!(
+            reply,
+            ControlReply::Refused {
+                code: ErrorCode::BadControlRequest,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+}
