@@ -415,17 +415,10 @@ impl Shared {
 async fn read_loop<R: AsyncRead + Unpin>(mut reader: RoadReader<R>, shared: Weak<Shared>) {
     let reason = loop {
         match reader.read_frame().await {
-            Ok(Some(frame)) => {
-                match shared.upgrade() {
-                    Some(shared) => shared.dispatch(frame),
-                    None => return,
-                }
-                if !reader.has_buffered() {
-                    // Let the tasks this frame woke run (and write) before a
-                    // read that most likely finds nothing.
-                    tokio::task::yield_now().await;
-                }
-            }
+            Ok(Some(frame)) => match shared.upgrade() {
+                Some(shared) => shared.dispatch(frame),
+                None => return,
+            },
             Ok(None) => break "the junction closed the connection".to_string(),
             Err(junction_road::RoadError::Frame(e)) if !e.is_fatal() => {
                 tracing::warn!("skipped a frame from the junction: {e}");

@@ -155,7 +155,12 @@ impl Driver {
             }
             Err(e) => return Err(Error::Handshake(e.to_string())),
         };
-        reader.set_max_frame(welcome.max_frame.max(junction_road::MIN_MAX_FRAME));
+        reader.set_max_frame(
+            welcome
+                .max_frame
+                .max(junction_road::MIN_MAX_FRAME)
+                .saturating_add(junction_road::frame::DELIVER_SLACK),
+        );
         let shared = Shared::start(reader, writer, welcome);
         Ok(Driver { shared })
     }

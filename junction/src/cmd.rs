@@ -188,11 +188,9 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         "PORT", "OWNER", "QUEUED", "SENDERS"
     );
     for p in &listing.ports {
-        let owner = if p.owner == 0 {
-            "junction".to_string()
-        } else {
-            format!("c{}", p.owner)
-        };
+        let owner = p
+            .owner
+            .map_or_else(|| "junction".to_string(), |o| format!("c{o}"));
         let mut names = p.names.join(",");
         if p.home {
             names = if names.is_empty() {

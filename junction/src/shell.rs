@@ -347,10 +347,5 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if !shell.is_open(conn) {
             return;
         }
-        if !reader.has_buffered() {
-            // Let the writers send what this frame produced before the next
-            // read, which most likely finds nothing and only costs time.
-            tokio::task::yield_now().await;
-        }
     }
 }

@@ -75,8 +75,8 @@ pub struct Listing {
 pub struct PortInfo {
     /// Its address.
     pub address: Address,
-    /// The connection that owns it (0 for the control port).
-    pub owner: u64,
+    /// The connection that owns it (`None` for the control port).
+    pub owner: Option<u64>,
     /// Messages delivered to the owner and not yet consumed.
     pub queued: u32,
     /// Capabilities that can send to it.

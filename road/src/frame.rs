@@ -16,6 +16,14 @@ pub const MAGIC: [u8; 4] = *b"JNCT";
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// The most capabilities one message may carry.
+pub const MAX_CAPS_PER_MESSAGE: usize = 64;
+
+/// How much larger than the largest frame a Driver accepts a frame from the
+/// Junction: a `Deliver` header (with up to [`MAX_CAPS_PER_MESSAGE`]
+/// capabilities) is larger than the `Send` header it replaces.
+pub const DELIVER_SLACK: u32 = 4096;
+
 /// Bytes of payload that one credit unit pays for, beyond the first.
 pub const CREDIT_UNIT_BYTES: usize = 16 * 1024;
 
@@ -224,8 +232,8 @@ pub struct Welcome {
 pub struct Send {
     /// The capability to send on.
     pub handle: u32,
-    /// Capabilities to pass along; each needs the `grant` right. Send-once
-    /// capabilities move; others are copied.
+    /// Capabilities to pass along (at most [`MAX_CAPS_PER_MESSAGE`]); each
+    /// needs the `grant` right. Send-once capabilities move; others are copied.
     pub caps: Vec<u32>,
 }
 
@@ -253,8 +261,9 @@ pub struct Deliver {
     pub reply: Option<u32>,
     /// Capabilities that came with the message, now in the receiver's table.
     pub caps: Vec<Granted>,
-    /// Set when the sender is running low on credit: the receiver should
-    /// report consumption (`Credit`) as soon as it has consumed this message.
+    /// Set when the sender would soon stall (low on credit, or for a reply,
+    /// its caller has many calls pending): the receiver should report
+    /// consumption (`Credit`) as soon as it has consumed this message.
     pub ack: bool,
 }
 
@@ -428,4 +437,6 @@ pub enum ErrorCode {
     NameNotFound,
     /// Registering needs exactly one capability, with send and grant rights.
     BadRegistration,
+    /// A call's tag was 0, which means "no call".
+    BadTag,
 }

@@ -24,6 +24,7 @@ impl Core {
             return;
         };
         c.pending_calls += 1;
+        let ack = c.pending_calls >= self.config.max_pending_calls / 2;
         let home = c.home;
         if let Some(generation) = self.ports.generation_of(u32::from(home))
             && let Some(p) = self.ports.get_mut(port_key(home, generation))
@@ -42,7 +43,7 @@ impl Core {
             tag,
             reply: None,
             caps: granted.into_iter().collect(),
-            ack: false,
+            ack,
         };
         self.out.push_back(Output::Frame {
             conn,
@@ -183,7 +184,7 @@ impl Core {
             .iter()
             .map(|(key, p)| PortInfo {
                 address: Address::new(junction, key.index as u16),
-                owner: p.owner.map_or(0, ConnId::get),
+                owner: p.owner.map(ConnId::get),
                 queued: p.in_flight.len() as u32,
                 senders: p.senders,
                 names: p.names.iter().map(|n| n.to_string()).collect(),

@@ -38,7 +38,7 @@ use bytes::Bytes;
 use junction_identity::ServiceName;
 use junction_road::codec::FrameError;
 use junction_road::control::CONTROL_HANDLE;
-pub use junction_road::frame::credit_cost;
+pub use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
 use junction_road::{
     Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, MAGIC, PROTOCOL_VERSION,
     Reason, Rights, Welcome,
@@ -243,6 +243,8 @@ impl Core {
         config.window = config
             .window
             .max(2 * credit_cost(config.max_frame as usize));
+        // Handles pack a 16-bit slot index.
+        config.max_handles = config.max_handles.min(0xFFFF);
         let mut ports = Slab::with_limit(u32::from(u16::MAX) + 1);
         let control = ports.insert(Port {
             owner: None,
@@ -287,7 +289,7 @@ impl Core {
             ready: false,
             home: 0,
             ports: Vec::new(),
-            caps: Slab::with_limit_and_mask(self.config.max_handles.min(0xFFFF), 0xFFFF),
+            caps: Slab::with_limit_and_mask(self.config.max_handles, 0xFFFF),
             pending_calls: 0,
         };
         let key = self
@@ -655,53 +657,63 @@ impl Core {
         payload: Bytes,
     ) {
         let cost = credit_cost(payload.len());
+        let window = self.config.window;
+        let max_pending = self.config.max_pending_calls;
         let mut low_credit = false;
-        let window_check = {
+        let checked = {
             let Some(c) = self.conns.get_mut(conn.key()) else {
                 return;
             };
-            let pending_full = call.is_some() && c.pending_calls >= self.config.max_pending_calls;
+            let pending_full = call.is_some() && c.pending_calls >= max_pending;
             match c.caps.get_mut(key_of(handle)) {
-                None => Err(ErrorCode::UnknownHandle),
-                Some(_) if pending_full => Err(ErrorCode::TooManyPendingCalls),
-                Some(cap) if cap.rights.contains(Rights::SEND_ONCE) => {
-                    // A reply is never held back: what bounds replies is the
-                    // caller's limit of pending calls.
-                    let seq = cap.seq;
-                    cap.seq += 1;
-                    Ok((cap.port, cap.rights, seq, cap.reply_to))
-                }
-                Some(cap) if cap.port.index == u32::from(CONTROL_PORT) => {
-                    let seq = cap.seq;
-                    cap.seq += 1;
-                    Ok((cap.port, cap.rights, seq, cap.reply_to))
-                }
-                Some(cap) if cap.credits < cost => Err(ErrorCode::NoCredit),
+                None => Err((ErrorCode::UnknownHandle, false)),
                 Some(cap) => {
+                    // Every frame naming a held handle takes a sequence
+                    // number, refused or not, so both ends count alike.
                     let seq = cap.seq;
                     cap.seq += 1;
-                    cap.credits -= cost;
-                    low_credit = cap.credits < self.config.window / 2;
-                    Ok((cap.port, cap.rights, seq, cap.reply_to))
+                    // Replies are never held back (the caller's pending-call
+                    // limit bounds them), nor are control requests.
+                    let metered = !cap.rights.contains(Rights::SEND_ONCE)
+                        && cap.port.index != u32::from(CONTROL_PORT);
+                    if call == Some(0) {
+                        Err((ErrorCode::BadTag, metered))
+                    } else if caps.len() > MAX_CAPS_PER_MESSAGE {
+                        Err((ErrorCode::BadCapabilityList, metered))
+                    } else if pending_full {
+                        Err((ErrorCode::TooManyPendingCalls, metered))
+                    } else if metered && cap.credits < cost {
+                        Err((ErrorCode::NoCredit, false))
+                    } else {
+                        if metered {
+                            cap.credits -= cost;
+                            low_credit = cap.credits < window / 2;
+                        }
+                        Ok((cap.port, cap.rights, seq, cap.reply_to))
+                    }
                 }
             }
         };
-        let (port, rights, seq, reply_to) = match window_check {
+        let (port, rights, seq, reply_to) = match checked {
             Ok(v) => v,
-            Err(code) => {
+            Err((code, refund)) => {
                 let message = match code {
                     ErrorCode::UnknownHandle => {
                         format!("handle {handle} is not in this connection's capability table")
                     }
+                    ErrorCode::BadTag => "a call's tag must not be 0".to_string(),
+                    ErrorCode::BadCapabilityList => format!(
+                        "a message carries at most {MAX_CAPS_PER_MESSAGE} capabilities; this one had {}",
+                        caps.len()
+                    ),
                     ErrorCode::TooManyPendingCalls => format!(
-                        "this connection has {} calls waiting for replies, the limit; read replies before calling again",
-                        self.config.max_pending_calls
+                        "this connection has {max_pending} calls waiting for replies, the limit; read replies before calling again"
                     ),
                     _ => format!(
                         "handle {handle} has less than the {cost} send credits this message costs; wait for SendCredit before sending again"
                     ),
                 };
-                if code == ErrorCode::TooManyPendingCalls {
+                if refund {
                     // The driver spent the credit; the core did not take it.
                     self.frame(
                         conn,

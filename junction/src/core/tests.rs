@@ -705,7 +705,7 @@ fn pending_calls_are_bounded_for_a_client_that_never_reads() {
         .core
         .new_cap(client, port_key(port, 0), Rights::SEND, None)
         .unwrap();
-    for tag in 0..3 {
+    for tag in 1..4 {
         h.call(client, cap, tag, b"q");
     }
     for d in h.delivered(server) {
@@ -714,9 +714,14 @@ fn pending_calls_are_bounded_for_a_client_that_never_reads() {
     h.feed(server, Header::Credit { port, count: 3 });
     h.take(client);
     h.call(client, cap, 4, b"q");
-    assert_eq!(
-        error_code(&h.take(client)),
-        Some(ErrorCode::TooManyPendingCalls)
+    let out = h.take(client);
+    assert_eq!(error_code(&out), Some(ErrorCode::TooManyPendingCalls));
+    assert!(
+        out.contains(&Header::SendCredit {
+            handle: cap,
+            count: 1
+        }),
+        "the refused call's credit comes back: {out:?}"
     );
     assert!(h.take(server).is_empty(), "the server is not troubled");
     h.check_invariants();
@@ -862,4 +867,62 @@ proptest! {
             h.check_invariants();
         }
     }
+}
+
+#[test]
+fn credits_count_bytes_and_refusals_keep_sequence_numbers_in_step() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(b);
+    let cap = h
+        .core
+        .new_cap(a, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    // 16 KiB of payload costs two credits of the window of four.
+    static BIG: [u8; 16 * 1024] = [0; 16 * 1024];
+    h.feed_payload(
+        a,
+        Header::Send(Send {
+            handle: cap,
+            caps: vec![],
+        }),
+        Bytes::from_static(&BIG),
+    );
+    assert_eq!(h.delivered(b).len(), 1);
+    h.send(a, cap, vec![], b"x");
+    h.send(a, cap, vec![], b"y");
+    assert_eq!(h.delivered(b).len(), 2);
+    // No credit left: refused, but the frame still took sequence number 3.
+    h.send(a, cap, vec![], b"z");
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::NoCredit));
+    // A call with tag 0 is refused (sequence number 4).
+    h.call(a, cap, 0, b"q");
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::BadTag));
+    h.feed(b, Header::Credit { port, count: 3 });
+    assert_eq!(
+        h.take(a),
+        vec![Header::SendCredit {
+            handle: cap,
+            count: 4
+        }]
+    );
+    // Too many capabilities in one message.
+    h.send(a, cap, vec![0; MAX_CAPS_PER_MESSAGE + 1], b"");
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::BadCapabilityList));
+    h.take(a);
+    h.core.handle_disconnected(b);
+    h.drain();
+    let out = h.take(a);
+    assert!(out.is_empty(), "nothing was in flight: {out:?}");
+    h.send(a, cap, vec![], b"late");
+    assert_eq!(
+        h.take(a),
+        vec![Header::Undeliverable {
+            handle: cap,
+            first_seq: 6,
+            count: 1,
+            reason: Reason::OwnerGone
+        }]
+    );
 }
