@@ -275,7 +275,7 @@ async fn raw_round_trips(dir: &Path, n: usize) -> anyhow::Result<Rtt> {
     let listener = UnixListener::bind(&socket)?;
     let mut child = spawn_peer(Role::RawEcho, &socket, 0)?;
     let (stream, _) = tokio::time::timeout(TIMEOUT, listener.accept()).await??;
-    let (mut reader, mut writer) = unix::split(stream, 1 << 24);
+    let (mut reader, mut writer) = unix::split(stream, 1 << 24)?;
     let frame = bench_frame(Bytes::from(vec![7u8; SMALL]));
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
@@ -299,7 +299,7 @@ async fn raw_stream(dir: &Path, size: usize, count: u64) -> anyhow::Result<f64> 
     let listener = UnixListener::bind(&socket)?;
     let mut child = spawn_peer(Role::RawSink, &socket, count)?;
     let (stream, _) = tokio::time::timeout(TIMEOUT, listener.accept()).await??;
-    let (mut reader, mut writer) = unix::split(stream, 1 << 24);
+    let (mut reader, mut writer) = unix::split(stream, 1 << 24)?;
     let frame = bench_frame(Bytes::from(vec![7u8; size]));
     let start = Instant::now();
     for _ in 0..count {

@@ -180,9 +180,8 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let handle = shell.accept(stream);
                     writers.retain(|w| !w.is_finished());
-                    writers.push(handle);
+                    writers.extend(shell.accept(stream));
                 }
                 Err(e) => {
                     // Out of file descriptors, most likely: wait, don't spin.
@@ -213,7 +212,7 @@ async fn futures_join(handles: Vec<JoinHandle<()>>) {
 }
 
 impl Shell {
-    fn accept(self: &Rc<Self>, stream: UnixStream) -> JoinHandle<()> {
+    fn accept(self: &Rc<Self>, stream: UnixStream) -> Option<JoinHandle<()>> {
         let cred = stream.peer_cred().ok();
         let peer = Peer {
             road: "unix",
@@ -223,8 +222,13 @@ impl Shell {
             uid: cred.map(|c| c.uid()),
             gid: cred.map(|c| c.gid()),
         };
-        let (reader, writer) = unix_road::split(stream, self.max_frame);
-        self.attach(peer, reader, writer)
+        match unix_road::split(stream, self.max_frame) {
+            Ok((reader, writer)) => Some(self.attach(peer, reader, writer)),
+            Err(e) => {
+                tracing::warn!("cannot set up an accepted connection: {e}");
+                None
+            }
+        }
     }
 
     /// Registers a new connection and starts its reader and writer tasks.

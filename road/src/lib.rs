@@ -17,12 +17,13 @@
 //! then the payload as raw bytes, which the Junction forwards without touching.
 //! `docs/protocol.md` in the repository describes every frame byte by byte.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod address;
 pub mod codec;
 pub mod control;
 pub mod frame;
+mod sys;
 pub mod transport;
 
 pub use address::{Address, AddressError};

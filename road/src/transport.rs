@@ -192,23 +192,135 @@ impl<W: AsyncWrite + Unpin> RoadWriter<W> {
 }
 
 /// The Unix socket transport.
+///
+/// The two halves are registered with the reactor apart: the reader for
+/// readability only, the writer for writability only and only once a write
+/// has had to wait. A socket registered for both wakes its process every time the
+/// peer drains what it wrote; on a busy machine each such wake-up is a
+/// context switch that does nothing.
 pub mod unix {
     use super::*;
+    use std::io::Write;
+    use std::net::Shutdown;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream as StdStream;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::{Interest, ReadBuf};
     use tokio::net::UnixStream;
-    use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
     /// Both halves of a Unix socket Road.
-    pub type Halves = (RoadReader<OwnedReadHalf>, RoadWriter<OwnedWriteHalf>);
+    pub type Halves = (RoadReader<ReadHalf>, RoadWriter<WriteHalf>);
+
+    /// The read side of a socket Road.
+    #[derive(Debug)]
+    pub struct ReadHalf {
+        fd: AsyncFd<StdStream>,
+    }
+
+    /// The write side of a socket Road.
+    #[derive(Debug)]
+    pub struct WriteHalf {
+        stream: StdStream,
+        /// Registered for writability once a write first had to wait for
+        /// room: such links move bulk, and registering anew for every full
+        /// buffer would cost more than the wake-ups it saves.
+        waiter: Option<AsyncFd<StdStream>>,
+    }
 
     /// Splits a connected socket into a reader and a writer.
-    pub fn split(stream: UnixStream, max_frame: u32) -> Halves {
-        let (r, w) = stream.into_split();
-        (RoadReader::new(r, max_frame), RoadWriter::new(w))
+    pub fn split(stream: UnixStream, max_frame: u32) -> io::Result<Halves> {
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(true)?;
+        let writer = stream.try_clone()?;
+        let reader = crate::sys::register(stream, Interest::READABLE)?;
+        Ok((
+            RoadReader::new(ReadHalf { fd: reader }, max_frame),
+            RoadWriter::new(WriteHalf {
+                stream: writer,
+                waiter: None,
+            }),
+        ))
     }
 
     /// Connects to a Junction's socket.
     pub async fn connect(path: &Path, max_frame: u32) -> io::Result<Halves> {
-        Ok(split(UnixStream::connect(path).await?, max_frame))
+        split(UnixStream::connect(path).await?, max_frame)
+    }
+
+    impl AsyncRead for ReadHalf {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            loop {
+                let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+                let want = buf.remaining();
+                match guard.try_io(|fd| crate::sys::read(fd.get_ref().as_fd(), buf)) {
+                    Ok(Ok(n)) => {
+                        // A short read drained the socket: the next read
+                        // would only say "would block", so skip it.
+                        if n > 0 && n < want {
+                            guard.clear_ready();
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(Err(e)) => return Poll::Ready(Err(e)),
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+    }
+
+    impl Drop for WriteHalf {
+        fn drop(&mut self) {
+            // As with tokio's halves: dropping the writer ends the stream for
+            // the peer, even though the reader keeps the socket open.
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
+    }
+
+    impl AsyncWrite for WriteHalf {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            loop {
+                match (&this.stream).write(data) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if this.waiter.is_none() {
+                            this.waiter = Some(crate::sys::register(
+                                this.stream.try_clone()?,
+                                Interest::WRITABLE,
+                            )?);
+                        }
+                        let Some(waiter) = &this.waiter else {
+                            unreachable!("set just above")
+                        };
+                        let mut guard = ready!(waiter.poll_write_ready(cx))?;
+                        guard.clear_ready();
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.stream.shutdown(Shutdown::Write) {
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
+                _ => Poll::Ready(Ok(())),
+            }
+        }
     }
 }
 
@@ -326,8 +438,8 @@ mod tests {
     #[tokio::test]
     async fn frames_cross_a_socket_pair_in_order() {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let (_ra, mut wa) = unix::split(a, 1 << 22);
-        let (mut rb, _wb) = unix::split(b, 1 << 22);
+        let (_ra, mut wa) = unix::split(a, 1 << 22).unwrap();
+        let (mut rb, _wb) = unix::split(b, 1 << 22).unwrap();
         let big = Bytes::from(vec![7u8; 1 << 20]);
         let writer = tokio::spawn(async move {
             for i in 0..100u32 {
@@ -368,7 +480,7 @@ mod tests {
         let (mut a, b) = tokio::net::UnixStream::pair().unwrap();
         a.write_all(&[0, 0, 0, 20, 1, 2, 3]).await.unwrap();
         drop(a);
-        let (mut rb, _wb) = unix::split(b, 1024);
+        let (mut rb, _wb) = unix::split(b, 1024).unwrap();
         let err = rb.read_frame().await.unwrap_err();
         assert!(
             matches!(
@@ -377,5 +489,41 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod ping_pong_tests {
+    use super::*;
+    use crate::frame::{Header, Send};
+
+    #[tokio::test]
+    async fn many_round_trips_over_split_sockets() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (mut ra, mut wa) = unix::split(a, 1 << 20).unwrap();
+        let (mut rb, mut wb) = unix::split(b, 1 << 20).unwrap();
+        let echo = tokio::spawn(async move {
+            while let Some(f) = rb.read_frame().await.unwrap() {
+                wb.send(&f).await.unwrap();
+            }
+        });
+        let f = Frame::with_payload(
+            Header::Send(Send {
+                handle: 1,
+                caps: vec![],
+            }),
+            Bytes::from_static(&[7; 64]),
+        );
+        for _ in 0..1000 {
+            wa.send(&f).await.unwrap();
+            let back = tokio::time::timeout(std::time::Duration::from_secs(5), ra.read_frame())
+                .await
+                .expect("no lost wake-up")
+                .unwrap()
+                .unwrap();
+            assert_eq!(back, f);
+        }
+        wa.shutdown().await.unwrap();
+        echo.await.unwrap();
     }
 }
