@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use junction_road::control::CONTROL_HANDLE;
 use junction_road::frame::credit_cost;
+use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::{
     Address, Call, ErrorCode, Frame, Header, Reason, Rights, RoadReader, RoadWriter, Send, Welcome,
 };
@@ -22,7 +23,7 @@ use crate::Error;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) welcome: Welcome,
-    tx: mpsc::UnboundedSender<Frame>,
+    outbox: Arc<Mutex<Outbox>>,
     state: Mutex<State>,
     next_req: AtomicU32,
     next_tag: AtomicU64,
@@ -87,11 +88,11 @@ impl Shared {
         R: AsyncRead + Unpin + std::marker::Send + 'static,
         W: AsyncWrite + Unpin + std::marker::Send + 'static,
     {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let outbox = Arc::new(Mutex::new(Outbox::new()));
         let (notices_tx, notices_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             welcome,
-            tx,
+            outbox: outbox.clone(),
             state: Mutex::new(State::default()),
             next_req: AtomicU32::new(1),
             next_tag: AtomicU64::new(1),
@@ -100,7 +101,11 @@ impl Shared {
             notices_tx,
             home_acks: AtomicU32::new(0),
         });
-        tokio::spawn(writer.serve(rx));
+        tokio::spawn(async move {
+            if let Err(e) = outbox::drain(outbox, writer.into_inner()).await {
+                tracing::debug!("writing to the junction failed: {e}");
+            }
+        });
         tokio::spawn(read_loop(reader, Arc::downgrade(&shared)));
         shared
     }
@@ -113,9 +118,14 @@ impl Shared {
 
     /// Queues a frame for the writer.
     pub(crate) fn write(&self, header: Header, payload: Bytes) -> Result<(), Error> {
-        self.tx
-            .send(Frame::with_payload(header, payload))
-            .map_err(|_| self.closed_error())
+        let waker = self
+            .outbox
+            .with(|o| (!o.is_closed()).then(|| o.push(&header, &payload)))
+            .ok_or_else(|| self.closed_error())?;
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
     }
 
     fn closed_error(&self) -> Error {
@@ -241,6 +251,7 @@ impl Shared {
 
     /// Everything waiting on the connection learns it is gone.
     fn shut(&self, reason: String) {
+        self.outbox.close();
         self.closed.send_if_modified(|c| {
             if c.is_none() {
                 *c = Some(reason.clone());
@@ -308,12 +319,13 @@ impl Shared {
                     }
                     return;
                 }
-                let port = self.state().ports.get(&d.port).cloned();
-                match port {
-                    Some(tx) => {
-                        let _ = tx.send((msg, d.ack));
-                    }
-                    None => {
+                let undelivered = match self.state().ports.get(&d.port) {
+                    Some(tx) => tx.send((msg, d.ack)).err(),
+                    None => Some(mpsc::error::SendError((msg, d.ack))),
+                };
+                match undelivered {
+                    None => {}
+                    Some(_) => {
                         // A message for a port being closed, or for the home
                         // port outside a call: consumed and dropped.
                         let _ = self.write(
@@ -409,6 +421,14 @@ impl Shared {
             Header::Goodbye { reason } => self.shut(format!("the junction said goodbye: {reason}")),
             other => tracing::debug!(?other, "ignored an unexpected frame"),
         }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The writer writes what is queued, then ends the stream: the
+        // junction sees this driver leave.
+        self.outbox.close();
     }
 }
 
@@ -583,9 +603,11 @@ impl Drop for CapInner {
 pub struct Port {
     shared: Arc<Shared>,
     address: Address,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Message, bool)>>,
-    /// Messages consumed and not yet reported, and the credit units they cost.
-    unacked: Mutex<(u32, u32)>,
+    rx: mpsc::UnboundedReceiver<(Message, bool)>,
+    /// Messages consumed and not yet reported.
+    unacked: u32,
+    /// The credit units they cost.
+    unacked_cost: u32,
     closed: AtomicBool,
 }
 
@@ -596,8 +618,9 @@ impl Port {
         Port {
             shared: shared.clone(),
             address,
-            rx: tokio::sync::Mutex::new(rx),
-            unacked: Mutex::new((0, 0)),
+            rx,
+            unacked: 0,
+            unacked_cost: 0,
             closed: AtomicBool::new(false),
         }
     }
@@ -634,9 +657,8 @@ impl Port {
 
     /// The next message. Consuming messages is what gives their senders
     /// credit to send more.
-    pub async fn recv(&self) -> Result<Message, Error> {
-        let mut rx = self.rx.lock().await;
-        let (msg, ack) = match rx.recv().await {
+    pub async fn recv(&mut self) -> Result<Message, Error> {
+        let (msg, ack) = match self.rx.recv().await {
             Some(entry) => entry,
             None if self.shared.is_closed() => return Err(self.shared.closed_error()),
             None => return Err(Error::Dead(Reason::PortClosed)),
@@ -644,21 +666,19 @@ impl Port {
         // Report consumption in batches of a quarter window, or at once when
         // the Junction says a sender is running low: senders get credit back
         // before they run dry, at one small frame per batch.
-        let batch = (self.shared.welcome.window / 4).max(1);
-        let flush = {
-            let mut unacked = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
-            unacked.0 += 1;
-            unacked.1 = unacked.1.saturating_add(credit_cost(msg.payload.len()));
-            ack || unacked.1 >= batch
-        };
-        if flush {
+        self.unacked += 1;
+        self.unacked_cost = self
+            .unacked_cost
+            .saturating_add(credit_cost(msg.payload.len()));
+        if ack || self.unacked_cost >= (self.shared.welcome.window / 4).max(1) {
             self.flush_acks();
         }
         Ok(msg)
     }
 
-    fn flush_acks(&self) {
-        let count = std::mem::take(&mut *self.unacked.lock().unwrap_or_else(|e| e.into_inner())).0;
+    fn flush_acks(&mut self) {
+        let count = std::mem::take(&mut self.unacked);
+        self.unacked_cost = 0;
         if count > 0 {
             let _ = self.shared.write(
                 Header::Credit {

@@ -7,7 +7,7 @@
 //!
 //! // A service: open a port, register a name for it, answer calls.
 //! let service = Driver::connect_default().await?;
-//! let port = service.open_port().await?;
+//! let mut port = service.open_port().await?;
 //! let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
 //! service.register("org.example.echo", &cap).await?;
 //! tokio::spawn(async move {

@@ -87,7 +87,34 @@ struct Side {
     rtt: Rtt,
     rtt_pinned: Option<Rtt>,
     small_msgs_per_sec: f64,
+    /// CPU time each process spent per 64-byte message.
+    small_cpu_ns: Option<CpuPerMessage>,
     large_gb_per_sec: f64,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct CpuPerMessage {
+    sender: f64,
+    junction: f64,
+    receiver: f64,
+}
+
+/// CPU time (user + system) a process has used, in nanoseconds.
+fn cpu_ns(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    (ticks(11) + ticks(12)) * 10_000_000
 }
 
 /// Runs the benchmark and prints the report.
@@ -164,8 +191,21 @@ async fn measure(
             through.rtt = rtt;
             raw.small_msgs_per_sec =
                 work.small_messages as f64 / raw_stream(dir, SMALL, work.small_messages).await?;
+            let pids = [
+                std::process::id(),
+                jct.child.id().unwrap_or(0),
+                sink_peer.id().unwrap_or(0),
+            ];
+            let before = pids.map(cpu_ns);
             through.small_msgs_per_sec = work.small_messages as f64
                 / junction_stream(&driver, &sink, SMALL, work.small_messages).await?;
+            let after = pids.map(cpu_ns);
+            let per_msg = |i: usize| (after[i] - before[i]) as f64 / work.small_messages as f64;
+            through.small_cpu_ns = Some(CpuPerMessage {
+                sender: per_msg(0),
+                junction: per_msg(1),
+                receiver: per_msg(2),
+            });
             let bytes = (LARGE as u64 * work.large_messages) as f64;
             raw.large_gb_per_sec =
                 bytes / 1e9 / raw_stream(dir, LARGE, work.large_messages).await?;
@@ -244,6 +284,12 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
         through.large_gb_per_sec,
         "",
     );
+    if let Some(cpu) = through.small_cpu_ns {
+        println!(
+            "CPU per 64 B message through the junction: sender {:.0} ns, junction {:.0} ns, receiver {:.0} ns",
+            cpu.sender, cpu.junction, cpu.receiver
+        );
+    }
     println!("junction peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
 }
 
@@ -477,7 +523,7 @@ async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
             }
             Role::Echo | Role::Sink => {
                 let driver = Driver::connect(&args.socket).await?;
-                let port = driver.open_port().await?;
+                let mut port = driver.open_port().await?;
                 let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
                 let name = if args.role == Role::Echo {
                     "bench.echo"

@@ -301,7 +301,7 @@ pub(crate) async fn listen(
     reply: Option<String>,
 ) -> anyhow::Result<()> {
     let driver = connect(&socket).await?;
-    let port = driver.open_port().await?;
+    let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver
         .register(&name, &cap)
@@ -340,7 +340,7 @@ pub(crate) async fn listen(
 /// payload. Attaches over stdio when spawned by a junction.
 pub(crate) async fn echo(name: String) -> anyhow::Result<()> {
     let driver = attach().await?;
-    let port = driver.open_port().await?;
+    let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver.register(&name, &cap).await?;
     loop {

@@ -135,7 +135,7 @@ async fn script(socket: &Path) -> anyhow::Result<()> {
         5,
         "opening a port here and handing the peer a capability to it",
     );
-    let port = me.open_port().await?;
+    let mut port = me.open_port().await?;
     let back = port.mint(Rights::SEND | Rights::GRANT).await?;
     me.call_with(&peer, "send-back", &[&back], CALL_TIMEOUT)
         .await?;
@@ -200,7 +200,7 @@ async fn script(socket: &Path) -> anyhow::Result<()> {
 /// The demo's peer process: relays calls through capabilities it is given.
 pub(crate) async fn peer() -> anyhow::Result<()> {
     let driver = crate::cmd::attach().await?;
-    let port = driver.open_port().await?;
+    let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver.register("demo.peer", &cap).await?;
     loop {

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
+use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::transport::{child as child_road, unix as unix_road};
-use junction_road::{Frame, RoadError, RoadReader, RoadWriter};
+use junction_road::{RoadError, RoadReader, RoadWriter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::children::{self, Child};
@@ -67,7 +67,7 @@ struct Shell {
 
 struct ConnSlot {
     id: ConnId,
-    writer: mpsc::UnboundedSender<Frame>,
+    outbox: Rc<RefCell<Outbox>>,
     reader: Option<tokio::task::AbortHandle>,
 }
 
@@ -245,7 +245,7 @@ impl Shell {
     {
         tracing::debug!(road = peer.road, pid = ?peer.pid, uid = ?peer.uid, "connection");
         let id = self.core.borrow_mut().handle_connected(peer);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let outbox = Rc::new(RefCell::new(Outbox::new()));
         {
             let mut conns = self.conns.borrow_mut();
             let slot = id.slot();
@@ -254,11 +254,15 @@ impl Shell {
             }
             conns[slot] = Some(ConnSlot {
                 id,
-                writer: tx,
+                outbox: outbox.clone(),
                 reader: None,
             });
         }
-        let writer_task = tokio::task::spawn_local(writer.serve(rx));
+        let writer_task = tokio::task::spawn_local(async move {
+            if let Err(e) = outbox::drain(outbox, writer.into_inner()).await {
+                tracing::debug!(%id, "writing failed: {e}");
+            }
+        });
         let reader_task = tokio::task::spawn_local(read_loop(self.clone(), id, reader));
         if let Some(Some(slot)) = self.conns.borrow_mut().get_mut(id.slot())
             && slot.id == id
@@ -278,7 +282,7 @@ impl Shell {
                     if let Some(Some(slot)) = conns.get(conn.slot())
                         && slot.id == conn
                     {
-                        let _ = slot.writer.send(frame);
+                        slot.outbox.push(&frame.header, &frame.payload);
                     }
                 }
                 Output::Close { conn, reason } => {
@@ -286,11 +290,12 @@ impl Shell {
                         && entry.as_ref().is_some_and(|s| s.id == conn)
                     {
                         tracing::info!(%conn, "closing connection: {reason}");
-                        // Dropping the writer's sender lets it flush and shut down.
-                        if let Some(slot) = entry.take()
-                            && let Some(reader) = slot.reader
-                        {
-                            reader.abort();
+                        // The writer writes what is queued, then shuts down.
+                        if let Some(slot) = entry.take() {
+                            slot.outbox.close();
+                            if let Some(reader) = slot.reader {
+                                reader.abort();
+                            }
                         }
                     }
                 }
@@ -306,8 +311,9 @@ impl Shell {
         self.core.borrow_mut().handle_disconnected(conn);
         if let Some(entry) = self.conns.borrow_mut().get_mut(conn.slot())
             && entry.as_ref().is_some_and(|s| s.id == conn)
+            && let Some(slot) = entry.take()
         {
-            *entry = None;
+            slot.outbox.close();
         }
         self.pump();
     }

@@ -71,8 +71,15 @@ pub fn encode_parts(header: &Header, payload: &[u8], buf: &mut BytesMut) {
 pub fn encode_header(header: &Header, payload_len: usize, buf: &mut BytesMut) -> usize {
     let start = buf.len();
     buf.put_u32(0);
-    // Writing into a BytesMut cannot fail, and every header type serializes.
-    postcard::to_io(header, (&mut *buf).writer()).expect("headers always serialize");
+    // Most headers are a few dozen bytes: encode on the stack and copy once.
+    let mut scratch = [0u8; 128];
+    match postcard::to_slice(header, &mut scratch) {
+        Ok(encoded) => buf.extend_from_slice(encoded),
+        // Writing into a BytesMut cannot fail, and every header serializes.
+        Err(_) => {
+            postcard::to_io(header, (&mut *buf).writer()).expect("headers always serialize");
+        }
+    }
     let len = buf.len() - start - LENGTH_BYTES + payload_len;
     let len = u32::try_from(len).expect("frames are limited far below 4 GiB");
     buf[start..start + LENGTH_BYTES].copy_from_slice(&len.to_be_bytes());

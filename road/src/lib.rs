@@ -10,6 +10,7 @@
 //!   [`codec::decode`] out of one, with a distinct [`FrameError`] for every way a
 //!   peer's bytes can be wrong;
 //! - [`control`]: the requests the control port (port 0) answers;
+//! - [`outbox`]: encoded frames waiting for a link, drained by one writer;
 //! - [`transport`]: async readers and writers over any byte stream, and the two
 //!   local transports.
 //!
@@ -23,6 +24,7 @@ pub mod address;
 pub mod codec;
 pub mod control;
 pub mod frame;
+pub mod outbox;
 mod sys;
 pub mod transport;
 

@@ -13,9 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::codec::{self, FrameError};
 use crate::frame::Frame;
 
-/// Payloads at least this large are written straight from their own buffer
-/// instead of being copied into the write buffer.
-const COPY_LIMIT: usize = 16 * 1024;
+use crate::outbox::COPY_LIMIT;
 
 /// The write buffer is flushed once it holds this much.
 pub const FLUSH_AT: usize = 64 * 1024;
@@ -164,30 +162,16 @@ impl<W: AsyncWrite + Unpin> RoadWriter<W> {
         Ok(())
     }
 
+    /// The link, for handing it to [`crate::outbox::drain`] after the
+    /// handshake. Anything batched and not flushed is lost.
+    pub fn into_inner(self) -> W {
+        self.io
+    }
+
     /// Flushes and shuts down the write side.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.flush().await?;
         self.io.shutdown().await
-    }
-
-    /// Writes every frame that arrives on `frames`, batching whatever is
-    /// ready at once into few writes, until the channel closes (then shuts
-    /// the link down) or the link fails.
-    pub async fn serve(mut self, mut frames: tokio::sync::mpsc::UnboundedReceiver<Frame>) {
-        while let Some(frame) = frames.recv().await {
-            if self.queue(&frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = frames.try_recv() {
-                if self.queue(&frame).await.is_err() {
-                    return;
-                }
-            }
-            if self.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = self.shutdown().await;
     }
 }
 

@@ -21,12 +21,12 @@ async fn main() -> anyhow::Result<()> {
         bail!("usage: junction-test-peer holder|silent|slow NAME");
     };
     let driver = Driver::connect_default().await?;
-    let port = driver.open_port().await?;
+    let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver.register(&name, &cap).await?;
     println!("ready");
     match role.as_str() {
-        "holder" => holder(&driver, &port).await,
+        "holder" => holder(&driver, &mut port).await,
         "silent" => {
             let mut held = Vec::new();
             while let Ok(msg) = port.recv().await {
@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn holder(driver: &Driver, port: &junction_driver::Port) -> anyhow::Result<()> {
+async fn holder(driver: &Driver, port: &mut junction_driver::Port) -> anyhow::Result<()> {
     let mut held: Vec<Capability> = Vec::new();
     while let Ok(mut msg) = port.recv().await {
         held.append(&mut msg.caps);
