@@ -1,7 +1,6 @@
 //! The connection behind a Driver: its reader and writer tasks, and the
 //! ports, capabilities and messages they serve.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -11,8 +10,10 @@ use junction_road::control::CONTROL_HANDLE;
 use junction_road::frame::credit_cost;
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::{
-    Address, Call, ErrorCode, Frame, Header, Reason, Rights, RoadReader, RoadWriter, Send, Welcome,
+    Address, Call, DirectLink, ErrorCode, Frame, Header, Reason, Rights, RoadReader, RoadWriter,
+    Send, Welcome,
 };
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -36,13 +37,15 @@ pub(crate) struct Shared {
 
 type Answer = oneshot::Sender<Result<Header, Error>>;
 
+/// Keys here are ids this driver or its junction chose, so a fast
+/// non-keyed hash is safe.
 #[derive(Debug, Default)]
 struct State {
-    requests: HashMap<u32, Answer>,
-    calls: HashMap<u64, oneshot::Sender<Result<Message, Error>>>,
-    ports: HashMap<u16, mpsc::UnboundedSender<(Message, bool)>>,
-    caps: HashMap<u32, Weak<CapInner>>,
-    pings: HashMap<u64, oneshot::Sender<()>>,
+    requests: FxHashMap<u32, Answer>,
+    calls: FxHashMap<u64, oneshot::Sender<Result<Message, Error>>>,
+    ports: FxHashMap<u16, mpsc::UnboundedSender<(Message, bool)>>,
+    caps: FxHashMap<u32, Weak<CapInner>>,
+    pings: FxHashMap<u64, oneshot::Sender<()>>,
     closed: bool,
 }
 
@@ -86,9 +89,12 @@ impl Shared {
     ) -> Arc<Shared>
     where
         R: AsyncRead + Unpin + std::marker::Send + 'static,
-        W: AsyncWrite + Unpin + std::marker::Send + 'static,
+        W: AsyncWrite + DirectLink + Unpin + std::marker::Send + 'static,
     {
-        let outbox = Arc::new(Mutex::new(Outbox::new()));
+        let outbox = Arc::new(Mutex::new(match writer.direct() {
+            Some(direct) => Outbox::with_direct(direct),
+            None => Outbox::new(),
+        }));
         let (notices_tx, notices_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             welcome,
@@ -118,9 +124,28 @@ impl Shared {
 
     /// Queues a frame for the writer.
     pub(crate) fn write(&self, header: Header, payload: Bytes) -> Result<(), Error> {
+        self.write_with(header, payload, false)
+    }
+
+    /// Queues a frame and, when the writer is idle, writes it at once from
+    /// this task: for calls and replies, where a wake-up costs latency.
+    pub(crate) fn write_now(&self, header: Header, payload: Bytes) -> Result<(), Error> {
+        self.write_with(header, payload, true)
+    }
+
+    fn write_with(&self, header: Header, payload: Bytes, now: bool) -> Result<(), Error> {
         let waker = self
             .outbox
-            .with(|o| (!o.is_closed()).then(|| o.push(&header, &payload)))
+            .with(|o| {
+                (!o.is_closed()).then(|| {
+                    if now {
+                        o.push_quiet(&header, &payload);
+                        o.flush_direct()
+                    } else {
+                        o.push(&header, &payload)
+                    }
+                })
+            })
             .ok_or_else(|| self.closed_error())?;
         if let Some(waker) = waker {
             waker.wake();
@@ -193,7 +218,7 @@ impl Shared {
             }
             state.calls.insert(tag, tx);
         }
-        self.write(Header::Call(Call { handle, tag, caps }), payload)?;
+        self.write_now(Header::Call(Call { handle, tag, caps }), payload)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(self.closed_error()),
@@ -298,9 +323,12 @@ impl Shared {
                     .iter()
                     .map(|g| Capability::new(self, g.handle, g.rights, g.address, g.credits))
                     .collect();
-                let reply = d
-                    .reply
-                    .map(|h| Capability::new(self, h, Rights::SEND_ONCE, d.origin, 1));
+                let reply = d.reply.map(|handle| Reply {
+                    shared: self.clone(),
+                    handle,
+                    caller: d.origin,
+                    sent: false,
+                });
                 let msg = Message {
                     payload: frame.payload,
                     origin: d.origin,
@@ -723,8 +751,8 @@ pub struct Message {
     pub port: u16,
     /// Capabilities that came with it, now held by this Driver.
     pub caps: Vec<Capability>,
-    /// For a call: the send-once capability to reply with.
-    pub reply: Option<Capability>,
+    /// For a call: the right to answer it, once.
+    pub reply: Option<Reply>,
 }
 
 impl Message {
@@ -740,36 +768,83 @@ impl Message {
 
     /// Answers a call. Dropping a call's message without replying fails the
     /// caller's call with [`Reason::ReplyDropped`].
-    pub async fn reply(mut self, payload: impl Into<Bytes>) -> Result<(), Error> {
-        let cap = self.reply.take().ok_or(Error::NoReply)?;
-        reply_on(&cap, payload.into(), Vec::new()).await
+    pub fn reply(mut self, payload: impl Into<Bytes>) -> Result<(), Error> {
+        self.reply.take().ok_or(Error::NoReply)?.send(payload)
     }
 
     /// Answers a call with capabilities attached (each needs `grant`).
-    pub async fn reply_with(
+    pub fn reply_with(
         mut self,
         payload: impl Into<Bytes>,
         caps: &[&Capability],
     ) -> Result<(), Error> {
-        let cap = self.reply.take().ok_or(Error::NoReply)?;
-        let caps = cap.inner.shared.attachments(caps)?;
-        reply_on(&cap, payload.into(), caps).await
+        self.reply
+            .take()
+            .ok_or(Error::NoReply)?
+            .send_with(payload, caps)
     }
 
     /// Answers a call with a postcard-encoded value.
-    pub async fn reply_typed<T: serde::Serialize>(self, value: &T) -> Result<(), Error> {
+    pub fn reply_typed<T: serde::Serialize>(self, value: &T) -> Result<(), Error> {
         let bytes = postcard::to_allocvec(value).map_err(Error::Encode)?;
-        self.reply(bytes).await
+        self.reply(bytes)
     }
 }
 
-async fn reply_on(cap: &Capability, payload: Bytes, caps: Vec<u32>) -> Result<(), Error> {
-    cap.spend(payload.len()).await?;
-    cap.inner.shared.write(
-        Header::Send(Send {
-            handle: cap.handle(),
-            caps,
-        }),
-        payload,
-    )
+/// The right to answer one call: a send-once capability to the caller.
+/// Replies never wait for credit. Dropping it unused fails the call with
+/// [`Reason::ReplyDropped`].
+#[derive(Debug)]
+pub struct Reply {
+    shared: Arc<Shared>,
+    handle: u32,
+    caller: Address,
+    sent: bool,
+}
+
+impl Reply {
+    /// Its handle in this connection's table.
+    pub fn handle(&self) -> u32 {
+        self.handle
+    }
+
+    /// The caller's home port.
+    pub fn caller(&self) -> Address {
+        self.caller
+    }
+
+    /// Sends the answer.
+    pub fn send(self, payload: impl Into<Bytes>) -> Result<(), Error> {
+        self.send_with(payload, &[])
+    }
+
+    /// Sends the answer with capabilities attached (each needs `grant`).
+    pub fn send_with(
+        mut self,
+        payload: impl Into<Bytes>,
+        caps: &[&Capability],
+    ) -> Result<(), Error> {
+        let caps = self.shared.attachments(caps)?;
+        self.sent = true;
+        self.shared.write_now(
+            Header::Send(Send {
+                handle: self.handle,
+                caps,
+            }),
+            payload.into(),
+        )
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.sent {
+            let _ = self.shared.write(
+                Header::Drop {
+                    handle: self.handle,
+                },
+                Bytes::new(),
+            );
+        }
+    }
 }

@@ -13,7 +13,7 @@
 //! tokio::spawn(async move {
 //!     while let Ok(msg) = port.recv().await {
 //!         let payload = msg.payload.clone();
-//!         let _ = msg.reply(payload).await;
+//!         let _ = msg.reply(payload);
 //!     }
 //! });
 //!
@@ -48,7 +48,7 @@ use junction_road::{Header, Hello, MAGIC, PROTOCOL_VERSION, Send as SendHeader};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use conn::{Capability, Message, Notice, Port};
+pub use conn::{Capability, Message, Notice, Port, Reply};
 pub use error::Error;
 pub use junction_identity::ServiceName;
 pub use junction_road::{Address, ErrorCode, Reason, Rights};
@@ -124,7 +124,7 @@ impl Driver {
     ) -> Result<Driver, Error>
     where
         R: tokio::io::AsyncRead + Unpin + std::marker::Send + 'static,
-        W: tokio::io::AsyncWrite + Unpin + std::marker::Send + 'static,
+        W: tokio::io::AsyncWrite + junction_road::DirectLink + Unpin + std::marker::Send + 'static,
     {
         let hello = Header::Hello(Hello {
             magic: MAGIC,

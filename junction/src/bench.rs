@@ -43,6 +43,9 @@ pub(crate) struct BenchArgs {
 pub(crate) enum Role {
     /// Raw socket: send every frame back.
     RawEcho,
+    /// Raw socket: a minimal relay; accepts two connections and forwards
+    /// frames between them, no decisions.
+    RawRelay,
     /// Raw socket: count frames, answer after `count`.
     RawSink,
     /// Driver: register bench.echo and answer calls with their payload.
@@ -63,6 +66,9 @@ pub(crate) struct PeerArgs {
     /// For raw-sink: how many frames to expect.
     #[arg(long, default_value_t = 0)]
     count: u64,
+    /// For raw roles: plain tokio socket halves instead of the Road transport.
+    #[arg(long)]
+    plain: bool,
 }
 
 const SMALL: usize = 64;
@@ -86,6 +92,14 @@ struct Rtt {
 struct Side {
     rtt: Rtt,
     rtt_pinned: Option<Rtt>,
+    /// Raw side only: the same ping-pong over the junction's own Road
+    /// transport, which registers sockets more sparingly than plain tokio.
+    road_rtt: Option<Rtt>,
+    road_rtt_pinned: Option<Rtt>,
+    /// Raw side only: through a minimal relay process on the Road
+    /// transport, the floor for any broker.
+    relay_rtt: Option<Rtt>,
+    relay_rtt_pinned: Option<Rtt>,
     small_msgs_per_sec: f64,
     /// CPU time each process spent per 64-byte message.
     small_cpu_ns: Option<CpuPerMessage>,
@@ -171,12 +185,21 @@ async fn measure(
     pinned: bool,
     rss: &mut u64,
 ) -> anyhow::Result<()> {
-    let raw_rtt = raw_round_trips(dir, work.round_trips).await?;
+    let raw_rtt = raw_round_trips(dir, work.round_trips, true).await?;
+    let road_rtt = raw_round_trips(dir, work.round_trips, false).await?;
+    let relay_rtt = relay_round_trips(dir, work.round_trips).await?;
+    if pinned {
+        raw.road_rtt_pinned = Some(road_rtt);
+        raw.relay_rtt_pinned = Some(relay_rtt);
+    } else {
+        raw.road_rtt = Some(road_rtt);
+        raw.relay_rtt = Some(relay_rtt);
+    }
     let jct = JunctionProcess::start(dir).await?;
     let result = async {
         let driver = Driver::connect(&jct.socket).await?;
-        let echo_peer = spawn_peer(Role::Echo, &jct.socket, 0)?;
-        let sink_peer = spawn_peer(Role::Sink, &jct.socket, 0)?;
+        let echo_peer = spawn_peer(Role::Echo, &jct.socket, 0, false)?;
+        let sink_peer = spawn_peer(Role::Sink, &jct.socket, 0, false)?;
         let echo = lookup(&driver, "bench.echo").await?;
         let sink = lookup(&driver, "bench.sink").await?;
         let rtt = junction_round_trips(&driver, &echo, work.round_trips).await?;
@@ -235,6 +258,8 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
                 "rtt_p99": ratio(through.rtt.p99_us, raw.rtt.p99_us),
                 "rtt_pinned_p50": through.rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
                 "rtt_pinned_p99": through.rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p99_us, r.p99_us)),
+                "junction_vs_relay_pinned_p50": through.rtt_pinned.zip(raw.relay_rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
+                "road_vs_plain_pinned_p50": raw.road_rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
                 "small_msgs_per_sec": ratio(through.small_msgs_per_sec, raw.small_msgs_per_sec),
                 "large_gb_per_sec": ratio(through.large_gb_per_sec, raw.large_gb_per_sec),
             },
@@ -271,6 +296,25 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
     if let (Some(r), Some(j)) = (raw.rtt_pinned, through.rtt_pinned) {
         row("pinned round trip p50 (µs)", r.p50_us, j.p50_us, "");
         row("pinned round trip p99 (µs)", r.p99_us, j.p99_us, "");
+    }
+    println!("for scale, pinned p50, against the junction's own Road transport:");
+    if let (Some(road), Some(relay), Some(j)) = (
+        raw.road_rtt_pinned,
+        raw.relay_rtt_pinned,
+        through.rtt_pinned,
+    ) {
+        row(
+            "  raw over the Road transport",
+            road.p50_us,
+            road.p50_us,
+            "",
+        );
+        row("  a minimal relay process", road.p50_us, relay.p50_us, "");
+        row("  the junction", road.p50_us, j.p50_us, "");
+        println!(
+            "  the junction costs {:.2}x a relay that makes no decisions",
+            ratio(j.p50_us, relay.p50_us)
+        );
     }
     row(
         "64 B one-way (M msg/s)",
@@ -315,27 +359,84 @@ fn bench_frame(payload: Bytes) -> Frame {
     )
 }
 
-async fn raw_round_trips(dir: &Path, n: usize) -> anyhow::Result<Rtt> {
-    let socket = dir.join("raw-echo.sock");
+type AnyReader =
+    junction_road::RoadReader<Box<dyn tokio::io::AsyncRead + Unpin + std::marker::Send>>;
+type AnyWriter =
+    junction_road::RoadWriter<Box<dyn tokio::io::AsyncWrite + Unpin + std::marker::Send>>;
+
+/// A raw link over a connected socket: plain tokio halves (the baseline
+/// the goals are stated against), or the junction's own Road transport.
+fn raw_link(stream: tokio::net::UnixStream, plain: bool) -> anyhow::Result<(AnyReader, AnyWriter)> {
+    const MAX: u32 = 1 << 24;
+    if plain {
+        let (r, w) = stream.into_split();
+        Ok((
+            junction_road::RoadReader::new(Box::new(r), MAX),
+            junction_road::RoadWriter::new(Box::new(w)),
+        ))
+    } else {
+        let (r, w) = unix::split(stream, MAX)?;
+        Ok((
+            junction_road::RoadReader::new(Box::new(r.into_inner()), MAX),
+            junction_road::RoadWriter::new(Box::new(w.into_inner())),
+        ))
+    }
+}
+
+/// Round trips through a minimal relay process: the floor for any broker.
+async fn relay_round_trips(dir: &Path, n: usize) -> anyhow::Result<Rtt> {
+    let socket = dir.join("relay.sock");
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)?;
-    let mut child = spawn_peer(Role::RawEcho, &socket, 0)?;
-    let (stream, _) = tokio::time::timeout(TIMEOUT, listener.accept()).await??;
-    let (mut reader, mut writer) = unix::split(stream, 1 << 24)?;
+    let mut relay = spawn_peer(Role::RawRelay, &socket, 0, false)?;
+    let deadline = Instant::now() + TIMEOUT;
+    let stream = loop {
+        match tokio::net::UnixStream::connect(&socket).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let (mut reader, mut writer) = raw_link(stream, false)?;
+    // The relay accepts in order: this process first, then the echo.
+    let mut echo = spawn_peer(Role::RawEcho, &socket, 0, false)?;
+    let rtt = ping_pong(&mut reader, &mut writer, n).await;
+    drop(writer);
+    let _ = echo.kill().await;
+    let _ = relay.kill().await;
+    let _ = std::fs::remove_file(&socket);
+    rtt
+}
+
+async fn ping_pong(
+    reader: &mut AnyReader,
+    writer: &mut AnyWriter,
+    n: usize,
+) -> anyhow::Result<Rtt> {
     let frame = bench_frame(Bytes::from(vec![7u8; SMALL]));
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
         let start = Instant::now();
         writer.send(&frame).await?;
-        reader.read_frame().await?.context("raw echo closed")?;
+        reader.read_frame().await?.context("the echo closed")?;
         if i >= n / 10 {
             samples.push(start.elapsed());
         }
     }
+    Ok(percentiles(samples))
+}
+
+async fn raw_round_trips(dir: &Path, n: usize, plain: bool) -> anyhow::Result<Rtt> {
+    let socket = dir.join("raw-echo.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    let mut child = spawn_peer(Role::RawEcho, &socket, 0, plain)?;
+    let (stream, _) = tokio::time::timeout(TIMEOUT, listener.accept()).await??;
+    let (mut reader, mut writer) = raw_link(stream, plain)?;
+    let rtt = ping_pong(&mut reader, &mut writer, n).await;
     drop(writer);
     let _ = child.wait().await;
     let _ = std::fs::remove_file(&socket);
-    Ok(percentiles(samples))
+    rtt
 }
 
 /// Streams `count` frames of `size` bytes one way; returns seconds.
@@ -343,9 +444,9 @@ async fn raw_stream(dir: &Path, size: usize, count: u64) -> anyhow::Result<f64> 
     let socket = dir.join("raw-sink.sock");
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
-    let mut child = spawn_peer(Role::RawSink, &socket, count)?;
+    let mut child = spawn_peer(Role::RawSink, &socket, count, true)?;
     let (stream, _) = tokio::time::timeout(TIMEOUT, listener.accept()).await??;
-    let (mut reader, mut writer) = unix::split(stream, 1 << 24)?;
+    let (mut reader, mut writer) = raw_link(stream, true)?;
     let frame = bench_frame(Bytes::from(vec![7u8; size]));
     let start = Instant::now();
     for _ in 0..count {
@@ -411,7 +512,7 @@ async fn lookup(driver: &Driver, name: &str) -> anyhow::Result<junction_driver::
     }
 }
 
-fn spawn_peer(role: Role, socket: &Path, count: u64) -> anyhow::Result<Child> {
+fn spawn_peer(role: Role, socket: &Path, count: u64, plain: bool) -> anyhow::Result<Child> {
     let role = clap::ValueEnum::to_possible_value(&role)
         .map(|v| v.get_name().to_string())
         .unwrap_or_default();
@@ -425,6 +526,7 @@ fn spawn_peer(role: Role, socket: &Path, count: u64) -> anyhow::Result<Child> {
             "--socket",
         ])
         .arg(socket)
+        .args(plain.then_some("--plain"))
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -503,13 +605,37 @@ async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
     {
         match args.role {
             Role::RawEcho => {
-                let (mut reader, mut writer) = unix::connect(&args.socket, 1 << 24).await?;
+                let stream = tokio::net::UnixStream::connect(&args.socket).await?;
+                let (mut reader, mut writer) = raw_link(stream, args.plain)?;
                 while let Some(frame) = reader.read_frame().await? {
                     writer.send(&frame).await?;
                 }
             }
+            Role::RawRelay => {
+                let _ = std::fs::remove_file(&args.socket);
+                let listener = UnixListener::bind(&args.socket)?;
+                let (a, _) = listener.accept().await?;
+                let (b, _) = listener.accept().await?;
+                let (ra, wa) = unix::split(a, 1 << 24)?;
+                let (rb, wb) = unix::split(b, 1 << 24)?;
+                let forward =
+                    |mut from: junction_road::RoadReader<unix::ReadHalf>,
+                     mut to: junction_road::RoadWriter<unix::WriteHalf>| async move {
+                        while let Some(frame) = from.read_frame().await? {
+                            to.queue(&frame).await?;
+                            if !from.has_frame() {
+                                to.flush().await?;
+                            }
+                        }
+                        Ok::<_, anyhow::Error>(())
+                    };
+                let there = tokio::spawn(forward(ra, wb));
+                let back = tokio::spawn(forward(rb, wa));
+                let _ = tokio::join!(there, back);
+            }
             Role::RawSink => {
-                let (mut reader, mut writer) = unix::connect(&args.socket, 1 << 24).await?;
+                let stream = tokio::net::UnixStream::connect(&args.socket).await?;
+                let (mut reader, mut writer) = raw_link(stream, args.plain)?;
                 let mut seen = 0;
                 while seen < args.count {
                     reader
@@ -539,9 +665,9 @@ async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
                     };
                     if args.role == Role::Echo {
                         let payload = msg.payload.clone();
-                        msg.reply(payload).await?;
+                        msg.reply(payload)?;
                     } else if msg.is_call() {
-                        msg.reply(postcard::to_allocvec(&seen)?).await?;
+                        msg.reply(postcard::to_allocvec(&seen)?)?;
                         seen = 0;
                     } else {
                         seen += 1;

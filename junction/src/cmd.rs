@@ -329,7 +329,7 @@ pub(crate) async fn listen(
                 Some(text) => Bytes::from(text.clone().into_bytes()),
                 None => msg.payload.clone(),
             };
-            msg.reply(answer).await?;
+            msg.reply(answer)?;
         }
     }
     driver.sync().await?;
@@ -352,7 +352,7 @@ pub(crate) async fn echo(name: String) -> anyhow::Result<()> {
         };
         if msg.is_call() {
             let payload = msg.payload.clone();
-            let _ = msg.reply(payload).await;
+            let _ = msg.reply(payload);
         }
     }
 }

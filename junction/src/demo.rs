@@ -219,20 +219,20 @@ pub(crate) async fn peer() -> anyhow::Result<()> {
                     msg.caps[0].address(),
                     String::from_utf8_lossy(&answer.payload)
                 );
-                msg.reply(text).await?;
+                msg.reply(text)?;
             }
             b"send-back" if !msg.caps.is_empty() => {
                 driver.send(&msg.caps[0], "hello from the peer").await?;
-                msg.reply("sent").await?;
+                msg.reply("sent")?;
             }
             b"quit" => {
-                msg.reply("bye").await?;
+                msg.reply("bye")?;
                 driver.sync().await?;
                 return Ok(());
             }
             _ => {
                 if msg.is_call() {
-                    msg.reply("unknown request").await?;
+                    msg.reply("unknown request")?;
                 }
             }
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::transport::{child as child_road, unix as unix_road};
-use junction_road::{RoadError, RoadReader, RoadWriter};
+use junction_road::{DirectLink, RoadError, RoadReader, RoadWriter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -62,12 +62,15 @@ pub enum ServeError {
 struct Shell {
     core: RefCell<Core>,
     conns: RefCell<Vec<Option<ConnSlot>>>,
+    /// Connections with frames pushed since the last flush.
+    dirty: RefCell<Vec<ConnId>>,
     max_frame: u32,
 }
 
 struct ConnSlot {
     id: ConnId,
     outbox: Rc<RefCell<Outbox>>,
+    dirty: bool,
     reader: Option<tokio::task::AbortHandle>,
 }
 
@@ -154,6 +157,7 @@ pub async fn serve(
         max_frame: config.core.max_frame,
         core: RefCell::new(Core::new(config.core.clone())),
         conns: RefCell::new(Vec::new()),
+        dirty: RefCell::new(Vec::new()),
     });
     let mut writers: Vec<JoinHandle<()>> = Vec::new();
     let mut kids: Vec<Child> = Vec::new();
@@ -198,6 +202,7 @@ pub async fn serve(
     drop(guard);
     shell.core.borrow_mut().handle_shutdown();
     shell.pump();
+    shell.flush();
     // Give writers a moment to deliver the goodbyes.
     let flush = futures_join(writers);
     let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
@@ -241,11 +246,14 @@ impl Shell {
     ) -> JoinHandle<()>
     where
         R: AsyncRead + Unpin + 'static,
-        W: AsyncWrite + Unpin + 'static,
+        W: AsyncWrite + DirectLink + Unpin + 'static,
     {
         tracing::debug!(road = peer.road, pid = ?peer.pid, uid = ?peer.uid, "connection");
         let id = self.core.borrow_mut().handle_connected(peer);
-        let outbox = Rc::new(RefCell::new(Outbox::new()));
+        let outbox = Rc::new(RefCell::new(match writer.direct() {
+            Some(direct) => Outbox::with_direct(direct),
+            None => Outbox::new(),
+        }));
         {
             let mut conns = self.conns.borrow_mut();
             let slot = id.slot();
@@ -255,6 +263,7 @@ impl Shell {
             conns[slot] = Some(ConnSlot {
                 id,
                 outbox: outbox.clone(),
+                dirty: false,
                 reader: None,
             });
         }
@@ -272,17 +281,25 @@ impl Shell {
         writer_task
     }
 
-    /// Carries out everything the core asked for.
+    /// Carries out everything the core asked for. Frames are queued; the
+    /// end of the batch ([`Shell::flush`]) sends them.
     fn pump(&self) {
         let mut core = self.core.borrow_mut();
         let mut conns = self.conns.borrow_mut();
+        let mut dirty = self.dirty.borrow_mut();
         while let Some(output) = core.poll_output() {
             match output {
                 Output::Frame { conn, frame } => {
-                    if let Some(Some(slot)) = conns.get(conn.slot())
+                    if let Some(Some(slot)) = conns.get_mut(conn.slot())
                         && slot.id == conn
                     {
-                        slot.outbox.push(&frame.header, &frame.payload);
+                        slot.outbox
+                            .borrow_mut()
+                            .push_quiet(&frame.header, &frame.payload);
+                        if !slot.dirty {
+                            slot.dirty = true;
+                            dirty.push(conn);
+                        }
                     }
                 }
                 Output::Close { conn, reason } => {
@@ -303,6 +320,20 @@ impl Shell {
         }
     }
 
+    /// Ends a batch: every link with queued frames writes them, directly if
+    /// its writer is idle.
+    fn flush(&self) {
+        let mut conns = self.conns.borrow_mut();
+        for conn in self.dirty.borrow_mut().drain(..) {
+            if let Some(Some(slot)) = conns.get_mut(conn.slot())
+                && slot.id == conn
+            {
+                slot.dirty = false;
+                slot.outbox.flush_direct();
+            }
+        }
+    }
+
     fn is_open(&self, conn: ConnId) -> bool {
         matches!(self.conns.borrow().get(conn.slot()), Some(Some(s)) if s.id == conn)
     }
@@ -316,6 +347,7 @@ impl Shell {
             slot.outbox.close();
         }
         self.pump();
+        self.flush();
     }
 }
 
@@ -329,6 +361,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Some(frame)) => {
                 shell.core.borrow_mut().handle_frame(conn, frame);
                 shell.pump();
+                if !reader.has_frame() {
+                    shell.flush();
+                }
             }
             Ok(None) => {
                 tracing::debug!(%conn, "connection closed by the driver");
@@ -339,6 +374,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 tracing::warn!(%conn, "bad frame: {e}");
                 shell.core.borrow_mut().handle_frame_error(conn, &e);
                 shell.pump();
+                shell.flush();
                 if e.is_fatal() {
                     return;
                 }

@@ -34,7 +34,7 @@ pub use frame::{
     Call, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Hello, MAGIC, PROTOCOL_VERSION,
     Reason, Rights, Send, Welcome,
 };
-pub use transport::{RoadError, RoadReader, RoadWriter};
+pub use transport::{DirectLink, RoadError, RoadReader, RoadWriter};
 
 /// The default largest frame (length prefix excluded) a Junction accepts: 4 MiB.
 pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;

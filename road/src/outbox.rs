@@ -8,10 +8,10 @@
 //! as were ready.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Write};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::codec;
@@ -32,6 +32,29 @@ pub struct Outbox {
     queued: usize,
     waker: Option<Waker>,
     closed: bool,
+    /// A second handle on the link, for writing without waking the writer.
+    direct: Option<Direct>,
+}
+
+/// A non-blocking handle on a link that [`Outbox::flush_direct`] writes
+/// through while the writer task is idle.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Direct {
+    /// A Unix socket (written with `MSG_NOSIGNAL`, so a closed peer is an
+    /// error, not a signal).
+    Socket(std::os::unix::net::UnixStream),
+    /// A pipe.
+    Pipe(std::fs::File),
+}
+
+impl Direct {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Direct::Socket(s) => (&*s).write(buf),
+            Direct::Pipe(f) => (&*f).write(buf),
+        }
+    }
 }
 
 impl Outbox {
@@ -40,12 +63,28 @@ impl Outbox {
         Self::default()
     }
 
-    /// Encodes a frame into the outbox. Returns the writer's waker when the
-    /// writer was idle: wake it once the outbox is unlocked.
+    /// An empty outbox that can also write to its link directly, through
+    /// `direct`, a non-blocking handle on the same link.
+    pub fn with_direct(direct: Direct) -> Self {
+        Self {
+            direct: Some(direct),
+            ..Self::default()
+        }
+    }
+
+    /// Encodes a frame into the outbox and returns the writer's waker when
+    /// the writer was idle: wake it once the outbox is unlocked.
     #[must_use = "wake the returned waker, or the writer sleeps on"]
     pub fn push(&mut self, header: &Header, payload: &Bytes) -> Option<Waker> {
+        self.push_quiet(header, payload);
+        self.waker.take()
+    }
+
+    /// Encodes a frame into the outbox without waking the writer: call
+    /// [`Outbox::flush_direct`] when the batch is complete.
+    pub fn push_quiet(&mut self, header: &Header, payload: &Bytes) {
         if self.closed {
-            return None;
+            return;
         }
         let before = self.staging.len();
         if payload.len() >= COPY_LIMIT {
@@ -57,7 +96,35 @@ impl Outbox {
             codec::encode_parts(header, payload, &mut self.staging);
         }
         self.queued += self.staging.len().saturating_sub(before);
-        self.waker.take()
+    }
+
+    /// Ends a batch: while the writer is idle and only small frames are
+    /// queued, writes them to the link right here, saving the writer's
+    /// wake-up; otherwise (or when the link is full) returns the writer's
+    /// waker to hand it the rest.
+    #[must_use = "wake the returned waker, or the writer sleeps on"]
+    pub fn flush_direct(&mut self) -> Option<Waker> {
+        if self.queued == 0 || self.waker.is_none() {
+            // Nothing to do, or the writer is awake and will take it.
+            return None;
+        }
+        let Some(direct) = &self.direct else {
+            return self.waker.take();
+        };
+        if !self.pending.is_empty() {
+            return self.waker.take();
+        }
+        while !self.staging.is_empty() {
+            match direct.try_write(&self.staging) {
+                Ok(n) if n > 0 => self.staging.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Full, closed or failing: the writer finds out and reports.
+                _ => return self.waker.take(),
+            }
+        }
+        self.staging.clear();
+        self.queued = 0;
+        None
     }
 
     /// Bytes waiting to be written.
@@ -107,6 +174,24 @@ pub trait SharedOutbox {
     /// Encodes a frame into the outbox and wakes an idle writer.
     fn push(&self, header: &Header, payload: &Bytes) {
         if let Some(waker) = self.with(|o| o.push(header, payload)) {
+            waker.wake();
+        }
+    }
+
+    /// Encodes a frame and writes it out at once if the writer is idle.
+    fn push_now(&self, header: &Header, payload: &Bytes) {
+        let waker = self.with(|o| {
+            o.push_quiet(header, payload);
+            o.flush_direct()
+        });
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Ends a batch of [`Outbox::push_quiet`]s (see [`Outbox::flush_direct`]).
+    fn flush_direct(&self) {
+        if let Some(waker) = self.with(Outbox::flush_direct) {
             waker.wake();
         }
     }

@@ -13,7 +13,26 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::codec::{self, FrameError};
 use crate::frame::Frame;
 
-use crate::outbox::COPY_LIMIT;
+use crate::outbox::{COPY_LIMIT, Direct};
+
+/// A link that can lend a second, non-blocking handle on itself for
+/// [`crate::outbox::Outbox::flush_direct`].
+pub trait DirectLink {
+    /// A non-blocking duplicate handle, when the link has one.
+    fn direct(&self) -> Option<Direct>;
+}
+
+fn pipe_direct(fd: std::os::fd::BorrowedFd<'_>) -> Option<Direct> {
+    fd.try_clone_to_owned()
+        .ok()
+        .map(|fd| Direct::Pipe(std::fs::File::from(fd)))
+}
+
+impl DirectLink for tokio::process::ChildStdin {
+    fn direct(&self) -> Option<Direct> {
+        pipe_direct(std::os::fd::AsFd::as_fd(self))
+    }
+}
 
 /// The write buffer is flushed once it holds this much.
 pub const FLUSH_AT: usize = 64 * 1024;
@@ -51,6 +70,11 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
         }
     }
 
+    /// The link; anything buffered and not yet read as frames is lost.
+    pub fn into_inner(self) -> R {
+        self.io
+    }
+
     /// Changes the largest accepted frame (after the handshake).
     pub fn set_max_frame(&mut self, max_frame: u32) {
         self.max_frame = max_frame;
@@ -80,6 +104,16 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
     /// Whether whole or partial frames are waiting in the buffer.
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// Whether [`RoadReader::read_frame`] would answer without reading:
+    /// a whole frame, or a framing error, is buffered.
+    pub fn has_frame(&self) -> bool {
+        match codec::peek_length(&self.buf, self.max_frame) {
+            Ok(Some(len)) => self.buf.len() >= codec::LENGTH_BYTES + len,
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     /// Reads once from the link into the buffer; returns the bytes read.
@@ -166,6 +200,14 @@ impl<W: AsyncWrite + Unpin> RoadWriter<W> {
     /// handshake. Anything batched and not flushed is lost.
     pub fn into_inner(self) -> W {
         self.io
+    }
+
+    /// A non-blocking second handle on the link (see [`DirectLink`]).
+    pub fn direct(&self) -> Option<Direct>
+    where
+        W: DirectLink,
+    {
+        self.io.direct()
     }
 
     /// Flushes and shuts down the write side.
@@ -255,6 +297,12 @@ pub mod unix {
                     Err(_would_block) => continue,
                 }
             }
+        }
+    }
+
+    impl DirectLink for WriteHalf {
+        fn direct(&self) -> Option<Direct> {
+            self.stream.try_clone().ok().map(Direct::Socket)
         }
     }
 
@@ -357,6 +405,15 @@ pub mod stdio {
             Err(_) => Output::Other(tokio::io::stdout()),
         };
         Ok((RoadReader::new(input, max_frame), RoadWriter::new(output)))
+    }
+
+    impl DirectLink for Output {
+        fn direct(&self) -> Option<Direct> {
+            match self {
+                Output::Pipe(p) => pipe_direct(p.as_fd()),
+                Output::Other(_) => None,
+            }
+        }
     }
 
     impl AsyncRead for Input {

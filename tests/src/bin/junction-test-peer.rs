@@ -75,7 +75,7 @@ async fn holder(driver: &Driver, port: &mut junction_driver::Port) -> anyhow::Re
             "kept".to_string()
         };
         if msg.is_call() {
-            msg.reply(answer).await?;
+            msg.reply(answer)?;
         }
     }
     Ok(())
