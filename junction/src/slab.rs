@@ -128,11 +128,6 @@ impl<T> Slab<T> {
             })
         })
     }
-
-    /// Every stored key.
-    pub(crate) fn keys(&self) -> Vec<Key> {
-        self.iter().map(|(k, _)| k).collect()
-    }
 }
 
 #[cfg(test)]

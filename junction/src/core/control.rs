@@ -195,8 +195,8 @@ impl Core {
             .conns
             .iter()
             .filter(|(_, c)| c.ready)
-            .map(|(key, c)| ConnectionInfo {
-                id: ConnId::from_key(key).get(),
+            .map(|(_, c)| ConnectionInfo {
+                id: c.serial,
                 label: c.label.clone(),
                 road: c.peer.road.to_string(),
                 pid: c.peer.pid,

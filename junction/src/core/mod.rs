@@ -79,23 +79,20 @@ impl Default for Config {
 
 /// A connection's id, unique for the life of the core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(u64);
+pub struct ConnId {
+    key: Key,
+    serial: u64,
+}
 
 impl ConnId {
     fn key(self) -> Key {
-        Key {
-            index: self.0 as u32,
-            generation: (self.0 >> 32) as u32,
-        }
+        self.key
     }
 
-    fn from_key(key: Key) -> Self {
-        Self(u64::from(key.generation) << 32 | u64::from(key.index))
-    }
-
-    /// The id as a number, for logs and listings.
+    /// The id as a number, for logs and listings: connections are counted
+    /// from 1 as they arrive.
     pub fn get(self) -> u64 {
-        self.0
+        self.serial
     }
 
     /// A small dense index: no two live connections share it, so a shell
@@ -107,7 +104,7 @@ impl ConnId {
 
 impl std::fmt::Display for ConnId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "c{}", self.0)
+        write!(f, "c{}", self.serial)
     }
 }
 
@@ -156,6 +153,7 @@ pub struct Core {
     names: HashMap<ServiceName, Registration>,
     out: VecDeque<Output>,
     credit_scratch: Vec<(ConnId, u32, u32)>,
+    next_serial: u64,
 }
 
 #[derive(Debug)]
@@ -167,6 +165,7 @@ struct Conn {
     ports: Vec<u16>,
     caps: Slab<Cap>,
     pending_calls: u32,
+    serial: u64,
 }
 
 /// A capability in a connection's table.
@@ -262,6 +261,7 @@ impl Core {
             names: HashMap::new(),
             out: VecDeque::new(),
             credit_scratch: Vec::new(),
+            next_serial: 1,
             config,
         }
     }
@@ -291,12 +291,15 @@ impl Core {
             ports: Vec::new(),
             caps: Slab::with_limit_and_mask(self.config.max_handles, 0xFFFF),
             pending_calls: 0,
+            serial: self.next_serial,
         };
+        self.next_serial += 1;
+        let serial = conn.serial;
         let key = self
             .conns
             .insert(conn)
-            .expect("connection ids are 32-bit; the OS runs out of sockets first");
-        ConnId::from_key(key)
+            .expect("connection slots are 32-bit; the OS runs out of sockets first");
+        ConnId { key, serial }
     }
 
     /// The connection's reader could not make a frame out of its bytes.
@@ -318,8 +321,15 @@ impl Core {
 
     /// The junction is stopping: every connection is told and closed.
     pub fn handle_shutdown(&mut self) {
-        for key in self.conns.keys() {
-            let conn = ConnId::from_key(key);
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .map(|(key, c)| ConnId {
+                key,
+                serial: c.serial,
+            })
+            .collect();
+        for conn in conns {
             self.frame(
                 conn,
                 Header::Goodbye {
