@@ -116,6 +116,11 @@ impl Proc {
         self.child.stdout.take()
     }
 
+    /// The child's stdin, to write to it (dropping it closes the pipe).
+    pub fn stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
     /// Waits (polling) up to `timeout` for the child to exit.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -176,3 +176,62 @@ fn a_spawned_child_exits_when_its_junction_is_killed() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A child on a stdio Road, served by a real core over real pipes: once it
+/// has registered, closing its stdin is all it takes for it to exit, cleanly.
+#[test]
+fn a_stdio_child_exits_on_its_own_when_its_road_closes() {
+    use bytes::BytesMut;
+    use junction::core::{Config, Core, Output, Peer};
+    use junction_road::codec;
+    use junction_road::control::ControlReply;
+    use std::io::{Read, Write};
+
+    let mut child = Proc::spawn(
+        Command::new(junction_bin())
+            .args(["echo", "--name", "t.stdio"])
+            .env("JUNCTION_ROAD", "stdio")
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut to_child = child.stdin().expect("stdin is piped");
+    let mut from_child = child.stdout().expect("stdout is piped");
+    let mut core = Core::new(Config::default());
+    let conn = core.handle_connected(Peer::default());
+    let mut buf = BytesMut::new();
+    let mut registered = false;
+    while !registered {
+        let frame = loop {
+            if let Some(f) = codec::decode(&mut buf, 1 << 20).expect("the child frames correctly") {
+                break f;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = from_child
+                .read(&mut chunk)
+                .expect("can read the child's stdout");
+            assert!(n > 0, "the child closed its road before registering");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        core.handle_frame(conn, frame);
+        while let Some(out) = core.poll_output() {
+            let Output::Frame { frame, .. } = out else {
+                continue;
+            };
+            if let junction_road::Header::Deliver(d) = &frame.header {
+                if d.origin.port == 0 {
+                    let reply: ControlReply = postcard::from_bytes(&frame.payload).unwrap();
+                    registered = reply == ControlReply::Registered;
+                }
+            }
+            let mut bytes = BytesMut::new();
+            codec::encode(&frame, &mut bytes);
+            to_child.write_all(&bytes).expect("can write to the child");
+        }
+    }
+    drop(to_child);
+    let status = child
+        .wait_timeout(T)
+        .expect("the child exits when its road closes");
+    assert!(status.success(), "{status}");
+}

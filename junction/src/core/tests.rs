@@ -926,3 +926,27 @@ fn credits_count_bytes_and_refusals_keep_sequence_numbers_in_step() {
         }]
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// Whatever well-delimited frames peers send, in whatever order, the
+    /// core answers without panicking and its books stay straight.
+    #[test]
+    fn arbitrary_frames_from_peers_never_break_the_core(
+        frames in proptest::collection::vec((0usize..3, proptest::collection::vec(any::<u8>(), 0..40)), 1..120)
+    ) {
+        let mut h = Harness::new();
+        let conns: Vec<ConnId> = (0..3).map(|_| h.connect().0).collect();
+        for (who, bytes) in frames {
+            let conn = conns[who];
+            match junction_road::codec::decode_body(Bytes::from(bytes)) {
+                Ok(frame) => h.core.handle_frame(conn, frame),
+                Err(e) => h.core.handle_frame_error(conn, &e),
+            }
+            h.drain();
+            h.inbox.clear();
+            h.payloads.clear();
+            h.check_invariants();
+        }
+    }
+}
