@@ -218,11 +218,11 @@ fn a_stdio_child_exits_on_its_own_when_its_road_closes() {
             let Output::Frame { frame, .. } = out else {
                 continue;
             };
-            if let junction_road::Header::Deliver(d) = &frame.header {
-                if d.origin.port == 0 {
-                    let reply: ControlReply = postcard::from_bytes(&frame.payload).unwrap();
-                    registered = reply == ControlReply::Registered;
-                }
+            if let junction_road::Header::Deliver(d) = &frame.header
+                && d.origin.port == 0
+            {
+                let reply: ControlReply = postcard::from_bytes(&frame.payload).unwrap();
+                registered = reply == ControlReply::Registered;
             }
             let mut bytes = BytesMut::new();
             codec::encode(&frame, &mut bytes);
