@@ -728,6 +728,17 @@ impl Port {
 impl Drop for Port {
     fn drop(&mut self) {
         if !self.closed.swap(true, Ordering::Relaxed) {
+            // What was consumed was delivered: report it before closing, so
+            // its senders are not told otherwise.
+            self.flush_acks();
+            // Calls still queued here fail when the junction closes the
+            // port; their replies need no Drop of their own.
+            self.rx.close();
+            while let Ok((mut msg, _)) = self.rx.try_recv() {
+                if let Some(reply) = msg.reply.as_mut() {
+                    reply.sent = true;
+                }
+            }
             self.shared.state().ports.remove(&self.address.port);
             let _ = self.shared.write(
                 Header::ClosePort {

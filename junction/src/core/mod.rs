@@ -242,8 +242,8 @@ impl Core {
         config.window = config
             .window
             .max(2 * credit_cost(config.max_frame as usize));
-        // Handles pack a 16-bit slot index.
-        config.max_handles = config.max_handles.min(0xFFFF);
+        // Handles pack a 16-bit slot index; handle 0 is always needed.
+        config.max_handles = config.max_handles.clamp(1, 0xFFFF);
         let mut ports = Slab::with_limit(u32::from(u16::MAX) + 1);
         let control = ports.insert(Port {
             owner: None,
@@ -707,6 +707,17 @@ impl Core {
         let (port, rights, seq, reply_to) = match checked {
             Ok(v) => v,
             Err((code, refund)) => {
+                // A refused reply still uses up its send-once capability
+                // (the driver counts it as used): its call fails now rather
+                // than at the caller's timeout.
+                if let Some(c) = self.conns.get_mut(conn.key())
+                    && c.caps
+                        .get(key_of(handle))
+                        .is_some_and(|cap| cap.rights.contains(Rights::SEND_ONCE))
+                    && let Some(cap) = c.caps.remove(key_of(handle))
+                {
+                    self.release(&cap, Reason::ReplyDropped);
+                }
                 let message = match code {
                     ErrorCode::UnknownHandle => {
                         format!("handle {handle} is not in this connection's capability table")
