@@ -172,6 +172,102 @@ impl AsRef<str> for ServiceName {
     }
 }
 
+/// A pattern of service names, as granted to an intermediate: an exact
+/// name (`org.acme.echo`), every name under a prefix (`org.acme.*` matches
+/// `org.acme.echo` and `org.acme.db.main`, not `org.acme` itself), or every
+/// name (`*`).
+///
+/// ```
+/// use junction_identity::{NamePattern, ServiceName};
+/// let p: NamePattern = "org.acme.*".parse().unwrap();
+/// assert!(p.matches(&"org.acme.echo".parse().unwrap()));
+/// assert!(!p.matches(&"org.acmex.echo".parse().unwrap()));
+/// assert!(!p.matches(&"org.acme".parse().unwrap()));
+/// assert!(p.covers(&"org.acme.db.*".parse().unwrap()));
+/// assert!(!p.covers(&"org.*".parse().unwrap()));
+/// assert!("org.*.x".parse::<NamePattern>().is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct NamePattern(String);
+
+impl NamePattern {
+    /// Checks and wraps a pattern.
+    pub fn new(pattern: impl Into<String>) -> Result<Self, NameError> {
+        let pattern = pattern.into();
+        if pattern != "*" {
+            let base = pattern.strip_suffix(".*").unwrap_or(&pattern);
+            validate(base)?;
+        }
+        Ok(Self(pattern))
+    }
+
+    /// The pattern as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `name` is one of the names this pattern stands for.
+    pub fn matches(&self, name: &ServiceName) -> bool {
+        match self.prefix() {
+            None if self.0 == "*" => true,
+            None => self.0 == name.as_str(),
+            Some(prefix) => name
+                .as_str()
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1),
+        }
+    }
+
+    /// Whether every name `other` stands for is one this pattern stands for.
+    pub fn covers(&self, other: &NamePattern) -> bool {
+        if self.0 == "*" {
+            return true;
+        }
+        match (self.prefix(), other.prefix()) {
+            (_, None) if other.0 == "*" => false,
+            (_, None) => ServiceName::new(other.0.clone()).is_ok_and(|n| self.matches(&n)),
+            (None, Some(_)) => false,
+            (Some(mine), Some(theirs)) => {
+                theirs == mine
+                    || theirs
+                        .strip_prefix(mine)
+                        .is_some_and(|rest| rest.starts_with('.'))
+            }
+        }
+    }
+
+    fn prefix(&self) -> Option<&str> {
+        self.0.strip_suffix(".*")
+    }
+}
+
+impl std::str::FromStr for NamePattern {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for NamePattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::new(s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NamePattern({:?})", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

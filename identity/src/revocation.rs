@@ -1,0 +1,98 @@
+//! Revocation lists: the certificates (by serial) and keys an authority
+//! no longer vouches for, signed by that authority.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cert::{Certificate, TrustStore};
+use crate::keys::{PublicKey, Purpose, SecretKey, Signature};
+use crate::{IdentityError, Verified};
+
+/// The PEM label of a revocation list.
+pub const REVOCATION_LABEL: &str = "JUNCTION REVOCATION LIST";
+
+/// What a revocation list says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationBody {
+    /// The authority that signed it.
+    pub issuer: PublicKey,
+    /// When it was made (seconds since the Unix epoch); a newer list replaces an older one.
+    pub issued_at: u64,
+    /// Revoked certificate serials.
+    pub serials: Vec<u64>,
+    /// Revoked subject keys (a stolen key: every certificate for it).
+    pub keys: Vec<PublicKey>,
+}
+
+/// A signed revocation list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationList {
+    /// What it says.
+    pub body: RevocationBody,
+    /// The authority's signature over the body.
+    pub signature: Signature,
+}
+
+impl RevocationList {
+    /// Signs `body` with the authority key `issuer`.
+    pub fn issue(body: RevocationBody, issuer: &SecretKey) -> Result<Self, IdentityError> {
+        if issuer.public() != body.issuer {
+            return Err(IdentityError::WrongIssuerKey);
+        }
+        let bytes =
+            postcard::to_allocvec(&body).map_err(|e| IdentityError::Encoding(e.to_string()))?;
+        Ok(Self {
+            signature: issuer.sign(Purpose::RevocationList, &bytes),
+            body,
+        })
+    }
+
+    /// Checks that a trusted authority signed it.
+    pub fn verify(self, trust: &TrustStore) -> Result<Verified<RevocationList>, IdentityError> {
+        if !trust.trusts(&self.body.issuer) {
+            return Err(IdentityError::Untrusted {
+                issuer: self.body.issuer,
+            });
+        }
+        let bytes = postcard::to_allocvec(&self.body)
+            .map_err(|e| IdentityError::Encoding(e.to_string()))?;
+        self.body
+            .issuer
+            .verify(Purpose::RevocationList, &bytes, &self.signature)
+            .map_err(|_| IdentityError::BadRevocationSignature)?;
+        Ok(Verified::new(self))
+    }
+
+    /// The PEM armour.
+    pub fn to_pem(&self) -> String {
+        crate::armour::encode(
+            REVOCATION_LABEL,
+            &postcard::to_allocvec(self).expect("lists always serialize"),
+        )
+    }
+
+    /// Reads the armour.
+    pub fn from_pem(text: &str) -> Result<Self, IdentityError> {
+        let blocks = crate::armour::decode_all(REVOCATION_LABEL, text)?;
+        let [bytes] = blocks.as_slice() else {
+            return Err(IdentityError::CertificateFormat(format!(
+                "expected one {REVOCATION_LABEL} block, found {}",
+                blocks.len()
+            )));
+        };
+        postcard::from_bytes(bytes).map_err(|e| IdentityError::CertificateFormat(e.to_string()))
+    }
+}
+
+impl Verified<RevocationList> {
+    /// Refuses a certificate the list revokes.
+    pub fn check(&self, cert: &Certificate) -> Result<(), IdentityError> {
+        if self.body.serials.contains(&cert.body.serial)
+            || self.body.keys.contains(&cert.body.subject)
+        {
+            return Err(IdentityError::Revoked {
+                serial: cert.body.serial,
+            });
+        }
+        Ok(())
+    }
+}
