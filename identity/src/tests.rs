@@ -115,7 +115,8 @@ fn every_field_altered_breaks_the_signature() {
     let cert =
         Certificate::issue(body(7, &key, service(&["a.b"]), &b.authority), &b.authority).unwrap();
     let other = SecretKey::generate().unwrap().public();
-    let alterations: Vec<Box<dyn Fn(&mut CertBody)>> = vec![
+    type Alteration = Box<dyn Fn(&mut CertBody)>;
+    let alterations: Vec<Alteration> = vec![
         Box::new(|c| c.version = 2),
         Box::new(|c| c.serial += 1),
         Box::new(move |c| c.subject = other),
