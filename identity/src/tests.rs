@@ -51,7 +51,10 @@ fn a_service_certificate_verifies_and_grants_its_names() {
         &b.authority,
     )
     .unwrap();
-    let v = b.trust.verify_chain(&[cert.clone()], NOW, None).unwrap();
+    let v = b
+        .trust
+        .verify_chain(std::slice::from_ref(&cert), NOW, None)
+        .unwrap();
     assert!(v.grants(&"org.acme.echo".parse().unwrap()));
     assert!(!v.grants(&"org.acme.other".parse().unwrap()));
     // With the authority's certificate appended, too.
@@ -72,11 +75,13 @@ fn time_untrusted_and_swapped_keys_are_refused() {
     let key = SecretKey::generate().unwrap();
     let cert = Certificate::issue(body(7, &key, Role::Client, &b.authority), &b.authority).unwrap();
     assert!(matches!(
-        b.trust.verify_chain(&[cert.clone()], NOW + 100, None),
+        b.trust
+            .verify_chain(std::slice::from_ref(&cert), NOW + 100, None),
         Err(IdentityError::Expired { .. })
     ));
     assert!(matches!(
-        b.trust.verify_chain(&[cert.clone()], NOW - 101, None),
+        b.trust
+            .verify_chain(std::slice::from_ref(&cert), NOW - 101, None),
         Err(IdentityError::NotYetValid { .. })
     ));
     let rogue = SecretKey::generate().unwrap();
@@ -279,7 +284,11 @@ fn proofs_bind_the_key_the_nonce_and_the_junction() {
     let cert = Certificate::issue(body(7, &key, Role::Client, &b.authority), &b.authority).unwrap();
     let nonce = [9u8; 32];
     let proof = prove_possession(&key, &nonce, 1);
-    let verified = || b.trust.verify_chain(&[cert.clone()], NOW, None).unwrap();
+    let verified = || {
+        b.trust
+            .verify_chain(std::slice::from_ref(&cert), NOW, None)
+            .unwrap()
+    };
     let proven = verify_possession(verified(), &nonce, 1, &proof).unwrap();
     assert_eq!(proven.key(), key.public());
     assert!(matches!(
