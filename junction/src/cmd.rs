@@ -49,6 +49,18 @@ pub(crate) struct ServeArgs {
     /// The largest frame accepted, in bytes.
     #[arg(long)]
     max_frame: Option<u32>,
+    /// The bus authority's certificate: services prove their names against it.
+    #[arg(long)]
+    authority: Option<PathBuf>,
+    /// The authority's revocation list (reloaded on SIGHUP).
+    #[arg(long)]
+    revocations: Option<PathBuf>,
+    /// Names that need no certificate, for development only, e.g. 'dev.*' (repeatable).
+    #[arg(long)]
+    dev_namespace: Vec<String>,
+    /// A user id allowed to connect (repeatable; default: anyone who can open the socket).
+    #[arg(long)]
+    allow_uid: Vec<u32>,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -92,6 +104,30 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut spawn = file.spawn.clone();
     spawn.extend(args.spawn);
+    let authority = args.authority.or(file.authority.clone());
+    let trust = match &authority {
+        Some(path) => junction::config::load_trust(path)?,
+        None => junction_identity::TrustStore::new(),
+    };
+    let revocations_path = args.revocations.or(file.revocations.clone());
+    let revocations = match &revocations_path {
+        Some(path) => Some(junction::config::load_revocations(path, &trust)?),
+        None => None,
+    };
+    let mut dev = file.dev_namespace.clone();
+    dev.extend(args.dev_namespace);
+    let dev_namespace = junction::config::parse_patterns(&dev)?;
+    if authority.is_none() && dev_namespace.is_empty() {
+        tracing::warn!(
+            "no authority configured (--authority): no name can be registered; \
+             give one, or a development namespace (--dev-namespace 'dev.*')"
+        );
+    }
+    for pattern in &dev_namespace {
+        tracing::warn!("DEVELOPMENT NAMESPACE ON: names matching {pattern} need no certificate");
+    }
+    let mut allow_uids = file.allow_uids.clone();
+    allow_uids.extend(args.allow_uid);
     let config = ServeConfig {
         socket,
         core: core::Config {
@@ -101,8 +137,13 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_handles: file.max_handles.unwrap_or(defaults.max_handles),
             max_ports: file.max_ports.unwrap_or(defaults.max_ports),
             max_pending_calls: file.max_pending_calls.unwrap_or(defaults.max_pending_calls),
+            trust,
+            revocations,
+            dev_namespace,
         },
         spawn,
+        revocations_path,
+        allow_uids,
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
     };
     run_junction(config, shutdown_signal())

@@ -11,6 +11,10 @@
 //! max_pending_calls = 1024
 //! grace_ms = 3000
 //! spawn = ["/usr/bin/my-service --flag"]
+//! authority = "/etc/junction/authority.cert"
+//! revocations = "/etc/junction/revoked.crl"
+//! dev_namespace = ["dev.*"]
+//! allow_uids = [1000]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -40,6 +44,18 @@ pub struct FileConfig {
     /// Commands to spawn with stdio Roads.
     #[serde(default)]
     pub spawn: Vec<String>,
+    /// The bus authority's certificate (PEM); several may follow each other.
+    pub authority: Option<PathBuf>,
+    /// The authority's revocation list (PEM), reloaded on SIGHUP.
+    pub revocations: Option<PathBuf>,
+    /// Name patterns that may be registered without a certificate, for
+    /// development only (each registration is logged as such).
+    #[serde(default)]
+    pub dev_namespace: Vec<String>,
+    /// User ids that may connect over the socket; empty means any user
+    /// who can open the socket (which is created 0600).
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
 }
 
 /// Why the configuration file could not be used.
@@ -107,6 +123,50 @@ impl FileConfig {
         }
         Ok(config)
     }
+}
+
+/// Loads the trusted authorities from a PEM file of authority certificates.
+pub fn load_trust(path: &Path) -> Result<junction_identity::TrustStore, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = junction_identity::Certificate::chain_from_pem(&text)
+        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+    let mut trust = junction_identity::TrustStore::new();
+    for cert in &certs {
+        trust
+            .add_authority(cert)
+            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+    }
+    Ok(trust)
+}
+
+/// Loads and checks a revocation list against the trusted authorities.
+pub fn load_revocations(
+    path: &Path,
+    trust: &junction_identity::TrustStore,
+) -> Result<junction_identity::Verified<junction_identity::RevocationList>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    junction_identity::RevocationList::from_pem(&text)
+        .and_then(|list| list.verify(trust))
+        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Parses development-namespace patterns.
+pub fn parse_patterns(
+    patterns: &[String],
+) -> Result<Vec<junction_identity::NamePattern>, ConfigError> {
+    patterns
+        .iter()
+        .map(|p| {
+            p.parse()
+                .map_err(|e| ConfigError::Invalid(format!("development namespace {p:?}: {e}")))
+        })
+        .collect()
 }
 
 /// Checks that `id` may name a junction: 0 means "this junction" and

@@ -30,12 +30,17 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .into_owned();
     let config = ServeConfig {
         socket: socket.clone(),
-        core: core::Config::default(),
+        core: core::Config {
+            dev_namespace: vec!["demo.*".parse()?],
+            ..core::Config::default()
+        },
         spawn: vec![
             format!("{exe} echo --name demo.echo"),
             format!("{exe} demo-peer"),
         ],
         grace: Duration::from_secs(2),
+        revocations_path: None,
+        allow_uids: Vec::new(),
     };
     step(
         1,

@@ -33,6 +33,10 @@ pub struct ServeConfig {
     pub spawn: Vec<String>,
     /// How long children get between the terminate signal and the kill.
     pub grace: Duration,
+    /// The revocation list to reload on SIGHUP.
+    pub revocations_path: Option<PathBuf>,
+    /// User ids that may connect over the socket; empty means any.
+    pub allow_uids: Vec<u32>,
 }
 
 /// Why the junction could not start or keep running.
@@ -61,6 +65,7 @@ pub enum ServeError {
 /// Cheap handle for controlling a running junction from inside its thread.
 struct Shell {
     core: RefCell<Core>,
+    allow_uids: Vec<u32>,
     conns: RefCell<Vec<Option<ConnSlot>>>,
     /// Connections with frames pushed since the last flush.
     dirty: RefCell<Vec<ConnId>>,
@@ -156,6 +161,7 @@ pub async fn serve(
     let shell = Rc::new(Shell {
         max_frame: config.core.max_frame,
         core: RefCell::new(Core::new(config.core.clone())),
+        allow_uids: config.allow_uids.clone(),
         conns: RefCell::new(Vec::new()),
         dirty: RefCell::new(Vec::new()),
     });
@@ -164,6 +170,7 @@ pub async fn serve(
     for command in &config.spawn {
         let (child, stdout, stdin) = children::spawn(command, &config.socket)?;
         let peer = Peer {
+            nonce: fresh_nonce(),
             road: "stdio",
             pid: child.pid(),
             ..Peer::default()
@@ -180,8 +187,19 @@ pub async fn serve(
     );
 
     tokio::pin!(shutdown);
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = ticks.tick() => {
+                shell.core.borrow_mut().handle_timeout(unix_now());
+                shell.pump();
+                shell.flush();
+            }
+            Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => None } } => {
+                shell.reload_revocations(&config);
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     writers.retain(|w| !w.is_finished());
@@ -219,7 +237,21 @@ async fn futures_join(handles: Vec<JoinHandle<()>>) {
 impl Shell {
     fn accept(self: &Rc<Self>, stream: UnixStream) -> Option<JoinHandle<()>> {
         let cred = stream.peer_cred().ok();
+        if !self.allow_uids.is_empty() {
+            let uid = cred.map(|c| c.uid());
+            if !uid.is_some_and(|u| self.allow_uids.contains(&u)) {
+                let pid = cred.and_then(|c| c.pid());
+                tracing::warn!(
+                    ?uid,
+                    ?pid,
+                    "refused a connection from a user not in allow_uids"
+                );
+                refuse_stream(stream, uid);
+                return None;
+            }
+        }
         let peer = Peer {
+            nonce: fresh_nonce(),
             road: "unix",
             pid: cred
                 .and_then(|c| c.pid())
@@ -279,6 +311,24 @@ impl Shell {
             slot.reader = Some(reader_task.abort_handle());
         }
         writer_task
+    }
+
+    fn reload_revocations(&self, config: &ServeConfig) {
+        let Some(path) = &config.revocations_path else {
+            tracing::info!("SIGHUP: no revocation list configured, nothing to reload");
+            return;
+        };
+        match crate::config::load_revocations(path, &config.core.trust) {
+            Ok(list) => {
+                tracing::info!(path = %path.display(), revoked = list.body.serials.len() + list.body.keys.len(), "SIGHUP: revocation list reloaded");
+                let mut core = self.core.borrow_mut();
+                core.set_now(unix_now());
+                core.set_revocations(Some(list));
+            }
+            Err(e) => tracing::error!("SIGHUP: keeping the old revocation list: {e}"),
+        }
+        self.pump();
+        self.flush();
     }
 
     /// Carries out everything the core asked for. Frames are queued; the
@@ -359,7 +409,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
     loop {
         match reader.read_frame().await {
             Ok(Some(frame)) => {
-                shell.core.borrow_mut().handle_frame(conn, frame);
+                {
+                    let mut core = shell.core.borrow_mut();
+                    core.set_now(unix_now());
+                    core.handle_frame(conn, frame);
+                }
                 shell.pump();
                 if !reader.has_frame() {
                     shell.flush();
@@ -394,4 +448,37 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return;
         }
     }
+}
+
+/// Random bytes for a connection's proofs of possession.
+fn fresh_nonce() -> [u8; 32] {
+    let mut nonce = [0u8; 32];
+    // Without randomness from the OS no proof could be trusted: stop.
+    getrandom::fill(&mut nonce).expect("the operating system provides randomness");
+    nonce
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Tells a refused peer why, then hangs up (without waiting on it).
+fn refuse_stream(stream: UnixStream, uid: Option<u32>) {
+    let frame =
+        junction_road::Frame::bare(junction_road::Header::Error(junction_road::ErrorFrame {
+            req: 0,
+            handle: u32::MAX,
+            tag: 0,
+            code: junction_road::ErrorCode::NotAllowed,
+            message: format!(
+                "user {} may not use this junction (allow_uids)",
+                uid.map_or("unknown".to_string(), |u| u.to_string())
+            ),
+        }));
+    let mut bytes = bytes::BytesMut::new();
+    junction_road::codec::encode(&frame, &mut bytes);
+    let _ = stream.try_write(&bytes);
 }

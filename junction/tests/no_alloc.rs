@@ -91,7 +91,10 @@ fn control(core: &mut Core, conn: ConnId, request: ControlRequest, caps: Vec<u32
 
 #[test]
 fn forwarding_allocates_nothing_per_message() {
-    let mut core = Core::new(Config::default());
+    let mut core = Core::new(Config {
+        dev_namespace: vec!["alloc.*".parse().unwrap()],
+        ..Config::default()
+    });
     let sender = connect(&mut core);
     let receiver = connect(&mut core);
     core.handle_frame(receiver, Frame::bare(Header::OpenPort { req: 1 }));

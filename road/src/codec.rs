@@ -224,7 +224,8 @@ mod tests {
                         tag,
                         reply,
                         caps,
-                        ack
+                        ack,
+                        identity: None,
                     }
                 )),
             (any::<u32>(), any::<u64>(), any::<u32>(), arb_reason()).prop_map(

@@ -4,11 +4,11 @@
 //! (handle 0). It calls it with a postcard-encoded [`ControlRequest`] as the
 //! payload; the reply's payload is a postcard-encoded [`ControlReply`].
 
-use junction_identity::ServiceName;
+use junction_identity::{Certificate, ServiceName, Signature};
 use serde::{Deserialize, Serialize};
 
 use crate::address::Address;
-use crate::frame::ErrorCode;
+use crate::frame::{ErrorCode, Identity};
 
 /// The handle every Driver holds for its Junction's control port.
 pub const CONTROL_HANDLE: u32 = 0;
@@ -34,6 +34,15 @@ pub enum ControlRequest {
     },
     /// List ports, connections and names (behind `junction ls`).
     List,
+    /// Prove this connection's identity: a certificate chain (leaf first)
+    /// and a signature over the Welcome's nonce with the leaf's key (see
+    /// `junction_identity::prove_possession`).
+    Authenticate {
+        /// The chain, leaf first.
+        chain: Vec<Certificate>,
+        /// The proof of possession.
+        proof: Signature,
+    },
 }
 
 /// The control port's answer.
@@ -47,7 +56,13 @@ pub enum ControlReply {
     Found {
         /// The address of the service's port.
         address: Address,
+        /// The certificate chain the service proved when it registered, so
+        /// the caller can check whom it talks to, end to end. `None` for a
+        /// name in a development namespace.
+        chain: Option<Vec<Certificate>>,
     },
+    /// The identity is proven for this connection.
+    Authenticated(Identity),
     /// What `List` asked for.
     Listing(Listing),
     /// The request was refused.
@@ -108,4 +123,6 @@ pub struct ConnectionInfo {
     pub handles: u32,
     /// Its calls waiting for a reply.
     pub pending_calls: u32,
+    /// Its proven key, if it authenticated.
+    pub identity: Option<String>,
 }

@@ -4,7 +4,10 @@
 //! they are declared here, so the order is part of the protocol: add new
 //! variants at the end only.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use junction_identity::{PublicKey, ServiceName};
 use serde::{Deserialize, Serialize};
 
 use crate::address::Address;
@@ -189,6 +192,37 @@ pub enum Header {
         /// What happened, for a person.
         reason: String,
     },
+    /// D→J: make a narrower capability from one this Driver holds: fewer
+    /// rights, an expiry, a message budget, and optionally revocable. The
+    /// answer is `Minted`.
+    Attenuate(Attenuate),
+    /// D→J: revoke the revocable capability `handle` (made with
+    /// `Attenuate { revocable: true }`): it and every capability derived
+    /// from it die with [`Reason::Revoked`].
+    Revoke {
+        /// The handle of the revocable root.
+        handle: u32,
+    },
+}
+
+/// A request for a narrower capability.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attenuate {
+    /// Request id, echoed in the answer.
+    pub req: u32,
+    /// The capability to narrow.
+    pub handle: u32,
+    /// The rights to keep: a subset of the original's.
+    pub rights: Rights,
+    /// Seconds since the Unix epoch after which it is dead; no later than
+    /// the original's expiry.
+    pub expires_at: Option<u64>,
+    /// How many messages it may send; no more than the original's budget.
+    /// A budgeted capability moves when passed on, never copies.
+    pub max_messages: Option<u32>,
+    /// Whether the new capability is the root of a revocable lineage: the
+    /// requester may later `Revoke` it and everything derived from it.
+    pub revocable: bool,
 }
 
 /// The first frame a Driver sends.
@@ -225,6 +259,9 @@ pub struct Welcome {
     pub max_ports: u32,
     /// The most calls this connection may have waiting for a reply.
     pub max_pending_calls: u32,
+    /// Fresh random bytes for this connection: what a proof of key
+    /// possession signs (see the control port's `Authenticate`).
+    pub nonce: [u8; 32],
 }
 
 /// A one-way message.
@@ -265,6 +302,18 @@ pub struct Deliver {
     /// its caller has many calls pending): the receiver should report
     /// consumption (`Credit`) as soon as it has consumed this message.
     pub ack: bool,
+    /// The sender's proven identity, stamped by the Junction when the
+    /// sender authenticated; it cannot be forged.
+    pub identity: Option<Arc<Identity>>,
+}
+
+/// A proven identity, as deliveries carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The key the sender proved it holds.
+    pub key: PublicKey,
+    /// The names its certificate grants (empty for clients).
+    pub names: Vec<ServiceName>,
 }
 
 /// A capability handed to a Driver inside a message.
@@ -383,6 +432,8 @@ pub enum Reason {
     ReplyDropped,
     /// The Junction is shutting down.
     Shutdown,
+    /// The capability used up its message budget.
+    Exhausted,
 }
 
 impl std::fmt::Display for Reason {
@@ -394,6 +445,7 @@ impl std::fmt::Display for Reason {
             Reason::Expired => "the capability expired",
             Reason::ReplyDropped => "the receiver dropped the call without replying",
             Reason::Shutdown => "the junction is shutting down",
+            Reason::Exhausted => "the capability used up its message budget",
         })
     }
 }
@@ -439,4 +491,22 @@ pub enum ErrorCode {
     BadRegistration,
     /// A call's tag was 0, which means "no call".
     BadTag,
+    /// The certificate chain did not verify (untrusted, expired, not yet
+    /// valid, tampered, outside its issuer's patterns).
+    BadCertificate,
+    /// A certificate of the chain is revoked.
+    CertificateRevoked,
+    /// The proof of possession does not verify (wrong key, or made for
+    /// another connection).
+    BadProof,
+    /// The name is not granted to this connection's proven identity.
+    NameNotGranted,
+    /// This connection already proved an identity.
+    AlreadyAuthenticated,
+    /// The connecting user may not use this junction.
+    NotAllowed,
+    /// An attenuation asked for more than the original capability has.
+    CannotWiden,
+    /// The capability is not a revocable root this connection made.
+    NotRevocable,
 }

@@ -31,8 +31,8 @@ pub mod transport;
 pub use address::{Address, AddressError};
 pub use codec::FrameError;
 pub use frame::{
-    Call, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Hello, MAGIC, PROTOCOL_VERSION,
-    Reason, Rights, Send, Welcome,
+    Attenuate, Call, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Hello, Identity,
+    MAGIC, PROTOCOL_VERSION, Reason, Rights, Send, Welcome,
 };
 pub use transport::{DirectLink, RoadError, RoadReader, RoadWriter};
 

@@ -161,6 +161,9 @@ impl TestJunction {
                 .arg("serve")
                 .arg("--socket")
                 .arg(&socket)
+                // The cross-process tests of the local bus use unguarded
+                // names under t.*; the impostor suite uses certificates.
+                .args(["--dev-namespace", "t.*"])
                 .args(extra)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null()),

@@ -68,7 +68,7 @@ async fn sigterm_tells_drivers_ends_children_and_removes_the_socket() {
         Command::new(junction_bin())
             .args(["serve", "--socket"])
             .arg(&socket)
-            .args(["--spawn", &child_cmd])
+            .args(["--spawn", &child_cmd, "--dev-namespace", "t.*"])
             .env("RUST_LOG", "off")
             .stdin(Stdio::null()),
     );
@@ -134,7 +134,7 @@ fn a_spawned_child_exits_when_its_junction_is_killed() {
         Command::new(junction_bin())
             .args(["serve", "--socket"])
             .arg(&socket)
-            .args(["--spawn", &child_cmd])
+            .args(["--spawn", &child_cmd, "--dev-namespace", "t.*"])
             .env("RUST_LOG", "off")
             .stdin(Stdio::null()),
     );
@@ -197,7 +197,10 @@ fn a_stdio_child_exits_on_its_own_when_its_road_closes() {
     );
     let mut to_child = child.stdin().expect("stdin is piped");
     let mut from_child = child.stdout().expect("stdout is piped");
-    let mut core = Core::new(Config::default());
+    let mut core = Core::new(Config {
+        dev_namespace: vec!["t.*".parse().unwrap()],
+        ..Config::default()
+    });
     let conn = core.handle_connected(Peer::default());
     let mut buf = BytesMut::new();
     let mut registered = false;

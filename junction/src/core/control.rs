@@ -44,6 +44,7 @@ impl Core {
             reply: None,
             caps: granted.into_iter().collect(),
             ack,
+            identity: None,
         };
         self.out.push_back(Output::Frame {
             conn,
@@ -114,9 +115,13 @@ impl Core {
                     credits: self.initial_credits(reg.rights),
                     address,
                 };
-                (ControlReply::Found { address }, Some(granted))
+                let chain = reg.chain.map(|c| c.as_ref().clone());
+                (ControlReply::Found { address, chain }, Some(granted))
             }
             ControlRequest::List => (ControlReply::Listing(self.listing()), None),
+            ControlRequest::Authenticate { chain, proof } => {
+                (self.authenticate(conn, chain, &proof), None)
+            }
         }
     }
 
@@ -156,8 +161,41 @@ impl Core {
                 format!("a name can only be registered for a port this connection owns ({name})"),
             );
         }
+        let chain = match self.conns.get(conn.key()).and_then(|c| c.identity.clone()) {
+            Some((identity, chain)) if identity.names.contains(&name) => Some(chain),
+            _ if self.config.dev_namespace.iter().any(|p| p.matches(&name)) => {
+                tracing::warn!(
+                    conn = %conn,
+                    "{name} registered without a certificate, in the development namespace"
+                );
+                None
+            }
+            identity => {
+                let message = match identity {
+                    Some((identity, _)) => format!(
+                        "{name} is not granted by this connection's certificate (it grants {})",
+                        if identity.names.is_empty() {
+                            "no names".to_string()
+                        } else {
+                            identity
+                                .names
+                                .iter()
+                                .map(|n| n.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    ),
+                    None => format!(
+                        "registering {name} needs a service certificate granting it: authenticate this connection first"
+                    ),
+                };
+                self.log_refusal(conn, &message);
+                return refused(ErrorCode::NameNotGranted, message);
+            }
+        };
         if let Some(existing) = self.names.get(&name) {
             let address = Address::new(self.config.junction, existing.port.index as u16);
+            self.log_refusal(conn, &format!("{name} is taken"));
             return refused(
                 ErrorCode::NameTaken,
                 format!("{name} is already registered, by port {address}"),
@@ -171,6 +209,7 @@ impl Core {
             Registration {
                 port: cap.port,
                 rights: cap.rights,
+                chain,
             },
         );
         ControlReply::Registered
@@ -205,6 +244,10 @@ impl Core {
                 ports: c.ports.len() as u32,
                 handles: c.caps.len() as u32,
                 pending_calls: c.pending_calls,
+                identity: c.identity.as_ref().map(|(id, _)| {
+                    let names: Vec<String> = id.names.iter().map(|n| n.to_string()).collect();
+                    format!("{} {}", &id.key.to_hex()[..16], names.join(","))
+                }),
             })
             .collect();
         Listing {

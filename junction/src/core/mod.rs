@@ -28,20 +28,26 @@
 //! stay pending until the caller consumes the reply. A client that never reads
 //! its replies therefore stalls only its own calls.
 
+mod attenuation;
+mod authentication;
 mod control;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use junction_identity::ServiceName;
+use junction_identity::{
+    Certificate, NamePattern, RevocationList, ServiceName, TrustStore, Verified,
+};
 use junction_road::codec::FrameError;
 use junction_road::control::CONTROL_HANDLE;
 pub use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
 use junction_road::{
-    Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, MAGIC, PROTOCOL_VERSION,
-    Reason, Rights, Welcome,
+    Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Identity, MAGIC,
+    PROTOCOL_VERSION, Reason, Rights, Welcome,
 };
 
 use crate::slab::{Key, Slab};
@@ -62,6 +68,13 @@ pub struct Config {
     pub max_ports: u32,
     /// Calls one connection may have waiting for a reply.
     pub max_pending_calls: u32,
+    /// The authorities whose certificates this junction believes.
+    pub trust: TrustStore,
+    /// Certificates and keys the authority revoked.
+    pub revocations: Option<Verified<RevocationList>>,
+    /// Names that may be registered without a certificate, for development.
+    /// Empty (off) by default.
+    pub dev_namespace: Vec<NamePattern>,
 }
 
 impl Default for Config {
@@ -73,6 +86,9 @@ impl Default for Config {
             max_handles: 4096,
             max_ports: 256,
             max_pending_calls: 1024,
+            trust: TrustStore::new(),
+            revocations: None,
+            dev_namespace: Vec::new(),
         }
     }
 }
@@ -119,6 +135,8 @@ pub struct Peer {
     pub uid: Option<u32>,
     /// Its group id, from the OS.
     pub gid: Option<u32>,
+    /// Fresh random bytes for the Welcome, for proofs of key possession.
+    pub nonce: [u8; 32],
 }
 
 /// What the shell must do next.
@@ -154,6 +172,13 @@ pub struct Core {
     out: VecDeque<Output>,
     credit_scratch: Vec<(ConnId, u32, u32)>,
     next_serial: u64,
+    /// Seconds since the Unix epoch, as the shell last said.
+    now: u64,
+    /// Members of each revocable lineage, for `Revoke`.
+    lineages: HashMap<u64, Vec<(ConnId, u32)>>,
+    next_lineage: u64,
+    /// Capabilities with an expiry, soonest first, for `handle_timeout`.
+    expiries: BinaryHeap<Reverse<(u64, ConnId, u32)>>,
 }
 
 #[derive(Debug)]
@@ -166,6 +191,10 @@ struct Conn {
     caps: Slab<Cap>,
     pending_calls: u32,
     serial: u64,
+    /// What a proof of possession on this connection must sign.
+    nonce: [u8; 32],
+    /// The identity it proved, and the chain it proved it with.
+    identity: Option<(Arc<Identity>, Arc<Vec<Certificate>>)>,
 }
 
 /// A capability in a connection's table.
@@ -178,6 +207,41 @@ struct Cap {
     seq: u64,
     /// For a send-once reply capability: the caller and its tag.
     reply_to: Option<(ConnId, u64)>,
+    /// Dead on its own (revoked, expired, budget used up), port alive or not.
+    dead: Option<Reason>,
+    /// Seconds since the Unix epoch from which it is dead.
+    expires_at: Option<u64>,
+    /// Messages it may still send; a budgeted capability moves, never copies.
+    remaining: Option<u32>,
+    /// The revocable lineages it belongs to.
+    lineages: Vec<u64>,
+    /// The lineage this handle is the revocable root of.
+    root: Option<u64>,
+    /// Whether its holder asked to hear of its death.
+    watched: bool,
+}
+
+impl Cap {
+    fn new(port: Key, rights: Rights, credits: u32, reply_to: Option<(ConnId, u64)>) -> Self {
+        Self {
+            port,
+            rights,
+            credits,
+            seq: 0,
+            reply_to,
+            dead: None,
+            expires_at: None,
+            remaining: None,
+            lineages: Vec::new(),
+            root: None,
+            watched: false,
+        }
+    }
+
+    /// Whether it must move rather than copy when passed on.
+    fn moves(&self) -> bool {
+        self.rights.contains(Rights::SEND_ONCE) || self.remaining.is_some()
+    }
 }
 
 #[derive(Debug)]
@@ -209,6 +273,8 @@ struct InFlight {
 struct Registration {
     port: Key,
     rights: Rights,
+    /// The chain the registrant proved; `None` in the development namespace.
+    chain: Option<Arc<Vec<Certificate>>>,
 }
 
 /// No handle, in an [`ErrorFrame`].
@@ -262,6 +328,10 @@ impl Core {
             out: VecDeque::new(),
             credit_scratch: Vec::new(),
             next_serial: 1,
+            now: 0,
+            lineages: HashMap::new(),
+            next_lineage: 1,
+            expiries: BinaryHeap::new(),
             config,
         }
     }
@@ -276,6 +346,27 @@ impl Core {
         self.conns.len()
     }
 
+    /// The time, in seconds since the Unix epoch: the shell tells the core
+    /// before handing it input, so that the core never reads a clock.
+    pub fn set_now(&mut self, now: u64) {
+        self.now = now;
+    }
+
+    /// Time passed: capabilities whose expiry has come die, and their
+    /// watchers are told.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now = now;
+        while let Some(Reverse((at, conn, handle))) = self.expiries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop();
+            self.cap_died(conn, handle, Reason::Expired, |cap| {
+                cap.expires_at == Some(at)
+            });
+        }
+    }
+
     /// The next thing the shell must do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
@@ -283,6 +374,7 @@ impl Core {
 
     /// A new connection arrived; it must send a Hello first.
     pub fn handle_connected(&mut self, peer: Peer) -> ConnId {
+        let nonce = peer.nonce;
         let conn = Conn {
             peer,
             label: String::new(),
@@ -292,6 +384,8 @@ impl Core {
             caps: Slab::with_limit_and_mask(self.config.max_handles, 0xFFFF),
             pending_calls: 0,
             serial: self.next_serial,
+            nonce,
+            identity: None,
         };
         self.next_serial += 1;
         let serial = conn.serial;
@@ -364,6 +458,8 @@ impl Core {
                 self.send(conn, call.handle, Some(call.tag), call.caps, frame.payload)
             }
             Header::Credit { port, count } => self.credit(conn, port, count),
+            Header::Attenuate(a) => self.attenuate(conn, a),
+            Header::Revoke { handle } => self.revoke(conn, handle),
             Header::Ping { nonce } => self.frame(conn, Header::Pong { nonce }),
             Header::Pong { .. } => {}
             other => self.error(
@@ -432,6 +528,7 @@ impl Core {
             max_handles: config.max_handles,
             max_ports: config.max_ports,
             max_pending_calls: config.max_pending_calls,
+            nonce: self.conns.get(conn.key()).map_or([0; 32], |c| c.nonce),
         };
         let Some(c) = self.conns.get_mut(conn.key()) else {
             return;
@@ -440,13 +537,12 @@ impl Core {
         c.home = home;
         c.label = hello.label.chars().take(64).collect();
         // The control capability: handle 0, the first entry of the table.
-        let control = c.caps.insert(Cap {
-            port: port_key(CONTROL_PORT, 0),
-            rights: Rights::SEND,
-            credits: u32::MAX,
-            seq: 0,
-            reply_to: None,
-        });
+        let control = c.caps.insert(Cap::new(
+            port_key(CONTROL_PORT, 0),
+            Rights::SEND,
+            u32::MAX,
+            None,
+        ));
         debug_assert_eq!(control.map(handle_of), Some(CONTROL_HANDLE));
         self.frame(conn, Header::Welcome(welcome));
     }
@@ -571,18 +667,55 @@ impl Core {
         reply_to: Option<(ConnId, u64)>,
     ) -> Option<u32> {
         let credits = self.initial_credits(rights);
+        self.insert_cap(conn, Cap::new(port, rights, credits, reply_to))
+    }
+
+    /// Puts `cap` into `conn`'s table and into the books: sender counts,
+    /// lineages, expiries. `None` when the table is full.
+    fn insert_cap(&mut self, conn: ConnId, cap: Cap) -> Option<u32> {
+        let port = cap.port;
+        let expires_at = cap.expires_at;
+        let lineages = cap.lineages.clone();
         let c = self.conns.get_mut(conn.key())?;
-        let key = c.caps.insert(Cap {
-            port,
-            rights,
-            credits,
-            seq: 0,
-            reply_to,
-        })?;
+        let handle = handle_of(c.caps.insert(cap)?);
         if let Some(p) = self.ports.get_mut(port) {
             p.senders += 1;
         }
-        Some(handle_of(key))
+        for lineage in lineages {
+            self.lineages
+                .entry(lineage)
+                .or_default()
+                .push((conn, handle));
+        }
+        if let Some(at) = expires_at {
+            self.expiries.push(Reverse((at, conn, handle)));
+        }
+        Some(handle)
+    }
+
+    /// A capability dies on its own (revoked, expired, budget spent), if it
+    /// is still the one `which` recognises; its watcher is told.
+    fn cap_died(
+        &mut self,
+        conn: ConnId,
+        handle: u32,
+        reason: Reason,
+        which: impl Fn(&Cap) -> bool,
+    ) {
+        let Some(cap) = self
+            .conns
+            .get_mut(conn.key())
+            .and_then(|c| c.caps.get_mut(key_of(handle)))
+        else {
+            return;
+        };
+        if cap.dead.is_some() || !which(cap) {
+            return;
+        }
+        cap.dead = Some(reason);
+        if cap.watched {
+            self.frame(conn, Header::Dead { handle, reason });
+        }
     }
 
     fn drop_handle(&mut self, conn: ConnId, handle: u32) {
@@ -628,10 +761,24 @@ impl Core {
     }
 
     fn watch(&mut self, conn: ConnId, handle: u32) {
-        let Some(cap) = self.cap(conn, handle) else {
+        let now = self.now;
+        let Some(cap) = self
+            .conns
+            .get_mut(conn.key())
+            .and_then(|c| c.caps.get_mut(key_of(handle)))
+        else {
             self.unknown_handle(conn, 0, handle);
             return;
         };
+        cap.watched = true;
+        if let Some(reason) = cap.dead {
+            self.frame(conn, Header::Dead { handle, reason });
+            return;
+        }
+        if cap.expires_at.is_some_and(|at| now >= at) {
+            self.cap_died(conn, handle, Reason::Expired, |_| true);
+            return;
+        }
         let port = cap.port;
         match self.ports.get_mut(port) {
             Some(p) => {
@@ -670,6 +817,8 @@ impl Core {
         let window = self.config.window;
         let max_pending = self.config.max_pending_calls;
         let mut low_credit = false;
+        let now = self.now;
+        let mut exhausted = false;
         let checked = {
             let Some(c) = self.conns.get_mut(conn.key()) else {
                 return;
@@ -686,7 +835,10 @@ impl Core {
                     // limit bounds them), nor are control requests.
                     let metered = !cap.rights.contains(Rights::SEND_ONCE)
                         && cap.port.index != u32::from(CONTROL_PORT);
-                    if call == Some(0) {
+                    let expired = cap.expires_at.is_some_and(|at| now >= at);
+                    if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
+                        Ok(Err((reason, seq)))
+                    } else if call == Some(0) {
                         Err((ErrorCode::BadTag, metered))
                     } else if caps.len() > MAX_CAPS_PER_MESSAGE {
                         Err((ErrorCode::BadCapabilityList, metered))
@@ -699,13 +851,24 @@ impl Core {
                             cap.credits -= cost;
                             low_credit = cap.credits < window / 2;
                         }
-                        Ok((cap.port, cap.rights, seq, cap.reply_to))
+                        if let Some(left) = &mut cap.remaining {
+                            *left = left.saturating_sub(1);
+                            exhausted = *left == 0;
+                        }
+                        Ok(Ok((cap.port, cap.rights, seq, cap.reply_to)))
                     }
                 }
             }
         };
         let (port, rights, seq, reply_to) = match checked {
-            Ok(v) => v,
+            Ok(Ok(v)) => v,
+            Ok(Err((reason, seq))) => {
+                // A capability dead on its own: the port may live, but not
+                // for this holder.
+                self.cap_died(conn, handle, reason, |_| true);
+                self.refuse_message(conn, handle, seq, call, reason);
+                return;
+            }
             Err((code, refund)) => {
                 // A refused reply still uses up its send-once capability
                 // (the driver counts it as used): its call fails now rather
@@ -829,6 +992,10 @@ impl Core {
                 is_reply,
             });
         }
+        let identity = self
+            .conns
+            .get(conn.key())
+            .and_then(|c| c.identity.as_ref().map(|(id, _)| id.clone()));
         let deliver = Deliver {
             port: port.index as u16,
             origin,
@@ -836,11 +1003,15 @@ impl Core {
             reply,
             caps: granted,
             ack,
+            identity,
         };
         self.out.push_back(Output::Frame {
             conn: owner,
             frame: Frame::with_payload(Header::Deliver(deliver), payload),
         });
+        if exhausted {
+            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
+        }
     }
 
     /// A message to a dead port: the sender is told, and a call fails.
@@ -969,8 +1140,7 @@ impl Core {
             let Some(cap) = self.cap(from, h).cloned() else {
                 continue;
             };
-            let moved = cap.rights.contains(Rights::SEND_ONCE);
-            if moved {
+            if cap.moves() {
                 if let Some(c) = self.conns.get_mut(from.key()) {
                     c.caps.remove(key_of(h));
                 }
@@ -978,7 +1148,19 @@ impl Core {
                     p.senders = p.senders.saturating_sub(1);
                 }
             }
-            let Some(handle) = self.new_cap(to, cap.port, cap.rights, cap.reply_to) else {
+            // The copy keeps every limit of the original, and its lineages,
+            // but not the power to revoke.
+            let mut copy = Cap::new(
+                cap.port,
+                cap.rights,
+                self.initial_credits(cap.rights),
+                cap.reply_to,
+            );
+            copy.dead = cap.dead;
+            copy.expires_at = cap.expires_at;
+            copy.remaining = cap.remaining;
+            copy.lineages = cap.lineages.clone();
+            let Some(handle) = self.insert_cap(to, copy) else {
                 continue;
             };
             granted.push(Granted {
@@ -1082,7 +1264,10 @@ impl Core {
             }
         }
         for (conn, handle) in port.watchers {
-            if self.cap(conn, handle).is_some_and(|c| c.port == key) {
+            if self
+                .cap(conn, handle)
+                .is_some_and(|c| c.port == key && c.dead.is_none())
+            {
                 self.frame(conn, Header::Dead { handle, reason });
             }
         }
@@ -1218,5 +1403,7 @@ fn frame_name(header: &Header) -> &'static str {
         Header::Ping { .. } => "Ping",
         Header::Pong { .. } => "Pong",
         Header::Goodbye { .. } => "Goodbye",
+        Header::Attenuate(_) => "Attenuate",
+        Header::Revoke { .. } => "Revoke",
     }
 }

@@ -26,6 +26,7 @@ impl Harness {
             window: 4,
             // Small enough that the window need not grow to fit a frame.
             max_frame: 16 * 1024,
+            dev_namespace: vec!["*".parse().unwrap()],
             ..Config::default()
         })
     }
@@ -634,6 +635,7 @@ fn bad_requests_get_errors_and_the_connection_lives() {
             reply: None,
             caps: vec![],
             ack: false,
+            identity: None,
         }),
     );
     assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnexpectedFrame));
@@ -696,6 +698,7 @@ fn pending_calls_are_bounded_for_a_client_that_never_reads() {
     let mut h = Harness::with(Config {
         window: 1000,
         max_pending_calls: 3,
+        dev_namespace: vec!["*".parse().unwrap()],
         ..Config::default()
     });
     let (client, _) = h.connect();

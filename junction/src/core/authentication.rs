@@ -1,0 +1,127 @@
+//! Proven identities: `Authenticate` on the control port, and what a new
+//! revocation list does to connections that proved one.
+
+use std::sync::Arc;
+
+use junction_identity::{
+    Certificate, IdentityError, RevocationList, Signature, Verified, verify_possession,
+};
+use junction_road::control::ControlReply;
+use junction_road::{ErrorCode, Identity};
+
+use super::{ConnId, Core};
+
+impl Core {
+    /// Checks a certificate chain and a proof of possession over this
+    /// connection's nonce; on success the connection has a proven identity
+    /// that every message it sends carries.
+    pub(super) fn authenticate(
+        &mut self,
+        conn: ConnId,
+        chain: Vec<Certificate>,
+        proof: &Signature,
+    ) -> ControlReply {
+        let Some(c) = self.conns.get(conn.key()) else {
+            return ControlReply::Registered;
+        };
+        if c.identity.is_some() {
+            return refused(
+                ErrorCode::AlreadyAuthenticated,
+                "this connection has proven an identity already; connect again to use another"
+                    .into(),
+            );
+        }
+        let nonce = c.nonce;
+        let checked = self
+            .config
+            .trust
+            .verify_chain(&chain, self.now, self.config.revocations.as_ref())
+            .and_then(|verified| verify_possession(verified, &nonce, self.config.junction, proof));
+        let proven = match checked {
+            Ok(proven) => proven,
+            Err(e) => {
+                let message = format!("authentication refused: {e}");
+                self.log_refusal(conn, &message);
+                return refused(code_of(&e), message);
+            }
+        };
+        let identity = Arc::new(Identity {
+            key: proven.key(),
+            names: proven.names().to_vec(),
+        });
+        tracing::info!(conn = %conn, key = %proven.key(), names = ?identity.names, "identity proven");
+        if let Some(c) = self.conns.get_mut(conn.key()) {
+            c.identity = Some((identity.clone(), Arc::new(chain)));
+        }
+        ControlReply::Authenticated(identity.as_ref().clone())
+    }
+
+    /// A new revocation list (or none): from now on it applies, and every
+    /// connection whose proven chain it revokes loses its identity and the
+    /// names it registered with it.
+    pub fn set_revocations(&mut self, list: Option<Verified<RevocationList>>) {
+        self.config.revocations = list;
+        let mut lost = Vec::new();
+        for (key, c) in self.conns.iter() {
+            let Some((_, chain)) = &c.identity else {
+                continue;
+            };
+            if let Err(e) =
+                self.config
+                    .trust
+                    .verify_chain(chain, self.now, self.config.revocations.as_ref())
+            {
+                lost.push((key, c.serial, e));
+            }
+        }
+        for (key, serial, e) in lost {
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
+            c.identity = None;
+            let ports = c.ports.clone();
+            tracing::warn!(conn = serial, "identity withdrawn: {e}");
+            let names: Vec<_> = self
+                .names
+                .iter()
+                .filter(|(_, reg)| reg.chain.is_some() && ports.contains(&(reg.port.index as u16)))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in names {
+                if let Some(reg) = self.names.remove(&name)
+                    && let Some(p) = self.ports.get_mut(reg.port)
+                {
+                    p.names.retain(|n| n != &name);
+                }
+                tracing::warn!(
+                    conn = serial,
+                    "{name} unregistered: its certificate was revoked"
+                );
+            }
+        }
+    }
+
+    /// Logs a refused attempt with where it came from.
+    pub(super) fn log_refusal(&self, conn: ConnId, what: &str) {
+        let peer = self.conns.get(conn.key()).map(|c| &c.peer);
+        tracing::warn!(
+            conn = %conn,
+            pid = ?peer.and_then(|p| p.pid),
+            uid = ?peer.and_then(|p| p.uid),
+            road = peer.map_or("?", |p| p.road),
+            "refused: {what}"
+        );
+    }
+}
+
+fn code_of(e: &IdentityError) -> ErrorCode {
+    match e {
+        IdentityError::Revoked { .. } => ErrorCode::CertificateRevoked,
+        IdentityError::BadProof => ErrorCode::BadProof,
+        _ => ErrorCode::BadCertificate,
+    }
+}
+
+fn refused(code: ErrorCode, message: String) -> ControlReply {
+    ControlReply::Refused { code, message }
+}
