@@ -10,8 +10,8 @@ use junction_road::control::CONTROL_HANDLE;
 use junction_road::frame::credit_cost;
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::{
-    Address, Call, DirectLink, ErrorCode, Frame, Header, Reason, Rights, RoadReader, RoadWriter,
-    Send, Welcome,
+    Address, Call, DirectLink, ErrorCode, Frame, Header, Identity, Reason, Rights, RoadReader,
+    RoadWriter, Send, Welcome,
 };
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
@@ -335,6 +335,7 @@ impl Shared {
                     port: d.port,
                     caps,
                     reply,
+                    identity: d.identity,
                 };
                 if d.tag != 0 && d.port == self.welcome.home.port {
                     let batch = (self.welcome.max_pending_calls / 4).clamp(1, HOME_ACK_BATCH);
@@ -540,6 +541,72 @@ impl Capability {
     /// Send credit units left (see [`junction_road::frame::credit_cost`]).
     pub fn credits(&self) -> usize {
         self.inner.credits.available_permits()
+    }
+
+    /// A narrower capability to the same port: fewer rights, an expiry, a
+    /// message budget, and, if `revocable`, one that [`Capability::revoke`]
+    /// kills along with everything derived from it.
+    pub async fn attenuate(&self, limits: Attenuation) -> Result<Capability, Error> {
+        let shared = &self.inner.shared;
+        let (req, rx) = shared.request()?;
+        shared.write(
+            Header::Attenuate(junction_road::Attenuate {
+                req,
+                handle: self.handle(),
+                rights: limits.rights,
+                expires_at: limits.expires_at,
+                max_messages: limits.max_messages,
+                revocable: limits.revocable,
+            }),
+            Bytes::new(),
+        )?;
+        match shared.answer(rx).await? {
+            Header::Minted {
+                handle, credits, ..
+            } => Ok(Capability::new(
+                shared,
+                handle,
+                limits.rights,
+                self.address(),
+                credits,
+            )),
+            other => Err(shared.unexpected(other)),
+        }
+    }
+
+    /// Revokes this revocable capability (made by [`Capability::attenuate`]
+    /// with `revocable`) and every capability derived from it, wherever
+    /// they were passed.
+    pub async fn revoke(&self) -> Result<(), Error> {
+        let shared = &self.inner.shared;
+        // Watching makes the junction tell this handle of its own death too.
+        if !self.inner.watching.swap(true, Ordering::Relaxed) {
+            shared.write(
+                Header::Watch {
+                    handle: self.handle(),
+                },
+                Bytes::new(),
+            )?;
+        }
+        shared.write(
+            Header::Revoke {
+                handle: self.handle(),
+            },
+            Bytes::new(),
+        )?;
+        // A round trip: when it returns, the junction has acted (or sent
+        // its refusal, which arrives first).
+        shared.sync().await?;
+        match self.dead() {
+            Some(Reason::Revoked) => Ok(()),
+            _ => Err(Error::Refused {
+                code: ErrorCode::NotRevocable,
+                message: format!(
+                    "handle {} is not a revocable capability this connection made",
+                    self.handle()
+                ),
+            }),
+        }
     }
 
     /// Why the port behind it died, if the Driver has learnt that it did.
@@ -764,6 +831,9 @@ pub struct Message {
     pub caps: Vec<Capability>,
     /// For a call: the right to answer it, once.
     pub reply: Option<Reply>,
+    /// The sender's proven identity (its key and the names its certificate
+    /// grants), stamped by the Junction; `None` when it proved none.
+    pub identity: Option<Arc<Identity>>,
 }
 
 impl Message {
@@ -799,6 +869,52 @@ impl Message {
     pub fn reply_typed<T: serde::Serialize>(self, value: &T) -> Result<(), Error> {
         let bytes = postcard::to_allocvec(value).map_err(Error::Encode)?;
         self.reply(bytes)
+    }
+}
+
+/// Limits for [`Capability::attenuate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attenuation {
+    /// Rights to keep (a subset of the original's).
+    pub rights: Rights,
+    /// Seconds since the Unix epoch after which it is dead.
+    pub expires_at: Option<u64>,
+    /// How many messages it may send.
+    pub max_messages: Option<u32>,
+    /// Whether it can be revoked with [`Capability::revoke`].
+    pub revocable: bool,
+}
+
+impl Attenuation {
+    /// Keep `rights`, no other limit.
+    pub fn rights(rights: Rights) -> Self {
+        Self {
+            rights,
+            expires_at: None,
+            max_messages: None,
+            revocable: false,
+        }
+    }
+
+    /// Dead after `duration` from now.
+    pub fn expiring_in(mut self, duration: Duration) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.expires_at = Some((now + duration).as_secs());
+        self
+    }
+
+    /// At most `n` messages.
+    pub fn max_messages(mut self, n: u32) -> Self {
+        self.max_messages = Some(n);
+        self
+    }
+
+    /// Revocable by its maker.
+    pub fn revocable(mut self) -> Self {
+        self.revocable = true;
+        self
     }
 }
 

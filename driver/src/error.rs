@@ -66,6 +66,12 @@ pub enum Error {
     /// A payload was not the expected type.
     #[error("could not decode the message: {0}")]
     Decode(postcard::Error),
+    /// A policy refused the sender.
+    #[error("not allowed: {0}")]
+    Denied(String),
+    /// Key or certificate files could not be used.
+    #[error(transparent)]
+    Identity(#[from] junction_identity::IdentityError),
     /// The Junction sent something this Driver did not expect.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -37,6 +37,7 @@
 
 mod conn;
 mod error;
+mod policy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,10 +49,13 @@ use junction_road::{Header, Hello, MAGIC, PROTOCOL_VERSION, Send as SendHeader};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use conn::{Capability, Message, Notice, Port, Reply};
+pub use conn::{Attenuation, Capability, Message, Notice, Port, Reply};
 pub use error::Error;
 pub use junction_identity::ServiceName;
+pub use junction_identity::{Certificate, PublicKey, SecretKey};
+pub use junction_road::Identity;
 pub use junction_road::{Address, ErrorCode, Reason, Rights};
+pub use policy::Policy;
 
 use conn::Shared;
 
@@ -290,9 +294,42 @@ impl Driver {
 
     /// A capability to the service registered as `name`.
     pub async fn lookup(&self, name: &str) -> Result<Capability, Error> {
+        Ok(self.lookup_with_chain(name).await?.0)
+    }
+
+    /// A capability to the service registered as `name`, with the
+    /// certificate chain the service proved when it registered (`None` for
+    /// a name in a development namespace). Check the chain against your own
+    /// trust to know whom you talk to, end to end.
+    pub async fn lookup_with_chain(
+        &self,
+        name: &str,
+    ) -> Result<(Capability, Option<Vec<Certificate>>), Error> {
         let name = ServiceName::new(name)?;
         match self.control(ControlRequest::Lookup { name }, &[]).await? {
-            (ControlReply::Found { .. }, mut caps) if caps.len() == 1 => Ok(caps.remove(0)),
+            (ControlReply::Found { chain, .. }, mut caps) if caps.len() == 1 => {
+                Ok((caps.remove(0), chain))
+            }
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
+    /// Proves this connection's identity to the Junction: `chain` is the
+    /// certificate chain (leaf first) for `key`. From then on, everything
+    /// this Driver sends carries the identity, and it may register the
+    /// names its certificate grants.
+    pub async fn authenticate(
+        &self,
+        key: &SecretKey,
+        chain: Vec<Certificate>,
+    ) -> Result<Identity, Error> {
+        let welcome = &self.shared.welcome;
+        let proof = junction_identity::prove_possession(key, &welcome.nonce, welcome.junction);
+        match self
+            .control(ControlRequest::Authenticate { chain, proof }, &[])
+            .await?
+        {
+            (ControlReply::Authenticated(identity), _) => Ok(identity),
             (other, _) => Err(control_error(other)),
         }
     }

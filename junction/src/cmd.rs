@@ -29,6 +29,38 @@ impl SocketArg {
     }
 }
 
+/// Who a command is, on the bus: a key and its certificate chain.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct IdentityArgs {
+    /// This program's key (PKCS#8 PEM).
+    #[arg(long, env = "JUNCTION_KEY")]
+    key: Option<PathBuf>,
+    /// This program's certificate chain (PEM, leaf first).
+    #[arg(long, env = "JUNCTION_CERT")]
+    cert: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    /// Proves the identity on `driver`, when one was given.
+    pub(crate) async fn apply(&self, driver: &Driver) -> anyhow::Result<()> {
+        match (&self.key, &self.cert) {
+            (Some(key), Some(cert)) => {
+                let key = crate::pki::read_key(key)?;
+                let chain = crate::pki::read_chain(cert)?;
+                driver
+                    .authenticate(&key, chain)
+                    .await
+                    .context("the junction refused this identity")?;
+                Ok(())
+            }
+            (None, None) => Ok(()),
+            _ => {
+                bail!("give both --key and --cert (or JUNCTION_KEY and JUNCTION_CERT), or neither")
+            }
+        }
+    }
+}
+
 /// `junction serve`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServeArgs {
@@ -254,7 +286,7 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<8} {:<6} {:>8} {:>6} {:<8} {:>5} {:>7} {:>7}  LABEL",
+        "{:<8} {:<6} {:>8} {:>6} {:<8} {:>5} {:>7} {:>7}  LABEL / IDENTITY",
         "CONN", "ROAD", "PID", "UID", "HOME", "PORTS", "HANDLES", "CALLS"
     );
     for c in &listing.connections {
@@ -269,7 +301,10 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
             c.ports,
             c.handles,
             c.pending_calls,
-            c.label
+            match &c.identity {
+                Some(id) => format!("{} / {id}", c.label),
+                None => c.label.clone(),
+            }
         );
     }
     Ok(())
@@ -296,6 +331,7 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
             "ports": c.ports,
             "handles": c.handles,
             "pending_calls": c.pending_calls,
+            "identity": c.identity,
         })).collect::<Vec<_>>(),
     })
 }
@@ -303,12 +339,14 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
 /// `junction call`.
 pub(crate) async fn call(
     socket: PathBuf,
+    identity: IdentityArgs,
     name: String,
     payload: String,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let payload = read_payload(payload)?;
     let driver = connect(&socket).await?;
+    identity.apply(&driver).await?;
     let cap = driver
         .lookup(&name)
         .await
@@ -322,9 +360,15 @@ pub(crate) async fn call(
 }
 
 /// `junction send`.
-pub(crate) async fn send(socket: PathBuf, name: String, payload: String) -> anyhow::Result<()> {
+pub(crate) async fn send(
+    socket: PathBuf,
+    identity: IdentityArgs,
+    name: String,
+    payload: String,
+) -> anyhow::Result<()> {
     let payload = read_payload(payload)?;
     let driver = connect(&socket).await?;
+    identity.apply(&driver).await?;
     let cap = driver
         .lookup(&name)
         .await
@@ -337,11 +381,13 @@ pub(crate) async fn send(socket: PathBuf, name: String, payload: String) -> anyh
 /// `junction listen`.
 pub(crate) async fn listen(
     socket: PathBuf,
+    identity: IdentityArgs,
     name: String,
     count: Option<u64>,
     reply: Option<String>,
 ) -> anyhow::Result<()> {
     let driver = connect(&socket).await?;
+    identity.apply(&driver).await?;
     let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver
@@ -364,7 +410,24 @@ pub(crate) async fn listen(
         } else {
             format!(" caps=[{}]", caps.join(", "))
         };
-        println!("{kind} from {}{caps}: {}", msg.origin, show(&msg.payload));
+        let who = match &msg.identity {
+            Some(id) if id.names.is_empty() => format!(" (key {})", &id.key.to_hex()[..16]),
+            Some(id) => format!(
+                " ({}, key {})",
+                id.names
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                &id.key.to_hex()[..16]
+            ),
+            None => String::new(),
+        };
+        println!(
+            "{kind} from {}{who}{caps}: {}",
+            msg.origin,
+            show(&msg.payload)
+        );
         if msg.is_call() {
             let answer = match &reply {
                 Some(text) => Bytes::from(text.clone().into_bytes()),
@@ -379,8 +442,9 @@ pub(crate) async fn listen(
 
 /// The echo service: registers `name` and answers every call with its
 /// payload. Attaches over stdio when spawned by a junction.
-pub(crate) async fn echo(name: String) -> anyhow::Result<()> {
+pub(crate) async fn echo(name: String, identity: IdentityArgs) -> anyhow::Result<()> {
     let driver = attach().await?;
+    identity.apply(&driver).await?;
     let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver.register(&name, &cap).await?;

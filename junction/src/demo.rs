@@ -203,8 +203,9 @@ async fn script(socket: &Path) -> anyhow::Result<()> {
 }
 
 /// The demo's peer process: relays calls through capabilities it is given.
-pub(crate) async fn peer() -> anyhow::Result<()> {
+pub(crate) async fn peer(identity: crate::cmd::IdentityArgs) -> anyhow::Result<()> {
     let driver = crate::cmd::attach().await?;
+    identity.apply(&driver).await?;
     let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver.register("demo.peer", &cap).await?;

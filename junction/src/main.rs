@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod pki;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,8 @@ enum Command {
     Call {
         #[command(flatten)]
         socket: cmd::SocketArg,
+        #[command(flatten)]
+        identity: cmd::IdentityArgs,
         /// The service name.
         name: String,
         /// The request payload (text); `-` reads it from stdin.
@@ -48,6 +51,8 @@ enum Command {
     Send {
         #[command(flatten)]
         socket: cmd::SocketArg,
+        #[command(flatten)]
+        identity: cmd::IdentityArgs,
         /// The service name.
         name: String,
         /// The payload (text); `-` reads it from stdin.
@@ -57,6 +62,8 @@ enum Command {
     Listen {
         #[command(flatten)]
         socket: cmd::SocketArg,
+        #[command(flatten)]
+        identity: cmd::IdentityArgs,
         /// The name to register.
         name: String,
         /// Exit after this many messages.
@@ -68,16 +75,29 @@ enum Command {
     },
     /// Measure the junction against a raw socket baseline.
     Bench(bench::BenchArgs),
+    /// Make a new ed25519 key (PKCS#8 PEM, readable by openssl) and print its public half.
+    Keygen {
+        /// Where to write it (must not exist).
+        out: PathBuf,
+    },
+    /// Issue, inspect and revoke certificates.
+    #[command(subcommand)]
+    Cert(pki::CertCommand),
     /// An echo service: answers every call with its payload (used by demo and tests).
     #[command(hide = true)]
     Echo {
         /// The name to register.
         #[arg(long, default_value = "echo")]
         name: String,
+        #[command(flatten)]
+        identity: cmd::IdentityArgs,
     },
     /// The demo's second process (used by demo).
     #[command(hide = true)]
-    DemoPeer,
+    DemoPeer {
+        #[command(flatten)]
+        identity: cmd::IdentityArgs,
+    },
     /// A process of the benchmark (used by bench).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
@@ -92,29 +112,35 @@ fn main() -> ExitCode {
         Command::Ls { socket, json } => cmd::block_on(cmd::ls(socket.path(), json)),
         Command::Call {
             socket,
+            identity,
             name,
             payload,
             timeout,
         } => cmd::block_on(cmd::call(
             socket.path(),
+            identity,
             name,
             payload,
             Duration::from_secs_f64(timeout.max(0.001)),
         )),
         Command::Send {
             socket,
+            identity,
             name,
             payload,
-        } => cmd::block_on(cmd::send(socket.path(), name, payload)),
+        } => cmd::block_on(cmd::send(socket.path(), identity, name, payload)),
         Command::Listen {
             socket,
+            identity,
             name,
             count,
             reply,
-        } => cmd::block_on(cmd::listen(socket.path(), name, count, reply)),
+        } => cmd::block_on(cmd::listen(socket.path(), identity, name, count, reply)),
         Command::Bench(args) => bench::run(args),
-        Command::Echo { name } => cmd::block_on(cmd::echo(name)),
-        Command::DemoPeer => cmd::block_on(demo::peer()),
+        Command::Keygen { out } => pki::keygen(&out),
+        Command::Cert(command) => pki::cert(command),
+        Command::Echo { name, identity } => cmd::block_on(cmd::echo(name, identity)),
+        Command::DemoPeer { identity } => cmd::block_on(demo::peer(identity)),
         Command::BenchPeer(args) => bench::peer(args),
     };
     match result {
