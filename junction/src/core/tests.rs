@@ -953,3 +953,485 @@ proptest! {
         }
     }
 }
+
+mod limits {
+    //! Attenuation, budgets, expiry and revocation.
+    use super::*;
+    use junction_road::Attenuate;
+
+    fn attenuate(
+        h: &mut Harness,
+        conn: ConnId,
+        handle: u32,
+        rights: Rights,
+        expires_at: Option<u64>,
+        max: Option<u32>,
+        revocable: bool,
+    ) -> Result<u32, ErrorCode> {
+        h.feed(
+            conn,
+            Header::Attenuate(Attenuate {
+                req: 9,
+                handle,
+                rights,
+                expires_at,
+                max_messages: max,
+                revocable,
+            }),
+        );
+        match h.take(conn).as_slice() {
+            [Header::Minted { handle, .. }] => Ok(*handle),
+            [Header::Error(e)] => Err(e.code),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn setup() -> (Harness, ConnId, ConnId, u16, u32) {
+        let mut h = Harness::new();
+        let (a, _) = h.connect();
+        let (owner, _) = h.connect();
+        let port = h.open_port(owner);
+        let cap = h
+            .core
+            .new_cap(a, port_key(port, 0), Rights::SEND | Rights::GRANT, None)
+            .unwrap();
+        (h, a, owner, port, cap)
+    }
+
+    #[test]
+    fn attenuation_only_narrows() {
+        let (mut h, a, _, _, cap) = setup();
+        let narrow = attenuate(&mut h, a, cap, Rights::SEND, Some(500), Some(10), false).unwrap();
+        assert_eq!(
+            attenuate(
+                &mut h,
+                a,
+                narrow,
+                Rights::SEND | Rights::GRANT,
+                None,
+                None,
+                false
+            ),
+            Err(ErrorCode::CannotWiden)
+        );
+        assert_eq!(
+            attenuate(&mut h, a, narrow, Rights::SEND, Some(501), None, false),
+            Err(ErrorCode::CannotWiden)
+        );
+        assert_eq!(
+            attenuate(&mut h, a, narrow, Rights::SEND, None, Some(11), false),
+            Err(ErrorCode::CannotWiden)
+        );
+        assert_eq!(
+            attenuate(&mut h, a, 0, Rights::SEND, None, None, false),
+            Err(ErrorCode::CannotWiden)
+        );
+        attenuate(&mut h, a, narrow, Rights::SEND, Some(400), Some(3), false).unwrap();
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_budget_runs_out_and_a_budgeted_capability_moves() {
+        let (mut h, a, owner, _, cap) = setup();
+        let two = attenuate(
+            &mut h,
+            a,
+            cap,
+            Rights::SEND | Rights::GRANT,
+            None,
+            Some(2),
+            false,
+        )
+        .unwrap();
+        h.feed(a, Header::Watch { handle: two });
+        h.send(a, two, vec![], b"1");
+        h.send(a, two, vec![], b"2");
+        assert_eq!(h.delivered(owner).len(), 2);
+        assert_eq!(
+            h.take(a),
+            vec![Header::Dead {
+                handle: two,
+                reason: Reason::Exhausted
+            }]
+        );
+        h.send(a, two, vec![], b"3");
+        assert_eq!(
+            h.take(a),
+            vec![Header::Undeliverable {
+                handle: two,
+                first_seq: 2,
+                count: 1,
+                reason: Reason::Exhausted
+            }]
+        );
+        assert!(h.take(owner).is_empty());
+
+        // Passed on, a budgeted capability moves: the sender loses it.
+        let one = attenuate(
+            &mut h,
+            a,
+            cap,
+            Rights::SEND | Rights::GRANT,
+            None,
+            Some(1),
+            false,
+        )
+        .unwrap();
+        let (b, wb) = h.connect();
+        let to_b = h
+            .core
+            .new_cap(a, port_key(wb.home.port, 0), Rights::SEND, None)
+            .unwrap();
+        h.send(a, to_b, vec![one], b"take it");
+        let got = h.delivered(b)[0].caps[0].handle;
+        h.send(a, one, vec![], b"mine?");
+        assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnknownHandle));
+        h.send(b, got, vec![], b"spent by b");
+        assert_eq!(h.delivered(owner).len(), 1);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn expiry_kills_on_time_and_watchers_hear() {
+        let (mut h, a, owner, _, cap) = setup();
+        h.core.set_now(1000);
+        let short = attenuate(&mut h, a, cap, Rights::SEND, Some(1010), None, false).unwrap();
+        h.feed(a, Header::Watch { handle: short });
+        h.send(a, short, vec![], b"in time");
+        assert_eq!(h.delivered(owner).len(), 1);
+        h.core.handle_timeout(1009);
+        h.drain();
+        assert!(h.take(a).is_empty());
+        h.core.handle_timeout(1010);
+        h.drain();
+        assert_eq!(
+            h.take(a),
+            vec![Header::Dead {
+                handle: short,
+                reason: Reason::Expired
+            }]
+        );
+        h.send(a, short, vec![], b"late");
+        assert_eq!(
+            h.take(a),
+            vec![Header::Undeliverable {
+                handle: short,
+                first_seq: 1,
+                count: 1,
+                reason: Reason::Expired
+            }]
+        );
+        // The original lives on.
+        h.send(a, cap, vec![], b"fine");
+        assert_eq!(h.delivered(owner).len(), 1);
+    }
+
+    #[test]
+    fn revoking_kills_every_copy_wherever_it_went() {
+        let (mut h, a, owner, _, cap) = setup();
+        let root = attenuate(
+            &mut h,
+            a,
+            cap,
+            Rights::SEND | Rights::GRANT,
+            None,
+            None,
+            true,
+        )
+        .unwrap();
+        let (b, wb) = h.connect();
+        let (c, wc) = h.connect();
+        let a_to_b = h
+            .core
+            .new_cap(a, port_key(wb.home.port, 0), Rights::SEND, None)
+            .unwrap();
+        let b_to_c = h
+            .core
+            .new_cap(b, port_key(wc.home.port, 0), Rights::SEND, None)
+            .unwrap();
+        h.send(a, a_to_b, vec![root], b"");
+        let at_b = h.delivered(b)[0].caps[0].handle;
+        h.send(b, b_to_c, vec![at_b], b"");
+        let at_c = h.delivered(c)[0].caps[0].handle;
+        h.feed(c, Header::Watch { handle: at_c });
+        // b cannot revoke: only the maker of the root can.
+        h.feed(b, Header::Revoke { handle: at_b });
+        assert_eq!(error_code(&h.take(b)), Some(ErrorCode::NotRevocable));
+        h.feed(a, Header::Revoke { handle: root });
+        assert_eq!(
+            h.take(c),
+            vec![Header::Dead {
+                handle: at_c,
+                reason: Reason::Revoked
+            }]
+        );
+        h.send(b, at_b, vec![], b"after");
+        assert_eq!(
+            h.take(b),
+            vec![Header::Undeliverable {
+                handle: at_b,
+                first_seq: 0,
+                count: 1,
+                reason: Reason::Revoked
+            }]
+        );
+        assert!(h.take(owner).is_empty());
+        // The capability the root came from is untouched.
+        h.send(a, cap, vec![], b"still");
+        assert_eq!(h.delivered(owner).len(), 1);
+        h.check_invariants();
+    }
+}
+
+mod identities {
+    //! Authentication and guarded registration, with real certificates.
+    use super::*;
+    use junction_identity::{
+        CertBody, Certificate, RevocationBody, RevocationList, Role, SecretKey, TrustStore,
+        prove_possession,
+    };
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Pki {
+        authority: SecretKey,
+        trust: TrustStore,
+    }
+
+    impl Pki {
+        fn new() -> Self {
+            let authority = SecretKey::generate().unwrap();
+            let cert = Certificate::authority(&authority, 1, 0, u64::MAX).unwrap();
+            let mut trust = TrustStore::new();
+            trust.add_authority(&cert).unwrap();
+            Self { authority, trust }
+        }
+
+        fn service(&self, serial: u64, names: &[&str]) -> (SecretKey, Certificate) {
+            let key = SecretKey::generate().unwrap();
+            let cert = Certificate::issue(
+                CertBody {
+                    version: 1,
+                    serial,
+                    subject: key.public(),
+                    role: Role::Service {
+                        names: names.iter().map(|n| n.parse().unwrap()).collect(),
+                    },
+                    not_before: NOW - 10,
+                    not_after: NOW + 10,
+                    issuer: self.authority.public(),
+                },
+                &self.authority,
+            )
+            .unwrap();
+            (key, cert)
+        }
+    }
+
+    fn harness(pki: &Pki) -> Harness {
+        let mut h = Harness::with(Config {
+            trust: pki.trust.clone(),
+            ..Config::default()
+        });
+        h.core.set_now(NOW);
+        h
+    }
+
+    fn connect(h: &mut Harness, nonce: u8) -> (ConnId, Welcome) {
+        let conn = h.core.handle_connected(Peer {
+            nonce: [nonce; 32],
+            ..Peer::default()
+        });
+        h.feed(
+            conn,
+            Header::Hello(Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                max_frame: 1 << 20,
+                label: "t".into(),
+            }),
+        );
+        match h.take(conn).as_slice() {
+            [Header::Welcome(w)] => (conn, w.clone()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn authenticate(
+        h: &mut Harness,
+        conn: ConnId,
+        chain: Vec<Certificate>,
+        proof: junction_identity::Signature,
+    ) -> ControlReply {
+        h.control(conn, ControlRequest::Authenticate { chain, proof }, vec![])
+            .0
+    }
+
+    fn register(h: &mut Harness, conn: ConnId, name: &str) -> ControlReply {
+        let port = h.open_port(conn);
+        let cap = h.mint(conn, port, Rights::SEND | Rights::GRANT);
+        h.control(
+            conn,
+            ControlRequest::Register {
+                name: name.parse().unwrap(),
+            },
+            vec![cap],
+        )
+        .0
+    }
+
+    fn refused(reply: &ControlReply) -> ErrorCode {
+        match reply {
+            ControlReply::Refused { code, .. } => *code,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_proven_service_registers_its_names_and_is_seen_by_receivers() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (svc, w) = connect(&mut h, 1);
+        let (key, cert) = pki.service(5, &["org.acme.echo"]);
+        let proof = prove_possession(&key, &w.nonce, w.junction);
+        let reply = authenticate(&mut h, svc, vec![cert.clone()], proof);
+        assert!(matches!(&reply, ControlReply::Authenticated(id) if id.key == key.public()));
+        assert_eq!(
+            register(&mut h, svc, "org.acme.echo"),
+            ControlReply::Registered
+        );
+        assert_eq!(
+            refused(&register(&mut h, svc, "org.acme.other")),
+            ErrorCode::NameNotGranted
+        );
+
+        let (client, _) = connect(&mut h, 2);
+        let (reply, caps) = h.control(
+            client,
+            ControlRequest::Lookup {
+                name: "org.acme.echo".parse().unwrap(),
+            },
+            vec![],
+        );
+        assert!(
+            matches!(&reply, ControlReply::Found { chain: Some(chain), .. } if chain == &vec![cert])
+        );
+        // The service's reply carries its proven identity; the anonymous client's call does not.
+        h.call(client, caps[0].handle, 3, b"hi");
+        let d = h.delivered(svc);
+        assert_eq!(d[0].identity, None);
+        h.send(svc, d[0].reply.unwrap(), vec![], b"hello");
+        let r = h.delivered(client);
+        let id = r[0].identity.as_ref().expect("the reply says who answered");
+        assert_eq!(id.key, key.public());
+        assert_eq!(id.names, vec!["org.acme.echo".parse().unwrap()]);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn impostors_are_refused_and_the_owner_keeps_its_name() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (owner, w) = connect(&mut h, 1);
+        let (key, cert) = pki.service(5, &["org.acme.echo"]);
+        let proof = prove_possession(&key, &w.nonce, w.junction);
+        authenticate(&mut h, owner, vec![cert.clone()], proof.clone());
+        assert_eq!(
+            register(&mut h, owner, "org.acme.echo"),
+            ControlReply::Registered
+        );
+
+        // The right certificate with another key.
+        let (thief, tw) = connect(&mut h, 2);
+        let other = SecretKey::generate().unwrap();
+        assert_eq!(
+            refused(&authenticate(
+                &mut h,
+                thief,
+                vec![cert.clone()],
+                prove_possession(&other, &tw.nonce, tw.junction)
+            )),
+            ErrorCode::BadProof
+        );
+        // A proof replayed from another connection.
+        assert_eq!(
+            refused(&authenticate(&mut h, thief, vec![cert.clone()], proof)),
+            ErrorCode::BadProof
+        );
+        // No identity at all.
+        assert_eq!(
+            refused(&register(&mut h, thief, "org.acme.echo")),
+            ErrorCode::NameNotGranted
+        );
+        // A certificate from an untrusted authority.
+        let rogue = Pki::new();
+        let (rkey, rcert) = rogue.service(6, &["org.acme.echo"]);
+        assert_eq!(
+            refused(&authenticate(
+                &mut h,
+                thief,
+                vec![rcert],
+                prove_possession(&rkey, &tw.nonce, tw.junction)
+            )),
+            ErrorCode::BadCertificate
+        );
+        // A second, legitimate holder of the name still finds it taken.
+        let (twin, ww) = connect(&mut h, 3);
+        let (k2, c2) = pki.service(7, &["org.acme.echo"]);
+        authenticate(
+            &mut h,
+            twin,
+            vec![c2],
+            prove_possession(&k2, &ww.nonce, ww.junction),
+        );
+        assert_eq!(
+            refused(&register(&mut h, twin, "org.acme.echo")),
+            ErrorCode::NameTaken
+        );
+
+        // The owner's registration is untouched.
+        let (client, _) = connect(&mut h, 4);
+        let (reply, _) = h.control(
+            client,
+            ControlRequest::Lookup {
+                name: "org.acme.echo".parse().unwrap(),
+            },
+            vec![],
+        );
+        assert!(matches!(reply, ControlReply::Found { chain: Some(_), .. }));
+
+        // Revoking the owner's certificate withdraws its identity and name.
+        let list = RevocationList::issue(
+            RevocationBody {
+                issuer: pki.authority.public(),
+                issued_at: NOW,
+                serials: vec![5],
+                keys: vec![],
+            },
+            &pki.authority,
+        )
+        .unwrap()
+        .verify(&pki.trust)
+        .unwrap();
+        h.core.set_revocations(Some(list));
+        let (reply, _) = h.control(
+            client,
+            ControlRequest::Lookup {
+                name: "org.acme.echo".parse().unwrap(),
+            },
+            vec![],
+        );
+        assert_eq!(refused(&reply), ErrorCode::NameNotFound);
+        let (late, lw) = connect(&mut h, 5);
+        assert_eq!(
+            refused(&authenticate(
+                &mut h,
+                late,
+                vec![cert],
+                prove_possession(&key, &lw.nonce, lw.junction)
+            )),
+            ErrorCode::CertificateRevoked
+        );
+        h.check_invariants();
+    }
+}
