@@ -152,10 +152,12 @@ pub struct TestJunction {
 
 impl TestJunction {
     /// Starts `junction serve` with `extra` arguments and waits until it
-    /// accepts connections.
+    /// accepts connections. Its log goes to `junction.log` in its dir.
     pub fn start(extra: &[&str]) -> Self {
         let dir = TempDir::new();
         let socket = dir.path().join("j.sock");
+        let log =
+            std::fs::File::create(dir.path().join("junction.log")).expect("can create the log");
         let process = Proc::spawn(
             Command::new(junction_bin())
                 .arg("serve")
@@ -166,7 +168,8 @@ impl TestJunction {
                 .args(["--dev-namespace", "t.*"])
                 .args(extra)
                 .env("RUST_LOG", "warn")
-                .stdin(Stdio::null()),
+                .stdin(Stdio::null())
+                .stderr(log),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&socket).is_err() {
@@ -183,6 +186,11 @@ impl TestJunction {
     /// The temp dir the junction lives in.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// What the junction has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("junction.log")).unwrap_or_default()
     }
 
     /// A command for `junction` with this junction's socket in its environment.
@@ -304,5 +312,95 @@ impl RawClient {
                 return frame;
             }
         }
+    }
+}
+
+/// A bus authority and certificates made with the real `junction keygen`
+/// and `junction cert` commands, in a temp dir.
+#[derive(Debug)]
+pub struct TestPki {
+    dir: TempDir,
+}
+
+impl TestPki {
+    /// A new authority: `authority.key` and `authority.cert`.
+    pub fn new() -> Self {
+        let pki = Self {
+            dir: TempDir::new(),
+        };
+        pki.run(&["keygen", "authority.key"]);
+        pki.run(&[
+            "cert",
+            "issue",
+            "--role",
+            "authority",
+            "--key",
+            "authority.key",
+            "-o",
+            "authority.cert",
+        ]);
+        pki
+    }
+
+    /// A file in the PKI's dir.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Runs `junction` in the PKI's dir; panics with its stderr if it fails.
+    pub fn run(&self, args: &[&str]) {
+        let out = Command::new(junction_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("junction runs");
+        assert!(
+            out.status.success(),
+            "junction {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Makes `NAME.key` unless it exists.
+    pub fn key(&self, name: &str) -> PathBuf {
+        let file = format!("{name}.key");
+        if !self.path(&file).exists() {
+            self.run(&["keygen", &file]);
+        }
+        self.path(&file)
+    }
+
+    /// Issues `OUT.cert` for `subject`'s key, signed by `issuer` (a name
+    /// whose `.key` and `.cert` exist, e.g. `authority`), with `extra`
+    /// arguments (role and the rest).
+    pub fn issue(&self, out: &str, subject: &str, issuer: &str, extra: &[&str]) -> PathBuf {
+        self.key(subject);
+        let (key, cert, out_file) = (
+            format!("{subject}.key"),
+            format!("{issuer}.cert"),
+            format!("{out}.cert"),
+        );
+        let issuer_key = format!("{issuer}.key");
+        let mut args = vec![
+            "cert",
+            "issue",
+            "--key",
+            &key,
+            "--issuer-key",
+            &issuer_key,
+            "--issuer-cert",
+            &cert,
+            "-o",
+            &out_file,
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args);
+        self.path(&out_file)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
     }
 }

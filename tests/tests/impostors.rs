@@ -1,0 +1,628 @@
+//! The impostor suite: real attempts, over a real socket against a real
+//! junction, that must each fail with a clear, specific error, while the
+//! legitimate service keeps its name and keeps answering.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use junction_driver::{Attenuation, Driver, Error, ErrorCode, Rights};
+use junction_identity::{Certificate, SecretKey, prove_possession};
+use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
+use junction_road::{Call, Frame, Header, Send};
+use junction_tests::{Proc, RawClient, TestJunction, TestPki};
+
+const T: Duration = Duration::from_secs(10);
+const NAME: &str = "org.acme.echo";
+
+fn key(path: &Path) -> SecretKey {
+    SecretKey::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn chain(path: &Path) -> Vec<Certificate> {
+    Certificate::chain_from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A junction trusting `pki`'s authority, with the legitimate echo service
+/// registered under its certificate.
+struct Bus {
+    pki: TestPki,
+    junction: TestJunction,
+    _echo: Proc,
+}
+
+impl Bus {
+    async fn start(extra: &[&str]) -> Self {
+        let pki = TestPki::new();
+        pki.issue(
+            "echo",
+            "echo",
+            "authority",
+            &["--role", "service", "--name", NAME],
+        );
+        let authority = pki.path("authority.cert");
+        let mut args = vec!["--authority", authority.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let junction = TestJunction::start(&args);
+        let echo = Proc::spawn(
+            junction
+                .command(&["echo", "--name", NAME])
+                .env("JUNCTION_KEY", pki.path("echo.key"))
+                .env("JUNCTION_CERT", pki.path("echo.cert")),
+        );
+        let bus = Self {
+            pki,
+            junction,
+            _echo: echo,
+        };
+        bus.until_served().await;
+        bus
+    }
+
+    async fn driver(&self) -> Driver {
+        Driver::connect(&self.junction.socket).await.unwrap()
+    }
+
+    async fn until_served(&self) {
+        let d = self.driver().await;
+        let deadline = Instant::now() + T;
+        while d.lookup(NAME).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the echo service never registered"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The legitimate service still owns its name, with its own identity,
+    /// and answers.
+    async fn assert_legitimate_service_intact(&self) {
+        let d = self.driver().await;
+        let (cap, chain) = d.lookup_with_chain(NAME).await.unwrap();
+        let chain = chain.expect("the name is held with a certificate");
+        assert_eq!(
+            chain[0].body.subject,
+            key(&self.pki.path("echo.key")).public()
+        );
+        for i in 0..5 {
+            let reply = d.call(&cap, format!("ping {i}"), T).await.unwrap();
+            assert_eq!(reply.payload, Bytes::from(format!("ping {i}")));
+            let id = reply
+                .identity
+                .as_ref()
+                .expect("the reply is signed by who answered");
+            assert_eq!(id.names, vec![NAME.parse().unwrap()]);
+        }
+    }
+
+    /// Authenticates a fresh connection with `key_file` and `cert_file`.
+    async fn try_as(&self, key_file: &Path, cert_file: &Path) -> (Driver, Result<(), Error>) {
+        let d = self.driver().await;
+        let r = d
+            .authenticate(&key(key_file), chain(cert_file))
+            .await
+            .map(|_| ());
+        (d, r)
+    }
+
+    /// Tries to take over the echo name on `d`.
+    async fn try_register(d: &Driver) -> Result<(), Error> {
+        let port = d.open_port().await?;
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
+        let r = d.register(NAME, &cap).await;
+        std::mem::forget(port);
+        r
+    }
+}
+
+fn code(r: Result<(), Error>) -> (ErrorCode, String) {
+    match r {
+        Err(Error::Refused { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_right_certificate_with_another_key_is_refused() {
+    let bus = Bus::start(&[]).await;
+    let thief_key = bus.pki.key("thief");
+    let (_, r) = bus.try_as(&thief_key, &bus.pki.path("echo.cert")).await;
+    let (c, m) = code(r);
+    assert_eq!(c, ErrorCode::BadProof);
+    assert!(m.contains("proof of possession"), "{m}");
+    bus.assert_legitimate_service_intact().await;
+    assert!(
+        bus.junction.log().contains("refused"),
+        "the attempt is logged"
+    );
+}
+
+#[tokio::test]
+async fn expired_not_yet_valid_and_untrusted_certificates_are_refused() {
+    let bus = Bus::start(&[]).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let long_ago = (now - 10 * 86_400).to_string();
+    let later = (now + 10 * 86_400).to_string();
+    bus.pki.issue(
+        "old",
+        "mallory",
+        "authority",
+        &[
+            "--role",
+            "service",
+            "--name",
+            NAME,
+            "--not-before",
+            &long_ago,
+            "--days",
+            "1",
+        ],
+    );
+    bus.pki.issue(
+        "early",
+        "mallory",
+        "authority",
+        &["--role", "service", "--name", NAME, "--not-before", &later],
+    );
+    let mallory = bus.pki.path("mallory.key");
+    let (c, m) = code(bus.try_as(&mallory, &bus.pki.path("old.cert")).await.1);
+    assert_eq!(c, ErrorCode::BadCertificate);
+    assert!(m.contains("expired"), "{m}");
+    let (c, m) = code(bus.try_as(&mallory, &bus.pki.path("early.cert")).await.1);
+    assert_eq!(c, ErrorCode::BadCertificate);
+    assert!(m.contains("not valid before"), "{m}");
+
+    let rogue = TestPki::new();
+    rogue.issue(
+        "fake",
+        "mallory",
+        "authority",
+        &["--role", "service", "--name", NAME],
+    );
+    let (c, m) = code(
+        bus.try_as(&rogue.path("mallory.key"), &rogue.path("fake.cert"))
+            .await
+            .1,
+    );
+    assert_eq!(c, ErrorCode::BadCertificate);
+    assert!(m.contains("not a trusted authority"), "{m}");
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_after_sighup() {
+    let pki_dir_crl = "revoked.crl";
+    let bus = Bus::start(&[]).await;
+    bus.pki.issue(
+        "second",
+        "second",
+        "authority",
+        &["--role", "service", "--name", "org.acme.second"],
+    );
+    // Write an empty list first, then restart with it configured.
+    bus.pki.run(&[
+        "cert",
+        "revoke",
+        "--authority-key",
+        "authority.key",
+        "-o",
+        pki_dir_crl,
+    ]);
+    let crl = bus.pki.path(pki_dir_crl);
+    let authority = bus.pki.path("authority.cert");
+    let junction = TestJunction::start(&[
+        "--authority",
+        authority.to_str().unwrap(),
+        "--revocations",
+        crl.to_str().unwrap(),
+    ]);
+    let second_key = bus.pki.path("second.key");
+    let second_cert = bus.pki.path("second.cert");
+    let d = Driver::connect(&junction.socket).await.unwrap();
+    d.authenticate(&key(&second_key), chain(&second_cert))
+        .await
+        .unwrap();
+    let port = d.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    d.register("org.acme.second", &cap).await.unwrap();
+
+    bus.pki.run(&[
+        "cert",
+        "revoke",
+        "--authority-key",
+        "authority.key",
+        "--cert",
+        "second.cert",
+        "-o",
+        pki_dir_crl,
+    ]);
+    junction_tests_sighup(&junction);
+    let deadline = Instant::now() + T;
+    loop {
+        let fresh = Driver::connect(&junction.socket).await.unwrap();
+        match fresh
+            .authenticate(&key(&second_key), chain(&second_cert))
+            .await
+        {
+            Err(Error::Refused {
+                code: ErrorCode::CertificateRevoked,
+                message,
+            }) => {
+                assert!(message.contains("revoked"), "{message}");
+                break;
+            }
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the revocation never took effect"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    // The connection that proved the now revoked certificate lost its name.
+    let err = d.lookup("org.acme.second").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                code: ErrorCode::NameNotFound,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        junction
+            .log()
+            .contains("unregistered: its certificate was revoked")
+    );
+    bus.assert_legitimate_service_intact().await;
+}
+
+fn junction_tests_sighup(j: &TestJunction) {
+    // SAFETY: kill has no memory-safety preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(j.process.pid() as i32, libc::SIGHUP);
+    }
+}
+
+#[tokio::test]
+async fn names_outside_the_grant_and_outside_an_intermediates_patterns_are_refused() {
+    let bus = Bus::start(&[]).await;
+    bus.pki.issue(
+        "other",
+        "other",
+        "authority",
+        &["--role", "service", "--name", "org.acme.other"],
+    );
+    let (d, r) = bus
+        .try_as(&bus.pki.key("other"), &bus.pki.path("other.cert"))
+        .await;
+    r.unwrap();
+    let (c, m) = code(Bus::try_register(&d).await);
+    assert_eq!(c, ErrorCode::NameNotGranted);
+    assert!(
+        m.contains("org.acme.other"),
+        "the refusal says what is granted: {m}"
+    );
+
+    bus.pki.issue(
+        "inter",
+        "inter",
+        "authority",
+        &["--role", "intermediate", "--pattern", "org.partner.*"],
+    );
+    bus.pki.issue(
+        "stretch",
+        "stretch",
+        "inter",
+        &["--role", "service", "--name", NAME],
+    );
+    let (c, m) = code(
+        bus.try_as(&bus.pki.key("stretch"), &bus.pki.path("stretch.cert"))
+            .await
+            .1,
+    );
+    assert_eq!(c, ErrorCode::BadCertificate);
+    assert!(m.contains("outside the name patterns"), "{m}");
+    // Within its patterns, the intermediate's certificate works.
+    bus.pki.issue(
+        "fair",
+        "fair",
+        "inter",
+        &["--role", "service", "--name", "org.partner.db"],
+    );
+    let (d, r) = bus
+        .try_as(&bus.pki.key("fair"), &bus.pki.path("fair.cert"))
+        .await;
+    r.unwrap();
+    let port = d.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    d.register("org.partner.db", &cap).await.unwrap();
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn a_proof_replayed_from_an_earlier_connection_is_refused() {
+    let bus = Bus::start(&[]).await;
+    bus.pki
+        .issue("client", "client", "authority", &["--role", "client"]);
+    let k = key(&bus.pki.key("client"));
+    let c = chain(&bus.pki.path("client.cert"));
+    let authenticate = |raw: &mut RawClient, proof| {
+        let payload = postcard::to_allocvec(&ControlRequest::Authenticate {
+            chain: c.clone(),
+            proof,
+        })
+        .unwrap();
+        raw.send_frame(&Frame::with_payload(
+            Header::Call(Call {
+                handle: CONTROL_HANDLE,
+                tag: 1,
+                caps: vec![],
+            }),
+            Bytes::from(payload),
+        ));
+        let f = raw.recv_until(|h| matches!(h, Header::Deliver(_)));
+        postcard::from_bytes::<ControlReply>(&f.payload).unwrap()
+    };
+    let (mut first, w1) = RawClient::hello(&bus.junction.socket);
+    let proof = prove_possession(&k, &w1.nonce, w1.junction);
+    assert!(matches!(
+        authenticate(&mut first, proof.clone()),
+        ControlReply::Authenticated(_)
+    ));
+    let (mut second, w2) = RawClient::hello(&bus.junction.socket);
+    assert_ne!(w1.nonce, w2.nonce, "every connection gets a fresh nonce");
+    match authenticate(&mut second, proof) {
+        ControlReply::Refused { code, message } => {
+            assert_eq!(code, ErrorCode::BadProof);
+            assert!(message.contains("another connection"), "{message}");
+        }
+        other => panic!("a replayed proof was accepted: {other:?}"),
+    }
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn a_taken_name_stays_with_its_owner() {
+    let bus = Bus::start(&[]).await;
+    // No identity at all.
+    let anonymous = bus.driver().await;
+    assert_eq!(
+        code(Bus::try_register(&anonymous).await).0,
+        ErrorCode::NameNotGranted
+    );
+    // A second holder of a valid certificate for the very name.
+    bus.pki.issue(
+        "twin",
+        "twin",
+        "authority",
+        &["--role", "service", "--name", NAME],
+    );
+    let (twin, r) = bus
+        .try_as(&bus.pki.key("twin"), &bus.pki.path("twin.cert"))
+        .await;
+    r.unwrap();
+    let (c, m) = code(Bus::try_register(&twin).await);
+    assert_eq!(c, ErrorCode::NameTaken);
+    assert!(m.contains("already registered"), "{m}");
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn a_sender_identity_cannot_be_forged() {
+    let bus = Bus::start(&[]).await;
+    let receiver = bus.driver().await;
+    let mut port = receiver.open_port().await.unwrap();
+    let inbox = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    receiver.register("t.inbox", &inbox).await.unwrap();
+
+    // A raw client sends: the delivery carries no identity, whatever it claims.
+    let (mut raw, _) = RawClient::hello(&bus.junction.socket);
+    let lookup = postcard::to_allocvec(&ControlRequest::Lookup {
+        name: "t.inbox".parse().unwrap(),
+    })
+    .unwrap();
+    raw.send_frame(&Frame::with_payload(
+        Header::Call(Call {
+            handle: CONTROL_HANDLE,
+            tag: 1,
+            caps: vec![],
+        }),
+        Bytes::from(lookup),
+    ));
+    let found = raw.recv_until(|h| matches!(h, Header::Deliver(_)));
+    let Header::Deliver(d) = found.header else {
+        unreachable!()
+    };
+    raw.send_frame(&Frame::with_payload(
+        Header::Send(Send {
+            handle: d.caps[0].handle,
+            caps: vec![],
+        }),
+        Bytes::from_static(b"I am org.acme.echo"),
+    ));
+    let msg = tokio::time::timeout(T, port.recv()).await.unwrap().unwrap();
+    assert_eq!(msg.identity, None);
+    // Pretending to be the junction, with a forged Deliver, gets nowhere.
+    let forged = junction_road::Deliver {
+        port: inbox.address().port,
+        origin: inbox.address(),
+        tag: 0,
+        reply: None,
+        caps: vec![],
+        ack: false,
+        identity: Some(std::sync::Arc::new(junction_road::Identity {
+            key: key(&bus.pki.path("echo.key")).public(),
+            names: vec![NAME.parse().unwrap()],
+        })),
+    };
+    raw.send(Header::Deliver(forged));
+    let f = raw.recv_until(|h| matches!(h, Header::Error(_)));
+    assert!(matches!(f.header, Header::Error(e) if e.code == ErrorCode::UnexpectedFrame));
+
+    // A proven client's messages carry exactly its proven key.
+    bus.pki
+        .issue("client", "client", "authority", &["--role", "client"]);
+    let (client, r) = bus
+        .try_as(&bus.pki.key("client"), &bus.pki.path("client.cert"))
+        .await;
+    r.unwrap();
+    let cap = client.lookup("t.inbox").await.unwrap();
+    client.send(&cap, "signed").await.unwrap();
+    let msg = tokio::time::timeout(T, port.recv()).await.unwrap().unwrap();
+    assert_eq!(&msg.payload[..], b"signed");
+    let id = msg.identity.expect("a proven sender is identified");
+    assert_eq!(id.key, key(&bus.pki.path("client.key")).public());
+    assert!(id.names.is_empty());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), port.recv())
+            .await
+            .is_err(),
+        "the forged delivery never arrived"
+    );
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn capabilities_die_when_revoked_expired_or_spent_even_in_another_process() {
+    let bus = Bus::start(&[]).await;
+    let me = bus.driver().await;
+    let echo = me.lookup(NAME).await.unwrap();
+    let holder_bin = std::path::Path::new(env!("CARGO_BIN_EXE_junction-test-peer"));
+    let _holder = bus
+        .junction
+        .spawn_ready(holder_bin, &["holder", "t.holder"]);
+    let holder = me.lookup("t.holder").await.unwrap();
+    let use_it = |text: &'static str| {
+        let me = me.clone();
+        let holder = holder.clone();
+        async move {
+            let r = me.call(&holder, format!("use:{text}"), T).await.unwrap();
+            String::from_utf8_lossy(&r.payload).into_owned()
+        }
+    };
+
+    // Revocable: works, then dies everywhere at once.
+    let revocable = echo
+        .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).revocable())
+        .await
+        .unwrap();
+    me.call_with(&holder, "take", &[&revocable], T)
+        .await
+        .unwrap();
+    assert!(use_it("before").await.starts_with("before via"));
+    revocable.revoke().await.unwrap();
+    let after = use_it("after").await;
+    assert!(after.contains("revoked"), "{after}");
+    // Revoking what one did not make as revocable is refused.
+    let err = echo.revoke().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                code: ErrorCode::NotRevocable,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn budgets_and_expiry_hold_across_processes() {
+    let bus = Bus::start(&[]).await;
+    let me = bus.driver().await;
+    let echo = me.lookup(NAME).await.unwrap();
+    let holder_bin = std::path::Path::new(env!("CARGO_BIN_EXE_junction-test-peer"));
+    let _holder = bus
+        .junction
+        .spawn_ready(holder_bin, &["holder", "t.holder"]);
+    let holder = me.lookup("t.holder").await.unwrap();
+    let use_it = |text: &'static str| {
+        let me = me.clone();
+        let holder = holder.clone();
+        async move {
+            let r = me.call(&holder, format!("use:{text}"), T).await.unwrap();
+            String::from_utf8_lossy(&r.payload).into_owned()
+        }
+    };
+    // One message, then spent. (A budgeted capability moves: the sender loses it.)
+    let once = echo
+        .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).max_messages(1))
+        .await
+        .unwrap();
+    me.call_with(&holder, "take", &[&once], T).await.unwrap();
+    assert!(use_it("one").await.starts_with("one via"));
+    let spent = use_it("two").await;
+    assert!(spent.contains("budget"), "{spent}");
+    drop(once);
+
+    // Expiring: works now, dead after its time.
+    let holder2 = bus
+        .junction
+        .spawn_ready(holder_bin, &["holder", "t.holder2"]);
+    let h2 = me.lookup("t.holder2").await.unwrap();
+    let brief = echo
+        .attenuate(
+            Attenuation::rights(Rights::SEND | Rights::GRANT).expiring_in(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    me.call_with(&h2, "take", &[&brief], T).await.unwrap();
+    let r = me.call(&h2, "use:soon", T).await.unwrap();
+    assert!(String::from_utf8_lossy(&r.payload).starts_with("soon via"));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = me.call(&h2, "use:late", T).await.unwrap();
+    let late = String::from_utf8_lossy(&r.payload);
+    assert!(late.contains("expired"), "{late}");
+    drop(holder2);
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn guessed_handles_reach_nothing() {
+    let bus = Bus::start(&[]).await;
+    let (mut raw, _) = RawClient::hello(&bus.junction.socket);
+    for guess in 1..64u32 {
+        raw.send_frame(&Frame::with_payload(
+            Header::Send(Send {
+                handle: guess,
+                caps: vec![],
+            }),
+            Bytes::from_static(b"guess"),
+        ));
+        let f = raw.recv_until(|h| matches!(h, Header::Error(_)));
+        assert!(matches!(f.header, Header::Error(e) if e.code == ErrorCode::UnknownHandle));
+    }
+    for guess in [0x0001_0001u32, 0xffff_0001, 0x0002_0003] {
+        raw.send(Header::Revoke { handle: guess });
+        let f = raw.recv_until(|h| matches!(h, Header::Error(_)));
+        assert!(matches!(f.header, Header::Error(e) if e.code == ErrorCode::UnknownHandle));
+    }
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn users_outside_allow_uids_are_turned_away() {
+    let junction = TestJunction::start(&["--allow-uid", "4242424"]);
+    match Driver::connect(&junction.socket).await {
+        Err(Error::Handshake(message)) => assert!(message.contains("allow_uids"), "{message}"),
+        Err(Error::Closed { .. }) => {}
+        other => panic!("a user outside allow_uids got in: {other:?}"),
+    }
+    let deadline = Instant::now() + T;
+    while !junction.log().contains("not in allow_uids") {
+        assert!(Instant::now() < deadline, "the refusal was not logged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
