@@ -1,13 +1,15 @@
-//! `junction demo`: a private junction, two spawned processes, and a walk
-//! through calls, capability passing and a dead-port notice.
+//! `junction demo`: a private bus with its own authority, two spawned
+//! services that prove who they are, and a walk through calls, capability
+//! passing, impostors turned away, revocation and a dead-port notice.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use junction::core;
 use junction::shell::ServeConfig;
-use junction_driver::{Capability, Driver, Error, Rights};
+use junction_driver::{Attenuation, Capability, Driver, Error, Rights};
+use junction_identity::{CertBody, Certificate, Role, SecretKey, TrustStore};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -19,32 +21,129 @@ fn detail(text: impl std::fmt::Display) {
     println!("    {text}");
 }
 
+/// Keys and certificates of the demo's bus, in its temp dir.
+struct DemoPki {
+    authority: SecretKey,
+    authority_cert: Certificate,
+    dir: PathBuf,
+}
+
+impl DemoPki {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        let authority = SecretKey::generate()?;
+        let now = now();
+        let authority_cert = Certificate::authority(&authority, 1, now - 60, now + 86_400)?;
+        std::fs::write(dir.join("authority.cert"), authority_cert.to_pem())?;
+        Ok(Self {
+            authority,
+            authority_cert,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Writes `NAME.key` and `NAME.cert` for `role`; returns their paths.
+    fn issue(&self, name: &str, serial: u64, role: Role) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let key = SecretKey::generate()?;
+        let now = now();
+        let cert = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial,
+                subject: key.public(),
+                role,
+                not_before: now - 60,
+                not_after: now + 86_400,
+                issuer: self.authority.public(),
+            },
+            &self.authority,
+        )?;
+        let (key_path, cert_path) = (
+            self.dir.join(format!("{name}.key")),
+            self.dir.join(format!("{name}.cert")),
+        );
+        std::fs::write(&key_path, key.to_pem()?.as_str())?;
+        std::fs::write(&cert_path, cert.to_pem() + &self.authority_cert.to_pem())?;
+        Ok((key_path, cert_path))
+    }
+
+    fn trust(&self) -> anyhow::Result<TrustStore> {
+        let mut trust = TrustStore::new();
+        trust.add_authority(&self.authority_cert)?;
+        Ok(trust)
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn service(name: &str) -> anyhow::Result<Role> {
+    Ok(Role::Service {
+        names: vec![name.parse()?],
+    })
+}
+
 /// Runs the demo; exits 0 when every step did what it should.
 pub(crate) fn run() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("junction-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = run_in(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(dir: &Path) -> anyhow::Result<()> {
+    step(
+        1,
+        "making a bus authority and certificates (what `junction keygen` and `junction cert issue` do)",
+    );
+    let pki = DemoPki::new(dir)?;
+    let (echo_key, echo_cert) = pki.issue("echo", 2, service("demo.echo")?)?;
+    let (peer_key, peer_cert) = pki.issue("peer", 3, service("demo.peer")?)?;
+    let (me_key, me_cert) = pki.issue("me", 4, Role::Client)?;
+    detail(format!("authority {}", pki.authority.public()));
+    detail(
+        "service certificates for demo.echo and demo.peer, a client certificate for this process",
+    );
+
     let socket = dir.join("junction.sock");
     let exe = crate::self_exe()?;
-    let exe = shlex::try_quote(&exe.to_string_lossy())
-        .context("the program path cannot be quoted")?
-        .into_owned();
+    let quote = |p: &Path| -> anyhow::Result<String> {
+        Ok(shlex::try_quote(&p.to_string_lossy())
+            .context("a path cannot be quoted")?
+            .into_owned())
+    };
+    let exe = quote(&exe)?;
     let config = ServeConfig {
         socket: socket.clone(),
         core: core::Config {
-            dev_namespace: vec!["demo.*".parse()?],
+            trust: pki.trust()?,
             ..core::Config::default()
         },
         spawn: vec![
-            format!("{exe} echo --name demo.echo"),
-            format!("{exe} demo-peer"),
+            format!(
+                "{exe} echo --name demo.echo --key {} --cert {}",
+                quote(&echo_key)?,
+                quote(&echo_cert)?
+            ),
+            format!(
+                "{exe} demo-peer --key {} --cert {}",
+                quote(&peer_key)?,
+                quote(&peer_cert)?
+            ),
         ],
         grace: Duration::from_secs(2),
         revocations_path: None,
         allow_uids: Vec::new(),
     };
     step(
-        1,
-        format!("starting a private junction at {}", socket.display()),
+        2,
+        format!(
+            "starting a private junction at {} that trusts only that authority",
+            socket.display()
+        ),
     );
     detail("it spawns two children over stdio Roads: an echo service and a peer process");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -53,18 +152,27 @@ pub(crate) fn run() -> anyhow::Result<()> {
             let _ = stopped.await;
         })
     });
-    let result = crate::cmd::block_on(script(&socket));
+    let me = Identity {
+        key: crate::pki::read_key(&me_key)?,
+        chain: crate::pki::read_chain(&me_cert)?,
+    };
+    let result = crate::cmd::block_on(script(&socket, me, pki.trust()?, dir));
     let _ = stop.send(());
     let served = junction
         .join()
         .map_err(|_| anyhow::anyhow!("the junction thread panicked"))?;
-    let _ = std::fs::remove_dir_all(&dir);
     result?;
     served?;
-    println!(
-        "[9] the junction shut down: drivers told, children ended, socket removed. Demo complete."
+    step(
+        12,
+        "the junction shut down: drivers told, children ended, socket removed. Demo complete.",
     );
     Ok(())
+}
+
+struct Identity {
+    key: SecretKey,
+    chain: Vec<Certificate>,
 }
 
 async fn connect_when_ready(socket: &Path) -> anyhow::Result<Driver> {
@@ -78,11 +186,14 @@ async fn connect_when_ready(socket: &Path) -> anyhow::Result<Driver> {
     }
 }
 
-async fn lookup_when_registered(driver: &Driver, name: &str) -> anyhow::Result<Capability> {
+async fn lookup_when_registered(
+    driver: &Driver,
+    name: &str,
+) -> anyhow::Result<(Capability, Option<Vec<Certificate>>)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match driver.lookup(name).await {
-            Ok(cap) => return Ok(cap),
+        match driver.lookup_with_chain(name).await {
+            Ok(found) => return Ok(found),
             Err(e) if Instant::now() > deadline => {
                 return Err(e).with_context(|| format!("{name} never registered"));
             }
@@ -91,53 +202,63 @@ async fn lookup_when_registered(driver: &Driver, name: &str) -> anyhow::Result<C
     }
 }
 
-async fn script(socket: &Path) -> anyhow::Result<()> {
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+async fn script(socket: &Path, id: Identity, trust: TrustStore, dir: &Path) -> anyhow::Result<()> {
     let me = connect_when_ready(socket).await?;
+    let proven = me.authenticate(&id.key, id.chain.clone()).await?;
     step(
-        2,
+        3,
         format!(
-            "this process attached over the Unix socket; its home port is {}",
-            me.home()
+            "this process attached over the Unix socket (home port {}) and proved its client key {}",
+            me.home(),
+            &proven.key.to_hex()[..16]
         ),
     );
-    let echo = lookup_when_registered(&me, "demo.echo").await?;
-    let peer = lookup_when_registered(&me, "demo.peer").await?;
+    let (echo, echo_chain) = lookup_when_registered(&me, "demo.echo").await?;
+    let (peer, _) = lookup_when_registered(&me, "demo.peer").await?;
+    let chain = echo_chain.context("demo.echo was registered without a certificate")?;
+    let verified = trust.verify_chain(&chain, now(), None)?;
     detail(format!(
-        "looked up demo.echo -> port {} ({})",
+        "looked up demo.echo -> port {} ({}); its certificate checks out here too, end to end: {}",
         echo.address(),
-        echo.rights()
-    ));
-    detail(format!(
-        "looked up demo.peer -> port {} ({})",
-        peer.address(),
-        peer.rights()
+        echo.rights(),
+        verified.body.role
     ));
 
-    step(3, "calling demo.echo");
+    step(4, "calling demo.echo");
     let started = Instant::now();
     let reply = me.call(&echo, "hello, bus", CALL_TIMEOUT).await?;
+    let who = reply
+        .identity
+        .as_ref()
+        .context("the reply carries no identity")?;
     detail(format!(
-        "reply {:?} from {} in {:?}",
-        String::from_utf8_lossy(&reply.payload),
+        "reply {:?} from {} in {:?}, answered by {} (stamped by the junction)",
+        text(&reply.payload),
         reply.origin,
-        started.elapsed()
+        started.elapsed(),
+        who.names
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     if &reply.payload[..] != b"hello, bus" {
         bail!("the echo service answered {:?}", reply.payload);
     }
 
     step(
-        4,
+        5,
         "passing the echo capability to the peer process, which uses it",
     );
     let reply = me.call_with(&peer, "relay", &[&echo], CALL_TIMEOUT).await?;
-    detail(format!(
-        "the peer says: {}",
-        String::from_utf8_lossy(&reply.payload)
-    ));
+    detail(format!("the peer says: {}", text(&reply.payload)));
 
     step(
-        5,
+        6,
         "opening a port here and handing the peer a capability to it",
     );
     let mut port = me.open_port().await?;
@@ -145,15 +266,19 @@ async fn script(socket: &Path) -> anyhow::Result<()> {
     me.call_with(&peer, "send-back", &[&back], CALL_TIMEOUT)
         .await?;
     let msg = port.recv().await?;
+    let sender = msg
+        .identity
+        .as_ref()
+        .map_or("nobody".to_string(), |i| i.names[0].to_string());
     detail(format!(
-        "port {} received {:?} from {} (origin stamped by the junction)",
+        "port {} received {:?} from {}, proven to be {sender}",
         port.address(),
-        String::from_utf8_lossy(&msg.payload),
+        text(&msg.payload),
         msg.origin
     ));
 
     step(
-        6,
+        7,
         "trying to pass a capability minted without the grant right",
     );
     let private = port.mint(Rights::SEND).await?;
@@ -165,32 +290,74 @@ async fn script(socket: &Path) -> anyhow::Result<()> {
         other => bail!("a capability without grant travelled: {other:?}"),
     }
 
-    step(7, "what the junction holds now (as `junction ls` shows it)");
+    step(8, "impostors try to take the name demo.echo");
+    let anonymous = Driver::connect(socket).await?;
+    let p = anonymous.open_port().await?;
+    let c = p.mint(Rights::SEND | Rights::GRANT).await?;
+    match anonymous.register("demo.echo", &c).await {
+        Err(e) => detail(format!("without a certificate: {e}")),
+        Ok(()) => bail!("an impostor registered demo.echo"),
+    }
+    let rogue_dir = dir.join("rogue");
+    std::fs::create_dir_all(&rogue_dir)?;
+    let rogue_pki = DemoPki::new(&rogue_dir)?;
+    let (rk, rc) = rogue_pki.issue("fake", 9, service("demo.echo")?)?;
+    let rogue = Driver::connect(socket).await?;
+    match rogue
+        .authenticate(&crate::pki::read_key(&rk)?, crate::pki::read_chain(&rc)?)
+        .await
+    {
+        Err(e) => detail(format!("with a certificate from another authority: {e}")),
+        Ok(_) => bail!("a rogue authority was trusted"),
+    }
+    let reply = me.call(&echo, "still mine?", CALL_TIMEOUT).await?;
+    detail(format!(
+        "demo.echo still answers: {:?}",
+        text(&reply.payload)
+    ));
+
+    step(
+        9,
+        "lending the peer a revocable capability, then revoking it",
+    );
+    let lent = echo
+        .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).revocable())
+        .await?;
+    me.call_with(&peer, "keep", &[&lent], CALL_TIMEOUT).await?;
+    let used = me.call(&peer, "use-kept", CALL_TIMEOUT).await?;
+    detail(format!("the peer uses it: {}", text(&used.payload)));
+    lent.revoke().await?;
+    let used = me.call(&peer, "use-kept", CALL_TIMEOUT).await?;
+    detail(format!("after revoke: {}", text(&used.payload)));
+    if !text(&used.payload).contains("revoked") {
+        bail!("a revoked capability still worked");
+    }
+
+    step(
+        10,
+        "what the junction holds now (as `junction ls` shows it)",
+    );
     let listing = me.listing().await?;
     for c in &listing.connections {
         detail(format!(
-            "connection c{} over {:<5} pid {:>7} home {:<6} ports {} handles {} ({})",
+            "connection c{} over {:<5} pid {:>7} home {:<6} handles {:>2} {}",
             c.id,
             c.road,
             c.pid.map_or("-".into(), |p| p.to_string()),
             c.home.to_string(),
-            c.ports,
             c.handles,
-            c.label
+            c.identity.as_deref().unwrap_or("(no identity)")
         ));
     }
 
-    step(8, "asking the peer process to exit, watching its port");
+    step(11, "asking the peer process to exit, watching its port");
     let watcher = {
         let peer = peer.clone();
         tokio::spawn(async move { peer.watch().await })
     };
     tokio::task::yield_now().await;
     let bye = me.call(&peer, "quit", CALL_TIMEOUT).await?;
-    detail(format!(
-        "the peer said {:?} and exited",
-        String::from_utf8_lossy(&bye.payload)
-    ));
+    detail(format!("the peer said {:?} and exited", text(&bye.payload)));
     let reason = tokio::time::timeout(CALL_TIMEOUT, watcher)
         .await
         .context("no dead-port notice arrived")???;
@@ -209,8 +376,9 @@ pub(crate) async fn peer(identity: crate::cmd::IdentityArgs) -> anyhow::Result<(
     let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
     driver.register("demo.peer", &cap).await?;
+    let mut kept: Option<Capability> = None;
     loop {
-        let msg = match port.recv().await {
+        let mut msg = match port.recv().await {
             Ok(msg) => msg,
             Err(Error::Closed { .. }) => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -230,6 +398,23 @@ pub(crate) async fn peer(identity: crate::cmd::IdentityArgs) -> anyhow::Result<(
             b"send-back" if !msg.caps.is_empty() => {
                 driver.send(&msg.caps[0], "hello from the peer").await?;
                 msg.reply("sent")?;
+            }
+            b"keep" if !msg.caps.is_empty() => {
+                kept = Some(msg.caps.remove(0));
+                msg.reply("kept")?;
+            }
+            b"use-kept" => {
+                let answer = match &kept {
+                    Some(cap) => match driver
+                        .call(cap, "via the kept capability", CALL_TIMEOUT)
+                        .await
+                    {
+                        Ok(r) => format!("answered {:?}", String::from_utf8_lossy(&r.payload)),
+                        Err(e) => format!("failed: {e}"),
+                    },
+                    None => "nothing kept".to_string(),
+                };
+                msg.reply(answer)?;
             }
             b"quit" => {
                 msg.reply("bye")?;
