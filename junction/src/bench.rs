@@ -52,6 +52,9 @@ pub(crate) enum Role {
     Echo,
     /// Driver: register bench.sink, count messages, answer a call with the count.
     Sink,
+    /// Driver: prove the identity in JUNCTION_KEY/JUNCTION_CERT, register
+    /// bench.idecho, answer calls with their payload.
+    IdEcho,
 }
 
 /// `junction bench-peer` options.
@@ -103,6 +106,16 @@ struct Side {
     small_msgs_per_sec: f64,
     /// CPU time each process spent per 64-byte message.
     small_cpu_ns: Option<CpuPerMessage>,
+    /// Junction side only: round trips between two processes that proved
+    /// identities (every delivery carries one).
+    identity_rtt: Option<Rtt>,
+    identity_rtt_pinned: Option<Rtt>,
+    /// Junction side only: registering a name with a certificate, p50.
+    register_p50_us: Option<f64>,
+    /// Junction side only: looking a name up, p50.
+    lookup_p50_us: Option<f64>,
+    /// Junction side only: proving an identity (chain and proof checked), p50.
+    authenticate_p50_us: Option<f64>,
     large_gb_per_sec: f64,
 }
 
@@ -195,7 +208,8 @@ async fn measure(
         raw.road_rtt = Some(road_rtt);
         raw.relay_rtt = Some(relay_rtt);
     }
-    let jct = JunctionProcess::start(dir).await?;
+    let pki = BenchPki::new(dir)?;
+    let jct = JunctionProcess::start(dir, &pki.authority_path).await?;
     let result = async {
         let driver = Driver::connect(&jct.socket).await?;
         let echo_peer = spawn_peer(Role::Echo, &jct.socket, 0, false)?;
@@ -203,6 +217,16 @@ async fn measure(
         let echo = lookup(&driver, "bench.echo").await?;
         let sink = lookup(&driver, "bench.sink").await?;
         let rtt = junction_round_trips(&driver, &echo, work.round_trips).await?;
+        let ids = identity_figures(&jct.socket, &pki, work.round_trips).await?;
+        if pinned {
+            through.identity_rtt_pinned = Some(ids.rtt);
+        } else {
+            through.identity_rtt = Some(ids.rtt);
+            through.register_p50_us = Some(ids.register_p50_us);
+            through.lookup_p50_us = Some(ids.lookup_p50_us);
+            through.authenticate_p50_us = Some(ids.authenticate_p50_us);
+        }
+        drop(ids.peer);
         if pinned {
             raw.rtt_pinned = Some(raw_rtt);
             through.rtt_pinned = Some(rtt);
@@ -258,6 +282,8 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
                 "rtt_p99": ratio(through.rtt.p99_us, raw.rtt.p99_us),
                 "rtt_pinned_p50": through.rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
                 "rtt_pinned_p99": through.rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p99_us, r.p99_us)),
+                "identities_vs_none_pinned_p50": through.identity_rtt_pinned.zip(through.rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
+                "identities_vs_none_p50": through.identity_rtt.map(|j| ratio(j.p50_us, through.rtt.p50_us)),
                 "junction_vs_relay_pinned_p50": through.rtt_pinned.zip(raw.relay_rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
                 "road_vs_plain_pinned_p50": raw.road_rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
                 "small_msgs_per_sec": ratio(through.small_msgs_per_sec, raw.small_msgs_per_sec),
@@ -328,6 +354,30 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
         through.large_gb_per_sec,
         "",
     );
+    if let (Some(plain), Some(ids)) = (through.rtt_pinned, through.identity_rtt_pinned) {
+        row(
+            "pinned p50: anonymous vs identified",
+            plain.p50_us,
+            ids.p50_us,
+            "",
+        );
+    } else if let Some(ids) = through.identity_rtt {
+        row(
+            "p50: anonymous vs identified",
+            through.rtt.p50_us,
+            ids.p50_us,
+            "",
+        );
+    }
+    if let (Some(r), Some(l), Some(a)) = (
+        through.register_p50_us,
+        through.lookup_p50_us,
+        through.authenticate_p50_us,
+    ) {
+        println!(
+            "registration p50 {r:.1} µs, lookup p50 {l:.1} µs, authentication (chain + proof) p50 {a:.1} µs"
+        );
+    }
     if let Some(cpu) = through.small_cpu_ns {
         println!(
             "CPU per 64 B message through the junction: sender {:.0} ns, junction {:.0} ns, receiver {:.0} ns",
@@ -464,6 +514,142 @@ async fn raw_stream(dir: &Path, size: usize, count: u64) -> anyhow::Result<f64> 
     Ok(secs)
 }
 
+/// An authority with a service certificate for bench.idecho and a client
+/// certificate, in the bench's temp dir.
+struct BenchPki {
+    authority_path: PathBuf,
+    echo: (PathBuf, PathBuf),
+    client: (
+        junction_identity::SecretKey,
+        Vec<junction_identity::Certificate>,
+    ),
+    registrar: (
+        junction_identity::SecretKey,
+        Vec<junction_identity::Certificate>,
+    ),
+}
+
+impl BenchPki {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        use junction_identity::{CertBody, Certificate, Role, SecretKey};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let authority = SecretKey::generate()?;
+        let authority_cert = Certificate::authority(&authority, 1, now - 60, now + 86_400)?;
+        let authority_path = dir.join("authority.cert");
+        std::fs::write(&authority_path, authority_cert.to_pem())?;
+        let issue = |serial: u64, role: Role| -> anyhow::Result<(SecretKey, Vec<Certificate>)> {
+            let key = SecretKey::generate()?;
+            let cert = Certificate::issue(
+                CertBody {
+                    version: 1,
+                    serial,
+                    subject: key.public(),
+                    role,
+                    not_before: now - 60,
+                    not_after: now + 86_400,
+                    issuer: authority.public(),
+                },
+                &authority,
+            )?;
+            Ok((key, vec![cert, authority_cert.clone()]))
+        };
+        let (echo_key, echo_chain) = issue(
+            2,
+            Role::Service {
+                names: vec!["bench.idecho".parse()?],
+            },
+        )?;
+        let echo_key_path = dir.join("idecho.key");
+        let echo_cert_path = dir.join("idecho.cert");
+        std::fs::write(&echo_key_path, echo_key.to_pem()?.as_str())?;
+        std::fs::write(
+            &echo_cert_path,
+            echo_chain
+                .iter()
+                .map(Certificate::to_pem)
+                .collect::<String>(),
+        )?;
+        Ok(Self {
+            authority_path,
+            echo: (echo_key_path, echo_cert_path),
+            client: issue(3, Role::Client)?,
+            registrar: issue(
+                4,
+                Role::Service {
+                    names: vec!["bench.registered".parse()?],
+                },
+            )?,
+        })
+    }
+}
+
+struct IdentityFigures {
+    rtt: Rtt,
+    register_p50_us: f64,
+    lookup_p50_us: f64,
+    authenticate_p50_us: f64,
+    peer: Child,
+}
+
+async fn identity_figures(
+    socket: &Path,
+    pki: &BenchPki,
+    n: usize,
+) -> anyhow::Result<IdentityFigures> {
+    let peer = Command::new(crate::self_exe()?)
+        .args(["bench-peer", "--role", "id-echo", "--socket"])
+        .arg(socket)
+        .env("JUNCTION_KEY", &pki.echo.0)
+        .env("JUNCTION_CERT", &pki.echo.1)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start a benchmark process")?;
+    let client = Driver::connect(socket).await?;
+    client
+        .authenticate(&pki.client.0, pki.client.1.clone())
+        .await?;
+    let echo = lookup(&client, "bench.idecho").await?;
+    let rtt = junction_round_trips(&client, &echo, n).await?;
+
+    let rounds = (n / 10).max(100);
+    let mut auth = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let d = Driver::connect(socket).await?;
+        let start = Instant::now();
+        d.authenticate(&pki.registrar.0, pki.registrar.1.clone())
+            .await?;
+        auth.push(start.elapsed());
+    }
+    let registrar = Driver::connect(socket).await?;
+    registrar
+        .authenticate(&pki.registrar.0, pki.registrar.1.clone())
+        .await?;
+    let port = registrar.open_port().await?;
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
+    let mut register = Vec::with_capacity(rounds);
+    let mut lookups = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let start = Instant::now();
+        registrar.register("bench.registered", &cap).await?;
+        register.push(start.elapsed());
+        let start = Instant::now();
+        let found = client.lookup("bench.registered").await?;
+        lookups.push(start.elapsed());
+        drop(found);
+        registrar.unregister("bench.registered").await?;
+    }
+    Ok(IdentityFigures {
+        rtt,
+        register_p50_us: percentiles(register).p50_us,
+        lookup_p50_us: percentiles(lookups).p50_us,
+        authenticate_p50_us: percentiles(auth).p50_us,
+        peer,
+    })
+}
+
 async fn junction_round_trips(
     driver: &Driver,
     echo: &junction_driver::Capability,
@@ -539,12 +725,14 @@ struct JunctionProcess {
 }
 
 impl JunctionProcess {
-    async fn start(dir: &Path) -> anyhow::Result<Self> {
+    async fn start(dir: &Path, authority: &Path) -> anyhow::Result<Self> {
         let socket = dir.join("junction.sock");
         let child = Command::new(crate::self_exe()?)
-            .args(["serve", "--socket"])
+            .args(["serve", "--dev-namespace", "bench.*", "--authority"])
+            .arg(authority)
+            .arg("--socket")
             .arg(&socket)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "error")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -647,15 +835,21 @@ async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
                 writer.send(&bench_frame(Bytes::new())).await?;
                 while reader.read_frame().await?.is_some() {}
             }
-            Role::Echo | Role::Sink => {
+            Role::Echo | Role::Sink | Role::IdEcho => {
                 let driver = Driver::connect(&args.socket).await?;
+                let name = match args.role {
+                    Role::Echo => "bench.echo",
+                    Role::IdEcho => {
+                        let key = crate::pki::read_key(Path::new(&std::env::var("JUNCTION_KEY")?))?;
+                        let chain =
+                            crate::pki::read_chain(Path::new(&std::env::var("JUNCTION_CERT")?))?;
+                        driver.authenticate(&key, chain).await?;
+                        "bench.idecho"
+                    }
+                    _ => "bench.sink",
+                };
                 let mut port = driver.open_port().await?;
                 let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
-                let name = if args.role == Role::Echo {
-                    "bench.echo"
-                } else {
-                    "bench.sink"
-                };
                 driver.register(name, &cap).await?;
                 let mut seen = 0u64;
                 loop {
@@ -663,7 +857,7 @@ async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
                         Ok(m) => m,
                         Err(_) => return Ok(()),
                     };
-                    if args.role == Role::Echo {
+                    if args.role != Role::Sink {
                         let payload = msg.payload.clone();
                         msg.reply(payload)?;
                     } else if msg.is_call() {
