@@ -125,9 +125,17 @@ fn terminate(pid: u32) {
 /// Ends every child: their Roads are closed already, so well-behaved ones
 /// are leaving; each gets SIGTERM, and SIGKILL once `grace` has passed.
 pub async fn end_all(children: Vec<Child>, grace: Duration) {
+    // Their Roads are closed: most leave on their own within moments.
+    let mut children = children;
+    let patience = tokio::time::Instant::now() + grace.min(Duration::from_millis(500));
+    for child in &mut children {
+        let _ = tokio::time::timeout_at(patience, child.inner.wait()).await;
+    }
     let deadline = tokio::time::Instant::now() + grace;
-    for child in &children {
-        if let Some(pid) = child.pid() {
+    for child in &mut children {
+        if matches!(child.inner.try_wait(), Ok(None))
+            && let Some(pid) = child.pid()
+        {
             terminate(pid);
         }
     }

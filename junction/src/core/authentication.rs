@@ -80,7 +80,7 @@ impl Core {
             };
             c.identity = None;
             let ports = c.ports.clone();
-            tracing::warn!(conn = serial, "identity withdrawn: {e}");
+            tracing::warn!(conn = %format!("c{serial}"), "identity withdrawn: {e}");
             let names: Vec<_> = self
                 .names
                 .iter()
