@@ -626,3 +626,60 @@ async fn users_outside_allow_uids_are_turned_away() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_service_decides_per_message_from_the_callers_proven_identity() {
+    let bus = Bus::start(&[]).await;
+    let service = bus.driver().await;
+    let mut port = service.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    service.register("t.guarded", &cap).await.unwrap();
+    bus.pki
+        .issue("client", "client", "authority", &["--role", "client"]);
+    let trusted_client = key(&bus.pki.key("client")).public();
+    let policy = junction_driver::Policy::new()
+        .allow_names("org.acme.*")
+        .unwrap()
+        .allow_key(trusted_client);
+    tokio::spawn(async move {
+        while let Ok(msg) = port.recv().await {
+            let answer = match policy.check(&msg) {
+                Ok(_) => "welcome".to_string(),
+                Err(e) => format!("{e}"),
+            };
+            let _ = msg.reply(answer);
+        }
+    });
+    let ask = |d: Driver| async move {
+        let cap = d.lookup("t.guarded").await.unwrap();
+        let r = d.call(&cap, "may I?", T).await.unwrap();
+        String::from_utf8_lossy(&r.payload).into_owned()
+    };
+    let anonymous = ask(bus.driver().await).await;
+    assert!(anonymous.contains("proved no identity"), "{anonymous}");
+    let (acme, r) = bus
+        .try_as(&bus.pki.path("echo.key"), &bus.pki.path("echo.cert"))
+        .await;
+    r.unwrap();
+    assert_eq!(ask(acme).await, "welcome");
+    let (client, r) = bus
+        .try_as(&bus.pki.path("client.key"), &bus.pki.path("client.cert"))
+        .await;
+    r.unwrap();
+    assert_eq!(ask(client).await, "welcome");
+    bus.pki.issue(
+        "stranger",
+        "stranger",
+        "authority",
+        &["--role", "service", "--name", "com.other.x"],
+    );
+    let (stranger, r) = bus
+        .try_as(&bus.pki.key("stranger"), &bus.pki.path("stranger.cert"))
+        .await;
+    r.unwrap();
+    let denied = ask(stranger).await;
+    assert!(
+        denied.contains("not allowed") && denied.contains("com.other.x"),
+        "{denied}"
+    );
+}
