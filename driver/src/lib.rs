@@ -95,7 +95,15 @@ impl Driver {
     /// Connects to the Junction at `$JUNCTION_SOCKET`, or at the default
     /// socket.
     pub async fn connect_default() -> Result<Driver, Error> {
-        Self::connect(&socket_path()).await
+        let path = socket_path();
+        // A socket in a directory another user owns may not be the junction.
+        if let Some(dir) = path.parent() {
+            junction_road::transport::unix::check_owner(dir).map_err(|source| Error::Connect {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Self::connect(&path).await
     }
 
     /// Connects to the Junction listening at `path`.

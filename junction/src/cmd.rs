@@ -93,6 +93,9 @@ pub(crate) struct ServeArgs {
     /// A user id allowed to connect (repeatable; default: anyone who can open the socket).
     #[arg(long)]
     allow_uid: Vec<u32>,
+    /// Bytes a connection may leave unread before it is cut off [default: 256 MiB].
+    #[arg(long)]
+    max_unread: Option<usize>,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -176,6 +179,8 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         spawn,
         revocations_path,
         allow_uids,
+        max_connections: file.max_connections.unwrap_or(4096),
+        max_unread: args.max_unread.or(file.max_unread).unwrap_or(256 << 20),
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
     };
     run_junction(config, shutdown_signal())

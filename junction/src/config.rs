@@ -41,6 +41,10 @@ pub struct FileConfig {
     pub max_pending_calls: Option<u32>,
     /// Milliseconds children get between SIGTERM and SIGKILL at shutdown.
     pub grace_ms: Option<u64>,
+    /// Connections served at once (default 4096); more are turned away.
+    pub max_connections: Option<usize>,
+    /// Bytes a connection may leave unread before it is cut off (default 256 MiB).
+    pub max_unread: Option<usize>,
     /// Commands to spawn with stdio Roads.
     #[serde(default)]
     pub spawn: Vec<String>,

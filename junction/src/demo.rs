@@ -137,6 +137,8 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         grace: Duration::from_secs(2),
         revocations_path: None,
         allow_uids: Vec::new(),
+        max_connections: 64,
+        max_unread: 64 << 20,
     };
     step(
         2,

@@ -306,12 +306,13 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
             }
             list.body
         }
-        Err(_) => RevocationBody {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => RevocationBody {
             issuer: authority.public(),
             issued_at: 0,
             serials: Vec::new(),
             keys: Vec::new(),
         },
+        Err(e) => bail!("cannot read {}: {e}", args.out.display()),
     };
     for path in &args.cert {
         body.serials.push(read_chain(path)?[0].body.serial);

@@ -37,6 +37,11 @@ pub struct ServeConfig {
     pub revocations_path: Option<PathBuf>,
     /// User ids that may connect over the socket; empty means any.
     pub allow_uids: Vec<u32>,
+    /// Connections the junction serves at once; more are turned away.
+    pub max_connections: usize,
+    /// Bytes a connection may leave unread before it is cut off (at least
+    /// eight maximum frames).
+    pub max_unread: usize,
 }
 
 /// Why the junction could not start or keep running.
@@ -66,6 +71,9 @@ pub enum ServeError {
 struct Shell {
     core: RefCell<Core>,
     allow_uids: Vec<u32>,
+    max_connections: usize,
+    /// Bytes a connection may leave unread before it is cut off.
+    outbox_limit: usize,
     conns: RefCell<Vec<Option<ConnSlot>>>,
     /// Connections with frames pushed since the last flush.
     dirty: RefCell<Vec<ConnId>>,
@@ -77,7 +85,11 @@ struct ConnSlot {
     outbox: Rc<RefCell<Outbox>>,
     dirty: bool,
     reader: Option<tokio::task::AbortHandle>,
+    writer: Option<tokio::task::AbortHandle>,
 }
+
+/// How long a new connection may take to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Owns the socket path and its lock; removes the socket when dropped.
 #[derive(Debug)]
@@ -100,6 +112,9 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
         path: path.to_owned(),
         source,
     };
+    if let Some(dir) = path.parent() {
+        unix_road::check_owner(dir).map_err(listen_err)?;
+    }
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
@@ -162,6 +177,8 @@ pub async fn serve(
         max_frame: config.core.max_frame,
         core: RefCell::new(Core::new(config.core.clone())),
         allow_uids: config.allow_uids.clone(),
+        max_connections: config.max_connections,
+        outbox_limit: config.max_unread.max(8 * config.core.max_frame as usize),
         conns: RefCell::new(Vec::new()),
         dirty: RefCell::new(Vec::new()),
     });
@@ -237,6 +254,18 @@ async fn futures_join(handles: Vec<JoinHandle<()>>) {
 impl Shell {
     fn accept(self: &Rc<Self>, stream: UnixStream) -> Option<JoinHandle<()>> {
         let cred = stream.peer_cred().ok();
+        if self.core.borrow().connections() >= self.max_connections {
+            tracing::warn!(
+                pid = ?cred.and_then(|c| c.pid()),
+                "turned a connection away: {} connections is the limit",
+                self.max_connections
+            );
+            refuse_stream(
+                stream,
+                "this junction serves as many connections as it may; try again later".into(),
+            );
+            return None;
+        }
         if !self.allow_uids.is_empty() {
             let uid = cred.map(|c| c.uid());
             if !uid.is_some_and(|u| self.allow_uids.contains(&u)) {
@@ -246,7 +275,13 @@ impl Shell {
                     ?pid,
                     "refused a connection from a user not in allow_uids"
                 );
-                refuse_stream(stream, uid);
+                refuse_stream(
+                    stream,
+                    format!(
+                        "user {} may not use this junction (allow_uids)",
+                        uid.map_or("unknown".to_string(), |u| u.to_string())
+                    ),
+                );
                 return None;
             }
         }
@@ -297,6 +332,7 @@ impl Shell {
                 outbox: outbox.clone(),
                 dirty: false,
                 reader: None,
+                writer: None,
             });
         }
         let writer_task = tokio::task::spawn_local(async move {
@@ -309,6 +345,7 @@ impl Shell {
             && slot.id == id
         {
             slot.reader = Some(reader_task.abort_handle());
+            slot.writer = Some(writer_task.abort_handle());
         }
         writer_task
     }
@@ -320,10 +357,15 @@ impl Shell {
         };
         match crate::config::load_revocations(path, &config.core.trust) {
             Ok(list) => {
-                tracing::info!(path = %path.display(), revoked = list.body.serials.len() + list.body.keys.len(), "SIGHUP: revocation list reloaded");
+                let revoked = list.body.serials.len() + list.body.keys.len();
                 let mut core = self.core.borrow_mut();
                 core.set_now(unix_now());
-                core.set_revocations(Some(list));
+                match core.set_revocations(Some(list)) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), revoked, "SIGHUP: revocation list reloaded")
+                    }
+                    Err(e) => tracing::error!("SIGHUP: keeping the old revocation list: {e}"),
+                }
             }
             Err(e) => tracing::error!("SIGHUP: keeping the old revocation list: {e}"),
         }
@@ -334,6 +376,40 @@ impl Shell {
     /// Carries out everything the core asked for. Frames are queued; the
     /// end of the batch ([`Shell::flush`]) sends them.
     fn pump(&self) {
+        loop {
+            let overflowing = self.pump_once();
+            if overflowing.is_empty() {
+                return;
+            }
+            for conn in overflowing {
+                self.cut_off(conn);
+            }
+        }
+    }
+
+    /// A connection that lets more than `outbox_limit` bytes pile up for it
+    /// is not reading its Road: it is cut off before it exhausts the
+    /// junction, and its ports die as if it had left.
+    fn cut_off(&self, conn: ConnId) {
+        let slot = match self.conns.borrow_mut().get_mut(conn.slot()) {
+            Some(entry) if entry.as_ref().is_some_and(|s| s.id == conn) => entry.take(),
+            _ => None,
+        };
+        let Some(slot) = slot else { return };
+        tracing::warn!(
+            %conn,
+            queued = slot.outbox.borrow().queued(),
+            "cutting off a connection that does not read what is sent to it"
+        );
+        for task in [slot.reader, slot.writer].into_iter().flatten() {
+            task.abort();
+        }
+        self.core.borrow_mut().handle_disconnected(conn);
+    }
+
+    /// Drains the core's output once; returns connections over their limit.
+    fn pump_once(&self) -> Vec<ConnId> {
+        let mut overflowing = Vec::new();
         let mut core = self.core.borrow_mut();
         let mut conns = self.conns.borrow_mut();
         let mut dirty = self.dirty.borrow_mut();
@@ -343,9 +419,12 @@ impl Shell {
                     if let Some(Some(slot)) = conns.get_mut(conn.slot())
                         && slot.id == conn
                     {
-                        slot.outbox
-                            .borrow_mut()
-                            .push_quiet(&frame.header, &frame.payload);
+                        let mut outbox = slot.outbox.borrow_mut();
+                        outbox.push_quiet(&frame.header, &frame.payload);
+                        if outbox.queued() > self.outbox_limit && !overflowing.contains(&conn) {
+                            overflowing.push(conn);
+                        }
+                        drop(outbox);
                         if !slot.dirty {
                             slot.dirty = true;
                             dirty.push(conn);
@@ -368,6 +447,7 @@ impl Shell {
                 }
             }
         }
+        overflowing
     }
 
     /// Ends a batch: every link with queued frames writes them, directly if
@@ -406,6 +486,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
     conn: ConnId,
     mut reader: RoadReader<R>,
 ) {
+    // A peer that never says Hello holds a connection slot for nothing.
+    match tokio::time::timeout(HELLO_TIMEOUT, reader.fill()).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => {
+            shell.disconnected(conn);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%conn, "no Hello within {HELLO_TIMEOUT:?}; closing");
+            shell.disconnected(conn);
+            return;
+        }
+    }
     loop {
         match reader.read_frame().await {
             Ok(Some(frame)) => {
@@ -466,17 +559,14 @@ fn unix_now() -> u64 {
 }
 
 /// Tells a refused peer why, then hangs up (without waiting on it).
-fn refuse_stream(stream: UnixStream, uid: Option<u32>) {
+fn refuse_stream(stream: UnixStream, message: String) {
     let frame =
         junction_road::Frame::bare(junction_road::Header::Error(junction_road::ErrorFrame {
             req: 0,
             handle: u32::MAX,
             tag: 0,
             code: junction_road::ErrorCode::NotAllowed,
-            message: format!(
-                "user {} may not use this junction (allow_uids)",
-                uid.map_or("unknown".to_string(), |u| u.to_string())
-            ),
+            message,
         }));
     let mut bytes = bytes::BytesMut::new();
     junction_road::codec::encode(&frame, &mut bytes);

@@ -270,6 +270,33 @@ pub mod unix {
         ))
     }
 
+    /// Refuses a socket directory that belongs to another user (root aside):
+    /// whoever owns it could replace the socket and impersonate the junction.
+    pub fn check_owner(dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let Ok(meta) = std::fs::metadata(dir) else {
+            return Ok(());
+        };
+        // The owner of /proc/self is this process's effective user.
+        let me = std::fs::metadata("/proc/self").map_or(meta.uid(), |m| m.uid());
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} belongs to user {}, not to this user ({me}); another user could replace the socket in it",
+                    dir.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Connects to a Junction's socket.
     pub async fn connect(path: &Path, max_frame: u32) -> io::Result<Halves> {
         split(UnixStream::connect(path).await?, max_frame)

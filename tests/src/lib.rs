@@ -287,6 +287,14 @@ impl RawClient {
         self.stream.write_all(bytes).expect("can write");
     }
 
+    /// Writes bytes, reporting failure (the junction hung up) instead of
+    /// panicking. Gives up after a few seconds of a full socket.
+    pub fn try_write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream
+            .set_write_timeout(Some(Duration::from_secs(5)))?;
+        self.stream.write_all(bytes)
+    }
+
     /// Reads the next frame; `None` when the junction closed the connection.
     pub fn recv(&mut self) -> Option<Frame> {
         loop {

@@ -421,3 +421,40 @@ async fn control_port_refusals_are_clear() {
         "{reply:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off_and_harms_nobody_else() {
+    // Eight 64 KiB frames: the smallest limit the junction accepts.
+    let j = TestJunction::start(&["--max-frame", "65536", "--max-unread", "524288"]);
+    let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let echo = lookup_eventually(&me, "t.echo").await;
+    let before = j.rss_kib();
+
+    // Pings, never reading a Pong. Bounded: at most 400,000 frames.
+    let (mut raw, _) = RawClient::hello(&j.socket);
+    let mut batch = bytes::BytesMut::new();
+    for nonce in 0..1000u64 {
+        junction_road::codec::encode(&Frame::bare(Header::Ping { nonce }), &mut batch);
+    }
+    let mut cut_off = false;
+    for _ in 0..400 {
+        if raw.try_write_raw(&batch).is_err() {
+            cut_off = true;
+            break;
+        }
+    }
+    let deadline = Instant::now() + T;
+    while !cut_off && !j.log().contains("cutting off") {
+        assert!(
+            Instant::now() < deadline,
+            "the flooding client was never cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(j.log().contains("does not read"), "{}", j.log());
+    let r = me.call(&echo, "still served", T).await.unwrap();
+    assert_eq!(&r.payload[..], b"still served");
+    let grown_mib = j.rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 64, "the junction grew by {grown_mib} MiB");
+}

@@ -50,8 +50,10 @@ impl Core {
             names: proven.names().to_vec(),
         });
         tracing::info!(conn = %conn, key = %proven.key(), names = ?identity.names, "identity proven");
+        let until = chain.iter().map(|c| c.body.not_after).min().unwrap_or(0);
         if let Some(c) = self.conns.get_mut(conn.key()) {
             c.identity = Some((identity.clone(), Arc::new(chain)));
+            c.identity_until = until;
         }
         ControlReply::Authenticated(identity.as_ref().clone())
     }
@@ -59,7 +61,21 @@ impl Core {
     /// A new revocation list (or none): from now on it applies, and every
     /// connection whose proven chain it revokes loses its identity and the
     /// names it registered with it.
-    pub fn set_revocations(&mut self, list: Option<Verified<RevocationList>>) {
+    ///
+    /// A list older than the one in force is refused: replaying an old list
+    /// must not bring revoked certificates back.
+    pub fn set_revocations(
+        &mut self,
+        list: Option<Verified<RevocationList>>,
+    ) -> Result<(), String> {
+        if let (Some(current), Some(new)) = (&self.config.revocations, &list)
+            && new.body.issued_at < current.body.issued_at
+        {
+            return Err(format!(
+                "the new revocation list (issued at {}) is older than the one in force (issued at {})",
+                new.body.issued_at, current.body.issued_at
+            ));
+        }
         self.config.revocations = list;
         let mut lost = Vec::new();
         for (key, c) in self.conns.iter() {
@@ -74,30 +90,50 @@ impl Core {
                 lost.push((key, c.serial, e));
             }
         }
-        for (key, serial, e) in lost {
-            let Some(c) = self.conns.get_mut(key) else {
-                continue;
-            };
-            c.identity = None;
-            let ports = c.ports.clone();
-            tracing::warn!(conn = %format!("c{serial}"), "identity withdrawn: {e}");
-            let names: Vec<_> = self
-                .names
-                .iter()
-                .filter(|(_, reg)| reg.chain.is_some() && ports.contains(&(reg.port.index as u16)))
-                .map(|(name, _)| name.clone())
-                .collect();
-            for name in names {
-                if let Some(reg) = self.names.remove(&name)
-                    && let Some(p) = self.ports.get_mut(reg.port)
-                {
-                    p.names.retain(|n| n != &name);
-                }
-                tracing::warn!(
-                    conn = serial,
-                    "{name} unregistered: its certificate was revoked"
-                );
+        for (key, _, e) in lost {
+            self.withdraw_identity(key, &e.to_string());
+        }
+        Ok(())
+    }
+
+    /// Certificates that expired while their connection lived: the identity
+    /// goes, as if revoked.
+    pub(super) fn expire_identities(&mut self) {
+        let now = self.now;
+        let expired: Vec<_> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.identity.is_some() && c.identity_until <= now)
+            .map(|(key, _)| key)
+            .collect();
+        for key in expired {
+            self.withdraw_identity(key, "its certificate expired");
+        }
+    }
+
+    /// Takes a connection's proven identity away, with the names it
+    /// registered under it.
+    fn withdraw_identity(&mut self, key: crate::slab::Key, why: &str) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let conn = format!("c{}", c.serial);
+        c.identity = None;
+        let ports = c.ports.clone();
+        tracing::warn!(%conn, "identity withdrawn: {why}");
+        let names: Vec<_> = self
+            .names
+            .iter()
+            .filter(|(_, reg)| reg.chain.is_some() && ports.contains(&(reg.port.index as u16)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            if let Some(reg) = self.names.remove(&name)
+                && let Some(p) = self.ports.get_mut(reg.port)
+            {
+                p.names.retain(|n| n != &name);
             }
+            tracing::warn!(%conn, "{name} unregistered: {why}");
         }
     }
 

@@ -195,6 +195,8 @@ struct Conn {
     nonce: [u8; 32],
     /// The identity it proved, and the chain it proved it with.
     identity: Option<(Arc<Identity>, Arc<Vec<Certificate>>)>,
+    /// When the first certificate of that chain expires.
+    identity_until: u64,
 }
 
 /// A capability in a connection's table.
@@ -356,6 +358,19 @@ impl Core {
     /// watchers are told.
     pub fn handle_timeout(&mut self, now: u64) {
         self.now = now;
+        self.expire_identities();
+        // Entries of dropped capabilities linger until their time; keep the
+        // heap from growing with them.
+        if self.expiries.len() > 4096 {
+            let entries = std::mem::take(&mut self.expiries);
+            self.expiries = entries
+                .into_iter()
+                .filter(|Reverse((at, conn, handle))| {
+                    self.cap(*conn, *handle)
+                        .is_some_and(|c| c.expires_at == Some(*at))
+                })
+                .collect();
+        }
         while let Some(Reverse((at, conn, handle))) = self.expiries.peek().copied() {
             if at > now {
                 break;
@@ -386,6 +401,7 @@ impl Core {
             serial: self.next_serial,
             nonce,
             identity: None,
+            identity_until: 0,
         };
         self.next_serial += 1;
         let serial = conn.serial;
@@ -535,7 +551,13 @@ impl Core {
         };
         c.ready = true;
         c.home = home;
-        c.label = hello.label.chars().take(64).collect();
+        // Labels are shown to people: printable characters only.
+        c.label = hello
+            .label
+            .chars()
+            .filter(|ch| !ch.is_control())
+            .take(64)
+            .collect();
         // The control capability: handle 0, the first entry of the table.
         let control = c.caps.insert(Cap::new(
             port_key(CONTROL_PORT, 0),
@@ -682,10 +704,19 @@ impl Core {
             p.senders += 1;
         }
         for lineage in lineages {
-            self.lineages
-                .entry(lineage)
-                .or_default()
-                .push((conn, handle));
+            let members = self.lineages.entry(lineage).or_default();
+            members.push((conn, handle));
+            // Copies come and go: now and then, forget the ones gone.
+            if members.len() >= 64 && members.len().is_power_of_two() {
+                let mut members = std::mem::take(members);
+                members.retain(|&(c, h)| {
+                    self.conns
+                        .get(c.key())
+                        .and_then(|c| c.caps.get(key_of(h)))
+                        .is_some_and(|cap| cap.lineages.contains(&lineage))
+                });
+                self.lineages.insert(lineage, members);
+            }
         }
         if let Some(at) = expires_at {
             self.expiries.push(Reverse((at, conn, handle)));
@@ -746,6 +777,10 @@ impl Core {
     fn release(&mut self, cap: &Cap, reason: Reason) {
         if let Some(p) = self.ports.get_mut(cap.port) {
             p.senders = p.senders.saturating_sub(1);
+        }
+        // Without its root nobody can revoke the lineage: forget its members.
+        if let Some(lineage) = cap.root {
+            self.lineages.remove(&lineage);
         }
         if let Some((caller, tag)) = cap.reply_to {
             self.call_failed(caller, tag, reason);

@@ -1413,7 +1413,7 @@ mod identities {
         .unwrap()
         .verify(&pki.trust)
         .unwrap();
-        h.core.set_revocations(Some(list));
+        h.core.set_revocations(Some(list)).unwrap();
         let (reply, _) = h.control(
             client,
             ControlRequest::Lookup {
