@@ -144,12 +144,9 @@ impl Driver {
             max_frame: junction_road::DEFAULT_MAX_FRAME,
             label,
         });
-        writer
-            .send(&junction_road::Frame::bare(hello))
-            .await
-            .map_err(|e| Error::Closed {
-                reason: format!("the junction closed the road during the handshake: {e}"),
-            })?;
+        // A junction that turns us away writes its reason and hangs up, maybe
+        // before our Hello is through: read its answer even if writing failed.
+        let sent = writer.send(&junction_road::Frame::bare(hello)).await;
         let welcome = match reader.read_frame().await {
             Ok(Some(frame)) => match frame.header {
                 Header::Welcome(w) => w,
@@ -162,7 +159,10 @@ impl Driver {
             },
             Ok(None) => {
                 return Err(Error::Closed {
-                    reason: "the junction closed the road during the handshake".into(),
+                    reason: match sent {
+                        Err(e) => format!("the junction closed the road during the handshake: {e}"),
+                        Ok(()) => "the junction closed the road during the handshake".into(),
+                    },
                 });
             }
             Err(e) => return Err(Error::Handshake(e.to_string())),

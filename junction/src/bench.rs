@@ -82,6 +82,8 @@ struct Work {
     round_trips: usize,
     small_messages: u64,
     large_messages: u64,
+    /// Throughput runs per side; the best counts.
+    tries: u32,
     rtt_only: bool,
 }
 
@@ -106,6 +108,8 @@ struct Side {
     small_msgs_per_sec: f64,
     /// CPU time each process spent per 64-byte message.
     small_cpu_ns: Option<CpuPerMessage>,
+    /// CPU time each process spent per 1 MiB message.
+    large_cpu_ns: Option<CpuPerMessage>,
     /// Junction side only: round trips between two processes that proved
     /// identities (every delivery carries one).
     identity_rtt: Option<Rtt>,
@@ -151,13 +155,15 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             round_trips: 2_000,
             small_messages: 100_000,
             large_messages: 100,
+            tries: 1,
             rtt_only: args.rtt_only,
         }
     } else {
         Work {
             round_trips: 20_000,
             small_messages: 1_000_000,
-            large_messages: 1_000,
+            large_messages: 500,
+            tries: 3,
             rtt_only: args.rtt_only,
         }
     };
@@ -236,28 +242,55 @@ async fn measure(
         } else {
             raw.rtt = raw_rtt;
             through.rtt = rtt;
-            raw.small_msgs_per_sec =
-                work.small_messages as f64 / raw_stream(dir, SMALL, work.small_messages).await?;
+            // Throughput is the best of `tries` runs on each side alike:
+            // on a shared machine a run can lose its CPU for a while, and the
+            // best run is the one that measured the software, not the noise.
+            let tries = work.tries;
+            let mut best_raw = f64::MAX;
+            let mut best_junction = f64::MAX;
             let pids = [
                 std::process::id(),
                 jct.child.id().unwrap_or(0),
                 sink_peer.id().unwrap_or(0),
             ];
-            let before = pids.map(cpu_ns);
-            through.small_msgs_per_sec = work.small_messages as f64
-                / junction_stream(&driver, &sink, SMALL, work.small_messages).await?;
-            let after = pids.map(cpu_ns);
-            let per_msg = |i: usize| (after[i] - before[i]) as f64 / work.small_messages as f64;
-            through.small_cpu_ns = Some(CpuPerMessage {
-                sender: per_msg(0),
-                junction: per_msg(1),
-                receiver: per_msg(2),
-            });
+            for _ in 0..tries {
+                best_raw = best_raw.min(raw_stream(dir, SMALL, work.small_messages).await?);
+                let before = pids.map(cpu_ns);
+                let secs = junction_stream(&driver, &sink, SMALL, work.small_messages).await?;
+                let after = pids.map(cpu_ns);
+                if secs < best_junction {
+                    best_junction = secs;
+                    let per_msg =
+                        |i: usize| (after[i] - before[i]) as f64 / work.small_messages as f64;
+                    through.small_cpu_ns = Some(CpuPerMessage {
+                        sender: per_msg(0),
+                        junction: per_msg(1),
+                        receiver: per_msg(2),
+                    });
+                }
+            }
+            raw.small_msgs_per_sec = work.small_messages as f64 / best_raw;
+            through.small_msgs_per_sec = work.small_messages as f64 / best_junction;
             let bytes = (LARGE as u64 * work.large_messages) as f64;
-            raw.large_gb_per_sec =
-                bytes / 1e9 / raw_stream(dir, LARGE, work.large_messages).await?;
-            through.large_gb_per_sec =
-                bytes / 1e9 / junction_stream(&driver, &sink, LARGE, work.large_messages).await?;
+            let (mut best_raw, mut best_junction) = (f64::MAX, f64::MAX);
+            for _ in 0..tries {
+                best_raw = best_raw.min(raw_stream(dir, LARGE, work.large_messages).await?);
+                let before = pids.map(cpu_ns);
+                let secs = junction_stream(&driver, &sink, LARGE, work.large_messages).await?;
+                let after = pids.map(cpu_ns);
+                if secs < best_junction {
+                    best_junction = secs;
+                    let per_msg =
+                        |i: usize| (after[i] - before[i]) as f64 / work.large_messages as f64;
+                    through.large_cpu_ns = Some(CpuPerMessage {
+                        sender: per_msg(0),
+                        junction: per_msg(1),
+                        receiver: per_msg(2),
+                    });
+                }
+            }
+            raw.large_gb_per_sec = bytes / 1e9 / best_raw;
+            through.large_gb_per_sec = bytes / 1e9 / best_junction;
         }
         *rss = (*rss).max(jct.peak_rss_kib());
         drop(driver);
@@ -382,6 +415,14 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
         println!(
             "CPU per 64 B message through the junction: sender {:.0} ns, junction {:.0} ns, receiver {:.0} ns",
             cpu.sender, cpu.junction, cpu.receiver
+        );
+    }
+    if let Some(cpu) = through.large_cpu_ns {
+        println!(
+            "CPU per 1 MiB message through the junction: sender {:.0} µs, junction {:.0} µs, receiver {:.0} µs",
+            cpu.sender / 1e3,
+            cpu.junction / 1e3,
+            cpu.receiver / 1e3
         );
     }
     println!("junction peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);

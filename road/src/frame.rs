@@ -214,7 +214,7 @@ pub struct Attenuate {
     pub handle: u32,
     /// The rights to keep: a subset of the original's.
     pub rights: Rights,
-    /// Seconds since the Unix epoch after which it is dead; no later than
+    /// Seconds since the Unix epoch from which it is dead; no later than
     /// the original's expiry.
     pub expires_at: Option<u64>,
     /// How many messages it may send; no more than the original's budget.

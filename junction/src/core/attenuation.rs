@@ -22,7 +22,21 @@ impl Core {
             );
             return;
         }
-        if !a.rights.is_valid() || !original.rights.contains(a.rights) {
+        if !a.rights.is_valid() {
+            self.error(
+                conn,
+                a.req,
+                a.handle,
+                ErrorCode::BadRights,
+                format!("rights {} are not a valid set", a.rights),
+            );
+            return;
+        }
+        if a.max_messages == Some(0) {
+            refuse(self, "a budget must allow at least one message".into());
+            return;
+        }
+        if !original.rights.contains(a.rights) {
             refuse(
                 self,
                 format!(

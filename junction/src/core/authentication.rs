@@ -49,8 +49,25 @@ impl Core {
             key: proven.key(),
             names: proven.names().to_vec(),
         });
+        // Every delivery carries the identity: it must fit the slack the
+        // protocol gives a Deliver header.
+        let size = postcard::to_allocvec(identity.as_ref()).map_or(usize::MAX, |b| b.len());
+        if size > MAX_IDENTITY_BYTES {
+            let message = format!(
+                "the certificate grants {} names ({size} bytes); at most {MAX_IDENTITY_BYTES} bytes of names fit on a delivery",
+                identity.names.len()
+            );
+            self.log_refusal(conn, &message);
+            return refused(ErrorCode::BadCertificate, message);
+        }
         tracing::info!(conn = %conn, key = %proven.key(), names = ?identity.names, "identity proven");
-        let until = chain.iter().map(|c| c.body.not_after).min().unwrap_or(0);
+        // Trust anchors are keys; their own certificates' windows do not count.
+        let until = chain
+            .iter()
+            .filter(|c| c.body.issuer != c.body.subject)
+            .map(|c| c.body.not_after)
+            .min()
+            .unwrap_or(u64::MAX);
         if let Some(c) = self.conns.get_mut(conn.key()) {
             c.identity = Some((identity.clone(), Arc::new(chain)));
             c.identity_until = until;
@@ -149,6 +166,9 @@ impl Core {
         );
     }
 }
+
+/// The most a proven identity may take on a delivery, in bytes.
+const MAX_IDENTITY_BYTES: usize = 2048;
 
 fn code_of(e: &IdentityError) -> ErrorCode {
     match e {

@@ -246,7 +246,11 @@ impl Core {
                 pending_calls: c.pending_calls,
                 identity: c.identity.as_ref().map(|(id, _)| {
                     let names: Vec<String> = id.names.iter().map(|n| n.to_string()).collect();
-                    format!("{} {}", &id.key.to_hex()[..16], names.join(","))
+                    if names.is_empty() {
+                        id.key.to_hex()[..16].to_string()
+                    } else {
+                        format!("{} {}", &id.key.to_hex()[..16], names.join(","))
+                    }
                 }),
             })
             .collect();

@@ -895,6 +895,10 @@ impl Core {
                 }
             }
         };
+        if exhausted {
+            // The last unit is spent whatever becomes of this message.
+            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
+        }
         let (port, rights, seq, reply_to) = match checked {
             Ok(Ok(v)) => v,
             Ok(Err((reason, seq))) => {
@@ -1044,9 +1048,6 @@ impl Core {
             conn: owner,
             frame: Frame::with_payload(Header::Deliver(deliver), payload),
         });
-        if exhausted {
-            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
-        }
     }
 
     /// A message to a dead port: the sender is told, and a call fails.
@@ -1299,10 +1300,15 @@ impl Core {
             }
         }
         for (conn, handle) in port.watchers {
-            if self
-                .cap(conn, handle)
-                .is_some_and(|c| c.port == key && c.dead.is_none())
+            if let Some(cap) = self
+                .conns
+                .get_mut(conn.key())
+                .and_then(|c| c.caps.get_mut(key_of(handle)))
+                && cap.port == key
+                && cap.dead.is_none()
             {
+                // Told once: later deaths (revocation, expiry) stay quiet.
+                cap.dead = Some(reason);
                 self.frame(conn, Header::Dead { handle, reason });
             }
         }
