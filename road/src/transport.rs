@@ -7,7 +7,7 @@
 use std::io;
 use std::path::Path;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::codec::{self, FrameError};
@@ -89,11 +89,38 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
             if let Some(frame) = self.try_frame()? {
                 return Ok(Some(frame));
             }
+            if let Some(len) = codec::peek_length(&self.buf, self.max_frame)?
+                && len >= pool::POOLED_FRAME
+            {
+                return self.read_large(len).await.map(Some);
+            }
             if self.fill().await? == 0 {
                 codec::check_eof(&self.buf, self.max_frame)?;
                 return Ok(None);
             }
         }
+    }
+
+    /// Reads a large frame into a buffer of its own, taken from a pool:
+    /// its payload lives on in other tasks (queued for a writer) while the
+    /// next frames arrive, and reusing buffers spares the page faults of
+    /// fresh memory for every large message.
+    async fn read_large(&mut self, len: usize) -> Result<Frame, RoadError> {
+        let mut body = pool::take(len);
+        self.buf.advance(codec::LENGTH_BYTES);
+        body.extend_from_slice(&self.buf);
+        self.buf.clear();
+        while body.len() < len {
+            let want = len - body.len();
+            if self.io.read_buf(&mut (&mut body).limit(want)).await? == 0 {
+                return Err(FrameError::Truncated {
+                    have: codec::LENGTH_BYTES + body.len(),
+                    need: codec::LENGTH_BYTES + len,
+                }
+                .into());
+            }
+        }
+        Ok(codec::decode_body(pool::into_bytes(body))?)
     }
 
     /// A frame already buffered, without reading.
@@ -214,6 +241,60 @@ impl<W: AsyncWrite + Unpin> RoadWriter<W> {
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.flush().await?;
         self.io.shutdown().await
+    }
+}
+
+/// Buffers for large frames, reused process-wide.
+mod pool {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+
+    /// Frames at least this large get a buffer of their own.
+    pub(super) const POOLED_FRAME: usize = 64 * 1024;
+    /// Buffers kept for reuse, at most.
+    const KEEP: usize = 16;
+    /// Larger buffers are not kept.
+    const KEEP_MAX_BYTES: usize = 8 << 20;
+
+    static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    /// An empty buffer with room for `len` bytes.
+    pub(super) fn take(len: usize) -> Vec<u8> {
+        let reused = {
+            let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+            free.iter()
+                .position(|b| b.capacity() >= len)
+                .map(|i| free.swap_remove(i))
+        };
+        reused.unwrap_or_else(|| Vec::with_capacity(len))
+    }
+
+    /// Bytes that give their buffer back when the last reference goes.
+    pub(super) fn into_bytes(buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled(buf))
+    }
+
+    struct Pooled(Vec<u8>);
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            let mut buf = std::mem::take(&mut self.0);
+            if buf.capacity() > KEEP_MAX_BYTES {
+                return;
+            }
+            buf.clear();
+            let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+            if free.len() < KEEP {
+                free.push(buf);
+            }
+        }
     }
 }
 
@@ -541,6 +622,26 @@ mod tests {
         }
         assert!(rb.read_frame().await.unwrap().is_none());
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn half_a_large_frame_then_close_is_truncated() {
+        let (mut a, b) = tokio::net::UnixStream::pair().unwrap();
+        a.write_all(&100_000u32.to_be_bytes()).await.unwrap();
+        a.write_all(&[1u8; 10]).await.unwrap();
+        drop(a);
+        let (mut rb, _wb) = unix::split(b, 1 << 20).unwrap();
+        let err = rb.read_frame().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RoadError::Frame(FrameError::Truncated {
+                    have: 14,
+                    need: 100_004
+                })
+            ),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
