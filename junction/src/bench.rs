@@ -572,51 +572,22 @@ struct BenchPki {
 
 impl BenchPki {
     fn new(dir: &Path) -> anyhow::Result<Self> {
-        use junction_identity::{CertBody, Certificate, Role, SecretKey};
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
-        let authority = SecretKey::generate()?;
-        let authority_cert = Certificate::authority(&authority, 1, now - 60, now + 86_400)?;
-        let authority_path = dir.join("authority.cert");
-        std::fs::write(&authority_path, authority_cert.to_pem())?;
-        let issue = |serial: u64, role: Role| -> anyhow::Result<(SecretKey, Vec<Certificate>)> {
-            let key = SecretKey::generate()?;
-            let cert = Certificate::issue(
-                CertBody {
-                    version: 1,
-                    serial,
-                    subject: key.public(),
-                    role,
-                    not_before: now - 60,
-                    not_after: now + 86_400,
-                    issuer: authority.public(),
-                },
-                &authority,
-            )?;
-            Ok((key, vec![cert, authority_cert.clone()]))
-        };
-        let (echo_key, echo_chain) = issue(
+        use junction_identity::Role;
+        let authority = junction::authority::LocalAuthority::new()?;
+        let authority_path = authority.write_certificate(dir)?;
+        let echo = authority.issue_files(
+            dir,
+            "idecho",
             2,
             Role::Service {
                 names: vec!["bench.idecho".parse()?],
             },
         )?;
-        let echo_key_path = dir.join("idecho.key");
-        let echo_cert_path = dir.join("idecho.cert");
-        std::fs::write(&echo_key_path, echo_key.to_pem()?.as_str())?;
-        std::fs::write(
-            &echo_cert_path,
-            echo_chain
-                .iter()
-                .map(Certificate::to_pem)
-                .collect::<String>(),
-        )?;
         Ok(Self {
             authority_path,
-            echo: (echo_key_path, echo_cert_path),
-            client: issue(3, Role::Client)?,
-            registrar: issue(
+            echo,
+            client: authority.issue(3, Role::Client)?,
+            registrar: authority.issue(
                 4,
                 Role::Service {
                     names: vec!["bench.registered".parse()?],

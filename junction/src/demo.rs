@@ -2,14 +2,15 @@
 //! services that prove who they are, and a walk through calls, capability
 //! passing, impostors turned away, revocation and a dead-port notice.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use junction::authority::LocalAuthority;
 use junction::core;
 use junction::shell::ServeConfig;
 use junction_driver::{Attenuation, Capability, Driver, Error, Rights};
-use junction_identity::{CertBody, Certificate, Role, SecretKey, TrustStore};
+use junction_identity::{Certificate, Role, SecretKey, TrustStore};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -19,64 +20,6 @@ fn step(n: u32, text: impl std::fmt::Display) {
 
 fn detail(text: impl std::fmt::Display) {
     println!("    {text}");
-}
-
-/// Keys and certificates of the demo's bus, in its temp dir.
-struct DemoPki {
-    authority: SecretKey,
-    authority_cert: Certificate,
-    dir: PathBuf,
-}
-
-impl DemoPki {
-    fn new(dir: &Path) -> anyhow::Result<Self> {
-        let authority = SecretKey::generate()?;
-        let now = now();
-        let authority_cert = Certificate::authority(&authority, 1, now - 60, now + 86_400)?;
-        std::fs::write(dir.join("authority.cert"), authority_cert.to_pem())?;
-        Ok(Self {
-            authority,
-            authority_cert,
-            dir: dir.to_owned(),
-        })
-    }
-
-    /// Writes `NAME.key` and `NAME.cert` for `role`; returns their paths.
-    fn issue(&self, name: &str, serial: u64, role: Role) -> anyhow::Result<(PathBuf, PathBuf)> {
-        let key = SecretKey::generate()?;
-        let now = now();
-        let cert = Certificate::issue(
-            CertBody {
-                version: 1,
-                serial,
-                subject: key.public(),
-                role,
-                not_before: now - 60,
-                not_after: now + 86_400,
-                issuer: self.authority.public(),
-            },
-            &self.authority,
-        )?;
-        let (key_path, cert_path) = (
-            self.dir.join(format!("{name}.key")),
-            self.dir.join(format!("{name}.cert")),
-        );
-        std::fs::write(&key_path, key.to_pem()?.as_str())?;
-        std::fs::write(&cert_path, cert.to_pem() + &self.authority_cert.to_pem())?;
-        Ok((key_path, cert_path))
-    }
-
-    fn trust(&self) -> anyhow::Result<TrustStore> {
-        let mut trust = TrustStore::new();
-        trust.add_authority(&self.authority_cert)?;
-        Ok(trust)
-    }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn service(name: &str) -> anyhow::Result<Role> {
@@ -99,11 +42,11 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         1,
         "making a bus authority and certificates (what `junction keygen` and `junction cert issue` do)",
     );
-    let pki = DemoPki::new(dir)?;
-    let (echo_key, echo_cert) = pki.issue("echo", 2, service("demo.echo")?)?;
-    let (peer_key, peer_cert) = pki.issue("peer", 3, service("demo.peer")?)?;
-    let (me_key, me_cert) = pki.issue("me", 4, Role::Client)?;
-    detail(format!("authority {}", pki.authority.public()));
+    let pki = LocalAuthority::new()?;
+    let (echo_key, echo_cert) = pki.issue_files(dir, "echo", 2, service("demo.echo")?)?;
+    let (peer_key, peer_cert) = pki.issue_files(dir, "peer", 3, service("demo.peer")?)?;
+    let (me_key, me_cert) = pki.issue_files(dir, "me", 4, Role::Client)?;
+    detail(format!("authority {}", pki.public()));
     detail(
         "service certificates for demo.echo and demo.peer, a client certificate for this process",
     );
@@ -119,7 +62,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
     let config = ServeConfig {
         socket: socket.clone(),
         core: core::Config {
-            trust: pki.trust()?,
+            trust: pki.trust(),
             ..core::Config::default()
         },
         spawn: vec![
@@ -158,7 +101,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         key: crate::pki::read_key(&me_key)?,
         chain: crate::pki::read_chain(&me_cert)?,
     };
-    let result = crate::cmd::block_on(script(&socket, me, pki.trust()?, dir));
+    let result = crate::cmd::block_on(script(&socket, me, pki.trust()));
     let _ = stop.send(());
     let served = junction
         .join()
@@ -208,7 +151,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-async fn script(socket: &Path, id: Identity, trust: TrustStore, dir: &Path) -> anyhow::Result<()> {
+async fn script(socket: &Path, id: Identity, trust: TrustStore) -> anyhow::Result<()> {
     let me = connect_when_ready(socket).await?;
     let proven = me.authenticate(&id.key, id.chain.clone()).await?;
     step(
@@ -222,7 +165,7 @@ async fn script(socket: &Path, id: Identity, trust: TrustStore, dir: &Path) -> a
     let (echo, echo_chain) = lookup_when_registered(&me, "demo.echo").await?;
     let (peer, _) = lookup_when_registered(&me, "demo.peer").await?;
     let chain = echo_chain.context("demo.echo was registered without a certificate")?;
-    let verified = trust.verify_chain(&chain, now(), None)?;
+    let verified = trust.verify_chain(&chain, junction::unix_now(), None)?;
     detail(format!(
         "looked up demo.echo -> port {} ({}); its certificate checks out here too, end to end: {}",
         echo.address(),
@@ -300,15 +243,9 @@ async fn script(socket: &Path, id: Identity, trust: TrustStore, dir: &Path) -> a
         Err(e) => detail(format!("without a certificate: {e}")),
         Ok(()) => bail!("an impostor registered demo.echo"),
     }
-    let rogue_dir = dir.join("rogue");
-    std::fs::create_dir_all(&rogue_dir)?;
-    let rogue_pki = DemoPki::new(&rogue_dir)?;
-    let (rk, rc) = rogue_pki.issue("fake", 9, service("demo.echo")?)?;
+    let (rogue_key, rogue_chain) = LocalAuthority::new()?.issue(9, service("demo.echo")?)?;
     let rogue = Driver::connect(socket).await?;
-    match rogue
-        .authenticate(&crate::pki::read_key(&rk)?, crate::pki::read_chain(&rc)?)
-        .await
-    {
+    match rogue.authenticate(&rogue_key, rogue_chain).await {
         Err(e) => detail(format!("with a certificate from another authority: {e}")),
         Ok(_) => bail!("a rogue authority was trusted"),
     }

@@ -6,9 +6,19 @@
 //!   children with stdio Roads, and moves frames between Roads and the core.
 //! - [`children`]: spawning and ending child processes.
 //! - [`config`]: the optional TOML configuration file.
+//! - [`authority`]: a bus authority made on the spot, for demos and tests.
 
+pub mod authority;
 pub mod children;
 pub mod config;
 pub mod core;
 pub mod shell;
 mod slab;
+
+/// Seconds since the Unix epoch: the clock certificates and capability
+/// expiries are read against.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

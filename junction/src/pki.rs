@@ -96,12 +96,6 @@ pub(crate) struct RevokeArgs {
     out: PathBuf,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn random_serial() -> anyhow::Result<u64> {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -196,7 +190,9 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
         }
         RoleArg::Client => Role::Client,
     };
-    let not_before = args.not_before.unwrap_or_else(|| now().saturating_sub(60));
+    let not_before = args
+        .not_before
+        .unwrap_or_else(|| junction::unix_now().saturating_sub(60));
     let not_after = not_before.saturating_add(args.days.saturating_mul(86_400));
     let (issuer, chain) = if args.role == RoleArg::Authority {
         let key =
@@ -259,9 +255,9 @@ fn describe(cert: &Certificate) -> String {
         issuer,
         b.not_before,
         b.not_after,
-        if now() >= b.not_after {
+        if junction::unix_now() >= b.not_after {
             "  EXPIRED"
-        } else if now() < b.not_before {
+        } else if junction::unix_now() < b.not_before {
             "  NOT YET VALID"
         } else {
             ""
@@ -332,7 +328,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     body.serials.dedup();
     body.keys.sort();
     body.keys.dedup();
-    body.issued_at = now();
+    body.issued_at = junction::unix_now();
     let list = RevocationList::issue(body, &authority)?;
     std::fs::write(&args.out, list.to_pem())
         .with_context(|| format!("cannot write {}", args.out.display()))?;

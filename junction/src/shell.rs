@@ -210,7 +210,7 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = ticks.tick() => {
-                shell.core.borrow_mut().handle_timeout(unix_now());
+                shell.core.borrow_mut().handle_timeout(crate::unix_now());
                 shell.pump();
                 shell.flush();
             }
@@ -359,7 +359,7 @@ impl Shell {
             Ok(list) => {
                 let revoked = list.body.serials.len() + list.body.keys.len();
                 let mut core = self.core.borrow_mut();
-                core.set_now(unix_now());
+                core.set_now(crate::unix_now());
                 match core.set_revocations(Some(list)) {
                     Ok(()) => {
                         tracing::info!(path = %path.display(), revoked, "SIGHUP: revocation list reloaded")
@@ -504,7 +504,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Some(frame)) => {
                 {
                     let mut core = shell.core.borrow_mut();
-                    core.set_now(unix_now());
+                    core.set_now(crate::unix_now());
                     core.handle_frame(conn, frame);
                 }
                 shell.pump();
@@ -549,13 +549,6 @@ fn fresh_nonce() -> [u8; 32] {
     // Without randomness from the OS no proof could be trusted: stop.
     getrandom::fill(&mut nonce).expect("the operating system provides randomness");
     nonce
-}
-
-/// Seconds since the Unix epoch.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Tells a refused peer why, then hangs up (without waiting on it).

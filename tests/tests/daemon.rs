@@ -53,18 +53,18 @@ fn a_stale_socket_from_a_crashed_junction_is_replaced() {
     }
 }
 
-#[tokio::test]
-async fn sigterm_tells_drivers_ends_children_and_removes_the_socket() {
+/// A junction on `j.sock` in a fresh dir, spawning an echo service named
+/// `name` through a shell that first records its pid in `child.pid`.
+fn junction_with_recorded_child(name: &str) -> (TempDir, Proc) {
     let dir = TempDir::new();
     let socket = dir.path().join("j.sock");
     let pidfile = dir.path().join("child.pid");
-    // A child that records its pid and then waits for its Road to close.
     let child_cmd = format!(
-        "sh -c 'echo $$ > {}; exec {} echo --name t.child'",
+        "sh -c 'echo $$ > {}; exec {} echo --name {name}'",
         pidfile.display(),
         junction_bin().display()
     );
-    let mut j = Proc::spawn(
+    let j = Proc::spawn(
         Command::new(junction_bin())
             .args(["serve", "--socket"])
             .arg(&socket)
@@ -72,6 +72,14 @@ async fn sigterm_tells_drivers_ends_children_and_removes_the_socket() {
             .env("RUST_LOG", "off")
             .stdin(Stdio::null()),
     );
+    (dir, j)
+}
+
+#[tokio::test]
+async fn sigterm_tells_drivers_ends_children_and_removes_the_socket() {
+    let (dir, mut j) = junction_with_recorded_child("t.child");
+    let socket = dir.path().join("j.sock");
+    let pidfile = dir.path().join("child.pid");
     let deadline = std::time::Instant::now() + T;
     let me = loop {
         if let Ok(d) = Driver::connect(&socket).await {
@@ -122,22 +130,8 @@ async fn sigterm_tells_drivers_ends_children_and_removes_the_socket() {
 
 #[test]
 fn a_spawned_child_exits_when_its_junction_is_killed() {
-    let dir = TempDir::new();
-    let socket = dir.path().join("j.sock");
+    let (dir, mut j) = junction_with_recorded_child("t.orphan");
     let pidfile = dir.path().join("child.pid");
-    let child_cmd = format!(
-        "sh -c 'echo $$ > {}; exec {} echo --name t.orphan'",
-        pidfile.display(),
-        junction_bin().display()
-    );
-    let mut j = Proc::spawn(
-        Command::new(junction_bin())
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .args(["--spawn", &child_cmd, "--dev-namespace", "t.*"])
-            .env("RUST_LOG", "off")
-            .stdin(Stdio::null()),
-    );
     let deadline = std::time::Instant::now() + T;
     while !pidfile.exists()
         || std::fs::read_to_string(&pidfile)

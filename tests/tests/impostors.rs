@@ -116,6 +116,12 @@ impl Bus {
     }
 }
 
+/// Asks a holder peer to call through the capability it keeps.
+async fn use_through(me: &Driver, holder: &junction_driver::Capability, text: &str) -> String {
+    let r = me.call(holder, format!("use:{text}"), T).await.unwrap();
+    String::from_utf8_lossy(&r.payload).into_owned()
+}
+
 fn code(r: Result<(), Error>) -> (ErrorCode, String) {
     match r {
         Err(Error::Refused { code, message }) => (code, message),
@@ -499,14 +505,6 @@ async fn capabilities_die_when_revoked_expired_or_spent_even_in_another_process(
         .junction
         .spawn_ready(holder_bin, &["holder", "t.holder"]);
     let holder = me.lookup("t.holder").await.unwrap();
-    let use_it = |text: &'static str| {
-        let me = me.clone();
-        let holder = holder.clone();
-        async move {
-            let r = me.call(&holder, format!("use:{text}"), T).await.unwrap();
-            String::from_utf8_lossy(&r.payload).into_owned()
-        }
-    };
 
     // Revocable: works, then dies everywhere at once.
     let revocable = echo
@@ -516,9 +514,13 @@ async fn capabilities_die_when_revoked_expired_or_spent_even_in_another_process(
     me.call_with(&holder, "take", &[&revocable], T)
         .await
         .unwrap();
-    assert!(use_it("before").await.starts_with("before via"));
+    assert!(
+        use_through(&me, &holder, "before")
+            .await
+            .starts_with("before via")
+    );
     revocable.revoke().await.unwrap();
-    let after = use_it("after").await;
+    let after = use_through(&me, &holder, "after").await;
     assert!(after.contains("revoked"), "{after}");
     // Revoking what one did not make as revocable is refused.
     let err = echo.revoke().await.unwrap_err();
@@ -545,22 +547,18 @@ async fn budgets_and_expiry_hold_across_processes() {
         .junction
         .spawn_ready(holder_bin, &["holder", "t.holder"]);
     let holder = me.lookup("t.holder").await.unwrap();
-    let use_it = |text: &'static str| {
-        let me = me.clone();
-        let holder = holder.clone();
-        async move {
-            let r = me.call(&holder, format!("use:{text}"), T).await.unwrap();
-            String::from_utf8_lossy(&r.payload).into_owned()
-        }
-    };
     // One message, then spent. (A budgeted capability moves: the sender loses it.)
     let once = echo
         .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).max_messages(1))
         .await
         .unwrap();
     me.call_with(&holder, "take", &[&once], T).await.unwrap();
-    assert!(use_it("one").await.starts_with("one via"));
-    let spent = use_it("two").await;
+    assert!(
+        use_through(&me, &holder, "one")
+            .await
+            .starts_with("one via")
+    );
+    let spent = use_through(&me, &holder, "two").await;
     assert!(spent.contains("budget"), "{spent}");
     drop(once);
 
