@@ -245,52 +245,27 @@ async fn measure(
             // Throughput is the best of `tries` runs on each side alike:
             // on a shared machine a run can lose its CPU for a while, and the
             // best run is the one that measured the software, not the noise.
-            let tries = work.tries;
-            let mut best_raw = f64::MAX;
-            let mut best_junction = f64::MAX;
             let pids = [
                 std::process::id(),
                 jct.child.id().unwrap_or(0),
                 sink_peer.id().unwrap_or(0),
             ];
-            for _ in 0..tries {
-                best_raw = best_raw.min(raw_stream(dir, SMALL, work.small_messages).await?);
-                let before = pids.map(cpu_ns);
-                let secs = junction_stream(&driver, &sink, SMALL, work.small_messages).await?;
-                let after = pids.map(cpu_ns);
-                if secs < best_junction {
-                    best_junction = secs;
-                    let per_msg =
-                        |i: usize| (after[i] - before[i]) as f64 / work.small_messages as f64;
-                    through.small_cpu_ns = Some(CpuPerMessage {
-                        sender: per_msg(0),
-                        junction: per_msg(1),
-                        receiver: per_msg(2),
-                    });
-                }
-            }
-            raw.small_msgs_per_sec = work.small_messages as f64 / best_raw;
-            through.small_msgs_per_sec = work.small_messages as f64 / best_junction;
+            let stream = Stream {
+                dir,
+                driver: &driver,
+                sink: &sink,
+                pids,
+                tries: work.tries,
+            };
+            let (raw_secs, junction_secs, cpu) = stream.best(SMALL, work.small_messages).await?;
+            raw.small_msgs_per_sec = work.small_messages as f64 / raw_secs;
+            through.small_msgs_per_sec = work.small_messages as f64 / junction_secs;
+            through.small_cpu_ns = Some(cpu);
+            let (raw_secs, junction_secs, cpu) = stream.best(LARGE, work.large_messages).await?;
             let bytes = (LARGE as u64 * work.large_messages) as f64;
-            let (mut best_raw, mut best_junction) = (f64::MAX, f64::MAX);
-            for _ in 0..tries {
-                best_raw = best_raw.min(raw_stream(dir, LARGE, work.large_messages).await?);
-                let before = pids.map(cpu_ns);
-                let secs = junction_stream(&driver, &sink, LARGE, work.large_messages).await?;
-                let after = pids.map(cpu_ns);
-                if secs < best_junction {
-                    best_junction = secs;
-                    let per_msg =
-                        |i: usize| (after[i] - before[i]) as f64 / work.large_messages as f64;
-                    through.large_cpu_ns = Some(CpuPerMessage {
-                        sender: per_msg(0),
-                        junction: per_msg(1),
-                        receiver: per_msg(2),
-                    });
-                }
-            }
-            raw.large_gb_per_sec = bytes / 1e9 / best_raw;
-            through.large_gb_per_sec = bytes / 1e9 / best_junction;
+            raw.large_gb_per_sec = bytes / 1e9 / raw_secs;
+            through.large_gb_per_sec = bytes / 1e9 / junction_secs;
+            through.large_cpu_ns = Some(cpu);
         }
         *rss = (*rss).max(jct.peak_rss_kib());
         drop(driver);
@@ -302,6 +277,44 @@ async fn measure(
     .await;
     jct.stop().await;
     result
+}
+
+/// One-way streams, raw and through the junction, for the same work.
+struct Stream<'a> {
+    dir: &'a Path,
+    driver: &'a Driver,
+    sink: &'a junction_driver::Capability,
+    /// Sender, junction and receiver, for CPU accounting.
+    pids: [u32; 3],
+    tries: u32,
+}
+
+impl Stream<'_> {
+    /// Seconds for `count` messages of `size` bytes, raw and through the
+    /// junction, each the best of `tries` runs (on a shared machine a run
+    /// can lose its CPU for a while; the best run measured the software,
+    /// not the noise), and the CPU each process spent per message in the
+    /// best junction run.
+    async fn best(&self, size: usize, count: u64) -> anyhow::Result<(f64, f64, CpuPerMessage)> {
+        let (mut best_raw, mut best_junction) = (f64::MAX, f64::MAX);
+        let mut cpu = CpuPerMessage::default();
+        for _ in 0..self.tries {
+            best_raw = best_raw.min(raw_stream(self.dir, size, count).await?);
+            let before = self.pids.map(cpu_ns);
+            let secs = junction_stream(self.driver, self.sink, size, count).await?;
+            let after = self.pids.map(cpu_ns);
+            if secs < best_junction {
+                best_junction = secs;
+                let per = |i: usize| (after[i] - before[i]) as f64 / count as f64;
+                cpu = CpuPerMessage {
+                    sender: per(0),
+                    junction: per(1),
+                    receiver: per(2),
+                };
+            }
+        }
+        Ok((best_raw, best_junction, cpu))
+    }
 }
 
 fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {

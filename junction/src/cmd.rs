@@ -341,6 +341,21 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
     })
 }
 
+/// Connects, proves `identity` if given, and looks `name` up.
+async fn lookup_as(
+    socket: &Path,
+    identity: &IdentityArgs,
+    name: &str,
+) -> anyhow::Result<(Driver, junction_driver::Capability)> {
+    let driver = connect(socket).await?;
+    identity.apply(&driver).await?;
+    let cap = driver
+        .lookup(name)
+        .await
+        .with_context(|| format!("cannot look up {name}"))?;
+    Ok((driver, cap))
+}
+
 /// `junction call`.
 pub(crate) async fn call(
     socket: PathBuf,
@@ -350,12 +365,7 @@ pub(crate) async fn call(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let payload = read_payload(payload)?;
-    let driver = connect(&socket).await?;
-    identity.apply(&driver).await?;
-    let cap = driver
-        .lookup(&name)
-        .await
-        .with_context(|| format!("cannot look up {name}"))?;
+    let (driver, cap) = lookup_as(&socket, &identity, &name).await?;
     let reply = driver
         .call(&cap, payload, timeout)
         .await
@@ -372,12 +382,7 @@ pub(crate) async fn send(
     payload: String,
 ) -> anyhow::Result<()> {
     let payload = read_payload(payload)?;
-    let driver = connect(&socket).await?;
-    identity.apply(&driver).await?;
-    let cap = driver
-        .lookup(&name)
-        .await
-        .with_context(|| format!("cannot look up {name}"))?;
+    let (driver, cap) = lookup_as(&socket, &identity, &name).await?;
     driver.send(&cap, payload).await?;
     driver.sync().await?;
     Ok(())

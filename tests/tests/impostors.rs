@@ -96,6 +96,13 @@ impl Bus {
         }
     }
 
+    /// A holder peer process registered as `name`, and a capability to it.
+    async fn holder(&self, me: &Driver, name: &str) -> (Proc, junction_driver::Capability) {
+        let bin = Path::new(env!("CARGO_BIN_EXE_junction-test-peer"));
+        let process = self.junction.spawn_ready(bin, &["holder", name]);
+        (process, me.lookup(name).await.unwrap())
+    }
+
     /// Authenticates a fresh connection with `key_file` and `cert_file`.
     async fn try_as(&self, key_file: &Path, cert_file: &Path) -> (Driver, Result<(), Error>) {
         let d = self.driver().await;
@@ -496,15 +503,11 @@ async fn a_sender_identity_cannot_be_forged() {
 }
 
 #[tokio::test]
-async fn capabilities_die_when_revoked_expired_or_spent_even_in_another_process() {
+async fn a_revoked_capability_dies_in_every_process_it_reached() {
     let bus = Bus::start(&[]).await;
     let me = bus.driver().await;
     let echo = me.lookup(NAME).await.unwrap();
-    let holder_bin = std::path::Path::new(env!("CARGO_BIN_EXE_junction-test-peer"));
-    let _holder = bus
-        .junction
-        .spawn_ready(holder_bin, &["holder", "t.holder"]);
-    let holder = me.lookup("t.holder").await.unwrap();
+    let (_holder, holder) = bus.holder(&me, "t.holder").await;
 
     // Revocable: works, then dies everywhere at once.
     let revocable = echo
@@ -542,11 +545,7 @@ async fn budgets_and_expiry_hold_across_processes() {
     let bus = Bus::start(&[]).await;
     let me = bus.driver().await;
     let echo = me.lookup(NAME).await.unwrap();
-    let holder_bin = std::path::Path::new(env!("CARGO_BIN_EXE_junction-test-peer"));
-    let _holder = bus
-        .junction
-        .spawn_ready(holder_bin, &["holder", "t.holder"]);
-    let holder = me.lookup("t.holder").await.unwrap();
+    let (_holder, holder) = bus.holder(&me, "t.holder").await;
     // One message, then spent. (A budgeted capability moves: the sender loses it.)
     let once = echo
         .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).max_messages(1))
@@ -563,10 +562,7 @@ async fn budgets_and_expiry_hold_across_processes() {
     drop(once);
 
     // Expiring: works now, dead after its time.
-    let holder2 = bus
-        .junction
-        .spawn_ready(holder_bin, &["holder", "t.holder2"]);
-    let h2 = me.lookup("t.holder2").await.unwrap();
+    let (holder2, h2) = bus.holder(&me, "t.holder2").await;
     let brief = echo
         .attenuate(
             Attenuation::rights(Rights::SEND | Rights::GRANT).expiring_in(Duration::from_secs(1)),
