@@ -49,6 +49,9 @@ struct State {
     closed: bool,
 }
 
+/// Room kept in every frame for its header (with up to 64 capabilities).
+const FRAME_ALLOWANCE: usize = 1024;
+
 /// Replies are acknowledged in batches of this many at most, or at once
 /// when the Junction asks.
 const HOME_ACK_BATCH: u32 = 32;
@@ -184,6 +187,16 @@ impl Shared {
 
     pub(crate) fn unexpected(&self, header: Header) -> Error {
         Error::Protocol(format!("unexpected answer {header:?}"))
+    }
+
+    /// Refuses a payload that would make a frame over the junction's limit
+    /// (the junction would have to close the connection).
+    pub(crate) fn check_size(&self, len: usize) -> Result<(), Error> {
+        let max = (self.welcome.max_frame as usize).saturating_sub(FRAME_ALLOWANCE);
+        if len > max {
+            return Err(Error::TooLarge { len, max });
+        }
+        Ok(())
     }
 
     /// The handles of `caps`, checked for the grant right.
@@ -638,6 +651,7 @@ impl Capability {
     /// Takes the send credits a payload of `len` bytes costs, waiting for
     /// them; returns the message's sequence number.
     pub(crate) async fn spend(&self, len: usize) -> Result<u64, Error> {
+        self.inner.shared.check_size(len)?;
         if let Some(reason) = self.dead() {
             return Err(Error::Dead(reason));
         }
@@ -951,6 +965,8 @@ impl Reply {
         payload: impl Into<Bytes>,
         caps: &[&Capability],
     ) -> Result<(), Error> {
+        let payload = payload.into();
+        self.shared.check_size(payload.len())?;
         let caps = self.shared.attachments(caps)?;
         self.sent = true;
         self.shared.write_now(
@@ -958,7 +974,7 @@ impl Reply {
                 handle: self.handle,
                 caps,
             }),
-            payload.into(),
+            payload,
         )
     }
 }

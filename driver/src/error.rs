@@ -66,6 +66,16 @@ pub enum Error {
     /// A payload was not the expected type.
     #[error("could not decode the message: {0}")]
     Decode(postcard::Error),
+    /// A payload is larger than the Junction accepts in one message.
+    #[error(
+        "a payload of {len} bytes is larger than the {max} bytes one message may carry; send it in parts"
+    )]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The most one message may carry.
+        max: usize,
+    },
     /// A policy refused the sender.
     #[error("not allowed: {0}")]
     Denied(String),

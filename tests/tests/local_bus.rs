@@ -458,3 +458,17 @@ async fn a_client_that_never_reads_is_cut_off_and_harms_nobody_else() {
     let grown_mib = j.rss_kib().saturating_sub(before) / 1024;
     assert!(grown_mib < 64, "the junction grew by {grown_mib} MiB");
 }
+
+#[tokio::test]
+async fn a_payload_over_the_limit_is_refused_before_it_leaves() {
+    let j = TestJunction::start(&["--max-frame", "65536"]);
+    let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let echo = lookup_eventually(&me, "t.echo").await;
+    let err = me.call(&echo, vec![0u8; 70_000], T).await.unwrap_err();
+    assert!(matches!(err, Error::TooLarge { len: 70_000, .. }), "{err}");
+    assert!(err.to_string().contains("send it in parts"), "{err}");
+    // The credit it would have cost is still there, and the connection lives.
+    let r = me.call(&echo, vec![1u8; 60_000], T).await.unwrap();
+    assert_eq!(r.payload.len(), 60_000);
+}

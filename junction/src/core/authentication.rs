@@ -22,7 +22,7 @@ impl Core {
         proof: &Signature,
     ) -> ControlReply {
         let Some(c) = self.conns.get(conn.key()) else {
-            return ControlReply::Registered;
+            return refused(ErrorCode::UnexpectedFrame, "the connection is gone".into());
         };
         if c.identity.is_some() {
             return refused(
