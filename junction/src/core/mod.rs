@@ -823,7 +823,8 @@ impl Core {
             }
             None => {
                 let reason = self.death_reason(port);
-                self.frame(conn, Header::Dead { handle, reason });
+                // Told now: later deaths (revocation, expiry) stay quiet.
+                self.cap_died(conn, handle, reason, |_| true);
             }
         }
     }
