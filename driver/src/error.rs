@@ -20,6 +20,9 @@ pub enum Error {
     /// stdin/stdout could not be used as a Road.
     #[error("could not attach over stdin/stdout: {0}")]
     Stdio(std::io::Error),
+    /// The blocking facade could not start its runtime.
+    #[error("could not start the blocking driver's runtime: {0}")]
+    Runtime(std::io::Error),
     /// The Junction refused the handshake.
     #[error("the junction refused the handshake: {0}")]
     Handshake(String),

@@ -32,9 +32,12 @@
 //! and [`Driver::send`] waits when they run out, which is how a slow receiver
 //! slows its senders. Dropping the last clone of a capability gives it back
 //! to the Junction.
+//!
+//! Programs without async use [`blocking::Driver`].
 
 #![forbid(unsafe_code)]
 
+pub mod blocking;
 mod conn;
 mod error;
 mod policy;

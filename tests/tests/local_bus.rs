@@ -472,3 +472,29 @@ async fn a_payload_over_the_limit_is_refused_before_it_leaves() {
     let r = me.call(&echo, vec![1u8; 60_000], T).await.unwrap();
     assert_eq!(r.payload.len(), 60_000);
 }
+
+/// The blocking facade, from a plain thread with no runtime of its own.
+#[test]
+fn a_blocking_program_serves_and_calls() {
+    use junction_driver::blocking;
+    let j = TestJunction::start(&[]);
+    let service = blocking::Driver::connect(&j.socket).unwrap();
+    let mut port = service.open_port().unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).unwrap();
+    service.register("t.blocking", &cap).unwrap();
+    let server = std::thread::spawn(move || {
+        let msg = port.recv().unwrap();
+        let answer = format!("got {}", String::from_utf8_lossy(&msg.payload));
+        msg.reply(answer).unwrap();
+        assert!(
+            port.recv_timeout(Duration::from_millis(50))
+                .unwrap()
+                .is_none()
+        );
+    });
+    let client = blocking::Driver::connect(&j.socket).unwrap();
+    let service_cap = client.lookup("t.blocking").unwrap();
+    let reply = client.call(&service_cap, "plain", T).unwrap();
+    assert_eq!(&reply.payload[..], b"got plain");
+    server.join().unwrap();
+}
