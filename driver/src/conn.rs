@@ -910,12 +910,14 @@ impl Attenuation {
         }
     }
 
-    /// Dead after `duration` from now.
+    /// Dead after `duration` from now. Expiries are whole seconds: this
+    /// rounds up, so the capability lives at least `duration`.
     pub fn expiring_in(mut self, duration: Duration) -> Self {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        self.expires_at = Some((now + duration).as_secs());
+        let at = now + duration;
+        self.expires_at = Some(at.as_secs() + u64::from(at.subsec_nanos() > 0));
         self
     }
 
