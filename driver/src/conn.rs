@@ -46,6 +46,7 @@ struct State {
     ports: FxHashMap<u16, mpsc::UnboundedSender<(Message, bool)>>,
     caps: FxHashMap<u32, Weak<CapInner>>,
     pings: FxHashMap<u64, oneshot::Sender<()>>,
+    no_senders: FxHashMap<u16, oneshot::Sender<()>>,
     closed: bool,
 }
 
@@ -303,6 +304,7 @@ impl Shared {
             state.closed = true;
             state.ports.clear();
             state.pings.clear();
+            state.no_senders.clear();
             (
                 std::mem::take(&mut state.requests),
                 std::mem::take(&mut state.calls),
@@ -453,6 +455,12 @@ impl Shared {
             }
             Header::Ping { nonce } => {
                 let _ = self.write(Header::Pong { nonce }, Bytes::new());
+            }
+            Header::NoSenders { port } => {
+                let tx = self.state().no_senders.remove(&port);
+                if let Some(tx) = tx {
+                    let _ = tx.send(());
+                }
             }
             Header::Pong { nonce } => {
                 let tx = self.state().pings.remove(&nonce);
@@ -762,6 +770,27 @@ impl Port {
             )),
             other => Err(self.shared.unexpected(other)),
         }
+    }
+
+    /// Resolves once no capability to this port is left anywhere (every
+    /// holder dropped it or went away); a registered name does not count,
+    /// since lookups can make new ones. Mach calls this "no senders".
+    pub async fn no_senders(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.shared.state();
+            if state.closed {
+                return Err(self.shared.closed_error());
+            }
+            state.no_senders.insert(self.address.port, tx);
+        }
+        self.shared.write(
+            Header::WatchSenders {
+                port: self.address.port,
+            },
+            Bytes::new(),
+        )?;
+        rx.await.map_err(|_| self.shared.closed_error())
     }
 
     /// The next message. Consuming messages is what gives their senders

@@ -203,6 +203,18 @@ pub enum Header {
         /// The handle of the revocable root.
         handle: u32,
     },
+    /// D→J: tell me once when no capability to this port I own is left in
+    /// any table ("no senders", as in Mach). A registered name does not
+    /// count: lookups can make new ones.
+    WatchSenders {
+        /// The port number.
+        port: u16,
+    },
+    /// J→D: the port has no senders left (answers `WatchSenders` once).
+    NoSenders {
+        /// The port number.
+        port: u16,
+    },
 }
 
 /// A request for a narrower capability.

@@ -491,3 +491,27 @@ fn a_blocking_program_serves_and_calls() {
     assert_eq!(&reply.payload[..], b"got plain");
     server.join().unwrap();
 }
+
+#[tokio::test]
+async fn a_port_owner_hears_when_its_last_holder_is_gone() {
+    let j = TestJunction::start(&[]);
+    let mut holder = j.spawn_ready(std::path::Path::new(PEER), &["holder", "t.holder"]);
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let holder_cap = me.lookup("t.holder").await.unwrap();
+    let port = me.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    me.call_with(&holder_cap, "keep this", &[&cap], T)
+        .await
+        .unwrap();
+    drop(cap);
+    me.sync().await.unwrap();
+    let notice = tokio::spawn(async move { port.no_senders().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!notice.is_finished(), "the holder process still holds one");
+    holder.kill();
+    tokio::time::timeout(T, notice)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -255,6 +255,8 @@ struct Port {
     watchers: Vec<(ConnId, u32)>,
     names: Vec<ServiceName>,
     home: bool,
+    /// Whether the owner asked to hear when `senders` reaches zero.
+    watch_senders: bool,
 }
 
 /// A message delivered to a port's owner and not yet consumed.
@@ -320,6 +322,7 @@ impl Core {
             watchers: Vec::new(),
             names: Vec::new(),
             home: false,
+            watch_senders: false,
         });
         debug_assert_eq!(control.map(|k| k.index), Some(0));
         Self {
@@ -476,6 +479,7 @@ impl Core {
             Header::Credit { port, count } => self.credit(conn, port, count),
             Header::Attenuate(a) => self.attenuate(conn, a),
             Header::Revoke { handle } => self.revoke(conn, handle),
+            Header::WatchSenders { port } => self.watch_senders(conn, port),
             Header::Ping { nonce } => self.frame(conn, Header::Pong { nonce }),
             Header::Pong { .. } => {}
             other => self.error(
@@ -582,6 +586,7 @@ impl Core {
             watchers: Vec::new(),
             names: Vec::new(),
             home,
+            watch_senders: false,
         })?;
         let number = u16::try_from(key.index).ok()?;
         self.conns.get_mut(owner.key())?.ports.push(number);
@@ -773,11 +778,47 @@ impl Core {
         Some(cap)
     }
 
+    /// One capability to `port` fewer; its owner hears if that was the last
+    /// and it asked.
+    fn sender_gone(&mut self, port: Key) {
+        let Some(p) = self.ports.get_mut(port) else {
+            return;
+        };
+        p.senders = p.senders.saturating_sub(1);
+        if p.senders == 0
+            && p.watch_senders
+            && let Some(owner) = p.owner
+        {
+            p.watch_senders = false;
+            self.frame(
+                owner,
+                Header::NoSenders {
+                    port: port.index as u16,
+                },
+            );
+        }
+    }
+
+    /// `WatchSenders`: a one-time notice when the port has no senders.
+    fn watch_senders(&mut self, conn: ConnId, number: u16) {
+        let Some(key) = self.owned_port(conn, number) else {
+            self.unknown_port(conn, 0, number);
+            return;
+        };
+        let Some(p) = self.ports.get_mut(key) else {
+            return;
+        };
+        if p.senders == 0 {
+            p.watch_senders = false;
+            self.frame(conn, Header::NoSenders { port: number });
+        } else {
+            p.watch_senders = true;
+        }
+    }
+
     /// What must happen when a capability leaves every table.
     fn release(&mut self, cap: &Cap, reason: Reason) {
-        if let Some(p) = self.ports.get_mut(cap.port) {
-            p.senders = p.senders.saturating_sub(1);
-        }
+        self.sender_gone(cap.port);
         // Without its root nobody can revoke the lineage: forget its members.
         if let Some(lineage) = cap.root {
             self.lineages.remove(&lineage);
@@ -971,9 +1012,7 @@ impl Core {
             if let Some(c) = self.conns.get_mut(conn.key()) {
                 c.caps.remove(key_of(handle));
             }
-            if let Some(p) = self.ports.get_mut(port) {
-                p.senders = p.senders.saturating_sub(1);
-            }
+            self.sender_gone(port);
         }
 
         let Some(owner) = self.ports.get(port).and_then(|p| p.owner) else {
@@ -1177,16 +1216,9 @@ impl Core {
             let Some(cap) = self.cap(from, h).cloned() else {
                 continue;
             };
-            if cap.moves() {
-                if let Some(c) = self.conns.get_mut(from.key()) {
-                    c.caps.remove(key_of(h));
-                }
-                if let Some(p) = self.ports.get_mut(cap.port) {
-                    p.senders = p.senders.saturating_sub(1);
-                }
-            }
             // The copy keeps every limit of the original, and its lineages,
-            // but not the power to revoke.
+            // but not the power to revoke. (Made before a moved original
+            // leaves, so the port never looks sender-less in between.)
             let mut copy = Cap::new(
                 cap.port,
                 cap.rights,
@@ -1197,7 +1229,14 @@ impl Core {
             copy.expires_at = cap.expires_at;
             copy.remaining = cap.remaining;
             copy.lineages = cap.lineages.clone();
-            let Some(handle) = self.insert_cap(to, copy) else {
+            let inserted = self.insert_cap(to, copy);
+            if cap.moves() {
+                if let Some(c) = self.conns.get_mut(from.key()) {
+                    c.caps.remove(key_of(h));
+                }
+                self.sender_gone(cap.port);
+            }
+            let Some(handle) = inserted else {
                 continue;
             };
             granted.push(Granted {
@@ -1447,5 +1486,7 @@ fn frame_name(header: &Header) -> &'static str {
         Header::Goodbye { .. } => "Goodbye",
         Header::Attenuate(_) => "Attenuate",
         Header::Revoke { .. } => "Revoke",
+        Header::WatchSenders { .. } => "WatchSenders",
+        Header::NoSenders { .. } => "NoSenders",
     }
 }

@@ -1435,3 +1435,40 @@ mod identities {
         h.check_invariants();
     }
 }
+
+#[test]
+fn the_owner_hears_when_the_last_sender_is_gone() {
+    let mut h = Harness::new();
+    let (owner, _) = h.connect();
+    let (b, wb) = h.connect();
+    let (c, wc) = h.connect();
+    let port = h.open_port(owner);
+    let mine = h.mint(owner, port, Rights::SEND | Rights::GRANT);
+    let to_b = h
+        .core
+        .new_cap(owner, port_key(wb.home.port, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(owner, to_b, vec![mine], b"for b");
+    let at_b = h.delivered(b)[0].caps[0].handle;
+    let b_to_c = h
+        .core
+        .new_cap(b, port_key(wc.home.port, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(b, b_to_c, vec![at_b], b"for c");
+    let at_c = h.delivered(c)[0].caps[0].handle;
+    h.feed(owner, Header::Drop { handle: mine });
+    h.feed(owner, Header::WatchSenders { port });
+    assert!(h.take(owner).is_empty(), "b and c still hold capabilities");
+    h.feed(b, Header::Drop { handle: at_b });
+    assert!(h.take(owner).is_empty());
+    h.core.handle_disconnected(c);
+    h.drain();
+    assert_eq!(h.take(owner), vec![Header::NoSenders { port }]);
+    let _ = at_c;
+    // Asked again with none left: answered at once.
+    h.feed(owner, Header::WatchSenders { port });
+    assert_eq!(h.take(owner), vec![Header::NoSenders { port }]);
+    h.feed(b, Header::WatchSenders { port });
+    assert_eq!(error_code(&h.take(b)), Some(ErrorCode::UnknownPort));
+    h.check_invariants();
+}
