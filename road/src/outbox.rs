@@ -178,17 +178,6 @@ pub trait SharedOutbox {
         }
     }
 
-    /// Encodes a frame and writes it out at once if the writer is idle.
-    fn push_now(&self, header: &Header, payload: &Bytes) {
-        let waker = self.with(|o| {
-            o.push_quiet(header, payload);
-            o.flush_direct()
-        });
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-
     /// Ends a batch of [`Outbox::push_quiet`]s (see [`Outbox::flush_direct`]).
     fn flush_direct(&self) {
         if let Some(waker) = self.with(Outbox::flush_direct) {

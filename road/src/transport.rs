@@ -128,11 +128,6 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
         codec::decode(&mut self.buf, self.max_frame)
     }
 
-    /// Whether whole or partial frames are waiting in the buffer.
-    pub fn has_buffered(&self) -> bool {
-        !self.buf.is_empty()
-    }
-
     /// Whether [`RoadReader::read_frame`] would answer without reading:
     /// a whole frame, or a framing error, is buffered.
     pub fn has_frame(&self) -> bool {
