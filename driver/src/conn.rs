@@ -171,12 +171,18 @@ impl Shared {
     pub(crate) fn request(&self) -> Result<(u32, oneshot::Receiver<Result<Header, Error>>), Error> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        self.while_open(|state| state.requests.insert(req, tx))?;
+        Ok((req, rx))
+    }
+
+    /// Records something that waits for the Junction, unless the
+    /// connection is gone already (then nothing would ever answer it).
+    fn while_open<R>(&self, f: impl FnOnce(&mut State) -> R) -> Result<R, Error> {
         let mut state = self.state();
         if state.closed {
             return Err(self.closed_error());
         }
-        state.requests.insert(req, tx);
-        Ok((req, rx))
+        Ok(f(&mut state))
     }
 
     pub(crate) async fn answer(
@@ -225,13 +231,7 @@ impl Shared {
     ) -> Result<Message, Error> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
-            let mut state = self.state();
-            if state.closed {
-                return Err(self.closed_error());
-            }
-            state.calls.insert(tag, tx);
-        }
+        self.while_open(|state| state.calls.insert(tag, tx))?;
         self.write_now(Header::Call(Call { handle, tag, caps }), payload)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
@@ -255,13 +255,7 @@ impl Shared {
     pub(crate) async fn sync(&self) -> Result<(), Error> {
         let nonce = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
-            let mut state = self.state();
-            if state.closed {
-                return Err(self.closed_error());
-            }
-            state.pings.insert(nonce, tx);
-        }
+        self.while_open(|state| state.pings.insert(nonce, tx))?;
         self.write(Header::Ping { nonce }, Bytes::new())?;
         rx.await.map_err(|_| self.closed_error())
     }
@@ -777,13 +771,9 @@ impl Port {
     /// since lookups can make new ones. Mach calls this "no senders".
     pub async fn no_senders(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        {
-            let mut state = self.shared.state();
-            if state.closed {
-                return Err(self.shared.closed_error());
-            }
-            state.no_senders.insert(self.address.port, tx);
-        }
+        let port = self.address.port;
+        self.shared
+            .while_open(|state| state.no_senders.insert(port, tx))?;
         self.shared.write(
             Header::WatchSenders {
                 port: self.address.port,

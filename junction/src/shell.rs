@@ -499,16 +499,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return;
         }
     }
+    let mut new_batch = true;
     loop {
         match reader.read_frame().await {
             Ok(Some(frame)) => {
                 {
                     let mut core = shell.core.borrow_mut();
-                    core.set_now(crate::unix_now());
+                    // One clock reading per read batch, not per frame.
+                    if new_batch {
+                        core.set_now(crate::unix_now());
+                    }
                     core.handle_frame(conn, frame);
                 }
                 shell.pump();
-                if !reader.has_frame() {
+                // The batch ends when no whole frame is left buffered.
+                new_batch = !reader.has_frame();
+                if new_batch {
                     shell.flush();
                 }
             }

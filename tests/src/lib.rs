@@ -101,14 +101,7 @@ impl Proc {
                 libc::kill(pid, signal);
             }
         }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
+        self.wait_timeout(timeout)
     }
 
     /// The child's stdout, to read what it prints.
@@ -310,6 +303,34 @@ impl RawClient {
                 Err(e) => panic!("reading from the junction failed: {e}"),
             }
         }
+    }
+
+    /// Calls the control port with `request`; returns the reply and the
+    /// capabilities that came with it.
+    pub fn control(
+        &mut self,
+        request: &junction_road::control::ControlRequest,
+    ) -> (
+        junction_road::control::ControlReply,
+        Vec<junction_road::Granted>,
+    ) {
+        static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
+        let tag = u64::from(NEXT_TAG.fetch_add(1, Ordering::Relaxed));
+        let payload = postcard::to_allocvec(request).expect("requests encode");
+        self.send_frame(&Frame::with_payload(
+            Header::Call(junction_road::Call {
+                handle: junction_road::control::CONTROL_HANDLE,
+                tag,
+                caps: vec![],
+            }),
+            bytes::Bytes::from(payload),
+        ));
+        let frame = self.recv_until(|h| matches!(h, Header::Deliver(d) if d.tag == tag));
+        let Header::Deliver(d) = frame.header else {
+            unreachable!("matched above")
+        };
+        let reply = postcard::from_bytes(&frame.payload).expect("the junction's reply decodes");
+        (reply, d.caps)
     }
 
     /// Reads frames until one matches `want`; panics if the link closes first.

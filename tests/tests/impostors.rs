@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use junction_driver::{Attenuation, Driver, Error, ErrorCode, Rights};
 use junction_identity::{Certificate, SecretKey, prove_possession};
-use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
-use junction_road::{Call, Frame, Header, Send};
+use junction_road::control::{ControlReply, ControlRequest};
+use junction_road::{Frame, Header, Send};
 use junction_tests::{Proc, RawClient, TestJunction, TestPki};
 
 const T: Duration = Duration::from_secs(10);
@@ -367,21 +367,11 @@ async fn a_proof_replayed_from_an_earlier_connection_is_refused() {
     let k = key(&bus.pki.key("client"));
     let c = chain(&bus.pki.path("client.cert"));
     let authenticate = |raw: &mut RawClient, proof| {
-        let payload = postcard::to_allocvec(&ControlRequest::Authenticate {
+        raw.control(&ControlRequest::Authenticate {
             chain: c.clone(),
             proof,
         })
-        .unwrap();
-        raw.send_frame(&Frame::with_payload(
-            Header::Call(Call {
-                handle: CONTROL_HANDLE,
-                tag: 1,
-                caps: vec![],
-            }),
-            Bytes::from(payload),
-        ));
-        let f = raw.recv_until(|h| matches!(h, Header::Deliver(_)));
-        postcard::from_bytes::<ControlReply>(&f.payload).unwrap()
+        .0
     };
     let (mut first, w1) = RawClient::hello(&bus.junction.socket);
     let proof = prove_possession(&k, &w1.nonce, w1.junction);
@@ -437,25 +427,12 @@ async fn a_sender_identity_cannot_be_forged() {
 
     // A raw client sends: the delivery carries no identity, whatever it claims.
     let (mut raw, _) = RawClient::hello(&bus.junction.socket);
-    let lookup = postcard::to_allocvec(&ControlRequest::Lookup {
+    let (_, found) = raw.control(&ControlRequest::Lookup {
         name: "t.inbox".parse().unwrap(),
-    })
-    .unwrap();
-    raw.send_frame(&Frame::with_payload(
-        Header::Call(Call {
-            handle: CONTROL_HANDLE,
-            tag: 1,
-            caps: vec![],
-        }),
-        Bytes::from(lookup),
-    ));
-    let found = raw.recv_until(|h| matches!(h, Header::Deliver(_)));
-    let Header::Deliver(d) = found.header else {
-        unreachable!()
-    };
+    });
     raw.send_frame(&Frame::with_payload(
         Header::Send(Send {
-            handle: d.caps[0].handle,
+            handle: found[0].handle,
             caps: vec![],
         }),
         Bytes::from_static(b"I am org.acme.echo"),

@@ -102,23 +102,10 @@ async fn a_capability_without_grant_is_refused() {
 
     // ...and the junction refuses a client that skips the driver.
     let (mut raw, _) = RawClient::hello(&j.socket);
-    let lookup = postcard::to_allocvec(&ControlRequest::Lookup {
+    let (_, found) = raw.control(&ControlRequest::Lookup {
         name: "t.b".parse().unwrap(),
-    })
-    .unwrap();
-    raw.send_frame(&Frame::with_payload(
-        Header::Call(Call {
-            handle: CONTROL_HANDLE,
-            tag: 1,
-            caps: vec![],
-        }),
-        Bytes::from(lookup),
-    ));
-    let found = raw.recv_until(|h| matches!(h, Header::Deliver(d) if d.tag == 1));
-    let Header::Deliver(d) = found.header else {
-        unreachable!()
-    };
-    let to_b = d.caps[0].handle;
+    });
+    let to_b = found[0].handle;
     raw.send(Header::OpenPort { req: 1 });
     let opened = raw.recv_until(|h| matches!(h, Header::PortOpened { .. }));
     let Header::PortOpened { address, .. } = opened.header else {
