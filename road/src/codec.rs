@@ -179,14 +179,20 @@ mod tests {
     fn arb_header() -> impl Strategy<Value = Header> {
         let caps = proptest::collection::vec(any::<u32>(), 0..4);
         let granted = proptest::collection::vec(
-            (any::<u32>(), arb_rights(), any::<u32>(), arb_address()).prop_map(
-                |(handle, rights, credits, address)| Granted {
+            (
+                any::<u32>(),
+                arb_rights(),
+                any::<u32>(),
+                arb_address(),
+                any::<bool>(),
+            )
+                .prop_map(|(handle, rights, credits, address, moves)| Granted {
                     handle,
                     rights,
                     credits,
                     address,
-                },
-            ),
+                    moves,
+                }),
             0..4,
         );
         prop_oneof![

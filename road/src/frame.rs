@@ -17,7 +17,7 @@ use crate::address::Address;
 pub const MAGIC: [u8; 4] = *b"JNCT";
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The most capabilities one message may carry.
 pub const MAX_CAPS_PER_MESSAGE: usize = 64;
@@ -339,6 +339,9 @@ pub struct Granted {
     pub credits: u32,
     /// The address of the port it reaches, for diagnostics.
     pub address: Address,
+    /// Whether it moves when passed on (send-once, or a message budget):
+    /// once its holder attaches it to a message, the holder no longer has it.
+    pub moves: bool,
 }
 
 /// An error: which request failed or which frame was bad, and why.

@@ -114,6 +114,7 @@ impl Core {
                     rights: reg.rights,
                     credits: self.initial_credits(reg.rights),
                     address,
+                    moves: reg.rights.contains(Rights::SEND_ONCE),
                 };
                 let chain = reg.chain.map(|c| c.as_ref().clone());
                 (ControlReply::Found { address, chain }, Some(granted))

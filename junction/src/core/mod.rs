@@ -1244,6 +1244,7 @@ impl Core {
                 rights: cap.rights,
                 credits: self.initial_credits(cap.rights),
                 address: Address::new(self.config.junction, cap.port.index as u16),
+                moves: cap.moves(),
             });
         }
         granted
