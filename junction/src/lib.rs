@@ -1,6 +1,6 @@
 //! The Junction: the broker daemon of a Junction bus.
 //!
-//! - [`core`]: the sans-IO state machine: port table, capability tables, the
+//! - [`core`] (the `junction-core` crate): the sans-IO state machine: port table, capability tables, the
 //!   name registry and routing. Fed events, drained for frames to write.
 //! - [`shell`]: the tokio shell that listens on the Unix socket, spawns
 //!   children with stdio Roads, and moves frames between Roads and the core.
@@ -11,9 +11,8 @@
 pub mod authority;
 pub mod children;
 pub mod config;
-pub mod core;
+pub use junction_core as core;
 pub mod shell;
-mod slab;
 
 /// Seconds since the Unix epoch: the clock certificates and capability
 /// expiries are read against.

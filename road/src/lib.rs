@@ -10,9 +10,12 @@
 //!   [`codec::decode`] out of one, with a distinct [`FrameError`] for every way a
 //!   peer's bytes can be wrong;
 //! - [`control`]: the requests the control port (port 0) answers;
-//! - [`outbox`]: encoded frames waiting for a link, drained by one writer;
-//! - [`transport`]: async readers and writers over any byte stream, and the two
+//! - `outbox`: encoded frames waiting for a link, drained by one writer;
+//! - `transport`: async readers and writers over any byte stream, and the two
 //!   local transports.
+//!
+//! The last two need tokio and sit behind the default `transport` feature;
+//! without it the crate is the pure protocol.
 //!
 //! Every frame is a 4-byte big-endian length, a postcard-encoded [`Header`],
 //! then the payload as raw bytes, which the Junction forwards without touching.
@@ -24,8 +27,11 @@ pub mod address;
 pub mod codec;
 pub mod control;
 pub mod frame;
+#[cfg(feature = "transport")]
 pub mod outbox;
+#[cfg(feature = "transport")]
 mod sys;
+#[cfg(feature = "transport")]
 pub mod transport;
 
 pub use address::{Address, AddressError};
@@ -34,6 +40,7 @@ pub use frame::{
     Attenuate, Call, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Hello, Identity,
     MAGIC, PROTOCOL_VERSION, Reason, Rights, Send, Welcome,
 };
+#[cfg(feature = "transport")]
 pub use transport::{DirectLink, RoadError, RoadReader, RoadWriter};
 
 /// The default largest frame (length prefix excluded) a Junction accepts: 4 MiB.

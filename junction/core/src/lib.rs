@@ -31,6 +31,7 @@
 mod attenuation;
 mod authentication;
 mod control;
+mod slab;
 #[cfg(test)]
 mod tests;
 

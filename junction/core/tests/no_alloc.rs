@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use junction::core::{Config, ConnId, Core, Output, Peer};
+use junction_core::{Config, ConnId, Core, Output, Peer};
 use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
 use junction_road::outbox::Outbox;
 use junction_road::{Call, Frame, Header, Hello, MAGIC, PROTOCOL_VERSION, Rights, Send};
