@@ -175,6 +175,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             trust,
             revocations,
             dev_namespace,
+            hello_timeout: file
+                .hello_timeout_ms
+                .map_or(defaults.hello_timeout, Duration::from_millis),
         },
         spawn,
         revocations_path,

@@ -10,6 +10,7 @@
 //! max_ports = 256
 //! max_pending_calls = 1024
 //! grace_ms = 3000
+//! hello_timeout_ms = 10000
 //! spawn = ["/usr/bin/my-service --flag"]
 //! authority = "/etc/junction/authority.cert"
 //! revocations = "/etc/junction/revoked.crl"
@@ -41,6 +42,9 @@ pub struct FileConfig {
     pub max_pending_calls: Option<u32>,
     /// Milliseconds children get between SIGTERM and SIGKILL at shutdown.
     pub grace_ms: Option<u64>,
+    /// Milliseconds a new connection has to deliver its whole Hello frame
+    /// (default 10 000).
+    pub hello_timeout_ms: Option<u64>,
     /// Connections served at once (default 4096); more are turned away.
     pub max_connections: Option<usize>,
     /// Bytes a connection may leave unread before it is cut off (default 256 MiB).

@@ -6,11 +6,11 @@
 //! into per-connection writer tasks, which batch frames into few writes. No
 //! lock and no cross-thread wake-up sits on the message path.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::transport::{child as child_road, unix as unix_road};
@@ -20,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
 use crate::children::{self, Child};
-use crate::core::{self, ConnId, Core, Output, Peer};
+use crate::core::{self, ConnId, Core, Now, Output, Peer};
 
 /// How the junction daemon is set up.
 #[derive(Debug, Clone)]
@@ -78,6 +78,10 @@ struct Shell {
     /// Connections with frames pushed since the last flush.
     dirty: RefCell<Vec<ConnId>>,
     max_frame: u32,
+    /// Wakes the main loop when the core's next deadline moved earlier.
+    timer: tokio::sync::Notify,
+    /// The deadline the main loop sleeps until.
+    armed: Cell<Option<Instant>>,
 }
 
 struct ConnSlot {
@@ -87,9 +91,6 @@ struct ConnSlot {
     reader: Option<tokio::task::AbortHandle>,
     writer: Option<tokio::task::AbortHandle>,
 }
-
-/// How long a new connection may take to send its Hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Owns the socket path and its lock; removes the socket when dropped.
 #[derive(Debug)]
@@ -175,12 +176,14 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let shell = Rc::new(Shell {
         max_frame: config.core.max_frame,
-        core: RefCell::new(Core::new(config.core.clone())),
+        core: RefCell::new(Core::new(config.core.clone(), now())),
         allow_uids: config.allow_uids.clone(),
         max_connections: config.max_connections,
         outbox_limit: config.max_unread.max(8 * config.core.max_frame as usize),
         conns: RefCell::new(Vec::new()),
         dirty: RefCell::new(Vec::new()),
+        timer: tokio::sync::Notify::new(),
+        armed: Cell::new(None),
     });
     let mut writers: Vec<JoinHandle<()>> = Vec::new();
     let mut kids: Vec<Child> = Vec::new();
@@ -205,15 +208,24 @@ pub async fn serve(
 
     tokio::pin!(shutdown);
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Sleep until the core's next deadline; input that sets an earlier
+        // one wakes this loop to sleep again, shorter.
+        let deadline = shell.core.borrow().poll_timeout();
+        shell.armed.set(deadline);
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = ticks.tick() => {
-                shell.core.borrow_mut().handle_timeout(crate::unix_now());
+            () = timer => {
+                shell.core.borrow_mut().handle_timeout(now());
                 shell.pump();
                 shell.flush();
             }
+            () = shell.timer.notified() => {}
             Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => None } } => {
                 shell.reload_revocations(&config);
             }
@@ -316,7 +328,7 @@ impl Shell {
         W: AsyncWrite + DirectLink + Unpin + 'static,
     {
         tracing::debug!(road = peer.road, pid = ?peer.pid, uid = ?peer.uid, "connection");
-        let id = self.core.borrow_mut().handle_connected(peer);
+        let id = self.core.borrow_mut().handle_connected(peer, now());
         let outbox = Rc::new(RefCell::new(match writer.direct() {
             Some(direct) => Outbox::with_direct(direct),
             None => Outbox::new(),
@@ -359,8 +371,7 @@ impl Shell {
             Ok(list) => {
                 let revoked = list.body.serials.len() + list.body.keys.len();
                 let mut core = self.core.borrow_mut();
-                core.set_now(crate::unix_now());
-                match core.set_revocations(Some(list)) {
+                match core.set_revocations(Some(list), now()) {
                     Ok(()) => {
                         tracing::info!(path = %path.display(), revoked, "SIGHUP: revocation list reloaded")
                     }
@@ -451,8 +462,19 @@ impl Shell {
     }
 
     /// Ends a batch: every link with queued frames writes them, directly if
-    /// its writer is idle.
+    /// its writer is idle; the main loop hears if the core needs waking
+    /// sooner than it planned.
     fn flush(&self) {
+        let next = self.core.borrow().poll_timeout();
+        let sooner = match (next, self.armed.get()) {
+            (Some(next), Some(armed)) => next < armed,
+            (next, None) => next.is_some(),
+            (None, Some(_)) => false,
+        };
+        if sooner {
+            self.armed.set(next);
+            self.timer.notify_one();
+        }
         let mut conns = self.conns.borrow_mut();
         for conn in self.dirty.borrow_mut().drain(..) {
             if let Some(Some(slot)) = conns.get_mut(conn.slot())
@@ -486,31 +508,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
     conn: ConnId,
     mut reader: RoadReader<R>,
 ) {
-    // A peer that never says Hello holds a connection slot for nothing.
-    match tokio::time::timeout(HELLO_TIMEOUT, reader.fill()).await {
-        Ok(Ok(n)) if n > 0 => {}
-        Ok(_) => {
-            shell.disconnected(conn);
-            return;
-        }
-        Err(_) => {
-            tracing::info!(%conn, "no Hello within {HELLO_TIMEOUT:?}; closing");
-            shell.disconnected(conn);
-            return;
-        }
-    }
+    // The core closes a connection whose Hello is not through in time.
     let mut new_batch = true;
+    let mut at = now();
     loop {
         match reader.read_frame().await {
             Ok(Some(frame)) => {
-                {
-                    let mut core = shell.core.borrow_mut();
-                    // One clock reading per read batch, not per frame.
-                    if new_batch {
-                        core.set_now(crate::unix_now());
-                    }
-                    core.handle_frame(conn, frame);
+                // One clock reading per read batch, not per frame.
+                if new_batch {
+                    at = now();
                 }
+                shell.core.borrow_mut().handle_frame(conn, frame, at);
                 shell.pump();
                 // The batch ends when no whole frame is left buffered.
                 new_batch = !reader.has_frame();
@@ -547,6 +555,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return;
         }
     }
+}
+
+/// The moment, by both clocks, for the core.
+fn now() -> Now {
+    Now::new(Instant::now(), crate::unix_now())
 }
 
 /// Random bytes for a connection's proofs of possession.

@@ -176,7 +176,7 @@ fn a_spawned_child_exits_when_its_junction_is_killed() {
 #[test]
 fn a_stdio_child_exits_on_its_own_when_its_road_closes() {
     use bytes::BytesMut;
-    use junction::core::{Config, Core, Output, Peer};
+    use junction::core::{Config, Core, Now, Output, Peer};
     use junction_road::codec;
     use junction_road::control::ControlReply;
     use std::io::{Read, Write};
@@ -191,11 +191,15 @@ fn a_stdio_child_exits_on_its_own_when_its_road_closes() {
     );
     let mut to_child = child.stdin().expect("stdin is piped");
     let mut from_child = child.stdout().expect("stdout is piped");
-    let mut core = Core::new(Config {
-        dev_namespace: vec!["t.*".parse().unwrap()],
-        ..Config::default()
-    });
-    let conn = core.handle_connected(Peer::default());
+    let now = Now::new(std::time::Instant::now(), junction::unix_now());
+    let mut core = Core::new(
+        Config {
+            dev_namespace: vec!["t.*".parse().unwrap()],
+            ..Config::default()
+        },
+        now,
+    );
+    let conn = core.handle_connected(Peer::default(), now);
     let mut buf = BytesMut::new();
     let mut registered = false;
     while !registered {
@@ -210,7 +214,7 @@ fn a_stdio_child_exits_on_its_own_when_its_road_closes() {
             assert!(n > 0, "the child closed its road before registering");
             buf.extend_from_slice(&chunk[..n]);
         };
-        core.handle_frame(conn, frame);
+        core.handle_frame(conn, frame, now);
         while let Some(out) = core.poll_output() {
             let Output::Frame { frame, .. } = out else {
                 continue;

@@ -502,3 +502,49 @@ async fn a_port_owner_hears_when_its_last_holder_is_gone() {
         .unwrap()
         .unwrap();
 }
+
+/// A peer that dribbles its Hello byte by byte holds its slot no longer than
+/// one that sends nothing: the deadline covers the whole first frame.
+#[test]
+fn a_hello_that_never_completes_is_refused_at_the_deadline() {
+    let dir = junction_tests::TempDir::new();
+    let config = dir.path().join("junction.toml");
+    std::fs::write(&config, "hello_timeout_ms = 400\n").unwrap();
+    let j = TestJunction::start(&["--config", config.to_str().unwrap()]);
+
+    let mut hello = bytes::BytesMut::new();
+    junction_road::codec::encode(
+        &Frame::bare(Header::Hello(junction_road::Hello {
+            magic: junction_road::MAGIC,
+            version: junction_road::PROTOCOL_VERSION,
+            max_frame: junction_road::DEFAULT_MAX_FRAME,
+            label: "dribbler".into(),
+        })),
+        &mut hello,
+    );
+    let mut dribbler = RawClient::connect(&j.socket);
+    // Every byte but the last, one at a time, each well inside the deadline.
+    let mut written = 0;
+    for byte in &hello[..hello.len() - 1] {
+        if dribbler.try_write_raw(&[*byte]).is_err() {
+            break;
+        }
+        written += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(written > 4, "the junction waited for at least the length");
+    let f = dribbler.recv().expect("the junction says why it hangs up");
+    let Header::Error(e) = f.header else {
+        panic!("expected an Error, got {:?}", f.header)
+    };
+    assert_eq!(e.code, ErrorCode::HandshakeRequired);
+    assert!(e.message.contains("Hello"), "{}", e.message);
+    assert!(dribbler.recv().is_none(), "the connection is closed");
+
+    // A prompt client is served, before and after any deadline.
+    let (mut prompt, _) = RawClient::hello(&j.socket);
+    std::thread::sleep(Duration::from_millis(600));
+    prompt.send(Header::Ping { nonce: 5 });
+    let f = prompt.recv_until(|h| matches!(h, Header::Pong { .. }));
+    assert_eq!(f.header, Header::Pong { nonce: 5 });
+}

@@ -9,7 +9,7 @@ use junction_identity::{
 use junction_road::control::ControlReply;
 use junction_road::{ErrorCode, Identity};
 
-use super::{ConnId, Core};
+use super::{ConnId, Core, Now};
 
 impl Core {
     /// Checks a certificate chain and a proof of possession over this
@@ -35,7 +35,7 @@ impl Core {
         let checked = self
             .config
             .trust
-            .verify_chain(&chain, self.now, self.config.revocations.as_ref())
+            .verify_chain(&chain, self.now.unix, self.config.revocations.as_ref())
             .and_then(|verified| verify_possession(verified, &nonce, self.config.junction, proof));
         let proven = match checked {
             Ok(proven) => proven,
@@ -71,6 +71,7 @@ impl Core {
         if let Some(c) = self.conns.get_mut(conn.key()) {
             c.identity = Some((identity.clone(), Arc::new(chain)));
             c.identity_until = until;
+            self.identity_expiries.push(until, conn);
         }
         ControlReply::Authenticated(identity.as_ref().clone())
     }
@@ -84,7 +85,9 @@ impl Core {
     pub fn set_revocations(
         &mut self,
         list: Option<Verified<RevocationList>>,
+        now: Now,
     ) -> Result<(), String> {
+        self.now = now;
         if let (Some(current), Some(new)) = (&self.config.revocations, &list)
             && new.body.issued_at < current.body.issued_at
         {
@@ -99,11 +102,11 @@ impl Core {
             let Some((_, chain)) = &c.identity else {
                 continue;
             };
-            if let Err(e) =
-                self.config
-                    .trust
-                    .verify_chain(chain, self.now, self.config.revocations.as_ref())
-            {
+            if let Err(e) = self.config.trust.verify_chain(
+                chain,
+                self.now.unix,
+                self.config.revocations.as_ref(),
+            ) {
                 lost.push((key, c.serial, e));
             }
         }
@@ -113,18 +116,15 @@ impl Core {
         Ok(())
     }
 
-    /// Certificates that expired while their connection lived: the identity
-    /// goes, as if revoked.
-    pub(super) fn expire_identities(&mut self) {
-        let now = self.now;
-        let expired: Vec<_> = self
+    /// A certificate expired while its connection lived: the identity goes,
+    /// as if revoked, if it is still the one that expires `at`.
+    pub(super) fn expire_identity(&mut self, conn: ConnId, at: u64) {
+        if self
             .conns
-            .iter()
-            .filter(|(_, c)| c.identity.is_some() && c.identity_until <= now)
-            .map(|(key, _)| key)
-            .collect();
-        for key in expired {
-            self.withdraw_identity(key, "its certificate expired");
+            .get(conn.key())
+            .is_some_and(|c| c.identity.is_some() && c.identity_until == at)
+        {
+            self.withdraw_identity(conn.key(), "its certificate expired");
         }
     }
 

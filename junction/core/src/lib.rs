@@ -34,10 +34,11 @@ mod control;
 mod slab;
 #[cfg(test)]
 mod tests;
+mod time;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use junction_identity::{
@@ -52,6 +53,8 @@ use junction_road::{
 };
 
 use crate::slab::{Key, Slab};
+pub use crate::time::Now;
+use crate::time::{FifoTimers, WallTimers};
 
 /// Limits and identity of one junction.
 #[derive(Debug, Clone)]
@@ -76,6 +79,8 @@ pub struct Config {
     /// Names that may be registered without a certificate, for development.
     /// Empty (off) by default.
     pub dev_namespace: Vec<NamePattern>,
+    /// How long a new connection may take to deliver its whole Hello frame.
+    pub hello_timeout: Duration,
 }
 
 impl Default for Config {
@@ -90,6 +95,7 @@ impl Default for Config {
             trust: TrustStore::new(),
             revocations: None,
             dev_namespace: Vec::new(),
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -173,13 +179,17 @@ pub struct Core {
     out: VecDeque<Output>,
     credit_scratch: Vec<(ConnId, u32, u32)>,
     next_serial: u64,
-    /// Seconds since the Unix epoch, as the shell last said.
-    now: u64,
+    /// The time of the input being handled.
+    now: Now,
+    /// When each connection that has not said Hello yet must have.
+    hello_deadlines: FifoTimers<ConnId>,
+    /// When proven identities lapse with their certificates.
+    identity_expiries: WallTimers<ConnId>,
     /// Members of each revocable lineage, for `Revoke`.
     lineages: HashMap<u64, Vec<(ConnId, u32)>>,
     next_lineage: u64,
     /// Capabilities with an expiry, soonest first, for `handle_timeout`.
-    expiries: BinaryHeap<Reverse<(u64, ConnId, u32)>>,
+    expiries: WallTimers<(ConnId, u32)>,
 }
 
 #[derive(Debug)]
@@ -305,9 +315,10 @@ fn port_key(number: u16, generation: u32) -> Key {
 }
 
 impl Core {
-    /// A core with no connections, holding only the control port. A window
-    /// smaller than twice the cost of the largest frame is raised to that.
-    pub fn new(mut config: Config) -> Self {
+    /// A core with no connections, holding only the control port, started
+    /// at `now`. A window smaller than twice the cost of the largest frame is
+    /// raised to that.
+    pub fn new(mut config: Config, now: Now) -> Self {
         // Twice the largest frame's cost: a sender that stalls has then been
         // below half its window, and the receiver was asked to report.
         config.window = config
@@ -334,10 +345,12 @@ impl Core {
             out: VecDeque::new(),
             credit_scratch: Vec::new(),
             next_serial: 1,
-            now: 0,
+            now,
+            hello_deadlines: FifoTimers::new(),
+            identity_expiries: WallTimers::new(),
             lineages: HashMap::new(),
             next_lineage: 1,
-            expiries: BinaryHeap::new(),
+            expiries: WallTimers::new(),
             config,
         }
     }
@@ -352,34 +365,54 @@ impl Core {
         self.conns.len()
     }
 
-    /// The time, in seconds since the Unix epoch: the shell tells the core
-    /// before handing it input, so that the core never reads a clock.
-    pub fn set_now(&mut self, now: u64) {
-        self.now = now;
+    /// When the core next needs [`Core::handle_timeout`], if ever: the
+    /// shell sleeps until then, or until the next input. Ask again after
+    /// every input; the answer only moves earlier when input arrives.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let now = self.now;
+        let wall = [self.expiries.next(), self.identity_expiries.next()]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| now.instant_of(at));
+        [self.hello_deadlines.next(), wall]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Time passed: capabilities whose expiry has come die, and their
-    /// watchers are told.
-    pub fn handle_timeout(&mut self, now: u64) {
+    /// Time passed: connections that did not say Hello in time are closed,
+    /// identities whose certificates expired are withdrawn, capabilities
+    /// whose expiry has come die and their watchers are told.
+    pub fn handle_timeout(&mut self, now: Now) {
         self.now = now;
-        self.expire_identities();
+        while let Some(conn) = self.hello_deadlines.pop_due(now.instant) {
+            if self.conns.get(conn.key()).is_some_and(|c| !c.ready) {
+                let timeout = self.config.hello_timeout;
+                self.error(
+                    conn,
+                    0,
+                    NO_HANDLE,
+                    ErrorCode::HandshakeRequired,
+                    format!("no complete Hello frame within {timeout:?} of connecting"),
+                );
+                self.close(conn, format!("no Hello within {timeout:?}"));
+            }
+        }
+        while let Some((at, conn)) = self.identity_expiries.pop_due(now.unix) {
+            self.expire_identity(conn, at);
+        }
         // Entries of dropped capabilities linger until their time; keep the
         // heap from growing with them.
         if self.expiries.len() > 4096 {
-            let entries = std::mem::take(&mut self.expiries);
-            self.expiries = entries
-                .into_iter()
-                .filter(|Reverse((at, conn, handle))| {
-                    self.cap(*conn, *handle)
-                        .is_some_and(|c| c.expires_at == Some(*at))
-                })
-                .collect();
+            let mut expiries = std::mem::replace(&mut self.expiries, WallTimers::new());
+            expiries.retain(|at, (conn, handle)| {
+                self.cap(conn, handle)
+                    .is_some_and(|c| c.expires_at == Some(at))
+            });
+            self.expiries = expiries;
         }
-        while let Some(Reverse((at, conn, handle))) = self.expiries.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.expiries.pop();
+        while let Some((at, (conn, handle))) = self.expiries.pop_due(now.unix) {
             self.cap_died(conn, handle, Reason::Expired, |cap| {
                 cap.expires_at == Some(at)
             });
@@ -391,8 +424,10 @@ impl Core {
         self.out.pop_front()
     }
 
-    /// A new connection arrived; it must send a Hello first.
-    pub fn handle_connected(&mut self, peer: Peer) -> ConnId {
+    /// A new connection arrived; it must deliver a whole Hello frame within
+    /// the configured `hello_timeout`, or be closed.
+    pub fn handle_connected(&mut self, peer: Peer, now: Now) -> ConnId {
+        self.now = now;
         let nonce = peer.nonce;
         let conn = Conn {
             peer,
@@ -413,7 +448,10 @@ impl Core {
             .conns
             .insert(conn)
             .expect("connection slots are 32-bit; the OS runs out of sockets first");
-        ConnId { key, serial }
+        let id = ConnId { key, serial };
+        self.hello_deadlines
+            .push(now.instant + self.config.hello_timeout, id);
+        id
     }
 
     /// The connection's reader could not make a frame out of its bytes.
@@ -458,8 +496,9 @@ impl Core {
         }
     }
 
-    /// A frame arrived on `conn`.
-    pub fn handle_frame(&mut self, conn: ConnId, frame: Frame) {
+    /// A frame arrived on `conn` at `now`.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: Frame, now: Now) {
+        self.now = now;
         let Some(c) = self.conns.get(conn.key()) else {
             return;
         };
@@ -725,7 +764,7 @@ impl Core {
             }
         }
         if let Some(at) = expires_at {
-            self.expiries.push(Reverse((at, conn, handle)));
+            self.expiries.push(at, (conn, handle));
         }
         Some(handle)
     }
@@ -838,7 +877,7 @@ impl Core {
     }
 
     fn watch(&mut self, conn: ConnId, handle: u32) {
-        let now = self.now;
+        let now = self.now.unix;
         let Some(cap) = self
             .conns
             .get_mut(conn.key())
@@ -895,7 +934,7 @@ impl Core {
         let window = self.config.window;
         let max_pending = self.config.max_pending_calls;
         let mut low_credit = false;
-        let now = self.now;
+        let now = self.now.unix;
         let mut exhausted = false;
         let checked = {
             let Some(c) = self.conns.get_mut(conn.key()) else {

@@ -15,6 +15,8 @@ use super::*;
 
 struct Harness {
     core: Core,
+    /// The fake clock every input is handed.
+    now: Now,
     inbox: HashMap<ConnId, Vec<Header>>,
     payloads: HashMap<ConnId, Vec<Bytes>>,
     closed: Vec<ConnId>,
@@ -32,8 +34,10 @@ impl Harness {
     }
 
     fn with(config: Config) -> Self {
+        let now = Now::new(std::time::Instant::now(), 1_000);
         Self {
-            core: Core::new(config),
+            core: Core::new(config, now),
+            now,
             inbox: HashMap::new(),
             payloads: HashMap::new(),
             closed: Vec::new(),
@@ -53,10 +57,13 @@ impl Harness {
     }
 
     fn connect(&mut self) -> (ConnId, Welcome) {
-        let conn = self.core.handle_connected(Peer {
-            road: "test",
-            ..Peer::default()
-        });
+        let conn = self.core.handle_connected(
+            Peer {
+                road: "test",
+                ..Peer::default()
+            },
+            self.now,
+        );
         self.feed(
             conn,
             Header::Hello(Hello {
@@ -78,7 +85,7 @@ impl Harness {
 
     fn feed_payload(&mut self, conn: ConnId, header: Header, payload: Bytes) {
         self.core
-            .handle_frame(conn, Frame::with_payload(header, payload));
+            .handle_frame(conn, Frame::with_payload(header, payload), self.now);
         self.drain();
     }
 
@@ -242,7 +249,7 @@ fn handshake_gives_a_home_port_and_the_control_handle() {
 #[test]
 fn a_bad_first_frame_or_version_is_refused_and_closed() {
     let mut h = Harness::new();
-    let conn = h.core.handle_connected(Peer::default());
+    let conn = h.core.handle_connected(Peer::default(), h.now);
     h.feed(conn, Header::Ping { nonce: 1 });
     assert_eq!(
         error_code(&h.take(conn)),
@@ -250,7 +257,7 @@ fn a_bad_first_frame_or_version_is_refused_and_closed() {
     );
     assert_eq!(h.closed, vec![conn]);
 
-    let conn = h.core.handle_connected(Peer::default());
+    let conn = h.core.handle_connected(Peer::default(), h.now);
     h.feed(
         conn,
         Header::Hello(Hello {
@@ -265,6 +272,30 @@ fn a_bad_first_frame_or_version_is_refused_and_closed() {
     assert!(matches!(&out[0], Header::Error(e) if e.message.contains("version 99")));
     assert!(h.closed.contains(&conn));
     assert_eq!(h.core.connections(), 0);
+}
+
+#[test]
+fn a_connection_must_finish_its_hello_before_the_deadline() {
+    let mut h = Harness::new();
+    let timeout = h.core.config().hello_timeout;
+    let silent = h.core.handle_connected(Peer::default(), h.now);
+    assert_eq!(h.core.poll_timeout(), Some(h.now.instant + timeout));
+    // One that says Hello in time is kept whatever the clock does later.
+    let (ready, _) = h.connect();
+    h.now = h.now.later(timeout / 2);
+    h.core.handle_timeout(h.now);
+    h.drain();
+    assert!(h.closed.is_empty(), "nothing is due yet");
+    h.now = h.now.later(timeout);
+    h.core.handle_timeout(h.now);
+    h.drain();
+    assert_eq!(h.closed, vec![silent]);
+    let out = h.take(silent);
+    assert_eq!(error_code(&out), Some(ErrorCode::HandshakeRequired));
+    assert!(matches!(&out[0], Header::Error(e) if e.message.contains("Hello")));
+    assert_eq!(h.core.connections(), 1);
+    assert!(h.take(ready).is_empty());
+    assert_eq!(h.core.poll_timeout(), None, "no timer is left");
 }
 
 #[test]
@@ -821,13 +852,13 @@ proptest! {
                         let caps: Vec<u32> = cap.and_then(|j| pick(&handles[&c], j)).into_iter().collect();
                         if call {
                             tag += 1;
-                            h.core.handle_frame(c, Frame::bare(Header::Call(Call { handle, tag, caps })));
+                            h.core.handle_frame(c, Frame::bare(Header::Call(Call { handle, tag, caps })), h.now);
                         } else {
-                            h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle, caps })));
+                            h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle, caps })), h.now);
                         }
                     }
                 Op::Reply(i) => if let Some((c, r)) = pick(&replies, i) {
-                    h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle: r, caps: vec![] })));
+                    h.core.handle_frame(c, Frame::bare(Header::Send(Send { handle: r, caps: vec![] })), h.now);
                     replies.retain(|&x| x != (c, r));
                 }
                 Op::Credit(i, p, n) => if let Some(c) = pick(&conns, i)
@@ -843,12 +874,12 @@ proptest! {
                     && let Some(handle) = pick(&handles[&c], k) {
                         let payload = postcard::to_allocvec(&ControlRequest::Register { name: format!("n{}", k % 3).parse().unwrap() }).unwrap();
                         tag += 1;
-                        h.core.handle_frame(c, Frame::with_payload(Header::Call(Call { handle: 0, tag, caps: vec![handle] }), Bytes::from(payload)));
+                        h.core.handle_frame(c, Frame::with_payload(Header::Call(Call { handle: 0, tag, caps: vec![handle] }), Bytes::from(payload)), h.now);
                     }
                 Op::Lookup(i) => if let Some(c) = pick(&conns, i) {
                     let payload = postcard::to_allocvec(&ControlRequest::Lookup { name: format!("n{}", i % 3).parse().unwrap() }).unwrap();
                     tag += 1;
-                    h.core.handle_frame(c, Frame::with_payload(Header::Call(Call { handle: 0, tag, caps: vec![] }), Bytes::from(payload)));
+                    h.core.handle_frame(c, Frame::with_payload(Header::Call(Call { handle: 0, tag, caps: vec![] }), Bytes::from(payload)), h.now);
                 }
             }
             h.drain();
@@ -943,7 +974,7 @@ proptest! {
         for (who, bytes) in frames {
             let conn = conns[who];
             match junction_road::codec::decode_body(Bytes::from(bytes)) {
-                Ok(frame) => h.core.handle_frame(conn, frame),
+                Ok(frame) => h.core.handle_frame(conn, frame, h.now),
                 Err(e) => h.core.handle_frame_error(conn, &e),
             }
             h.drain();
@@ -1094,15 +1125,25 @@ mod limits {
     #[test]
     fn expiry_kills_on_time_and_watchers_hear() {
         let (mut h, a, owner, _, cap) = setup();
-        h.core.set_now(1000);
+        h.now.unix = 1000;
         let short = attenuate(&mut h, a, cap, Rights::SEND, Some(1010), None, false).unwrap();
         h.feed(a, Header::Watch { handle: short });
         h.send(a, short, vec![], b"in time");
         assert_eq!(h.delivered(owner).len(), 1);
-        h.core.handle_timeout(1009);
+        // The core asks to be woken when the expiry comes, not before (once
+        // the Hello deadlines of the set-up are past).
+        h.now.instant += h.core.config().hello_timeout;
+        h.core.handle_timeout(h.now);
+        assert_eq!(
+            h.core.poll_timeout(),
+            Some(h.now.instant + std::time::Duration::from_secs(10))
+        );
+        h.now.unix = 1009;
+        h.core.handle_timeout(h.now);
         h.drain();
         assert!(h.take(a).is_empty());
-        h.core.handle_timeout(1010);
+        h.now.unix = 1010;
+        h.core.handle_timeout(h.now);
         h.drain();
         assert_eq!(
             h.take(a),
@@ -1233,15 +1274,18 @@ mod identities {
             trust: pki.trust.clone(),
             ..Config::default()
         });
-        h.core.set_now(NOW);
+        h.now.unix = NOW;
         h
     }
 
     fn connect(h: &mut Harness, nonce: u8) -> (ConnId, Welcome) {
-        let conn = h.core.handle_connected(Peer {
-            nonce: [nonce; 32],
-            ..Peer::default()
-        });
+        let conn = h.core.handle_connected(
+            Peer {
+                nonce: [nonce; 32],
+                ..Peer::default()
+            },
+            h.now,
+        );
         h.feed(
             conn,
             Header::Hello(Hello {
@@ -1285,6 +1329,40 @@ mod identities {
             ControlReply::Refused { code, .. } => *code,
             other => panic!("not refused: {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_identity_lapses_on_time_with_its_certificate() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (svc, w) = connect(&mut h, 1);
+        // The certificate is valid until NOW + 10.
+        let (key, cert) = pki.service(7, &["org.acme.echo"]);
+        let proof = prove_possession(&key, &w.nonce, w.junction);
+        authenticate(&mut h, svc, vec![cert], proof);
+        assert_eq!(
+            register(&mut h, svc, "org.acme.echo"),
+            ControlReply::Registered
+        );
+        // Past the Hello deadline, the next timer is the certificate's end.
+        h.now.instant += h.core.config().hello_timeout;
+        h.core.handle_timeout(h.now);
+        assert_eq!(
+            h.core.poll_timeout(),
+            Some(h.now.instant + std::time::Duration::from_secs(10))
+        );
+        h.now = h.now.later(std::time::Duration::from_secs(10));
+        h.core.handle_timeout(h.now);
+        let (client, _) = connect(&mut h, 2);
+        let (reply, _) = h.control(
+            client,
+            ControlRequest::Lookup {
+                name: "org.acme.echo".parse().unwrap(),
+            },
+            vec![],
+        );
+        assert_eq!(refused(&reply), ErrorCode::NameNotFound);
+        h.check_invariants();
     }
 
     #[test]
@@ -1413,7 +1491,7 @@ mod identities {
         .unwrap()
         .verify(&pki.trust)
         .unwrap();
-        h.core.set_revocations(Some(list)).unwrap();
+        h.core.set_revocations(Some(list), h.now).unwrap();
         let (reply, _) = h.control(
             client,
             ControlRequest::Lookup {

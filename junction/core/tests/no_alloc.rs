@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use junction_core::{Config, ConnId, Core, Output, Peer};
+use junction_core::{Config, ConnId, Core, Now, Output, Peer};
 use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
 use junction_road::outbox::Outbox;
 use junction_road::{Call, Frame, Header, Hello, MAGIC, PROTOCOL_VERSION, Rights, Send};
@@ -44,9 +44,26 @@ fn drain(core: &mut Core) -> Vec<(ConnId, Frame)> {
     out
 }
 
+/// One fixed moment: time plays no part here.
+fn now() -> Now {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    Now::new(*START.get_or_init(std::time::Instant::now), 1_000)
+}
+
+/// Hands the core a frame at [`now`].
+trait Feed {
+    fn feed(&mut self, conn: ConnId, frame: Frame);
+}
+
+impl Feed for Core {
+    fn feed(&mut self, conn: ConnId, frame: Frame) {
+        self.handle_frame(conn, frame, now());
+    }
+}
+
 fn connect(core: &mut Core) -> ConnId {
-    let conn = core.handle_connected(Peer::default());
-    core.handle_frame(
+    let conn = core.handle_connected(Peer::default(), now());
+    core.feed(
         conn,
         Frame::bare(Header::Hello(Hello {
             magic: MAGIC,
@@ -61,7 +78,7 @@ fn connect(core: &mut Core) -> ConnId {
 
 fn control(core: &mut Core, conn: ConnId, request: ControlRequest, caps: Vec<u32>) -> Vec<u32> {
     let payload = Bytes::from(postcard::to_allocvec(&request).unwrap());
-    core.handle_frame(
+    core.feed(
         conn,
         Frame::with_payload(
             Header::Call(Call {
@@ -78,7 +95,7 @@ fn control(core: &mut Core, conn: ConnId, request: ControlRequest, caps: Vec<u32
     };
     let reply: ControlReply = postcard::from_bytes(&out[0].1.payload).unwrap();
     assert!(!matches!(reply, ControlReply::Refused { .. }), "{reply:?}");
-    core.handle_frame(
+    core.feed(
         conn,
         Frame::bare(Header::Credit {
             port: d.port,
@@ -91,17 +108,20 @@ fn control(core: &mut Core, conn: ConnId, request: ControlRequest, caps: Vec<u32
 
 #[test]
 fn forwarding_allocates_nothing_per_message() {
-    let mut core = Core::new(Config {
-        dev_namespace: vec!["alloc.*".parse().unwrap()],
-        ..Config::default()
-    });
+    let mut core = Core::new(
+        Config {
+            dev_namespace: vec!["alloc.*".parse().unwrap()],
+            ..Config::default()
+        },
+        now(),
+    );
     let sender = connect(&mut core);
     let receiver = connect(&mut core);
-    core.handle_frame(receiver, Frame::bare(Header::OpenPort { req: 1 }));
+    core.feed(receiver, Frame::bare(Header::OpenPort { req: 1 }));
     let Header::PortOpened { address, .. } = drain(&mut core).remove(0).1.header else {
         panic!()
     };
-    core.handle_frame(
+    core.feed(
         receiver,
         Frame::bare(Header::Mint {
             req: 2,
@@ -136,7 +156,7 @@ fn forwarding_allocates_nothing_per_message() {
     let mut cx = std::task::Context::from_waker(waker);
     let mut round = |core: &mut Core, outbox: &mut Outbox| {
         for _ in 0..8 {
-            core.handle_frame(
+            core.feed(
                 sender,
                 Frame::with_payload(
                     Header::Send(Send {
@@ -147,7 +167,7 @@ fn forwarding_allocates_nothing_per_message() {
                 ),
             );
         }
-        core.handle_frame(
+        core.feed(
             receiver,
             Frame::bare(Header::Credit {
                 port: address.port,
