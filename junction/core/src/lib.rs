@@ -419,6 +419,58 @@ impl Core {
         }
     }
 
+    /// Checks that the core's books agree with its tables: sender counts,
+    /// credit windows, pending calls, port owners, registrations. For tests
+    /// and simulations, after every step; it walks the whole state.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut senders: HashMap<Key, u32> = HashMap::new();
+        let window = self.config.window;
+        for (_, c) in self.conns.iter() {
+            for (handle, cap) in c.caps.iter() {
+                if cap.port.index == u32::from(CONTROL_PORT) {
+                    continue;
+                }
+                *senders.entry(cap.port).or_default() += 1;
+                if !cap.rights.contains(Rights::SEND_ONCE) && cap.credits > window {
+                    return Err(format!(
+                        "c{} handle {:#x} holds {} credits, above the window of {window}",
+                        c.serial,
+                        handle_of(handle),
+                        cap.credits
+                    ));
+                }
+            }
+            if c.pending_calls > self.config.max_pending_calls {
+                return Err(format!(
+                    "c{} has {} pending calls, above the limit",
+                    c.serial, c.pending_calls
+                ));
+            }
+        }
+        for (key, port) in self.ports.iter() {
+            if key.index == u32::from(CONTROL_PORT) {
+                continue;
+            }
+            let counted = senders.get(&key).copied().unwrap_or(0);
+            if port.senders != counted {
+                return Err(format!(
+                    "port {} counts {} senders but {counted} capabilities reach it",
+                    key.index, port.senders
+                ));
+            }
+            match port.owner {
+                Some(owner) if self.conns.get(owner.key()).is_some() => {}
+                _ => return Err(format!("port {} outlived its owner", key.index)),
+            }
+        }
+        for (name, reg) in &self.names {
+            if self.ports.get(reg.port).is_none() {
+                return Err(format!("{name} names a dead port"));
+            }
+        }
+        Ok(())
+    }
+
     /// The next thing the shell must do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()

@@ -183,42 +183,8 @@ impl Harness {
 
     /// The core's own bookkeeping agrees with what its tables hold.
     fn check_invariants(&self) {
-        let core = &self.core;
-        let mut senders: HashMap<Key, u32> = HashMap::new();
-        for (_, c) in core.conns.iter() {
-            for (_, cap) in c.caps.iter() {
-                if cap.port.index != 0 {
-                    *senders.entry(cap.port).or_default() += 1;
-                }
-            }
-            let window = core.config.window;
-            for (_, cap) in c.caps.iter() {
-                if cap.port.index != 0 && !cap.rights.contains(Rights::SEND_ONCE) {
-                    assert!(cap.credits <= window, "credits above the window");
-                }
-            }
-            assert!(c.pending_calls <= core.config.max_pending_calls);
-        }
-        for (key, port) in core.ports.iter() {
-            if key.index == 0 {
-                continue;
-            }
-            assert_eq!(
-                port.senders,
-                senders.get(&key).copied().unwrap_or(0),
-                "sender count of port {key:?}"
-            );
-            let owner = port.owner.expect("only the control port has no owner");
-            assert!(
-                core.conns.get(owner.key()).is_some(),
-                "port outlived its owner"
-            );
-        }
-        for (name, reg) in &core.names {
-            assert!(
-                core.ports.get(reg.port).is_some(),
-                "{name} names a dead port"
-            );
+        if let Err(broken) = self.core.check_invariants() {
+            panic!("{broken}");
         }
     }
 }
