@@ -1,19 +1,20 @@
 //! Narrower capabilities: fewer rights, an expiry, a message budget, and
 //! revocable lineages.
 
-use junction_road::{Attenuate, ErrorCode, Header, Reason, Rights};
+use junction_road::{Attenuate, Header, Reason, Rights};
 
-use super::{CONTROL_HANDLE, Cap, ConnId, Core};
+use super::{CONTROL_HANDLE, Cap, ConnId, Core, Refusal};
 
 impl Core {
     /// `Attenuate`: a new handle that can do no more than the original.
     pub(super) fn attenuate(&mut self, conn: ConnId, a: Attenuate) {
         let Some(original) = self.cap(conn, a.handle).cloned() else {
-            self.unknown_handle(conn, a.req, a.handle);
+            let handle = a.handle;
+            self.refuse(conn, a.req, handle, Refusal::UnknownHandle { handle });
             return;
         };
-        let refuse = |core: &mut Core, message: String| {
-            core.error(conn, a.req, a.handle, ErrorCode::CannotWiden, message);
+        let refuse = |core: &mut Core, what: String| {
+            core.refuse(conn, a.req, a.handle, Refusal::CannotWiden { what });
         };
         if a.handle == CONTROL_HANDLE || original.rights.contains(Rights::SEND_ONCE) {
             refuse(
@@ -23,13 +24,8 @@ impl Core {
             return;
         }
         if !a.rights.is_valid() {
-            self.error(
-                conn,
-                a.req,
-                a.handle,
-                ErrorCode::BadRights,
-                format!("rights {} are not a valid set", a.rights),
-            );
+            let rights = a.rights;
+            self.refuse(conn, a.req, a.handle, Refusal::BadRights { rights });
             return;
         }
         if a.max_messages == Some(0) {
@@ -68,19 +64,20 @@ impl Core {
             }
             (old, new) => new.or(old),
         };
+        let flow = self.new_flow();
         let mut cap = Cap::new(
-            original.port,
+            original.target,
             a.rights,
             self.initial_credits(a.rights),
             None,
+            flow,
         );
         cap.dead = original.dead;
         cap.expires_at = expires_at;
         cap.remaining = remaining;
         cap.lineages = original.lineages.clone();
         if a.revocable {
-            let lineage = self.next_lineage;
-            self.next_lineage += 1;
+            let lineage = self.books.new_lineage();
             cap.lineages.push(lineage);
             cap.root = Some(lineage);
         }
@@ -102,22 +99,16 @@ impl Core {
     /// from it die, wherever they are; watchers are told.
     pub(super) fn revoke(&mut self, conn: ConnId, handle: u32) {
         let Some(cap) = self.cap(conn, handle) else {
-            self.unknown_handle(conn, 0, handle);
+            self.refuse(conn, 0, handle, Refusal::UnknownHandle { handle });
             return;
         };
         let Some(lineage) = cap.root else {
-            self.error(
-                conn,
-                0,
-                handle,
-                ErrorCode::NotRevocable,
-                format!("handle {handle} is not a revocable capability this connection made (use Attenuate with revocable)"),
-            );
+            self.refuse(conn, 0, handle, Refusal::NotRevocable { handle });
             return;
         };
-        for (holder, h) in self.lineages.remove(&lineage).unwrap_or_default() {
-            self.cap_died(holder, h, Reason::Revoked, |c| {
-                c.lineages.contains(&lineage)
+        for member in self.books.revoke(lineage) {
+            self.cap_died(member.conn, member.handle, Reason::Revoked, |c| {
+                c.flow == member.flow && c.lineages.contains(&lineage)
             });
         }
     }

@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use junction_identity::{
-    Certificate, IdentityError, RevocationList, Signature, Verified, verify_possession,
-};
+use junction_identity::{Certificate, RevocationList, Signature, Verified, verify_possession};
+use junction_road::Identity;
 use junction_road::control::ControlReply;
-use junction_road::{ErrorCode, Identity};
 
-use super::{ConnId, Core, Now};
+use super::{ConnId, Core, Now, Refusal};
+use crate::control::refused;
 
 impl Core {
     /// Checks a certificate chain and a proof of possession over this
@@ -22,14 +21,12 @@ impl Core {
         proof: &Signature,
     ) -> ControlReply {
         let Some(c) = self.conns.get(conn.key()) else {
-            return refused(ErrorCode::UnexpectedFrame, "the connection is gone".into());
+            return refused(Refusal::UnexpectedFrame {
+                frame: "Authenticate",
+            });
         };
         if c.identity.is_some() {
-            return refused(
-                ErrorCode::AlreadyAuthenticated,
-                "this connection has proven an identity already; connect again to use another"
-                    .into(),
-            );
+            return refused(Refusal::AlreadyAuthenticated);
         }
         let nonce = c.nonce;
         let checked = self
@@ -40,9 +37,9 @@ impl Core {
         let proven = match checked {
             Ok(proven) => proven,
             Err(e) => {
-                let message = format!("authentication refused: {e}");
-                self.log_refusal(conn, &message);
-                return refused(code_of(&e), message);
+                let refusal = Refusal::Identity(e);
+                self.log_refusal(conn, &refusal.to_string());
+                return refused(refusal);
             }
         };
         let identity = Arc::new(Identity {
@@ -53,12 +50,13 @@ impl Core {
         // protocol gives a Deliver header.
         let size = postcard::to_allocvec(identity.as_ref()).map_or(usize::MAX, |b| b.len());
         if size > MAX_IDENTITY_BYTES {
-            let message = format!(
-                "the certificate grants {} names ({size} bytes); at most {MAX_IDENTITY_BYTES} bytes of names fit on a delivery",
-                identity.names.len()
-            );
-            self.log_refusal(conn, &message);
-            return refused(ErrorCode::BadCertificate, message);
+            let refusal = Refusal::IdentityTooLarge {
+                names: identity.names.len(),
+                bytes: size,
+                limit: MAX_IDENTITY_BYTES,
+            };
+            self.log_refusal(conn, &refusal.to_string());
+            return refused(refusal);
         }
         tracing::info!(conn = %conn, key = %proven.key(), names = ?identity.names, "identity proven");
         // Trust anchors are keys; their own certificates' windows do not count.
@@ -139,13 +137,13 @@ impl Core {
         let ports = c.ports.clone();
         tracing::warn!(%conn, "identity withdrawn: {why}");
         let names: Vec<_> = self
-            .names
+            .registry
             .iter()
             .filter(|(_, reg)| reg.chain.is_some() && ports.contains(&(reg.port.index as u16)))
             .map(|(name, _)| name.clone())
             .collect();
         for name in names {
-            if let Some(reg) = self.names.remove(&name)
+            if let Some(reg) = self.registry.remove(&name)
                 && let Some(p) = self.ports.get_mut(reg.port)
             {
                 p.names.retain(|n| n != &name);
@@ -169,15 +167,3 @@ impl Core {
 
 /// The most a proven identity may take on a delivery, in bytes.
 const MAX_IDENTITY_BYTES: usize = 2048;
-
-fn code_of(e: &IdentityError) -> ErrorCode {
-    match e {
-        IdentityError::Revoked { .. } => ErrorCode::CertificateRevoked,
-        IdentityError::BadProof => ErrorCode::BadProof,
-        _ => ErrorCode::BadCertificate,
-    }
-}
-
-fn refused(code: ErrorCode, message: String) -> ControlReply {
-    ControlReply::Refused { code, message }
-}

@@ -2,9 +2,11 @@
 
 use bytes::Bytes;
 use junction_road::control::{ConnectionInfo, ControlReply, ControlRequest, Listing, PortInfo};
-use junction_road::{Address, Deliver, ErrorCode, Frame, Granted, Header, Rights};
+use junction_road::{Address, Deliver, Frame, Granted, Header, Rights};
 
-use super::{CONTROL_PORT, ConnId, Core, InFlight, Output, Registration, port_key};
+use super::{ConnId, Core, Output, Refusal};
+use crate::ports::{CONTROL_PORT, InFlight};
+use crate::registry::Registration;
 
 impl Core {
     /// A call to the control port: answer it on the caller's home port.
@@ -12,10 +14,9 @@ impl Core {
         let (reply, granted) = match postcard::from_bytes::<ControlRequest>(payload) {
             Ok(request) => self.control_request(conn, request, &caps),
             Err(e) => (
-                refused(
-                    ErrorCode::BadControlRequest,
-                    format!("the control request did not decode: {e}"),
-                ),
+                refused(Refusal::BadControlRequest {
+                    reason: e.to_string(),
+                }),
                 None,
             ),
         };
@@ -26,11 +27,11 @@ impl Core {
         c.pending_calls += 1;
         let ack = c.pending_calls >= self.config.max_pending_calls / 2;
         let home = c.home;
-        if let Some(generation) = self.ports.generation_of(u32::from(home))
-            && let Some(p) = self.ports.get_mut(port_key(home, generation))
+        if let Some(key) = self.ports.key(home)
+            && let Some(p) = self.ports.get_mut(key)
         {
             p.in_flight.push_back(InFlight {
-                sender: None,
+                flow: None,
                 cost: 0,
                 seq: 0,
                 reply: None,
@@ -61,21 +62,16 @@ impl Core {
         match request {
             ControlRequest::Register { name } => (self.register(conn, name, caps), None),
             ControlRequest::Unregister { name } => {
-                let owned = self.names.get(&name).is_some_and(|reg| {
+                let owned = self.registry.get(&name).is_some_and(|reg| {
                     self.ports
                         .get(reg.port)
                         .is_some_and(|p| p.owner == Some(conn))
                 });
                 if !owned {
-                    return (
-                        refused(
-                            ErrorCode::NameNotFound,
-                            format!("{name} is not registered by this connection"),
-                        ),
-                        None,
-                    );
+                    let what = format!("{name} is not registered by this connection");
+                    return (refused(Refusal::NameNotFound { what }), None);
                 }
-                if let Some(reg) = self.names.remove(&name)
+                if let Some(reg) = self.registry.remove(&name)
                     && let Some(p) = self.ports.get_mut(reg.port)
                 {
                     p.names.retain(|n| n != &name);
@@ -83,30 +79,17 @@ impl Core {
                 (ControlReply::Unregistered, None)
             }
             ControlRequest::Lookup { name } => {
-                let Some(reg) = self.names.get(&name).cloned() else {
-                    return (
-                        refused(
-                            ErrorCode::NameNotFound,
-                            format!("no service is registered as {name}"),
-                        ),
-                        None,
-                    );
+                let Some(reg) = self.registry.get(&name).cloned() else {
+                    let what = format!("no service is registered as {name}");
+                    return (refused(Refusal::NameNotFound { what }), None);
                 };
+                let limit = self.config.max_handles;
+                let full = || (refused(Refusal::TooManyHandles { limit }), None);
                 if !self.has_room(conn, 1) {
-                    return (
-                        refused(
-                            ErrorCode::TooManyHandles,
-                            "this connection's capability table is full; drop some handles first"
-                                .into(),
-                        ),
-                        None,
-                    );
+                    return full();
                 }
                 let Some(handle) = self.new_cap(conn, reg.port, reg.rights, None) else {
-                    return (
-                        refused(ErrorCode::TooManyHandles, "capability table full".into()),
-                        None,
-                    );
+                    return full();
                 };
                 let address = Address::new(self.config.junction, reg.port.index as u16);
                 let granted = Granted {
@@ -133,34 +116,30 @@ impl Core {
         caps: &[u32],
     ) -> ControlReply {
         let &[handle] = caps else {
-            return refused(
-                ErrorCode::BadRegistration,
-                format!(
+            return refused(Refusal::BadRegistration {
+                what: format!(
                     "registering {name} needs exactly one capability (to the service's port); {} came",
                     caps.len()
                 ),
-            );
+            });
         };
-        let Some(cap) = self.cap(conn, handle).cloned() else {
-            return refused(
-                ErrorCode::UnknownHandle,
-                format!("handle {handle} is not in this connection's capability table"),
-            );
+        let Some(cap) = self.cap(conn, handle) else {
+            return refused(Refusal::UnknownHandle { handle });
         };
-        if !cap.rights.contains(Rights::SEND | Rights::GRANT) {
-            return refused(
-                ErrorCode::BadRegistration,
-                format!(
-                    "registering {name} needs a capability with send and grant rights; it has {}",
-                    cap.rights
+        let (port, rights) = (cap.port(), cap.rights);
+        if !rights.contains(Rights::SEND | Rights::GRANT) {
+            return refused(Refusal::BadRegistration {
+                what: format!(
+                    "registering {name} needs a capability with send and grant rights; it has {rights}"
                 ),
-            );
+            });
         }
-        if self.ports.get(cap.port).and_then(|p| p.owner) != Some(conn) {
-            return refused(
-                ErrorCode::BadRegistration,
-                format!("a name can only be registered for a port this connection owns ({name})"),
-            );
+        if self.ports.get(port).and_then(|p| p.owner) != Some(conn) {
+            return refused(Refusal::BadRegistration {
+                what: format!(
+                    "a name can only be registered for a port this connection owns ({name})"
+                ),
+            });
         }
         let chain = match self.conns.get(conn.key()).and_then(|c| c.identity.clone()) {
             Some((identity, chain)) if identity.names.contains(&name) => Some(chain),
@@ -172,7 +151,7 @@ impl Core {
                 None
             }
             identity => {
-                let message = match identity {
+                let what = match identity {
                     Some((identity, _)) => format!(
                         "{name} is not granted by this connection's certificate (it grants {})",
                         if identity.names.is_empty() {
@@ -190,29 +169,23 @@ impl Core {
                         "registering {name} needs a service certificate granting it: authenticate this connection first"
                     ),
                 };
-                self.log_refusal(conn, &message);
-                return refused(ErrorCode::NameNotGranted, message);
+                self.log_refusal(conn, &what);
+                return refused(Refusal::NameNotGranted { what });
             }
         };
-        if let Some(existing) = self.names.get(&name) {
-            let address = Address::new(self.config.junction, existing.port.index as u16);
+        let registration = Registration {
+            port,
+            rights,
+            chain,
+        };
+        if let Err(existing) = self.registry.insert(name.clone(), registration) {
+            let by = Address::new(self.config.junction, existing.port.index as u16);
             self.log_refusal(conn, &format!("{name} is taken"));
-            return refused(
-                ErrorCode::NameTaken,
-                format!("{name} is already registered, by port {address}"),
-            );
+            return refused(Refusal::NameTaken { name, by });
         }
-        if let Some(p) = self.ports.get_mut(cap.port) {
-            p.names.push(name.clone());
+        if let Some(p) = self.ports.get_mut(port) {
+            p.names.push(name);
         }
-        self.names.insert(
-            name,
-            Registration {
-                port: cap.port,
-                rights: cap.rights,
-                chain,
-            },
-        );
         ControlReply::Registered
     }
 
@@ -263,6 +236,10 @@ impl Core {
     }
 }
 
-fn refused(code: ErrorCode, message: String) -> ControlReply {
-    ControlReply::Refused { code, message }
+/// A control request's refusal, as its reply.
+pub(crate) fn refused(refusal: Refusal) -> ControlReply {
+    ControlReply::Refused {
+        code: refusal.code(),
+        message: refusal.to_string(),
+    }
 }

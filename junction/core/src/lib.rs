@@ -1,36 +1,61 @@
 //! The Junction's core: ports, capability tables, the name registry and
-//! routing, as a state machine with no I/O.
+//! routing, as a state machine with no I/O and no clock.
 //!
-//! The shell feeds it events and drains what it must do next:
+//! The shell feeds it events and drains what it must do next, as quinn
+//! drives quinn-proto:
 //!
-//! - `handle_*` methods take input: a connection arrived
-//!   ([`Core::handle_connected`]), a frame arrived ([`Core::handle_frame`]), a
-//!   frame could not be read ([`Core::handle_frame_error`]), a connection went
-//!   away ([`Core::handle_disconnected`]), the junction is stopping
+//! - `handle_*` methods take input, each with the time it happens at
+//!   ([`Now`]): a connection arrived ([`Core::handle_connected`]), a frame
+//!   arrived ([`Core::handle_frame`]), a frame could not be read
+//!   ([`Core::handle_frame_error`]), a connection went away
+//!   ([`Core::handle_disconnected`]), a deadline came
+//!   ([`Core::handle_timeout`]), the junction is stopping
 //!   ([`Core::handle_shutdown`]);
 //! - [`Core::poll_output`] yields [`Output`]s, frames to write and connections
-//!   to close, in the order they must happen. Drain it after every input.
+//!   to close, in the order they must happen. Drain it after every input;
+//! - [`Core::poll_timeout`] says when to call [`Core::handle_timeout`] next.
 //!
-//! The core never blocks, never allocates per forwarded message in the steady
-//! state, and never panics on anything a peer sends.
+//! The core never blocks, never reads a clock, never allocates per forwarded
+//! message in the steady state, and never panics on anything a peer sends.
+//!
+//! # State, by owner
+//!
+//! - the port table (`ports`): ports, their owners, in-flight messages,
+//!   watchers, and why dead ports died;
+//! - one capability table per connection (`caps`): handles, targets, flows;
+//! - the revocation and expiry books (`books`);
+//! - the name registry (`registry`);
+//! - the message path (`path`): a `Send` or `Call` is *admitted* (rights,
+//!   credit, budget, expiry, attachments) into an envelope, a value that
+//!   could be written to a wire, then *delivered* to its target.
+//!
+//! Every refusal is a [`Refusal`], which maps onto the wire's error codes.
 //!
 //! # Flow control
 //!
 //! Every send capability handle carries send credits, `window` units when it
 //! is created. Each `Send` or `Call` spends [`credit_cost`] units: one, plus
-//! one per 16 KiB of payload, so the window bounds both messages and bytes. The message is delivered to the
-//! port owner at once and recorded in the port's in-flight queue; when the
-//! owner reports it consumed (`Credit`), the credit goes back to the handle it
-//! was sent on (`SendCredit`). So a slow receiver stops exactly the handles
-//! that send to it, and the memory a port can tie up is bounded by its
-//! senders' windows. Replies travel on send-once capabilities, which never wait
-//! for credit; what bounds them is the caller's limit of pending calls, which
-//! stay pending until the caller consumes the reply. A client that never reads
-//! its replies therefore stalls only its own calls.
+//! one per 16 KiB of payload, so the window bounds both messages and bytes.
+//! The message is delivered to the port owner at once and recorded in the
+//! port's in-flight queue against the capability's *flow*, an id never
+//! reused; when the owner reports it consumed (`Credit`), the credit goes back
+//! to that flow (`SendCredit`), or nowhere if the capability has gone. So a
+//! slow receiver stops exactly the handles that send to it, and the memory a
+//! port can tie up is bounded by its senders' windows. Replies travel on
+//! send-once capabilities, which never wait for credit; what bounds them is
+//! the caller's limit of pending calls, which stay pending until the caller
+//! consumes the reply. A client that never reads its replies therefore stalls
+//! only its own calls.
 
 mod attenuation;
 mod authentication;
+mod books;
+mod caps;
 mod control;
+mod path;
+mod ports;
+mod refusal;
+mod registry;
 mod slab;
 #[cfg(test)]
 mod tests;
@@ -40,18 +65,22 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use junction_identity::{
-    Certificate, NamePattern, RevocationList, ServiceName, TrustStore, Verified,
-};
+use junction_identity::{Certificate, NamePattern, RevocationList, TrustStore, Verified};
 use junction_road::codec::FrameError;
 use junction_road::control::CONTROL_HANDLE;
 pub use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
 use junction_road::{
-    Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Identity, MAGIC,
-    PROTOCOL_VERSION, Reason, Rights, Welcome,
+    Address, ErrorFrame, Frame, Header, Identity, MAGIC, PROTOCOL_VERSION, Reason, Rights, Welcome,
 };
 
+use crate::books::Books;
+use crate::caps::{Cap, CapRef, CapTable, FlowId, ReplyRoute, Target};
+use crate::path::Orphans;
+#[cfg(test)]
+use crate::ports::port_key;
+use crate::ports::{CONTROL_PORT, PortTable};
+pub use crate::refusal::Refusal;
+use crate::registry::Registry;
 use crate::slab::{Key, Slab};
 pub use crate::time::Now;
 use crate::time::{FifoTimers, WallTimers};
@@ -123,6 +152,17 @@ impl ConnId {
     pub fn slot(self) -> usize {
         self.key().index as usize
     }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(serial: u64) -> Self {
+        Self {
+            key: Key {
+                index: serial as u32,
+                generation: 0,
+            },
+            serial,
+        }
+    }
 }
 
 impl std::fmt::Display for ConnId {
@@ -167,17 +207,42 @@ pub enum Output {
     },
 }
 
+/// What the core holds, counted: for the memory bounds in tests and
+/// simulations. Every count is bounded by the limits in [`Config`] (see
+/// docs/security.md); none grows with traffic alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Footprint {
+    /// Connections attached, shaking hands or ready.
+    pub connections: usize,
+    /// Ports open, the control port included.
+    pub ports: usize,
+    /// Capabilities in all tables.
+    pub capabilities: usize,
+    /// Messages delivered and not yet consumed, in all ports.
+    pub in_flight: usize,
+    /// Flows whose capability left with messages in flight.
+    pub orphan_flows: usize,
+    /// Entries in the revocation and expiry books.
+    pub book_entries: usize,
+    /// Registered names.
+    pub names: usize,
+}
+
 /// The junction's state machine. See the module documentation.
 #[derive(Debug)]
 pub struct Core {
     config: Config,
     conns: Slab<Conn>,
-    ports: Slab<Port>,
-    /// Why each port slot's last port died, to tell late senders.
-    port_deaths: HashMap<u32, (u32, Reason)>,
-    names: HashMap<ServiceName, Registration>,
+    ports: PortTable,
+    registry: Registry,
+    books: Books,
+    /// Flows whose capability left with messages still in flight.
+    orphans: Orphans,
+    next_flow: u64,
     out: VecDeque<Output>,
-    credit_scratch: Vec<(ConnId, u32, u32)>,
+    /// Credit returns gathered per flow: units, messages.
+    credit_scratch: Vec<(CapRef, u32, u32)>,
     next_serial: u64,
     /// The time of the input being handled.
     now: Now,
@@ -185,11 +250,6 @@ pub struct Core {
     hello_deadlines: FifoTimers<ConnId>,
     /// When proven identities lapse with their certificates.
     identity_expiries: WallTimers<ConnId>,
-    /// Members of each revocable lineage, for `Revoke`.
-    lineages: HashMap<u64, Vec<(ConnId, u32)>>,
-    next_lineage: u64,
-    /// Capabilities with an expiry, soonest first, for `handle_timeout`.
-    expiries: WallTimers<(ConnId, u32)>,
 }
 
 #[derive(Debug)]
@@ -199,7 +259,7 @@ struct Conn {
     ready: bool,
     home: u16,
     ports: Vec<u16>,
-    caps: Slab<Cap>,
+    caps: CapTable,
     pending_calls: u32,
     serial: u64,
     /// What a proof of possession on this connection must sign.
@@ -210,109 +270,8 @@ struct Conn {
     identity_until: u64,
 }
 
-/// A capability in a connection's table.
-#[derive(Debug, Clone)]
-struct Cap {
-    port: Key,
-    rights: Rights,
-    credits: u32,
-    /// Sequence number of the next message sent on this handle.
-    seq: u64,
-    /// For a send-once reply capability: the caller and its tag.
-    reply_to: Option<(ConnId, u64)>,
-    /// Dead on its own (revoked, expired, budget used up), port alive or not.
-    dead: Option<Reason>,
-    /// Seconds since the Unix epoch from which it is dead.
-    expires_at: Option<u64>,
-    /// Messages it may still send; a budgeted capability moves, never copies.
-    remaining: Option<u32>,
-    /// The revocable lineages it belongs to.
-    lineages: Vec<u64>,
-    /// The lineage this handle is the revocable root of.
-    root: Option<u64>,
-    /// Whether its holder asked to hear of its death.
-    watched: bool,
-}
-
-impl Cap {
-    fn new(port: Key, rights: Rights, credits: u32, reply_to: Option<(ConnId, u64)>) -> Self {
-        Self {
-            port,
-            rights,
-            credits,
-            seq: 0,
-            reply_to,
-            dead: None,
-            expires_at: None,
-            remaining: None,
-            lineages: Vec::new(),
-            root: None,
-            watched: false,
-        }
-    }
-
-    /// Whether it must move rather than copy when passed on.
-    fn moves(&self) -> bool {
-        self.rights.contains(Rights::SEND_ONCE) || self.remaining.is_some()
-    }
-}
-
-#[derive(Debug)]
-struct Port {
-    /// `None` for the control port.
-    owner: Option<ConnId>,
-    in_flight: VecDeque<InFlight>,
-    senders: u32,
-    watchers: Vec<(ConnId, u32)>,
-    names: Vec<ServiceName>,
-    home: bool,
-    /// Whether the owner asked to hear when `senders` reaches zero.
-    watch_senders: bool,
-}
-
-/// A message delivered to a port's owner and not yet consumed.
-#[derive(Debug, Clone, Copy)]
-struct InFlight {
-    /// The handle it was sent on, to return the credit to.
-    sender: Option<(ConnId, u32)>,
-    /// The credit units it cost.
-    cost: u32,
-    seq: u64,
-    /// The send-once reply capability it carried into the owner's table.
-    reply: Option<u32>,
-    /// Whether it is a reply to one of the owner's calls.
-    is_reply: bool,
-}
-
-#[derive(Debug, Clone)]
-struct Registration {
-    port: Key,
-    rights: Rights,
-    /// The chain the registrant proved; `None` in the development namespace.
-    chain: Option<Arc<Vec<Certificate>>>,
-}
-
 /// No handle, in an [`ErrorFrame`].
 const NO_HANDLE: u32 = u32::MAX;
-const CONTROL_PORT: u16 = 0;
-
-fn handle_of(key: Key) -> u32 {
-    (key.generation << 16) | key.index
-}
-
-fn key_of(handle: u32) -> Key {
-    Key {
-        index: handle & 0xFFFF,
-        generation: handle >> 16,
-    }
-}
-
-fn port_key(number: u16, generation: u32) -> Key {
-    Key {
-        index: u32::from(number),
-        generation,
-    }
-}
 
 impl Core {
     /// A core with no connections, holding only the control port, started
@@ -326,31 +285,19 @@ impl Core {
             .max(2 * credit_cost(config.max_frame as usize));
         // Handles pack a 16-bit slot index; handle 0 is always needed.
         config.max_handles = config.max_handles.clamp(1, 0xFFFF);
-        let mut ports = Slab::with_limit(u32::from(u16::MAX) + 1);
-        let control = ports.insert(Port {
-            owner: None,
-            in_flight: VecDeque::new(),
-            senders: 0,
-            watchers: Vec::new(),
-            names: Vec::new(),
-            home: false,
-            watch_senders: false,
-        });
-        debug_assert_eq!(control.map(|k| k.index), Some(0));
         Self {
             conns: Slab::with_limit(u32::MAX),
-            ports,
-            port_deaths: HashMap::new(),
-            names: HashMap::new(),
+            ports: PortTable::new(),
+            registry: Registry::default(),
+            books: Books::new(),
+            orphans: Orphans::default(),
+            next_flow: 1,
             out: VecDeque::new(),
             credit_scratch: Vec::new(),
             next_serial: 1,
             now,
             hello_deadlines: FifoTimers::new(),
             identity_expiries: WallTimers::new(),
-            lineages: HashMap::new(),
-            next_lineage: 1,
-            expiries: WallTimers::new(),
             config,
         }
     }
@@ -370,7 +317,7 @@ impl Core {
     /// every input; the answer only moves earlier when input arrives.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let now = self.now;
-        let wall = [self.expiries.next(), self.identity_expiries.next()]
+        let wall = [self.books.next_expiry(), self.identity_expiries.next()]
             .into_iter()
             .flatten()
             .min()
@@ -389,55 +336,44 @@ impl Core {
         while let Some(conn) = self.hello_deadlines.pop_due(now.instant) {
             if self.conns.get(conn.key()).is_some_and(|c| !c.ready) {
                 let timeout = self.config.hello_timeout;
-                self.error(
-                    conn,
-                    0,
-                    NO_HANDLE,
-                    ErrorCode::HandshakeRequired,
-                    format!("no complete Hello frame within {timeout:?} of connecting"),
-                );
+                self.refuse(conn, 0, NO_HANDLE, Refusal::HelloTimeout { timeout });
                 self.close(conn, format!("no Hello within {timeout:?}"));
             }
         }
         while let Some((at, conn)) = self.identity_expiries.pop_due(now.unix) {
             self.expire_identity(conn, at);
         }
-        // Entries of dropped capabilities linger until their time; keep the
-        // heap from growing with them.
-        if self.expiries.len() > 4096 {
-            let mut expiries = std::mem::replace(&mut self.expiries, WallTimers::new());
-            expiries.retain(|at, (conn, handle)| {
-                self.cap(conn, handle)
-                    .is_some_and(|c| c.expires_at == Some(at))
-            });
-            self.expiries = expiries;
-        }
-        while let Some((at, (conn, handle))) = self.expiries.pop_due(now.unix) {
-            self.cap_died(conn, handle, Reason::Expired, |cap| {
-                cap.expires_at == Some(at)
+        while let Some((at, cap)) = self.books.pop_expired(now.unix) {
+            self.cap_died(cap.conn, cap.handle, Reason::Expired, |c| {
+                c.flow == cap.flow && c.expires_at == Some(at)
             });
         }
     }
 
     /// Checks that the core's books agree with its tables: sender counts,
-    /// credit windows, pending calls, port owners, registrations. For tests
-    /// and simulations, after every step; it walks the whole state.
+    /// credit windows, flows in flight, pending calls, port owners,
+    /// registrations. For tests and simulations, after every step; it walks
+    /// the whole state.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.ports.check()?;
         let mut senders: HashMap<Key, u32> = HashMap::new();
+        let mut in_flight: HashMap<FlowId, u32> = HashMap::new();
         let window = self.config.window;
         for (_, c) in self.conns.iter() {
             for (handle, cap) in c.caps.iter() {
-                if cap.port.index == u32::from(CONTROL_PORT) {
+                let port = cap.port();
+                if port.index == u32::from(CONTROL_PORT) {
                     continue;
                 }
-                *senders.entry(cap.port).or_default() += 1;
+                *senders.entry(port).or_default() += 1;
                 if !cap.rights.contains(Rights::SEND_ONCE) && cap.credits > window {
                     return Err(format!(
-                        "c{} handle {:#x} holds {} credits, above the window of {window}",
-                        c.serial,
-                        handle_of(handle),
-                        cap.credits
+                        "c{} handle {handle:#x} holds {} credits, above the window of {window}",
+                        c.serial, cap.credits
                     ));
+                }
+                if cap.in_flight > 0 {
+                    in_flight.insert(cap.flow, cap.in_flight);
                 }
             }
             if c.pending_calls > self.config.max_pending_calls {
@@ -447,7 +383,13 @@ impl Core {
                 ));
             }
         }
+        let mut recorded: HashMap<FlowId, (ConnId, u32)> = HashMap::new();
         for (key, port) in self.ports.iter() {
+            for entry in &port.in_flight {
+                if let Some(at) = entry.flow {
+                    recorded.entry(at.flow).or_insert((at.conn, 0)).1 += 1;
+                }
+            }
             if key.index == u32::from(CONTROL_PORT) {
                 continue;
             }
@@ -463,12 +405,46 @@ impl Core {
                 _ => return Err(format!("port {} outlived its owner", key.index)),
             }
         }
-        for (name, reg) in &self.names {
+        // Every flow's count of messages in flight is what the ports hold
+        // for it, whether its capability is still held or has gone; a flow
+        // neither held nor orphaned belongs to a connection that has left.
+        for (flow, &n) in in_flight.iter().chain(self.orphans.iter()) {
+            let held = recorded.get(flow).map_or(0, |r| r.1);
+            if held != n {
+                return Err(format!(
+                    "flow {} counts {n} messages in flight, the ports hold {held}",
+                    flow.0
+                ));
+            }
+        }
+        for (flow, (conn, _)) in &recorded {
+            let accounted = in_flight.contains_key(flow) || self.orphans.get(*flow).is_some();
+            if !accounted && self.conns.get(conn.key()).is_some() {
+                return Err(format!(
+                    "flow {} of a live connection has messages in flight but no capability",
+                    flow.0
+                ));
+            }
+        }
+        for (name, reg) in self.registry.iter() {
             if self.ports.get(reg.port).is_none() {
                 return Err(format!("{name} names a dead port"));
             }
         }
         Ok(())
+    }
+
+    /// What the core holds now.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            connections: self.conns.len(),
+            ports: self.ports.iter().count(),
+            capabilities: self.conns.iter().map(|(_, c)| c.caps.len()).sum(),
+            in_flight: self.ports.iter().map(|(_, p)| p.in_flight.len()).sum(),
+            orphan_flows: self.orphans.iter().count(),
+            book_entries: self.books.len(),
+            names: self.registry.iter().count(),
+        }
     }
 
     /// The next thing the shell must do, if any.
@@ -487,7 +463,7 @@ impl Core {
             ready: false,
             home: 0,
             ports: Vec::new(),
-            caps: Slab::with_limit_and_mask(self.config.max_handles, 0xFFFF),
+            caps: CapTable::new(self.config.max_handles),
             pending_calls: 0,
             serial: self.next_serial,
             nonce,
@@ -509,10 +485,19 @@ impl Core {
     /// The connection's reader could not make a frame out of its bytes.
     pub fn handle_frame_error(&mut self, conn: ConnId, error: &FrameError) {
         let code = match error {
-            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-            _ => ErrorCode::BadHeader,
+            FrameError::TooLarge { .. } => junction_road::ErrorCode::FrameTooLarge,
+            _ => junction_road::ErrorCode::BadHeader,
         };
-        self.error(conn, 0, NO_HANDLE, code, error.to_string());
+        self.frame(
+            conn,
+            Header::Error(ErrorFrame {
+                req: 0,
+                handle: NO_HANDLE,
+                tag: 0,
+                code,
+                message: error.to_string(),
+            }),
+        );
         if error.is_fatal() {
             self.close(conn, format!("broken framing: {error}"));
         }
@@ -574,15 +559,13 @@ impl Core {
             Header::WatchSenders { port } => self.watch_senders(conn, port),
             Header::Ping { nonce } => self.frame(conn, Header::Pong { nonce }),
             Header::Pong { .. } => {}
-            other => self.error(
+            other => self.refuse(
                 conn,
                 0,
                 NO_HANDLE,
-                ErrorCode::UnexpectedFrame,
-                format!(
-                    "a driver may not send {}; see docs/protocol.md for the frames a driver sends",
-                    frame_name(&other)
-                ),
+                Refusal::UnexpectedFrame {
+                    frame: frame_name(&other),
+                },
             ),
         }
     }
@@ -591,42 +574,20 @@ impl Core {
         let hello = match header {
             Header::Hello(hello) if hello.magic == MAGIC => hello,
             other => {
-                self.error(
-                    conn,
-                    0,
-                    NO_HANDLE,
-                    ErrorCode::HandshakeRequired,
-                    format!(
-                        "expected a Hello frame with magic JNCT first, got {}",
-                        frame_name(&other)
-                    ),
-                );
+                let got = frame_name(&other);
+                self.refuse(conn, 0, NO_HANDLE, Refusal::HandshakeRequired { got });
                 self.close(conn, "no handshake".into());
                 return;
             }
         };
         if hello.version != PROTOCOL_VERSION {
-            self.error(
-                conn,
-                0,
-                NO_HANDLE,
-                ErrorCode::UnsupportedVersion,
-                format!(
-                    "protocol version {} is not supported; this junction speaks version {PROTOCOL_VERSION}",
-                    hello.version
-                ),
-            );
-            self.close(conn, format!("unsupported version {}", hello.version));
+            let version = hello.version;
+            self.refuse(conn, 0, NO_HANDLE, Refusal::UnsupportedVersion { version });
+            self.close(conn, format!("unsupported version {version}"));
             return;
         }
         let Some(home) = self.new_port(conn, true) else {
-            self.error(
-                conn,
-                0,
-                NO_HANDLE,
-                ErrorCode::TooManyPorts,
-                "the junction has no free port numbers; try again later".into(),
-            );
+            self.refuse(conn, 0, NO_HANDLE, Refusal::NoFreePort);
             self.close(conn, "no free port for a home port".into());
             return;
         };
@@ -642,6 +603,7 @@ impl Core {
             max_pending_calls: config.max_pending_calls,
             nonce: self.conns.get(conn.key()).map_or([0; 32], |c| c.nonce),
         };
+        let flow = self.new_flow();
         let Some(c) = self.conns.get_mut(conn.key()) else {
             return;
         };
@@ -656,31 +618,29 @@ impl Core {
             .collect();
         // The control capability: handle 0, the first entry of the table.
         let control = c.caps.insert(Cap::new(
-            port_key(CONTROL_PORT, 0),
+            Target::Local(PortTable::control()),
             Rights::SEND,
             u32::MAX,
             None,
+            flow,
         ));
-        debug_assert_eq!(control.map(handle_of), Some(CONTROL_HANDLE));
+        debug_assert_eq!(control, Some(CONTROL_HANDLE));
         self.frame(conn, Header::Welcome(welcome));
     }
 
+    /// A flow id never used before.
+    fn new_flow(&mut self) -> FlowId {
+        let flow = FlowId(self.next_flow);
+        self.next_flow += 1;
+        flow
+    }
+
     fn new_port(&mut self, owner: ConnId, home: bool) -> Option<u16> {
-        let max_ports = self.config.max_ports as usize;
         let c = self.conns.get(owner.key())?;
-        if c.ports.len() >= max_ports {
+        if c.ports.len() >= self.config.max_ports as usize {
             return None;
         }
-        let key = self.ports.insert(Port {
-            owner: Some(owner),
-            in_flight: VecDeque::new(),
-            senders: 0,
-            watchers: Vec::new(),
-            names: Vec::new(),
-            home,
-            watch_senders: false,
-        })?;
-        let number = u16::try_from(key.index).ok()?;
+        let number = u16::try_from(self.ports.open(owner, home)?.index).ok()?;
         self.conns.get_mut(owner.key())?.ports.push(number);
         Some(number)
     }
@@ -691,16 +651,10 @@ impl Core {
                 let address = Address::new(self.config.junction, port);
                 self.frame(conn, Header::PortOpened { req, address });
             }
-            None => self.error(
-                conn,
-                req,
-                NO_HANDLE,
-                ErrorCode::TooManyPorts,
-                format!(
-                    "this connection owns {} ports already, the limit; close one first",
-                    self.config.max_ports
-                ),
-            ),
+            None => {
+                let limit = self.config.max_ports;
+                self.refuse(conn, req, NO_HANDLE, Refusal::TooManyPorts { limit });
+            }
         }
     }
 
@@ -710,22 +664,15 @@ impl Core {
         if !c.ports.contains(&number) {
             return None;
         }
-        let generation = self.ports.generation_of(u32::from(number))?;
-        Some(port_key(number, generation))
+        self.ports.key(number)
     }
 
     fn close_port(&mut self, conn: ConnId, port: u16) {
         let home = self.conns.get(conn.key()).map(|c| c.home);
         match self.owned_port(conn, port) {
-            Some(_) if home == Some(port) => self.error(
-                conn,
-                0,
-                NO_HANDLE,
-                ErrorCode::UnknownPort,
-                format!(
-                    "port {port} is this connection's home port; it closes with the connection"
-                ),
-            ),
+            Some(_) if home == Some(port) => {
+                self.refuse(conn, 0, NO_HANDLE, Refusal::HomePort { port })
+            }
             Some(key) => {
                 self.kill_port(key, Reason::PortClosed);
                 self.frame(
@@ -736,23 +683,17 @@ impl Core {
                     },
                 );
             }
-            None => self.unknown_port(conn, 0, port),
+            None => self.refuse(conn, 0, NO_HANDLE, Refusal::UnknownPort { port }),
         }
     }
 
     fn mint(&mut self, conn: ConnId, req: u32, port: u16, rights: Rights) {
         if !rights.is_valid() {
-            self.error(
-                conn,
-                req,
-                NO_HANDLE,
-                ErrorCode::BadRights,
-                format!("rights {rights} are not a valid set: give exactly one of send and send-once, optionally with grant"),
-            );
+            self.refuse(conn, req, NO_HANDLE, Refusal::BadRights { rights });
             return;
         }
         let Some(key) = self.owned_port(conn, port) else {
-            self.unknown_port(conn, req, port);
+            self.refuse(conn, req, NO_HANDLE, Refusal::UnknownPort { port });
             return;
         };
         let credits = self.initial_credits(rights);
@@ -777,46 +718,52 @@ impl Core {
         }
     }
 
-    /// Puts a new capability into `conn`'s table; `None` when the table is full.
+    /// Puts a new capability to local `port` into `conn`'s table; `None`
+    /// when the table is full.
     fn new_cap(
         &mut self,
         conn: ConnId,
         port: Key,
         rights: Rights,
-        reply_to: Option<(ConnId, u64)>,
+        reply_to: Option<ReplyRoute>,
     ) -> Option<u32> {
         let credits = self.initial_credits(rights);
-        self.insert_cap(conn, Cap::new(port, rights, credits, reply_to))
+        let flow = self.new_flow();
+        self.insert_cap(
+            conn,
+            Cap::new(Target::Local(port), rights, credits, reply_to, flow),
+        )
     }
 
     /// Puts `cap` into `conn`'s table and into the books: sender counts,
     /// lineages, expiries. `None` when the table is full.
     fn insert_cap(&mut self, conn: ConnId, cap: Cap) -> Option<u32> {
-        let port = cap.port;
+        let port = cap.port();
+        let flow = cap.flow;
         let expires_at = cap.expires_at;
         let lineages = cap.lineages.clone();
         let c = self.conns.get_mut(conn.key())?;
-        let handle = handle_of(c.caps.insert(cap)?);
+        let handle = c.caps.insert(cap)?;
         if let Some(p) = self.ports.get_mut(port) {
             p.senders += 1;
         }
+        let at = CapRef { conn, handle, flow };
+        let conns = &self.conns;
         for lineage in lineages {
-            let members = self.lineages.entry(lineage).or_default();
-            members.push((conn, handle));
-            // Copies come and go: now and then, forget the ones gone.
-            if members.len() >= 64 && members.len().is_power_of_two() {
-                let mut members = std::mem::take(members);
-                members.retain(|&(c, h)| {
-                    self.conns
-                        .get(c.key())
-                        .and_then(|c| c.caps.get(key_of(h)))
-                        .is_some_and(|cap| cap.lineages.contains(&lineage))
-                });
-                self.lineages.insert(lineage, members);
-            }
+            self.books.join(lineage, at, |m| {
+                conns
+                    .get(m.conn.key())
+                    .and_then(|c| c.caps.get_ref(m))
+                    .is_some_and(|cap| cap.lineages.contains(&lineage))
+            });
         }
-        if let Some(at) = expires_at {
-            self.expiries.push(at, (conn, handle));
+        if let Some(when) = expires_at {
+            self.books.expire_at(when, at, |when, m| {
+                conns
+                    .get(m.conn.key())
+                    .and_then(|c| c.caps.get_ref(m))
+                    .is_some_and(|cap| cap.expires_at == Some(when))
+            });
         }
         Some(handle)
     }
@@ -833,7 +780,7 @@ impl Core {
         let Some(cap) = self
             .conns
             .get_mut(conn.key())
-            .and_then(|c| c.caps.get_mut(key_of(handle)))
+            .and_then(|c| c.caps.get_mut(handle))
         else {
             return;
         };
@@ -854,19 +801,26 @@ impl Core {
             .remove_cap(conn, handle, Reason::ReplyDropped)
             .is_none()
         {
-            self.unknown_handle(conn, 0, handle);
+            self.refuse(conn, 0, handle, Refusal::UnknownHandle { handle });
         }
     }
 
-    /// Takes a capability out of `conn`'s table. An unused reply capability
-    /// fails its call with `reason`.
+    /// Takes a capability out of `conn`'s table and every book. An unused
+    /// reply capability fails its call with `reason`.
     fn remove_cap(&mut self, conn: ConnId, handle: u32, reason: Reason) -> Option<Cap> {
-        let cap = self
-            .conns
-            .get_mut(conn.key())?
-            .caps
-            .remove(key_of(handle))?;
+        let cap = self.take_cap(conn, handle)?;
         self.release(&cap, reason);
+        Some(cap)
+    }
+
+    /// Takes a capability out of `conn`'s table; if messages sent on it are
+    /// still in flight, its flow lives on until they are settled, so that
+    /// its holder still hears what becomes of them.
+    fn take_cap(&mut self, conn: ConnId, handle: u32) -> Option<Cap> {
+        let cap = self.conns.get_mut(conn.key())?.caps.remove(handle)?;
+        if cap.in_flight > 0 {
+            self.orphans.adopt(cap.flow, cap.in_flight);
+        }
         Some(cap)
     }
 
@@ -894,7 +848,7 @@ impl Core {
     /// `WatchSenders`: a one-time notice when the port has no senders.
     fn watch_senders(&mut self, conn: ConnId, number: u16) {
         let Some(key) = self.owned_port(conn, number) else {
-            self.unknown_port(conn, 0, number);
+            self.refuse(conn, 0, NO_HANDLE, Refusal::UnknownPort { port: number });
             return;
         };
         let Some(p) = self.ports.get_mut(key) else {
@@ -910,17 +864,19 @@ impl Core {
 
     /// What must happen when a capability leaves every table.
     fn release(&mut self, cap: &Cap, reason: Reason) {
-        self.sender_gone(cap.port);
+        self.sender_gone(cap.port());
         // Without its root nobody can revoke the lineage: forget its members.
         if let Some(lineage) = cap.root {
-            self.lineages.remove(&lineage);
+            self.books.forget(lineage);
         }
-        if let Some((caller, tag)) = cap.reply_to {
-            self.call_failed(caller, tag, reason);
+        if let Some(route) = cap.reply_to {
+            self.call_failed(route, reason);
         }
     }
 
-    fn call_failed(&mut self, caller: ConnId, tag: u64, reason: Reason) {
+    /// The call `route` answers ends without a reply.
+    fn call_failed(&mut self, route: ReplyRoute, reason: Reason) {
+        let ReplyRoute::Local { caller, tag } = route;
         let Some(c) = self.conns.get_mut(caller.key()) else {
             return;
         };
@@ -933,9 +889,9 @@ impl Core {
         let Some(cap) = self
             .conns
             .get_mut(conn.key())
-            .and_then(|c| c.caps.get_mut(key_of(handle)))
+            .and_then(|c| c.caps.get_mut(handle))
         else {
-            self.unknown_handle(conn, 0, handle);
+            self.refuse(conn, 0, handle, Refusal::UnknownHandle { handle });
             return;
         };
         cap.watched = true;
@@ -947,15 +903,20 @@ impl Core {
             self.cap_died(conn, handle, Reason::Expired, |_| true);
             return;
         }
-        let port = cap.port;
+        let at = CapRef {
+            conn,
+            handle,
+            flow: cap.flow,
+        };
+        let port = cap.port();
         match self.ports.get_mut(port) {
             Some(p) => {
-                if !p.watchers.contains(&(conn, handle)) {
-                    p.watchers.push((conn, handle));
+                if !p.watchers.contains(&at) {
+                    p.watchers.push(at);
                 }
             }
             None => {
-                let reason = self.death_reason(port);
+                let reason = self.ports.death_reason(port);
                 // Told now: later deaths (revocation, expiry) stay quiet.
                 self.cap_died(conn, handle, reason, |_| true);
             }
@@ -963,278 +924,7 @@ impl Core {
     }
 
     fn cap(&self, conn: ConnId, handle: u32) -> Option<&Cap> {
-        self.conns.get(conn.key())?.caps.get(key_of(handle))
-    }
-
-    fn death_reason(&self, port: Key) -> Reason {
-        match self.port_deaths.get(&port.index) {
-            Some(&(generation, reason)) if generation == port.generation => reason,
-            _ => Reason::PortClosed,
-        }
-    }
-
-    /// `Send` and `Call`: the message path.
-    fn send(
-        &mut self,
-        conn: ConnId,
-        handle: u32,
-        call: Option<u64>,
-        caps: Vec<u32>,
-        payload: Bytes,
-    ) {
-        let cost = credit_cost(payload.len());
-        let window = self.config.window;
-        let max_pending = self.config.max_pending_calls;
-        let mut low_credit = false;
-        let now = self.now.unix;
-        let mut exhausted = false;
-        let checked = {
-            let Some(c) = self.conns.get_mut(conn.key()) else {
-                return;
-            };
-            let pending_full = call.is_some() && c.pending_calls >= max_pending;
-            match c.caps.get_mut(key_of(handle)) {
-                None => Err((ErrorCode::UnknownHandle, false)),
-                Some(cap) => {
-                    // Every frame naming a held handle takes a sequence
-                    // number, refused or not, so both ends count alike.
-                    let seq = cap.seq;
-                    cap.seq += 1;
-                    // Replies are never held back (the caller's pending-call
-                    // limit bounds them), nor are control requests.
-                    let metered = !cap.rights.contains(Rights::SEND_ONCE)
-                        && cap.port.index != u32::from(CONTROL_PORT);
-                    let expired = cap.expires_at.is_some_and(|at| now >= at);
-                    if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
-                        Ok(Err((reason, seq)))
-                    } else if call == Some(0) {
-                        Err((ErrorCode::BadTag, metered))
-                    } else if caps.len() > MAX_CAPS_PER_MESSAGE {
-                        Err((ErrorCode::BadCapabilityList, metered))
-                    } else if pending_full {
-                        Err((ErrorCode::TooManyPendingCalls, metered))
-                    } else if metered && cap.credits < cost {
-                        Err((ErrorCode::NoCredit, false))
-                    } else {
-                        if metered {
-                            cap.credits -= cost;
-                            low_credit = cap.credits < window / 2;
-                        }
-                        if let Some(left) = &mut cap.remaining {
-                            *left = left.saturating_sub(1);
-                            exhausted = *left == 0;
-                        }
-                        Ok(Ok((cap.port, cap.rights, seq, cap.reply_to)))
-                    }
-                }
-            }
-        };
-        if exhausted {
-            // The last unit is spent whatever becomes of this message.
-            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
-        }
-        let (port, rights, seq, reply_to) = match checked {
-            Ok(Ok(v)) => v,
-            Ok(Err((reason, seq))) => {
-                // A capability dead on its own: the port may live, but not
-                // for this holder.
-                self.cap_died(conn, handle, reason, |_| true);
-                self.refuse_message(conn, handle, seq, call, reason);
-                return;
-            }
-            Err((code, refund)) => {
-                // A refused reply still uses up its send-once capability
-                // (the driver counts it as used): its call fails now rather
-                // than at the caller's timeout.
-                if let Some(c) = self.conns.get_mut(conn.key())
-                    && c.caps
-                        .get(key_of(handle))
-                        .is_some_and(|cap| cap.rights.contains(Rights::SEND_ONCE))
-                    && let Some(cap) = c.caps.remove(key_of(handle))
-                {
-                    self.release(&cap, Reason::ReplyDropped);
-                }
-                let message = match code {
-                    ErrorCode::UnknownHandle => {
-                        format!("handle {handle} is not in this connection's capability table")
-                    }
-                    ErrorCode::BadTag => "a call's tag must not be 0".to_string(),
-                    ErrorCode::BadCapabilityList => format!(
-                        "a message carries at most {MAX_CAPS_PER_MESSAGE} capabilities; this one had {}",
-                        caps.len()
-                    ),
-                    ErrorCode::TooManyPendingCalls => format!(
-                        "this connection has {max_pending} calls waiting for replies, the limit; read replies before calling again"
-                    ),
-                    _ => format!(
-                        "handle {handle} has less than the {cost} send credits this message costs; wait for SendCredit before sending again"
-                    ),
-                };
-                if refund {
-                    // The driver spent the credit; the core did not take it.
-                    self.frame(
-                        conn,
-                        Header::SendCredit {
-                            handle,
-                            count: cost,
-                        },
-                    );
-                }
-                self.call_error(conn, 0, handle, call.unwrap_or(0), code, message);
-                return;
-            }
-        };
-
-        if port.index == u32::from(CONTROL_PORT) {
-            match call {
-                Some(tag) => self.control_call(conn, tag, caps, &payload),
-                None => self.error(
-                    conn,
-                    0,
-                    handle,
-                    ErrorCode::BadControlRequest,
-                    "the control port answers calls only; use Call, not Send".into(),
-                ),
-            }
-            return;
-        }
-
-        // A send-once capability is used up by this message, delivered or not.
-        if rights.contains(Rights::SEND_ONCE) {
-            if let Some(c) = self.conns.get_mut(conn.key()) {
-                c.caps.remove(key_of(handle));
-            }
-            self.sender_gone(port);
-        }
-
-        let Some(owner) = self.ports.get(port).and_then(|p| p.owner) else {
-            let reason = self.death_reason(port);
-            self.refuse_message(conn, handle, seq, call, reason);
-            return;
-        };
-
-        if let Err((code, message)) = self.check_transfer(conn, owner, handle, &caps, call) {
-            self.return_credit(conn, handle, rights, reply_to, cost);
-            self.call_error(conn, 0, handle, call.unwrap_or(0), code, message);
-            return;
-        }
-        let granted = self.transfer(conn, owner, &caps);
-        let origin = self.home_address(conn);
-
-        let reply = match call {
-            Some(tag) => {
-                let caller_home = self.conns.get(conn.key()).map(|c| {
-                    port_key(
-                        c.home,
-                        self.ports.generation_of(u32::from(c.home)).unwrap_or(0),
-                    )
-                });
-                let reply_handle = caller_home.and_then(|home| {
-                    self.new_cap(owner, home, Rights::SEND_ONCE, Some((conn, tag)))
-                });
-                if reply_handle.is_some()
-                    && let Some(c) = self.conns.get_mut(conn.key())
-                {
-                    c.pending_calls += 1;
-                }
-                reply_handle
-            }
-            None => None,
-        };
-        let (tag, is_reply) = match reply_to {
-            Some((_, tag)) => (tag, true),
-            None => (0, false),
-        };
-        // Ask for a prompt report when the sender would soon stall: for a
-        // send, its credit; for a reply, its caller's pending calls.
-        let ack = low_credit
-            || (is_reply
-                && self
-                    .conns
-                    .get(owner.key())
-                    .is_some_and(|c| c.pending_calls >= self.config.max_pending_calls / 2));
-        let sender = (!rights.contains(Rights::SEND_ONCE)).then_some((conn, handle));
-        if let Some(p) = self.ports.get_mut(port) {
-            p.in_flight.push_back(InFlight {
-                sender,
-                cost,
-                seq,
-                reply,
-                is_reply,
-            });
-        }
-        let identity = self
-            .conns
-            .get(conn.key())
-            .and_then(|c| c.identity.as_ref().map(|(id, _)| id.clone()));
-        let deliver = Deliver {
-            port: port.index as u16,
-            origin,
-            tag,
-            reply,
-            caps: granted,
-            ack,
-            identity,
-        };
-        self.out.push_back(Output::Frame {
-            conn: owner,
-            frame: Frame::with_payload(Header::Deliver(deliver), payload),
-        });
-    }
-
-    /// A message to a dead port: the sender is told, and a call fails.
-    fn refuse_message(
-        &mut self,
-        conn: ConnId,
-        handle: u32,
-        seq: u64,
-        call: Option<u64>,
-        reason: Reason,
-    ) {
-        if let Some(tag) = call {
-            self.frame(conn, Header::CallFailed { tag, reason });
-        }
-        self.frame(
-            conn,
-            Header::Undeliverable {
-                handle,
-                first_seq: seq,
-                count: 1,
-                reason,
-            },
-        );
-    }
-
-    /// Gives back the credit of a refused message.
-    fn return_credit(
-        &mut self,
-        conn: ConnId,
-        handle: u32,
-        rights: Rights,
-        reply_to: Option<(ConnId, u64)>,
-        cost: u32,
-    ) {
-        if rights.contains(Rights::SEND_ONCE) {
-            // The reply capability was used up by a refused reply: the call fails.
-            if let Some((caller, tag)) = reply_to {
-                self.call_failed(caller, tag, Reason::ReplyDropped);
-            }
-            return;
-        }
-        if let Some(cap) = self
-            .conns
-            .get_mut(conn.key())
-            .and_then(|c| c.caps.get_mut(key_of(handle)))
-        {
-            cap.credits += cost;
-            self.frame(
-                conn,
-                Header::SendCredit {
-                    handle,
-                    count: cost,
-                },
-            );
-        }
+        self.conns.get(conn.key())?.caps.get(handle)
     }
 
     fn home_address(&self, conn: ConnId) -> Address {
@@ -1242,155 +932,13 @@ impl Core {
         Address::new(self.config.junction, home)
     }
 
-    /// Checks that every capability in `caps` may travel from `from` to `to`.
-    fn check_transfer(
-        &self,
-        from: ConnId,
-        to: ConnId,
-        sending_on: u32,
-        caps: &[u32],
-        call: Option<u64>,
-    ) -> Result<(), (ErrorCode, String)> {
-        if caps.is_empty() {
-            if call.is_some() && !self.has_room(to, 1) {
-                return Err(receiver_full());
-            }
-            return Ok(());
-        }
-        let c = self
-            .conns
-            .get(from.key())
-            .ok_or((ErrorCode::UnknownHandle, "connection is gone".to_string()))?;
-        for (i, &h) in caps.iter().enumerate() {
-            if caps[..i].contains(&h) || h == sending_on {
-                return Err((
-                    ErrorCode::BadCapabilityList,
-                    format!(
-                        "capability {h} appears twice in the message or is the one it is sent on"
-                    ),
-                ));
-            }
-            let Some(cap) = c.caps.get(key_of(h)) else {
-                return Err((
-                    ErrorCode::UnknownHandle,
-                    format!(
-                        "handle {h} in the message's capability list is not in this connection's table"
-                    ),
-                ));
-            };
-            if !cap.rights.contains(Rights::GRANT) {
-                return Err((
-                    ErrorCode::MissingRight,
-                    format!(
-                        "capability {h} has rights {} without grant, so it cannot be passed on; nothing was sent",
-                        cap.rights
-                    ),
-                ));
-            }
-        }
-        let extra = caps.len() + usize::from(call.is_some());
-        if !self.has_room(to, extra) {
-            return Err(receiver_full());
-        }
-        Ok(())
-    }
-
-    fn has_room(&self, conn: ConnId, n: usize) -> bool {
-        self.conns
-            .get(conn.key())
-            .is_some_and(|c| c.caps.len() + n <= self.config.max_handles as usize)
-    }
-
-    /// Moves send-once capabilities and copies the others from `from` to `to`.
-    fn transfer(&mut self, from: ConnId, to: ConnId, caps: &[u32]) -> Vec<Granted> {
-        let mut granted = Vec::with_capacity(caps.len());
-        for &h in caps {
-            let Some(cap) = self.cap(from, h).cloned() else {
-                continue;
-            };
-            // The copy keeps every limit of the original, and its lineages,
-            // but not the power to revoke. (Made before a moved original
-            // leaves, so the port never looks sender-less in between.)
-            let mut copy = Cap::new(
-                cap.port,
-                cap.rights,
-                self.initial_credits(cap.rights),
-                cap.reply_to,
-            );
-            copy.dead = cap.dead;
-            copy.expires_at = cap.expires_at;
-            copy.remaining = cap.remaining;
-            copy.lineages = cap.lineages.clone();
-            let inserted = self.insert_cap(to, copy);
-            if cap.moves() {
-                if let Some(c) = self.conns.get_mut(from.key()) {
-                    c.caps.remove(key_of(h));
-                }
-                self.sender_gone(cap.port);
-            }
-            let Some(handle) = inserted else {
-                continue;
-            };
-            granted.push(Granted {
-                handle,
-                rights: cap.rights,
-                credits: self.initial_credits(cap.rights),
-                address: Address::new(self.config.junction, cap.port.index as u16),
-                moves: cap.moves(),
-            });
-        }
-        granted
-    }
-
-    /// The owner of `port` consumed `count` messages: credits go back.
-    fn credit(&mut self, conn: ConnId, port: u16, count: u32) {
-        let Some(key) = self.owned_port(conn, port) else {
-            self.unknown_port(conn, 0, port);
-            return;
-        };
-        let mut returns = std::mem::take(&mut self.credit_scratch);
-        let mut replies = 0u32;
-        if let Some(p) = self.ports.get_mut(key) {
-            let n = (count as usize).min(p.in_flight.len());
-            for entry in p.in_flight.drain(..n) {
-                if entry.is_reply {
-                    replies += 1;
-                }
-                if let Some((sender, handle)) = entry.sender {
-                    match returns.last_mut() {
-                        Some((c, h, k)) if *c == sender && *h == handle => *k += entry.cost,
-                        _ => returns.push((sender, handle, entry.cost)),
-                    }
-                }
-            }
-        }
-        if replies > 0
-            && let Some(c) = self.conns.get_mut(conn.key())
-        {
-            c.pending_calls = c.pending_calls.saturating_sub(replies);
-        }
-        for &(sender, handle, count) in &returns {
-            let Some(cap) = self
-                .conns
-                .get_mut(sender.key())
-                .and_then(|c| c.caps.get_mut(key_of(handle)))
-            else {
-                continue;
-            };
-            cap.credits = cap.credits.saturating_add(count);
-            self.frame(sender, Header::SendCredit { handle, count });
-        }
-        returns.clear();
-        self.credit_scratch = returns;
-    }
-
-    /// A port dies: unconsumed messages are reported undeliverable, reply
-    /// capabilities they carried fail their calls, watchers are told.
+    /// A port dies: unconsumed messages are reported undeliverable to the
+    /// flows they came on, reply capabilities they carried fail their
+    /// calls, watchers are told.
     fn kill_port(&mut self, key: Key, reason: Reason) {
-        let Some(port) = self.ports.remove(key) else {
+        let Some(port) = self.ports.remove(key, reason) else {
             return;
         };
-        self.port_deaths.insert(key.index, (key.generation, reason));
         let number = key.index as u16;
         if let Some(owner) = port.owner {
             if let Some(c) = self.conns.get_mut(owner.key()) {
@@ -1408,23 +956,24 @@ impl Core {
         while i < port.in_flight.len() {
             let entry = port.in_flight[i];
             i += 1;
-            let Some((sender, handle)) = entry.sender else {
+            let Some(at) = entry.flow else {
                 continue;
             };
             let mut count = 1u32;
             while let Some(next) = port.in_flight.get(i) {
-                if next.sender == entry.sender && next.seq == entry.seq + u64::from(count) {
+                if next.flow == entry.flow && next.seq == entry.seq + u64::from(count) {
                     count += 1;
                     i += 1;
                 } else {
                     break;
                 }
             }
-            if self.cap(sender, handle).is_some() {
+            // The holder hears even if it has dropped the capability since.
+            if self.settle(at, count, None) {
                 self.frame(
-                    sender,
+                    at.conn,
                     Header::Undeliverable {
-                        handle,
+                        handle: at.handle,
                         first_seq: entry.seq,
                         count,
                         reason,
@@ -1432,21 +981,27 @@ impl Core {
                 );
             }
         }
-        for (conn, handle) in port.watchers {
+        for at in port.watchers {
             if let Some(cap) = self
                 .conns
-                .get_mut(conn.key())
-                .and_then(|c| c.caps.get_mut(key_of(handle)))
-                && cap.port == key
+                .get_mut(at.conn.key())
+                .and_then(|c| c.caps.get_ref_mut(at))
+                && cap.port() == key
                 && cap.dead.is_none()
             {
                 // Told once: later deaths (revocation, expiry) stay quiet.
                 cap.dead = Some(reason);
-                self.frame(conn, Header::Dead { handle, reason });
+                self.frame(
+                    at.conn,
+                    Header::Dead {
+                        handle: at.handle,
+                        reason,
+                    },
+                );
             }
         }
         for name in port.names {
-            self.names.remove(&name);
+            self.registry.remove(&name);
         }
     }
 
@@ -1457,8 +1012,8 @@ impl Core {
         };
         let ports: Vec<u16> = c.ports.clone();
         for number in ports {
-            if let Some(generation) = self.ports.generation_of(u32::from(number)) {
-                self.kill_port(port_key(number, generation), reason);
+            if let Some(key) = self.ports.key(number) {
+                self.kill_port(key, reason);
             }
         }
         let Some(c) = self.conns.remove(conn.key()) else {
@@ -1480,28 +1035,22 @@ impl Core {
         });
     }
 
-    fn error(&mut self, conn: ConnId, req: u32, handle: u32, code: ErrorCode, message: String) {
-        self.call_error(conn, req, handle, 0, code, message);
+    /// Tells `conn` its request `req` (0 for none) about `handle`
+    /// ([`NO_HANDLE`] for none) was refused.
+    fn refuse(&mut self, conn: ConnId, req: u32, handle: u32, refusal: Refusal) {
+        self.refuse_call(conn, req, handle, 0, refusal);
     }
 
-    /// An error that answers a call with `tag` (0 for none).
-    fn call_error(
-        &mut self,
-        conn: ConnId,
-        req: u32,
-        handle: u32,
-        tag: u64,
-        code: ErrorCode,
-        message: String,
-    ) {
+    /// A refusal that also answers a call with `tag` (0 for none).
+    fn refuse_call(&mut self, conn: ConnId, req: u32, handle: u32, tag: u64, refusal: Refusal) {
         self.frame(
             conn,
             Header::Error(ErrorFrame {
                 req,
                 handle,
                 tag,
-                code,
-                message,
+                code: refusal.code(),
+                message: refusal.to_string(),
             }),
         );
     }
@@ -1511,45 +1060,10 @@ impl Core {
         self.out.push_back(Output::Close { conn, reason });
     }
 
-    fn unknown_port(&mut self, conn: ConnId, req: u32, port: u16) {
-        self.error(
-            conn,
-            req,
-            NO_HANDLE,
-            ErrorCode::UnknownPort,
-            format!("this connection owns no open port {port}"),
-        );
-    }
-
-    fn unknown_handle(&mut self, conn: ConnId, req: u32, handle: u32) {
-        self.error(
-            conn,
-            req,
-            handle,
-            ErrorCode::UnknownHandle,
-            format!("handle {handle} is not in this connection's capability table"),
-        );
-    }
-
     fn too_many_handles(&mut self, conn: ConnId, req: u32) {
-        self.error(
-            conn,
-            req,
-            NO_HANDLE,
-            ErrorCode::TooManyHandles,
-            format!(
-                "this connection holds {} capability handles, the limit; drop some first",
-                self.config.max_handles
-            ),
-        );
+        let limit = self.config.max_handles;
+        self.refuse(conn, req, NO_HANDLE, Refusal::TooManyHandles { limit });
     }
-}
-
-fn receiver_full() -> (ErrorCode, String) {
-    (
-        ErrorCode::TooManyHandles,
-        "the receiver's capability table is full; nothing was sent".into(),
-    )
 }
 
 /// A frame's name for error messages.

@@ -103,6 +103,31 @@ impl<T> Slab<T> {
         Some(value)
     }
 
+    /// Takes the value out like [`Slab::remove`], but keeps its slot from
+    /// reuse until [`Slab::release`]: while something outside still names
+    /// the old key, no new entry can be given a key equal to it, however
+    /// the generations wrap.
+    pub(crate) fn remove_and_hold(&mut self, key: Key) -> Option<T> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        let value = slot.value.take()?;
+        slot.generation = slot.generation.wrapping_add(1) & self.generation_mask;
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// Lets a slot held by [`Slab::remove_and_hold`] be reused.
+    pub(crate) fn release(&mut self, index: u32) {
+        debug_assert!(
+            self.slots
+                .get(index as usize)
+                .is_some_and(|s| s.value.is_none())
+        );
+        self.free.push_back(index);
+    }
+
     /// The generation of the entry in slot `index`, if the slot is occupied.
     pub(crate) fn generation_of(&self, index: u32) -> Option<u32> {
         let slot = self.slots.get(index as usize)?;
@@ -147,5 +172,28 @@ mod tests {
         assert_eq!(s.get(c), Some(&"c"));
         assert_eq!(s.get(b), Some(&"b"));
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn a_held_slot_is_not_reused_until_released() {
+        let mut s = Slab::with_limit_and_mask(4, 0x1);
+        let a = s.insert("a").unwrap();
+        assert_eq!(s.remove_and_hold(a), Some("a"));
+        assert_eq!(s.len(), 0);
+        // With one generation bit the slot would come back as `a` after two
+        // reuses; held, it does not come back at all.
+        for _ in 0..4 {
+            let k = s.insert("x").unwrap();
+            assert_ne!(k.index, a.index);
+            s.remove(k);
+        }
+        s.release(a.index);
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let k = s.insert("y").unwrap();
+            seen.push(k.index);
+            s.remove(k);
+        }
+        assert!(seen.contains(&a.index), "released slots are reused");
     }
 }

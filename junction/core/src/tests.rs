@@ -311,6 +311,171 @@ fn send_delivers_with_origin_and_credit_comes_back() {
     h.check_invariants();
 }
 
+/// Issue 6: credit and notices go to the flow a message was sent on, never
+/// to a newer capability that holds the same handle after 65,536 reuses of
+/// its slot.
+#[test]
+fn notices_follow_the_flow_not_a_reused_handle() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(b);
+    let a_home = h.open_port(a);
+    let old = h
+        .core
+        .new_cap(a, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(a, old, vec![], b"in flight");
+    assert_eq!(h.delivered(b).len(), 1);
+    h.feed(a, Header::Drop { handle: old });
+    // Churn `a`'s table until its slot generations go all the way round.
+    let mut reused = false;
+    for _ in 0..=0x1_0000 {
+        let fresh = h.mint(a, a_home, Rights::SEND);
+        reused |= fresh == old;
+        h.feed(a, Header::Drop { handle: fresh });
+    }
+    assert!(
+        !reused,
+        "a handle with a message in flight was given to another capability"
+    );
+    let live = h.mint(a, a_home, Rights::SEND);
+    // The owner closes the port: the dropped flow hears, the live one not.
+    h.feed(b, Header::ClosePort { port });
+    let heard = h.take(a);
+    assert_eq!(
+        heard,
+        vec![Header::Undeliverable {
+            handle: old,
+            first_seq: 0,
+            count: 1,
+            reason: Reason::PortClosed
+        }]
+    );
+    h.send(a, live, vec![], b"still fine");
+    assert!(
+        matches!(h.take(a).as_slice(), [Header::Deliver(_)]),
+        "the live capability is untouched"
+    );
+    h.check_invariants();
+    // Settled, the held handle goes back into use.
+    assert_eq!(h.core.footprint().orphan_flows, 0);
+}
+
+/// Issue 6: a credit for a message sent on a dropped capability goes
+/// nowhere: not to whatever holds the handle now, so no window overruns.
+#[test]
+fn credit_for_a_dropped_capability_goes_nowhere() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(b);
+    let cap = h
+        .core
+        .new_cap(a, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(a, cap, vec![], b"x");
+    h.send(a, cap, vec![], b"y");
+    assert_eq!(h.delivered(b).len(), 2);
+    h.feed(a, Header::Drop { handle: cap });
+    let again = h
+        .core
+        .new_cap(a, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    assert_ne!(again, cap, "the held handle is not reused");
+    h.feed(b, Header::Credit { port, count: 2 });
+    assert!(h.take(a).is_empty(), "no SendCredit for a dropped flow");
+    h.check_invariants();
+    let full = h.core.config().window;
+    for _ in 0..full {
+        h.send(a, again, vec![], b"z");
+    }
+    assert_eq!(h.delivered(b).len() as u32, full, "exactly one window");
+    h.send(a, again, vec![], b"over");
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::NoCredit));
+}
+
+/// Issue 6: a sender that sent and then dropped its capability still learns
+/// that its message was not delivered.
+#[test]
+fn a_sender_that_dropped_its_capability_still_hears_of_undelivered_messages() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(b);
+    let cap = h
+        .core
+        .new_cap(a, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(a, cap, vec![], b"1");
+    h.send(a, cap, vec![], b"2");
+    h.send(a, cap, vec![], b"3");
+    assert_eq!(h.delivered(b).len(), 3);
+    h.feed(b, Header::Credit { port, count: 1 });
+    assert_eq!(
+        h.take(a),
+        vec![Header::SendCredit {
+            handle: cap,
+            count: 1
+        }]
+    );
+    h.feed(a, Header::Drop { handle: cap });
+    // The receiver dies with two messages unread.
+    h.core.handle_disconnected(b);
+    h.drain();
+    assert_eq!(
+        h.take(a),
+        vec![Header::Undeliverable {
+            handle: cap,
+            first_seq: 1,
+            count: 2,
+            reason: Reason::OwnerGone
+        }]
+    );
+    h.check_invariants();
+    assert_eq!(h.core.footprint().orphan_flows, 0, "settled and forgotten");
+}
+
+/// Issue 6: a capability that moves when passed on says so when it arrives.
+#[test]
+fn granted_capabilities_say_whether_they_move() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(a);
+    let copyable = h.mint(a, port, Rights::SEND | Rights::GRANT);
+    let once = h.mint(a, port, Rights::SEND_ONCE | Rights::GRANT);
+    h.feed(
+        a,
+        Header::Attenuate(junction_road::Attenuate {
+            req: 7,
+            handle: copyable,
+            rights: Rights::SEND | Rights::GRANT,
+            expires_at: None,
+            max_messages: Some(3),
+            revocable: false,
+        }),
+    );
+    let [
+        Header::Minted {
+            handle: budgeted, ..
+        },
+    ] = h.take(a)[..]
+    else {
+        panic!("attenuated")
+    };
+    let b_home = h.core.conns.get(b.key()).unwrap().home;
+    let to_b = h
+        .core
+        .new_cap(a, port_key(b_home, 0), Rights::SEND, None)
+        .unwrap();
+    h.send(a, to_b, vec![copyable, once, budgeted], b"three");
+    let d = h.delivered(b);
+    let moves: Vec<bool> = d[0].caps.iter().map(|g| g.moves).collect();
+    assert_eq!(moves, vec![false, true, true]);
+    h.check_invariants();
+}
+
 #[test]
 fn a_slow_receiver_stops_its_senders_only() {
     let mut h = Harness::new();

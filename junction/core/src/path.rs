@@ -1,0 +1,515 @@
+//! The message path: a `Send` or `Call` is *admitted* on the sending side
+//! (rights, credit, budget, expiry, the attachments' right to travel) into
+//! an [`Envelope`], a value that says everything about the message and could
+//! be written to a wire; the envelope is then *delivered* to its target.
+//! Credits and undeliverable notices come back along the flow the message
+//! was recorded against.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use junction_road::frame::MAX_CAPS_PER_MESSAGE;
+use junction_road::frame::credit_cost;
+use junction_road::{Address, Deliver, Frame, Granted, Header, Reason, Rights};
+
+use crate::caps::{CapRef, FlowId, ReplyRoute, Target};
+use crate::ports::{CONTROL_PORT, InFlight};
+use crate::slab::Key;
+use crate::{ConnId, Core, NO_HANDLE, Output, Refusal};
+
+/// A message admitted onto the path: checked and charged on the sending
+/// side, not yet delivered.
+#[derive(Debug)]
+pub(crate) struct Envelope {
+    /// The sending connection.
+    from: ConnId,
+    /// Its home port: what the receiver sees as the origin.
+    origin: Address,
+    /// The handle it was sent on, in the sender's table.
+    via: u32,
+    /// The metered flow it is recorded against; `None` for replies and
+    /// control requests, which credit does not hold back.
+    flow: Option<CapRef>,
+    target: Target,
+    rights: Rights,
+    seq: u64,
+    cost: u32,
+    /// The tag, for a call.
+    call: Option<u64>,
+    /// Where it goes as a reply, when sent on a reply capability.
+    reply_to: Option<ReplyRoute>,
+    /// Capabilities to pass on, as handles in the sender's table; they move
+    /// or copy when the envelope is delivered.
+    caps: Vec<u32>,
+    payload: Bytes,
+    /// The flow is below half its window: the receiver should report soon.
+    low_credit: bool,
+}
+
+/// Why a message was not admitted.
+enum NotAdmitted {
+    /// The capability is dead on its own; the message took sequence number
+    /// `seq`.
+    Dead { reason: Reason, seq: u64 },
+    /// Refused; `refund` is the credit the driver spent and the core did
+    /// not take, to give back.
+    Refused {
+        refusal: Refusal,
+        refund: Option<u32>,
+    },
+}
+
+/// Flows whose capability left its table with messages still in flight:
+/// how many are left. The holder still hears what becomes of them, and the
+/// handle is not reused until the last is settled.
+#[derive(Debug, Default)]
+pub(crate) struct Orphans {
+    in_flight: HashMap<FlowId, u32>,
+}
+
+impl Orphans {
+    pub(crate) fn adopt(&mut self, flow: FlowId, in_flight: u32) {
+        self.in_flight.insert(flow, in_flight);
+    }
+
+    pub(crate) fn get(&self, flow: FlowId) -> Option<u32> {
+        self.in_flight.get(&flow).copied()
+    }
+
+    /// `count` of the flow's messages are settled; whether it was an
+    /// orphan, and whether that was its last.
+    fn settle(&mut self, flow: FlowId, count: u32) -> Option<bool> {
+        let left = self.in_flight.get_mut(&flow)?;
+        *left = left.saturating_sub(count);
+        if *left == 0 {
+            self.in_flight.remove(&flow);
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&FlowId, &u32)> {
+        self.in_flight.iter()
+    }
+}
+
+impl Core {
+    /// `Send` and `Call`.
+    pub(crate) fn send(
+        &mut self,
+        conn: ConnId,
+        handle: u32,
+        call: Option<u64>,
+        caps: Vec<u32>,
+        payload: Bytes,
+    ) {
+        match self.admit(conn, handle, call, caps, payload) {
+            Ok(envelope) => self.deliver(envelope),
+            Err(NotAdmitted::Dead { reason, seq }) => {
+                // A capability dead on its own: the port may live, but not
+                // for this holder.
+                self.cap_died(conn, handle, reason, |_| true);
+                self.refuse_message(conn, handle, seq, call, reason);
+            }
+            Err(NotAdmitted::Refused { refusal, refund }) => {
+                // A refused reply still uses up its send-once capability
+                // (the driver counts it as used): its call fails now rather
+                // than at the caller's timeout.
+                if self
+                    .cap(conn, handle)
+                    .is_some_and(|cap| cap.rights.contains(Rights::SEND_ONCE))
+                {
+                    self.remove_cap(conn, handle, Reason::ReplyDropped);
+                }
+                if let Some(count) = refund {
+                    // The driver spent the credit; the core did not take it.
+                    self.frame(conn, Header::SendCredit { handle, count });
+                }
+                self.refuse_call(conn, 0, handle, call.unwrap_or(0), refusal);
+            }
+        }
+    }
+
+    /// The sending side's checks, and the charge: sequence number, credit,
+    /// budget. A send-once capability is used up here, whatever becomes of
+    /// the message.
+    fn admit(
+        &mut self,
+        conn: ConnId,
+        handle: u32,
+        call: Option<u64>,
+        caps: Vec<u32>,
+        payload: Bytes,
+    ) -> Result<Envelope, NotAdmitted> {
+        let cost = credit_cost(payload.len());
+        let window = self.config.window;
+        let max_pending = self.config.max_pending_calls;
+        let now = self.now.unix;
+        let origin = self.home_address(conn);
+        let refused = |refusal, refund: bool| NotAdmitted::Refused {
+            refusal,
+            refund: refund.then_some(cost),
+        };
+        let Some(c) = self.conns.get_mut(conn.key()) else {
+            return Err(refused(Refusal::UnknownHandle { handle }, false));
+        };
+        let pending_full = call.is_some() && c.pending_calls >= max_pending;
+        let Some(cap) = c.caps.get_mut(handle) else {
+            return Err(refused(Refusal::UnknownHandle { handle }, false));
+        };
+        // Every frame naming a held handle takes a sequence number, refused
+        // or not, so both ends count alike.
+        let seq = cap.seq;
+        cap.seq += 1;
+        // Replies are never held back (the caller's pending-call limit
+        // bounds them), nor are control requests.
+        let metered =
+            !cap.rights.contains(Rights::SEND_ONCE) && cap.port().index != u32::from(CONTROL_PORT);
+        let expired = cap.expires_at.is_some_and(|at| now >= at);
+        if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
+            return Err(NotAdmitted::Dead { reason, seq });
+        }
+        if call == Some(0) {
+            return Err(refused(Refusal::BadTag, metered));
+        }
+        if caps.len() > MAX_CAPS_PER_MESSAGE {
+            let count = caps.len();
+            return Err(refused(Refusal::TooManyAttachments { count }, metered));
+        }
+        if pending_full {
+            let limit = max_pending;
+            return Err(refused(Refusal::TooManyPendingCalls { limit }, metered));
+        }
+        if metered && cap.credits < cost {
+            return Err(refused(Refusal::NoCredit { handle, cost }, false));
+        }
+        let mut low_credit = false;
+        if metered {
+            cap.credits -= cost;
+            cap.in_flight += 1;
+            low_credit = cap.credits < window / 2;
+        }
+        let mut exhausted = false;
+        if let Some(left) = &mut cap.remaining {
+            *left = left.saturating_sub(1);
+            exhausted = *left == 0;
+        }
+        let envelope = Envelope {
+            from: conn,
+            origin,
+            via: handle,
+            flow: metered.then_some(CapRef {
+                conn,
+                handle,
+                flow: cap.flow,
+            }),
+            target: cap.target,
+            rights: cap.rights,
+            seq,
+            cost,
+            call,
+            reply_to: cap.reply_to,
+            caps,
+            payload,
+            low_credit,
+        };
+        if exhausted {
+            // The last unit is spent whatever becomes of this message.
+            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
+        }
+        if envelope.rights.contains(Rights::SEND_ONCE)
+            && let Some(cap) = self.take_cap(conn, handle)
+        {
+            self.sender_gone(cap.port());
+        }
+        Ok(envelope)
+    }
+
+    /// Hands an admitted message to its target.
+    fn deliver(&mut self, envelope: Envelope) {
+        match envelope.target {
+            Target::Local(port) => self.deliver_local(envelope, port),
+        }
+    }
+
+    fn deliver_local(&mut self, envelope: Envelope, port: Key) {
+        let Envelope {
+            from,
+            origin,
+            via,
+            flow,
+            rights,
+            seq,
+            cost,
+            call,
+            reply_to,
+            caps,
+            payload,
+            low_credit,
+            ..
+        } = envelope;
+        if port.index == u32::from(CONTROL_PORT) {
+            match call {
+                Some(tag) => self.control_call(from, tag, caps, &payload),
+                None => self.refuse(from, 0, via, Refusal::ControlSend),
+            }
+            return;
+        }
+        let Some(owner) = self.ports.get(port).and_then(|p| p.owner) else {
+            let reason = self.ports.death_reason(port);
+            if let Some(at) = flow {
+                self.settle(at, 1, None);
+            }
+            self.refuse_message(from, via, seq, call, reason);
+            return;
+        };
+        if let Err(refusal) = self.check_transfer(from, owner, via, &caps, call) {
+            match flow {
+                Some(at) => {
+                    self.settle(at, 1, Some(cost));
+                }
+                None if rights.contains(Rights::SEND_ONCE) => {
+                    // The reply capability was used up by a refused reply:
+                    // the call fails.
+                    if let Some(route) = reply_to {
+                        self.call_failed(route, Reason::ReplyDropped);
+                    }
+                }
+                None => {}
+            }
+            self.refuse_call(from, 0, via, call.unwrap_or(0), refusal);
+            return;
+        }
+        let granted = self.transfer(from, owner, &caps);
+
+        let reply = match call {
+            Some(tag) => {
+                let caller_home = self
+                    .conns
+                    .get(from.key())
+                    .and_then(|c| self.ports.key(c.home));
+                let route = ReplyRoute::Local { caller: from, tag };
+                let reply_handle = caller_home
+                    .and_then(|home| self.new_cap(owner, home, Rights::SEND_ONCE, Some(route)));
+                if reply_handle.is_some()
+                    && let Some(c) = self.conns.get_mut(from.key())
+                {
+                    c.pending_calls += 1;
+                }
+                reply_handle
+            }
+            None => None,
+        };
+        let (tag, is_reply) = match reply_to {
+            Some(ReplyRoute::Local { tag, .. }) => (tag, true),
+            None => (0, false),
+        };
+        // Ask for a prompt report when the sender would soon stall: for a
+        // send, its credit; for a reply, its caller's pending calls.
+        let ack = low_credit
+            || (is_reply
+                && self
+                    .conns
+                    .get(owner.key())
+                    .is_some_and(|c| c.pending_calls >= self.config.max_pending_calls / 2));
+        if let Some(p) = self.ports.get_mut(port) {
+            p.in_flight.push_back(InFlight {
+                flow,
+                cost,
+                seq,
+                reply,
+                is_reply,
+            });
+        }
+        let identity = self
+            .conns
+            .get(from.key())
+            .and_then(|c| c.identity.as_ref().map(|(id, _)| id.clone()));
+        let deliver = Deliver {
+            port: port.index as u16,
+            origin,
+            tag,
+            reply,
+            caps: granted,
+            ack,
+            identity,
+        };
+        self.out.push_back(Output::Frame {
+            conn: owner,
+            frame: Frame::with_payload(Header::Deliver(deliver), payload),
+        });
+    }
+
+    /// A message to a dead port: the sender is told, and a call fails.
+    fn refuse_message(
+        &mut self,
+        conn: ConnId,
+        handle: u32,
+        seq: u64,
+        call: Option<u64>,
+        reason: Reason,
+    ) {
+        if let Some(tag) = call {
+            self.frame(conn, Header::CallFailed { tag, reason });
+        }
+        self.frame(
+            conn,
+            Header::Undeliverable {
+                handle,
+                first_seq: seq,
+                count: 1,
+                reason,
+            },
+        );
+    }
+
+    /// `count` messages of flow `at` are settled: consumed, refused or
+    /// undeliverable. With `credit`, that much goes back to the flow's
+    /// capability if it is still held. Whether the holder should still hear
+    /// about them (its capability is held, or it dropped it since).
+    pub(crate) fn settle(&mut self, at: CapRef, count: u32, credit: Option<u32>) -> bool {
+        if let Some(cap) = self
+            .conns
+            .get_mut(at.conn.key())
+            .and_then(|c| c.caps.get_ref_mut(at))
+        {
+            cap.in_flight = cap.in_flight.saturating_sub(count);
+            if let Some(count) = credit {
+                cap.credits = cap.credits.saturating_add(count);
+                self.frame(
+                    at.conn,
+                    Header::SendCredit {
+                        handle: at.handle,
+                        count,
+                    },
+                );
+            }
+            return true;
+        }
+        let Some(last) = self.orphans.settle(at.flow, count) else {
+            return false;
+        };
+        let Some(c) = self.conns.get_mut(at.conn.key()) else {
+            return false;
+        };
+        if last {
+            c.caps.release(at.handle);
+        }
+        true
+    }
+
+    /// Checks that every capability in `caps` may travel from `from` to `to`.
+    fn check_transfer(
+        &self,
+        from: ConnId,
+        to: ConnId,
+        sending_on: u32,
+        caps: &[u32],
+        call: Option<u64>,
+    ) -> Result<(), Refusal> {
+        if caps.is_empty() {
+            if call.is_some() && !self.has_room(to, 1) {
+                return Err(Refusal::ReceiverFull);
+            }
+            return Ok(());
+        }
+        let Some(c) = self.conns.get(from.key()) else {
+            return Err(Refusal::UnknownHandle { handle: sending_on });
+        };
+        for (i, &handle) in caps.iter().enumerate() {
+            if caps[..i].contains(&handle) || handle == sending_on {
+                return Err(Refusal::RepeatedAttachment { handle });
+            }
+            let Some(cap) = c.caps.get(handle) else {
+                return Err(Refusal::UnknownAttachment { handle });
+            };
+            if !cap.rights.contains(Rights::GRANT) {
+                let rights = cap.rights;
+                return Err(Refusal::NotGrantable { handle, rights });
+            }
+        }
+        let extra = caps.len() + usize::from(call.is_some());
+        if !self.has_room(to, extra) {
+            return Err(Refusal::ReceiverFull);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn has_room(&self, conn: ConnId, n: usize) -> bool {
+        self.conns
+            .get(conn.key())
+            .is_some_and(|c| c.caps.len() + n <= self.config.max_handles as usize)
+    }
+
+    /// Moves send-once and budgeted capabilities and copies the others from
+    /// `from` to `to`.
+    fn transfer(&mut self, from: ConnId, to: ConnId, caps: &[u32]) -> Vec<Granted> {
+        let mut granted = Vec::with_capacity(caps.len());
+        for &h in caps {
+            let flow = self.new_flow();
+            let Some(cap) = self.cap(from, h) else {
+                continue;
+            };
+            let moves = cap.moves();
+            let rights = cap.rights;
+            let credits = self.initial_credits(rights);
+            // The copy is made before a moved original leaves, so the port
+            // never looks sender-less in between.
+            let copy = cap.copy(credits, flow);
+            let port = copy.port();
+            let inserted = self.insert_cap(to, copy);
+            if moves && let Some(original) = self.take_cap(from, h) {
+                self.sender_gone(original.port());
+            }
+            let Some(handle) = inserted else {
+                continue;
+            };
+            granted.push(Granted {
+                handle,
+                rights,
+                credits,
+                address: Address::new(self.config.junction, port.index as u16),
+                moves,
+            });
+        }
+        granted
+    }
+
+    /// The owner of `port` consumed `count` messages: credits go back to
+    /// the flows they came on.
+    pub(crate) fn credit(&mut self, conn: ConnId, port: u16, count: u32) {
+        let Some(key) = self.owned_port(conn, port) else {
+            self.refuse(conn, 0, NO_HANDLE, Refusal::UnknownPort { port });
+            return;
+        };
+        let mut returns = std::mem::take(&mut self.credit_scratch);
+        let mut replies = 0u32;
+        if let Some(p) = self.ports.get_mut(key) {
+            let n = (count as usize).min(p.in_flight.len());
+            for entry in p.in_flight.drain(..n) {
+                if entry.is_reply {
+                    replies += 1;
+                }
+                if let Some(at) = entry.flow {
+                    match returns.last_mut() {
+                        Some((last, units, messages)) if *last == at => {
+                            *units += entry.cost;
+                            *messages += 1;
+                        }
+                        _ => returns.push((at, entry.cost, 1)),
+                    }
+                }
+            }
+        }
+        if replies > 0
+            && let Some(c) = self.conns.get_mut(conn.key())
+        {
+            c.pending_calls = c.pending_calls.saturating_sub(replies);
+        }
+        for &(at, units, messages) in &returns {
+            self.settle(at, messages, Some(units));
+        }
+        returns.clear();
+        self.credit_scratch = returns;
+    }
+}
