@@ -10,9 +10,9 @@ use crate::registry::Registration;
 
 impl Core {
     /// A call to the control port: answer it on the caller's home port.
-    pub(super) fn control_call(&mut self, conn: ConnId, tag: u64, caps: Vec<u32>, payload: &Bytes) {
+    pub(super) fn control_call(&mut self, conn: ConnId, tag: u64, caps: &[u32], payload: &Bytes) {
         let (reply, granted) = match postcard::from_bytes::<ControlRequest>(payload) {
-            Ok(request) => self.control_request(conn, request, &caps),
+            Ok(request) => self.control_request(conn, request, caps),
             Err(e) => (
                 refused(Refusal::BadControlRequest {
                     reason: e.to_string(),

@@ -12,7 +12,9 @@ use junction_road::frame::MAX_CAPS_PER_MESSAGE;
 use junction_road::frame::credit_cost;
 use junction_road::{Address, Deliver, Frame, Granted, Header, Reason, Rights};
 
-use crate::caps::{CapRef, FlowId, ReplyRoute, Target};
+use junction_road::control::CONTROL_HANDLE;
+
+use crate::caps::{Cap, CapRef, FlowId, ReplyRoute, Target};
 use crate::ports::{CONTROL_PORT, InFlight};
 use crate::slab::Key;
 use crate::{ConnId, Core, NO_HANDLE, Output, Refusal};
@@ -103,29 +105,58 @@ impl Core {
         caps: Vec<u32>,
         payload: Bytes,
     ) {
-        match self.admit(conn, handle, call, caps, payload) {
-            Ok(envelope) => self.deliver(envelope),
+        // A send-once capability is used up by being used, and a moving
+        // attachment leaves with its message, whatever becomes of either:
+        // the driver counts them gone as it writes the frame, and the two
+        // must agree without waiting to hear.
+        match self.admit(conn, handle, call, caps.len(), payload) {
+            Ok(mut envelope) => {
+                envelope.caps = caps;
+                self.deliver(envelope);
+            }
             Err(NotAdmitted::Dead { reason, seq }) => {
                 // A capability dead on its own: the port may live, but not
                 // for this holder.
                 self.cap_died(conn, handle, reason, |_| true);
+                self.use_up_send_once(conn, handle, reason);
+                self.release_moving(conn, &caps);
                 self.refuse_message(conn, handle, seq, call, reason);
             }
             Err(NotAdmitted::Refused { refusal, refund }) => {
-                // A refused reply still uses up its send-once capability
-                // (the driver counts it as used): its call fails now rather
-                // than at the caller's timeout.
-                if self
-                    .cap(conn, handle)
-                    .is_some_and(|cap| cap.rights.contains(Rights::SEND_ONCE))
-                {
-                    self.remove_cap(conn, handle, Reason::ReplyDropped);
-                }
+                // A refused reply's call fails now rather than at the
+                // caller's timeout.
+                self.use_up_send_once(conn, handle, Reason::ReplyDropped);
+                self.release_moving(conn, &caps);
                 if let Some(count) = refund {
                     // The driver spent the credit; the core did not take it.
                     self.frame(conn, Header::SendCredit { handle, count });
                 }
                 self.refuse_call(conn, 0, handle, call.unwrap_or(0), refusal);
+            }
+        }
+    }
+
+    /// A send-once capability named by a message that was not admitted is
+    /// used up all the same; a reply capability's call fails with `reason`.
+    fn use_up_send_once(&mut self, conn: ConnId, handle: u32, reason: Reason) {
+        if self
+            .cap(conn, handle)
+            .is_some_and(|cap| cap.rights.contains(Rights::SEND_ONCE))
+        {
+            self.remove_cap(conn, handle, reason);
+        }
+    }
+
+    /// A message that was not delivered takes its moving attachments with
+    /// it: they leave the sender's table, and a reply capability among them
+    /// fails its call.
+    fn release_moving(&mut self, conn: ConnId, caps: &[u32]) {
+        for (i, &handle) in caps.iter().enumerate() {
+            if !caps[..i].contains(&handle)
+                && handle != CONTROL_HANDLE
+                && self.cap(conn, handle).is_some_and(Cap::moves)
+            {
+                self.remove_cap(conn, handle, Reason::ReplyDropped);
             }
         }
     }
@@ -138,7 +169,7 @@ impl Core {
         conn: ConnId,
         handle: u32,
         call: Option<u64>,
-        caps: Vec<u32>,
+        attachments: usize,
         payload: Bytes,
     ) -> Result<Envelope, NotAdmitted> {
         let cost = credit_cost(payload.len());
@@ -165,15 +196,22 @@ impl Core {
         // bounds them), nor are control requests.
         let metered =
             !cap.rights.contains(Rights::SEND_ONCE) && cap.port().index != u32::from(CONTROL_PORT);
+        // A malformed call is refused as such before anything else, so no
+        // notice ever names tag 0.
+        if call == Some(0) {
+            return Err(refused(Refusal::BadTag, metered));
+        }
         let expired = cap.expires_at.is_some_and(|at| now >= at);
         if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
             return Err(NotAdmitted::Dead { reason, seq });
         }
-        if call == Some(0) {
-            return Err(refused(Refusal::BadTag, metered));
+        // A reply answers a call; were it a call itself, the caller's
+        // driver would get a reply capability nobody asked for.
+        if call.is_some() && cap.reply_to.is_some() {
+            return Err(refused(Refusal::CallOnReply { handle }, false));
         }
-        if caps.len() > MAX_CAPS_PER_MESSAGE {
-            let count = caps.len();
+        if attachments > MAX_CAPS_PER_MESSAGE {
+            let count = attachments;
             return Err(refused(Refusal::TooManyAttachments { count }, metered));
         }
         if pending_full {
@@ -209,7 +247,7 @@ impl Core {
             cost,
             call,
             reply_to: cap.reply_to,
-            caps,
+            caps: Vec::new(),
             payload,
             low_credit,
         };
@@ -217,6 +255,7 @@ impl Core {
             // The last unit is spent whatever becomes of this message.
             self.cap_died(conn, handle, Reason::Exhausted, |_| true);
         }
+
         if envelope.rights.contains(Rights::SEND_ONCE)
             && let Some(cap) = self.take_cap(conn, handle)
         {
@@ -250,9 +289,12 @@ impl Core {
         } = envelope;
         if port.index == u32::from(CONTROL_PORT) {
             match call {
-                Some(tag) => self.control_call(from, tag, caps, &payload),
+                Some(tag) => self.control_call(from, tag, &caps, &payload),
                 None => self.refuse(from, 0, via, Refusal::ControlSend),
             }
+            // The control port keeps no capability: moving ones shown to it
+            // are gone all the same, as the driver counts them.
+            self.release_moving(from, &caps);
             return;
         }
         let Some(owner) = self.ports.get(port).and_then(|p| p.owner) else {
@@ -260,6 +302,7 @@ impl Core {
             if let Some(at) = flow {
                 self.settle(at, 1, None);
             }
+            self.release_moving(from, &caps);
             self.refuse_message(from, via, seq, call, reason);
             return;
         };
@@ -277,6 +320,7 @@ impl Core {
                 }
                 None => {}
             }
+            self.release_moving(from, &caps);
             self.refuse_call(from, 0, via, call.unwrap_or(0), refusal);
             return;
         }

@@ -132,6 +132,14 @@ pub enum Refusal {
     /// A call's tag must not be 0.
     #[error("a call's tag must not be 0")]
     BadTag,
+    /// A reply capability answers a call with `Send`; it cannot make one.
+    #[error(
+        "handle {handle} is a reply capability: answer the call with Send, not Call; the call it answers has failed"
+    )]
+    CallOnReply {
+        /// The reply capability.
+        handle: u32,
+    },
     /// The control port answers calls only.
     #[error("the control port answers calls only; use Call, not Send")]
     ControlSend,
@@ -211,7 +219,7 @@ impl Refusal {
                 ErrorCode::HandshakeRequired
             }
             Self::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-            Self::UnexpectedFrame { .. } => ErrorCode::UnexpectedFrame,
+            Self::UnexpectedFrame { .. } | Self::CallOnReply { .. } => ErrorCode::UnexpectedFrame,
             Self::UnknownHandle { .. } | Self::UnknownAttachment { .. } => ErrorCode::UnknownHandle,
             Self::UnknownPort { .. } | Self::HomePort { .. } => ErrorCode::UnknownPort,
             Self::NotGrantable { .. } => ErrorCode::MissingRight,

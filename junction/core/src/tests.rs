@@ -476,6 +476,115 @@ fn granted_capabilities_say_whether_they_move() {
     h.check_invariants();
 }
 
+/// Found by the simulation: a moving capability attached to a message that
+/// is not delivered leaves the sender's table all the same, as its driver
+/// counts it gone when it writes the frame.
+#[test]
+fn a_refused_message_takes_its_moving_attachments_with_it() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let mine = h.open_port(a);
+    let once = h.mint(a, mine, Rights::SEND_ONCE | Rights::GRANT);
+    let copied = h.mint(a, mine, Rights::SEND | Rights::GRANT);
+    let port = h.open_port(b);
+    let to_b = h
+        .core
+        .new_cap(a, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.feed(b, Header::ClosePort { port });
+    h.take(b);
+    h.send(a, to_b, vec![once, copied], b"to a closed port");
+    assert!(matches!(
+        h.take(a).as_slice(),
+        [Header::Undeliverable { .. }]
+    ));
+    h.feed(a, Header::Drop { handle: once });
+    assert_eq!(
+        error_code(&h.take(a)),
+        Some(ErrorCode::UnknownHandle),
+        "the send-once attachment is gone"
+    );
+    h.feed(a, Header::Drop { handle: copied });
+    assert!(h.take(a).is_empty(), "a copied attachment stays");
+    h.check_invariants();
+}
+
+/// Found by the simulation: a send-once capability is used up by its use,
+/// even when it is dead on its own and the message goes nowhere.
+#[test]
+fn a_dead_send_once_capability_is_used_up_by_its_use() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let port = h.open_port(a);
+    let once = h.mint(a, port, Rights::SEND_ONCE);
+    h.feed(a, Header::Watch { handle: once });
+    h.feed(a, Header::ClosePort { port });
+    h.take(a);
+    h.send(a, once, vec![], b"late");
+    assert!(matches!(
+        h.take(a).as_slice(),
+        [Header::Undeliverable { .. }]
+    ));
+    h.feed(a, Header::Drop { handle: once });
+    assert_eq!(error_code(&h.take(a)), Some(ErrorCode::UnknownHandle));
+    h.check_invariants();
+}
+
+/// Found by the simulation: answering a call with a `Call` would hand the
+/// caller a reply capability it never asked for; it is refused, and the
+/// call it answers fails at once.
+#[test]
+fn a_reply_cannot_be_a_call() {
+    let mut h = Harness::new();
+    let (client, _) = h.connect();
+    let (server, _) = h.connect();
+    let port = h.open_port(server);
+    let cap = h
+        .core
+        .new_cap(client, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.call(client, cap, 5, b"question");
+    let reply = h.delivered(server)[0].reply.unwrap();
+    h.call(server, reply, 9, b"a question back");
+    let out = h.take(server);
+    assert_eq!(error_code(&out), Some(ErrorCode::UnexpectedFrame));
+    assert!(matches!(&out[0], Header::Error(e) if e.tag == 9 && e.message.contains("Send")));
+    assert_eq!(
+        h.take(client),
+        vec![Header::CallFailed {
+            tag: 5,
+            reason: Reason::ReplyDropped
+        }]
+    );
+    h.check_invariants();
+}
+
+/// Found by the simulation: a call with tag 0 is refused as malformed
+/// before anything else, so no `CallFailed` ever names tag 0.
+#[test]
+fn a_call_with_tag_zero_is_malformed_even_on_a_dead_capability() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(b);
+    let cap = h
+        .core
+        .new_cap(a, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.feed(b, Header::ClosePort { port });
+    h.feed(a, Header::Watch { handle: cap });
+    h.take(a);
+    h.call(a, cap, 0, b"tagless");
+    let out = h.take(a);
+    assert_eq!(error_code(&out), Some(ErrorCode::BadTag));
+    assert!(
+        !out.iter()
+            .any(|h| matches!(h, Header::CallFailed { tag: 0, .. })),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn a_slow_receiver_stops_its_senders_only() {
     let mut h = Harness::new();
