@@ -839,10 +839,12 @@ impl Machine {
     ) -> Result<u32, CommandError> {
         self.check_open()?;
         let cap = self.held(handle)?;
+        // A budget is inherited when none is named: an original that moves
+        // (it cannot be send-once: those are not attenuated) has one.
         let request = Request::Mint {
             address: cap.address,
             rights,
-            moves: max_messages.is_some() || rights.contains(Rights::SEND_ONCE),
+            moves: max_messages.is_some() || cap.moves || rights.contains(Rights::SEND_ONCE),
         };
         Ok(self.request(request, |req| {
             Header::Attenuate(junction_road::Attenuate {
@@ -1679,6 +1681,17 @@ mod tests {
         assert!(m.capability(70).unwrap().moves);
         assert!(!m.capability(71).unwrap().moves);
         assert_eq!(m.capability(70).unwrap().address, Address::new(7, 2));
+        // Attenuating a budgeted capability without naming a budget
+        // inherits it (found by the simulation): that one moves too.
+        let inherited = m
+            .attenuate(70, Rights::SEND | Rights::GRANT, None, None, false)
+            .unwrap();
+        m.handle_frame(Frame::bare(Header::Minted {
+            req: inherited,
+            handle: 72,
+            credits: WINDOW,
+        }));
+        assert!(m.capability(72).unwrap().moves);
     }
 
     #[test]
