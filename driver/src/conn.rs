@@ -1,71 +1,96 @@
-//! The connection behind a Driver: its reader and writer tasks, and the
-//! ports, capabilities and messages they serve.
+//! The tokio shell around the protocol [`Machine`]: a reader task that feeds
+//! it frames, a writer task that drains the frames it queues, and the
+//! handles (ports, capabilities, replies) whose methods are its commands.
+//!
+//! Every decision lives in the machine. The shell keeps it behind one mutex
+//! together with what waits on it (request and call answers, port queues,
+//! credit and death signals), so a command and the frames it queues, or a
+//! frame and the waiters it wakes, are one step; frames leave the machine
+//! for the outbox in order under that same lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use junction_road::control::CONTROL_HANDLE;
-use junction_road::frame::credit_cost;
+use junction_road::frame::MAX_CAPS_PER_MESSAGE;
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::{
-    Address, Call, DirectLink, ErrorCode, Frame, Header, Identity, Reason, Rights, RoadReader,
-    RoadWriter, Send, Welcome,
+    Address, DirectLink, ErrorCode, Frame, Granted, Identity, Reason, Rights, RoadReader,
+    RoadWriter, Welcome,
 };
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::Error;
+use crate::machine::{CommandError, Event, Machine};
 
 /// The state one connection's handles share.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) welcome: Welcome,
     outbox: Arc<Mutex<Outbox>>,
-    state: Mutex<State>,
-    next_req: AtomicU32,
-    next_tag: AtomicU64,
+    inner: Mutex<Inner>,
     closed: watch::Sender<Option<String>>,
     notices: tokio::sync::Mutex<mpsc::UnboundedReceiver<Notice>>,
     notices_tx: mpsc::UnboundedSender<Notice>,
-    /// Replies consumed and not yet reported to the Junction.
-    home_acks: AtomicU32,
 }
 
-type Answer = oneshot::Sender<Result<Header, Error>>;
-
-/// Keys here are ids this driver or its junction chose, so a fast
-/// non-keyed hash is safe.
-#[derive(Debug, Default)]
-struct State {
-    requests: FxHashMap<u32, Answer>,
+/// The machine and everything waiting on it, under one lock. Nothing whose
+/// drop takes this lock (a [`Capability`], a [`Port`], a [`Message`]) may be
+/// dropped while it is held: such values are set aside and dropped after.
+///
+/// Keys are ids this driver or its junction chose, so a fast non-keyed hash
+/// is safe.
+#[derive(Debug)]
+struct Inner {
+    machine: Machine,
+    requests: FxHashMap<u32, oneshot::Sender<Result<Answer, Error>>>,
     calls: FxHashMap<u64, oneshot::Sender<Result<Message, Error>>>,
     ports: FxHashMap<u16, mpsc::UnboundedSender<(Message, bool)>>,
-    caps: FxHashMap<u32, Weak<CapInner>>,
+    caps: FxHashMap<u32, Arc<Signals>>,
     pings: FxHashMap<u64, oneshot::Sender<()>>,
     no_senders: FxHashMap<u16, oneshot::Sender<()>>,
-    closed: bool,
 }
 
-/// Room kept in every frame for its header (with up to 64 capabilities).
-const FRAME_ALLOWANCE: usize = 1024;
+/// The answer to a request, built by the reader when it arrives.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Port(Port),
+    Cap(Capability),
+}
 
-/// Replies are acknowledged in batches of this many at most, or at once
-/// when the Junction asks.
-const HOME_ACK_BATCH: u32 = 32;
+/// What a capability's waiters listen to. Kept apart from [`CapInner`]
+/// because dropping it takes no lock.
+#[derive(Debug)]
+struct Signals {
+    /// Woken when send credit comes back, the capability dies, or the
+    /// connection closes.
+    credit: Notify,
+    dead: watch::Sender<Option<Reason>>,
+}
+
+/// Values the reader could not hand over, dropped once the lock is free.
+#[derive(Debug)]
+#[expect(dead_code, reason = "held only to be dropped outside the lock")]
+enum Leftover {
+    Answer(Result<Answer, Error>),
+    Message(Result<Message, Error>),
+    Queued((Message, bool)),
+}
 
 /// Something the Junction reported outside any request.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Notice {
-    /// Messages sent on a capability were not delivered.
+    /// Messages sent on a capability were not delivered. Also reported for
+    /// a capability dropped since.
     Undeliverable {
         /// The capability's handle.
         handle: u32,
-        /// The address of the port they were for.
+        /// The address of the port they were for, when still known.
         address: Option<Address>,
         /// Sequence number of the first (as [`crate::Driver::send`] returned it).
         first_seq: u64,
@@ -101,15 +126,20 @@ impl Shared {
         }));
         let (notices_tx, notices_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                machine: Machine::from_welcome(welcome.clone()),
+                requests: FxHashMap::default(),
+                calls: FxHashMap::default(),
+                ports: FxHashMap::default(),
+                caps: FxHashMap::default(),
+                pings: FxHashMap::default(),
+                no_senders: FxHashMap::default(),
+            }),
             welcome,
             outbox: outbox.clone(),
-            state: Mutex::new(State::default()),
-            next_req: AtomicU32::new(1),
-            next_tag: AtomicU64::new(1),
             closed: watch::channel(None).0,
             notices: tokio::sync::Mutex::new(notices_rx),
             notices_tx,
-            home_acks: AtomicU32::new(0),
         });
         tokio::spawn(async move {
             if let Err(e) = outbox::drain(outbox, writer.into_inner()).await {
@@ -120,41 +150,58 @@ impl Shared {
         shared
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps half-updated
         // in a way that matters more than losing the connection would.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a frame for the writer.
-    pub(crate) fn write(&self, header: Header, payload: Bytes) -> Result<(), Error> {
-        self.write_with(header, payload, false)
+    /// Runs `f` under the lock, then moves the frames it queued to the
+    /// writer, in order.
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        self.with_then(false, f)
     }
 
-    /// Queues a frame and, when the writer is idle, writes it at once from
-    /// this task: for calls and replies, where a wake-up costs latency.
-    pub(crate) fn write_now(&self, header: Header, payload: Bytes) -> Result<(), Error> {
-        self.write_with(header, payload, true)
+    /// As [`Shared::with`], and when the writer is idle writes the frames
+    /// at once from this task: for calls and replies, where a wake-up
+    /// costs latency.
+    fn with_now<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        self.with_then(true, f)
     }
 
-    fn write_with(&self, header: Header, payload: Bytes, now: bool) -> Result<(), Error> {
-        let waker = self
-            .outbox
-            .with(|o| {
-                (!o.is_closed()).then(|| {
-                    if now {
-                        o.push_quiet(&header, &payload);
-                        o.flush_direct()
-                    } else {
-                        o.push(&header, &payload)
-                    }
-                })
-            })
-            .ok_or_else(|| self.closed_error())?;
+    fn with_then<R>(&self, now: bool, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut inner = self.lock();
+        let r = f(&mut inner);
+        self.transmit(&mut inner.machine, now);
+        r
+    }
+
+    /// Moves queued frames into the outbox; called with the lock held, so
+    /// frames reach the writer in the order the machine queued them.
+    fn transmit(&self, machine: &mut Machine, now: bool) {
+        let Some(first) = machine.poll_transmit() else {
+            return;
+        };
+        let waker = self.outbox.with(|o| {
+            if o.is_closed() {
+                while machine.poll_transmit().is_some() {}
+                return None;
+            }
+            let mut waker = None;
+            let mut frame = Some(first);
+            while let Some(f) = frame {
+                if now {
+                    o.push_quiet(&f.header, &f.payload);
+                } else if let Some(w) = o.push(&f.header, &f.payload) {
+                    waker = Some(w);
+                }
+                frame = machine.poll_transmit();
+            }
+            if now { o.flush_direct() } else { waker }
+        });
         if let Some(waker) = waker {
             waker.wake();
         }
-        Ok(())
     }
 
     fn closed_error(&self) -> Error {
@@ -167,96 +214,149 @@ impl Shared {
         }
     }
 
-    /// A new request id and the receiver of its answer.
-    pub(crate) fn request(&self) -> Result<(u32, oneshot::Receiver<Result<Header, Error>>), Error> {
-        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.while_open(|state| state.requests.insert(req, tx))?;
-        Ok((req, rx))
+    /// The error a refused command means for the application.
+    fn refused(&self, e: CommandError) -> Error {
+        match e {
+            CommandError::Closed { .. } => self.closed_error(),
+            CommandError::Dead { reason, .. } => Error::Dead(reason),
+            CommandError::Moved { handle } => Error::Moved { handle },
+            CommandError::NotGrantable { handle, rights } => Error::NotGrantable { handle, rights },
+            CommandError::TooLarge { len, max } => Error::TooLarge { len, max },
+            CommandError::UnknownHandle { .. } => Error::Refused {
+                code: ErrorCode::UnknownHandle,
+                message: e.to_string(),
+            },
+            CommandError::UnknownPort { .. } => Error::Refused {
+                code: ErrorCode::UnknownPort,
+                message: e.to_string(),
+            },
+            CommandError::BadCapabilityList { .. } => Error::Refused {
+                code: ErrorCode::BadCapabilityList,
+                message: e.to_string(),
+            },
+            CommandError::TooManyPendingCalls { .. } => Error::Refused {
+                code: ErrorCode::TooManyPendingCalls,
+                message: e.to_string(),
+            },
+            other => Error::Protocol(other.to_string()),
+        }
     }
 
-    /// Records something that waits for the Junction, unless the
-    /// connection is gone already (then nothing would ever answer it).
-    fn while_open<R>(&self, f: impl FnOnce(&mut State) -> R) -> Result<R, Error> {
-        let mut state = self.state();
-        if state.closed {
-            return Err(self.closed_error());
-        }
-        Ok(f(&mut state))
+    /// Issues a request and returns the receiver of its answer, registered
+    /// in the same step, so the answer cannot come first.
+    pub(crate) fn request(
+        &self,
+        f: impl FnOnce(&mut Machine) -> Result<u32, CommandError>,
+    ) -> Result<oneshot::Receiver<Result<Answer, Error>>, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.with(|inner| {
+            let req = f(&mut inner.machine)?;
+            inner.requests.insert(req, tx);
+            Ok(rx)
+        })
+        .map_err(|e| self.refused(e))
     }
 
     pub(crate) async fn answer(
         &self,
-        rx: oneshot::Receiver<Result<Header, Error>>,
-    ) -> Result<Header, Error> {
+        rx: oneshot::Receiver<Result<Answer, Error>>,
+    ) -> Result<Answer, Error> {
         rx.await.map_err(|_| self.closed_error())?
     }
 
-    pub(crate) fn unexpected(&self, header: Header) -> Error {
-        Error::Protocol(format!("unexpected answer {header:?}"))
-    }
-
-    /// Refuses a payload that would make a frame over the junction's limit
-    /// (the junction would have to close the connection).
-    pub(crate) fn check_size(&self, len: usize) -> Result<(), Error> {
-        let max = (self.welcome.max_frame as usize).saturating_sub(FRAME_ALLOWANCE);
-        if len > max {
-            return Err(Error::TooLarge { len, max });
+    /// Runs a message command, waiting for send credit while it fails for
+    /// the lack of it. `signals` are those of the capability sent on.
+    async fn spend<R>(
+        &self,
+        signals: Option<&Signals>,
+        now: bool,
+        mut f: impl FnMut(&mut Inner) -> Result<R, CommandError>,
+    ) -> Result<R, Error> {
+        match self.with_then(now, &mut f) {
+            Err(CommandError::NoCredit { .. }) => {}
+            other => return other.map_err(|e| self.refused(e)),
         }
-        Ok(())
+        let Some(signals) = signals else {
+            return Err(Error::Protocol(
+                "an unmetered handle ran out of credit".into(),
+            ));
+        };
+        loop {
+            // Registered before trying, so credit that comes in between
+            // still wakes us.
+            let notified = signals.credit.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.with_then(now, &mut f) {
+                Err(CommandError::NoCredit { .. }) => notified.await,
+                other => return other.map_err(|e| self.refused(e)),
+            }
+        }
     }
 
-    /// The handles of `caps`, checked for the grant right.
-    pub(crate) fn attachments(&self, caps: &[&Capability]) -> Result<Vec<u32>, Error> {
-        caps.iter()
-            .map(|c| {
-                if c.rights().contains(Rights::GRANT) {
-                    Ok(c.handle())
-                } else {
-                    Err(Error::NotGrantable {
-                        handle: c.handle(),
-                        rights: c.rights(),
-                    })
-                }
-            })
-            .collect()
+    /// Sends on `cap`, waiting for credit; returns the sequence number.
+    pub(crate) async fn send(
+        &self,
+        cap: &Capability,
+        caps: &[&Capability],
+        payload: Bytes,
+    ) -> Result<u64, Error> {
+        let (attached, n) = handles(caps)?;
+        let handle = cap.handle();
+        let mut payload = payload;
+        self.spend(Some(&cap.inner.signals), false, |inner| {
+            inner.machine.try_send(handle, &attached[..n], &mut payload)
+        })
+        .await
     }
 
+    /// Calls on `handle`, waiting for credit, then for the answer.
     pub(crate) async fn call(
         &self,
-        handle: u32,
-        caps: Vec<u32>,
+        cap: Option<&Capability>,
+        caps: &[&Capability],
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Message, Error> {
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (attached, n) = handles(caps)?;
+        let handle = cap.map_or(CONTROL_HANDLE, Capability::handle);
+        let mut payload = payload;
         let (tx, rx) = oneshot::channel();
-        self.while_open(|state| state.calls.insert(tag, tx))?;
-        self.write_now(Header::Call(Call { handle, tag, caps }), payload)?;
+        let mut tx = Some(tx);
+        let tag = self
+            .spend(cap.map(|c| &*c.inner.signals), true, |inner| {
+                let tag = inner
+                    .machine
+                    .try_call(handle, &attached[..n], &mut payload)?;
+                if let Some(tx) = tx.take() {
+                    inner.calls.insert(tag, tx);
+                }
+                Ok(tag)
+            })
+            .await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(self.closed_error()),
             Err(_) => {
-                self.state().calls.remove(&tag);
+                let waiter = self.with(|inner| {
+                    inner.machine.abandon_call(tag);
+                    inner.calls.remove(&tag)
+                });
+                drop(waiter);
                 Err(Error::Timeout(timeout))
             }
         }
     }
 
-    fn flush_home_acks(&self) {
-        let count = self.home_acks.swap(0, Ordering::Relaxed);
-        if count > 0 {
-            let port = self.welcome.home.port;
-            let _ = self.write(Header::Credit { port, count }, Bytes::new());
-        }
-    }
-
     /// Waits until the Junction has handled every frame sent before.
     pub(crate) async fn sync(&self) -> Result<(), Error> {
-        let nonce = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.while_open(|state| state.pings.insert(nonce, tx))?;
-        self.write(Header::Ping { nonce }, Bytes::new())?;
+        self.with(|inner| {
+            let nonce = inner.machine.ping()?;
+            inner.pings.insert(nonce, tx);
+            Ok(())
+        })
+        .map_err(|e| self.refused(e))?;
         rx.await.map_err(|_| self.closed_error())
     }
 
@@ -293,179 +393,238 @@ impl Shared {
                 false
             }
         });
-        let (requests, calls, caps) = {
-            let mut state = self.state();
-            state.closed = true;
-            state.ports.clear();
-            state.pings.clear();
-            state.no_senders.clear();
+        let (requests, calls, ports, signals) = {
+            let mut inner = self.lock();
+            inner.machine.handle_road_closed(reason);
+            while inner.machine.poll_event().is_some() {}
+            while inner.machine.poll_transmit().is_some() {}
+            inner.pings.clear();
+            inner.no_senders.clear();
             (
-                std::mem::take(&mut state.requests),
-                std::mem::take(&mut state.calls),
-                state
-                    .caps
-                    .values()
-                    .filter_map(Weak::upgrade)
-                    .collect::<Vec<_>>(),
+                std::mem::take(&mut inner.requests),
+                std::mem::take(&mut inner.calls),
+                std::mem::take(&mut inner.ports),
+                inner.caps.values().cloned().collect::<Vec<_>>(),
             )
         };
+        drop(ports);
         for (_, tx) in requests {
             let _ = tx.send(Err(self.closed_error()));
         }
         for (_, tx) in calls {
             let _ = tx.send(Err(self.closed_error()));
         }
-        for cap in caps {
-            cap.credits.close();
+        for s in signals {
+            s.credit.notify_waiters();
         }
     }
 
-    fn cap(&self, handle: u32) -> Option<Arc<CapInner>> {
-        self.state().caps.get(&handle).and_then(Weak::upgrade)
+    /// Feeds one frame to the machine and hands what it produced to the
+    /// waiters, in one step under the lock.
+    fn dispatch(self: &Arc<Self>, frame: Frame) {
+        let mut leftovers = Vec::new();
+        let mut closed = None;
+        {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            inner.machine.handle_frame(frame);
+            while let Some(event) = inner.machine.poll_event() {
+                if let Event::Closed { reason } = event {
+                    closed = Some(reason);
+                } else {
+                    self.route(inner, event, &mut leftovers);
+                }
+            }
+            self.transmit(&mut inner.machine, false);
+        }
+        // Out of the lock: these may give capabilities back.
+        drop(leftovers);
+        if let Some(reason) = closed {
+            self.shut(reason);
+        }
     }
 
-    fn dispatch(self: &Arc<Self>, frame: Frame) {
-        match frame.header {
-            Header::Deliver(d) => {
-                let caps = d
-                    .caps
-                    .iter()
-                    .map(|g| Capability::new(self, g.handle, g.rights, g.address, g.credits))
-                    .collect();
-                let reply = d.reply.map(|handle| Reply {
-                    shared: self.clone(),
-                    handle,
-                    caller: d.origin,
-                    sent: false,
-                });
-                let msg = Message {
-                    payload: frame.payload,
-                    origin: d.origin,
-                    port: d.port,
-                    caps,
-                    reply,
-                    identity: d.identity,
+    fn route(self: &Arc<Self>, inner: &mut Inner, event: Event, leftovers: &mut Vec<Leftover>) {
+        match event {
+            Event::Delivered { deliver, payload } => {
+                let ack = deliver.ack;
+                let port = deliver.port;
+                let msg = self.message(inner, deliver, payload);
+                let undelivered = match inner.ports.get(&port) {
+                    Some(tx) => tx.send((msg, ack)).err().map(|e| e.0),
+                    None => Some((msg, ack)),
                 };
-                if d.tag != 0 && d.port == self.welcome.home.port {
-                    let batch = (self.welcome.max_pending_calls / 4).clamp(1, HOME_ACK_BATCH);
-                    if self.home_acks.fetch_add(1, Ordering::Relaxed) + 1 >= batch || d.ack {
-                        self.flush_home_acks();
-                    }
-                    let call = self.state().calls.remove(&d.tag);
-                    if let Some(tx) = call {
-                        let _ = tx.send(Ok(msg));
-                    }
-                    return;
-                }
-                let undelivered = match self.state().ports.get(&d.port) {
-                    Some(tx) => tx.send((msg, d.ack)).err(),
-                    None => Some(mpsc::error::SendError((msg, d.ack))),
-                };
-                match undelivered {
-                    None => {}
-                    Some(_) => {
-                        // A message for a port being closed, or for the home
-                        // port outside a call: consumed and dropped.
-                        let _ = self.write(
-                            Header::Credit {
-                                port: d.port,
-                                count: 1,
-                            },
-                            Bytes::new(),
-                        );
-                        tracing::debug!(
-                            port = d.port,
-                            "dropped a message for a port with no receiver"
-                        );
-                    }
+                if let Some(entry) = undelivered {
+                    leftovers.push(Leftover::Queued(entry));
                 }
             }
-            Header::SendCredit { handle, count } => {
-                if let Some(cap) = self.cap(handle) {
-                    cap.credits.add_permits(count as usize);
+            Event::Replied {
+                tag,
+                deliver,
+                payload,
+            } => {
+                let msg = self.message(inner, deliver, payload);
+                match inner.calls.remove(&tag) {
+                    Some(tx) => {
+                        if let Err(v) = tx.send(Ok(msg)) {
+                            leftovers.push(Leftover::Message(v));
+                        }
+                    }
+                    None => leftovers.push(Leftover::Message(Ok(msg))),
                 }
             }
-            Header::CallFailed { tag, reason } => {
-                let call = self.state().calls.remove(&tag);
-                if let Some(tx) = call {
+            Event::CallFailed { tag, reason } => {
+                if let Some(tx) = inner.calls.remove(&tag) {
                     let _ = tx.send(Err(Error::CallFailed(reason)));
                 }
             }
-            Header::Undeliverable {
+            Event::CallRefused { tag, code, message } => {
+                if let Some(tx) = inner.calls.remove(&tag) {
+                    let _ = tx.send(Err(Error::Refused { code, message }));
+                }
+            }
+            Event::PortOpened { req, address } => {
+                let port = Port::new(self, inner, address);
+                answer(inner, req, Answer::Port(port), leftovers);
+            }
+            Event::Minted {
+                req,
                 handle,
+                rights,
+                address,
+                moves,
+            } => {
+                let cap = Capability::new(self, inner, handle, rights, address, moves);
+                answer(inner, req, Answer::Cap(cap), leftovers);
+            }
+            Event::Refused { req, code, message } => {
+                if let Some(tx) = inner.requests.remove(&req) {
+                    let _ = tx.send(Err(Error::Refused { code, message }));
+                }
+            }
+            Event::SendCredit { handle, .. } => {
+                if let Some(s) = inner.caps.get(&handle) {
+                    s.credit.notify_waiters();
+                }
+            }
+            Event::Dead { handle, reason } => {
+                if let Some(s) = inner.caps.get(&handle) {
+                    s.dead.send_replace(Some(reason));
+                    // Senders waiting for credit that will never come give up.
+                    s.credit.notify_waiters();
+                }
+            }
+            Event::Undeliverable {
+                handle,
+                address,
                 first_seq,
                 count,
                 reason,
             } => {
-                let cap = self.cap(handle);
-                if let Some(cap) = &cap {
-                    cap.mark_dead(reason);
-                }
                 let _ = self.notices_tx.send(Notice::Undeliverable {
                     handle,
-                    address: cap.map(|c| c.address),
+                    address,
                     first_seq,
                     count,
                     reason,
                 });
             }
-            Header::Dead { handle, reason } => {
-                if let Some(cap) = self.cap(handle) {
-                    cap.mark_dead(reason);
-                }
-            }
-            Header::PortOpened { req, .. } | Header::Minted { req, .. } => {
-                let tx = self.state().requests.remove(&req);
-                if let Some(tx) = tx {
-                    let _ = tx.send(Ok(frame.header));
-                }
-            }
-            Header::PortClosed { port, .. } => {
-                self.state().ports.remove(&port);
-            }
-            Header::Error(e) => {
-                let error = Error::Refused {
-                    code: e.code,
-                    message: e.message.clone(),
-                };
-                if e.req != 0 {
-                    let tx = self.state().requests.remove(&e.req);
-                    if let Some(tx) = tx {
-                        let _ = tx.send(Err(error));
-                    }
-                } else if e.tag != 0 {
-                    let tx = self.state().calls.remove(&e.tag);
-                    if let Some(tx) = tx {
-                        let _ = tx.send(Err(error));
-                    }
-                } else {
-                    tracing::warn!(code = ?e.code, "junction reported: {}", e.message);
-                    let _ = self.notices_tx.send(Notice::Error {
-                        handle: (e.handle != u32::MAX).then_some(e.handle),
-                        code: e.code,
-                        message: e.message,
-                    });
-                }
-            }
-            Header::Ping { nonce } => {
-                let _ = self.write(Header::Pong { nonce }, Bytes::new());
-            }
-            Header::NoSenders { port } => {
-                let tx = self.state().no_senders.remove(&port);
-                if let Some(tx) = tx {
+            Event::NoSenders { port } => {
+                if let Some(tx) = inner.no_senders.remove(&port) {
                     let _ = tx.send(());
                 }
             }
-            Header::Pong { nonce } => {
-                let tx = self.state().pings.remove(&nonce);
-                if let Some(tx) = tx {
+            Event::PortClosed { port, .. } => {
+                // The port's queue ends; `Port::recv` then reports it closed.
+                inner.ports.remove(&port);
+            }
+            Event::Pong { nonce } => {
+                if let Some(tx) = inner.pings.remove(&nonce) {
                     let _ = tx.send(());
                 }
             }
-            Header::Goodbye { reason } => self.shut(format!("the junction said goodbye: {reason}")),
-            other => tracing::debug!(?other, "ignored an unexpected frame"),
+            Event::Notice {
+                handle,
+                code,
+                message,
+            } => {
+                tracing::warn!(?code, "junction reported: {message}");
+                let _ = self.notices_tx.send(Notice::Error {
+                    handle,
+                    code,
+                    message,
+                });
+            }
+            other => tracing::debug!(?other, "ignored a driver event"),
         }
     }
+
+    /// A delivered message, its capabilities and reply now owned by the
+    /// application.
+    fn message(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        d: junction_road::Deliver,
+        payload: Bytes,
+    ) -> Message {
+        let caps = d
+            .caps
+            .iter()
+            .map(|g: &Granted| {
+                Capability::new(
+                    self,
+                    inner,
+                    g.handle,
+                    g.rights,
+                    g.address,
+                    g.moves || g.rights.contains(Rights::SEND_ONCE),
+                )
+            })
+            .collect();
+        let reply = d.reply.map(|handle| Reply {
+            shared: self.clone(),
+            handle,
+            caller: d.origin,
+            sent: false,
+        });
+        Message {
+            payload,
+            origin: d.origin,
+            port: d.port,
+            caps,
+            reply,
+            identity: d.identity,
+        }
+    }
+}
+
+fn answer(inner: &mut Inner, req: u32, answer: Answer, leftovers: &mut Vec<Leftover>) {
+    match inner.requests.remove(&req) {
+        Some(tx) => {
+            if let Err(v) = tx.send(Ok(answer)) {
+                leftovers.push(Leftover::Answer(v));
+            }
+        }
+        None => leftovers.push(Leftover::Answer(Ok(answer))),
+    }
+}
+
+/// The handles of `caps`, on the stack: no allocation per message.
+fn handles(caps: &[&Capability]) -> Result<([u32; MAX_CAPS_PER_MESSAGE], usize), Error> {
+    let mut out = [0u32; MAX_CAPS_PER_MESSAGE];
+    if caps.len() > MAX_CAPS_PER_MESSAGE {
+        return Err(Error::Refused {
+            code: ErrorCode::BadCapabilityList,
+            message: format!(
+                "a message carries at most {MAX_CAPS_PER_MESSAGE} capabilities; this one had {}",
+                caps.len()
+            ),
+        });
+    }
+    for (slot, cap) in out.iter_mut().zip(caps) {
+        *slot = cap.handle();
+    }
+    Ok((out, caps.len()))
 }
 
 impl Drop for Shared {
@@ -508,34 +667,34 @@ struct CapInner {
     handle: u32,
     rights: Rights,
     address: Address,
-    credits: Semaphore,
-    seq: AtomicU64,
-    dead: watch::Sender<Option<Reason>>,
-    watching: AtomicBool,
-    used: AtomicBool,
+    moves: bool,
+    signals: Arc<Signals>,
 }
 
 impl Capability {
     fn new(
         shared: &Arc<Shared>,
+        inner: &mut Inner,
         handle: u32,
         rights: Rights,
         address: Address,
-        credits: u32,
+        moves: bool,
     ) -> Self {
-        let inner = Arc::new(CapInner {
-            shared: shared.clone(),
-            handle,
-            rights,
-            address,
-            credits: Semaphore::new(credits as usize),
-            seq: AtomicU64::new(0),
+        let signals = Arc::new(Signals {
+            credit: Notify::new(),
             dead: watch::channel(None).0,
-            watching: AtomicBool::new(false),
-            used: AtomicBool::new(false),
         });
-        shared.state().caps.insert(handle, Arc::downgrade(&inner));
-        Capability { inner }
+        inner.caps.insert(handle, signals.clone());
+        Capability {
+            inner: Arc::new(CapInner {
+                shared: shared.clone(),
+                handle,
+                rights,
+                address,
+                moves,
+                signals,
+            }),
+        }
     }
 
     /// Its handle in this connection's table (meaningless anywhere else).
@@ -553,39 +712,43 @@ impl Capability {
         self.inner.address
     }
 
+    /// Whether it moves when passed on (send-once, or a message budget):
+    /// once attached to a message (or, for send-once, used) this Driver no
+    /// longer holds it, and using it again fails with [`Error::Moved`].
+    pub fn moves(&self) -> bool {
+        self.inner.moves
+    }
+
     /// Send credit units left (see [`junction_road::frame::credit_cost`]).
     pub fn credits(&self) -> usize {
-        self.inner.credits.available_permits()
+        let handle = self.handle();
+        self.inner.shared.with(|inner| {
+            inner
+                .machine
+                .capability(handle)
+                .map_or(0, |c| c.credits as usize)
+        })
     }
 
     /// A narrower capability to the same port: fewer rights, an expiry, a
     /// message budget, and, if `revocable`, one that [`Capability::revoke`]
-    /// kills along with everything derived from it.
+    /// kills along with everything derived from it. One with a message
+    /// budget moves when passed on (see [`Capability::moves`]).
     pub async fn attenuate(&self, limits: Attenuation) -> Result<Capability, Error> {
         let shared = &self.inner.shared;
-        let (req, rx) = shared.request()?;
-        shared.write(
-            Header::Attenuate(junction_road::Attenuate {
-                req,
-                handle: self.handle(),
-                rights: limits.rights,
-                expires_at: limits.expires_at,
-                max_messages: limits.max_messages,
-                revocable: limits.revocable,
-            }),
-            Bytes::new(),
-        )?;
-        match shared.answer(rx).await? {
-            Header::Minted {
-                handle, credits, ..
-            } => Ok(Capability::new(
-                shared,
+        let handle = self.handle();
+        let rx = shared.request(|m| {
+            m.attenuate(
                 handle,
                 limits.rights,
-                self.address(),
-                credits,
-            )),
-            other => Err(shared.unexpected(other)),
+                limits.expires_at,
+                limits.max_messages,
+                limits.revocable,
+            )
+        })?;
+        match shared.answer(rx).await? {
+            Answer::Cap(cap) => Ok(cap),
+            Answer::Port(_) => Err(Error::Protocol("a port answered an attenuation".into())),
         }
     }
 
@@ -594,21 +757,12 @@ impl Capability {
     /// they were passed.
     pub async fn revoke(&self) -> Result<(), Error> {
         let shared = &self.inner.shared;
-        // Watching makes the junction tell this handle of its own death too.
-        if !self.inner.watching.swap(true, Ordering::Relaxed) {
-            shared.write(
-                Header::Watch {
-                    handle: self.handle(),
-                },
-                Bytes::new(),
-            )?;
-        }
-        shared.write(
-            Header::Revoke {
-                handle: self.handle(),
-            },
-            Bytes::new(),
-        )?;
+        let handle = self.handle();
+        // The machine watches the handle first, so the junction tells it
+        // of its own death too.
+        shared
+            .with(|inner| inner.machine.revoke(handle))
+            .map_err(|e| shared.refused(e))?;
         // A round trip: when it returns, the junction has acted (or sent
         // its refusal, which arrives first).
         shared.sync().await?;
@@ -626,85 +780,42 @@ impl Capability {
 
     /// Why the port behind it died, if the Driver has learnt that it did.
     pub fn dead(&self) -> Option<Reason> {
-        *self.inner.dead.borrow()
+        *self.inner.signals.dead.borrow()
     }
 
     /// Resolves when the port behind this capability dies, with the reason.
     pub async fn watch(&self) -> Result<Reason, Error> {
-        if !self.inner.watching.swap(true, Ordering::Relaxed) {
-            self.inner.shared.write(
-                Header::Watch {
-                    handle: self.handle(),
-                },
-                Bytes::new(),
-            )?;
-        }
-        let mut rx = self.inner.dead.subscribe();
-        let mut closed = self.inner.shared.closed.subscribe();
+        let shared = &self.inner.shared;
+        let handle = self.handle();
+        shared
+            .with(|inner| inner.machine.watch(handle))
+            .map_err(|e| shared.refused(e))?;
+        let mut rx = self.inner.signals.dead.subscribe();
+        let mut closed = shared.closed.subscribe();
         tokio::select! {
             r = rx.wait_for(|d| d.is_some()) => match r {
-                Ok(d) => Ok(d.expect("waited for Some")),
-                Err(_) => Err(self.inner.shared.closed_error()),
+                Ok(d) => (*d).ok_or_else(|| shared.closed_error()),
+                Err(_) => Err(shared.closed_error()),
             },
-            _ = closed.wait_for(|c| c.is_some()) => Err(self.inner.shared.closed_error()),
+            _ = closed.wait_for(|c| c.is_some()) => Err(shared.closed_error()),
         }
-    }
-
-    /// Takes the send credits a payload of `len` bytes costs, waiting for
-    /// them; returns the message's sequence number.
-    pub(crate) async fn spend(&self, len: usize) -> Result<u64, Error> {
-        self.inner.shared.check_size(len)?;
-        if let Some(reason) = self.dead() {
-            return Err(Error::Dead(reason));
-        }
-        if self.inner.rights.contains(Rights::SEND_ONCE)
-            && self.inner.used.swap(true, Ordering::Relaxed)
-        {
-            return Err(Error::NoReply);
-        }
-        if self.inner.handle != CONTROL_HANDLE && !self.inner.rights.contains(Rights::SEND_ONCE) {
-            match self.inner.credits.acquire_many(credit_cost(len)).await {
-                Ok(permit) => permit.forget(),
-                Err(_) => {
-                    return Err(match self.dead() {
-                        Some(reason) => Error::Dead(reason),
-                        None => self.inner.shared.closed_error(),
-                    });
-                }
-            }
-        }
-        Ok(self.inner.seq.fetch_add(1, Ordering::Relaxed))
-    }
-}
-
-impl CapInner {
-    fn mark_dead(&self, reason: Reason) {
-        self.dead.send_replace(Some(reason));
-        // Senders waiting for credit that will never come give up.
-        self.credits.close();
     }
 }
 
 impl Drop for CapInner {
     fn drop(&mut self) {
-        let mut state = self.shared.state();
-        if state
-            .caps
-            .get(&self.handle)
-            .is_some_and(|w| w.strong_count() == 0)
-        {
-            state.caps.remove(&self.handle);
-        }
-        drop(state);
-        let consumed = self.rights.contains(Rights::SEND_ONCE) && self.used.load(Ordering::Relaxed);
-        if self.handle != CONTROL_HANDLE && !consumed {
-            let _ = self.shared.write(
-                Header::Drop {
-                    handle: self.handle,
-                },
-                Bytes::new(),
-            );
-        }
+        let handle = self.handle;
+        let signals = &self.signals;
+        self.shared.with(|inner| {
+            if inner
+                .caps
+                .get(&handle)
+                .is_some_and(|s| Arc::ptr_eq(s, signals))
+            {
+                inner.caps.remove(&handle);
+            }
+            inner.machine.drop_capability(handle);
+        });
     }
 }
 
@@ -715,24 +826,18 @@ pub struct Port {
     shared: Arc<Shared>,
     address: Address,
     rx: mpsc::UnboundedReceiver<(Message, bool)>,
-    /// Messages consumed and not yet reported.
-    unacked: u32,
-    /// The credit units they cost.
-    unacked_cost: u32,
-    closed: AtomicBool,
 }
 
 impl Port {
-    pub(crate) fn new(shared: &Arc<Shared>, address: Address) -> Port {
+    /// Made by the reader when the Junction opened it, with its queue
+    /// registered in the same step.
+    fn new(shared: &Arc<Shared>, inner: &mut Inner, address: Address) -> Port {
         let (tx, rx) = mpsc::unbounded_channel();
-        shared.state().ports.insert(address.port, tx);
+        inner.ports.insert(address.port, tx);
         Port {
             shared: shared.clone(),
             address,
             rx,
-            unacked: 0,
-            unacked_cost: 0,
-            closed: AtomicBool::new(false),
         }
     }
 
@@ -743,26 +848,11 @@ impl Port {
 
     /// Mints a capability to this port with `rights`.
     pub async fn mint(&self, rights: Rights) -> Result<Capability, Error> {
-        let (req, rx) = self.shared.request()?;
-        self.shared.write(
-            Header::Mint {
-                req,
-                port: self.address.port,
-                rights,
-            },
-            Bytes::new(),
-        )?;
+        let port = self.address.port;
+        let rx = self.shared.request(|m| m.mint(port, rights))?;
         match self.shared.answer(rx).await? {
-            Header::Minted {
-                handle, credits, ..
-            } => Ok(Capability::new(
-                &self.shared,
-                handle,
-                rights,
-                self.address,
-                credits,
-            )),
-            other => Err(self.shared.unexpected(other)),
+            Answer::Cap(cap) => Ok(cap),
+            Answer::Port(_) => Err(Error::Protocol("a port answered a mint".into())),
         }
     }
 
@@ -773,13 +863,12 @@ impl Port {
         let (tx, rx) = oneshot::channel();
         let port = self.address.port;
         self.shared
-            .while_open(|state| state.no_senders.insert(port, tx))?;
-        self.shared.write(
-            Header::WatchSenders {
-                port: self.address.port,
-            },
-            Bytes::new(),
-        )?;
+            .with(|inner| {
+                inner.machine.watch_senders(port)?;
+                inner.no_senders.insert(port, tx);
+                Ok(())
+            })
+            .map_err(|e| self.shared.refused(e))?;
         rx.await.map_err(|_| self.shared.closed_error())
     }
 
@@ -791,31 +880,11 @@ impl Port {
             None if self.shared.is_closed() => return Err(self.shared.closed_error()),
             None => return Err(Error::Dead(Reason::PortClosed)),
         };
-        // Report consumption in batches of a quarter window, or at once when
-        // the Junction says a sender is running low: senders get credit back
-        // before they run dry, at one small frame per batch.
-        self.unacked += 1;
-        self.unacked_cost = self
-            .unacked_cost
-            .saturating_add(credit_cost(msg.payload.len()));
-        if ack || self.unacked_cost >= (self.shared.welcome.window / 4).max(1) {
-            self.flush_acks();
-        }
+        // Consumed: the machine acknowledges in batches, or at once on ack.
+        let port = self.address.port;
+        let len = msg.payload.len();
+        self.shared.with(|inner| inner.machine.read(port, len, ack));
         Ok(msg)
-    }
-
-    fn flush_acks(&mut self) {
-        let count = std::mem::take(&mut self.unacked);
-        self.unacked_cost = 0;
-        if count > 0 {
-            let _ = self.shared.write(
-                Header::Credit {
-                    port: self.address.port,
-                    count,
-                },
-                Bytes::new(),
-            );
-        }
     }
 
     /// Closes the port: queued messages are reported undeliverable to their
@@ -827,25 +896,22 @@ impl Port {
 
 impl Drop for Port {
     fn drop(&mut self) {
-        if !self.closed.swap(true, Ordering::Relaxed) {
-            // What was consumed was delivered: report it before closing, so
-            // its senders are not told otherwise.
-            self.flush_acks();
-            // Calls still queued here fail when the junction closes the
-            // port; their replies need no Drop of their own.
-            self.rx.close();
-            while let Ok((mut msg, _)) = self.rx.try_recv() {
-                if let Some(reply) = msg.reply.as_mut() {
-                    reply.sent = true;
-                }
+        let port = self.address.port;
+        // One step: Credit for exactly what was read, then ClosePort, and
+        // the queue unhooked, so the reader can no longer add to it.
+        let tx = self.shared.with(|inner| {
+            inner.machine.close_port(port);
+            inner.ports.remove(&port)
+        });
+        drop(tx);
+        // Messages still queued were not consumed: the junction reports
+        // them undeliverable and fails their calls, removing their reply
+        // capabilities itself.
+        self.rx.close();
+        while let Ok((mut msg, _)) = self.rx.try_recv() {
+            if let Some(reply) = msg.reply.as_mut() {
+                reply.sent = true;
             }
-            self.shared.state().ports.remove(&self.address.port);
-            let _ = self.shared.write(
-                Header::ClosePort {
-                    port: self.address.port,
-                },
-                Bytes::new(),
-            );
         }
     }
 }
@@ -987,28 +1053,21 @@ impl Reply {
         caps: &[&Capability],
     ) -> Result<(), Error> {
         let payload = payload.into();
-        self.shared.check_size(payload.len())?;
-        let caps = self.shared.attachments(caps)?;
+        let (attached, n) = handles(caps)?;
+        let handle = self.handle;
+        self.shared
+            .with_now(|inner| inner.machine.reply(handle, &attached[..n], payload))
+            .map_err(|e| self.shared.refused(e))?;
         self.sent = true;
-        self.shared.write_now(
-            Header::Send(Send {
-                handle: self.handle,
-                caps,
-            }),
-            payload,
-        )
+        Ok(())
     }
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
         if !self.sent {
-            let _ = self.shared.write(
-                Header::Drop {
-                    handle: self.handle,
-                },
-                Bytes::new(),
-            );
+            let handle = self.handle;
+            self.shared.with(|inner| inner.machine.drop_reply(handle));
         }
     }
 }

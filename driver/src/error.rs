@@ -57,6 +57,15 @@ pub enum Error {
         /// Its rights.
         rights: junction_road::Rights,
     },
+    /// The capability moves when passed on (send-once, or a message
+    /// budget) and this Driver passed it on or used it up already.
+    #[error(
+        "capability {handle} is no longer held by this driver: it moves when passed on (send-once, or with a message budget) and was already attached to a message or used up; nothing was sent"
+    )]
+    Moved {
+        /// Its handle.
+        handle: u32,
+    },
     /// A reply capability was used already.
     #[error("this message was replied to already, or was not a call")]
     NoReply,

@@ -40,6 +40,7 @@
 pub mod blocking;
 mod conn;
 mod error;
+pub mod machine;
 mod policy;
 
 use std::path::{Path, PathBuf};
@@ -47,8 +48,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest, Listing};
-use junction_road::{Header, Hello, MAGIC, PROTOCOL_VERSION, Send as SendHeader};
+use junction_road::control::{ControlReply, ControlRequest, Listing};
+use junction_road::{Header, Hello, MAGIC, PROTOCOL_VERSION};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -198,11 +199,12 @@ impl Driver {
 
     /// Opens a new port; this Driver holds its receive right.
     pub async fn open_port(&self) -> Result<Port, Error> {
-        let (req, rx) = self.shared.request()?;
-        self.shared.write(Header::OpenPort { req }, Bytes::new())?;
+        let rx = self.shared.request(|m| m.open_port())?;
         match self.shared.answer(rx).await? {
-            Header::PortOpened { address, .. } => Ok(Port::new(&self.shared, address)),
-            other => Err(self.shared.unexpected(other)),
+            conn::Answer::Port(port) => Ok(port),
+            conn::Answer::Cap(_) => {
+                Err(Error::Protocol("a capability answered an OpenPort".into()))
+            }
         }
     }
 
@@ -222,15 +224,7 @@ impl Driver {
         payload: impl Into<Bytes>,
         caps: &[&Capability],
     ) -> Result<u64, Error> {
-        let caps = self.shared.attachments(caps)?;
-        let payload = payload.into();
-        let seq = cap.spend(payload.len()).await?;
-        let header = Header::Send(SendHeader {
-            handle: cap.handle(),
-            caps,
-        });
-        self.shared.write(header, payload)?;
-        Ok(seq)
+        self.shared.send(cap, caps, payload.into()).await
     }
 
     /// Sends `value` encoded with postcard.
@@ -261,10 +255,9 @@ impl Driver {
         caps: &[&Capability],
         timeout: Duration,
     ) -> Result<Message, Error> {
-        let caps = self.shared.attachments(caps)?;
-        let payload = payload.into();
-        cap.spend(payload.len()).await?;
-        self.shared.call(cap.handle(), caps, payload, timeout).await
+        self.shared
+            .call(Some(cap), caps, payload.into(), timeout)
+            .await
     }
 
     /// Calls with a postcard-encoded request and decodes the reply.
@@ -358,11 +351,10 @@ impl Driver {
         request: ControlRequest,
         caps: &[&Capability],
     ) -> Result<(ControlReply, Vec<Capability>), Error> {
-        let caps = self.shared.attachments(caps)?;
         let payload = postcard::to_allocvec(&request).map_err(Error::Encode)?;
         let reply = self
             .shared
-            .call(CONTROL_HANDLE, caps, payload.into(), CONTROL_TIMEOUT)
+            .call(None, caps, payload.into(), CONTROL_TIMEOUT)
             .await?;
         let decoded: ControlReply = reply.decode()?;
         Ok((decoded, reply.caps))
