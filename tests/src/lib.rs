@@ -2,6 +2,8 @@
 //! temp dir, child processes that are killed when the test ends (pass or
 //! fail), and a raw Road client for sending frames no driver would send.
 
+pub mod sim;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
