@@ -359,6 +359,23 @@ pub struct World<P> {
     trace: Vec<TraceEntry>,
     /// The latency new Roads get.
     pub road_latency: Latency,
+    tamper: Option<Box<Tamper>>,
+}
+
+/// A fault injected between a core and its outputs, to check that oracles
+/// catch a junction that misbehaves: given the node, the connection and a
+/// frame the core wrote, what becomes of it.
+pub type Tamper = dyn FnMut(NodeId, u64, &Frame) -> Tampered;
+
+/// What a [`Tamper`] does to one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tampered {
+    /// The frame passes unchanged.
+    Pass,
+    /// The frame is lost, as if the core never wrote it.
+    Lose,
+    /// The frame is written twice.
+    Duplicate,
 }
 
 impl<P> fmt::Debug for World<P> {
@@ -397,7 +414,15 @@ impl<P: Process> World<P> {
             links: Vec::new(),
             trace: Vec::new(),
             road_latency: Latency::default(),
+            tamper: None,
         }
+    }
+
+    /// Makes every core's output pass through `tamper` before it is traced
+    /// and sent: a broken junction, for testing oracles. Never for real
+    /// runs.
+    pub fn danger_tamper_outputs(&mut self, tamper: Box<Tamper>) {
+        self.tamper = Some(tamper);
     }
 
     /// The seed the world runs from.
@@ -730,23 +755,14 @@ impl<P: Process> World<P> {
         while let Some(output) = self.nodes[node].core.poll_output() {
             match output {
                 Output::Frame { conn, frame } => {
-                    self.record(Traced::CoreOut {
-                        node,
-                        conn: conn.get(),
-                        frame: frame.clone(),
-                    });
-                    let Some(pid) = self.pid_of(node, conn) else {
-                        continue;
+                    let copies = match self.tamper.as_mut().map(|t| t(node, conn.get(), &frame)) {
+                        None | Some(Tampered::Pass) => 1,
+                        Some(Tampered::Lose) => 0,
+                        Some(Tampered::Duplicate) => 2,
                     };
-                    let latency = self.roads[pid].latency;
-                    let delay = self.rng.between(latency.min, latency.max);
-                    let road = &mut self.roads[pid];
-                    if road.cut {
-                        continue;
+                    for _ in 0..copies {
+                        self.route_frame(node, conn, frame.clone());
                     }
-                    let at = (self.elapsed + delay).max(road.down_last);
-                    road.down_last = at;
-                    self.schedule(at, Event::ToProcess { pid, frame });
                 }
                 Output::Close { conn, reason } => {
                     self.record(Traced::CoreClosed {
@@ -768,6 +784,27 @@ impl<P: Process> World<P> {
                 }
             }
         }
+    }
+
+    /// Records a frame a core wrote and sends it down its Road.
+    fn route_frame(&mut self, node: NodeId, conn: ConnId, frame: Frame) {
+        self.record(Traced::CoreOut {
+            node,
+            conn: conn.get(),
+            frame: frame.clone(),
+        });
+        let Some(pid) = self.pid_of(node, conn) else {
+            return;
+        };
+        let latency = self.roads[pid].latency;
+        let delay = self.rng.between(latency.min, latency.max);
+        let road = &mut self.roads[pid];
+        if road.cut {
+            return;
+        }
+        let at = (self.elapsed + delay).max(road.down_last);
+        road.down_last = at;
+        self.schedule(at, Event::ToProcess { pid, frame });
     }
 
     fn pid_of(&self, node: NodeId, conn: ConnId) -> Option<ProcessId> {

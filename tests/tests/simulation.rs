@@ -6,10 +6,11 @@
 //! Every run is fixed by its seed. A failure prints the seed; run again
 //! with `JUNCTION_SIM_SEED=<seed>` to replay exactly that run (and only it).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use junction_road::{Frame, Header};
 use junction_tests::sim::workload::{self, Plan};
-use junction_tests::sim::{SEED_VAR, seed_from_env};
+use junction_tests::sim::{Latency, SEED_VAR, Tamper, Tampered, seed_from_env};
 
 /// Runs `plan` for each seed (or only the one in `JUNCTION_SIM_SEED`),
 /// panicking with the replay instructions on the first failure.
@@ -44,15 +45,171 @@ fn run_seeds(name: &str, seeds: std::ops::Range<u64>, plan: &Plan) {
 fn one_seed_replays_the_same_run() {
     let plan = Plan::tight(5, 300);
     let seed = seed_from_env(42);
-    let (_, a) = workload::run_world(seed, &plan).unwrap();
-    let (_, b) = workload::run_world(seed, &plan).unwrap();
+    let (_, a) = workload::run_world(seed, &plan, |_| {}).unwrap();
+    let (_, b) = workload::run_world(seed, &plan, |_| {}).unwrap();
     assert_eq!(a.digest, b.digest, "seed {seed} gave two different traces");
     assert_eq!(a.steps, b.steps);
-    let (_, c) = workload::run_world(seed.wrapping_add(1), &plan).unwrap();
+    let (_, c) = workload::run_world(seed.wrapping_add(1), &plan, |_| {}).unwrap();
     assert_ne!(a.digest, c.digest, "two seeds gave the same trace");
 }
 
 #[test]
 fn delivery_contract_holds_under_random_operations() {
     run_seeds("random operations", 0..40, &Plan::tight(6, 400));
+}
+
+#[test]
+fn delivery_contract_holds_when_processes_crash() {
+    let plan = Plan {
+        crash_percent: 8,
+        ..Plan::tight(8, 300)
+    };
+    run_seeds("crashes", 1000..1030, &plan);
+}
+
+#[test]
+fn delivery_contract_holds_as_capabilities_expire() {
+    let plan = Plan {
+        long_pause_percent: 20,
+        ..Plan::tight(5, 300)
+    };
+    run_seeds("expiries", 2000..2030, &plan);
+}
+
+#[test]
+fn delivery_contract_holds_over_slow_uneven_roads() {
+    let plan = Plan {
+        latency: Latency {
+            min: Duration::from_micros(1),
+            max: Duration::from_millis(30),
+        },
+        ..Plan::tight(6, 400)
+    };
+    run_seeds("slow roads", 3000..3030, &plan);
+}
+
+#[test]
+fn delivery_contract_holds_with_default_limits() {
+    let mut plan = Plan::tight(4, 600);
+    plan.config = junction_core::Config {
+        dev_namespace: plan.config.dev_namespace.clone(),
+        ..junction_core::Config::default()
+    };
+    run_seeds("default limits", 4000..4020, &plan);
+}
+
+/// Runs a plan with a broken junction (`tamper` between the core and its
+/// Roads) and returns what the oracle said.
+fn oracle_verdict(seed: u64, tamper: Box<Tamper>) -> Result<(), String> {
+    let plan = Plan::tight(6, 400);
+    let (world, _) = workload::run_world(seed, &plan, |w| w.danger_tamper_outputs(tamper))
+        .map_err(|e| e.to_string())?;
+    workload::check(&world, &plan)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Every `n`th frame that `pick` selects gets `what`.
+fn every_nth(n: u32, what: Tampered, pick: fn(&Header) -> bool) -> Box<Tamper> {
+    let mut seen = 0;
+    Box::new(move |_, _, frame: &Frame| {
+        if !pick(&frame.header) {
+            return Tampered::Pass;
+        }
+        seen += 1;
+        if seen % n == 0 { what } else { Tampered::Pass }
+    })
+}
+
+#[test]
+fn the_oracle_catches_a_junction_that_loses_notices() {
+    let verdict = oracle_verdict(
+        1,
+        every_nth(3, Tampered::Lose, |h| {
+            matches!(h, Header::Undeliverable { .. })
+        }),
+    );
+    let err = verdict.expect_err("lost Undeliverable notices went unnoticed");
+    assert!(
+        err.contains("not told") || err.contains("neither delivered nor reported"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_oracle_catches_a_junction_that_delivers_twice() {
+    let verdict = oracle_verdict(
+        2,
+        every_nth(
+            7,
+            Tampered::Duplicate,
+            |h| matches!(h, Header::Deliver(d) if d.origin.port != 0 && d.tag == 0),
+        ),
+    );
+    let err = verdict.expect_err("duplicate deliveries went unnoticed");
+    assert!(err.contains("delivered twice"), "{err}");
+}
+
+#[test]
+fn the_oracle_catches_a_junction_that_loses_calls() {
+    let verdict = oracle_verdict(
+        3,
+        every_nth(5, Tampered::Lose, |h| {
+            matches!(h, Header::CallFailed { .. })
+        }),
+    );
+    let err = verdict.expect_err("lost CallFailed notices went unnoticed");
+    assert!(
+        err.contains("never ended") || err.contains("ended 0 times"),
+        "{err}"
+    );
+}
+
+/// A long soak over many seeds and every plan, for hunting bugs by hand:
+/// `JUNCTION_SIM_SOAK=<seeds> cargo test --release -p junction-tests
+/// --test simulation soak -- --ignored --nocapture`.
+#[test]
+#[ignore = "a long soak, run by hand"]
+fn soak() {
+    let seeds: u64 = std::env::var("JUNCTION_SIM_SOAK")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let base = 1_000_000;
+    let mut plans = vec![
+        Plan::tight(6, 400),
+        Plan {
+            crash_percent: 8,
+            ..Plan::tight(8, 300)
+        },
+        Plan {
+            long_pause_percent: 20,
+            ..Plan::tight(5, 300)
+        },
+        Plan {
+            latency: Latency {
+                min: Duration::from_micros(1),
+                max: Duration::from_millis(30),
+            },
+            ..Plan::tight(6, 400)
+        },
+    ];
+    let mut roomy = Plan::tight(4, 600);
+    roomy.config = junction_core::Config {
+        dev_namespace: roomy.config.dev_namespace.clone(),
+        ..junction_core::Config::default()
+    };
+    plans.push(roomy);
+    let mut failures = Vec::new();
+    for (i, plan) in plans.iter().enumerate() {
+        let start = base * (i as u64 + 1);
+        for seed in start..start + seeds {
+            if let Err(e) = workload::run(seed, plan) {
+                eprintln!("plan {i}: {e}");
+                failures.push(seed);
+                break;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failing seeds: {failures:?}");
 }

@@ -240,7 +240,7 @@ pub fn check(
             break;
         }
     }
-    s.finish(alive);
+    s.finish(alive, records);
     check_records(records, alive, &mut s.errors);
     if s.errors.is_empty() {
         Ok(s.summary)
@@ -452,9 +452,12 @@ impl Shadow<'_> {
         if let (Some(id), Some(tag)) = (id, tag) {
             self.call_msg.insert((conn, tag), id);
         }
-        if let (Some(id), Some(key)) = (id, key)
+        if let Some(id) = id
             && handle != 0
         {
+            // A handle the shadow does not know: the core must refuse it
+            // (UnknownHandle), which tells the sender.
+            let key = key.unwrap_or((conn, handle, u64::MAX));
             self.summary.messages += 1;
             if self.msgs.contains_key(&id) {
                 self.fail(format!("message {id:?} was sent twice"));
@@ -857,11 +860,42 @@ impl Shadow<'_> {
         }
     }
 
-    fn finish(&mut self, alive: &dyn Fn(ProcessId) -> bool) {
+    fn finish(&mut self, alive: &dyn Fn(ProcessId) -> bool, records: &[(ProcessId, &Records)]) {
         let conn_alive = |s: &Self, conn: u64| {
             !s.ended.contains(&conn) && s.pid_of.get(&conn).is_some_and(|&p| alive(p))
         };
         let mut problems = Vec::new();
+        // What the applications handed their drivers agrees with what
+        // reached the core, and the drivers passed on what the core said.
+        let records: HashMap<ProcessId, &Records> = records.iter().copied().collect();
+        for (&pid, r) in &records {
+            for sent in &r.sent {
+                let Some(m) = self.msgs.get(&sent.id) else {
+                    if alive(pid) {
+                        problems.push(format!(
+                            "p{pid} sent {:?}, which never reached the junction",
+                            sent.id
+                        ));
+                    }
+                    continue;
+                };
+                if m.key.1 != sent.handle || m.seq != sent.seq {
+                    problems.push(format!(
+                        "p{pid} sent {:?} as handle {:#x} seq {}, the junction counted handle {:#x} seq {}",
+                        sent.id, sent.handle, sent.seq, m.key.1, m.seq
+                    ));
+                }
+                let reported = r.undeliverable.iter().any(|&(h, first, count, _)| {
+                    h == sent.handle && (first..first + u64::from(count)).contains(&sent.seq)
+                });
+                if m.told_undeliverable && alive(pid) && !reported {
+                    problems.push(format!(
+                        "p{pid}'s driver did not report {:?} (handle {:#x} seq {}) undeliverable",
+                        sent.id, sent.handle, sent.seq
+                    ));
+                }
+            }
+        }
         for (id, m) in &self.msgs {
             if m.told {
                 self.summary.told += 1;
