@@ -512,6 +512,9 @@ impl<P: Process> World<P> {
     /// queued (its Hello) start on their way.
     pub fn add_process(&mut self, node: NodeId, process: P) -> ProcessId {
         let now = self.now();
+        // Attaching is a step of its own, so that oracles can tell what it
+        // caused from what the previous step did.
+        self.step += 1;
         let conn = self.nodes[node].core.handle_connected(Peer::default(), now);
         let pid = self.processes.len();
         self.processes.push(Slot::Alive(process));
@@ -566,6 +569,7 @@ impl<P: Process> World<P> {
             return;
         };
         self.processes[pid] = Slot::Crashed(p);
+        self.step += 1;
         self.record(Traced::Crashed { pid });
         let road = &mut self.roads[pid];
         road.cut = true;

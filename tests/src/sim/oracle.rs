@@ -73,9 +73,16 @@ struct PortInc {
     fifo: VecDeque<InFlight>,
 }
 
-/// One delivery not yet consumed: the data message, if it is one, and the
-/// metered capability and credit units it came on, if any.
-type InFlight = (Option<MsgId>, Option<(CapKey, u32)>);
+/// One delivery not yet consumed.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// The data message, if it is one.
+    id: Option<MsgId>,
+    /// The metered capability and credit units it came on, if any.
+    metered: Option<(CapKey, u32)>,
+    /// For a call: the reply handle it put into the receiver's table.
+    reply: Option<u32>,
+}
 
 /// A capability in the shadow: connection, handle, and which capability
 /// that handle is (handles can be reused).
@@ -93,6 +100,10 @@ struct ShadowCap {
     seq: u64,
     /// For a reply capability: the caller's connection and tag.
     reply_to: Option<(u64, u64)>,
+    /// Its holder watches it.
+    watched: bool,
+    /// Dead on its own: its port died while it was watched.
+    dead_on_own: bool,
 }
 
 impl ShadowCap {
@@ -108,6 +119,8 @@ impl ShadowCap {
             budget: None,
             seq: 0,
             reply_to: None,
+            watched: false,
+            dead_on_own: false,
         }
     }
 
@@ -158,6 +171,8 @@ enum Input {
         caps: Vec<u32>,
         tag: Option<u64>,
         id: Option<MsgId>,
+        /// Whether the step delivered it.
+        delivered: bool,
     },
     Other,
 }
@@ -185,6 +200,9 @@ struct Shadow<'a> {
     /// Calls by caller connection and tag: how many times each ended.
     calls: BTreeMap<(u64, u64), u32>,
     in_flight_cost: HashMap<CapKey, u32>,
+    /// Capabilities that move, attached to a message the junction refused:
+    /// they stayed in the sender's table.
+    leaked: BTreeSet<(u64, u32)>,
     input: Input,
     step: u64,
     unix: u64,
@@ -201,6 +219,22 @@ pub fn check(
     records: &[(ProcessId, &Records)],
     alive: &dyn Fn(ProcessId) -> bool,
 ) -> Result<Summary, String> {
+    let mut s = replay(config, trace);
+    s.finish(alive, records);
+    check_records(records, alive, &mut s.errors);
+    if s.errors.is_empty() {
+        Ok(s.summary)
+    } else {
+        let mut out = String::new();
+        for e in &s.errors {
+            let _ = writeln!(out, "{e}");
+        }
+        Err(out)
+    }
+}
+
+/// Runs the shadow model over a trace.
+fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
     let window = config
         .window
         .max(2 * credit_cost(config.max_frame as usize));
@@ -223,6 +257,7 @@ pub fn check(
         last_inst: HashMap::new(),
         calls: BTreeMap::new(),
         in_flight_cost: HashMap::new(),
+        leaked: BTreeSet::new(),
         input: Input::None,
         step: u64::MAX,
         unix: 0,
@@ -231,8 +266,8 @@ pub fn check(
     };
     for entry in trace {
         if entry.step != s.step {
+            s.end_step();
             s.step = entry.step;
-            s.input = Input::None;
         }
         s.unix = entry.unix;
         s.entry(&entry.what);
@@ -240,20 +275,59 @@ pub fn check(
             break;
         }
     }
-    s.finish(alive, records);
-    check_records(records, alive, &mut s.errors);
-    if s.errors.is_empty() {
-        Ok(s.summary)
-    } else {
-        let mut out = String::new();
-        for e in &s.errors {
-            let _ = writeln!(out, "{e}");
+    s.end_step();
+    s
+}
+
+/// What the shadow model says one connection holds at the end of a trace.
+#[derive(Debug, Clone, Default)]
+pub struct ShadowHandles {
+    /// Every handle in its table.
+    pub held: BTreeSet<u32>,
+    /// Of those, handles their holder has reason to believe gone: moving
+    /// capabilities attached to a message the junction refused, send-once
+    /// capabilities used while dead on their own (known bugs 2 and 3 in
+    /// [`super::workload::Client::avoid_known_bugs`]).
+    pub left_by_refusals: BTreeSet<u32>,
+}
+
+/// The capability handles the shadow model says each connection holds at
+/// the end of a trace, for the audit.
+pub fn shadow_handles(config: &Config, trace: &[TraceEntry]) -> BTreeMap<u64, ShadowHandles> {
+    let s = replay(config, trace);
+    let mut out: BTreeMap<u64, ShadowHandles> = BTreeMap::new();
+    for &(conn, handle) in s.caps.keys() {
+        let entry = out.entry(conn).or_default();
+        entry.held.insert(handle);
+        if s.leaked.contains(&(conn, handle)) {
+            entry.left_by_refusals.insert(handle);
         }
-        Err(out)
     }
+    out
 }
 
 impl Shadow<'_> {
+    /// A step is over: a message it refused left attached capabilities that
+    /// move in their sender's table.
+    fn end_step(&mut self) {
+        if let Input::Message {
+            conn,
+            handle,
+            ref caps,
+            delivered: false,
+            ..
+        } = self.input
+            && handle != 0
+        {
+            for &h in caps {
+                if self.caps.get(&(conn, h)).is_some_and(ShadowCap::moves) {
+                    self.leaked.insert((conn, h));
+                }
+            }
+        }
+        self.input = Input::None;
+    }
+
     fn fail(&mut self, message: String) {
         let step = self.step;
         self.errors.push(format!("step {step}: {message}"));
@@ -322,7 +396,18 @@ impl Shadow<'_> {
         }
         self.incs[inc].alive = false;
         let fifo = std::mem::take(&mut self.incs[inc].fifo);
-        for (id, metered) in fifo {
+        let owner = self.incs[inc].owner;
+        // Capabilities watched when their port died are dead on their own.
+        for cap in self.caps.values_mut() {
+            if cap.inc == Some(inc) && cap.watched {
+                cap.dead_on_own = true;
+            }
+        }
+        for InFlight { id, metered, reply } in fifo {
+            // An unconsumed call's reply capability leaves the receiver.
+            if let Some(reply) = reply {
+                self.caps.remove(&(owner, reply));
+            }
             if let Some((key, cost)) = metered {
                 self.release_cost(key, cost);
             }
@@ -391,6 +476,14 @@ impl Shadow<'_> {
             }
             Header::Drop { handle } if *handle != 0 => {
                 self.caps.remove(&(conn, *handle));
+                self.leaked.remove(&(conn, *handle));
+            }
+            Header::Watch { handle } => {
+                if let Some(cap) = self.caps.get_mut(&(conn, *handle)) {
+                    // Watched after its port died: dead on its own now.
+                    cap.dead_on_own |= cap.inc.is_some_and(|i| !self.incs[i].alive);
+                    cap.watched = true;
+                }
             }
             Header::Revoke { handle } => {
                 if let Some(l) = self.caps.get(&(conn, *handle)).and_then(|c| c.root) {
@@ -414,7 +507,7 @@ impl Shadow<'_> {
                 {
                     let n = (*count as usize).min(self.incs[inc].fifo.len());
                     let done: Vec<_> = self.incs[inc].fifo.drain(..n).collect();
-                    for (id, metered) in done {
+                    for InFlight { id, metered, .. } in done {
                         if let Some((key, cost)) = metered {
                             self.release_cost(key, cost);
                         }
@@ -444,10 +537,14 @@ impl Shadow<'_> {
         let before = self.caps.get(&(conn, handle)).cloned();
         let mut seq = 0;
         let mut send_once = false;
+        let mut used_up = false;
         if let Some(cap) = self.caps.get_mut(&(conn, handle)) {
             seq = cap.seq;
             cap.seq += 1;
             send_once = cap.rights.contains(Rights::SEND_ONCE);
+            // A send-once capability is used up, unless it is dead on its
+            // own (then the message is refused first: step 4).
+            used_up = send_once && !cap.dead_on_own;
         }
         if let (Some(id), Some(tag)) = (id, tag) {
             self.call_msg.insert((conn, tag), id);
@@ -485,12 +582,14 @@ impl Shadow<'_> {
             caps,
             tag,
             id,
+            delivered: false,
         };
-        if send_once {
-            // Used up whatever happens (the protocol's step 8); kept only
-            // when dead on its own, which the shadow need not know: a
-            // driver never uses a send-once handle twice.
+        if used_up {
             self.caps.remove(&(conn, handle));
+        } else if send_once {
+            // Refused as dead on its own and kept by the junction, while
+            // its holder counts it used (known bug 3).
+            self.leaked.insert((conn, handle));
         }
     }
 
@@ -630,6 +729,8 @@ impl Shadow<'_> {
                     budget: a.max_messages.or(from.budget),
                     seq: 0,
                     reply_to: None,
+                    watched: false,
+                    dead_on_own: from.dead_on_own,
                 }
             }
         };
@@ -667,7 +768,11 @@ impl Shadow<'_> {
                     .filter(|&i| self.incs[i].alive);
                 self.insert_cap(conn, g.handle, ShadowCap::plain(inc, g.rights));
             }
-            self.incs[inc].fifo.push_back((None, None));
+            self.incs[inc].fifo.push_back(InFlight {
+                id: None,
+                metered: None,
+                reply: None,
+            });
             return;
         }
         let Input::Message {
@@ -677,6 +782,7 @@ impl Shadow<'_> {
             ref caps,
             tag,
             id,
+            ..
         } = self.input
         else {
             self.fail(format!(
@@ -686,6 +792,9 @@ impl Shadow<'_> {
             return;
         };
         let (cap, caps) = ((**cap).clone(), caps.clone());
+        if let Input::Message { delivered, .. } = &mut self.input {
+            *delivered = true;
+        }
         self.check_delivery(conn, d, sender, &cap, inc, id);
         // Budget: one message of it is gone.
         if let Some(c) = self.caps.get_mut(&(sender, handle))
@@ -725,6 +834,7 @@ impl Shadow<'_> {
                 inst: 0,
                 root: None,
                 seq: 0,
+                watched: false,
                 ..src
             };
             self.insert_cap(conn, g.handle, copy);
@@ -756,9 +866,11 @@ impl Shadow<'_> {
                 ));
             }
         }
-        self.incs[inc]
-            .fifo
-            .push_back((id, metered.then_some((key, cost))));
+        self.incs[inc].fifo.push_back(InFlight {
+            id,
+            metered: metered.then_some((key, cost)),
+            reply: d.reply,
+        });
     }
 
     fn check_delivery(
