@@ -1021,6 +1021,44 @@ pub fn run_world(
     Ok((world, report))
 }
 
+/// Runs a fixed script: `processes` processes attach, then each step
+/// `(pid, op)` is applied and the world runs until it is quiet; then every
+/// application settles and the run is audited and checked, as [`run`]
+/// does. For regression tests that pin one bug with a few operations.
+pub fn run_script(
+    seed: u64,
+    plan: &Plan,
+    script: &[(ProcessId, Op)],
+    avoid_known_bugs: bool,
+) -> Result<Report, super::Failure> {
+    let mut world = World::new(seed, plan.config.clone());
+    world.road_latency = plan.latency;
+    for _ in 0..plan.processes {
+        let pid = world.process_count();
+        let mut client = Client::new(pid);
+        client.avoid_known_bugs = avoid_known_bugs;
+        world.add_process(0, client);
+    }
+    world.run_until_idle(1_000_000)?;
+    let population = world.process_count();
+    for (pid, op) in script {
+        world.act(*pid, |c, ctx| c.apply(op, ctx, population));
+        world.run_until_idle(1_000_000)?;
+    }
+    settle(&mut world)?;
+    audit(&mut world)?;
+    let summary = check(&world, plan)?;
+    Ok(Report {
+        seed,
+        ops: script.len() as u64,
+        steps: world.steps(),
+        elapsed: world.elapsed(),
+        crashes: 0,
+        summary,
+        digest: world.digest(),
+    })
+}
+
 /// Once the world is quiet: the junction holds exactly the capability
 /// handles each live application believes it holds. A difference is a
 /// handle leaked (or lost) between driver and junction: memory the
