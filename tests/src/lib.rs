@@ -1,6 +1,11 @@
 //! Helpers for Junction's cross-process tests: a real `junction` daemon in a
 //! temp dir, child processes that are killed when the test ends (pass or
 //! fail), and a raw Road client for sending frames no driver would send.
+//!
+//! [`sim`] is the deterministic simulation: the real junction core and real
+//! driver state machines in one simulated world with a fake clock, random
+//! operations from one seed, and an oracle for the delivery contract
+//! (`tests/simulation.rs` runs it).
 
 pub mod sim;
 

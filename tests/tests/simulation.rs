@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use junction_road::{Frame, Header};
+use junction_tests::sim::oracle::Summary;
 use junction_tests::sim::workload::{self, Op, Plan};
 use junction_tests::sim::{Latency, SEED_VAR, Tamper, Tampered, seed_from_env};
 
@@ -20,22 +21,21 @@ fn run_seeds(name: &str, seeds: std::ops::Range<u64>, plan: &Plan) {
         Ok(_) => vec![seed_from_env(0)],
         Err(_) => seeds.collect(),
     };
-    let (mut ops, mut steps, mut messages, mut calls, mut listings) = (0, 0, 0, 0, 0);
+    let (mut ops, mut steps, mut crashes) = (0, 0, 0);
+    let mut summary = Summary::default();
     for &seed in &seeds {
         match workload::run(seed, plan) {
             Ok(r) => {
                 ops += r.ops;
                 steps += r.steps;
-                messages += r.summary.messages;
-                calls += r.summary.calls;
-                listings += r.summary.listings;
+                crashes += r.crashes;
+                summary.add(&r.summary);
             }
             Err(e) => panic!("{name}: {e}"),
         }
     }
     eprintln!(
-        "{name}: {} seeds, {ops} operations, {messages} messages, {calls} calls, \
-         {listings} listings, {steps} world steps in {:?}",
+        "{name}: {} seeds, {ops} operations, {crashes} crashes, {steps} world steps in {:?}; {summary:?}",
         seeds.len(),
         started.elapsed()
     );

@@ -60,6 +60,34 @@ pub struct Summary {
     pub listings: u64,
     /// Frames in the trace.
     pub frames: u64,
+    /// Capabilities passed inside messages.
+    pub passed: u64,
+    /// Lineages revoked.
+    pub revocations: u64,
+    /// Deliveries of messages sent on a capability of a revocable lineage,
+    /// with an expiry, or with a budget: those the "nothing on a dead
+    /// capability" checks look at.
+    pub limited_deliveries: u64,
+    /// `Undeliverable` notices, by reason.
+    pub undeliverable: BTreeMap<String, u64>,
+}
+
+impl Summary {
+    /// Adds another run's counts to these.
+    pub fn add(&mut self, other: &Summary) {
+        self.messages += other.messages;
+        self.delivered += other.delivered;
+        self.told += other.told;
+        self.calls += other.calls;
+        self.listings += other.listings;
+        self.frames += other.frames;
+        self.passed += other.passed;
+        self.revocations += other.revocations;
+        self.limited_deliveries += other.limited_deliveries;
+        for (k, v) in &other.undeliverable {
+            *self.undeliverable.entry(k.clone()).or_default() += v;
+        }
+    }
 }
 
 /// A port incarnation in the shadow.
@@ -486,8 +514,10 @@ impl Shadow<'_> {
                 }
             }
             Header::Revoke { handle } => {
-                if let Some(l) = self.caps.get(&(conn, *handle)).and_then(|c| c.root) {
-                    self.revoked.insert(l);
+                if let Some(l) = self.caps.get(&(conn, *handle)).and_then(|c| c.root)
+                    && self.revoked.insert(l)
+                {
+                    self.summary.revocations += 1;
                 }
             }
             Header::ClosePort { port } => {
@@ -638,6 +668,11 @@ impl Shadow<'_> {
                 count,
                 reason,
             } => {
+                *self
+                    .summary
+                    .undeliverable
+                    .entry(format!("{reason:?}"))
+                    .or_default() += u64::from(*count);
                 let Some(key) = self
                     .cap_key(conn, *handle)
                     .or_else(|| self.last_key(conn, *handle))
@@ -810,6 +845,10 @@ impl Shadow<'_> {
                 caps.len(),
                 d.caps.len()
             ));
+        }
+        self.summary.passed += d.caps.len() as u64;
+        if !cap.lineages.is_empty() || cap.expires_at.is_some() || cap.budget.is_some() {
+            self.summary.limited_deliveries += 1;
         }
         for (h, g) in caps.iter().zip(&d.caps) {
             let Some(src) = self.caps.get(&(sender, *h)).cloned() else {
@@ -1016,7 +1055,7 @@ impl Shadow<'_> {
                 continue;
             }
             let (_, handle, _) = m.key;
-            if m.delivered == 0 && !m.told && !m.send_once {
+            if m.delivered == 0 && !m.told {
                 problems.push(format!(
                     "message {id:?} (c{} handle {handle:#x} seq {}) was neither delivered nor reported to its sender",
                     m.conn, m.seq
