@@ -55,7 +55,7 @@ fn one_seed_replays_the_same_run() {
 
 #[test]
 fn delivery_contract_holds_under_random_operations() {
-    run_seeds("random operations", 0..40, &Plan::tight(6, 400));
+    run_seeds("random operations", 0..80, &Plan::tight(6, 400));
 }
 
 #[test]
@@ -64,7 +64,7 @@ fn delivery_contract_holds_when_processes_crash() {
         crash_percent: 8,
         ..Plan::tight(8, 300)
     };
-    run_seeds("crashes", 1000..1030, &plan);
+    run_seeds("crashes", 1000..1060, &plan);
 }
 
 #[test]
@@ -73,7 +73,7 @@ fn delivery_contract_holds_as_capabilities_expire() {
         long_pause_percent: 20,
         ..Plan::tight(5, 300)
     };
-    run_seeds("expiries", 2000..2030, &plan);
+    run_seeds("expiries", 2000..2060, &plan);
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn delivery_contract_holds_over_slow_uneven_roads() {
         },
         ..Plan::tight(6, 400)
     };
-    run_seeds("slow roads", 3000..3030, &plan);
+    run_seeds("slow roads", 3000..3060, &plan);
 }
 
 #[test]
@@ -95,7 +95,7 @@ fn delivery_contract_holds_with_default_limits() {
         dev_namespace: plan.config.dev_namespace.clone(),
         ..junction_core::Config::default()
     };
-    run_seeds("default limits", 4000..4020, &plan);
+    run_seeds("default limits", 4000..4040, &plan);
 }
 
 /// Runs a plan with a broken junction (`tamper` between the core and its

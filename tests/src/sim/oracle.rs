@@ -68,6 +68,8 @@ pub struct Summary {
     /// with an expiry, or with a budget: those the "nothing on a dead
     /// capability" checks look at.
     pub limited_deliveries: u64,
+    /// `NoSenders` notices checked.
+    pub no_senders: u64,
     /// `Undeliverable` notices, by reason.
     pub undeliverable: BTreeMap<String, u64>,
 }
@@ -84,6 +86,7 @@ impl Summary {
         self.passed += other.passed;
         self.revocations += other.revocations;
         self.limited_deliveries += other.limited_deliveries;
+        self.no_senders += other.no_senders;
         for (k, v) in &other.undeliverable {
             *self.undeliverable.entry(k.clone()).or_default() += v;
         }
@@ -701,6 +704,20 @@ impl Shadow<'_> {
                 }
             }
             Header::Deliver(d) => self.delivered(conn, d, frame),
+            Header::NoSenders { port } => {
+                // Told when the last capability went: none may be left.
+                let owned = self
+                    .live_port
+                    .get(port)
+                    .is_some_and(|&i| self.incs[i].alive && self.incs[i].owner == conn);
+                let senders = self.senders(*port);
+                if !owned || senders != Some(0) {
+                    self.fail(format!(
+                        "c{conn} heard NoSenders for port {port} (owned: {owned}), which has {senders:?} senders"
+                    ));
+                }
+                self.summary.no_senders += 1;
+            }
             _ => {}
         }
     }
@@ -983,6 +1000,16 @@ impl Shadow<'_> {
         }
     }
 
+    /// Capabilities in any table that reach the live port `number`.
+    fn senders(&self, number: u16) -> Option<usize> {
+        let inc = self
+            .live_port
+            .get(&number)
+            .copied()
+            .filter(|&i| self.incs[i].alive)?;
+        Some(self.caps.values().filter(|c| c.inc == Some(inc)).count())
+    }
+
     fn listing(&mut self, listing: &Listing) {
         self.summary.listings += 1;
         for p in &listing.ports {
@@ -998,6 +1025,22 @@ impl Shadow<'_> {
                 self.fail(format!(
                     "the listing counts {} messages queued on port {}, the shadow {shadow:?}",
                     p.queued, p.address
+                ));
+            }
+            let senders = self.senders(p.address.port);
+            if senders != Some(p.senders as usize) {
+                self.fail(format!(
+                    "the listing counts {} senders to port {}, the shadow {senders:?}",
+                    p.senders, p.address
+                ));
+            }
+        }
+        for c in &listing.connections {
+            let shadow = self.caps.keys().filter(|&&(conn, _)| conn == c.id).count();
+            if c.handles as usize != shadow {
+                self.fail(format!(
+                    "the listing counts {} handles for c{}, the shadow {shadow}",
+                    c.handles, c.id
                 ));
             }
         }

@@ -250,6 +250,11 @@ pub enum Op {
         /// Which capability.
         cap: usize,
     },
+    /// Ask to hear when one of its ports has no senders left.
+    WatchSenders {
+        /// Which port.
+        port: usize,
+    },
     /// Close one of its ports.
     ClosePort {
         /// Which port.
@@ -312,7 +317,10 @@ impl Op {
                 revocable: rng.chance(50),
             },
             89..=92 => Op::Revoke { root: rng.index(8) },
-            93..=94 => Op::Watch { cap: rng.index(64) },
+            93 => Op::Watch { cap: rng.index(64) },
+            94 => Op::WatchSenders {
+                port: rng.index(16),
+            },
             95..=97 => Op::ClosePort {
                 port: rng.index(16),
             },
@@ -554,6 +562,10 @@ impl Client {
             }
             Op::Watch { cap } => match self.pick_cap(*cap) {
                 Some(i) => self.machine.watch(self.held[i].handle),
+                None => Ok(()),
+            },
+            Op::WatchSenders { port } => match self.pick_port(*port) {
+                Some(port) => self.machine.watch_senders(port),
                 None => Ok(()),
             },
             Op::ClosePort { port } => {
