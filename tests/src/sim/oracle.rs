@@ -68,6 +68,8 @@ pub struct Summary {
     /// with an expiry, or with a budget: those the "nothing on a dead
     /// capability" checks look at.
     pub limited_deliveries: u64,
+    /// `CallFailed` notices with tag 0 (see known oddity 5).
+    pub tag_zero_call_failed: u64,
     /// `NoSenders` notices checked.
     pub no_senders: u64,
     /// `Undeliverable` notices, by reason.
@@ -87,6 +89,7 @@ impl Summary {
         self.revocations += other.revocations;
         self.limited_deliveries += other.limited_deliveries;
         self.no_senders += other.no_senders;
+        self.tag_zero_call_failed += other.tag_zero_call_failed;
         for (k, v) in &other.undeliverable {
             *self.undeliverable.entry(k.clone()).or_default() += v;
         }
@@ -657,6 +660,11 @@ impl Shadow<'_> {
                     m.told = true;
                 }
             }
+            // A `Call` with tag 0 (refused as BadTag, or no call) on a
+            // capability dead on its own is answered `CallFailed{tag: 0}`:
+            // the dead check comes first (protocol 6.1 step 4, known
+            // oddity 5). Tag 0 names no call, so it ends none.
+            Header::CallFailed { tag: 0, .. } => self.summary.tag_zero_call_failed += 1,
             Header::CallFailed { tag, .. } => {
                 self.call_ended(conn, *tag);
                 if let Some(id) = self.call_msg.get(&(conn, *tag))
@@ -1063,6 +1071,9 @@ impl Shadow<'_> {
         // reached the core, and the drivers passed on what the core said.
         let records: HashMap<ProcessId, &Records> = records.iter().copied().collect();
         for (&pid, r) in &records {
+            if r.rogue {
+                continue;
+            }
             for sent in &r.sent {
                 let Some(m) = self.msgs.get(&sent.id) else {
                     if alive(pid) {
@@ -1139,6 +1150,9 @@ fn check_records(
     }
     let mut seen = BTreeSet::new();
     for (pid, r) in records {
+        if r.rogue {
+            continue;
+        }
         // Per receiver: the last sequence number consumed per flow.
         let mut last: HashMap<(ProcessId, u64), u64> = HashMap::new();
         for c in &r.consumed {

@@ -133,6 +133,10 @@ pub struct Records {
     pub refused_locally: u64,
     /// Operations applied.
     pub ops: u64,
+    /// The process wrote frames behind its driver's back (a hostile or
+    /// broken driver): what it recorded is not what its driver knows, so
+    /// only the junction-side checks apply to it.
+    pub rogue: bool,
 }
 
 /// A capability the application holds.
@@ -262,6 +266,18 @@ pub enum Op {
     },
     /// Ask the control port for a listing.
     List,
+    /// Write one well-framed frame no honest driver would write, chosen
+    /// by `seed`, behind the driver's back (see [`Records::rogue`]).
+    Raw {
+        /// What to write.
+        seed: u64,
+    },
+    /// Answer an owed call with a `Call` on its reply capability, not a
+    /// `Send`, behind the driver's back (a rogue; known bug 4).
+    ReplyWithCall {
+        /// Which owed call.
+        owed: usize,
+    },
 }
 
 impl Op {
@@ -338,6 +354,8 @@ pub struct Client {
     pid: ProcessId,
     /// The driver state machine.
     pub machine: Machine,
+    /// Decides whether the plan makes this process a rogue.
+    rogue_seed: u64,
     home: Option<Address>,
     ports: Vec<u16>,
     /// Ports registered under a name, and their names' numbers.
@@ -352,6 +370,8 @@ pub struct Client {
     control_calls: BTreeMap<u64, ControlKind>,
     next_msg: u64,
     closed: bool,
+    /// Frames written behind the driver's back.
+    raw: VecDeque<Frame>,
     /// Steer clear of bugs already reported, so that the simulation can
     /// look for others (on by default):
     ///
@@ -376,6 +396,11 @@ pub struct Client {
     ///    died is: the new holder cannot tell the two refusals apart, and
     ///    the driver forgets a handle the junction keeps. Tolerated by
     ///    [`audit`] as 2 is.
+    /// 4. The junction takes a `Call` on a reply capability: the caller
+    ///    gets a reply that carries a reply capability of its own, which
+    ///    the driver machine neither surfaces nor drops, so the caller's
+    ///    driver leaks a handle and the rogue's call never ends. A rogue
+    ///    ([`Op::Raw`]) never makes such a call while this is on.
     pub avoid_known_bugs: bool,
     /// What it recorded.
     pub records: Records,
@@ -404,6 +429,8 @@ impl Client {
         Self {
             pid,
             machine: Machine::new(format!("sim-{pid}"), 1 << 20),
+            // Spread over processes, and fixed by the pid alone.
+            rogue_seed: Rng::new(pid as u64).next_u64(),
             home: None,
             ports: Vec::new(),
             next_name: 0,
@@ -415,6 +442,7 @@ impl Client {
             control_calls: BTreeMap::new(),
             next_msg: 0,
             closed: false,
+            raw: VecDeque::new(),
             avoid_known_bugs: true,
             records: Records::default(),
         }
@@ -575,6 +603,39 @@ impl Client {
                     // the machine does: their senders hear Undeliverable.
                     self.unread.retain(|u| u.port != port);
                     self.machine.close_port(port);
+                }
+                Ok(())
+            }
+            Op::Raw { seed } => {
+                self.records.rogue = true;
+                // Known bug 4: a Call on a reply capability leaks a handle
+                // in the caller's driver; keep guesses off reply handles.
+                let replies: Vec<u32> = if self.avoid_known_bugs {
+                    self.owed
+                        .iter()
+                        .map(|o| o.reply)
+                        .chain(self.unread.iter().filter_map(|u| u.reply))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let home = self.home.map_or(0, |h| h.port);
+                let frame = raw_frame(&mut Rng::new(*seed), home, &replies);
+                self.raw.push_back(frame);
+                Ok(())
+            }
+            Op::ReplyWithCall { owed } => {
+                if !self.owed.is_empty() {
+                    self.records.rogue = true;
+                    let o = self.owed.remove(owed % self.owed.len());
+                    self.raw.push_back(Frame::with_payload(
+                        junction_road::Header::Call(junction_road::Call {
+                            handle: o.reply,
+                            tag: 1 << 41,
+                            caps: Vec::new(),
+                        }),
+                        Bytes::from_static(b"a reply that calls back"),
+                    ));
                 }
                 Ok(())
             }
@@ -874,7 +935,9 @@ impl Client {
 
 impl Process for Client {
     fn poll_transmit(&mut self) -> Option<Frame> {
-        self.machine.poll_transmit()
+        self.machine
+            .poll_transmit()
+            .or_else(|| self.raw.pop_front())
     }
 
     fn handle_frame(&mut self, frame: Frame, ctx: &mut Ctx<'_>) {
@@ -901,6 +964,9 @@ pub struct Plan {
     pub crash_percent: u64,
     /// Percent of pauses that are long (a second or more: expiries).
     pub long_pause_percent: u64,
+    /// Percent of processes that also write frames behind their driver's
+    /// back, one operation in three ([`Op::Raw`]).
+    pub rogue_percent: u64,
     /// The latency of every Road.
     pub latency: super::Latency,
     /// The junction's configuration.
@@ -928,6 +994,7 @@ impl Plan {
             ops,
             crash_percent: 1,
             long_pause_percent: 3,
+            rogue_percent: 0,
             latency: super::Latency::default(),
             config,
         }
@@ -1013,7 +1080,16 @@ pub fn run_world(
             world.add_process(0, Client::new(new));
             continue;
         }
-        let op = Op::random(&mut ops);
+        let rogue = world
+            .process(pid)
+            .is_some_and(|c| c.rogue_seed % 100 < plan.rogue_percent);
+        let op = if rogue && ops.chance(33) {
+            Op::Raw {
+                seed: ops.next_u64(),
+            }
+        } else {
+            Op::random(&mut ops)
+        };
         let population = world.process_count();
         world.act(pid, |c, ctx| c.apply(&op, ctx, population));
     }
@@ -1101,7 +1177,7 @@ pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
         let (Some(c), Some(road)) = (world.process(pid), world.road(pid)) else {
             continue;
         };
-        if c.closed {
+        if c.closed || c.records.rogue {
             continue;
         }
         let conn = road.conn.get();
@@ -1166,4 +1242,126 @@ pub fn settle(world: &mut World<Client>) -> Result<(), super::Failure> {
         }
     }
     Err(world.failure("the applications never settled".into()))
+}
+
+/// A well-framed frame a driver may send but an honest one would not:
+/// unknown handles and ports, bad rights, zero tags, long or repeated
+/// capability lists, credit never delivered, frames only a junction sends.
+/// Request ids and call tags stay far above what a driver machine uses, so
+/// that answers are not taken for its own.
+fn raw_frame(rng: &mut Rng, home: u16, not_on: &[u32]) -> Frame {
+    use junction_road::{Attenuate, Call, Header, Send};
+    let handle = |rng: &mut Rng| -> u32 {
+        match rng.below(4) {
+            0 => rng.below(8) as u32,
+            1 => (1 << 16) | rng.below(8) as u32,
+            2 => u32::MAX,
+            _ => rng.below(64) as u32,
+        }
+    };
+    let port = |rng: &mut Rng| -> u16 {
+        match rng.below(4) {
+            0 => home,
+            1 => 0,
+            _ => rng.below(24) as u16,
+        }
+    };
+    let caps = |rng: &mut Rng| -> Vec<u32> {
+        let n = match rng.below(10) {
+            0 => 65 + rng.index(4),
+            1..=5 => 0,
+            _ => 1 + rng.index(3),
+        };
+        (0..n).map(|_| rng.below(6) as u32).collect()
+    };
+    let req = (1 << 30) + rng.below(1 << 20) as u32;
+    let tag = if rng.chance(20) {
+        0
+    } else {
+        (1 << 40) + rng.below(1 << 20)
+    };
+    let rights = rng.below(256) as u8;
+    let header = match rng.below(14) {
+        0 => Header::Credit {
+            port: port(rng),
+            count: rng.below(6) as u32,
+        },
+        1 => Header::Drop {
+            handle: handle(rng),
+        },
+        2 | 3 => Header::Send(Send {
+            handle: handle(rng),
+            caps: caps(rng),
+        }),
+        4 | 5 => {
+            let mut h = handle(rng);
+            if not_on.contains(&h) {
+                h = u32::MAX;
+            }
+            Header::Call(Call {
+                handle: h,
+                tag,
+                caps: caps(rng),
+            })
+        }
+        6 => Header::Mint {
+            req,
+            port: port(rng),
+            rights: Rights::from_bits(rights & 7).unwrap_or(Rights::SEND),
+        },
+        7 => Header::Attenuate(Attenuate {
+            req,
+            handle: handle(rng),
+            rights: Rights::from_bits(rights & 7).unwrap_or(Rights::SEND),
+            expires_at: rng.chance(50).then(|| 1_800_000_000 + rng.below(400)),
+            max_messages: rng.chance(50).then(|| rng.below(3) as u32),
+            revocable: rng.chance(50),
+        }),
+        8 => Header::Revoke {
+            handle: handle(rng),
+        },
+        9 => Header::ClosePort { port: port(rng) },
+        10 => Header::Watch {
+            handle: handle(rng),
+        },
+        11 => Header::WatchSenders { port: port(rng) },
+        12 => Header::Ping {
+            nonce: rng.next_u64(),
+        },
+        _ => match rng.below(4) {
+            0 => Header::SendCredit {
+                handle: handle(rng),
+                count: 1,
+            },
+            1 => Header::Hello(junction_road::Hello {
+                magic: junction_road::MAGIC,
+                version: junction_road::PROTOCOL_VERSION,
+                max_frame: 1 << 20,
+                label: "again".into(),
+            }),
+            2 => Header::NoSenders { port: port(rng) },
+            _ => Header::Pong { nonce: 7 },
+        },
+    };
+    let payload = if rng.chance(30) {
+        // A control request, or what looks like one.
+        let request = match rng.below(3) {
+            0 => ControlRequest::List,
+            _ => ControlRequest::Lookup {
+                name: junction_driver::ServiceName::new(format!("sim.p{}-0", rng.below(8)))
+                    .unwrap_or_else(|_| unreachable_name()),
+            },
+        };
+        postcard::to_allocvec(&request)
+            .map(Bytes::from)
+            .unwrap_or_default()
+    } else {
+        Bytes::from(vec![0x5A; rng.index(40)])
+    };
+    Frame::with_payload(header, payload)
+}
+
+/// A name that is always valid, for the impossible case.
+fn unreachable_name() -> junction_driver::ServiceName {
+    junction_driver::ServiceName::new("sim").unwrap_or_else(|_| unreachable_name())
 }
