@@ -473,6 +473,11 @@ impl Client {
         v
     }
 
+    /// Whether the handshake is done and the connection is not over.
+    pub fn is_ready(&self) -> bool {
+        self.home.is_some() && !self.closed
+    }
+
     /// Whether the application has nothing left to do on its own: nothing
     /// unread, no call owed.
     pub fn is_settled(&self) -> bool {
@@ -964,6 +969,9 @@ pub struct Plan {
     pub crash_percent: u64,
     /// Percent of pauses that are long (a second or more: expiries).
     pub long_pause_percent: u64,
+    /// Percent of the processes joining after a crash that never say
+    /// Hello: the junction must close them at its Hello deadline.
+    pub mute_percent: u64,
     /// Percent of processes that also write frames behind their driver's
     /// back, one operation in three ([`Op::Raw`]).
     pub rogue_percent: u64,
@@ -995,6 +1003,7 @@ impl Plan {
             crash_percent: 1,
             long_pause_percent: 3,
             rogue_percent: 0,
+            mute_percent: 0,
             latency: super::Latency::default(),
             config,
         }
@@ -1077,7 +1086,12 @@ pub fn run_world(
             world.crash(pid);
             crashes += 1;
             let new = world.process_count();
-            world.add_process(0, Client::new(new));
+            let mut client = Client::new(new);
+            if ops.chance(plan.mute_percent) {
+                // Its Hello never leaves.
+                let _ = client.machine.poll_transmit();
+            }
+            world.add_process(0, client);
             continue;
         }
         let rogue = world
@@ -1152,7 +1166,8 @@ pub fn run_script(
 /// handle leaked (or lost) between driver and junction: memory the
 /// junction keeps for nothing, and a limit (`max_handles`) reached early.
 pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
-    let Some(auditor) = (0..world.process_count()).find(|&p| world.is_alive(p)) else {
+    let ready = |p: ProcessId| world.process(p).is_some_and(Client::is_ready);
+    let Some(auditor) = (0..world.process_count()).find(|&p| ready(p)) else {
         return Ok(());
     };
     let before = world
@@ -1177,7 +1192,7 @@ pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
         let (Some(c), Some(road)) = (world.process(pid), world.road(pid)) else {
             continue;
         };
-        if c.closed || c.records.rogue {
+        if !c.is_ready() || c.records.rogue {
             continue;
         }
         let conn = road.conn.get();
