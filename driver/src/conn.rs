@@ -8,12 +8,13 @@
 //! frame and the waiters it wakes, are one step; frames leave the machine
 //! for the outbox in order under that same lock.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use junction_road::control::CONTROL_HANDLE;
-use junction_road::frame::MAX_CAPS_PER_MESSAGE;
+use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::{
     Address, DirectLink, ErrorCode, Frame, Granted, Identity, Reason, Rights, RoadReader,
@@ -69,7 +70,26 @@ struct Signals {
     /// Woken when send credit comes back, the capability dies, or the
     /// connection closes.
     credit: Notify,
+    /// Senders waiting on `credit`: credit that comes back while none
+    /// waits (the common case) wakes nobody and costs no lock.
+    waiting: AtomicUsize,
     dead: watch::Sender<Option<Reason>>,
+}
+
+/// One sender counted in [`Signals::waiting`] while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Values the reader could not hand over, dropped once the lock is free.
@@ -281,6 +301,9 @@ impl Shared {
                 "an unmetered handle ran out of credit".into(),
             ));
         };
+        // Counted before trying under the lock, so the reader, which adds
+        // credit under that lock, sees us waiting.
+        let _waiting = Waiting::new(&signals.waiting);
         loop {
             // Registered before trying, so credit that comes in between
             // still wakes us.
@@ -503,7 +526,9 @@ impl Shared {
                 }
             }
             Event::SendCredit { handle, .. } => {
-                if let Some(s) = inner.caps.get(&handle) {
+                if let Some(s) = inner.caps.get(&handle)
+                    && s.waiting.load(Ordering::Relaxed) > 0
+                {
                     s.credit.notify_waiters();
                 }
             }
@@ -682,6 +707,7 @@ impl Capability {
     ) -> Self {
         let signals = Arc::new(Signals {
             credit: Notify::new(),
+            waiting: AtomicUsize::new(0),
             dead: watch::channel(None).0,
         });
         inner.caps.insert(handle, signals.clone());
@@ -826,6 +852,12 @@ pub struct Port {
     shared: Arc<Shared>,
     address: Address,
     rx: mpsc::UnboundedReceiver<(Message, bool)>,
+    /// Reads not yet told to the machine, and their credit cost: told once
+    /// they reach its ack batch (when a Credit is due), on an ack flag, or
+    /// when the port closes. One lock per batch, not per message.
+    reads: u32,
+    reads_cost: u32,
+    ack_batch: u32,
 }
 
 impl Port {
@@ -838,6 +870,9 @@ impl Port {
             shared: shared.clone(),
             address,
             rx,
+            reads: 0,
+            reads_cost: 0,
+            ack_batch: inner.machine.ack_batch(),
         }
     }
 
@@ -881,10 +916,22 @@ impl Port {
             None => return Err(Error::Dead(Reason::PortClosed)),
         };
         // Consumed: the machine acknowledges in batches, or at once on ack.
-        let port = self.address.port;
-        let len = msg.payload.len();
-        self.shared.with(|inner| inner.machine.read(port, len, ack));
+        self.reads += 1;
+        self.reads_cost = self
+            .reads_cost
+            .saturating_add(credit_cost(msg.payload.len()));
+        if ack || self.reads_cost >= self.ack_batch {
+            let (port, count, cost) = self.take_reads();
+            self.shared
+                .with(|inner| inner.machine.consumed(port, count, cost, ack));
+        }
         Ok(msg)
+    }
+
+    fn take_reads(&mut self) -> (u16, u32, u32) {
+        let count = std::mem::take(&mut self.reads);
+        let cost = std::mem::take(&mut self.reads_cost);
+        (self.address.port, count, cost)
     }
 
     /// Closes the port: queued messages are reported undeliverable to their
@@ -896,10 +943,11 @@ impl Port {
 
 impl Drop for Port {
     fn drop(&mut self) {
-        let port = self.address.port;
+        let (port, count, cost) = self.take_reads();
         // One step: Credit for exactly what was read, then ClosePort, and
         // the queue unhooked, so the reader can no longer add to it.
         let tx = self.shared.with(|inner| {
+            inner.machine.consumed(port, count, cost, false);
             inner.machine.close_port(port);
             inner.ports.remove(&port)
         });

@@ -34,6 +34,11 @@
 //! to the Junction.
 //!
 //! Programs without async use [`blocking::Driver`].
+//!
+//! Every protocol decision (credits, sequence numbers, acknowledgements,
+//! pending calls, port state, capabilities that move) is made by
+//! [`machine::Machine`], a state machine with no I/O that this crate's tokio
+//! code only feeds frames and drains; simulations drive it directly.
 
 #![forbid(unsafe_code)]
 

@@ -926,34 +926,41 @@ impl Machine {
     ) -> Result<u64, CommandError> {
         self.check_open()?;
         self.check_size(payload.len())?;
-        let cap = self.held(handle)?;
+        if !caps.is_empty() {
+            // The capability sent on is judged first, then what it carries.
+            self.held(handle)?;
+            self.check_attachments(handle, caps)?;
+        }
+        let cap = match self.caps.get_mut(&handle) {
+            None => return Err(CommandError::UnknownHandle { handle }),
+            Some(cap) if cap.gone => return Err(CommandError::Moved { handle }),
+            Some(cap) => cap,
+        };
         if let Some(reason) = cap.dead {
             return Err(CommandError::Dead { handle, reason });
         }
-        let metered = handle != CONTROL_HANDLE && !cap.rights.contains(Rights::SEND_ONCE);
+        let send_once = cap.rights.contains(Rights::SEND_ONCE);
+        let metered = handle != CONTROL_HANDLE && !send_once;
         let cost = credit_cost(payload.len());
-        let available = cap.credits;
-        self.check_attachments(handle, caps)?;
-        if metered && available < cost {
-            return Err(CommandError::NoCredit {
-                handle,
-                needed: cost,
-                available,
-            });
-        }
-        let Some(cap) = self.caps.get_mut(&handle) else {
-            return Err(CommandError::UnknownHandle { handle });
-        };
-        let seq = cap.seq;
-        cap.seq += 1;
         if metered {
+            if cap.credits < cost {
+                return Err(CommandError::NoCredit {
+                    handle,
+                    needed: cost,
+                    available: cap.credits,
+                });
+            }
             cap.credits -= cost;
         }
-        if cap.rights.contains(Rights::SEND_ONCE) {
+        let seq = cap.seq;
+        cap.seq += 1;
+        if send_once {
             // Used up by this message.
             cap.gone = true;
         }
-        self.attached(caps);
+        if !caps.is_empty() {
+            self.attached(caps);
+        }
         let caps = caps.to_vec();
         let header = match tag {
             Some(tag) => Header::Call(Call { handle, tag, caps }),
@@ -1073,32 +1080,47 @@ impl Machine {
 
     /// The application consumed one message of `payload_len` bytes
     /// delivered to `port` ([`Event::Delivered`]), with its `ack` flag:
-    /// acknowledges in batches of a quarter window, or at once on `ack`.
+    /// acknowledges in batches of [`Machine::ack_batch`] credit units, or
+    /// at once on `ack`.
     pub fn read(&mut self, port: u16, payload_len: usize, ack: bool) {
-        let Some(window) = self.welcome.as_ref().map(|w| w.window) else {
-            return;
-        };
+        self.consumed(port, 1, credit_cost(payload_len), ack);
+    }
+
+    /// The application consumed `count` more messages delivered to `port`,
+    /// costing `cost` credit units in all; `ack` if any had its ack flag.
+    /// A shell may add reads up itself while their cost stays below
+    /// [`Machine::ack_batch`] and none asks for an ack, since no `Credit`
+    /// would be due before: one call per batch instead of one per message.
+    pub fn consumed(&mut self, port: u16, count: u32, cost: u32, ack: bool) {
+        let batch = self.ack_batch();
         if let Some(PortState::Open {
             unread,
             consumed,
             consumed_cost,
         }) = self.ports.get_mut(&port)
         {
-            // A read the machine did not deliver is a caller bug; counting
-            // it would credit a message the application never had.
-            if *unread == 0 {
+            // Reads of messages the machine did not hand out would credit
+            // messages the application never had.
+            let count = count.min(*unread);
+            if count == 0 {
                 return;
             }
-            *unread -= 1;
-            *consumed += 1;
-            *consumed_cost = consumed_cost.saturating_add(credit_cost(payload_len));
-            if ack || *consumed_cost >= (window / 4).max(1) {
+            *unread -= count;
+            *consumed += count;
+            *consumed_cost = consumed_cost.saturating_add(cost);
+            if ack || *consumed_cost >= batch {
                 let count = std::mem::take(consumed);
                 *consumed_cost = 0;
                 self.transmits
                     .push_back(Frame::bare(Header::Credit { port, count }));
             }
         }
+    }
+
+    /// The credit units of messages read after which an ordinary port is
+    /// acknowledged: a quarter window (at least 1).
+    pub fn ack_batch(&self) -> u32 {
+        self.welcome.as_ref().map_or(1, |w| (w.window / 4).max(1))
     }
 
     /// Messages handed to the application on `port` and not yet read.

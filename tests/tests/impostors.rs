@@ -528,7 +528,18 @@ async fn budgets_and_expiry_hold_across_processes() {
         .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).max_messages(1))
         .await
         .unwrap();
+    assert!(once.moves());
     me.call_with(&holder, "take", &[&once], T).await.unwrap();
+    // Gone from this driver: refused locally, nothing sent.
+    assert!(matches!(
+        me.send(&once, "again").await,
+        Err(junction_driver::Error::Moved { .. })
+    ));
+    assert!(matches!(
+        me.call_with(&holder, "take", &[&once], T).await,
+        Err(junction_driver::Error::Moved { .. })
+    ));
+    assert!(!echo.moves());
     assert!(
         use_through(&me, &holder, "one")
             .await

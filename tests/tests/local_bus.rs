@@ -548,3 +548,56 @@ fn a_hello_that_never_completes_is_refused_at_the_deadline() {
     let f = prompt.recv_until(|h| matches!(h, Header::Pong { .. }));
     assert_eq!(f.header, Header::Pong { nonce: 5 });
 }
+
+/// Dropping a port while the driver's reader is handing it messages (a
+/// multi-thread runtime) credits only what the application read: every
+/// other message is reported to its sender, none is lost silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropping_a_port_mid_delivery_credits_only_what_was_read() {
+    const SENT: u32 = 300;
+    const READ: u32 = 100;
+    let j = TestJunction::start(&[]);
+    for round in 0..10 {
+        let receiver = Driver::connect(&j.socket).await.unwrap();
+        let sender = Driver::connect(&j.socket).await.unwrap();
+        let mut port = receiver.open_port().await.unwrap();
+        let minted = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        let name = format!("t.race{round}");
+        receiver.register(&name, &minted).await.unwrap();
+        drop(minted);
+        let cap = sender.lookup(&name).await.unwrap();
+
+        let sending = {
+            let sender = sender.clone();
+            let cap = cap.clone();
+            tokio::spawn(async move {
+                for i in 0..SENT {
+                    sender.send(&cap, i.to_be_bytes().to_vec()).await.unwrap();
+                }
+            })
+        };
+        for _ in 0..READ {
+            tokio::time::timeout(T, port.recv()).await.unwrap().unwrap();
+        }
+        // Messages are still arriving: the reader races this drop.
+        drop(port);
+        sending.await.unwrap();
+        receiver.sync().await.unwrap();
+        sender.sync().await.unwrap();
+
+        let mut reported = 0;
+        while let Ok(Some(notice)) =
+            tokio::time::timeout(Duration::from_millis(200), sender.next_notice()).await
+        {
+            if let Notice::Undeliverable { handle, count, .. } = notice {
+                assert_eq!(handle, cap.handle());
+                reported += count;
+            }
+        }
+        assert_eq!(
+            reported,
+            SENT - READ,
+            "round {round}: every unread message is reported to its sender"
+        );
+    }
+}
