@@ -237,6 +237,9 @@ struct Shadow<'a> {
     /// Capabilities that move, attached to a message the junction refused:
     /// they stayed in the sender's table.
     leaked: BTreeSet<(u64, u32)>,
+    /// Calls (by process and tag) whose reply capability a rogue held at
+    /// the end.
+    rogue_held_calls: HashSet<(ProcessId, u64)>,
     input: Input,
     step: u64,
     unix: u64,
@@ -255,7 +258,7 @@ pub fn check(
 ) -> Result<Summary, String> {
     let mut s = replay(config, trace);
     s.finish(alive, records);
-    check_records(records, alive, &mut s.errors);
+    check_records(records, alive, &s.rogue_held_calls, &mut s.errors);
     if s.errors.is_empty() {
         Ok(s.summary)
     } else {
@@ -292,6 +295,7 @@ fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
         calls: BTreeMap::new(),
         in_flight_cost: HashMap::new(),
         leaked: BTreeSet::new(),
+        rogue_held_calls: HashSet::new(),
         input: Input::None,
         step: u64::MAX,
         unix: 0,
@@ -1122,8 +1126,27 @@ impl Shadow<'_> {
                 ));
             }
         }
+        // A call whose reply capability a rogue still holds is the rogue's
+        // to answer (honest applications answer everything before the end).
+        let rogue = |conn: u64| {
+            self.pid_of
+                .get(&conn)
+                .and_then(|p| records.get(p))
+                .is_some_and(|r| r.rogue)
+        };
+        let held_by_rogue: HashSet<(u64, u64)> = self
+            .caps
+            .iter()
+            .filter(|((holder, _), _)| rogue(*holder))
+            .filter_map(|(_, c)| c.reply_to)
+            .collect();
+        for &(conn, tag) in &held_by_rogue {
+            if let Some(&pid) = self.pid_of.get(&conn) {
+                self.rogue_held_calls.insert((pid, tag));
+            }
+        }
         for (&(conn, tag), &ends) in &self.calls {
-            if ends == 0 && conn_alive(self, conn) {
+            if ends == 0 && conn_alive(self, conn) && !held_by_rogue.contains(&(conn, tag)) {
                 problems.push(format!("call {tag} of c{conn} never ended"));
             }
         }
@@ -1140,6 +1163,7 @@ impl Shadow<'_> {
 fn check_records(
     records: &[(ProcessId, &Records)],
     alive: &dyn Fn(ProcessId) -> bool,
+    rogue_held: &HashSet<(ProcessId, u64)>,
     errors: &mut Vec<String>,
 ) {
     let mut sent = HashMap::new();
@@ -1188,7 +1212,8 @@ fn check_records(
                 continue;
             };
             let ends = r.call_ends.get(&tag).map_or(&[][..], |v| &v[..]);
-            if ends.len() > 1 || (ends.is_empty() && alive(*pid)) {
+            let unanswered = ends.is_empty() && alive(*pid) && !rogue_held.contains(&(*pid, tag));
+            if ends.len() > 1 || unanswered {
                 errors.push(format!(
                     "p{pid}'s call {tag} ({:?}) ended {} times: {ends:?}",
                     s.id,
