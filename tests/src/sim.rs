@@ -28,6 +28,13 @@
 //!   ([`TraceEntry`]); oracles read it, and [`World::digest`] summarises it
 //!   so that two runs can be compared.
 //!
+//! On top of the world, [`workload`] gives each process a real driver
+//! [`Machine`](junction_driver::machine::Machine) and a small application
+//! doing random operations ([`workload::Op`], [`workload::Plan`],
+//! [`workload::run`]), and [`oracle`] checks the delivery contract over the
+//! whole trace against a shadow model of its own. `tests/simulation.rs`
+//! runs them; its `print_trace` test prints one run for reading.
+//!
 //! # Use
 //!
 //! ```

@@ -1360,12 +1360,10 @@ fn raw_frame(rng: &mut Rng, home: u16, not_on: &[u32]) -> Frame {
     };
     let payload = if rng.chance(30) {
         // A control request, or what looks like one.
-        let request = match rng.below(3) {
-            0 => ControlRequest::List,
-            _ => ControlRequest::Lookup {
-                name: junction_driver::ServiceName::new(format!("sim.p{}-0", rng.below(8)))
-                    .unwrap_or_else(|_| unreachable_name()),
-            },
+        let name = junction_driver::ServiceName::new(format!("sim.p{}-0", rng.below(8)));
+        let request = match (rng.below(3), name) {
+            (1.., Ok(name)) => ControlRequest::Lookup { name },
+            _ => ControlRequest::List,
         };
         postcard::to_allocvec(&request)
             .map(Bytes::from)
@@ -1374,9 +1372,4 @@ fn raw_frame(rng: &mut Rng, home: u16, not_on: &[u32]) -> Frame {
         Bytes::from(vec![0x5A; rng.index(40)])
     };
     Frame::with_payload(header, payload)
-}
-
-/// A name that is always valid, for the impossible case.
-fn unreachable_name() -> junction_driver::ServiceName {
-    junction_driver::ServiceName::new("sim").unwrap_or_else(|_| unreachable_name())
 }
