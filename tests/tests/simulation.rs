@@ -170,6 +170,18 @@ fn every_nth(n: u32, what: Tampered, pick: fn(&Header) -> bool) -> Box<Tamper> {
 }
 
 #[test]
+fn the_audit_catches_a_junction_that_keeps_credit() {
+    let plan = Plan::tight(6, 400);
+    let tamper = every_nth(1, Tampered::Lose, |h| {
+        matches!(h, Header::SendCredit { .. })
+    });
+    let (mut world, _) =
+        workload::run_world(4, &plan, |w| w.danger_tamper_outputs(tamper)).unwrap();
+    let err = workload::audit(&mut world).expect_err("credit that never came back went unnoticed");
+    assert!(err.to_string().contains("credits left"), "{err}");
+}
+
+#[test]
 fn the_oracle_catches_a_junction_that_loses_notices() {
     let verdict = oracle_verdict(
         1,

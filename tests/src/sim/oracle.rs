@@ -327,6 +327,9 @@ pub struct ShadowHandles {
     /// capabilities used while dead on their own (known bugs 2 and 3 in
     /// [`super::workload::Client::avoid_known_bugs`]).
     pub left_by_refusals: BTreeSet<u32>,
+    /// The owner connection of the live port each handle reaches (handles
+    /// to dead ports, and the control handle, are missing).
+    pub live_targets: BTreeMap<u32, u64>,
 }
 
 /// The capability handles the shadow model says each connection holds at
@@ -334,9 +337,14 @@ pub struct ShadowHandles {
 pub fn shadow_handles(config: &Config, trace: &[TraceEntry]) -> BTreeMap<u64, ShadowHandles> {
     let s = replay(config, trace);
     let mut out: BTreeMap<u64, ShadowHandles> = BTreeMap::new();
-    for &(conn, handle) in s.caps.keys() {
+    for (&(conn, handle), cap) in &s.caps {
         let entry = out.entry(conn).or_default();
         entry.held.insert(handle);
+        if let Some(inc) = cap.inc.map(|i| &s.incs[i])
+            && inc.alive
+        {
+            entry.live_targets.insert(handle, inc.owner);
+        }
         if s.leaked.contains(&(conn, handle)) {
             entry.left_by_refusals.insert(handle);
         }

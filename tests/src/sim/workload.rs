@@ -1187,7 +1187,9 @@ pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
         return Err(world.failure(format!("p{auditor} got no listing for the audit")));
     };
     let mut problems = Vec::new();
-    let shadows = super::oracle::shadow_handles(world.nodes()[0].core.config(), world.trace());
+    let config = world.nodes()[0].core.config();
+    let shadows = super::oracle::shadow_handles(config, world.trace());
+    let window = config.window;
     for pid in 0..world.process_count() {
         let (Some(c), Some(road)) = (world.process(pid), world.road(pid)) else {
             continue;
@@ -1223,6 +1225,34 @@ pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
             .copied()
             .filter(|h| !(c.avoid_known_bugs && shadow.left_by_refusals.contains(h)))
             .collect();
+        // Credit comes back: once everything is read, no send capability
+        // to a live port served by an honest process is left below half
+        // its window (below that the junction asks for a prompt Credit).
+        for h in &c.held {
+            let Some(owner) = shadow.live_targets.get(&h.handle) else {
+                continue;
+            };
+            let owner_honest = (0..world.process_count()).any(|p| {
+                world.road(p).is_some_and(|r| r.conn.get() == *owner)
+                    && world
+                        .process(p)
+                        .is_some_and(|o| o.is_ready() && !o.records.rogue)
+            });
+            let Some(state) = c.machine.capability(h.handle) else {
+                continue;
+            };
+            if owner_honest
+                && !h.rights.contains(Rights::SEND_ONCE)
+                && state.dead.is_none()
+                && !state.gone
+                && state.credits < window / 2
+            {
+                problems.push(format!(
+                    "p{pid}'s handle {:#x} to {} has {} credits left of {window} after everything was read",
+                    h.handle, h.address, state.credits
+                ));
+            }
+        }
         if !phantom.is_empty() || !leaked.is_empty() {
             problems.push(format!(
                 "p{pid} (c{conn}) believes it holds {phantom:x?}, which the junction does not \
