@@ -70,6 +70,10 @@ pub struct Summary {
     pub limited_deliveries: u64,
     /// `CallFailed` notices with tag 0 (see known oddity 5).
     pub tag_zero_call_failed: u64,
+    /// Frames written to a connection the core had already forgotten.
+    pub to_forgotten: u64,
+    /// `Dead` notices checked.
+    pub dead: u64,
     /// `NoSenders` notices checked.
     pub no_senders: u64,
     /// `Undeliverable` notices, by reason.
@@ -89,6 +93,8 @@ impl Summary {
         self.revocations += other.revocations;
         self.limited_deliveries += other.limited_deliveries;
         self.no_senders += other.no_senders;
+        self.dead += other.dead;
+        self.to_forgotten += other.to_forgotten;
         self.tag_zero_call_failed += other.tag_zero_call_failed;
         for (k, v) in &other.undeliverable {
             *self.undeliverable.entry(k.clone()).or_default() += v;
@@ -240,6 +246,8 @@ struct Shadow<'a> {
     /// Calls (by process and tag) whose reply capability a rogue held at
     /// the end.
     rogue_held_calls: HashSet<(ProcessId, u64)>,
+    /// How many `Dead` notices and `Watch` requests each capability had.
+    dead_told: HashMap<CapKey, (u32, u32)>,
     input: Input,
     step: u64,
     unix: u64,
@@ -296,6 +304,7 @@ fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
         in_flight_cost: HashMap::new(),
         leaked: BTreeSet::new(),
         rogue_held_calls: HashSet::new(),
+        dead_told: HashMap::new(),
         input: Input::None,
         step: u64::MAX,
         unix: 0,
@@ -525,6 +534,9 @@ impl Shadow<'_> {
                 self.leaked.remove(&(conn, *handle));
             }
             Header::Watch { handle } => {
+                if let Some(key) = self.cap_key(conn, *handle) {
+                    self.dead_told.entry(key).or_default().1 += 1;
+                }
                 if let Some(cap) = self.caps.get_mut(&(conn, *handle)) {
                     // Watched after its port died: dead on its own now.
                     cap.dead_on_own |= cap.inc.is_some_and(|i| !self.incs[i].alive);
@@ -642,6 +654,13 @@ impl Shadow<'_> {
     }
 
     fn core_out(&mut self, conn: u64, frame: &Frame) {
+        if self.ended.contains(&conn) {
+            // While it forgets a connection, the core kills its ports and
+            // writes the notices that causes to everyone, the connection
+            // itself included (oddity 6): nobody reads those.
+            self.summary.to_forgotten += 1;
+            return;
+        }
         match &frame.header {
             Header::Welcome(w) => {
                 let inc = self.new_inc(w.home.port, conn);
@@ -724,6 +743,28 @@ impl Shadow<'_> {
                 }
             }
             Header::Deliver(d) => self.delivered(conn, d, frame),
+            Header::Dead { handle, reason } => {
+                // A watched capability hears of its death once; a Watch on
+                // a dead one is answered at once, so never more Dead than
+                // Watch.
+                match self.cap_key(conn, *handle) {
+                    Some(key) => {
+                        let told = self.dead_told.entry(key).or_default();
+                        told.0 += 1;
+                        let (dead, watches) = *told;
+                        if dead > watches {
+                            self.fail(format!(
+                                "c{conn} was told {dead} times that handle {handle:#x} is dead \
+                                 (now {reason:?}), after {watches} Watch"
+                            ));
+                        }
+                    }
+                    None => self.fail(format!(
+                        "c{conn} was told handle {handle:#x} is dead, which it does not hold"
+                    )),
+                }
+                self.summary.dead += 1;
+            }
             Header::NoSenders { port } => {
                 // Told when the last capability went: none may be left.
                 let owned = self
