@@ -102,18 +102,35 @@ fn plan(name: &str) -> Plan {
             };
             plan
         }
+        "cramped limits" => {
+            let mut plan = Plan::tight(5, 400);
+            plan.config.max_handles = 10;
+            plan.config.max_pending_calls = 2;
+            plan.config.max_ports = 3;
+            plan
+        }
+        // Soak only: long histories, many processes.
+        "long history" => Plan {
+            crash_percent: 3,
+            rogue_percent: 20,
+            mute_percent: 10,
+            long_pause_percent: 5,
+            ..Plan::tight(12, 3000)
+        },
         other => panic!("no plan named {other:?}"),
     }
 }
 
 /// Every plan's name.
-const PLANS: [&str; 6] = [
+const PLANS: [&str; 8] = [
     "random operations",
     "crashes",
     "expiries",
     "slow roads",
     "hostile drivers",
     "default limits",
+    "cramped limits",
+    "long history",
 ];
 
 #[test]
@@ -139,6 +156,11 @@ fn delivery_contract_holds_over_slow_uneven_roads() {
 #[test]
 fn delivery_contract_holds_beside_hostile_drivers() {
     run_seeds("hostile drivers", 5000..5040);
+}
+
+#[test]
+fn delivery_contract_holds_within_cramped_limits() {
+    run_seeds("cramped limits", 6000..6040);
 }
 
 #[test]
