@@ -3,10 +3,11 @@
 //! handles (ports, capabilities, replies) whose methods are its commands.
 //!
 //! Every decision lives in the machine. The shell keeps it behind one mutex
-//! together with what waits on it (request and call answers, port queues,
-//! credit and death signals), so a command and the frames it queues, or a
-//! frame and the waiters it wakes, are one step; frames leave the machine
-//! for the outbox in order under that same lock.
+//! together with what waits on it (request and call answers, credit and
+//! death signals), so a command and the frames it queues, or a frame and the
+//! waiters it wakes, are one step; frames leave the machine for the outbox
+//! in order under that same lock. The reader owns the ports' queues and
+//! fills them once the lock is released.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -50,7 +51,6 @@ struct Inner {
     machine: Machine,
     requests: FxHashMap<u32, oneshot::Sender<Result<Answer, Error>>>,
     calls: FxHashMap<u64, oneshot::Sender<Result<Message, Error>>>,
-    ports: FxHashMap<u16, mpsc::UnboundedSender<(Message, bool)>>,
     caps: FxHashMap<u32, Arc<Signals>>,
     pings: FxHashMap<u64, oneshot::Sender<()>>,
     no_senders: FxHashMap<u16, oneshot::Sender<()>>,
@@ -98,7 +98,23 @@ impl Drop for Waiting<'_> {
 enum Leftover {
     Answer(Result<Answer, Error>),
     Message(Result<Message, Error>),
-    Queued((Message, bool)),
+}
+
+/// What only the reader task touches: the sending halves of the ports'
+/// queues, and what it hands them once the lock is released.
+#[derive(Debug, Default)]
+struct Reader {
+    ports: FxHashMap<u16, mpsc::UnboundedSender<(Message, bool)>>,
+    /// Reused from one batch to the next: no allocation per message.
+    handoffs: Vec<Handoff>,
+}
+
+/// One step of the reader after the lock, in the order the machine gave.
+#[derive(Debug)]
+enum Handoff {
+    Deliver(u16, Message, bool),
+    /// The port is closed: its queue ends.
+    Unhook(u16),
 }
 
 /// Something the Junction reported outside any request.
@@ -150,7 +166,6 @@ impl Shared {
                 machine: Machine::from_welcome(welcome.clone()),
                 requests: FxHashMap::default(),
                 calls: FxHashMap::default(),
-                ports: FxHashMap::default(),
                 caps: FxHashMap::default(),
                 pings: FxHashMap::default(),
                 no_senders: FxHashMap::default(),
@@ -416,7 +431,7 @@ impl Shared {
                 false
             }
         });
-        let (requests, calls, ports, signals) = {
+        let (requests, calls, signals) = {
             let mut inner = self.lock();
             inner.machine.handle_road_closed(reason);
             while inner.machine.poll_event().is_some() {}
@@ -426,11 +441,9 @@ impl Shared {
             (
                 std::mem::take(&mut inner.requests),
                 std::mem::take(&mut inner.calls),
-                std::mem::take(&mut inner.ports),
                 inner.caps.values().cloned().collect::<Vec<_>>(),
             )
         };
-        drop(ports);
         for (_, tx) in requests {
             let _ = tx.send(Err(self.closed_error()));
         }
@@ -442,44 +455,72 @@ impl Shared {
         }
     }
 
-    /// Feeds one frame to the machine and hands what it produced to the
-    /// waiters, in one step under the lock.
-    fn dispatch(self: &Arc<Self>, frame: Frame) {
+    /// Feeds frames to the machine and hands what they produced to the
+    /// waiters, in one step under the lock: a burst of frames read at once
+    /// costs one lock, not one each. Messages for ports are queued after
+    /// the lock is released, so a receiver woken by one does not find it
+    /// held; that cannot make an unread message count as read, since only
+    /// the machine credits, and only what the application read.
+    fn dispatch(self: &Arc<Self>, frames: &mut Vec<Frame>, reader: &mut Reader) {
         let mut leftovers = Vec::new();
         let mut closed = None;
         {
             let mut guard = self.lock();
             let inner = &mut *guard;
-            inner.machine.handle_frame(frame);
-            while let Some(event) = inner.machine.poll_event() {
-                if let Event::Closed { reason } = event {
-                    closed = Some(reason);
-                } else {
-                    self.route(inner, event, &mut leftovers);
+            for frame in frames.drain(..) {
+                inner.machine.handle_frame(frame);
+                while let Some(event) = inner.machine.poll_event() {
+                    if let Event::Closed { reason } = event {
+                        closed = Some(reason);
+                    } else {
+                        self.route(inner, event, reader, &mut leftovers);
+                    }
                 }
             }
             self.transmit(&mut inner.machine, false);
+        }
+        for handoff in reader.handoffs.drain(..) {
+            match handoff {
+                Handoff::Deliver(port, msg, ack) => {
+                    let unqueued = match reader.ports.get(&port) {
+                        Some(tx) => tx.send((msg, ack)).err().map(|e| e.0.0),
+                        None => Some(msg),
+                    };
+                    // Its port was dropped meanwhile: the junction fails
+                    // the call and removes the reply capability itself.
+                    if let Some(mut msg) = unqueued {
+                        if let Some(reply) = msg.reply.as_mut() {
+                            reply.sent = true;
+                        }
+                        leftovers.push(Leftover::Message(Ok(msg)));
+                    }
+                }
+                Handoff::Unhook(port) => {
+                    reader.ports.remove(&port);
+                }
+            }
         }
         // Out of the lock: these may give capabilities back.
         drop(leftovers);
         if let Some(reason) = closed {
             self.shut(reason);
+            reader.ports.clear();
         }
     }
 
-    fn route(self: &Arc<Self>, inner: &mut Inner, event: Event, leftovers: &mut Vec<Leftover>) {
+    fn route(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        event: Event,
+        reader: &mut Reader,
+        leftovers: &mut Vec<Leftover>,
+    ) {
         match event {
             Event::Delivered { deliver, payload } => {
                 let ack = deliver.ack;
                 let port = deliver.port;
                 let msg = self.message(inner, deliver, payload);
-                let undelivered = match inner.ports.get(&port) {
-                    Some(tx) => tx.send((msg, ack)).err().map(|e| e.0),
-                    None => Some((msg, ack)),
-                };
-                if let Some(entry) = undelivered {
-                    leftovers.push(Leftover::Queued(entry));
-                }
+                reader.handoffs.push(Handoff::Deliver(port, msg, ack));
             }
             Event::Replied {
                 tag,
@@ -507,7 +548,8 @@ impl Shared {
                 }
             }
             Event::PortOpened { req, address } => {
-                let port = Port::new(self, inner, address);
+                let (port, tx) = Port::new(self, inner, address);
+                reader.ports.insert(address.port, tx);
                 answer(inner, req, Answer::Port(port), leftovers);
             }
             Event::Minted {
@@ -561,7 +603,7 @@ impl Shared {
             }
             Event::PortClosed { port, .. } => {
                 // The port's queue ends; `Port::recv` then reports it closed.
-                inner.ports.remove(&port);
+                reader.handoffs.push(Handoff::Unhook(port));
             }
             Event::Pong { nonce } => {
                 if let Some(tx) = inner.pings.remove(&nonce) {
@@ -660,18 +702,43 @@ impl Drop for Shared {
     }
 }
 
+/// The most frames the reader hands the machine under one lock.
+const READ_BATCH: usize = 64;
+
 async fn read_loop<R: AsyncRead + Unpin>(mut reader: RoadReader<R>, shared: Weak<Shared>) {
-    let reason = loop {
+    let mut batch = Vec::with_capacity(READ_BATCH);
+    let mut state = Reader::default();
+    let reason = 'read: loop {
         match reader.read_frame().await {
-            Ok(Some(frame)) => match shared.upgrade() {
-                Some(shared) => shared.dispatch(frame),
-                None => return,
-            },
+            Ok(Some(frame)) => batch.push(frame),
             Ok(None) => break "the junction closed the connection".to_string(),
             Err(junction_road::RoadError::Frame(e)) if !e.is_fatal() => {
                 tracing::warn!("skipped a frame from the junction: {e}");
+                continue;
             }
             Err(e) => break format!("the road to the junction failed: {e}"),
+        }
+        // Whatever else arrived with it is handled in the same step.
+        let mut failed = None;
+        while batch.len() < READ_BATCH {
+            match reader.try_frame() {
+                Ok(Some(frame)) => batch.push(frame),
+                Ok(None) => break,
+                Err(e) if !e.is_fatal() => {
+                    tracing::warn!("skipped a frame from the junction: {e}");
+                }
+                Err(e) => {
+                    failed = Some(format!("the road to the junction failed: {e}"));
+                    break;
+                }
+            }
+        }
+        match shared.upgrade() {
+            Some(shared) => shared.dispatch(&mut batch, &mut state),
+            None => return,
+        }
+        if let Some(reason) = failed {
+            break 'read reason;
         }
     };
     if let Some(shared) = shared.upgrade() {
@@ -861,19 +928,23 @@ pub struct Port {
 }
 
 impl Port {
-    /// Made by the reader when the Junction opened it, with its queue
-    /// registered in the same step.
-    fn new(shared: &Arc<Shared>, inner: &mut Inner, address: Address) -> Port {
+    /// Made by the reader when the Junction opened it; the reader keeps
+    /// the sending half of its queue.
+    fn new(
+        shared: &Arc<Shared>,
+        inner: &mut Inner,
+        address: Address,
+    ) -> (Port, mpsc::UnboundedSender<(Message, bool)>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        inner.ports.insert(address.port, tx);
-        Port {
+        let port = Port {
             shared: shared.clone(),
             address,
             rx,
             reads: 0,
             reads_cost: 0,
             ack_batch: inner.machine.ack_batch(),
-        }
+        };
+        (port, tx)
     }
 
     /// The port's address.
@@ -944,17 +1015,15 @@ impl Port {
 impl Drop for Port {
     fn drop(&mut self) {
         let (port, count, cost) = self.take_reads();
-        // One step: Credit for exactly what was read, then ClosePort, and
-        // the queue unhooked, so the reader can no longer add to it.
-        let tx = self.shared.with(|inner| {
+        // One step: Credit for exactly what was read, then ClosePort. From
+        // then on the machine credits nothing more for this port.
+        self.shared.with(|inner| {
             inner.machine.consumed(port, count, cost, false);
             inner.machine.close_port(port);
-            inner.ports.remove(&port)
         });
-        drop(tx);
-        // Messages still queued were not consumed: the junction reports
-        // them undeliverable and fails their calls, removing their reply
-        // capabilities itself.
+        // Messages still queued, or queued by the reader from now on, were
+        // not consumed: the junction reports them undeliverable and fails
+        // their calls, removing their reply capabilities itself.
         self.rx.close();
         while let Ok((mut msg, _)) = self.rx.try_recv() {
             if let Some(reply) = msg.reply.as_mut() {

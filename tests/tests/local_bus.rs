@@ -601,3 +601,48 @@ async fn dropping_a_port_mid_delivery_credits_only_what_was_read() {
         );
     }
 }
+
+/// The sequence number `send` returns names the caller's own message even
+/// when several tasks send on one capability at once: the receiver gets
+/// messages in the Junction's sequence order, so the n-th one received must
+/// be the one whose send returned n.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sends_on_one_capability_get_their_own_sequence_numbers() {
+    const TASKS: u32 = 4;
+    const EACH: u32 = 500;
+    let j = TestJunction::start(&[]);
+    let receiver = Driver::connect(&j.socket).await.unwrap();
+    let sender = Driver::connect(&j.socket).await.unwrap();
+    let mut port = receiver.open_port().await.unwrap();
+    let minted = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    receiver.register("t.seqs", &minted).await.unwrap();
+    let cap = sender.lookup("t.seqs").await.unwrap();
+
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let sender = sender.clone();
+            let cap = cap.clone();
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for i in 0..EACH {
+                    let id = t << 16 | i;
+                    let seq = sender.send(&cap, id.to_be_bytes().to_vec()).await.unwrap();
+                    sent.push((seq, id));
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut received = Vec::new();
+    for _ in 0..TASKS * EACH {
+        let msg = tokio::time::timeout(T, port.recv()).await.unwrap().unwrap();
+        received.push(u32::from_be_bytes(msg.payload[..].try_into().unwrap()));
+    }
+    let mut by_seq = vec![u32::MAX; (TASKS * EACH) as usize];
+    for task in tasks {
+        for (seq, id) in task.await.unwrap() {
+            by_seq[seq as usize] = id;
+        }
+    }
+    assert_eq!(received, by_seq);
+}
