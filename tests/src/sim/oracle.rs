@@ -220,6 +220,7 @@ enum Input {
 /// The shadow model and what it found.
 struct Shadow<'a> {
     config: &'a Config,
+    semantics: Semantics,
     window: u32,
     incs: Vec<PortInc>,
     live_port: HashMap<u16, usize>,
@@ -280,11 +281,13 @@ pub fn check(
 
 /// Runs the shadow model over a trace.
 fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
+    let semantics = Semantics::probe();
     let window = config
         .window
         .max(2 * credit_cost(config.max_frame as usize));
     let mut s = Shadow {
         config,
+        semantics,
         window,
         incs: Vec::new(),
         live_port: HashMap::new(),
@@ -324,6 +327,92 @@ fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
     }
     s.end_step();
     s
+}
+
+/// How the junction under test treats two corners of the protocol that
+/// changed (the fixes of known bugs 2 and 3), found by probing a scratch
+/// core: the shadow model follows the core it judges, and an old core's
+/// leaks stay visible as known bugs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Semantics {
+    /// A message that is refused or undeliverable takes the moving
+    /// capabilities it carries out of the sender's table all the same.
+    pub refused_attachments_leave: bool,
+    /// A send-once capability dead on its own is used up by its use.
+    pub dead_send_once_used_up: bool,
+}
+
+impl Semantics {
+    /// Asks a scratch core: a send-once capability attached to a message
+    /// for a closed port, and a watched send-once capability used after
+    /// its port closed; then drops both and sees which it still had.
+    pub fn probe() -> Semantics {
+        use junction_core::{Core, Now, Output, Peer};
+        use junction_road::{Hello, MAGIC, PROTOCOL_VERSION, Send};
+        let now = Now::new(std::time::Instant::now(), 1_800_000_000);
+        let mut core = Core::new(Config::default(), now);
+        let conn = core.handle_connected(Peer::default(), now);
+        let ask = |core: &mut Core, header: Header| -> Vec<Header> {
+            core.handle_frame(conn, Frame::bare(header), now);
+            std::iter::from_fn(|| core.poll_output())
+                .filter_map(|o| match o {
+                    Output::Frame { frame, .. } => Some(frame.header),
+                    Output::Close { .. } => None,
+                })
+                .collect()
+        };
+        let hello = Header::Hello(Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            max_frame: 1 << 20,
+            label: "probe".into(),
+        });
+        ask(&mut core, hello);
+        let port = ask(&mut core, Header::OpenPort { req: 1 })
+            .into_iter()
+            .find_map(|h| match h {
+                Header::PortOpened { address, .. } => Some(address.port),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let mint = |core: &mut Core, req, rights| {
+            ask(core, Header::Mint { req, port, rights })
+                .into_iter()
+                .find_map(|h| match h {
+                    Header::Minted { handle, .. } => Some(handle),
+                    _ => None,
+                })
+                .unwrap_or(u32::MAX)
+        };
+        let send = mint(&mut core, 2, Rights::SEND);
+        let attached = mint(&mut core, 3, Rights::SEND_ONCE | Rights::GRANT);
+        let watched = mint(&mut core, 4, Rights::SEND_ONCE);
+        ask(&mut core, Header::Watch { handle: watched });
+        ask(&mut core, Header::ClosePort { port });
+        ask(
+            &mut core,
+            Header::Send(Send {
+                handle: send,
+                caps: vec![attached],
+            }),
+        );
+        ask(
+            &mut core,
+            Header::Send(Send {
+                handle: watched,
+                caps: vec![],
+            }),
+        );
+        let gone = |core: &mut Core, handle| {
+            ask(core, Header::Drop { handle })
+                .iter()
+                .any(|h| matches!(h, Header::Error(e) if e.handle == handle))
+        };
+        Semantics {
+            refused_attachments_leave: gone(&mut core, attached),
+            dead_send_once_used_up: gone(&mut core, watched),
+        }
+    }
 }
 
 /// What the shadow model says one connection holds at the end of a trace.
@@ -367,15 +456,19 @@ impl Shadow<'_> {
     fn end_step(&mut self) {
         if let Input::Message {
             conn,
-            handle,
             ref caps,
             delivered: false,
             ..
         } = self.input
-            && handle != 0
         {
-            for &h in caps {
-                if self.caps.get(&(conn, h)).is_some_and(ShadowCap::moves) {
+            let caps = caps.clone();
+            for h in caps {
+                if !self.caps.get(&(conn, h)).is_some_and(ShadowCap::moves) {
+                    continue;
+                }
+                if self.semantics.refused_attachments_leave {
+                    self.caps.remove(&(conn, h));
+                } else {
                     self.leaked.insert((conn, h));
                 }
             }
@@ -604,7 +697,7 @@ impl Shadow<'_> {
             send_once = cap.rights.contains(Rights::SEND_ONCE);
             // A send-once capability is used up, unless it is dead on its
             // own (then the message is refused first: step 4).
-            used_up = send_once && !cap.dead_on_own;
+            used_up = send_once && (!cap.dead_on_own || self.semantics.dead_send_once_used_up);
         }
         if let (Some(id), Some(tag)) = (id, tag) {
             self.call_msg.insert((conn, tag), id);
@@ -771,7 +864,23 @@ impl Shadow<'_> {
                     .live_port
                     .get(port)
                     .is_some_and(|&i| self.incs[i].alive && self.incs[i].owner == conn);
-                let senders = self.senders(*port);
+                // Moving attachments of a message this step refuses leave
+                // now (on a junction where they do): they may be the last.
+                let leaving = match &self.input {
+                    Input::Message { conn, caps, .. }
+                        if self.semantics.refused_attachments_leave =>
+                    {
+                        caps.iter()
+                            .filter(|&&h| {
+                                self.caps.get(&(*conn, h)).is_some_and(|c| {
+                                    c.moves() && c.inc.is_some_and(|i| self.incs[i].number == *port)
+                                })
+                            })
+                            .count()
+                    }
+                    _ => 0,
+                };
+                let senders = self.senders(*port).map(|n| n.saturating_sub(leaving));
                 if !owned || senders != Some(0) {
                     self.fail(format!(
                         "c{conn} heard NoSenders for port {port} (owned: {owned}), which has {senders:?} senders"
