@@ -389,18 +389,23 @@ pub struct Client {
     ///    the connection ends. The driver cannot tell such a refusal from
     ///    a delivery whose port died later (both are `Undeliverable`), so
     ///    the fix belongs in the protocol. Tolerated by [`audit`], which
-    ///    still reports any other difference.
+    ///    still reports any other difference. Fixed on main (1323309): the
+    ///    moving attachments of a message not delivered leave the table;
+    ///    the oracle probes which rule the junction follows
+    ///    ([`super::oracle::Semantics`]).
     /// 3. A send-once capability that is dead on its own (its port died
     ///    while an earlier holder watched it; copies inherit that) is not
     ///    consumed when used, while the same use of one whose port merely
     ///    died is: the new holder cannot tell the two refusals apart, and
     ///    the driver forgets a handle the junction keeps. Tolerated by
-    ///    [`audit`] as 2 is.
+    ///    [`audit`] as 2 is. Fixed on main (1323309) and probed as 2 is.
     /// 4. The junction takes a `Call` on a reply capability: the caller
     ///    gets a reply that carries a reply capability of its own, which
     ///    the driver machine neither surfaces nor drops, so the caller's
     ///    driver leaks a handle and the rogue's call never ends. A rogue
-    ///    ([`Op::Raw`]) never makes such a call while this is on.
+    ///    ([`Op::Raw`]) never makes such a call while this is on. Fixed on
+    ///    main (1323309): the junction refuses such a call. The driver
+    ///    machine still ignores `Deliver.reply` on a reply.
     pub avoid_known_bugs: bool,
     /// What it recorded.
     pub records: Records,
