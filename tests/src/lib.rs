@@ -307,6 +307,9 @@ impl RawClient {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                // A signal (a child exiting) interrupted the read: nothing
+                // was lost, read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("reading from the junction failed: {e}"),
             }
         }
