@@ -117,6 +117,11 @@ fn plan(name: &str) -> Plan {
             long_pause_percent: 5,
             ..Plan::tight(12, 3000)
         },
+        // By hand only: the known bugs unguarded, to see them come up.
+        "unguarded" => Plan {
+            avoid_known_bugs: false,
+            ..Plan::tight(6, 400)
+        },
         other => panic!("no plan named {other:?}"),
     }
 }
@@ -451,4 +456,48 @@ fn known_bug_4_a_reply_that_is_a_call() {
         (1, Op::ReplyWithCall { owed: 0 }),
     ];
     workload::run_script(1, &Plan::tight(2, 0), &script, true).unwrap();
+}
+
+/// Finds the shortest run of a failing plan and seed: the fewest random
+/// operations (a prefix of the same run) that still fail, and prints what
+/// they were: `JUNCTION_SIM_PLAN=crashes JUNCTION_SIM_SEED=1017 cargo test
+/// -p junction-tests --test simulation shrink -- --ignored --nocapture`.
+#[test]
+#[ignore = "a tool, run by hand"]
+fn shrink() {
+    let name = std::env::var("JUNCTION_SIM_PLAN").unwrap_or_else(|_| PLANS[0].into());
+    let seed = seed_from_env(0);
+    let full = plan(&name);
+    let fails = |ops: usize| {
+        workload::run(
+            seed,
+            &Plan {
+                ops,
+                ..full.clone()
+            },
+        )
+        .is_err()
+    };
+    if !fails(full.ops) {
+        eprintln!("{name} with seed {seed} passes");
+        return;
+    }
+    // The smallest failing prefix, by bisection (failures need not be
+    // monotonic in the prefix, so this finds a short one, not always the
+    // shortest).
+    let (mut good, mut bad) = (0, full.ops);
+    while bad - good > 1 {
+        let mid = (good + bad) / 2;
+        if fails(mid) { bad = mid } else { good = mid }
+    }
+    let short = Plan {
+        ops: bad,
+        ..full.clone()
+    };
+    let (_, report) = workload::run_world(seed, &short, |_| {}).unwrap();
+    eprintln!("{name}, seed {seed}: fails after {bad} operations:");
+    for step in &report.script {
+        eprintln!("  {step:?}");
+    }
+    eprintln!("{}", workload::run(seed, &short).unwrap_err());
 }

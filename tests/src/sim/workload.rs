@@ -980,6 +980,9 @@ pub struct Plan {
     /// Percent of processes that also write frames behind their driver's
     /// back, one operation in three ([`Op::Raw`]).
     pub rogue_percent: u64,
+    /// Whether applications steer clear of known bugs
+    /// ([`Client::avoid_known_bugs`]).
+    pub avoid_known_bugs: bool,
     /// The latency of every Road.
     pub latency: super::Latency,
     /// The junction's configuration.
@@ -1009,6 +1012,7 @@ impl Plan {
             long_pause_percent: 3,
             rogue_percent: 0,
             mute_percent: 0,
+            avoid_known_bugs: true,
             latency: super::Latency::default(),
             config,
         }
@@ -1032,6 +1036,33 @@ pub struct Report {
     pub summary: super::oracle::Summary,
     /// The trace's digest.
     pub digest: u64,
+    /// What the run did, in order, for reading a failure.
+    pub script: Vec<Scripted>,
+}
+
+/// One thing a random run did.
+#[derive(Debug, Clone)]
+pub enum Scripted {
+    /// A process applied an operation.
+    Op {
+        /// When.
+        at: Duration,
+        /// Which process.
+        pid: ProcessId,
+        /// What.
+        op: Op,
+    },
+    /// A process crashed and another joined (mute: it never says Hello).
+    Crash {
+        /// When.
+        at: Duration,
+        /// Which process crashed.
+        pid: ProcessId,
+        /// The process that joined.
+        joined: ProcessId,
+        /// Whether the new one never says Hello.
+        mute: bool,
+    },
 }
 
 /// Runs `plan` from `seed`: random operations by random processes, crashes,
@@ -1067,11 +1098,17 @@ pub fn run_world(
     world.road_latency = plan.latency;
     setup(&mut world);
     let mut ops = world.rng().fork();
+    let client = |pid| {
+        let mut c = Client::new(pid);
+        c.avoid_known_bugs = plan.avoid_known_bugs;
+        c
+    };
     for _ in 0..plan.processes {
         let pid = world.process_count();
-        world.add_process(0, Client::new(pid));
+        world.add_process(0, client(pid));
     }
     let mut crashes = 0;
+    let mut script = Vec::new();
     for _ in 0..plan.ops {
         let pause = if ops.chance(plan.long_pause_percent) {
             ops.between(Duration::from_millis(500), Duration::from_millis(2500))
@@ -1091,12 +1128,19 @@ pub fn run_world(
             world.crash(pid);
             crashes += 1;
             let new = world.process_count();
-            let mut client = Client::new(new);
-            if ops.chance(plan.mute_percent) {
+            let mut client = client(new);
+            let mute = ops.chance(plan.mute_percent);
+            if mute {
                 // Its Hello never leaves.
                 let _ = client.machine.poll_transmit();
             }
             world.add_process(0, client);
+            script.push(Scripted::Crash {
+                at: world.elapsed(),
+                pid,
+                joined: new,
+                mute,
+            });
             continue;
         }
         let rogue = world
@@ -1111,6 +1155,11 @@ pub fn run_world(
         };
         let population = world.process_count();
         world.act(pid, |c, ctx| c.apply(&op, ctx, population));
+        script.push(Scripted::Op {
+            at: world.elapsed(),
+            pid,
+            op,
+        });
     }
     settle(&mut world)?;
     let report = Report {
@@ -1124,6 +1173,7 @@ pub fn run_world(
         crashes,
         summary: super::oracle::Summary::default(),
         digest: world.digest(),
+        script,
     };
     Ok((world, report))
 }
@@ -1163,6 +1213,14 @@ pub fn run_script(
         crashes: 0,
         summary,
         digest: world.digest(),
+        script: script
+            .iter()
+            .map(|(pid, op)| Scripted::Op {
+                at: Duration::ZERO,
+                pid: *pid,
+                op: op.clone(),
+            })
+            .collect(),
     })
 }
 
