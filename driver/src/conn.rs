@@ -76,6 +76,16 @@ struct Signals {
     dead: watch::Sender<Option<Reason>>,
 }
 
+/// What [`Shared::transmit`] leaves to do once the lock is released.
+#[derive(Debug)]
+enum Queued {
+    Nothing,
+    /// Wake the idle writer.
+    Wake(std::task::Waker),
+    /// Write the batch from this task (calls and replies).
+    Direct,
+}
+
 /// One sender counted in [`Signals::waiting`] while it lives.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -115,6 +125,20 @@ enum Handoff {
     Deliver(u16, Message, bool),
     /// The port is closed: its queue ends.
     Unhook(u16),
+    /// A call's end.
+    Call(
+        oneshot::Sender<Result<Message, Error>>,
+        Result<Message, Error>,
+    ),
+    /// A request's answer.
+    Answer(
+        oneshot::Sender<Result<Answer, Error>>,
+        Result<Answer, Error>,
+    ),
+    /// A pong or a no-senders notice.
+    Signal(oneshot::Sender<()>),
+    /// Credit came back for a capability someone waits on.
+    Credit(Arc<Signals>),
 }
 
 /// Something the Junction reported outside any request.
@@ -207,36 +231,45 @@ impl Shared {
     fn with_then<R>(&self, now: bool, f: impl FnOnce(&mut Inner) -> R) -> R {
         let mut inner = self.lock();
         let r = f(&mut inner);
-        self.transmit(&mut inner.machine, now);
+        let queued = self.transmit(&mut inner.machine, now);
+        drop(inner);
+        // Written or woken out of the lock: a thread woken by the write (on
+        // a CPU shared with this one, maybe) must not find it held.
+        match queued {
+            Queued::Nothing => {}
+            Queued::Wake(waker) => waker.wake(),
+            Queued::Direct => self.outbox.flush_direct(),
+        }
         r
     }
 
     /// Moves queued frames into the outbox; called with the lock held, so
     /// frames reach the writer in the order the machine queued them.
-    fn transmit(&self, machine: &mut Machine, now: bool) {
+    /// Returns what to do once the lock is released: wake the writer, or
+    /// (`now`) write from this task.
+    #[must_use]
+    fn transmit(&self, machine: &mut Machine, now: bool) -> Queued {
         let Some(first) = machine.poll_transmit() else {
-            return;
+            return Queued::Nothing;
         };
-        let waker = self.outbox.with(|o| {
+        self.outbox.with(|o| {
             if o.is_closed() {
                 while machine.poll_transmit().is_some() {}
-                return None;
+                return Queued::Nothing;
             }
-            let mut waker = None;
+            let mut queued = Queued::Nothing;
             let mut frame = Some(first);
             while let Some(f) = frame {
                 if now {
                     o.push_quiet(&f.header, &f.payload);
+                    queued = Queued::Direct;
                 } else if let Some(w) = o.push(&f.header, &f.payload) {
-                    waker = Some(w);
+                    queued = Queued::Wake(w);
                 }
                 frame = machine.poll_transmit();
             }
-            if now { o.flush_direct() } else { waker }
-        });
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+            queued
+        })
     }
 
     fn closed_error(&self) -> Error {
@@ -464,7 +497,7 @@ impl Shared {
     fn dispatch(self: &Arc<Self>, frames: &mut Vec<Frame>, reader: &mut Reader) {
         let mut leftovers = Vec::new();
         let mut closed = None;
-        {
+        let queued = {
             let mut guard = self.lock();
             let inner = &mut *guard;
             for frame in frames.drain(..) {
@@ -477,8 +510,13 @@ impl Shared {
                     }
                 }
             }
-            self.transmit(&mut inner.machine, false);
+            self.transmit(&mut inner.machine, false)
+        };
+        if let Queued::Wake(waker) = queued {
+            waker.wake();
         }
+        // Wake-ups happen out of the lock, so that a woken task (on a CPU
+        // shared with this one, maybe) does not find it held.
         for handoff in reader.handoffs.drain(..) {
             match handoff {
                 Handoff::Deliver(port, msg, ack) => {
@@ -498,6 +536,20 @@ impl Shared {
                 Handoff::Unhook(port) => {
                     reader.ports.remove(&port);
                 }
+                Handoff::Call(tx, result) => {
+                    if let Err(v) = tx.send(result) {
+                        leftovers.push(Leftover::Message(v));
+                    }
+                }
+                Handoff::Answer(tx, result) => {
+                    if let Err(v) = tx.send(result) {
+                        leftovers.push(Leftover::Answer(v));
+                    }
+                }
+                Handoff::Signal(tx) => {
+                    let _ = tx.send(());
+                }
+                Handoff::Credit(signals) => signals.credit.notify_waiters(),
             }
         }
         // Out of the lock: these may give capabilities back.
@@ -529,28 +581,26 @@ impl Shared {
             } => {
                 let msg = self.message(inner, deliver, payload);
                 match inner.calls.remove(&tag) {
-                    Some(tx) => {
-                        if let Err(v) = tx.send(Ok(msg)) {
-                            leftovers.push(Leftover::Message(v));
-                        }
-                    }
+                    Some(tx) => reader.handoffs.push(Handoff::Call(tx, Ok(msg))),
                     None => leftovers.push(Leftover::Message(Ok(msg))),
                 }
             }
             Event::CallFailed { tag, reason } => {
                 if let Some(tx) = inner.calls.remove(&tag) {
-                    let _ = tx.send(Err(Error::CallFailed(reason)));
+                    let end = Err(Error::CallFailed(reason));
+                    reader.handoffs.push(Handoff::Call(tx, end));
                 }
             }
             Event::CallRefused { tag, code, message } => {
                 if let Some(tx) = inner.calls.remove(&tag) {
-                    let _ = tx.send(Err(Error::Refused { code, message }));
+                    let end = Err(Error::Refused { code, message });
+                    reader.handoffs.push(Handoff::Call(tx, end));
                 }
             }
             Event::PortOpened { req, address } => {
                 let (port, tx) = Port::new(self, inner, address);
                 reader.ports.insert(address.port, tx);
-                answer(inner, req, Answer::Port(port), leftovers);
+                answer(inner, req, Answer::Port(port), reader, leftovers);
             }
             Event::Minted {
                 req,
@@ -560,18 +610,19 @@ impl Shared {
                 moves,
             } => {
                 let cap = Capability::new(self, inner, handle, rights, address, moves);
-                answer(inner, req, Answer::Cap(cap), leftovers);
+                answer(inner, req, Answer::Cap(cap), reader, leftovers);
             }
             Event::Refused { req, code, message } => {
                 if let Some(tx) = inner.requests.remove(&req) {
-                    let _ = tx.send(Err(Error::Refused { code, message }));
+                    let refusal = Err(Error::Refused { code, message });
+                    reader.handoffs.push(Handoff::Answer(tx, refusal));
                 }
             }
             Event::SendCredit { handle, .. } => {
                 if let Some(s) = inner.caps.get(&handle)
                     && s.waiting.load(Ordering::Relaxed) > 0
                 {
-                    s.credit.notify_waiters();
+                    reader.handoffs.push(Handoff::Credit(s.clone()));
                 }
             }
             Event::Dead { handle, reason } => {
@@ -598,7 +649,7 @@ impl Shared {
             }
             Event::NoSenders { port } => {
                 if let Some(tx) = inner.no_senders.remove(&port) {
-                    let _ = tx.send(());
+                    reader.handoffs.push(Handoff::Signal(tx));
                 }
             }
             Event::PortClosed { port, .. } => {
@@ -607,7 +658,7 @@ impl Shared {
             }
             Event::Pong { nonce } => {
                 if let Some(tx) = inner.pings.remove(&nonce) {
-                    let _ = tx.send(());
+                    reader.handoffs.push(Handoff::Signal(tx));
                 }
             }
             Event::Notice {
@@ -665,13 +716,15 @@ impl Shared {
     }
 }
 
-fn answer(inner: &mut Inner, req: u32, answer: Answer, leftovers: &mut Vec<Leftover>) {
+fn answer(
+    inner: &mut Inner,
+    req: u32,
+    answer: Answer,
+    reader: &mut Reader,
+    leftovers: &mut Vec<Leftover>,
+) {
     match inner.requests.remove(&req) {
-        Some(tx) => {
-            if let Err(v) = tx.send(Ok(answer)) {
-                leftovers.push(Leftover::Answer(v));
-            }
-        }
+        Some(tx) => reader.handoffs.push(Handoff::Answer(tx, Ok(answer))),
         None => leftovers.push(Leftover::Answer(Ok(answer))),
     }
 }
