@@ -305,7 +305,7 @@ fn known_bug(processes: usize, script: &[(usize, Op)]) -> Result<(), String> {
 /// passed on; `Machine::attenuate` thinks it copies. After passing it on,
 /// the machine still offers it, and the junction answers UnknownHandle.
 #[test]
-#[ignore = "known bug 1: Machine::attenuate misses an inherited budget (moves)"]
+#[ignore = "known bug 1: Machine::attenuate misses an inherited budget (moves) (fixed on main by 42bb906)"]
 fn known_bug_1_attenuating_a_budgeted_capability() {
     let attenuate = |cap, budget| Op::Attenuate {
         cap,

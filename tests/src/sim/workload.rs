@@ -380,7 +380,7 @@ pub struct Client {
     ///    inherits the original's budget and moves all the same; the
     ///    machine then believes it still holds a capability it passed on.
     ///    Avoided by always giving a budget when attenuating a budgeted
-    ///    capability.
+    ///    capability. Fixed on main (42bb906).
     /// 2. The machine marks a capability that moves as gone as soon as it
     ///    is attached to a message; but when the junction refuses the
     ///    message before it transfers capabilities (dead port, capability
