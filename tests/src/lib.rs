@@ -1,6 +1,13 @@
 //! Helpers for Junction's cross-process tests: a real `junction` daemon in a
 //! temp dir, child processes that are killed when the test ends (pass or
 //! fail), and a raw Road client for sending frames no driver would send.
+//!
+//! [`sim`] is the deterministic simulation: the real junction core and real
+//! driver state machines in one simulated world with a fake clock, random
+//! operations from one seed, and an oracle for the delivery contract
+//! (`tests/simulation.rs` runs it).
+
+pub mod sim;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -300,6 +307,9 @@ impl RawClient {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                // A signal (a child exiting) interrupted the read: nothing
+                // was lost, read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("reading from the junction failed: {e}"),
             }
         }

@@ -1,0 +1,856 @@
+//! A deterministic simulated world for the junction: real cores, real driver
+//! state machines, a fake clock and simulated Roads, all driven from one seed.
+//!
+//! This is the junction's VOPR (TigerBeetle) or simulation test
+//! (FoundationDB): every node runs the real [`junction_core::Core`], every
+//! simulated process is a [`Process`] attached to a node over a simulated
+//! [`Road`], and the world owns time. Nothing reads a clock or a system RNG:
+//! the same seed gives the same run, frame for frame, so a failing seed is a
+//! bug report that replays.
+//!
+//! # Shape
+//!
+//! - **Nodes** (`Vec<Node>`): one [`Core`] each. Today a world has one; the
+//!   multi-junction issue adds more, joined by [`Link`]s.
+//! - **Processes**: anything implementing [`Process`] (a driver state
+//!   machine and the application on top of it). Each has one [`Road`] to one
+//!   node: reliable and ordered, with a seeded latency per frame. A crash
+//!   cuts the road: frames already written still reach the core, then the
+//!   core gets `handle_disconnected`; nothing reaches the process again.
+//! - **Events**: a queue ordered by (time, sequence number), so that ties
+//!   break by the order events were scheduled, deterministically.
+//! - **Time**: the world owns [`Now`]. Each step advances to the next event,
+//!   or to the soonest `core.poll_timeout()`, whichever is first, and calls
+//!   `handle_timeout` when a core's deadline is due.
+//! - **Checks**: `core.check_invariants()` runs after every step; a broken
+//!   invariant stops the run with a [`Failure`] naming the seed and the step.
+//! - **Trace**: every frame in and out of every core is recorded
+//!   ([`TraceEntry`]); oracles read it, and [`World::digest`] summarises it
+//!   so that two runs can be compared.
+//!
+//! On top of the world, [`workload`] gives each process a real driver
+//! [`Machine`](junction_driver::machine::Machine) and a small application
+//! doing random operations ([`workload::Op`], [`workload::Plan`],
+//! [`workload::run`]), and [`oracle`] checks the delivery contract over the
+//! whole trace against a shadow model of its own. `tests/simulation.rs`
+//! runs them; its `print_trace` test prints one run for reading.
+//!
+//! # Use
+//!
+//! ```
+//! use junction_tests::sim::{Process, Ctx, World, seed_from_env};
+//! use junction_road::{Frame, Header, Hello, MAGIC, PROTOCOL_VERSION};
+//!
+//! /// A process that says Hello and then only listens.
+//! struct Quiet(Option<Frame>, usize);
+//! impl Process for Quiet {
+//!     fn poll_transmit(&mut self) -> Option<Frame> { self.0.take() }
+//!     fn handle_frame(&mut self, _frame: Frame, _ctx: &mut Ctx<'_>) { self.1 += 1; }
+//!     fn handle_road_closed(&mut self, _ctx: &mut Ctx<'_>) {}
+//! }
+//!
+//! let hello = Frame::bare(Header::Hello(Hello {
+//!     magic: MAGIC, version: PROTOCOL_VERSION, max_frame: 1 << 20, label: "quiet".into(),
+//! }));
+//! let mut world = World::new(seed_from_env(7), junction_core::Config::default());
+//! let p = world.add_process(0, Quiet(Some(hello), 0));
+//! world.run_until_idle(10_000)?;
+//! assert_eq!(world.process(p).map(|q| q.1), Some(1)); // the Welcome
+//! # Ok::<(), junction_tests::sim::Failure>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use junction_core::{Config, ConnId, Core, Now, Output, Peer};
+use junction_road::Frame;
+
+pub mod oracle;
+pub mod workload;
+
+/// The environment variable that fixes the seed of a simulation run.
+pub const SEED_VAR: &str = "JUNCTION_SIM_SEED";
+
+/// The seed from [`SEED_VAR`] if it is set (decimal or `0x` hex), else
+/// `default`. Tests print the seed they used when they fail.
+pub fn seed_from_env(default: u64) -> u64 {
+    std::env::var(SEED_VAR)
+        .ok()
+        .and_then(|s| parse_seed(&s))
+        .unwrap_or(default)
+}
+
+fn parse_seed(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// The simulation's only source of randomness: SplitMix64, small, fast and
+/// fully determined by its seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator started from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            return 0;
+        }
+        // Lemire's multiply-shift: no modulo bias worth the name here.
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// An index into a collection of `len` items (0 when it is empty).
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+
+    /// True with probability `percent` in 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// A duration between `lo` and `hi` inclusive, in whole microseconds.
+    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let lo_us = lo.as_micros() as u64;
+        let hi_us = hi.as_micros().max(lo.as_micros()) as u64;
+        Duration::from_micros(lo_us + self.below(hi_us - lo_us + 1))
+    }
+
+    /// A new generator for a sub-task, so that its draws do not shift the
+    /// parent's sequence.
+    pub fn fork(&mut self) -> Rng {
+        Rng::new(self.next_u64())
+    }
+}
+
+/// A simulated process: a driver state machine and the application on top
+/// of it, as the world sees it: frames in, frames out.
+pub trait Process {
+    /// The next frame the process writes to its Road, if any. The world
+    /// drains this after every call into the process.
+    fn poll_transmit(&mut self) -> Option<Frame>;
+    /// A frame from the junction arrived.
+    fn handle_frame(&mut self, frame: Frame, ctx: &mut Ctx<'_>);
+    /// The Road ended: the junction closed it.
+    fn handle_road_closed(&mut self, ctx: &mut Ctx<'_>);
+}
+
+/// What a process may use while it handles an input: the time and the
+/// world's randomness.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// The current moment.
+    pub now: Now,
+    /// Time since the world started.
+    pub elapsed: Duration,
+    /// The world's generator.
+    pub rng: &'a mut Rng,
+}
+
+/// A process's place in the world.
+pub type ProcessId = usize;
+
+/// A node's place in the world.
+pub type NodeId = usize;
+
+/// Per-frame latency bounds of a simulated Road or Link.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// The least a frame takes.
+    pub min: Duration,
+    /// The most a frame takes (before queueing behind earlier frames).
+    pub max: Duration,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            min: Duration::from_micros(10),
+            max: Duration::from_micros(500),
+        }
+    }
+}
+
+/// A simulated Road: one process attached to one node, reliable and
+/// ordered both ways. Each direction remembers when its last frame arrives,
+/// so a fast frame never overtakes a slow one.
+#[derive(Debug)]
+pub struct Road {
+    /// The node at the junction's end.
+    pub node: NodeId,
+    /// The connection id the node's core gave it.
+    pub conn: ConnId,
+    /// Its latency.
+    pub latency: Latency,
+    up_last: Duration,
+    down_last: Duration,
+    /// The process crashed: nothing more goes up after the disconnect.
+    cut: bool,
+    /// The core closed it: nothing more comes down after the close.
+    closed: bool,
+}
+
+/// A simulated network link between two nodes, for the multi-junction
+/// issue: its own queue of frames in flight and its fault settings. No
+/// world uses one yet; the type fixes where loss, cuts and heals will live.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// The two ends.
+    pub ends: (NodeId, NodeId),
+    /// Its latency.
+    pub latency: Latency,
+    /// Percent of frames lost.
+    pub loss_percent: u8,
+    /// Whether the link is cut (nothing passes until it heals).
+    pub cut: bool,
+}
+
+/// One node: a real core and what the world knows about it.
+#[derive(Debug)]
+pub struct Node {
+    /// The junction's state machine.
+    pub core: Core,
+}
+
+enum Slot<P> {
+    Alive(P),
+    /// Its last state, kept for oracles; it gets no input any more.
+    Crashed(P),
+    /// Only while a process moves from alive to crashed.
+    Gone,
+}
+
+/// Something due at a moment.
+#[derive(Debug)]
+enum Event {
+    /// A frame written by a process reaches its node's core.
+    ToCore { pid: ProcessId, frame: Frame },
+    /// A crashed process's Road ends at the core.
+    Disconnect { pid: ProcessId },
+    /// A frame written by a core reaches a process.
+    ToProcess { pid: ProcessId, frame: Frame },
+    /// The core closed a Road; the process sees it end.
+    RoadClosed { pid: ProcessId },
+}
+
+/// What a trace entry records.
+#[derive(Debug, Clone)]
+pub enum Traced {
+    /// A process attached to a node; the core named the connection `conn`.
+    Connected {
+        /// The node.
+        node: NodeId,
+        /// The connection's number ([`ConnId::get`]).
+        conn: u64,
+        /// The process.
+        pid: ProcessId,
+    },
+    /// A core handled a frame from a connection.
+    CoreIn {
+        /// The node.
+        node: NodeId,
+        /// The connection.
+        conn: u64,
+        /// The frame.
+        frame: Frame,
+    },
+    /// A core wrote a frame to a connection.
+    CoreOut {
+        /// The node.
+        node: NodeId,
+        /// The connection.
+        conn: u64,
+        /// The frame.
+        frame: Frame,
+    },
+    /// A core closed a connection (and forgot it).
+    CoreClosed {
+        /// The node.
+        node: NodeId,
+        /// The connection.
+        conn: u64,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// A core handled the end of a connection's Road.
+    Disconnected {
+        /// The node.
+        node: NodeId,
+        /// The connection.
+        conn: u64,
+    },
+    /// A core's timer fired.
+    Timeout {
+        /// The node.
+        node: NodeId,
+    },
+    /// A process crashed.
+    Crashed {
+        /// The process.
+        pid: ProcessId,
+    },
+}
+
+/// One thing that happened, when.
+#[derive(Debug, Clone)]
+pub struct TraceEntry {
+    /// The world step it happened in.
+    pub step: u64,
+    /// Time since the world started.
+    pub at: Duration,
+    /// The wall clock the core saw, in seconds since the Unix epoch.
+    pub unix: u64,
+    /// What happened.
+    pub what: Traced,
+}
+
+/// A run stopped: what broke, with the seed that replays it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The world's seed.
+    pub seed: u64,
+    /// The step it broke at.
+    pub step: u64,
+    /// What broke.
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "simulation failed at step {} (replay with {SEED_VAR}={}): {}",
+            self.step, self.seed, self.message
+        )
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The Unix time the simulated wall clock starts at: fixed, so runs replay.
+const UNIX_EPOCH_START: u64 = 1_800_000_000;
+
+/// The simulated world. See the module documentation.
+pub struct World<P> {
+    seed: u64,
+    rng: Rng,
+    start: Now,
+    elapsed: Duration,
+    step: u64,
+    next_seq: u64,
+    queue: BTreeMap<(Duration, u64), Event>,
+    nodes: Vec<Node>,
+    processes: Vec<Slot<P>>,
+    roads: Vec<Road>,
+    /// Links between nodes, for the multi-junction issue.
+    links: Vec<Link>,
+    trace: Vec<TraceEntry>,
+    /// The latency new Roads get.
+    pub road_latency: Latency,
+    tamper: Option<Box<Tamper>>,
+}
+
+/// A fault injected between a core and its outputs, to check that oracles
+/// catch a junction that misbehaves: given the node, the connection and a
+/// frame the core wrote, what becomes of it.
+pub type Tamper = dyn FnMut(NodeId, u64, &Frame) -> Tampered;
+
+/// What a [`Tamper`] does to one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tampered {
+    /// The frame passes unchanged.
+    Pass,
+    /// The frame is lost, as if the core never wrote it.
+    Lose,
+    /// The frame is written twice.
+    Duplicate,
+}
+
+impl<P> fmt::Debug for World<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("World")
+            .field("seed", &self.seed)
+            .field("step", &self.step)
+            .field("elapsed", &self.elapsed)
+            .field("nodes", &self.nodes.len())
+            .field("processes", &self.processes.len())
+            .field("queued", &self.queue.len())
+            .finish()
+    }
+}
+
+impl<P: Process> World<P> {
+    /// A world with one junction node configured by `config`, whose every
+    /// random choice follows from `seed`.
+    pub fn new(seed: u64, config: Config) -> Self {
+        // The monotonic base is arbitrary; only differences reach the core,
+        // and the trace records offsets.
+        let start = Now::new(Instant::now(), UNIX_EPOCH_START);
+        Self {
+            seed,
+            rng: Rng::new(seed),
+            start,
+            elapsed: Duration::ZERO,
+            step: 0,
+            next_seq: 0,
+            queue: BTreeMap::new(),
+            nodes: vec![Node {
+                core: Core::new(config, start),
+            }],
+            processes: Vec::new(),
+            roads: Vec::new(),
+            links: Vec::new(),
+            trace: Vec::new(),
+            road_latency: Latency::default(),
+            tamper: None,
+        }
+    }
+
+    /// Makes every core's output pass through `tamper` before it is traced
+    /// and sent: a broken junction, for testing oracles. Never for real
+    /// runs.
+    pub fn danger_tamper_outputs(&mut self, tamper: Box<Tamper>) {
+        self.tamper = Some(tamper);
+    }
+
+    /// The seed the world runs from.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The current moment.
+    pub fn now(&self) -> Now {
+        self.start.later(self.elapsed)
+    }
+
+    /// Time since the world started.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// The world's generator, for choices made outside processes.
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.rng
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The links between nodes (none yet).
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
+    /// Everything that happened so far, in order.
+    pub fn trace(&self) -> &[TraceEntry] {
+        &self.trace
+    }
+
+    /// A digest of the trace: equal for two runs exactly when their traces
+    /// print the same (FNV-1a over the `Debug` form of every entry).
+    pub fn digest(&self) -> u64 {
+        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+        for entry in &self.trace {
+            use std::fmt::Write;
+            let _ = write!(h, "{entry:?}");
+        }
+        h.0
+    }
+
+    /// How many processes were ever added (crashed ones included).
+    pub fn process_count(&self) -> usize {
+        self.processes.len()
+    }
+
+    /// A live process.
+    pub fn process(&self, pid: ProcessId) -> Option<&P> {
+        match self.processes.get(pid) {
+            Some(Slot::Alive(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// A process alive or crashed: for a crashed one, its state when it
+    /// crashed (what it recorded, for oracles).
+    pub fn remains(&self, pid: ProcessId) -> Option<&P> {
+        match self.processes.get(pid) {
+            Some(Slot::Alive(p) | Slot::Crashed(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Whether the process is alive (added and not crashed).
+    pub fn is_alive(&self, pid: ProcessId) -> bool {
+        self.process(pid).is_some()
+    }
+
+    /// The process's Road.
+    pub fn road(&self, pid: ProcessId) -> Option<&Road> {
+        self.roads.get(pid)
+    }
+
+    /// Attaches `process` to `node` over a new Road; the frames it has
+    /// queued (its Hello) start on their way.
+    pub fn add_process(&mut self, node: NodeId, process: P) -> ProcessId {
+        let now = self.now();
+        // Attaching is a step of its own, so that oracles can tell what it
+        // caused from what the previous step did.
+        self.step += 1;
+        let conn = self.nodes[node].core.handle_connected(Peer::default(), now);
+        let pid = self.processes.len();
+        self.processes.push(Slot::Alive(process));
+        self.roads.push(Road {
+            node,
+            conn,
+            latency: self.road_latency,
+            up_last: self.elapsed,
+            down_last: self.elapsed,
+            cut: false,
+            closed: false,
+        });
+        self.record(Traced::Connected {
+            node,
+            conn: conn.get(),
+            pid,
+        });
+        self.drain_core(node);
+        self.flush(pid);
+        pid
+    }
+
+    /// Runs `f` on a live process as its application (a command), then
+    /// sends what it queued. `None` if the process is gone.
+    pub fn act<R>(
+        &mut self,
+        pid: ProcessId,
+        f: impl FnOnce(&mut P, &mut Ctx<'_>) -> R,
+    ) -> Option<R> {
+        let now = self.now();
+        let elapsed = self.elapsed;
+        let Some(Slot::Alive(p)) = self.processes.get_mut(pid) else {
+            return None;
+        };
+        let mut ctx = Ctx {
+            now,
+            elapsed,
+            rng: &mut self.rng,
+        };
+        let r = f(p, &mut ctx);
+        self.flush(pid);
+        Some(r)
+    }
+
+    /// Crashes a process: it is gone at once; what it already wrote still
+    /// reaches the core, then its Road ends there.
+    pub fn crash(&mut self, pid: ProcessId) {
+        let Some(Slot::Alive(_)) = self.processes.get(pid) else {
+            return;
+        };
+        let Slot::Alive(p) = std::mem::replace(&mut self.processes[pid], Slot::Gone) else {
+            return;
+        };
+        self.processes[pid] = Slot::Crashed(p);
+        self.step += 1;
+        self.record(Traced::Crashed { pid });
+        let road = &mut self.roads[pid];
+        road.cut = true;
+        if !road.closed {
+            let at = road.up_last.max(self.elapsed);
+            road.up_last = at;
+            self.schedule(at, Event::Disconnect { pid });
+        }
+    }
+
+    /// Takes one step: the next event or core timeout. `Ok(false)` when
+    /// nothing is left to do (no event queued, no timer set).
+    pub fn step(&mut self) -> Result<bool, Failure> {
+        let next_event = self.queue.keys().next().map(|&(at, _)| at);
+        let next_timer = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                n.core
+                    .poll_timeout()
+                    .map(|at| (at.saturating_duration_since(self.start.instant), i))
+            })
+            .min();
+        match (next_event, next_timer) {
+            (None, None) => return Ok(false),
+            // A timer due no later than the next event goes first.
+            (Some(e), Some((t, node))) if t <= e => self.fire_timer(t, node),
+            (None, Some((t, node))) => self.fire_timer(t, node),
+            _ => {
+                let Some(((at, _), event)) = self.queue.pop_first() else {
+                    return Ok(false);
+                };
+                self.elapsed = self.elapsed.max(at);
+                self.step += 1;
+                self.handle(event);
+            }
+        }
+        self.check()?;
+        Ok(true)
+    }
+
+    /// Steps until nothing is left to do, or `max_steps` were taken (an
+    /// error: something livelocked).
+    pub fn run_until_idle(&mut self, max_steps: u64) -> Result<(), Failure> {
+        for _ in 0..max_steps {
+            if !self.step()? {
+                return Ok(());
+            }
+        }
+        Err(self.failure(format!("still busy after {max_steps} steps")))
+    }
+
+    /// Steps through everything due up to `elapsed` since the start, then
+    /// sets the clock there.
+    pub fn run_until(&mut self, elapsed: Duration) -> Result<(), Failure> {
+        loop {
+            let next_event = self.queue.keys().next().map(|&(at, _)| at);
+            let next_timer = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.core.poll_timeout())
+                .map(|at| at.saturating_duration_since(self.start.instant))
+                .min();
+            let next = [next_event, next_timer].into_iter().flatten().min();
+            match next {
+                Some(at) if at <= elapsed => {
+                    self.step()?;
+                }
+                _ => break,
+            }
+        }
+        self.elapsed = self.elapsed.max(elapsed);
+        Ok(())
+    }
+
+    /// A failure at the current step, naming the seed.
+    pub fn failure(&self, message: String) -> Failure {
+        Failure {
+            seed: self.seed,
+            step: self.step,
+            message,
+        }
+    }
+
+    /// Checks every core's invariants.
+    pub fn check(&self) -> Result<(), Failure> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            node.core
+                .check_invariants()
+                .map_err(|e| self.failure(format!("node {i}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn fire_timer(&mut self, at: Duration, node: NodeId) {
+        self.elapsed = self.elapsed.max(at);
+        self.step += 1;
+        let now = self.now();
+        self.record(Traced::Timeout { node });
+        self.nodes[node].core.handle_timeout(now);
+        self.drain_core(node);
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now();
+        match event {
+            Event::ToCore { pid, frame } => {
+                let Road { node, conn, .. } = self.roads[pid];
+                if self.roads[pid].closed {
+                    // The core closed this Road already: the bytes go nowhere.
+                    return;
+                }
+                self.record(Traced::CoreIn {
+                    node,
+                    conn: conn.get(),
+                    frame: frame.clone(),
+                });
+                self.nodes[node].core.handle_frame(conn, frame, now);
+                self.drain_core(node);
+            }
+            Event::Disconnect { pid } => {
+                let Road { node, conn, .. } = self.roads[pid];
+                if self.roads[pid].closed {
+                    return;
+                }
+                self.roads[pid].closed = true;
+                self.record(Traced::Disconnected {
+                    node,
+                    conn: conn.get(),
+                });
+                self.nodes[node].core.handle_disconnected(conn);
+                self.drain_core(node);
+            }
+            Event::ToProcess { pid, frame } => {
+                let elapsed = self.elapsed;
+                if let Some(Slot::Alive(p)) = self.processes.get_mut(pid) {
+                    let mut ctx = Ctx {
+                        now,
+                        elapsed,
+                        rng: &mut self.rng,
+                    };
+                    p.handle_frame(frame, &mut ctx);
+                    self.flush(pid);
+                }
+            }
+            Event::RoadClosed { pid } => {
+                let elapsed = self.elapsed;
+                if let Some(Slot::Alive(p)) = self.processes.get_mut(pid) {
+                    let mut ctx = Ctx {
+                        now,
+                        elapsed,
+                        rng: &mut self.rng,
+                    };
+                    p.handle_road_closed(&mut ctx);
+                }
+            }
+        }
+    }
+
+    /// Sends what a process queued up its Road.
+    fn flush(&mut self, pid: ProcessId) {
+        loop {
+            let Some(Slot::Alive(p)) = self.processes.get_mut(pid) else {
+                return;
+            };
+            let Some(frame) = p.poll_transmit() else {
+                return;
+            };
+            let road = &self.roads[pid];
+            if road.cut || road.closed {
+                // Written into a Road the junction already closed: lost, as
+                // a write to a closed socket is.
+                continue;
+            }
+            let latency = road.latency;
+            let delay = self.rng.between(latency.min, latency.max);
+            let road = &mut self.roads[pid];
+            let at = (self.elapsed + delay).max(road.up_last);
+            road.up_last = at;
+            self.schedule(at, Event::ToCore { pid, frame });
+        }
+    }
+
+    /// Routes what a core produced: frames down their Roads, closes.
+    fn drain_core(&mut self, node: NodeId) {
+        while let Some(output) = self.nodes[node].core.poll_output() {
+            match output {
+                Output::Frame { conn, frame } => {
+                    let copies = match self.tamper.as_mut().map(|t| t(node, conn.get(), &frame)) {
+                        None | Some(Tampered::Pass) => 1,
+                        Some(Tampered::Lose) => 0,
+                        Some(Tampered::Duplicate) => 2,
+                    };
+                    for _ in 0..copies {
+                        self.route_frame(node, conn, frame.clone());
+                    }
+                }
+                Output::Close { conn, reason } => {
+                    self.record(Traced::CoreClosed {
+                        node,
+                        conn: conn.get(),
+                        reason,
+                    });
+                    let Some(pid) = self.pid_of(node, conn) else {
+                        continue;
+                    };
+                    let road = &mut self.roads[pid];
+                    road.closed = true;
+                    if road.cut {
+                        continue;
+                    }
+                    let at = road.down_last.max(self.elapsed);
+                    road.down_last = at;
+                    self.schedule(at, Event::RoadClosed { pid });
+                }
+            }
+        }
+    }
+
+    /// Records a frame a core wrote and sends it down its Road.
+    fn route_frame(&mut self, node: NodeId, conn: ConnId, frame: Frame) {
+        self.record(Traced::CoreOut {
+            node,
+            conn: conn.get(),
+            frame: frame.clone(),
+        });
+        let Some(pid) = self.pid_of(node, conn) else {
+            return;
+        };
+        let latency = self.roads[pid].latency;
+        let delay = self.rng.between(latency.min, latency.max);
+        let road = &mut self.roads[pid];
+        if road.cut {
+            return;
+        }
+        let at = (self.elapsed + delay).max(road.down_last);
+        road.down_last = at;
+        self.schedule(at, Event::ToProcess { pid, frame });
+    }
+
+    fn pid_of(&self, node: NodeId, conn: ConnId) -> Option<ProcessId> {
+        // Roads are few; a scan keeps the world simple.
+        self.roads
+            .iter()
+            .position(|r| r.node == node && r.conn == conn)
+    }
+
+    fn schedule(&mut self, at: Duration, event: Event) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.insert((at, seq), event);
+    }
+
+    fn record(&mut self, what: Traced) {
+        let now = self.now();
+        self.trace.push(TraceEntry {
+            step: self.step,
+            at: self.elapsed,
+            unix: now.unix,
+            what,
+        });
+    }
+}
+
+/// FNV-1a, fed through `fmt::Write` so that entries hash without a string.
+struct Fnv(u64);
+
+impl fmt::Write for Fnv {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(())
+    }
+}
