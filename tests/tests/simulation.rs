@@ -305,7 +305,7 @@ fn known_bug(processes: usize, script: &[(usize, Op)]) -> Result<(), String> {
 /// passed on; `Machine::attenuate` thinks it copies. After passing it on,
 /// the machine still offers it, and the junction answers UnknownHandle.
 #[test]
-#[ignore = "known bug 1: Machine::attenuate misses an inherited budget (moves) (fixed on main by 42bb906)"]
+
 fn known_bug_1_attenuating_a_budgeted_capability() {
     let attenuate = |cap, budget| Op::Attenuate {
         cap,
@@ -345,7 +345,7 @@ fn known_bug_1_attenuating_a_budgeted_capability() {
 /// is closed), stays in the sender's table, but the driver counts it gone:
 /// a handle nobody can drop.
 #[test]
-#[ignore = "known bug 2: a refused message's moving capabilities stay in the junction (fixed on main by 1323309)"]
+
 fn known_bug_2_refused_message_keeps_its_moving_capability() {
     let script = [
         // p0 held: [0] its port's capability, [1] send-once+grant to it.
@@ -369,7 +369,7 @@ fn known_bug_2_refused_message_keeps_its_moving_capability() {
 /// port died while p0 watched it) is passed to p1; p1 uses it, the junction
 /// refuses it without consuming it, and p1's driver counts it used.
 #[test]
-#[ignore = "known bug 3: a send-once capability dead on its own is not consumed by use (fixed on main by 1323309)"]
+
 fn known_bug_3_dead_send_once_capability_is_not_consumed() {
     let script = [
         // p0: a second port (ports [1]), held [1] its registered capability.
@@ -440,7 +440,7 @@ fn print_trace() {
 /// ignores it, so p0 holds a handle it does not know of (a hostile callee
 /// can fill an honest caller's table), and p1's call never ends.
 #[test]
-#[ignore = "known bug 4: a Call on a reply capability leaks a handle in the caller (refused on main by 1323309)"]
+
 fn known_bug_4_a_reply_that_is_a_call() {
     let script = [
         // p0 held [1]: a capability to p1's port; it calls p1.

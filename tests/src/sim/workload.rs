@@ -448,7 +448,7 @@ impl Client {
             next_msg: 0,
             closed: false,
             raw: VecDeque::new(),
-            avoid_known_bugs: true,
+            avoid_known_bugs: false,
             records: Records::default(),
         }
     }
@@ -1012,7 +1012,7 @@ impl Plan {
             long_pause_percent: 3,
             rogue_percent: 0,
             mute_percent: 0,
-            avoid_known_bugs: true,
+            avoid_known_bugs: false,
             latency: super::Latency::default(),
             config,
         }
