@@ -1005,20 +1005,17 @@ impl Core {
         }
     }
 
-    /// Removes a connection and everything it held.
+    /// Removes a connection and everything it held. It is taken out first,
+    /// so that nothing its ports' deaths cause is addressed to it.
     fn forget(&mut self, conn: ConnId, reason: Reason) {
-        let Some(c) = self.conns.get(conn.key()) else {
+        let Some(c) = self.conns.remove(conn.key()) else {
             return;
         };
-        let ports: Vec<u16> = c.ports.clone();
-        for number in ports {
+        for &number in &c.ports {
             if let Some(key) = self.ports.key(number) {
                 self.kill_port(key, reason);
             }
         }
-        let Some(c) = self.conns.remove(conn.key()) else {
-            return;
-        };
         let call_reason = match reason {
             Reason::Shutdown => Reason::Shutdown,
             _ => Reason::OwnerGone,

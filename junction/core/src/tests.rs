@@ -585,6 +585,37 @@ fn a_call_with_tag_zero_is_malformed_even_on_a_dead_capability() {
     );
 }
 
+/// Found by the simulation: a connection being forgotten is sent nothing
+/// about its own ports' deaths (nobody would read it).
+#[test]
+fn a_forgotten_connection_is_told_nothing() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(a);
+    let to_self = h.mint(a, port, Rights::SEND | Rights::GRANT);
+    h.feed(a, Header::Watch { handle: to_self });
+    h.send(a, to_self, vec![], b"to myself");
+    let to_a = h
+        .core
+        .new_cap(b, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.feed(b, Header::Watch { handle: to_a });
+    h.send(b, to_a, vec![], b"to a");
+    h.take(a);
+    h.take(b);
+    h.core.handle_disconnected(a);
+    h.drain();
+    assert!(h.take(a).is_empty(), "nothing for the forgotten connection");
+    let told = h.take(b);
+    assert!(
+        told.iter()
+            .any(|f| matches!(f, Header::Undeliverable { .. }))
+    );
+    assert!(told.iter().any(|f| matches!(f, Header::Dead { .. })));
+    h.check_invariants();
+}
+
 #[test]
 fn a_slow_receiver_stops_its_senders_only() {
     let mut h = Harness::new();
