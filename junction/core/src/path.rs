@@ -97,6 +97,7 @@ impl Orphans {
 
 impl Core {
     /// `Send` and `Call`.
+    #[inline]
     pub(crate) fn send(
         &mut self,
         conn: ConnId,
@@ -164,6 +165,7 @@ impl Core {
     /// The sending side's checks, and the charge: sequence number, credit,
     /// budget. A send-once capability is used up here, whatever becomes of
     /// the message.
+    #[inline(always)]
     fn admit(
         &mut self,
         conn: ConnId,
@@ -265,12 +267,14 @@ impl Core {
     }
 
     /// Hands an admitted message to its target.
+    #[inline(always)]
     fn deliver(&mut self, envelope: Envelope) {
         match envelope.target {
             Target::Local(port) => self.deliver_local(envelope, port),
         }
     }
 
+    #[inline(always)]
     fn deliver_local(&mut self, envelope: Envelope, port: Key) {
         let Envelope {
             from,
