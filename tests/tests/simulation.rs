@@ -117,11 +117,6 @@ fn plan(name: &str) -> Plan {
             long_pause_percent: 5,
             ..Plan::tight(12, 3000)
         },
-        // By hand only: the known bugs unguarded, to see them come up.
-        "unguarded" => Plan {
-            avoid_known_bugs: false,
-            ..Plan::tight(6, 400)
-        },
         other => panic!("no plan named {other:?}"),
     }
 }
@@ -194,13 +189,6 @@ fn every_nth(n: u32, what: Tampered, pick: fn(&Header) -> bool) -> Box<Tamper> {
         seen += 1;
         if seen % n == 0 { what } else { Tampered::Pass }
     })
-}
-
-#[test]
-fn the_semantics_probe_answers_the_same_twice() {
-    let s = junction_tests::sim::oracle::Semantics::probe();
-    eprintln!("this junction: {s:?}");
-    assert_eq!(s, junction_tests::sim::oracle::Semantics::probe());
 }
 
 #[test]
@@ -285,28 +273,26 @@ fn soak() {
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
 }
 
-// Known bugs, each pinned by a short script. The random simulations steer
-// clear of them (`Client::avoid_known_bugs`) so that they can find others;
-// these run the same scripts with the workaround off, and are ignored until
-// the bug is fixed.
+// Regression tests: each short script pins a bug the simulation found (the
+// seeds that found them were not recorded), and runs once with the oracle
+// and the handle audit as strict as for random plans.
 
-/// Runs a script with and without the workaround for known bugs: with it
-/// the run must pass; without it, the result is returned.
-fn known_bug(processes: usize, script: &[(usize, Op)]) -> Result<(), String> {
+/// Runs a script on `processes` processes with the tight configuration,
+/// then settles, audits and checks it; panics with what broke.
+fn regression(processes: usize, script: &[(usize, Op)]) {
     let plan = Plan::tight(processes, 0);
-    workload::run_script(1, &plan, script, true).unwrap();
-    workload::run_script(1, &plan, script, false)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    if let Err(e) = workload::run_script(1, &plan, script) {
+        panic!("{e}");
+    }
 }
 
-/// Known bug 1 (driver machine): attenuating a budgeted capability without
-/// naming a budget makes one that inherits the budget, so it moves when
-/// passed on; `Machine::attenuate` thinks it copies. After passing it on,
-/// the machine still offers it, and the junction answers UnknownHandle.
+/// Found by the random plans (the driver machine then thought it copied
+/// such a capability and offered it after passing it on; the junction
+/// answered UnknownHandle). Now attenuating a budgeted capability without
+/// naming a budget gives one that inherits the budget and moves, and the
+/// driver machine knows it.
 #[test]
-
-fn known_bug_1_attenuating_a_budgeted_capability() {
+fn attenuating_a_budgeted_capability_without_a_budget_gives_one_that_moves() {
     let attenuate = |cap, budget| Op::Attenuate {
         cap,
         grant: true,
@@ -314,93 +300,101 @@ fn known_bug_1_attenuating_a_budgeted_capability() {
         budget,
         revocable: false,
     };
-    let script = [
-        // held: [0] its port's capability, [1] budget 3, [2] inherits it.
-        (0, attenuate(0, Some(3))),
-        (0, attenuate(1, None)),
-        // Pass [2] on to its own port: it moves away.
-        (
-            0,
-            Op::Send {
-                cap: 0,
-                attach: vec![2],
-                len: 18,
-            },
-        ),
-        // The machine still offers it.
-        (
-            0,
-            Op::Send {
-                cap: 2,
-                attach: vec![],
-                len: 18,
-            },
-        ),
-    ];
-    known_bug(1, &script).unwrap();
+    regression(
+        1,
+        &[
+            // held: [0] its port's capability, [1] budget 3, [2] inherits it.
+            (0, attenuate(0, Some(3))),
+            (0, attenuate(1, None)),
+            // Pass [2] on to its own port: it moves away.
+            (
+                0,
+                Op::Send {
+                    cap: 0,
+                    attach: vec![2],
+                    len: 18,
+                },
+            ),
+            // Only [0] and [1] are left to send on.
+            (
+                0,
+                Op::Send {
+                    cap: 2,
+                    attach: vec![],
+                    len: 18,
+                },
+            ),
+        ],
+    );
 }
 
-/// Known bug 2 (protocol): a capability that moves, attached to a message
-/// the junction refuses before transferring capabilities (here: the port
-/// is closed), stays in the sender's table, but the driver counts it gone:
-/// a handle nobody can drop.
+/// Found by the handle audit under the random plans (a moving capability
+/// attached to a message the junction refused stayed in the sender's
+/// table while its driver counted it gone: a handle nobody could drop).
+/// Now a refused or undeliverable `Send`/`Call` takes the moving
+/// capabilities it attaches out of the sender's table all the same
+/// (protocol 6.1).
 #[test]
-
-fn known_bug_2_refused_message_keeps_its_moving_capability() {
-    let script = [
-        // p0 held: [0] its port's capability, [1] send-once+grant to it.
-        (0, Op::Mint { port: 0, rights: 3 }),
-        // p0 held: [2] a capability to p1's port, which p1 then closes.
-        (0, Op::Lookup { pid: 1, port: 0 }),
-        (1, Op::ClosePort { port: 0 }),
-        (
-            0,
-            Op::Send {
-                cap: 2,
-                attach: vec![1],
-                len: 18,
-            },
-        ),
-    ];
-    known_bug(2, &script).unwrap();
+fn a_refused_message_takes_its_moving_attachments_with_it() {
+    regression(
+        2,
+        &[
+            // p0 held: [0] its port's capability, [1] send-once+grant to it.
+            (0, Op::Mint { port: 0, rights: 3 }),
+            // p0 held: [2] a capability to p1's port, which p1 then closes.
+            (0, Op::Lookup { pid: 1, port: 0 }),
+            (1, Op::ClosePort { port: 0 }),
+            (
+                0,
+                Op::Send {
+                    cap: 2,
+                    attach: vec![1],
+                    len: 18,
+                },
+            ),
+        ],
+    );
 }
 
-/// Known bug 3 (protocol): a send-once capability dead on its own (its
-/// port died while p0 watched it) is passed to p1; p1 uses it, the junction
-/// refuses it without consuming it, and p1's driver counts it used.
+/// Found by the handle audit under the random plans (a send-once
+/// capability dead on its own, because its port died while an earlier
+/// holder watched it, was refused without being consumed, while its new
+/// holder's driver counted it used). Now a send-once capability is used up
+/// by its use even when dead on its own (protocol 6.1 step 4).
 #[test]
-
-fn known_bug_3_dead_send_once_capability_is_not_consumed() {
-    let script = [
-        // p0: a second port (ports [1]), held [1] its registered capability.
-        (0, Op::OpenPort),
-        // held [2]: send-once+grant to that port, watched.
-        (0, Op::Mint { port: 1, rights: 3 }),
-        (0, Op::Watch { cap: 2 }),
-        // held [3]: a capability to p1's port.
-        (0, Op::Lookup { pid: 1, port: 0 }),
-        (0, Op::ClosePort { port: 1 }),
-        // Pass the dead send-once capability to p1 (its held [1]), who
-        // reads the message and uses it.
-        (
-            0,
-            Op::Send {
-                cap: 3,
-                attach: vec![2],
-                len: 18,
-            },
-        ),
-        (1, Op::Read { n: 1, answer: 0 }),
-        (
-            1,
-            Op::Send {
-                cap: 1,
-                attach: vec![],
-                len: 18,
-            },
-        ),
-    ];
-    known_bug(2, &script).unwrap();
+fn a_dead_send_once_capability_is_used_up_by_its_use() {
+    regression(
+        2,
+        &[
+            // p0: a second port (ports [1]), held [1] its registered capability.
+            (0, Op::OpenPort),
+            // held [2]: send-once+grant to that port, watched.
+            (0, Op::Mint { port: 1, rights: 3 }),
+            (0, Op::Watch { cap: 2 }),
+            // held [3]: a capability to p1's port.
+            (0, Op::Lookup { pid: 1, port: 0 }),
+            (0, Op::ClosePort { port: 1 }),
+            // Pass the dead send-once capability to p1 (its held [1]), who
+            // reads the message and uses it.
+            (
+                0,
+                Op::Send {
+                    cap: 3,
+                    attach: vec![2],
+                    len: 18,
+                },
+            ),
+            (1, Op::Read { n: 1, answer: 0 }),
+            (
+                1,
+                Op::Send {
+                    cap: 1,
+                    attach: vec![],
+                    len: 18,
+                },
+            ),
+        ],
+    );
 }
 
 /// Prints the trace of one run, for reading a failure:
@@ -434,28 +428,30 @@ fn print_trace() {
     }
 }
 
-/// Known bug 4 (junction, driver): p1 answers p0's call with a `Call` on
-/// the reply capability instead of a `Send`. The junction delivers it to
-/// p0 as the reply, carrying a new reply capability; p0's driver machine
-/// ignores it, so p0 holds a handle it does not know of (a hostile callee
-/// can fill an honest caller's table), and p1's call never ends.
+/// Found by the hostile drivers plan (the junction delivered a `Call` on
+/// a reply capability as the reply, carrying a reply capability the
+/// caller's driver never surfaced: a handle leaked in an honest caller, and
+/// a call that never ended). Now such a call is refused with
+/// `UnexpectedFrame`, the reply capability is used up, and the call it
+/// answers fails with `ReplyDropped` (protocol 6.1 step 5).
 #[test]
-
-fn known_bug_4_a_reply_that_is_a_call() {
-    let script = [
-        // p0 held [1]: a capability to p1's port; it calls p1.
-        (0, Op::Lookup { pid: 1, port: 0 }),
-        (
-            0,
-            Op::Call {
-                cap: 1,
-                attach: vec![],
-            },
-        ),
-        (1, Op::Read { n: 1, answer: 0 }),
-        (1, Op::ReplyWithCall { owed: 0 }),
-    ];
-    workload::run_script(1, &Plan::tight(2, 0), &script, true).unwrap();
+fn a_reply_that_is_a_call_is_refused() {
+    regression(
+        2,
+        &[
+            // p0 held [1]: a capability to p1's port; it calls p1.
+            (0, Op::Lookup { pid: 1, port: 0 }),
+            (
+                0,
+                Op::Call {
+                    cap: 1,
+                    attach: vec![],
+                },
+            ),
+            (1, Op::Read { n: 1, answer: 0 }),
+            (1, Op::ReplyWithCall { owed: 0 }),
+        ],
+    );
 }
 
 /// Finds the shortest run of a failing plan and seed: the fewest random

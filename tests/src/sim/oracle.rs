@@ -28,7 +28,15 @@
 //! - **Per-flow order**: each receiver consumes the messages of one sending
 //!   capability in the order they were sent.
 //! - **Replies match calls**: a reply reaches the caller of the call it
-//!   answers.
+//!   answers. A `Call` on a reply capability is refused (`UnexpectedFrame`,
+//!   or `BadTag` for tag 0) and the call it answers fails with
+//!   `ReplyDropped`; no `CallFailed` names tag 0.
+//! - **Capabilities leave as protocol 6.1 says**: a send-once capability
+//!   is used up by its use, even when dead on its own; a message that is
+//!   not delivered (refused, undeliverable, or shown to the control port)
+//!   takes the moving capabilities it attaches out of the sender's table.
+//!   The shadow's tables follow these rules, and [`shadow_handles`] gives
+//!   them to the audit at quiescence (`workload::audit`).
 //! - **Bounded memory**: at every delivery, what one metered capability has
 //!   in flight costs at most the window; every `Listing` the control port
 //!   gives out counts exactly the messages in flight per port that the
@@ -40,7 +48,7 @@ use std::fmt::Write;
 use junction_core::Config;
 use junction_road::control::{ControlReply, Listing};
 use junction_road::frame::credit_cost;
-use junction_road::{Deliver, Frame, Header, Rights};
+use junction_road::{Deliver, ErrorCode, Frame, Header, Reason, Rights};
 
 use super::workload::{CallEnd, MsgId, MsgKind, Records};
 use super::{ProcessId, TraceEntry, Traced};
@@ -68,8 +76,8 @@ pub struct Summary {
     /// with an expiry, or with a budget: those the "nothing on a dead
     /// capability" checks look at.
     pub limited_deliveries: u64,
-    /// `CallFailed` notices with tag 0 (see known oddity 5).
-    pub tag_zero_call_failed: u64,
+    /// Calls on a reply capability (or with tag 0 on one), checked refused.
+    pub misused_replies: u64,
     /// Frames written to a connection the core had already forgotten.
     pub to_forgotten: u64,
     /// `Dead` notices checked.
@@ -95,7 +103,7 @@ impl Summary {
         self.no_senders += other.no_senders;
         self.dead += other.dead;
         self.to_forgotten += other.to_forgotten;
-        self.tag_zero_call_failed += other.tag_zero_call_failed;
+        self.misused_replies += other.misused_replies;
         for (k, v) in &other.undeliverable {
             *self.undeliverable.entry(k.clone()).or_default() += v;
         }
@@ -217,10 +225,24 @@ enum Input {
     Other,
 }
 
+/// A `Call` on a reply capability, or one with tag 0 on it: the junction
+/// must refuse it with `code`, and the call it answers fails with
+/// `ReplyDropped` (protocol 6.1 steps 3 and 5), both in the same step.
+#[derive(Debug, Clone, Copy)]
+struct ReplyMisused {
+    sender: u64,
+    handle: u32,
+    tag: u64,
+    code: ErrorCode,
+    refused: bool,
+    /// The caller's connection and tag, while the caller is connected.
+    caller: Option<(u64, u64)>,
+    dropped: bool,
+}
+
 /// The shadow model and what it found.
 struct Shadow<'a> {
     config: &'a Config,
-    semantics: Semantics,
     window: u32,
     incs: Vec<PortInc>,
     live_port: HashMap<u16, usize>,
@@ -241,15 +263,13 @@ struct Shadow<'a> {
     /// Calls by caller connection and tag: how many times each ended.
     calls: BTreeMap<(u64, u64), u32>,
     in_flight_cost: HashMap<CapKey, u32>,
-    /// Capabilities that move, attached to a message the junction refused:
-    /// they stayed in the sender's table.
-    leaked: BTreeSet<(u64, u32)>,
     /// Calls (by process and tag) whose reply capability a rogue held at
     /// the end.
     rogue_held_calls: HashSet<(ProcessId, u64)>,
     /// How many `Dead` notices and `Watch` requests each capability had.
     dead_told: HashMap<CapKey, (u32, u32)>,
     input: Input,
+    reply_misused: Option<ReplyMisused>,
     step: u64,
     unix: u64,
     errors: Vec<String>,
@@ -281,13 +301,11 @@ pub fn check(
 
 /// Runs the shadow model over a trace.
 fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
-    let semantics = Semantics::probe();
     let window = config
         .window
         .max(2 * credit_cost(config.max_frame as usize));
     let mut s = Shadow {
         config,
-        semantics,
         window,
         incs: Vec::new(),
         live_port: HashMap::new(),
@@ -305,10 +323,10 @@ fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
         last_inst: HashMap::new(),
         calls: BTreeMap::new(),
         in_flight_cost: HashMap::new(),
-        leaked: BTreeSet::new(),
         rogue_held_calls: HashSet::new(),
         dead_told: HashMap::new(),
         input: Input::None,
+        reply_misused: None,
         step: u64::MAX,
         unix: 0,
         errors: Vec::new(),
@@ -329,102 +347,11 @@ fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
     s
 }
 
-/// How the junction under test treats two corners of the protocol that
-/// changed (the fixes of known bugs 2 and 3), found by probing a scratch
-/// core: the shadow model follows the core it judges, and an old core's
-/// leaks stay visible as known bugs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Semantics {
-    /// A message that is refused or undeliverable takes the moving
-    /// capabilities it carries out of the sender's table all the same.
-    pub refused_attachments_leave: bool,
-    /// A send-once capability dead on its own is used up by its use.
-    pub dead_send_once_used_up: bool,
-}
-
-impl Semantics {
-    /// Asks a scratch core: a send-once capability attached to a message
-    /// for a closed port, and a watched send-once capability used after
-    /// its port closed; then drops both and sees which it still had.
-    pub fn probe() -> Semantics {
-        use junction_core::{Core, Now, Output, Peer};
-        use junction_road::{Hello, MAGIC, PROTOCOL_VERSION, Send};
-        let now = Now::new(std::time::Instant::now(), 1_800_000_000);
-        let mut core = Core::new(Config::default(), now);
-        let conn = core.handle_connected(Peer::default(), now);
-        let ask = |core: &mut Core, header: Header| -> Vec<Header> {
-            core.handle_frame(conn, Frame::bare(header), now);
-            std::iter::from_fn(|| core.poll_output())
-                .filter_map(|o| match o {
-                    Output::Frame { frame, .. } => Some(frame.header),
-                    Output::Close { .. } => None,
-                })
-                .collect()
-        };
-        let hello = Header::Hello(Hello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            max_frame: 1 << 20,
-            label: "probe".into(),
-        });
-        ask(&mut core, hello);
-        let port = ask(&mut core, Header::OpenPort { req: 1 })
-            .into_iter()
-            .find_map(|h| match h {
-                Header::PortOpened { address, .. } => Some(address.port),
-                _ => None,
-            })
-            .unwrap_or(0);
-        let mint = |core: &mut Core, req, rights| {
-            ask(core, Header::Mint { req, port, rights })
-                .into_iter()
-                .find_map(|h| match h {
-                    Header::Minted { handle, .. } => Some(handle),
-                    _ => None,
-                })
-                .unwrap_or(u32::MAX)
-        };
-        let send = mint(&mut core, 2, Rights::SEND);
-        let attached = mint(&mut core, 3, Rights::SEND_ONCE | Rights::GRANT);
-        let watched = mint(&mut core, 4, Rights::SEND_ONCE);
-        ask(&mut core, Header::Watch { handle: watched });
-        ask(&mut core, Header::ClosePort { port });
-        ask(
-            &mut core,
-            Header::Send(Send {
-                handle: send,
-                caps: vec![attached],
-            }),
-        );
-        ask(
-            &mut core,
-            Header::Send(Send {
-                handle: watched,
-                caps: vec![],
-            }),
-        );
-        let gone = |core: &mut Core, handle| {
-            ask(core, Header::Drop { handle })
-                .iter()
-                .any(|h| matches!(h, Header::Error(e) if e.handle == handle))
-        };
-        Semantics {
-            refused_attachments_leave: gone(&mut core, attached),
-            dead_send_once_used_up: gone(&mut core, watched),
-        }
-    }
-}
-
 /// What the shadow model says one connection holds at the end of a trace.
 #[derive(Debug, Clone, Default)]
 pub struct ShadowHandles {
     /// Every handle in its table.
     pub held: BTreeSet<u32>,
-    /// Of those, handles their holder has reason to believe gone: moving
-    /// capabilities attached to a message the junction refused, send-once
-    /// capabilities used while dead on their own (known bugs 2 and 3 in
-    /// [`super::workload::Client::avoid_known_bugs`]).
-    pub left_by_refusals: BTreeSet<u32>,
     /// The owner connection of the live port each handle reaches (handles
     /// to dead ports, and the control handle, are missing).
     pub live_targets: BTreeMap<u32, u64>,
@@ -443,16 +370,15 @@ pub fn shadow_handles(config: &Config, trace: &[TraceEntry]) -> BTreeMap<u64, Sh
         {
             entry.live_targets.insert(handle, inc.owner);
         }
-        if s.leaked.contains(&(conn, handle)) {
-            entry.left_by_refusals.insert(handle);
-        }
     }
     out
 }
 
 impl Shadow<'_> {
-    /// A step is over: a message it refused left attached capabilities that
-    /// move in their sender's table.
+    /// A step is over: a message it did not deliver (refused or
+    /// undeliverable, or shown to the control port) takes the capabilities
+    /// that move among its attachments out of the sender's table all the
+    /// same (protocol 6.1).
     fn end_step(&mut self) {
         if let Input::Message {
             conn,
@@ -463,17 +389,29 @@ impl Shadow<'_> {
         {
             let caps = caps.clone();
             for h in caps {
-                if !self.caps.get(&(conn, h)).is_some_and(ShadowCap::moves) {
-                    continue;
-                }
-                if self.semantics.refused_attachments_leave {
+                if self.caps.get(&(conn, h)).is_some_and(ShadowCap::moves) {
                     self.caps.remove(&(conn, h));
-                } else {
-                    self.leaked.insert((conn, h));
                 }
             }
         }
         self.input = Input::None;
+        if let Some(m) = self.reply_misused.take() {
+            self.summary.misused_replies += 1;
+            if !m.refused {
+                self.fail(format!(
+                    "c{}'s Call (tag {}) on reply handle {:#x} was not refused with {:?}",
+                    m.sender, m.tag, m.handle, m.code
+                ));
+            }
+            if let Some((caller, tag)) = m.caller
+                && !m.dropped
+            {
+                self.fail(format!(
+                    "c{caller}'s call {tag} was answered by a Call on its reply capability \
+                     and did not fail with ReplyDropped"
+                ));
+            }
+        }
     }
 
     fn fail(&mut self, message: String) {
@@ -624,7 +562,6 @@ impl Shadow<'_> {
             }
             Header::Drop { handle } if *handle != 0 => {
                 self.caps.remove(&(conn, *handle));
-                self.leaked.remove(&(conn, *handle));
             }
             Header::Watch { handle } => {
                 if let Some(key) = self.cap_key(conn, *handle) {
@@ -690,14 +627,12 @@ impl Shadow<'_> {
         let before = self.caps.get(&(conn, handle)).cloned();
         let mut seq = 0;
         let mut send_once = false;
-        let mut used_up = false;
         if let Some(cap) = self.caps.get_mut(&(conn, handle)) {
             seq = cap.seq;
             cap.seq += 1;
+            // A send-once capability is used up by its use, whatever
+            // becomes of the message, even when dead on its own.
             send_once = cap.rights.contains(Rights::SEND_ONCE);
-            // A send-once capability is used up, unless it is dead on its
-            // own (then the message is refused first: step 4).
-            used_up = send_once && (!cap.dead_on_own || self.semantics.dead_send_once_used_up);
         }
         if let (Some(id), Some(tag)) = (id, tag) {
             self.call_msg.insert((conn, tag), id);
@@ -731,18 +666,32 @@ impl Shadow<'_> {
         self.input = Input::Message {
             conn,
             handle,
-            cap: before.map(Box::new),
+            cap: before.clone().map(Box::new),
             caps,
             tag,
             id,
             delivered: false,
         };
-        if used_up {
+        if let (Some(tag), Some(cap)) = (tag, &before)
+            && let Some((caller, caller_tag)) = cap.reply_to
+            && (tag == 0 || !cap.dead_on_own)
+        {
+            self.reply_misused = Some(ReplyMisused {
+                sender: conn,
+                handle,
+                tag,
+                code: if tag == 0 {
+                    ErrorCode::BadTag
+                } else {
+                    ErrorCode::UnexpectedFrame
+                },
+                refused: false,
+                caller: (!self.ended.contains(&caller)).then_some((caller, caller_tag)),
+                dropped: false,
+            });
+        }
+        if send_once {
             self.caps.remove(&(conn, handle));
-        } else if send_once {
-            // Refused as dead on its own and kept by the junction, while
-            // its holder counts it used (known bug 3).
-            self.leaked.insert((conn, handle));
         }
     }
 
@@ -750,7 +699,7 @@ impl Shadow<'_> {
         if self.ended.contains(&conn) {
             // While it forgets a connection, the core kills its ports and
             // writes the notices that causes to everyone, the connection
-            // itself included (oddity 6): nobody reads those.
+            // itself included: nobody reads those.
             self.summary.to_forgotten += 1;
             return;
         }
@@ -765,6 +714,14 @@ impl Shadow<'_> {
             }
             Header::Minted { req, handle, .. } => self.minted(conn, *req, *handle),
             Header::Error(e) => {
+                if let Some(m) = &mut self.reply_misused
+                    && m.sender == conn
+                    && m.handle == e.handle
+                    && m.tag == e.tag
+                    && m.code == e.code
+                {
+                    m.refused = true;
+                }
                 if e.req != 0 {
                     self.reqs.remove(&(conn, e.req));
                 }
@@ -784,12 +741,20 @@ impl Shadow<'_> {
                     m.told = true;
                 }
             }
-            // A `Call` with tag 0 (refused as BadTag, or no call) on a
-            // capability dead on its own is answered `CallFailed{tag: 0}`:
-            // the dead check comes first (protocol 6.1 step 4, known
-            // oddity 5). Tag 0 names no call, so it ends none.
-            Header::CallFailed { tag: 0, .. } => self.summary.tag_zero_call_failed += 1,
-            Header::CallFailed { tag, .. } => {
+            // A `Call` with tag 0 is refused with BadTag before anything
+            // else: no notice names tag 0 (protocol 6.1 step 3).
+            Header::CallFailed { tag: 0, reason } => {
+                self.fail(format!(
+                    "c{conn} was told CallFailed with tag 0 ({reason:?})"
+                ));
+            }
+            Header::CallFailed { tag, reason } => {
+                if let Some(m) = &mut self.reply_misused
+                    && m.caller == Some((conn, *tag))
+                    && *reason == Reason::ReplyDropped
+                {
+                    m.dropped = true;
+                }
                 self.call_ended(conn, *tag);
                 if let Some(id) = self.call_msg.get(&(conn, *tag))
                     && let Some(m) = self.msgs.get_mut(id)
@@ -865,19 +830,16 @@ impl Shadow<'_> {
                     .get(port)
                     .is_some_and(|&i| self.incs[i].alive && self.incs[i].owner == conn);
                 // Moving attachments of a message this step refuses leave
-                // now (on a junction where they do): they may be the last.
+                // now: they may be the last.
                 let leaving = match &self.input {
-                    Input::Message { conn, caps, .. }
-                        if self.semantics.refused_attachments_leave =>
-                    {
-                        caps.iter()
-                            .filter(|&&h| {
-                                self.caps.get(&(*conn, h)).is_some_and(|c| {
-                                    c.moves() && c.inc.is_some_and(|i| self.incs[i].number == *port)
-                                })
+                    Input::Message { conn, caps, .. } => caps
+                        .iter()
+                        .filter(|&&h| {
+                            self.caps.get(&(*conn, h)).is_some_and(|c| {
+                                c.moves() && c.inc.is_some_and(|i| self.incs[i].number == *port)
                             })
-                            .count()
-                    }
+                        })
+                        .count(),
                     _ => 0,
                 };
                 let senders = self.senders(*port).map(|n| n.saturating_sub(leaving));
@@ -1014,6 +976,11 @@ impl Shadow<'_> {
             return;
         };
         let (cap, caps) = ((**cap).clone(), caps.clone());
+        if cap.reply_to.is_some() && tag.is_some() {
+            self.fail(format!(
+                "c{sender} made a Call on reply handle {handle:#x} and it was delivered, not refused"
+            ));
+        }
         if let Input::Message { delivered, .. } = &mut self.input {
             *delivered = true;
         }

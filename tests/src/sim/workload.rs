@@ -273,7 +273,8 @@ pub enum Op {
         seed: u64,
     },
     /// Answer an owed call with a `Call` on its reply capability, not a
-    /// `Send`, behind the driver's back (a rogue; known bug 4).
+    /// `Send`, behind the driver's back (a rogue): the junction refuses it
+    /// and the caller's call fails with `ReplyDropped`.
     ReplyWithCall {
         /// Which owed call.
         owed: usize,
@@ -372,41 +373,6 @@ pub struct Client {
     closed: bool,
     /// Frames written behind the driver's back.
     raw: VecDeque<Frame>,
-    /// Steer clear of bugs already reported, so that the simulation can
-    /// look for others (on by default):
-    ///
-    /// 1. `Machine::attenuate` decides whether the new capability moves
-    ///    from `max_messages` alone, but without one the new capability
-    ///    inherits the original's budget and moves all the same; the
-    ///    machine then believes it still holds a capability it passed on.
-    ///    Avoided by always giving a budget when attenuating a budgeted
-    ///    capability. Fixed on main (42bb906).
-    /// 2. The machine marks a capability that moves as gone as soon as it
-    ///    is attached to a message; but when the junction refuses the
-    ///    message before it transfers capabilities (dead port, capability
-    ///    dead on its own, caps-list errors), the capability stays in the
-    ///    junction's table and nobody can drop it: a handle leaked until
-    ///    the connection ends. The driver cannot tell such a refusal from
-    ///    a delivery whose port died later (both are `Undeliverable`), so
-    ///    the fix belongs in the protocol. Tolerated by [`audit`], which
-    ///    still reports any other difference. Fixed on main (1323309): the
-    ///    moving attachments of a message not delivered leave the table;
-    ///    the oracle probes which rule the junction follows
-    ///    ([`super::oracle::Semantics`]).
-    /// 3. A send-once capability that is dead on its own (its port died
-    ///    while an earlier holder watched it; copies inherit that) is not
-    ///    consumed when used, while the same use of one whose port merely
-    ///    died is: the new holder cannot tell the two refusals apart, and
-    ///    the driver forgets a handle the junction keeps. Tolerated by
-    ///    [`audit`] as 2 is. Fixed on main (1323309) and probed as 2 is.
-    /// 4. The junction takes a `Call` on a reply capability: the caller
-    ///    gets a reply that carries a reply capability of its own, which
-    ///    the driver machine neither surfaces nor drops, so the caller's
-    ///    driver leaks a handle and the rogue's call never ends. A rogue
-    ///    ([`Op::Raw`]) never makes such a call while this is on. Fixed on
-    ///    main (1323309): the junction refuses such a call. The driver
-    ///    machine still ignores `Deliver.reply` on a reply.
-    pub avoid_known_bugs: bool,
     /// What it recorded.
     pub records: Records,
 }
@@ -448,7 +414,6 @@ impl Client {
             next_msg: 0,
             closed: false,
             raw: VecDeque::new(),
-            avoid_known_bugs: false,
             records: Records::default(),
         }
     }
@@ -565,14 +530,7 @@ impl Client {
                         rights = rights | Rights::GRANT;
                     }
                     let expires_at = expires_in.map(|s| ctx.now.unix + s);
-                    let mut budget = *budget;
-                    if self.avoid_known_bugs && h.budgeted && budget.is_none() {
-                        // Driver bug 1 (see `avoid_known_bugs`): name
-                        // the inherited budget's limit, so the driver knows
-                        // the new capability moves. One is never more than
-                        // what a live budgeted capability has left.
-                        budget = Some(1);
-                    }
+                    let budget = *budget;
                     let r = self
                         .machine
                         .attenuate(h.handle, rights, expires_at, budget, *revocable);
@@ -618,19 +576,8 @@ impl Client {
             }
             Op::Raw { seed } => {
                 self.records.rogue = true;
-                // Known bug 4: a Call on a reply capability leaks a handle
-                // in the caller's driver; keep guesses off reply handles.
-                let replies: Vec<u32> = if self.avoid_known_bugs {
-                    self.owed
-                        .iter()
-                        .map(|o| o.reply)
-                        .chain(self.unread.iter().filter_map(|u| u.reply))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
                 let home = self.home.map_or(0, |h| h.port);
-                let frame = raw_frame(&mut Rng::new(*seed), home, &replies);
+                let frame = raw_frame(&mut Rng::new(*seed), home);
                 self.raw.push_back(frame);
                 Ok(())
             }
@@ -641,7 +588,8 @@ impl Client {
                     self.raw.push_back(Frame::with_payload(
                         junction_road::Header::Call(junction_road::Call {
                             handle: o.reply,
-                            tag: 1 << 41,
+                            // A tag of its own per call, far above the driver's.
+                            tag: (1 << 41) + self.records.ops,
                             caps: Vec::new(),
                         }),
                         Bytes::from_static(b"a reply that calls back"),
@@ -978,11 +926,9 @@ pub struct Plan {
     /// Hello: the junction must close them at its Hello deadline.
     pub mute_percent: u64,
     /// Percent of processes that also write frames behind their driver's
-    /// back, one operation in three ([`Op::Raw`]).
+    /// back, one operation in three ([`Op::Raw`], now and then
+    /// [`Op::ReplyWithCall`]).
     pub rogue_percent: u64,
-    /// Whether applications steer clear of known bugs
-    /// ([`Client::avoid_known_bugs`]).
-    pub avoid_known_bugs: bool,
     /// The latency of every Road.
     pub latency: super::Latency,
     /// The junction's configuration.
@@ -1012,7 +958,6 @@ impl Plan {
             long_pause_percent: 3,
             rogue_percent: 0,
             mute_percent: 0,
-            avoid_known_bugs: false,
             latency: super::Latency::default(),
             config,
         }
@@ -1098,11 +1043,7 @@ pub fn run_world(
     world.road_latency = plan.latency;
     setup(&mut world);
     let mut ops = world.rng().fork();
-    let client = |pid| {
-        let mut c = Client::new(pid);
-        c.avoid_known_bugs = plan.avoid_known_bugs;
-        c
-    };
+    let client = Client::new;
     for _ in 0..plan.processes {
         let pid = world.process_count();
         world.add_process(0, client(pid));
@@ -1147,8 +1088,14 @@ pub fn run_world(
             .process(pid)
             .is_some_and(|c| c.rogue_seed % 100 < plan.rogue_percent);
         let op = if rogue && ops.chance(33) {
-            Op::Raw {
-                seed: ops.next_u64(),
+            if ops.chance(10) {
+                Op::ReplyWithCall {
+                    owed: ops.index(16),
+                }
+            } else {
+                Op::Raw {
+                    seed: ops.next_u64(),
+                }
             }
         } else {
             Op::random(&mut ops)
@@ -1186,15 +1133,12 @@ pub fn run_script(
     seed: u64,
     plan: &Plan,
     script: &[(ProcessId, Op)],
-    avoid_known_bugs: bool,
 ) -> Result<Report, super::Failure> {
     let mut world = World::new(seed, plan.config.clone());
     world.road_latency = plan.latency;
     for _ in 0..plan.processes {
         let pid = world.process_count();
-        let mut client = Client::new(pid);
-        client.avoid_known_bugs = avoid_known_bugs;
-        world.add_process(0, client);
+        world.add_process(0, Client::new(pid));
     }
     world.run_until_idle(1_000_000)?;
     let population = world.process_count();
@@ -1225,9 +1169,12 @@ pub fn run_script(
 }
 
 /// Once the world is quiet: the junction holds exactly the capability
-/// handles each live application believes it holds. A difference is a
-/// handle leaked (or lost) between driver and junction: memory the
-/// junction keeps for nothing, and a limit (`max_handles`) reached early.
+/// handles the oracle's shadow says each live connection holds, and each
+/// live honest application believes it holds exactly those (a rogue wrote
+/// frames behind its driver's back, so only its count is compared). A
+/// difference is a handle leaked (or lost) between driver and junction:
+/// memory the junction keeps for nothing, and a limit (`max_handles`)
+/// reached early.
 pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
     let ready = |p: ProcessId| world.process(p).is_some_and(Client::is_ready);
     let Some(auditor) = (0..world.process_count()).find(|&p| ready(p)) else {
@@ -1257,7 +1204,7 @@ pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
         let (Some(c), Some(road)) = (world.process(pid), world.road(pid)) else {
             continue;
         };
-        if !c.is_ready() || c.records.rogue {
+        if !c.is_ready() {
             continue;
         }
         let conn = road.conn.get();
@@ -1274,6 +1221,9 @@ pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
                 shadow.held
             ));
         }
+        if c.records.rogue {
+            continue;
+        }
         let believed: BTreeSet<u32> = c.believed_handle_list().into_iter().collect();
         if believed.len() != c.believed_handles() {
             problems.push(format!(
@@ -1282,12 +1232,7 @@ pub fn audit(world: &mut World<Client>) -> Result<(), super::Failure> {
             ));
         }
         let phantom: Vec<u32> = believed.difference(&shadow.held).copied().collect();
-        let leaked: Vec<u32> = shadow
-            .held
-            .difference(&believed)
-            .copied()
-            .filter(|h| !(c.avoid_known_bugs && shadow.left_by_refusals.contains(h)))
-            .collect();
+        let leaked: Vec<u32> = shadow.held.difference(&believed).copied().collect();
         // Credit comes back: once everything is read, no send capability
         // to a live port served by an honest process is left below half
         // its window (below that the junction asks for a prompt Credit).
@@ -1357,7 +1302,7 @@ pub fn settle(world: &mut World<Client>) -> Result<(), super::Failure> {
 /// capability lists, credit never delivered, frames only a junction sends.
 /// Request ids and call tags stay far above what a driver machine uses, so
 /// that answers are not taken for its own.
-fn raw_frame(rng: &mut Rng, home: u16, not_on: &[u32]) -> Frame {
+fn raw_frame(rng: &mut Rng, home: u16) -> Frame {
     use junction_road::{Attenuate, Call, Header, Send};
     let handle = |rng: &mut Rng| -> u32 {
         match rng.below(4) {
@@ -1401,17 +1346,12 @@ fn raw_frame(rng: &mut Rng, home: u16, not_on: &[u32]) -> Frame {
             handle: handle(rng),
             caps: caps(rng),
         }),
-        4 | 5 => {
-            let mut h = handle(rng);
-            if not_on.contains(&h) {
-                h = u32::MAX;
-            }
-            Header::Call(Call {
-                handle: h,
-                tag,
-                caps: caps(rng),
-            })
-        }
+        // Reply handles among the guesses too: such a call is refused.
+        4 | 5 => Header::Call(Call {
+            handle: handle(rng),
+            tag,
+            caps: caps(rng),
+        }),
         6 => Header::Mint {
             req,
             port: port(rng),
