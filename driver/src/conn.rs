@@ -755,8 +755,10 @@ impl Drop for Shared {
     }
 }
 
-/// The most frames the reader hands the machine under one lock.
-const READ_BATCH: usize = 64;
+/// The most frames the reader hands the machine under one lock. Small
+/// enough that a receiving task gets its first messages soon (64 measured
+/// about 10% fewer 64-byte messages a second in `junction bench`).
+const READ_BATCH: usize = 16;
 
 async fn read_loop<R: AsyncRead + Unpin>(mut reader: RoadReader<R>, shared: Weak<Shared>) {
     let mut batch = Vec::with_capacity(READ_BATCH);
