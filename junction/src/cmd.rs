@@ -326,6 +326,7 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
             "owner": p.owner,
             "queued": p.queued,
             "senders": p.senders,
+            "watchers": p.watchers,
             "names": p.names,
             "home": p.home,
         })).collect::<Vec<_>>(),

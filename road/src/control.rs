@@ -96,6 +96,8 @@ pub struct PortInfo {
     pub queued: u32,
     /// Capabilities that can send to it.
     pub senders: u32,
+    /// Capabilities whose holders watch it (asked to hear of its death).
+    pub watchers: u32,
     /// The names registered for it.
     pub names: Vec<String>,
     /// Whether it is its owner's home port.

@@ -643,3 +643,47 @@ async fn concurrent_sends_on_one_capability_get_their_own_sequence_numbers() {
     }
     assert_eq!(received, by_seq);
 }
+
+/// Issue 7 (books that only grow): a mint, watch, drop loop leaves nothing
+/// behind. Each watcher leaves with its capability, so the port's watchers
+/// stay bounded by the capabilities alive.
+#[test]
+fn watchers_leave_with_their_capabilities() {
+    let j = TestJunction::start(&[]);
+    let (mut raw, _) = RawClient::hello(&j.socket);
+    raw.send(Header::OpenPort { req: 1 });
+    let f = raw.recv_until(|h| matches!(h, Header::PortOpened { .. }));
+    let Header::PortOpened { address, .. } = f.header else {
+        unreachable!()
+    };
+    let mut kept = None;
+    for req in 2..2002 {
+        raw.send(Header::Mint {
+            req,
+            port: address.port,
+            rights: Rights::SEND,
+        });
+        let f = raw.recv_until(|h| matches!(h, Header::Minted { req: r, .. } if *r == req));
+        let Header::Minted { handle, .. } = f.header else {
+            unreachable!()
+        };
+        raw.send(Header::Watch { handle });
+        if kept.is_none() {
+            kept = Some(handle);
+        } else {
+            raw.send(Header::Drop { handle });
+        }
+    }
+    let (reply, _) = raw.control(&ControlRequest::List);
+    let ControlReply::Listing(listing) = reply else {
+        panic!("expected a listing, got {reply:?}")
+    };
+    let port = listing
+        .ports
+        .iter()
+        .find(|p| p.address == address)
+        .expect("the port is listed");
+    assert_eq!(port.senders, 1, "one capability is left");
+    assert_eq!(port.watchers, 1, "only the live capability still watches");
+    let _ = kept;
+}

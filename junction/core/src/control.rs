@@ -200,6 +200,7 @@ impl Core {
                 owner: p.owner.map(ConnId::get),
                 queued: p.in_flight.len() as u32,
                 senders: p.senders,
+                watchers: p.watchers.len() as u32,
                 names: p.names.iter().map(|n| n.to_string()).collect(),
                 home: p.home,
             })

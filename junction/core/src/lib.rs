@@ -223,7 +223,7 @@ pub struct Footprint {
     pub in_flight: usize,
     /// Flows whose capability left with messages in flight.
     pub orphan_flows: usize,
-    /// Entries in the revocation and expiry books.
+    /// Entries in the revocation and expiry books, and port watchers.
     pub book_entries: usize,
     /// Registered names.
     pub names: usize,
@@ -404,6 +404,19 @@ impl Core {
                 Some(owner) if self.conns.get(owner.key()).is_some() => {}
                 _ => return Err(format!("port {} outlived its owner", key.index)),
             }
+            for at in &port.watchers {
+                let watching = self
+                    .conns
+                    .get(at.conn.key())
+                    .and_then(|c| c.caps.get_ref(*at))
+                    .is_some_and(|cap| cap.watched && cap.port() == key);
+                if !watching {
+                    return Err(format!(
+                        "port {} keeps a watcher whose capability has gone",
+                        key.index
+                    ));
+                }
+            }
         }
         // Every flow's count of messages in flight is what the ports hold
         // for it, whether its capability is still held or has gone; a flow
@@ -442,7 +455,12 @@ impl Core {
             capabilities: self.conns.iter().map(|(_, c)| c.caps.len()).sum(),
             in_flight: self.ports.iter().map(|(_, p)| p.in_flight.len()).sum(),
             orphan_flows: self.orphans.iter().count(),
-            book_entries: self.books.len(),
+            book_entries: self.books.len()
+                + self
+                    .ports
+                    .iter()
+                    .map(|(_, p)| p.watchers.len())
+                    .sum::<usize>(),
             names: self.registry.iter().count(),
         }
     }
@@ -821,7 +839,21 @@ impl Core {
         if cap.in_flight > 0 {
             self.orphans.adopt(cap.flow, cap.in_flight);
         }
+        self.unwatch(conn, handle, &cap);
         Some(cap)
+    }
+
+    /// A capability leaves its table: it no longer watches its port.
+    fn unwatch(&mut self, conn: ConnId, handle: u32, cap: &Cap) {
+        if cap.watched
+            && let Some(p) = self.ports.get_mut(cap.port())
+        {
+            p.watchers.remove(&CapRef {
+                conn,
+                handle,
+                flow: cap.flow,
+            });
+        }
     }
 
     /// One capability to `port` fewer; its owner hears if that was the last
@@ -911,9 +943,7 @@ impl Core {
         let port = cap.port();
         match self.ports.get_mut(port) {
             Some(p) => {
-                if !p.watchers.contains(&at) {
-                    p.watchers.push(at);
-                }
+                p.watchers.insert(at);
             }
             None => {
                 let reason = self.ports.death_reason(port);
@@ -1020,7 +1050,8 @@ impl Core {
             Reason::Shutdown => Reason::Shutdown,
             _ => Reason::OwnerGone,
         };
-        for (_, cap) in c.caps.iter() {
+        for (handle, cap) in c.caps.iter() {
+            self.unwatch(conn, handle, cap);
             self.release(cap, call_reason);
         }
     }

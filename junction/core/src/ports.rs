@@ -2,7 +2,7 @@
 //! delivered to it and not yet consumed, who watches it, and why dead ports
 //! died.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use junction_identity::ServiceName;
 use junction_road::Reason;
@@ -23,8 +23,10 @@ pub(crate) struct Port {
     pub(crate) in_flight: VecDeque<InFlight>,
     /// Capabilities that reach it.
     pub(crate) senders: u32,
-    /// Capabilities whose holders asked to hear of its death.
-    pub(crate) watchers: Vec<CapRef>,
+    /// Capabilities whose holders asked to hear of its death; an entry
+    /// leaves with its capability, so the set is bounded by the live
+    /// capabilities to the port.
+    pub(crate) watchers: BTreeSet<CapRef>,
     /// Names registered for it.
     pub(crate) names: Vec<ServiceName>,
     /// Whether it is its owner's home port.
@@ -142,7 +144,7 @@ impl Port {
             owner,
             in_flight: VecDeque::new(),
             senders: 0,
-            watchers: Vec::new(),
+            watchers: BTreeSet::new(),
             names: Vec::new(),
             home,
             watch_senders: false,

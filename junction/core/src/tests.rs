@@ -616,6 +616,43 @@ fn a_forgotten_connection_is_told_nothing() {
     h.check_invariants();
 }
 
+/// Issue 7: a watcher leaves with its capability, however it goes
+/// (dropped, moved, used up, its holder gone).
+#[test]
+fn watchers_leave_with_their_capabilities() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(a);
+    for _ in 0..100 {
+        let cap = h.mint(a, port, Rights::SEND);
+        h.feed(a, Header::Watch { handle: cap });
+        h.feed(a, Header::Drop { handle: cap });
+    }
+    let once = h.mint(a, port, Rights::SEND_ONCE);
+    h.feed(a, Header::Watch { handle: once });
+    h.send(a, once, vec![], b"used up");
+    let theirs = h
+        .core
+        .new_cap(b, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.feed(b, Header::Watch { handle: theirs });
+    h.check_invariants();
+    let watching = |h: &Harness| {
+        h.core
+            .listing()
+            .ports
+            .iter()
+            .find(|p| p.address.port == port)
+            .map(|p| p.watchers)
+    };
+    assert_eq!(watching(&h), Some(1), "only b's capability still watches");
+    h.core.handle_disconnected(b);
+    h.drain();
+    assert_eq!(watching(&h), Some(0));
+    h.check_invariants();
+}
+
 #[test]
 fn a_slow_receiver_stops_its_senders_only() {
     let mut h = Harness::new();
