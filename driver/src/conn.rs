@@ -284,29 +284,24 @@ impl Shared {
 
     /// The error a refused command means for the application.
     fn refused(&self, e: CommandError) -> Error {
-        match e {
-            CommandError::Closed { .. } => self.closed_error(),
-            CommandError::Dead { reason, .. } => Error::Dead(reason),
-            CommandError::Moved { handle } => Error::Moved { handle },
-            CommandError::NotGrantable { handle, rights } => Error::NotGrantable { handle, rights },
-            CommandError::TooLarge { len, max } => Error::TooLarge { len, max },
-            CommandError::UnknownHandle { .. } => Error::Refused {
-                code: ErrorCode::UnknownHandle,
-                message: e.to_string(),
-            },
-            CommandError::UnknownPort { .. } => Error::Refused {
-                code: ErrorCode::UnknownPort,
-                message: e.to_string(),
-            },
-            CommandError::BadCapabilityList { .. } => Error::Refused {
-                code: ErrorCode::BadCapabilityList,
-                message: e.to_string(),
-            },
-            CommandError::TooManyPendingCalls { .. } => Error::Refused {
-                code: ErrorCode::TooManyPendingCalls,
-                message: e.to_string(),
-            },
-            other => Error::Protocol(other.to_string()),
+        // Refused locally as the junction would refuse it: the same code.
+        let code = match e {
+            CommandError::Closed { .. } => return self.closed_error(),
+            CommandError::Dead { reason, .. } => return Error::Dead(reason),
+            CommandError::Moved { handle } => return Error::Moved { handle },
+            CommandError::NotGrantable { handle, rights } => {
+                return Error::NotGrantable { handle, rights };
+            }
+            CommandError::TooLarge { len, max } => return Error::TooLarge { len, max },
+            CommandError::UnknownHandle { .. } => ErrorCode::UnknownHandle,
+            CommandError::UnknownPort { .. } => ErrorCode::UnknownPort,
+            CommandError::BadCapabilityList { .. } => ErrorCode::BadCapabilityList,
+            CommandError::TooManyPendingCalls { .. } => ErrorCode::TooManyPendingCalls,
+            other => return Error::Protocol(other.to_string()),
+        };
+        Error::Refused {
+            code,
+            message: e.to_string(),
         }
     }
 

@@ -658,7 +658,7 @@ impl Core {
         if c.ports.len() >= self.config.max_ports as usize {
             return None;
         }
-        let number = u16::try_from(self.ports.open(owner, home)?.index).ok()?;
+        let number = self.ports.open(owner, home)?;
         self.conns.get_mut(owner.key())?.ports.push(number);
         Some(number)
     }
