@@ -52,6 +52,8 @@ struct Inner {
     requests: FxHashMap<u32, oneshot::Sender<Result<Answer, Error>>>,
     calls: FxHashMap<u64, oneshot::Sender<Result<Message, Error>>>,
     caps: FxHashMap<u32, Arc<Signals>>,
+    /// Credit waiters by lane: every capability to one port shares one.
+    lanes: FxHashMap<Address, Arc<LaneSignal>>,
     pings: FxHashMap<u64, oneshot::Sender<()>>,
     no_senders: FxHashMap<u16, oneshot::Sender<()>>,
 }
@@ -67,13 +69,20 @@ pub(crate) enum Answer {
 /// because dropping it takes no lock.
 #[derive(Debug)]
 struct Signals {
-    /// Woken when send credit comes back, the capability dies, or the
-    /// connection closes.
+    /// The lane it spends the credit of.
+    lane: Arc<LaneSignal>,
+    dead: watch::Sender<Option<Reason>>,
+}
+
+/// What senders waiting for credit on one lane listen to.
+#[derive(Debug, Default)]
+struct LaneSignal {
+    /// Woken when send credit comes back to the lane, a capability on it
+    /// dies, or the connection closes.
     credit: Notify,
     /// Senders waiting on `credit`: credit that comes back while none
     /// waits (the common case) wakes nobody and costs no lock.
     waiting: AtomicUsize,
-    dead: watch::Sender<Option<Reason>>,
 }
 
 /// What [`Shared::transmit`] leaves to do once the lock is released.
@@ -138,7 +147,7 @@ enum Handoff {
     /// A pong or a no-senders notice.
     Signal(oneshot::Sender<()>),
     /// Credit came back for a capability someone waits on.
-    Credit(Arc<Signals>),
+    Credit(Arc<LaneSignal>),
 }
 
 /// Something the Junction reported outside any request.
@@ -191,6 +200,7 @@ impl Shared {
                 requests: FxHashMap::default(),
                 calls: FxHashMap::default(),
                 caps: FxHashMap::default(),
+                lanes: FxHashMap::default(),
                 pings: FxHashMap::default(),
                 no_senders: FxHashMap::default(),
             }),
@@ -346,11 +356,11 @@ impl Shared {
         };
         // Counted before trying under the lock, so the reader, which adds
         // credit under that lock, sees us waiting.
-        let _waiting = Waiting::new(&signals.waiting);
+        let _waiting = Waiting::new(&signals.lane.waiting);
         loop {
             // Registered before trying, so credit that comes in between
             // still wakes us.
-            let notified = signals.credit.notified();
+            let notified = signals.lane.credit.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.with_then(now, &mut f) {
@@ -479,7 +489,7 @@ impl Shared {
             let _ = tx.send(Err(self.closed_error()));
         }
         for s in signals {
-            s.credit.notify_waiters();
+            s.lane.credit.notify_waiters();
         }
     }
 
@@ -544,7 +554,7 @@ impl Shared {
                 Handoff::Signal(tx) => {
                     let _ = tx.send(());
                 }
-                Handoff::Credit(signals) => signals.credit.notify_waiters(),
+                Handoff::Credit(lane) => lane.credit.notify_waiters(),
             }
         }
         // Out of the lock: these may give capabilities back.
@@ -613,18 +623,18 @@ impl Shared {
                     reader.handoffs.push(Handoff::Answer(tx, refusal));
                 }
             }
-            Event::SendCredit { handle, .. } => {
-                if let Some(s) = inner.caps.get(&handle)
-                    && s.waiting.load(Ordering::Relaxed) > 0
+            Event::SendCredit { port, .. } => {
+                if let Some(lane) = inner.lanes.get(&port)
+                    && lane.waiting.load(Ordering::Relaxed) > 0
                 {
-                    reader.handoffs.push(Handoff::Credit(s.clone()));
+                    reader.handoffs.push(Handoff::Credit(lane.clone()));
                 }
             }
             Event::Dead { handle, reason } => {
                 if let Some(s) = inner.caps.get(&handle) {
                     s.dead.send_replace(Some(reason));
                     // Senders waiting for credit that will never come give up.
-                    s.credit.notify_waiters();
+                    s.lane.credit.notify_waiters();
                 }
             }
             Event::Undeliverable {
@@ -822,9 +832,9 @@ impl Capability {
         address: Address,
         moves: bool,
     ) -> Self {
+        let lane = inner.lanes.entry(address).or_default().clone();
         let signals = Arc::new(Signals {
-            credit: Notify::new(),
-            waiting: AtomicUsize::new(0),
+            lane,
             dead: watch::channel(None).0,
         });
         inner.caps.insert(handle, signals.clone());
@@ -956,6 +966,10 @@ impl Drop for CapInner {
                 .is_some_and(|s| Arc::ptr_eq(s, signals))
             {
                 inner.caps.remove(&handle);
+            }
+            // The map's and this capability's: the last on its lane.
+            if Arc::strong_count(&signals.lane) <= 2 {
+                inner.lanes.remove(&self.address);
             }
             inner.machine.drop_capability(handle);
         });

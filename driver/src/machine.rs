@@ -100,6 +100,9 @@ pub struct Machine {
     /// Keys are ids this driver or its junction chose: a fast non-keyed
     /// hash is safe.
     caps: FxHashMap<u32, Cap>,
+    /// Send credit, one lane per port this connection sends to: every
+    /// metered capability to the port spends from it.
+    lanes: FxHashMap<Address, Lane>,
     /// Recently dropped handles and the port each reached, newest last.
     dropped: VecDeque<(u32, Address)>,
     ports: FxHashMap<u16, PortState>,
@@ -113,13 +116,21 @@ pub struct Machine {
     events: VecDeque<Event>,
 }
 
+/// One lane of send credit, kept by the rule the Junction keeps it by (see
+/// docs/protocol.md, section 7.2): it starts with the window the first
+/// capability to its port brings, and is forgotten when no capability sends
+/// on it and all its credit is back.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    credits: u32,
+    caps: u32,
+}
+
 /// What the machine knows of one capability handle.
 #[derive(Debug, Clone, Copy)]
 struct Cap {
     rights: Rights,
     address: Address,
-    /// Send credit units left (metered handles only).
-    credits: u32,
     /// The sequence number the next `Send`/`Call` on it takes.
     seq: u64,
     moves: bool,
@@ -130,11 +141,10 @@ struct Cap {
 }
 
 impl Cap {
-    fn new(rights: Rights, address: Address, credits: u32, moves: bool) -> Self {
+    fn new(rights: Rights, address: Address, moves: bool) -> Self {
         Self {
             rights,
             address,
-            credits,
             seq: 0,
             moves,
             gone: false,
@@ -148,9 +158,13 @@ impl Cap {
         Self::new(
             g.rights,
             g.address,
-            g.credits,
             g.moves || g.rights.contains(Rights::SEND_ONCE),
         )
+    }
+
+    /// Whether sending on it spends its lane's credit.
+    fn metered(&self) -> bool {
+        !self.rights.contains(Rights::SEND_ONCE) && self.address.port != 0
     }
 }
 
@@ -275,12 +289,12 @@ pub enum Event {
         /// What went wrong, for people.
         message: String,
     },
-    /// Send credit came back for a handle: a send that failed with
-    /// [`CommandError::NoCredit`] may succeed now.
+    /// Send credit came back to the lane to a port: a send on any handle
+    /// to it that failed with [`CommandError::NoCredit`] may succeed now.
     SendCredit {
-        /// The handle.
-        handle: u32,
-        /// Its balance now.
+        /// The port.
+        port: Address,
+        /// The lane's balance now.
         credits: u32,
     },
     /// A held capability is dead (a `Dead` frame, or an `Undeliverable`
@@ -456,6 +470,7 @@ impl Machine {
             welcome: None,
             closed: None,
             caps: FxHashMap::default(),
+            lanes: FxHashMap::default(),
             dropped: VecDeque::new(),
             ports: FxHashMap::default(),
             requests: FxHashMap::default(),
@@ -472,7 +487,7 @@ impl Machine {
         // Handle 0 reaches the control port: unmetered, never dropped.
         self.caps.insert(
             CONTROL_HANDLE,
-            Cap::new(Rights::SEND, Address::new(welcome.junction, 0), 0, false),
+            Cap::new(Rights::SEND, Address::new(welcome.junction, 0), false),
         );
         self.welcome = Some(welcome);
     }
@@ -494,7 +509,11 @@ impl Machine {
         self.caps.get(&handle).map(|c| CapabilityState {
             rights: c.rights,
             address: c.address,
-            credits: c.credits,
+            credits: if c.metered() {
+                self.lanes.get(&c.address).map_or(0, |l| l.credits)
+            } else {
+                u32::from(!c.gone)
+            },
             next_seq: c.seq,
             moves: c.moves,
             gone: c.gone,
@@ -556,13 +575,12 @@ impl Machine {
         match header {
             Header::Deliver(d) if d.tag != 0 && d.port == home => self.reply_arrived(d, payload),
             Header::Deliver(d) => self.deliver(d, payload),
-            Header::SendCredit { handle, count } => {
-                if let Some(cap) = self.caps.get_mut(&handle) {
-                    cap.credits = cap.credits.saturating_add(count);
-                    self.events.push_back(Event::SendCredit {
-                        handle,
-                        credits: cap.credits,
-                    });
+            Header::SendCredit { port, count } => {
+                if let Some(lane) = self.lanes.get_mut(&port) {
+                    lane.credits = lane.credits.saturating_add(count);
+                    let credits = lane.credits;
+                    self.end_lane_if_idle(port);
+                    self.events.push_back(Event::SendCredit { port, credits });
                 }
             }
             Header::CallFailed { tag, reason } => {
@@ -624,8 +642,7 @@ impl Machine {
                     rights,
                     moves,
                 }) => {
-                    self.caps
-                        .insert(handle, Cap::new(rights, address, credits, moves));
+                    self.hold_one(handle, Cap::new(rights, address, moves), credits);
                     self.events.push_back(Event::Minted {
                         req,
                         handle,
@@ -762,7 +779,50 @@ impl Machine {
     /// Records capabilities handed over in a delivery.
     fn hold(&mut self, caps: &[Granted]) {
         for g in caps {
-            self.caps.insert(g.handle, Cap::granted(g));
+            self.hold_one(g.handle, Cap::granted(g), g.credits);
+        }
+    }
+
+    /// Records a new capability; a metered one joins its port's lane, which
+    /// starts with `window` if this connection has none.
+    fn hold_one(&mut self, handle: u32, cap: Cap, window: u32) {
+        if cap.metered() {
+            self.lanes
+                .entry(cap.address)
+                .or_insert(Lane {
+                    credits: window,
+                    caps: 0,
+                })
+                .caps += 1;
+        }
+        if let Some(old) = self.caps.insert(handle, cap) {
+            // The Junction reused a handle the application had not dropped
+            // yet; the old capability is gone from its table.
+            self.left(&old);
+        }
+    }
+
+    /// A capability is no longer held (dropped, moved, used up): it stops
+    /// counting in its lane.
+    fn left(&mut self, cap: &Cap) {
+        if cap.metered() && !cap.gone {
+            if let Some(lane) = self.lanes.get_mut(&cap.address) {
+                lane.caps = lane.caps.saturating_sub(1);
+            }
+            self.end_lane_if_idle(cap.address);
+        }
+    }
+
+    /// Forgets a lane with no capability and all its credit back, as the
+    /// Junction does.
+    fn end_lane_if_idle(&mut self, port: Address) {
+        let window = self.welcome.as_ref().map_or(0, |w| w.window);
+        if self
+            .lanes
+            .get(&port)
+            .is_some_and(|l| l.caps == 0 && l.credits >= window)
+        {
+            self.lanes.remove(&port);
         }
     }
 
@@ -942,22 +1002,25 @@ impl Machine {
             return Err(CommandError::Dead { handle, reason });
         }
         let send_once = cap.rights.contains(Rights::SEND_ONCE);
-        let metered = handle != CONTROL_HANDLE && !send_once;
         let cost = credit_cost(payload.len());
-        if metered {
-            if cap.credits < cost {
-                return Err(CommandError::NoCredit {
-                    handle,
-                    needed: cost,
-                    available: cap.credits,
-                });
+        if cap.metered() {
+            let lane = self.lanes.get_mut(&cap.address);
+            let available = lane.as_ref().map_or(0, |l| l.credits);
+            match lane {
+                Some(lane) if lane.credits >= cost => lane.credits -= cost,
+                _ => {
+                    return Err(CommandError::NoCredit {
+                        handle,
+                        needed: cost,
+                        available,
+                    });
+                }
             }
-            cap.credits -= cost;
         }
         let seq = cap.seq;
         cap.seq += 1;
         if send_once {
-            // Used up by this message.
+            // Used up by this message (send-once is never metered).
             cap.gone = true;
         }
         if !caps.is_empty() {
@@ -1017,10 +1080,14 @@ impl Machine {
     /// Marks attached capabilities that move as gone.
     fn attached(&mut self, caps: &[u32]) {
         for handle in caps {
-            if let Some(cap) = self.caps.get_mut(handle)
+            if let Some(&cap) = self.caps.get(handle)
                 && cap.moves
+                && !cap.gone
             {
-                cap.gone = true;
+                self.left(&cap);
+                if let Some(cap) = self.caps.get_mut(handle) {
+                    cap.gone = true;
+                }
             }
         }
     }
@@ -1069,6 +1136,7 @@ impl Machine {
         }
         let cap = self.caps.remove(&handle);
         if let Some(cap) = cap {
+            self.left(&cap);
             if self.dropped.len() == REMEMBERED_DROPS {
                 self.dropped.pop_front();
             }
@@ -1306,6 +1374,46 @@ mod tests {
         ));
     }
 
+    /// Issue 7: every handle to one port spends from one lane, which ends
+    /// when no handle uses it and its credit is back, as the Junction's
+    /// does.
+    #[test]
+    fn handles_to_one_port_share_a_lane() {
+        let mut m = machine();
+        let req = m.mint(2, Rights::SEND).unwrap();
+        m.handle_frame(Frame::bare(Header::Minted {
+            req,
+            handle: 11,
+            credits: WINDOW,
+        }));
+        let _ = events(&mut m);
+        let big = Bytes::from(vec![0u8; 16 * 1024]); // costs 2
+        for _ in 0..4 {
+            m.send(10, &[], big.clone()).unwrap();
+            m.send(11, &[], big.clone()).unwrap();
+        }
+        assert!(matches!(
+            m.send(11, &[], Bytes::new()),
+            Err(CommandError::NoCredit { available: 0, .. })
+        ));
+        assert_eq!(m.capability(10).map(|c| c.credits), Some(0));
+        m.drop_capability(10);
+        m.drop_capability(11);
+        // Credit still owed keeps the lane; once it is all back, it ends.
+        m.handle_frame(Frame::bare(Header::SendCredit {
+            port: Address::new(7, 2),
+            count: WINDOW,
+        }));
+        assert!(m.lanes.is_empty());
+        let req = m.mint(2, Rights::SEND).unwrap();
+        m.handle_frame(Frame::bare(Header::Minted {
+            req,
+            handle: 12,
+            credits: WINDOW,
+        }));
+        assert_eq!(m.capability(12).map(|c| c.credits), Some(WINDOW));
+    }
+
     #[test]
     fn credits_are_spent_and_come_back() {
         let mut m = machine();
@@ -1330,13 +1438,13 @@ mod tests {
         assert_eq!(&payload[..], b"keep");
 
         m.handle_frame(Frame::bare(Header::SendCredit {
-            handle: 10,
+            port: Address::new(7, 2),
             count: 3,
         }));
         assert_eq!(
             events(&mut m),
             [Event::SendCredit {
-                handle: 10,
+                port: Address::new(7, 2),
                 credits: 3
             }]
         );

@@ -17,7 +17,7 @@ use crate::address::Address;
 pub const MAGIC: [u8; 4] = *b"JNCT";
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The most capabilities one message may carry.
 pub const MAX_CAPS_PER_MESSAGE: usize = 64;
@@ -116,7 +116,8 @@ pub enum Header {
         req: u32,
         /// The new handle.
         handle: u32,
-        /// Send credits the handle starts with.
+        /// The window of the lane it sends on, which the Driver's lane to
+        /// the port starts with if it has none (1 for send-once).
         credits: u32,
     },
     /// D→J: forget a capability handle.
@@ -150,10 +151,11 @@ pub enum Header {
         /// How many messages.
         count: u32,
     },
-    /// J→D: `count` more credit units may be spent on `handle`.
+    /// J→D: `count` more credit units may be spent on the lane to `port`:
+    /// every metered capability this Driver holds to that port shares them.
     SendCredit {
-        /// The handle.
-        handle: u32,
+        /// The port the lane sends to.
+        port: Address,
         /// How many credit units (see [`credit_cost`]).
         count: u32,
     },
@@ -262,8 +264,8 @@ pub struct Welcome {
     pub home: Address,
     /// The largest frame the Junction accepts from this Driver.
     pub max_frame: u32,
-    /// Send credits every new capability handle starts with, in units of
-    /// [`credit_cost`].
+    /// Send credits of each lane (all of a Driver's metered capabilities to
+    /// one port), in units of [`credit_cost`].
     pub window: u32,
     /// The most capability handles this connection may hold.
     pub max_handles: u32,
@@ -335,9 +337,10 @@ pub struct Granted {
     pub handle: u32,
     /// Its rights.
     pub rights: Rights,
-    /// Send credits it starts with.
+    /// The window of the lane it sends on, which the Driver's lane to the
+    /// port starts with if it has none (1 for send-once).
     pub credits: u32,
-    /// The address of the port it reaches, for diagnostics.
+    /// The address of the port it reaches: what names its lane.
     pub address: Address,
     /// Whether it moves when passed on (send-once, or a message budget):
     /// once its holder attaches it to a message, the holder no longer has it.

@@ -324,6 +324,19 @@ impl RawClient {
         junction_road::control::ControlReply,
         Vec<junction_road::Granted>,
     ) {
+        self.control_with(request, vec![])
+    }
+
+    /// As [`RawClient::control`], passing the capabilities `caps` with the
+    /// request (a `Register` needs one).
+    pub fn control_with(
+        &mut self,
+        request: &junction_road::control::ControlRequest,
+        caps: Vec<u32>,
+    ) -> (
+        junction_road::control::ControlReply,
+        Vec<junction_road::Granted>,
+    ) {
         static NEXT_TAG: AtomicU32 = AtomicU32::new(1);
         let tag = u64::from(NEXT_TAG.fetch_add(1, Ordering::Relaxed));
         let payload = postcard::to_allocvec(request).expect("requests encode");
@@ -331,7 +344,7 @@ impl RawClient {
             Header::Call(junction_road::Call {
                 handle: junction_road::control::CONTROL_HANDLE,
                 tag,
-                caps: vec![],
+                caps,
             }),
             bytes::Bytes::from(payload),
         ));

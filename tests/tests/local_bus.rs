@@ -684,3 +684,77 @@ fn watchers_leave_with_their_capabilities() {
     assert_eq!(port.senders, 1, "one capability is left");
     assert_eq!(port.watchers, 1, "only the live capability still watches");
 }
+
+/// Issue 7, item 1: a connection that mints and looks up handle after
+/// handle, sends on each until refused, and reads its socket but never
+/// acknowledges, holds one window in flight at the port, not one per handle.
+#[test]
+fn credit_windows_do_not_multiply_with_handles() {
+    let j = TestJunction::start(&["--dev-namespace", "dev.*"]);
+    let (mut raw, welcome) = RawClient::hello(&j.socket);
+    raw.send(Header::OpenPort { req: 1 });
+    let f = raw.recv_until(|h| matches!(h, Header::PortOpened { .. }));
+    let Header::PortOpened { address, .. } = f.header else {
+        unreachable!()
+    };
+    raw.send(Header::Mint {
+        req: 2,
+        port: address.port,
+        rights: Rights::SEND | Rights::GRANT,
+    });
+    let f = raw.recv_until(|h| matches!(h, Header::Minted { req: 2, .. }));
+    let Header::Minted { handle: first, .. } = f.header else {
+        unreachable!()
+    };
+    let (reply, _) = raw.control_with(
+        &ControlRequest::Register {
+            name: "dev.hoarder".parse().unwrap(),
+        },
+        vec![first],
+    );
+    assert_eq!(reply, ControlReply::Registered);
+    let window = welcome.window;
+    let mut handles = vec![first];
+    for req in 3..43 {
+        raw.send(Header::Mint {
+            req,
+            port: address.port,
+            rights: Rights::SEND,
+        });
+        let f = raw.recv_until(|h| matches!(h, Header::Minted { req: r, .. } if *r == req));
+        let Header::Minted { handle, .. } = f.header else {
+            unreachable!()
+        };
+        handles.push(handle);
+        let (_, caps) = raw.control(&ControlRequest::Lookup {
+            name: "dev.hoarder".parse().unwrap(),
+        });
+        handles.extend(caps.iter().map(|g| g.handle));
+    }
+    assert_eq!(handles.len(), 81);
+    // A full window on every handle, without waiting for any credit.
+    for &handle in &handles {
+        for _ in 0..window {
+            raw.send(Header::Send(junction_road::Send {
+                handle,
+                caps: vec![],
+            }));
+        }
+        // Dropping a handle with messages in flight must not free its
+        // share either.
+        raw.send(Header::Drop { handle });
+    }
+    let (reply, _) = raw.control(&ControlRequest::List);
+    let ControlReply::Listing(listing) = reply else {
+        panic!("expected a listing, got {reply:?}")
+    };
+    let port = listing
+        .ports
+        .iter()
+        .find(|p| p.address == address)
+        .expect("the port is listed");
+    assert_eq!(
+        port.queued, window,
+        "one window in flight however many handles sent"
+    );
+}

@@ -65,13 +65,7 @@ impl Core {
             (old, new) => new.or(old),
         };
         let flow = self.new_flow();
-        let mut cap = Cap::new(
-            original.target,
-            a.rights,
-            self.initial_credits(a.rights),
-            None,
-            flow,
-        );
+        let mut cap = Cap::new(original.target, a.rights, None, flow);
         cap.dead = original.dead;
         cap.expires_at = expires_at;
         cap.remaining = remaining;
@@ -81,7 +75,7 @@ impl Core {
             cap.lineages.push(lineage);
             cap.root = Some(lineage);
         }
-        let credits = cap.credits;
+        let credits = self.initial_credits(a.rights);
         match self.insert_cap(conn, cap) {
             Some(handle) => self.frame(
                 conn,

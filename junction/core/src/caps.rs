@@ -55,7 +55,6 @@ pub(crate) struct CapRef {
 pub(crate) struct Cap {
     pub(crate) target: Target,
     pub(crate) rights: Rights,
-    pub(crate) credits: u32,
     /// Sequence number of the next message sent on this handle.
     pub(crate) seq: u64,
     pub(crate) flow: FlowId,
@@ -82,14 +81,12 @@ impl Cap {
     pub(crate) fn new(
         target: Target,
         rights: Rights,
-        credits: u32,
         reply_to: Option<ReplyRoute>,
         flow: FlowId,
     ) -> Self {
         Self {
             target,
             rights,
-            credits,
             seq: 0,
             flow,
             in_flight: 0,
@@ -105,8 +102,8 @@ impl Cap {
 
     /// A copy for another holder, on a new flow: every limit of the
     /// original and its lineages, but not the power to revoke.
-    pub(crate) fn copy(&self, credits: u32, flow: FlowId) -> Self {
-        let mut copy = Cap::new(self.target, self.rights, credits, self.reply_to, flow);
+    pub(crate) fn copy(&self, flow: FlowId) -> Self {
+        let mut copy = Cap::new(self.target, self.rights, self.reply_to, flow);
         copy.dead = self.dead;
         copy.expires_at = self.expires_at;
         copy.remaining = self.remaining;
@@ -123,6 +120,19 @@ impl Cap {
     pub(crate) fn port(&self) -> Key {
         let Target::Local(port) = self.target;
         port
+    }
+
+    /// The number of the port it reaches: what names its lane.
+    pub(crate) fn port_number(&self) -> u16 {
+        // Port keys index a table of at most 65,536.
+        self.port().index as u16
+    }
+
+    /// Whether messages sent on it spend credit of its lane: everything
+    /// but replies (bounded by their caller's pending calls) and the
+    /// control capability.
+    pub(crate) fn metered(&self) -> bool {
+        !self.rights.contains(Rights::SEND_ONCE) && self.port_number() != crate::ports::CONTROL_PORT
     }
 }
 
@@ -220,7 +230,6 @@ mod tests {
                 generation: 0,
             }),
             Rights::SEND,
-            4,
             None,
             FlowId(flow),
         )

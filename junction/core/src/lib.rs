@@ -33,15 +33,18 @@
 //!
 //! # Flow control
 //!
-//! Every send capability handle carries send credits, `window` units when it
-//! is created. Each `Send` or `Call` spends [`credit_cost`] units: one, plus
-//! one per 16 KiB of payload, so the window bounds both messages and bytes.
-//! The message is delivered to the port owner at once and recorded in the
-//! port's in-flight queue against the capability's *flow*, an id never
-//! reused; when the owner reports it consumed (`Credit`), the credit goes back
-//! to that flow (`SendCredit`), or nowhere if the capability has gone. So a
-//! slow receiver stops exactly the handles that send to it, and the memory a
-//! port can tie up is bounded by its senders' windows. Replies travel on
+//! Credit belongs to *lanes* (`lanes`): every metered capability one
+//! connection holds to one port sends on the same lane, which holds one
+//! `window` of credit however many such capabilities there are. Each `Send`
+//! or `Call` spends [`credit_cost`] units of its lane: one, plus one per
+//! 16 KiB of payload, so the window bounds both messages and bytes. The
+//! message is delivered to the port owner at once and recorded in the port's
+//! in-flight queue against the capability's *flow*, an id never reused, so
+//! notices about it reach the right capability; when the owner reports it
+//! consumed (`Credit`), or it turns out refused or undeliverable, the credit
+//! goes back to the lane (`SendCredit`). So a slow receiver stops exactly the
+//! lanes that send to it, and what one connection can tie up at one port is
+//! one window, however many handles it mints, looks up or drops. Replies travel on
 //! send-once capabilities, which never wait for credit; what bounds them is
 //! the caller's limit of pending calls, which stay pending until the caller
 //! consumes the reply. A client that never reads its replies therefore stalls
@@ -52,6 +55,7 @@ mod authentication;
 mod books;
 mod caps;
 mod control;
+mod lanes;
 mod path;
 mod ports;
 mod refusal;
@@ -75,6 +79,7 @@ use junction_road::{
 
 use crate::books::Books;
 use crate::caps::{Cap, CapRef, CapTable, FlowId, ReplyRoute, Target};
+use crate::lanes::Lanes;
 use crate::path::Orphans;
 #[cfg(test)]
 use crate::ports::port_key;
@@ -92,7 +97,8 @@ pub struct Config {
     pub junction: u16,
     /// The largest frame accepted from a Driver.
     pub max_frame: u32,
-    /// Send credits each new capability handle starts with, in units of
+    /// Send credits of each lane (one connection's metered capabilities to
+    /// one port), in units of
     /// [`credit_cost`]; at least twice the cost of the largest frame.
     pub window: u32,
     /// Capability handles one connection may hold.
@@ -227,6 +233,8 @@ pub struct Footprint {
     pub book_entries: usize,
     /// Registered names.
     pub names: usize,
+    /// Lanes of send credit, in all connections.
+    pub lanes: usize,
 }
 
 /// The junction's state machine. See the module documentation.
@@ -260,6 +268,8 @@ struct Conn {
     home: u16,
     ports: Vec<u16>,
     caps: CapTable,
+    /// Its send credit, one lane per port it sends to.
+    lanes: Lanes,
     pending_calls: u32,
     serial: u64,
     /// What a proof of possession on this connection must sign.
@@ -358,19 +368,18 @@ impl Core {
         self.ports.check()?;
         let mut senders: HashMap<Key, u32> = HashMap::new();
         let mut in_flight: HashMap<FlowId, u32> = HashMap::new();
+        let mut lane_caps: HashMap<(u64, u16), u32> = HashMap::new();
+        let mut lane_units: HashMap<(u64, u16), u32> = HashMap::new();
         let window = self.config.window;
         for (_, c) in self.conns.iter() {
-            for (handle, cap) in c.caps.iter() {
+            for (_, cap) in c.caps.iter() {
                 let port = cap.port();
                 if port.index == u32::from(CONTROL_PORT) {
                     continue;
                 }
                 *senders.entry(port).or_default() += 1;
-                if !cap.rights.contains(Rights::SEND_ONCE) && cap.credits > window {
-                    return Err(format!(
-                        "c{} handle {handle:#x} holds {} credits, above the window of {window}",
-                        c.serial, cap.credits
-                    ));
+                if cap.metered() {
+                    *lane_caps.entry((c.serial, cap.port_number())).or_default() += 1;
                 }
                 if cap.in_flight > 0 {
                     in_flight.insert(cap.flow, cap.in_flight);
@@ -388,6 +397,9 @@ impl Core {
             for entry in &port.in_flight {
                 if let Some(at) = entry.flow {
                     recorded.entry(at.flow).or_insert((at.conn, 0)).1 += 1;
+                    *lane_units
+                        .entry((at.conn.serial, key.index as u16))
+                        .or_default() += entry.cost;
                 }
             }
             if key.index == u32::from(CONTROL_PORT) {
@@ -439,6 +451,45 @@ impl Core {
                 ));
             }
         }
+        // A lane holds the window less what is in flight on it, counts the
+        // metered capabilities to its port, and ends when both are idle.
+        for (_, c) in self.conns.iter() {
+            for (port, lane) in c.lanes.iter() {
+                let key = (c.serial, port);
+                let caps = lane_caps.remove(&key).unwrap_or(0);
+                let units = lane_units.remove(&key).unwrap_or(0);
+                if lane.caps != caps {
+                    return Err(format!(
+                        "c{}'s lane to port {port} counts {} capabilities, the table holds {caps}",
+                        c.serial, lane.caps
+                    ));
+                }
+                if lane.credits + units != window {
+                    return Err(format!(
+                        "c{}'s lane to port {port} holds {} credits with {units} in flight, not the window of {window}",
+                        c.serial, lane.credits
+                    ));
+                }
+                if caps == 0 && units == 0 {
+                    return Err(format!(
+                        "c{}'s lane to port {port} outlived its capabilities and messages",
+                        c.serial
+                    ));
+                }
+            }
+        }
+        if let Some(((conn, port), _)) = lane_caps.iter().next() {
+            return Err(format!(
+                "c{conn} holds metered capabilities to port {port} but no lane"
+            ));
+        }
+        for ((conn, port), units) in &lane_units {
+            if self.conns.iter().any(|(_, c)| c.serial == *conn) {
+                return Err(format!(
+                    "c{conn} has {units} units in flight to port {port} but no lane"
+                ));
+            }
+        }
         for (name, reg) in self.registry.iter() {
             if self.ports.get(reg.port).is_none() {
                 return Err(format!("{name} names a dead port"));
@@ -462,6 +513,7 @@ impl Core {
                     .map(|(_, p)| p.watchers.len())
                     .sum::<usize>(),
             names: self.registry.iter().count(),
+            lanes: self.conns.iter().map(|(_, c)| c.lanes.len()).sum(),
         }
     }
 
@@ -482,6 +534,7 @@ impl Core {
             home: 0,
             ports: Vec::new(),
             caps: CapTable::new(self.config.max_handles),
+            lanes: Lanes::default(),
             pending_calls: 0,
             serial: self.next_serial,
             nonce,
@@ -638,7 +691,6 @@ impl Core {
         let control = c.caps.insert(Cap::new(
             Target::Local(PortTable::control()),
             Rights::SEND,
-            u32::MAX,
             None,
             flow,
         ));
@@ -745,12 +797,8 @@ impl Core {
         rights: Rights,
         reply_to: Option<ReplyRoute>,
     ) -> Option<u32> {
-        let credits = self.initial_credits(rights);
         let flow = self.new_flow();
-        self.insert_cap(
-            conn,
-            Cap::new(Target::Local(port), rights, credits, reply_to, flow),
-        )
+        self.insert_cap(conn, Cap::new(Target::Local(port), rights, reply_to, flow))
     }
 
     /// Puts `cap` into `conn`'s table and into the books: sender counts,
@@ -760,8 +808,12 @@ impl Core {
         let flow = cap.flow;
         let expires_at = cap.expires_at;
         let lineages = cap.lineages.clone();
+        let metered = cap.metered();
         let c = self.conns.get_mut(conn.key())?;
         let handle = c.caps.insert(cap)?;
+        if metered {
+            c.lanes.join(port.index as u16, self.config.window);
+        }
         if let Some(p) = self.ports.get_mut(port) {
             p.senders += 1;
         }
@@ -835,7 +887,11 @@ impl Core {
     /// still in flight, its flow lives on until they are settled, so that
     /// its holder still hears what becomes of them.
     fn take_cap(&mut self, conn: ConnId, handle: u32) -> Option<Cap> {
-        let cap = self.conns.get_mut(conn.key())?.caps.remove(handle)?;
+        let c = self.conns.get_mut(conn.key())?;
+        let cap = c.caps.remove(handle)?;
+        if cap.metered() {
+            c.lanes.leave(cap.port_number(), self.config.window);
+        }
         if cap.in_flight > 0 {
             self.orphans.adopt(cap.flow, cap.in_flight);
         }
@@ -990,16 +1046,18 @@ impl Core {
                 continue;
             };
             let mut count = 1u32;
+            let mut units = entry.cost;
             while let Some(next) = port.in_flight.get(i) {
                 if next.flow == entry.flow && next.seq == entry.seq + u64::from(count) {
                     count += 1;
+                    units += next.cost;
                     i += 1;
                 } else {
                     break;
                 }
             }
             // The holder hears even if it has dropped the capability since.
-            if self.settle(at, count, None) {
+            if self.settle(at, count, units, number) {
                 self.frame(
                     at.conn,
                     Header::Undeliverable {

@@ -51,13 +51,17 @@ pub(crate) struct Envelope {
 /// Why a message was not admitted.
 enum NotAdmitted {
     /// The capability is dead on its own; the message took sequence number
-    /// `seq`.
-    Dead { reason: Reason, seq: u64 },
-    /// Refused; `refund` is the credit the driver spent and the core did
-    /// not take, to give back.
+    /// `seq`. `refund` is the credit the driver spent, as for `Refused`.
+    Dead {
+        reason: Reason,
+        seq: u64,
+        refund: Option<(u16, u32)>,
+    },
+    /// Refused; `refund` is the lane (by port number) and the credit the
+    /// driver spent on it and the core did not take, to give back.
     Refused {
         refusal: Refusal,
-        refund: Option<u32>,
+        refund: Option<(u16, u32)>,
     },
 }
 
@@ -115,7 +119,12 @@ impl Core {
                 envelope.caps = caps;
                 self.deliver(envelope);
             }
-            Err(NotAdmitted::Dead { reason, seq }) => {
+            Err(NotAdmitted::Dead {
+                reason,
+                seq,
+                refund,
+            }) => {
+                self.refund(conn, refund);
                 // A capability dead on its own: the port may live, but not
                 // for this holder.
                 self.cap_died(conn, handle, reason, |_| true);
@@ -128,12 +137,18 @@ impl Core {
                 // caller's timeout.
                 self.use_up_send_once(conn, handle, Reason::ReplyDropped);
                 self.release_moving(conn, &caps);
-                if let Some(count) = refund {
-                    // The driver spent the credit; the core did not take it.
-                    self.frame(conn, Header::SendCredit { handle, count });
-                }
+                self.refund(conn, refund);
                 self.refuse_call(conn, 0, handle, call.unwrap_or(0), refusal);
             }
+        }
+    }
+
+    /// Gives back the credit a driver spent on a message the core did not
+    /// take it for.
+    fn refund(&mut self, conn: ConnId, refund: Option<(u16, u32)>) {
+        if let Some((port, count)) = refund {
+            let port = Address::new(self.config.junction, port);
+            self.frame(conn, Header::SendCredit { port, count });
         }
     }
 
@@ -179,16 +194,20 @@ impl Core {
         let max_pending = self.config.max_pending_calls;
         let now = self.now.unix;
         let origin = self.home_address(conn);
-        let refused = |refusal, refund: bool| NotAdmitted::Refused {
-            refusal,
-            refund: refund.then_some(cost),
-        };
         let Some(c) = self.conns.get_mut(conn.key()) else {
-            return Err(refused(Refusal::UnknownHandle { handle }, false));
+            let refusal = Refusal::UnknownHandle { handle };
+            return Err(NotAdmitted::Refused {
+                refusal,
+                refund: None,
+            });
         };
         let pending_full = call.is_some() && c.pending_calls >= max_pending;
         let Some(cap) = c.caps.get_mut(handle) else {
-            return Err(refused(Refusal::UnknownHandle { handle }, false));
+            let refusal = Refusal::UnknownHandle { handle };
+            return Err(NotAdmitted::Refused {
+                refusal,
+                refund: None,
+            });
         };
         // Every frame naming a held handle takes a sequence number, refused
         // or not, so both ends count alike.
@@ -196,8 +215,12 @@ impl Core {
         cap.seq += 1;
         // Replies are never held back (the caller's pending-call limit
         // bounds them), nor are control requests.
-        let metered =
-            !cap.rights.contains(Rights::SEND_ONCE) && cap.port().index != u32::from(CONTROL_PORT);
+        let metered = cap.metered();
+        let lane = cap.port_number();
+        let refused = |refusal, refund: bool| NotAdmitted::Refused {
+            refusal,
+            refund: refund.then_some((lane, cost)),
+        };
         // A malformed call is refused as such before anything else, so no
         // notice ever names tag 0.
         if call == Some(0) {
@@ -205,7 +228,11 @@ impl Core {
         }
         let expired = cap.expires_at.is_some_and(|at| now >= at);
         if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
-            return Err(NotAdmitted::Dead { reason, seq });
+            return Err(NotAdmitted::Dead {
+                reason,
+                seq,
+                refund: metered.then_some((lane, cost)),
+            });
         }
         // A reply answers a call; were it a call itself, the caller's
         // driver would get a reply capability nobody asked for.
@@ -220,14 +247,13 @@ impl Core {
             let limit = max_pending;
             return Err(refused(Refusal::TooManyPendingCalls { limit }, metered));
         }
-        if metered && cap.credits < cost {
-            return Err(refused(Refusal::NoCredit { handle, cost }, false));
-        }
         let mut low_credit = false;
         if metered {
-            cap.credits -= cost;
+            match c.lanes.spend(lane, cost) {
+                Ok(left) => low_credit = left < window / 2,
+                Err(_) => return Err(refused(Refusal::NoCredit { handle, cost }, false)),
+            }
             cap.in_flight += 1;
-            low_credit = cap.credits < window / 2;
         }
         let mut exhausted = false;
         if let Some(left) = &mut cap.remaining {
@@ -304,7 +330,7 @@ impl Core {
         let Some(owner) = self.ports.get(port).and_then(|p| p.owner) else {
             let reason = self.ports.death_reason(port);
             if let Some(at) = flow {
-                self.settle(at, 1, None);
+                self.settle(at, 1, cost, port.index as u16);
             }
             self.release_moving(from, &caps);
             self.refuse_message(from, via, seq, call, reason);
@@ -313,7 +339,7 @@ impl Core {
         if let Err(refusal) = self.check_transfer(from, owner, via, &caps, call) {
             match flow {
                 Some(at) => {
-                    self.settle(at, 1, Some(cost));
+                    self.settle(at, 1, cost, port.index as u16);
                 }
                 None if rights.contains(Rights::SEND_ONCE) => {
                     // The reply capability was used up by a refused reply:
@@ -411,33 +437,30 @@ impl Core {
         );
     }
 
-    /// `count` messages of flow `at` are settled: consumed, refused or
-    /// undeliverable. With `credit`, that much goes back to the flow's
-    /// capability if it is still held. Whether the holder should still hear
-    /// about them (its capability is held, or it dropped it since).
-    pub(crate) fn settle(&mut self, at: CapRef, count: u32, credit: Option<u32>) -> bool {
-        if let Some(cap) = self
-            .conns
-            .get_mut(at.conn.key())
-            .and_then(|c| c.caps.get_ref_mut(at))
-        {
+    /// `count` messages of flow `at` to port number `port`, costing `units`
+    /// credit units, are settled: consumed, refused or undeliverable. The
+    /// credit goes back to the sender's lane to the port whatever became of
+    /// them. Whether the holder should still hear about them (its
+    /// capability is held, or it dropped it since).
+    pub(crate) fn settle(&mut self, at: CapRef, count: u32, units: u32, port: u16) -> bool {
+        let window = self.config.window;
+        let Some(c) = self.conns.get_mut(at.conn.key()) else {
+            // Its connection left; an orphan flow ends with it.
+            self.orphans.settle(at.flow, count);
+            return false;
+        };
+        if c.lanes.give_back(port, units, window) {
+            let port = Address::new(self.config.junction, port);
+            self.out.push_back(Output::Frame {
+                conn: at.conn,
+                frame: Frame::bare(Header::SendCredit { port, count: units }),
+            });
+        }
+        if let Some(cap) = c.caps.get_ref_mut(at) {
             cap.in_flight = cap.in_flight.saturating_sub(count);
-            if let Some(count) = credit {
-                cap.credits = cap.credits.saturating_add(count);
-                self.frame(
-                    at.conn,
-                    Header::SendCredit {
-                        handle: at.handle,
-                        count,
-                    },
-                );
-            }
             return true;
         }
         let Some(last) = self.orphans.settle(at.flow, count) else {
-            return false;
-        };
-        let Some(c) = self.conns.get_mut(at.conn.key()) else {
             return false;
         };
         if last {
@@ -503,7 +526,7 @@ impl Core {
             let credits = self.initial_credits(rights);
             // The copy is made before a moved original leaves, so the port
             // never looks sender-less in between.
-            let copy = cap.copy(credits, flow);
+            let copy = cap.copy(flow);
             let port = copy.port();
             let inserted = self.insert_cap(to, copy);
             if moves && let Some(original) = self.take_cap(from, h) {
@@ -530,6 +553,7 @@ impl Core {
             self.refuse(conn, 0, NO_HANDLE, Refusal::UnknownPort { port });
             return;
         };
+        let number = key.index as u16;
         let mut returns = std::mem::take(&mut self.credit_scratch);
         let mut replies = 0u32;
         if let Some(p) = self.ports.get_mut(key) {
@@ -555,7 +579,7 @@ impl Core {
             c.pending_calls = c.pending_calls.saturating_sub(replies);
         }
         for &(at, units, messages) in &returns {
-            self.settle(at, messages, Some(units));
+            self.settle(at, messages, units, number);
         }
         returns.clear();
         self.credit_scratch = returns;

@@ -13,6 +13,22 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// What follows the one-unit refund a refused message's sender gets first:
+/// the driver spent the credit, the core did not take it.
+fn refunded(mut out: Vec<Header>) -> Vec<Header> {
+    assert!(
+        matches!(out.first(), Some(Header::SendCredit { count: 1, .. })),
+        "no refund first: {out:?}"
+    );
+    out.remove(0);
+    out
+}
+
+/// The address naming the lane to local port `port` (junction 1).
+fn lane(port: u16) -> Address {
+    Address::new(1, port)
+}
+
 struct Harness {
     core: Core,
     /// The fake clock every input is handed.
@@ -304,7 +320,7 @@ fn send_delivers_with_origin_and_credit_comes_back() {
     assert_eq!(
         h.take(a),
         vec![Header::SendCredit {
-            handle: cap,
+            port: lane(port),
             count: 1
         }]
     );
@@ -345,12 +361,18 @@ fn notices_follow_the_flow_not_a_reused_handle() {
     let heard = h.take(a);
     assert_eq!(
         heard,
-        vec![Header::Undeliverable {
-            handle: old,
-            first_seq: 0,
-            count: 1,
-            reason: Reason::PortClosed
-        }]
+        vec![
+            Header::SendCredit {
+                port: lane(port),
+                count: 1
+            },
+            Header::Undeliverable {
+                handle: old,
+                first_seq: 0,
+                count: 1,
+                reason: Reason::PortClosed
+            }
+        ]
     );
     h.send(a, live, vec![], b"still fine");
     assert!(
@@ -362,10 +384,11 @@ fn notices_follow_the_flow_not_a_reused_handle() {
     assert_eq!(h.core.footprint().orphan_flows, 0);
 }
 
-/// Issue 6: a credit for a message sent on a dropped capability goes
-/// nowhere: not to whatever holds the handle now, so no window overruns.
+/// Issue 7: a credit for a message sent on a dropped capability goes back
+/// to its lane, which a new capability to the same port shares: one window
+/// in all, however the handles churn.
 #[test]
-fn credit_for_a_dropped_capability_goes_nowhere() {
+fn credit_for_a_dropped_capability_goes_back_to_its_lane() {
     let mut h = Harness::new();
     let (a, _) = h.connect();
     let (b, _) = h.connect();
@@ -383,16 +406,29 @@ fn credit_for_a_dropped_capability_goes_nowhere() {
         .new_cap(a, port_key(port, 0), Rights::SEND, None)
         .unwrap();
     assert_ne!(again, cap, "the held handle is not reused");
-    h.feed(b, Header::Credit { port, count: 2 });
-    assert!(h.take(a).is_empty(), "no SendCredit for a dropped flow");
-    h.check_invariants();
     let full = h.core.config().window;
-    for _ in 0..full {
+    for _ in 2..full {
         h.send(a, again, vec![], b"z");
     }
-    assert_eq!(h.delivered(b).len() as u32, full, "exactly one window");
+    assert_eq!(h.delivered(b).len() as u32, full - 2, "the lane's window");
     h.send(a, again, vec![], b"over");
     assert_eq!(error_code(&h.take(a)), Some(ErrorCode::NoCredit));
+    h.feed(b, Header::Credit { port, count: full });
+    assert_eq!(
+        h.take(a),
+        vec![
+            Header::SendCredit {
+                port: lane(port),
+                count: 2
+            },
+            Header::SendCredit {
+                port: lane(port),
+                count: full - 2
+            }
+        ],
+        "credit for the dropped flow, then for the live one"
+    );
+    h.check_invariants();
 }
 
 /// Issue 6: a sender that sent and then dropped its capability still learns
@@ -415,7 +451,7 @@ fn a_sender_that_dropped_its_capability_still_hears_of_undelivered_messages() {
     assert_eq!(
         h.take(a),
         vec![Header::SendCredit {
-            handle: cap,
+            port: lane(port),
             count: 1
         }]
     );
@@ -425,12 +461,18 @@ fn a_sender_that_dropped_its_capability_still_hears_of_undelivered_messages() {
     h.drain();
     assert_eq!(
         h.take(a),
-        vec![Header::Undeliverable {
-            handle: cap,
-            first_seq: 1,
-            count: 2,
-            reason: Reason::OwnerGone
-        }]
+        vec![
+            Header::SendCredit {
+                port: lane(port),
+                count: 2
+            },
+            Header::Undeliverable {
+                handle: cap,
+                first_seq: 1,
+                count: 2,
+                reason: Reason::OwnerGone
+            }
+        ]
     );
     h.check_invariants();
     assert_eq!(h.core.footprint().orphan_flows, 0, "settled and forgotten");
@@ -497,7 +539,7 @@ fn a_refused_message_takes_its_moving_attachments_with_it() {
     h.send(a, to_b, vec![once, copied], b"to a closed port");
     assert!(matches!(
         h.take(a).as_slice(),
-        [Header::Undeliverable { .. }]
+        [Header::SendCredit { .. }, Header::Undeliverable { .. }]
     ));
     h.feed(a, Header::Drop { handle: once });
     assert_eq!(
@@ -786,7 +828,7 @@ fn capabilities_travel_only_with_grant() {
     assert_eq!(error_code(&out), Some(ErrorCode::MissingRight));
     assert!(
         out.contains(&Header::SendCredit {
-            handle: to_a,
+            port: lane(h.core.conns.get(a.key()).unwrap().home),
             count: 1
         }),
         "{out:?}"
@@ -864,7 +906,7 @@ fn a_dead_owner_fails_calls_reports_undelivered_and_tells_watchers() {
     // Later sends learn it at once.
     h.send(client, cap, vec![], b"d");
     assert_eq!(
-        h.take(client),
+        refunded(h.take(client)),
         vec![Header::Undeliverable {
             handle: cap,
             first_seq: 3,
@@ -1060,7 +1102,7 @@ fn pending_calls_are_bounded_for_a_client_that_never_reads() {
     assert_eq!(error_code(&out), Some(ErrorCode::TooManyPendingCalls));
     assert!(
         out.contains(&Header::SendCredit {
-            handle: cap,
+            port: lane(port),
             count: 1
         }),
         "the refused call's credit comes back: {out:?}"
@@ -1245,7 +1287,7 @@ fn credits_count_bytes_and_refusals_keep_sequence_numbers_in_step() {
     assert_eq!(
         h.take(a),
         vec![Header::SendCredit {
-            handle: cap,
+            port: lane(port),
             count: 4
         }]
     );
@@ -1260,12 +1302,19 @@ fn credits_count_bytes_and_refusals_keep_sequence_numbers_in_step() {
     h.send(a, cap, vec![], b"late");
     assert_eq!(
         h.take(a),
-        vec![Header::Undeliverable {
-            handle: cap,
-            first_seq: 6,
-            count: 1,
-            reason: Reason::OwnerGone
-        }]
+        vec![
+            Header::SendCredit {
+                port: lane(port),
+                count: 1
+            },
+            Header::Undeliverable {
+                handle: cap,
+                first_seq: 6,
+                count: 1,
+                reason: Reason::OwnerGone
+            }
+        ],
+        "the credit spent on a message to a dead port comes back to the lane"
     );
 }
 
@@ -1395,7 +1444,7 @@ mod limits {
         );
         h.send(a, two, vec![], b"3");
         assert_eq!(
-            h.take(a),
+            refunded(h.take(a)),
             vec![Header::Undeliverable {
                 handle: two,
                 first_seq: 2,
@@ -1462,7 +1511,7 @@ mod limits {
         );
         h.send(a, short, vec![], b"late");
         assert_eq!(
-            h.take(a),
+            refunded(h.take(a)),
             vec![Header::Undeliverable {
                 handle: short,
                 first_seq: 1,
@@ -1516,7 +1565,7 @@ mod limits {
         );
         h.send(b, at_b, vec![], b"after");
         assert_eq!(
-            h.take(b),
+            refunded(h.take(b)),
             vec![Header::Undeliverable {
                 handle: at_b,
                 first_seq: 0,
@@ -1856,5 +1905,50 @@ fn the_owner_hears_when_the_last_sender_is_gone() {
     assert_eq!(h.take(owner), vec![Header::NoSenders { port }]);
     h.feed(b, Header::WatchSenders { port });
     assert_eq!(error_code(&h.take(b)), Some(ErrorCode::UnknownPort));
+    h.check_invariants();
+}
+
+/// Issue 7, item 1: however many capabilities a connection mints, looks up
+/// or drops for one port, it has one window in flight there, and a receiver
+/// that never acknowledges holds no more than that.
+#[test]
+fn handles_to_one_port_share_one_window() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let port = h.open_port(b);
+    let window = h.core.config().window;
+    let mut delivered = 0;
+    for _ in 0..80 {
+        let cap = h
+            .core
+            .new_cap(a, port_key(port, 0), Rights::SEND, None)
+            .unwrap();
+        for _ in 0..window {
+            h.send(a, cap, vec![], b"x");
+        }
+        delivered += h.delivered(b).len() as u32;
+        h.take(a);
+        h.feed(a, Header::Drop { handle: cap });
+    }
+    assert_eq!(delivered, window, "one window in all, not one per handle");
+    assert_eq!(h.core.footprint().in_flight as u32, window);
+    assert_eq!(h.core.footprint().lanes, 1);
+    h.check_invariants();
+    h.feed(
+        b,
+        Header::Credit {
+            port,
+            count: window,
+        },
+    );
+    assert_eq!(
+        h.take(a),
+        vec![Header::SendCredit {
+            port: lane(port),
+            count: window
+        }]
+    );
+    assert_eq!(h.core.footprint().lanes, 0, "an idle lane is forgotten");
     h.check_invariants();
 }

@@ -37,8 +37,9 @@
 //!   takes the moving capabilities it attaches out of the sender's table.
 //!   The shadow's tables follow these rules, and [`shadow_handles`] gives
 //!   them to the audit at quiescence (`workload::audit`).
-//! - **Bounded memory**: at every delivery, what one metered capability has
-//!   in flight costs at most the window; every `Listing` the control port
+//! - **Bounded memory**: at every delivery, what one connection has in
+//!   flight to one port (its lane), over all its capabilities to the port,
+//!   costs at most the window; every `Listing` the control port
 //!   gives out counts exactly the messages in flight per port that the
 //!   shadow counts, and no connection is above its limits.
 
@@ -126,8 +127,9 @@ struct PortInc {
 struct InFlight {
     /// The data message, if it is one.
     id: Option<MsgId>,
-    /// The metered capability and credit units it came on, if any.
-    metered: Option<(CapKey, u32)>,
+    /// The lane (sender, port number) and credit units it came on, if
+    /// metered.
+    metered: Option<(LaneKey, u32)>,
     /// For a call: the reply handle it put into the receiver's table.
     reply: Option<u32>,
 }
@@ -135,6 +137,9 @@ struct InFlight {
 /// A capability in the shadow: connection, handle, and which capability
 /// that handle is (handles can be reused).
 type CapKey = (u64, u32, u64);
+
+/// A lane: the sending connection and the port number it sends to.
+type LaneKey = (u64, u16);
 
 #[derive(Debug, Clone)]
 struct ShadowCap {
@@ -262,7 +267,7 @@ struct Shadow<'a> {
     last_inst: HashMap<(u64, u32), u64>,
     /// Calls by caller connection and tag: how many times each ended.
     calls: BTreeMap<(u64, u64), u32>,
-    in_flight_cost: HashMap<CapKey, u32>,
+    in_flight_cost: HashMap<LaneKey, u32>,
     /// Calls (by process and tag) whose reply capability a rogue held at
     /// the end.
     rogue_held_calls: HashSet<(ProcessId, u64)>,
@@ -512,7 +517,7 @@ impl Shadow<'_> {
         }
     }
 
-    fn release_cost(&mut self, key: CapKey, cost: u32) {
+    fn release_cost(&mut self, key: LaneKey, cost: u32) {
         if let Some(c) = self.in_flight_cost.get_mut(&key) {
             *c = c.saturating_sub(cost);
         }
@@ -1046,7 +1051,7 @@ impl Shadow<'_> {
             )),
         }
         let metered = !cap.rights.contains(Rights::SEND_ONCE);
-        let key = (sender, handle, cap.inst);
+        let key = (sender, self.incs[inc].number);
         let cost = credit_cost(frame.payload.len());
         if metered {
             let c = self.in_flight_cost.entry(key).or_insert(0);
@@ -1054,8 +1059,8 @@ impl Shadow<'_> {
             let c = *c;
             if c > self.window {
                 self.fail(format!(
-                    "c{sender} handle {handle:#x} has {c} credit units in flight, above the window {}",
-                    self.window
+                    "c{sender} has {c} credit units in flight to port {} (sent on handle {handle:#x}), above the window {}",
+                    key.1, self.window
                 ));
             }
         }

@@ -1378,7 +1378,7 @@ fn raw_frame(rng: &mut Rng, home: u16) -> Frame {
         },
         _ => match rng.below(4) {
             0 => Header::SendCredit {
-                handle: handle(rng),
+                port: junction_road::Address::new(1, port(rng)),
                 count: 1,
             },
             1 => Header::Hello(junction_road::Hello {
