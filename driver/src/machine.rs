@@ -1118,12 +1118,20 @@ impl Machine {
         }
     }
 
-    /// Stops waiting for a call (a timeout). The Junction still counts it
-    /// as pending until it ends; its late reply is acknowledged and dropped
-    /// without an event.
+    /// Stops waiting for a call (a timeout) and tells the Junction, which
+    /// stops counting it as pending and kills the callee's reply capability
+    /// (`Cancel`). The call ends without an event: with its
+    /// `CallFailed{Cancelled}`, or with its reply if that was already on the
+    /// way, which is then acknowledged and dropped.
     pub fn abandon_call(&mut self, tag: u64) {
-        if let Some(state) = self.calls.get_mut(&tag) {
+        if let Some(state) = self.calls.get_mut(&tag)
+            && *state == CallState::Waiting
+        {
             *state = CallState::Abandoned;
+            if self.closed.is_none() {
+                self.transmits
+                    .push_back(Frame::bare(Header::Cancel { tag }));
+            }
         }
     }
 
@@ -1581,11 +1589,28 @@ mod tests {
     }
 
     #[test]
+    fn an_abandoned_call_is_cancelled_and_ends_quietly() {
+        let mut m = machine();
+        let tag = m.call(10, &[], Bytes::new()).unwrap();
+        let _ = transmits(&mut m);
+        m.abandon_call(tag);
+        assert_eq!(transmits(&mut m), [Header::Cancel { tag }]);
+        assert_eq!(m.pending_calls(), 1, "counted until the junction says");
+        m.handle_frame(Frame::bare(Header::CallFailed {
+            tag,
+            reason: Reason::Cancelled,
+        }));
+        assert!(events(&mut m).is_empty());
+        assert_eq!(m.pending_calls(), 0);
+    }
+
+    #[test]
     fn an_abandoned_call_still_counts_and_its_late_reply_is_given_back() {
         let mut m = machine();
         let tag = m.call(10, &[], Bytes::new()).unwrap();
         let _ = transmits(&mut m);
         m.abandon_call(tag);
+        assert_eq!(transmits(&mut m), [Header::Cancel { tag }]);
         assert_eq!(m.pending_calls(), 1);
         let cap = granted(40, Rights::SEND, false);
         m.handle_frame(deliver(HOME, tag, vec![cap], None, true));

@@ -123,6 +123,9 @@ pub struct ConnectionInfo {
     pub ports: u32,
     /// Capability handles it holds.
     pub handles: u32,
+    /// Of those, reply capabilities (calls it was made and has not
+    /// answered); they do not count against `max_handles`.
+    pub replies: u32,
     /// Its calls waiting for a reply.
     pub pending_calls: u32,
     /// Its proven key, if it authenticated.

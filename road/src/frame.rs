@@ -217,6 +217,14 @@ pub enum Header {
         /// The port number.
         port: u16,
     },
+    /// D→J: the caller gives up on its call `tag` (a timeout): it stops
+    /// counting as pending, and the callee's reply capability dies.
+    /// Answered with `CallFailed { tag, Cancelled }` unless the reply is
+    /// already on its way.
+    Cancel {
+        /// The call's tag.
+        tag: u64,
+    },
 }
 
 /// A request for a narrower capability.
@@ -452,6 +460,8 @@ pub enum Reason {
     Shutdown,
     /// The capability used up its message budget.
     Exhausted,
+    /// The caller gave up on the call (`Cancel`).
+    Cancelled,
 }
 
 impl std::fmt::Display for Reason {
@@ -464,6 +474,7 @@ impl std::fmt::Display for Reason {
             Reason::ReplyDropped => "the receiver dropped the call without replying",
             Reason::Shutdown => "the junction is shutting down",
             Reason::Exhausted => "the capability used up its message budget",
+            Reason::Cancelled => "the caller gave up on the call",
         })
     }
 }

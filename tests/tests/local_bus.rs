@@ -758,3 +758,94 @@ fn credit_windows_do_not_multiply_with_handles() {
         "one window in flight however many handles sent"
     );
 }
+
+/// Issue 7, item 6: a service that holds its replies pins nobody. Callers
+/// whose calls it holds do not fill its handle table, so others' calls
+/// still reach it; and a caller that times out cancels, so its calls stop
+/// counting against it.
+#[tokio::test]
+async fn a_service_that_holds_its_replies_pins_nobody() {
+    let j = TestJunction::start(&["--dev-namespace", "dev.*"]);
+    let (mut service, _) = RawClient::hello(&j.socket);
+    service.send(Header::OpenPort { req: 1 });
+    let f = service.recv_until(|h| matches!(h, Header::PortOpened { .. }));
+    let Header::PortOpened { address, .. } = f.header else {
+        unreachable!()
+    };
+    service.send(Header::Mint {
+        req: 2,
+        port: address.port,
+        rights: Rights::SEND | Rights::GRANT,
+    });
+    let f = service.recv_until(|h| matches!(h, Header::Minted { req: 2, .. }));
+    let Header::Minted { handle, .. } = f.header else {
+        unreachable!()
+    };
+    let (reply, _) = service.control_with(
+        &ControlRequest::Register {
+            name: "dev.slow".parse().unwrap(),
+        },
+        vec![handle],
+    );
+    assert_eq!(reply, ControlReply::Registered);
+
+    // Four callers each make as many calls as they may; none is answered.
+    let mut attackers = Vec::new();
+    for _ in 0..4 {
+        let (mut raw, welcome) = RawClient::hello(&j.socket);
+        let (_, caps) = raw.control(&ControlRequest::Lookup {
+            name: "dev.slow".parse().unwrap(),
+        });
+        let mut batch = bytes::BytesMut::new();
+        for tag in 1..=u64::from(welcome.max_pending_calls) {
+            let call = Frame::bare(Header::Call(Call {
+                handle: caps[0].handle,
+                tag,
+                caps: vec![],
+            }));
+            junction_road::codec::encode(&call, &mut batch);
+        }
+        raw.write_raw(&batch);
+        attackers.push(raw);
+    }
+    // The service still has room for its own capabilities...
+    service.send(Header::Mint {
+        req: 3,
+        port: address.port,
+        rights: Rights::SEND,
+    });
+    let f = service.recv_until(|h| matches!(h, Header::Minted { req: 3, .. } | Header::Error(_)));
+    assert!(
+        matches!(f.header, Header::Minted { .. }),
+        "the service's table is full: {f:?}"
+    );
+    // ...and a well-behaved caller is held like everyone, not refused.
+    let me = Driver::connect(&j.socket).await.unwrap();
+    let slow = me.lookup("dev.slow").await.unwrap();
+    for _ in 0..3 {
+        match me.call(&slow, "hello?", Duration::from_millis(200)).await {
+            Err(Error::Timeout(_)) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+    // Its timeouts cancelled its calls: none counts as pending.
+    let deadline = Instant::now() + T;
+    loop {
+        let listing = me.listing().await.unwrap();
+        let mine = listing
+            .connections
+            .iter()
+            .find(|c| c.home == me.home())
+            .expect("listed");
+        if mine.pending_calls == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cancelled calls still pending: {}",
+            mine.pending_calls
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(attackers);
+}

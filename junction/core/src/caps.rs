@@ -138,22 +138,58 @@ impl Cap {
 
 /// One connection's capabilities, addressed by handles: a 16-bit slot index
 /// and a 16-bit generation, so a stale handle misses.
+///
+/// Reply capabilities do not count against the table's limit: their number
+/// is bounded by their callers' pending calls, and a caller must not be able
+/// to fill its callee's table. They share the 16-bit slot space only.
 #[derive(Debug)]
 pub(crate) struct CapTable {
     slab: Slab<Cap>,
+    /// Capabilities other than replies it may hold.
+    limit: u32,
+    /// Reply capabilities it holds.
+    replies: u32,
 }
 
 impl CapTable {
-    /// A table of at most `limit` capabilities.
+    /// A table of at most `limit` capabilities besides replies.
     pub(crate) fn new(limit: u32) -> Self {
         Self {
-            slab: Slab::with_limit_and_mask(limit, 0xFFFF),
+            slab: Slab::with_limit_and_mask(0xFFFF, 0xFFFF),
+            limit,
+            replies: 0,
         }
     }
 
     /// Stores `cap`; its handle, or `None` when the table is full.
     pub(crate) fn insert(&mut self, cap: Cap) -> Option<u32> {
-        self.slab.insert(cap).map(handle_of)
+        let reply = cap.reply_to.is_some();
+        if !reply && !self.has_room(1) {
+            return None;
+        }
+        let handle = self.slab.insert(cap).map(handle_of)?;
+        self.replies += u32::from(reply);
+        Some(handle)
+    }
+
+    /// Whether `n` more capabilities other than replies fit.
+    pub(crate) fn has_room(&self, n: usize) -> bool {
+        self.ordinary() + n <= self.limit as usize
+    }
+
+    /// How many reply capabilities it holds.
+    pub(crate) fn replies(&self) -> u32 {
+        self.replies
+    }
+
+    /// Whether a slot is free, for a reply capability.
+    pub(crate) fn has_slot(&self) -> bool {
+        self.slab.has_room()
+    }
+
+    /// Capabilities other than replies.
+    fn ordinary(&self) -> usize {
+        self.slab.len() - self.replies as usize
     }
 
     pub(crate) fn get(&self, handle: u32) -> Option<&Cap> {
@@ -178,11 +214,13 @@ impl CapTable {
     /// held (see [`CapTable::hold`]) until [`CapTable::release`].
     pub(crate) fn remove(&mut self, handle: u32) -> Option<Cap> {
         let in_flight = self.get(handle)?.in_flight;
-        if in_flight > 0 {
+        let cap = if in_flight > 0 {
             self.hold(handle)
         } else {
             self.slab.remove(key_of(handle))
-        }
+        }?;
+        self.replies -= u32::from(cap.reply_to.is_some());
+        Some(cap)
     }
 
     /// Takes a capability out but keeps its handle from being given to

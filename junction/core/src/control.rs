@@ -218,6 +218,7 @@ impl Core {
                 home: Address::new(junction, c.home),
                 ports: c.ports.len() as u32,
                 handles: c.caps.len() as u32,
+                replies: c.caps.replies(),
                 pending_calls: c.pending_calls,
                 identity: c.identity.as_ref().map(|(id, _)| {
                     let names: Vec<String> = id.names.iter().map(|n| n.to_string()).collect();

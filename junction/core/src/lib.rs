@@ -270,7 +270,12 @@ struct Conn {
     caps: CapTable,
     /// Its send credit, one lane per port it sends to.
     lanes: Lanes,
+    /// Calls counted as pending until their reply is consumed, or they fail
+    /// or are cancelled.
     pending_calls: u32,
+    /// Its calls whose reply capability is still out, by tag: where that
+    /// capability is, so that cancelling the call can kill it.
+    calls: HashMap<u64, CapRef>,
     serial: u64,
     /// What a proof of possession on this connection must sign.
     nonce: [u8; 32],
@@ -390,6 +395,30 @@ impl Core {
                     "c{} has {} pending calls, above the limit",
                     c.serial, c.pending_calls
                 ));
+            }
+            if c.calls.len() > c.pending_calls as usize {
+                return Err(format!(
+                    "c{} tracks {} unanswered calls but counts {} pending",
+                    c.serial,
+                    c.calls.len(),
+                    c.pending_calls
+                ));
+            }
+            for (&tag, at) in &c.calls {
+                let answers = self
+                    .conns
+                    .get(at.conn.key())
+                    .and_then(|callee| callee.caps.get_ref(*at))
+                    .is_some_and(|cap| {
+                        matches!(cap.reply_to, Some(ReplyRoute::Local { caller, tag: t })
+                            if caller.serial == c.serial && t == tag)
+                    });
+                if !answers {
+                    return Err(format!(
+                        "c{}'s call {tag} points to no reply capability for it",
+                        c.serial
+                    ));
+                }
             }
         }
         let mut recorded: HashMap<FlowId, (ConnId, u32)> = HashMap::new();
@@ -536,6 +565,7 @@ impl Core {
             caps: CapTable::new(self.config.max_handles),
             lanes: Lanes::default(),
             pending_calls: 0,
+            calls: HashMap::new(),
             serial: self.next_serial,
             nonce,
             identity: None,
@@ -628,6 +658,7 @@ impl Core {
             Header::Attenuate(a) => self.attenuate(conn, a),
             Header::Revoke { handle } => self.revoke(conn, handle),
             Header::WatchSenders { port } => self.watch_senders(conn, port),
+            Header::Cancel { tag } => self.cancel(conn, tag),
             Header::Ping { nonce } => self.frame(conn, Header::Pong { nonce }),
             Header::Pong { .. } => {}
             other => self.refuse(
@@ -962,14 +993,43 @@ impl Core {
         }
     }
 
-    /// The call `route` answers ends without a reply.
+    /// The call `route` answers ends without a reply, unless its caller
+    /// cancelled it already.
     fn call_failed(&mut self, route: ReplyRoute, reason: Reason) {
         let ReplyRoute::Local { caller, tag } = route;
         let Some(c) = self.conns.get_mut(caller.key()) else {
             return;
         };
+        if c.calls.remove(&tag).is_none() {
+            return;
+        }
         c.pending_calls = c.pending_calls.saturating_sub(1);
         self.frame(caller, Header::CallFailed { tag, reason });
+    }
+
+    /// `Cancel`: the caller gives up on call `tag`. It stops counting as
+    /// pending at once, and the callee's reply capability dies, so a caller
+    /// that times out is never pinned by a callee that holds its replies.
+    /// A call already answered (its reply on the way) or unknown is left
+    /// alone: the reply, when consumed, ends it.
+    fn cancel(&mut self, conn: ConnId, tag: u64) {
+        let Some(c) = self.conns.get_mut(conn.key()) else {
+            return;
+        };
+        let Some(reply) = c.calls.remove(&tag) else {
+            return;
+        };
+        c.pending_calls = c.pending_calls.saturating_sub(1);
+        self.cap_died(reply.conn, reply.handle, Reason::Cancelled, |cap| {
+            cap.flow == reply.flow
+        });
+        self.frame(
+            conn,
+            Header::CallFailed {
+                tag,
+                reason: Reason::Cancelled,
+            },
+        );
     }
 
     fn watch(&mut self, conn: ConnId, handle: u32) {
@@ -1181,5 +1241,6 @@ fn frame_name(header: &Header) -> &'static str {
         Header::Revoke { .. } => "Revoke",
         Header::WatchSenders { .. } => "WatchSenders",
         Header::NoSenders { .. } => "NoSenders",
+        Header::Cancel { .. } => "Cancel",
     }
 }

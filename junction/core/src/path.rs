@@ -202,6 +202,7 @@ impl Core {
             });
         };
         let pending_full = call.is_some() && c.pending_calls >= max_pending;
+        let tag_in_use = call.is_some_and(|tag| c.calls.contains_key(&tag));
         let Some(cap) = c.caps.get_mut(handle) else {
             let refusal = Refusal::UnknownHandle { handle };
             return Err(NotAdmitted::Refused {
@@ -225,6 +226,9 @@ impl Core {
         // notice ever names tag 0.
         if call == Some(0) {
             return Err(refused(Refusal::BadTag, metered));
+        }
+        if let (true, Some(tag)) = (tag_in_use, call) {
+            return Err(refused(Refusal::TagInUse { tag }, metered));
         }
         let expired = cap.expires_at.is_some_and(|at| now >= at);
         if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
@@ -365,17 +369,21 @@ impl Core {
                 let route = ReplyRoute::Local { caller: from, tag };
                 let reply_handle = caller_home
                     .and_then(|home| self.new_cap(owner, home, Rights::SEND_ONCE, Some(route)));
-                if reply_handle.is_some()
-                    && let Some(c) = self.conns.get_mut(from.key())
-                {
-                    c.pending_calls += 1;
+                if let Some(handle) = reply_handle {
+                    self.track_call(route, owner, handle, true);
                 }
                 reply_handle
             }
             None => None,
         };
         let (tag, is_reply) = match reply_to {
-            Some(ReplyRoute::Local { tag, .. }) => (tag, true),
+            Some(ReplyRoute::Local { caller, tag }) => {
+                // Answered: nothing left to cancel.
+                if let Some(c) = self.conns.get_mut(caller.key()) {
+                    c.calls.remove(&tag);
+                }
+                (tag, true)
+            }
             None => (0, false),
         };
         // Ask for a prompt report when the sender would soon stall: for a
@@ -478,10 +486,12 @@ impl Core {
         caps: &[u32],
         call: Option<u64>,
     ) -> Result<(), Refusal> {
+        // A call's reply capability needs no room under the receiver's
+        // handle limit, only a slot (see `CapTable`).
+        if call.is_some() && !self.conns.get(to.key()).is_some_and(|c| c.caps.has_slot()) {
+            return Err(Refusal::ReceiverFull);
+        }
         if caps.is_empty() {
-            if call.is_some() && !self.has_room(to, 1) {
-                return Err(Refusal::ReceiverFull);
-            }
             return Ok(());
         }
         let Some(c) = self.conns.get(from.key()) else {
@@ -499,17 +509,40 @@ impl Core {
                 return Err(Refusal::NotGrantable { handle, rights });
             }
         }
-        let extra = caps.len() + usize::from(call.is_some());
-        if !self.has_room(to, extra) {
+        if !self.has_room(to, caps.len()) {
             return Err(Refusal::ReceiverFull);
         }
         Ok(())
     }
 
+    /// A call's reply capability is now `handle` in `holder`'s table: a
+    /// `new` call counts as pending; a moved one's caller learns where it
+    /// went, unless it cancelled the call already.
+    fn track_call(&mut self, route: ReplyRoute, holder: ConnId, handle: u32, new: bool) {
+        let ReplyRoute::Local { caller, tag } = route;
+        let Some(flow) = self.cap(holder, handle).map(|cap| cap.flow) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(caller.key()) else {
+            return;
+        };
+        let at = CapRef {
+            conn: holder,
+            handle,
+            flow,
+        };
+        if new {
+            c.calls.insert(tag, at);
+            c.pending_calls += 1;
+        } else if let Some(entry) = c.calls.get_mut(&tag) {
+            *entry = at;
+        }
+    }
+
     pub(crate) fn has_room(&self, conn: ConnId, n: usize) -> bool {
         self.conns
             .get(conn.key())
-            .is_some_and(|c| c.caps.len() + n <= self.config.max_handles as usize)
+            .is_some_and(|c| c.caps.has_room(n))
     }
 
     /// Moves send-once and budgeted capabilities and copies the others from
@@ -528,7 +561,13 @@ impl Core {
             // never looks sender-less in between.
             let copy = cap.copy(flow);
             let port = copy.port();
+            let route = copy.reply_to;
             let inserted = self.insert_cap(to, copy);
+            if let (Some(route), Some(handle)) = (route, inserted) {
+                // A reply capability passed on still answers its call, and
+                // cancelling the call must find it where it went.
+                self.track_call(route, to, handle, false);
+            }
             if moves && let Some(original) = self.take_cap(from, h) {
                 self.sender_gone(original.port());
             }

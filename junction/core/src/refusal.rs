@@ -132,6 +132,14 @@ pub enum Refusal {
     /// A call's tag must not be 0.
     #[error("a call's tag must not be 0")]
     BadTag,
+    /// A call's tag names another call still waiting for its reply.
+    #[error(
+        "tag {tag} names a call of this connection still waiting for its reply; give each call a fresh tag"
+    )]
+    TagInUse {
+        /// The tag.
+        tag: u64,
+    },
     /// A reply capability answers a call with `Send`; it cannot make one.
     #[error(
         "handle {handle} is a reply capability: answer the call with Send, not Call; the call it answers has failed"
@@ -231,7 +239,7 @@ impl Refusal {
             Self::TooManyAttachments { .. } | Self::RepeatedAttachment { .. } => {
                 ErrorCode::BadCapabilityList
             }
-            Self::BadTag => ErrorCode::BadTag,
+            Self::BadTag | Self::TagInUse { .. } => ErrorCode::BadTag,
             Self::ControlSend | Self::BadControlRequest { .. } => ErrorCode::BadControlRequest,
             Self::CannotWiden { .. } => ErrorCode::CannotWiden,
             Self::NotRevocable { .. } => ErrorCode::NotRevocable,

@@ -25,6 +25,8 @@ pub(crate) struct Slab<T> {
     len: usize,
     limit: u32,
     generation_mask: u32,
+    /// Slots it may have, held ones included: indices must fit their keys.
+    max_slots: usize,
 }
 
 impl<T> Slab<T> {
@@ -36,16 +38,24 @@ impl<T> Slab<T> {
             len: 0,
             limit,
             generation_mask: u32::MAX,
+            max_slots: u32::MAX as usize,
         }
     }
 
-    /// A slab whose generations wrap within `mask` (for keys packed into
-    /// fewer bits).
+    /// A slab whose generations wrap within `mask`, and whose indices stay
+    /// within it too (for keys packed into fewer bits).
     pub(crate) fn with_limit_and_mask(limit: u32, mask: u32) -> Self {
         Self {
             generation_mask: mask,
+            max_slots: mask as usize + 1,
             ..Self::with_limit(limit)
         }
+    }
+
+    /// Whether [`Slab::insert`] would find room.
+    pub(crate) fn has_room(&self) -> bool {
+        (self.len as u64) < u64::from(self.limit)
+            && (!self.free.is_empty() || self.slots.len() < self.max_slots)
     }
 
     /// Stores `value`; `None` when the slab is full.
@@ -56,6 +66,9 @@ impl<T> Slab<T> {
         let index = match self.free.pop_front() {
             Some(index) => index,
             None => {
+                if self.slots.len() >= self.max_slots {
+                    return None;
+                }
                 self.slots.push(Slot {
                     generation: 0,
                     value: None,

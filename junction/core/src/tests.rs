@@ -40,13 +40,18 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Self::with(Config {
+        Self::with(Self::config())
+    }
+
+    /// The tests' usual configuration: a small window.
+    fn config() -> Config {
+        Config {
             window: 4,
             // Small enough that the window need not grow to fit a frame.
             max_frame: 16 * 1024,
             dev_namespace: vec!["*".parse().unwrap()],
             ..Config::default()
-        })
+        }
     }
 
     fn with(config: Config) -> Self {
@@ -1950,5 +1955,103 @@ fn handles_to_one_port_share_one_window() {
         }]
     );
     assert_eq!(h.core.footprint().lanes, 0, "an idle lane is forgotten");
+    h.check_invariants();
+}
+
+/// Issue 7, item 6: a caller that gives up on a call (a driver's timeout)
+/// cancels it: it stops counting as pending at once, the callee's reply
+/// capability dies, and a late reply goes nowhere.
+#[test]
+fn a_cancelled_call_frees_its_caller_and_kills_the_reply_capability() {
+    let mut h = Harness::with(Config {
+        max_pending_calls: 2,
+        ..Harness::config()
+    });
+    let (client, _) = h.connect();
+    let (service, _) = h.connect();
+    let port = h.open_port(service);
+    let cap = h
+        .core
+        .new_cap(client, port_key(port, 0), Rights::SEND, None)
+        .unwrap();
+    h.call(client, cap, 1, b"q1");
+    h.call(client, cap, 2, b"q2");
+    let held: Vec<u32> = h
+        .delivered(service)
+        .iter()
+        .map(|d| d.reply.unwrap())
+        .collect();
+    h.call(client, cap, 3, b"q3");
+    assert_eq!(
+        error_code(&h.take(client)),
+        Some(ErrorCode::TooManyPendingCalls)
+    );
+    h.feed(client, Header::Cancel { tag: 1 });
+    assert_eq!(
+        h.take(client),
+        vec![Header::CallFailed {
+            tag: 1,
+            reason: Reason::Cancelled
+        }]
+    );
+    h.check_invariants();
+    h.call(client, cap, 4, b"q4");
+    assert_eq!(h.delivered(service).len(), 1, "room for a new call");
+    // The late reply goes nowhere, and the service hears why.
+    h.send(service, held[0], vec![], b"late");
+    assert!(matches!(
+        h.take(service).as_slice(),
+        [Header::Undeliverable {
+            reason: Reason::Cancelled,
+            ..
+        }]
+    ));
+    assert!(h.take(client).is_empty());
+    // Cancelling an answered or unknown call does nothing.
+    h.send(service, held[1], vec![], b"answer");
+    assert_eq!(h.delivered(client).len(), 1);
+    h.feed(client, Header::Cancel { tag: 2 });
+    h.feed(client, Header::Cancel { tag: 77 });
+    assert!(h.take(client).is_empty());
+    h.check_invariants();
+}
+
+/// Issue 7, item 6: reply capabilities do not fill the callee's handle
+/// table, so callers whose replies a service holds cannot make it refuse
+/// everyone else.
+#[test]
+fn held_replies_do_not_fill_the_callee_table() {
+    let mut h = Harness::with(Config {
+        max_handles: 8,
+        max_pending_calls: 64,
+        window: 64,
+        ..Harness::config()
+    });
+    let (service, _) = h.connect();
+    let port = h.open_port(service);
+    let mut callers = Vec::new();
+    for _ in 0..3 {
+        let (c, _) = h.connect();
+        let cap = h
+            .core
+            .new_cap(c, port_key(port, 0), Rights::SEND, None)
+            .unwrap();
+        callers.push((c, cap));
+    }
+    let (attacker, cap) = callers[0];
+    for tag in 1..=40 {
+        h.call(attacker, cap, tag, b"hold this");
+    }
+    assert_eq!(h.delivered(service).len(), 40, "more replies than handles");
+    h.check_invariants();
+    // Others still get through, and the service can still mint.
+    for &(c, cap) in &callers[1..] {
+        h.call(c, cap, 1, b"me too");
+        assert_eq!(h.delivered(service).len(), 1);
+    }
+    h.mint(service, port, Rights::SEND);
+    // A tag still pending is refused as such.
+    h.call(attacker, cap, 5, b"again");
+    assert_eq!(error_code(&h.take(attacker)), Some(ErrorCode::BadTag));
     h.check_invariants();
 }

@@ -1187,8 +1187,20 @@ impl Shadow<'_> {
             }
         }
         for c in &listing.connections {
+            let replies = self
+                .caps
+                .iter()
+                .filter(|&(&(conn, _), cap)| conn == c.id && cap.reply_to.is_some())
+                .count();
+            if c.replies as usize != replies {
+                self.fail(format!(
+                    "the listing counts {} reply capabilities for c{}, the shadow {replies}",
+                    c.replies, c.id
+                ));
+            }
+            // Replies do not count against the handle limit.
             if c.pending_calls > self.config.max_pending_calls
-                || c.handles > self.config.max_handles
+                || c.handles.saturating_sub(c.replies) > self.config.max_handles
                 || c.ports > self.config.max_ports
             {
                 self.fail(format!("connection {} is above its limits: {c:?}", c.id));
