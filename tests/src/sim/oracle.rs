@@ -275,6 +275,9 @@ struct Shadow<'a> {
     dead_told: HashMap<CapKey, (u32, u32)>,
     input: Input,
     reply_misused: Option<ReplyMisused>,
+    /// A call cancelled this step while its reply capability was out:
+    /// caller, tag, and whether `CallFailed{Cancelled}` ended it.
+    cancelled: Option<(u64, u64, bool)>,
     step: u64,
     unix: u64,
     errors: Vec<String>,
@@ -332,6 +335,7 @@ fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
         dead_told: HashMap::new(),
         input: Input::None,
         reply_misused: None,
+        cancelled: None,
         step: u64::MAX,
         unix: 0,
         errors: Vec::new(),
@@ -400,6 +404,11 @@ impl Shadow<'_> {
             }
         }
         self.input = Input::None;
+        if let Some((caller, tag, false)) = self.cancelled.take() {
+            self.fail(format!(
+                "c{caller} cancelled call {tag} before its reply, and it did not fail with Cancelled"
+            ));
+        }
         if let Some(m) = self.reply_misused.take() {
             self.summary.misused_replies += 1;
             if !m.refused {
@@ -612,6 +621,18 @@ impl Shadow<'_> {
                     }
                 }
             }
+            Header::Cancel { tag } => {
+                // A call whose reply is not yet sent ends now; its reply
+                // capability is dead on its own, wherever it went.
+                if let Some(cap) = self
+                    .caps
+                    .values_mut()
+                    .find(|c| c.reply_to == Some((conn, *tag)) && !c.dead_on_own)
+                {
+                    cap.dead_on_own = true;
+                    self.cancelled = Some((conn, *tag, false));
+                }
+            }
             Header::Send(send) => self.message(conn, send.handle, send.caps.clone(), None, frame),
             Header::Call(call) => {
                 self.message(conn, call.handle, call.caps.clone(), Some(call.tag), frame)
@@ -754,6 +775,13 @@ impl Shadow<'_> {
                 ));
             }
             Header::CallFailed { tag, reason } => {
+                if let Some((caller, cancelled, told)) = &mut self.cancelled
+                    && *caller == conn
+                    && *cancelled == *tag
+                    && *reason == Reason::Cancelled
+                {
+                    *told = true;
+                }
                 if let Some(m) = &mut self.reply_misused
                     && m.caller == Some((conn, *tag))
                     && *reason == Reason::ReplyDropped

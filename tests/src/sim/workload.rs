@@ -114,6 +114,9 @@ pub enum CallEnd {
     Refused,
     /// The connection ended first.
     Closed,
+    /// The application gave up waiting (a timeout): the driver cancelled
+    /// it, and the call ends without another event.
+    Abandoned,
 }
 
 /// Everything an application recorded, for the oracle.
@@ -279,6 +282,12 @@ pub enum Op {
         /// Which owed call.
         owed: usize,
     },
+    /// Give up waiting for one of its calls, as a timeout does: the driver
+    /// cancels it.
+    Abandon {
+        /// Which waiting call.
+        call: usize,
+    },
 }
 
 impl Op {
@@ -338,8 +347,11 @@ impl Op {
             94 => Op::WatchSenders {
                 port: rng.index(16),
             },
-            95..=97 => Op::ClosePort {
+            95..=96 => Op::ClosePort {
                 port: rng.index(16),
+            },
+            97 => Op::Abandon {
+                call: rng.index(16),
             },
             _ => Op::List,
         }
@@ -369,6 +381,8 @@ pub struct Client {
     requests: BTreeMap<u32, Pending>,
     /// Control calls in flight and what they were.
     control_calls: BTreeMap<u64, ControlKind>,
+    /// Its calls to ports still waiting for their end, by tag.
+    waiting: Vec<u64>,
     next_msg: u64,
     closed: bool,
     /// Frames written behind the driver's back.
@@ -411,6 +425,7 @@ impl Client {
             owed: Vec::new(),
             requests: BTreeMap::new(),
             control_calls: BTreeMap::new(),
+            waiting: Vec::new(),
             next_msg: 0,
             closed: false,
             raw: VecDeque::new(),
@@ -597,6 +612,14 @@ impl Client {
                 }
                 Ok(())
             }
+            Op::Abandon { call } => {
+                if !self.waiting.is_empty() {
+                    let tag = self.waiting[call % self.waiting.len()];
+                    self.machine.abandon_call(tag);
+                    self.call_ended(tag, CallEnd::Abandoned);
+                }
+                Ok(())
+            }
             Op::List => {
                 let payload = postcard::to_allocvec(&ControlRequest::List)
                     .map(Bytes::from)
@@ -667,6 +690,7 @@ impl Client {
         let seq = self.machine.capability(h.handle).map_or(0, |c| c.next_seq);
         let kind = if call {
             let tag = self.machine.call(h.handle, &attach, payload)?;
+            self.waiting.push(tag);
             MsgKind::Call { tag }
         } else {
             let s = self.machine.send(h.handle, &attach, payload)?;
@@ -781,6 +805,7 @@ impl Client {
         if self.control_calls.remove(&tag).is_some() {
             return;
         }
+        self.waiting.retain(|&t| t != tag);
         self.records.call_ends.entry(tag).or_default().push(end);
     }
 
@@ -816,12 +841,7 @@ impl Client {
                     }
                     match self.control_calls.remove(&tag) {
                         Some(kind) => self.control_replied(kind, &payload, elapsed),
-                        None => self
-                            .records
-                            .call_ends
-                            .entry(tag)
-                            .or_default()
-                            .push(CallEnd::Replied(MsgId::parse(&payload))),
+                        None => self.call_ended(tag, CallEnd::Replied(MsgId::parse(&payload))),
                     }
                 }
                 Event::CallFailed { tag, reason } => self.call_ended(tag, CallEnd::Failed(reason)),
@@ -1376,7 +1396,11 @@ fn raw_frame(rng: &mut Rng, home: u16) -> Frame {
         12 => Header::Ping {
             nonce: rng.next_u64(),
         },
-        _ => match rng.below(4) {
+        _ => match rng.below(5) {
+            // Behind its driver's back: its own calls, or none.
+            3 => Header::Cancel {
+                tag: 1 + rng.below(16),
+            },
             0 => Header::SendCredit {
                 port: junction_road::Address::new(1, port(rng)),
                 count: 1,
