@@ -75,6 +75,16 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
         self.io
     }
 
+    /// The same reader over `f(link)`, keeping what is buffered: for
+    /// wrapping a link, e.g. to tie something to its life.
+    pub fn map_inner<S>(self, f: impl FnOnce(R) -> S) -> RoadReader<S> {
+        RoadReader {
+            io: f(self.io),
+            buf: self.buf,
+            max_frame: self.max_frame,
+        }
+    }
+
     /// Changes the largest accepted frame (after the handshake).
     pub fn set_max_frame(&mut self, max_frame: u32) {
         self.max_frame = max_frame;
