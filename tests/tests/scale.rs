@@ -263,3 +263,46 @@ fn one_byte_then_silence_is_dropped_at_the_hello_deadline() {
     assert_eq!(e.code, ErrorCode::HandshakeRequired);
     assert!(slow.recv().is_none(), "the connection is closed");
 }
+
+/// 1,000 connections each send 1,000 messages to one receiver: every one
+/// arrives, and each sender's arrive in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connections_send_a_thousand_messages_each_in_order() {
+    use junction_driver::{Driver, Rights};
+    const SENDERS: u32 = 1_000;
+    const EACH: u32 = 1_000;
+    junction_road::transport::unix::raise_fd_limit().expect("can read the fd limit");
+    let j = TestJunction::start(&[]);
+    let sink = Driver::connect(&j.socket).await.unwrap();
+    let mut port = sink.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    sink.register("t.sink", &cap).await.unwrap();
+
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        let socket = j.socket.clone();
+        senders.push(tokio::spawn(async move {
+            let d = Driver::connect(&socket).await?;
+            let sink = d.lookup("t.sink").await?;
+            for seq in 0..EACH {
+                let mut payload = i.to_be_bytes().to_vec();
+                payload.extend_from_slice(&seq.to_be_bytes());
+                d.send(&sink, payload).await?;
+            }
+            d.sync().await?;
+            Ok::<_, junction_driver::Error>(d)
+        }));
+    }
+    let mut next = vec![0u32; SENDERS as usize];
+    for _ in 0..SENDERS * EACH {
+        let m = port.recv().await.unwrap();
+        let sender = u32::from_be_bytes(m.payload[..4].try_into().unwrap()) as usize;
+        let seq = u32::from_be_bytes(m.payload[4..8].try_into().unwrap());
+        assert_eq!(seq, next[sender], "sender {sender}'s messages out of order");
+        next[sender] += 1;
+    }
+    assert!(next.iter().all(|&n| n == EACH));
+    for s in senders {
+        s.await.unwrap().unwrap();
+    }
+}
