@@ -121,6 +121,11 @@ impl Driver {
 
     /// Connects to the Junction listening at `path`, giving up after
     /// [`CONNECT_TIMEOUT`].
+    ///
+    /// A connection holds one file descriptor. The library leaves the
+    /// process's descriptor limit alone; a program that opens more than
+    /// about a thousand connections should raise it first, with
+    /// `junction_road::transport::unix::raise_fd_limit()`.
     pub async fn connect(path: &Path) -> Result<Driver, Error> {
         Self::connect_within(path, CONNECT_TIMEOUT).await
     }

@@ -239,6 +239,9 @@ mod tests {
         let e = FileConfig::parse("max_connections_per_uid = 0").unwrap_err();
         assert!(e.to_string().contains("nobody"), "{e}");
         let c = FileConfig::parse("max_connections = 10\nmax_connections_per_uid = 4").unwrap();
-        assert_eq!((c.max_connections, c.max_connections_per_uid), (Some(10), Some(4)));
+        assert_eq!(
+            (c.max_connections, c.max_connections_per_uid),
+            (Some(10), Some(4))
+        );
     }
 }

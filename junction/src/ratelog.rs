@@ -96,7 +96,8 @@ mod tests {
     async fn a_burst_is_counted_then_the_warning_rearms() {
         tokio::task::LocalSet::new()
             .run_until(async {
-                let w = RateLimitedWarn::every(Duration::from_millis(20), "turned away a connection");
+                let w =
+                    RateLimitedWarn::every(Duration::from_millis(20), "turned away a connection");
                 assert_eq!(w.unlogged(), None);
                 for i in 0..5_907 {
                     w.warn(i);
@@ -105,7 +106,11 @@ mod tests {
                 // The count is logged, then a quiet interval rearms it.
                 eventually(|| w.unlogged().is_none()).await;
                 w.warn("again");
-                assert_eq!(w.unlogged(), Some(0), "after a quiet interval, logged at once");
+                assert_eq!(
+                    w.unlogged(),
+                    Some(0),
+                    "after a quiet interval, logged at once"
+                );
             })
             .await;
     }

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 
 use crate::admit::{self, UidCounts};
 use crate::children::{self, Child};
-use crate::ratelog::RateLimitedWarn;
 use crate::core::{self, ConnId, Core, Now, Output, Peer};
+use crate::ratelog::RateLimitedWarn;
 
 /// How the junction daemon is set up.
 #[derive(Debug, Clone)]
@@ -110,12 +110,8 @@ impl Refusals {
         Self {
             full: RateLimitedWarn::new("turned away a connection: connection limit"),
             per_uid: RateLimitedWarn::new("turned away a connection: per-user connection limit"),
-            allow_uids: RateLimitedWarn::new(
-                "turned away a connection: user not in allow_uids",
-            ),
-            descriptors: RateLimitedWarn::new(
-                "turned away a connection: out of file descriptors",
-            ),
+            allow_uids: RateLimitedWarn::new("turned away a connection: user not in allow_uids"),
+            descriptors: RateLimitedWarn::new("turned away a connection: out of file descriptors"),
             setup: RateLimitedWarn::new("could not set up an accepted connection"),
             bad_frame: RateLimitedWarn::new("bad frame"),
         }
