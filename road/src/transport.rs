@@ -497,19 +497,17 @@ pub mod unix {
     /// A second descriptor on `stream`, for the writability wait.
     fn spare(stream: &StdStream) -> io::Result<StdStream> {
         #[cfg(test)]
-        if test_hooks::NO_SPARE.get() {
+        if NO_SPARE.get() {
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
         stream.try_clone()
     }
 
-    /// Lets a test act out a process with no descriptor to spare.
     #[cfg(test)]
-    pub(crate) mod test_hooks {
-        thread_local! {
-            /// When set, borrowing a second descriptor fails with EMFILE.
-            pub(crate) static NO_SPARE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        }
+    thread_local! {
+        /// Lets a test act out a process with no descriptor to spare: when
+        /// set, borrowing a second descriptor fails with EMFILE.
+        pub(crate) static NO_SPARE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     impl AsyncWrite for WriteHalf {
@@ -846,11 +844,11 @@ mod descriptor_tests {
 
     #[tokio::test]
     async fn a_writer_with_no_descriptor_to_spare_still_delivers() {
-        unix::test_hooks::NO_SPARE.set(true);
+        unix::NO_SPARE.set(true);
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         let (_ra, mut wa) = unix::split(a, 1 << 22).unwrap();
         let (mut rb, _wb) = unix::split(b, 1 << 22).unwrap();
         write_until_full_then_drain(&mut wa, &mut rb).await;
-        unix::test_hooks::NO_SPARE.set(false);
+        unix::NO_SPARE.set(false);
     }
 }
