@@ -149,6 +149,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if window == 0 {
         bail!("--window 0 would let nobody send; use at least 1");
     }
+    if args.hello_timeout_ms == Some(0) {
+        bail!("--hello-timeout-ms 0 would close every connection before its Hello; use at least 1");
+    }
     let mut spawn = file.spawn.clone();
     spawn.extend(args.spawn);
     let authority = args.authority.or(file.authority.clone());

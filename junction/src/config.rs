@@ -132,6 +132,11 @@ impl FileConfig {
             )));
         }
         check_connection_limits(config.max_connections, config.max_connections_per_uid)?;
+        if config.hello_timeout_ms == Some(0) {
+            return Err(ConfigError::Invalid(
+                "hello_timeout_ms = 0 would close every connection before its Hello; use at least 1".into(),
+            ));
+        }
         if config.window == Some(0) {
             return Err(ConfigError::Invalid(
                 "window = 0 would let nobody send; use at least 1".into(),

@@ -205,7 +205,7 @@ fn at_the_descriptor_limit_clients_are_told_and_nobody_is_cut_off() {
     let log = j.log();
     let lines = log
         .lines()
-        .filter(|l| l.contains("out of file descriptors"))
+        .filter(|l| l.contains("turned away a connection: out of file descriptors"))
         .count();
     assert!(
         lines < refused.len().max(2),
