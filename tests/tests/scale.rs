@@ -337,3 +337,66 @@ async fn a_thousand_connections_send_a_thousand_messages_each_in_order() {
         s.await.unwrap().unwrap();
     }
 }
+
+/// Another user fills every slot it may; the junction's own user (root
+/// here) can still run `junction ls`, on the slot kept for it.
+#[test]
+fn the_junctions_own_user_can_list_a_junction_others_filled() {
+    use std::io::BufRead;
+    if junction::admit::own_uid() != Some(0) {
+        eprintln!("skipped: acting as another user needs root (setpriv)");
+        return;
+    }
+    let j = TestJunction::start(&["--max-connections", "4", "--max-connections-per-uid", "10"]);
+    // Another uid, keeping only the capability to open root's 0600 socket.
+    let as_other = |shell_command: &str| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "12345",
+            "--regid",
+            "12345",
+            "--clear-groups",
+            "--inh-caps",
+            "+dac_override",
+            "--ambient-caps",
+            "+dac_override",
+            "sh",
+            "-c",
+            shell_command,
+        ])
+        .env("JUNCTION_SOCKET", &j.socket)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+        c
+    };
+    let bin = junction_tests::junction_bin();
+    let mut others = Vec::new();
+    for i in 0..3 {
+        let mut p = junction_tests::Proc::spawn(&mut as_other(&format!(
+            "exec {} listen t.other{i} 2>&1",
+            bin.display()
+        )));
+        let mut line = String::new();
+        std::io::BufReader::new(p.stdout().expect("piped"))
+            .read_line(&mut line)
+            .expect("the listener says it listens");
+        assert!(line.contains("listening as"), "{line}");
+        others.push(p);
+    }
+    let out = as_other(&format!("exec {} ls 2>&1", bin.display()))
+        .output()
+        .expect("setpriv runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "another user took the reserved slot");
+    assert!(text.contains("as many connections as it may (3)"), "{text}");
+    let out = ls(&j);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("t.other2"), "{text}");
+}
