@@ -478,12 +478,20 @@ pub mod unix {
                 self.waiter = spare(&self.stream)
                     .and_then(|s| crate::sys::register(s, Interest::WRITABLE))
                     .ok();
+                #[cfg(test)]
+                if self.waiter.is_some() {
+                    BORROWS.set(BORROWS.get() + 1);
+                }
             }
             if let Some(waiter) = &self.waiter {
                 self.retry = None;
                 let mut guard = ready!(waiter.poll_write_ready(cx))?;
                 guard.clear_ready();
                 return Poll::Ready(Ok(()));
+            }
+            #[cfg(test)]
+            if self.retry.is_none() {
+                TIMER_WAITS.set(TIMER_WAITS.get() + 1);
             }
             let retry = self
                 .retry
@@ -508,6 +516,10 @@ pub mod unix {
         /// Lets a test act out a process with no descriptor to spare: when
         /// set, borrowing a second descriptor fails with EMFILE.
         pub(crate) static NO_SPARE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// How often a writer borrowed a second descriptor to wait on.
+        pub(crate) static BORROWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        /// How often a writer waited on the timer instead.
+        pub(crate) static TIMER_WAITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
 
     impl AsyncWrite for WriteHalf {
@@ -836,6 +848,7 @@ mod descriptor_tests {
         let (_ra, mut wa) = unix::split(a, 1 << 22).unwrap();
         let (mut rb, _wb) = unix::split(b, 1 << 22).unwrap();
         write_until_full_then_drain(&mut wa, &mut rb).await;
+        assert!(unix::BORROWS.get() > 0, "the writer had to wait");
         assert!(
             !wa.into_inner().is_waiting(),
             "the borrowed descriptor is closed once the batch is written"
@@ -850,5 +863,10 @@ mod descriptor_tests {
         let (mut rb, _wb) = unix::split(b, 1 << 22).unwrap();
         write_until_full_then_drain(&mut wa, &mut rb).await;
         unix::NO_SPARE.set(false);
+        assert!(
+            unix::TIMER_WAITS.get() > 0,
+            "the writer had to wait, and waited on the timer"
+        );
+        assert!(!wa.into_inner().is_waiting());
     }
 }
