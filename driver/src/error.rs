@@ -17,6 +17,15 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The Junction did not accept the connection, or did not answer the
+    /// handshake, in time.
+    #[error("the junction at {} did not answer within {waited:?}; it may be stopped, wedged or overloaded (check that `junction serve` is running and responsive)", path.display())]
+    NoAnswer {
+        /// The socket path tried.
+        path: PathBuf,
+        /// How long the driver waited.
+        waited: Duration,
+    },
     /// stdin/stdout could not be used as a Road.
     #[error("could not attach over stdin/stdout: {0}")]
     Stdio(std::io::Error),

@@ -94,6 +94,10 @@ pub fn socket_path() -> PathBuf {
     }
 }
 
+/// How long [`Driver::connect`] waits for the junction to accept and answer
+/// the handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One connection to a Junction. Clones share the connection.
 #[derive(Clone, Debug)]
 pub struct Driver {
@@ -115,17 +119,40 @@ impl Driver {
         Self::connect(&path).await
     }
 
-    /// Connects to the Junction listening at `path`.
+    /// Connects to the Junction listening at `path`, giving up after
+    /// [`CONNECT_TIMEOUT`].
+    ///
+    /// A connection holds one file descriptor. The library leaves the
+    /// process's descriptor limit alone; a program that opens more than
+    /// about a thousand connections should raise it first, with
+    /// `junction_road::transport::unix::raise_fd_limit()`.
     pub async fn connect(path: &Path) -> Result<Driver, Error> {
-        let label = program_label();
-        let (reader, writer) =
-            junction_road::transport::unix::connect(path, junction_road::DEFAULT_MAX_FRAME)
-                .await
-                .map_err(|source| Error::Connect {
+        Self::connect_within(path, CONNECT_TIMEOUT).await
+    }
+
+    /// Connects to the Junction listening at `path`; fails with
+    /// [`Error::NoAnswer`] when the connection and the handshake are not
+    /// through within `timeout` (a junction that is stopped, or wedged,
+    /// must not hang its clients).
+    pub async fn connect_within(path: &Path, timeout: Duration) -> Result<Driver, Error> {
+        let connect = async {
+            let (reader, writer) =
+                junction_road::transport::unix::connect(path, junction_road::DEFAULT_MAX_FRAME)
+                    .await
+                    .map_err(|source| Error::Connect {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+            Self::attach(reader, writer, program_label()).await
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::NoAnswer {
                     path: path.to_owned(),
-                    source,
-                })?;
-        Self::attach(reader, writer, label).await
+                    waited: timeout,
+                })
+            })
     }
 
     /// Attaches over this process's stdin and stdout, as a child the
@@ -413,5 +440,27 @@ fn program_label() -> String {
     match args.next() {
         Some(sub) if !sub.starts_with('-') && sub.len() <= 32 => format!("{program} {sub}"),
         _ => program,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A junction that never answers (here: a socket nobody accepts on, so
+    /// the connection waits in the backlog) makes `connect` fail, not hang.
+    #[tokio::test]
+    async fn a_junction_that_never_answers_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("jd-silent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("silent.sock");
+        let _ = std::fs::remove_file(&path);
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = Driver::connect_within(&path, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(err, Error::NoAnswer { .. }), "{err:?}");
+        assert!(err.to_string().contains("did not answer"), "{err}");
     }
 }

@@ -96,6 +96,18 @@ pub(crate) struct ServeArgs {
     /// Bytes a connection may leave unread before it is cut off [default: 256 MiB].
     #[arg(long)]
     max_unread: Option<usize>,
+    /// Connections served at once; the last is kept for the junction's own
+    /// user and root [default: 16384].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections one user may hold at once; the junction's own user and
+    /// root may take one more [default: three quarters of --max-connections].
+    #[arg(long)]
+    max_connections_per_uid: Option<usize>,
+    /// Milliseconds a new connection has to deliver its whole Hello frame
+    /// [default: 10000].
+    #[arg(long)]
+    hello_timeout_ms: Option<u64>,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -137,6 +149,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if window == 0 {
         bail!("--window 0 would let nobody send; use at least 1");
     }
+    if args.hello_timeout_ms == Some(0) {
+        bail!("--hello-timeout-ms 0 would close every connection before its Hello; use at least 1");
+    }
     let mut spawn = file.spawn.clone();
     spawn.extend(args.spawn);
     let authority = args.authority.or(file.authority.clone());
@@ -163,6 +178,14 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut allow_uids = file.allow_uids.clone();
     allow_uids.extend(args.allow_uid);
+    let max_connections = args.max_connections.or(file.max_connections);
+    let max_connections_per_uid = args
+        .max_connections_per_uid
+        .or(file.max_connections_per_uid);
+    junction::config::check_connection_limits(max_connections, max_connections_per_uid)?;
+    let max_connections = max_connections.unwrap_or(junction::admit::DEFAULT_MAX_CONNECTIONS);
+    let max_connections_per_uid = max_connections_per_uid
+        .unwrap_or_else(|| junction::admit::default_per_uid(max_connections));
     let config = ServeConfig {
         socket,
         core: core::Config {
@@ -175,14 +198,16 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             trust,
             revocations,
             dev_namespace,
-            hello_timeout: file
+            hello_timeout: args
                 .hello_timeout_ms
+                .or(file.hello_timeout_ms)
                 .map_or(defaults.hello_timeout, Duration::from_millis),
         },
         spawn,
         revocations_path,
         allow_uids,
-        max_connections: file.max_connections.unwrap_or(4096),
+        max_connections,
+        max_connections_per_uid,
         max_unread: args.max_unread.or(file.max_unread).unwrap_or(256 << 20),
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
     };

@@ -11,6 +11,8 @@
 //! max_pending_calls = 1024
 //! grace_ms = 3000
 //! hello_timeout_ms = 10000
+//! max_connections = 16384
+//! max_connections_per_uid = 12288
 //! spawn = ["/usr/bin/my-service --flag"]
 //! authority = "/etc/junction/authority.cert"
 //! revocations = "/etc/junction/revoked.crl"
@@ -45,8 +47,13 @@ pub struct FileConfig {
     /// Milliseconds a new connection has to deliver its whole Hello frame
     /// (default 10 000).
     pub hello_timeout_ms: Option<u64>,
-    /// Connections served at once (default 4096); more are turned away.
+    /// Connections served at once (default 16 384); more are turned away.
+    /// The last one is kept for the junction's own user and root.
     pub max_connections: Option<usize>,
+    /// Connections one user may hold at once (default three quarters of
+    /// `max_connections`); the junction's own user and root may take one
+    /// more.
+    pub max_connections_per_uid: Option<usize>,
     /// Bytes a connection may leave unread before it is cut off (default 256 MiB).
     pub max_unread: Option<usize>,
     /// Commands to spawn with stdio Roads.
@@ -124,6 +131,12 @@ impl FileConfig {
                 junction_road::MIN_MAX_FRAME
             )));
         }
+        check_connection_limits(config.max_connections, config.max_connections_per_uid)?;
+        if config.hello_timeout_ms == Some(0) {
+            return Err(ConfigError::Invalid(
+                "hello_timeout_ms = 0 would close every connection before its Hello; use at least 1".into(),
+            ));
+        }
         if config.window == Some(0) {
             return Err(ConfigError::Invalid(
                 "window = 0 would let nobody send; use at least 1".into(),
@@ -177,6 +190,29 @@ pub fn parse_patterns(
         .collect()
 }
 
+/// Checks the connection limits that are given: the junction's own user
+/// needs a slot beyond what others may take, and every user at least one.
+pub fn check_connection_limits(
+    max_connections: Option<usize>,
+    per_uid: Option<usize>,
+) -> Result<(), ConfigError> {
+    if let Some(max) = max_connections
+        && max <= crate::admit::RESERVED_SLOTS
+    {
+        return Err(ConfigError::Invalid(format!(
+            "max_connections = {max} leaves no slot beside the {} kept for the junction's own user; use at least {}",
+            crate::admit::RESERVED_SLOTS,
+            crate::admit::RESERVED_SLOTS + 1
+        )));
+    }
+    if per_uid == Some(0) {
+        return Err(ConfigError::Invalid(
+            "max_connections_per_uid = 0 would let nobody connect; use at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that `id` may name a junction: 0 means "this junction" and
 /// 0xFFFF is reserved.
 pub fn check_junction_id(id: u16) -> Result<u16, ConfigError> {
@@ -203,5 +239,14 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = FileConfig::parse("max_frame = 10").unwrap_err();
         assert!(e.to_string().contains("minimum"), "{e}");
+        let e = FileConfig::parse("max_connections = 1").unwrap_err();
+        assert!(e.to_string().contains("own user"), "{e}");
+        let e = FileConfig::parse("max_connections_per_uid = 0").unwrap_err();
+        assert!(e.to_string().contains("nobody"), "{e}");
+        let c = FileConfig::parse("max_connections = 10\nmax_connections_per_uid = 4").unwrap();
+        assert_eq!(
+            (c.max_connections, c.max_connections_per_uid),
+            (Some(10), Some(4))
+        );
     }
 }

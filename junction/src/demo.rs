@@ -81,6 +81,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         revocations_path: None,
         allow_uids: Vec::new(),
         max_connections: 64,
+        max_connections_per_uid: 64,
         max_unread: 64 << 20,
     };
     step(

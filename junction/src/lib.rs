@@ -6,12 +6,16 @@
 //!   children with stdio Roads, and moves frames between Roads and the core.
 //! - [`children`]: spawning and ending child processes.
 //! - [`config`]: the optional TOML configuration file.
+//! - [`admit`]: who may take a connection slot (global and per-user limits,
+//!   and the slot kept for the junction's own user).
 //! - [`authority`]: a bus authority made on the spot, for demos and tests.
 
+pub mod admit;
 pub mod authority;
 pub mod children;
 pub mod config;
 pub use junction_core as core;
+mod ratelog;
 pub mod shell;
 
 /// Seconds since the Unix epoch: the clock certificates and capability

@@ -106,6 +106,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.command);
+    // One descriptor per connection: the common soft limit (1,024) would cap
+    // the daemon, and the benchmark's thousands of drivers, far below what
+    // the hard limit allows. `serve` checks the result against its limits.
+    let _ = junction_road::transport::unix::raise_fd_limit();
     let result = match cli.command {
         Command::Serve(args) => cmd::serve(args),
         Command::Demo => demo::run(),

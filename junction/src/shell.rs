@@ -19,8 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
+use crate::admit::{self, UidCounts};
 use crate::children::{self, Child};
 use crate::core::{self, ConnId, Core, Now, Output, Peer};
+use crate::ratelog::RateLimitedWarn;
 
 /// How the junction daemon is set up.
 #[derive(Debug, Clone)]
@@ -37,8 +39,13 @@ pub struct ServeConfig {
     pub revocations_path: Option<PathBuf>,
     /// User ids that may connect over the socket; empty means any.
     pub allow_uids: Vec<u32>,
-    /// Connections the junction serves at once; more are turned away.
+    /// Connections the junction serves at once; more are turned away. The
+    /// last [`admit::RESERVED_SLOTS`] are kept for the junction's own user
+    /// and root.
     pub max_connections: usize,
+    /// Connections one user may hold at once (the junction's own user and
+    /// root may go over it by the reserved slots).
+    pub max_connections_per_uid: usize,
     /// Bytes a connection may leave unread before it is cut off (at least
     /// eight maximum frames).
     pub max_unread: usize,
@@ -71,7 +78,10 @@ pub enum ServeError {
 struct Shell {
     core: RefCell<Core>,
     allow_uids: Vec<u32>,
-    max_connections: usize,
+    limits: admit::Limits,
+    /// Connections held per user.
+    uids: UidCounts,
+    refusals: Refusals,
     /// Bytes a connection may leave unread before it is cut off.
     outbox_limit: usize,
     conns: RefCell<Vec<Option<ConnSlot>>>,
@@ -82,6 +92,30 @@ struct Shell {
     timer: tokio::sync::Notify,
     /// The deadline the main loop sleeps until.
     armed: Cell<Option<Instant>>,
+}
+
+/// The warnings a peer can trigger once per connection, each logged at most
+/// once a second with a count.
+struct Refusals {
+    full: RateLimitedWarn,
+    per_uid: RateLimitedWarn,
+    allow_uids: RateLimitedWarn,
+    descriptors: RateLimitedWarn,
+    setup: RateLimitedWarn,
+    bad_frame: RateLimitedWarn,
+}
+
+impl Refusals {
+    fn new() -> Self {
+        Self {
+            full: RateLimitedWarn::new("turned away a connection: connection limit"),
+            per_uid: RateLimitedWarn::new("turned away a connection: per-user connection limit"),
+            allow_uids: RateLimitedWarn::new("turned away a connection: user not in allow_uids"),
+            descriptors: RateLimitedWarn::new("turned away a connection: out of file descriptors"),
+            setup: RateLimitedWarn::new("could not set up an accepted connection"),
+            bad_frame: RateLimitedWarn::new("bad frame"),
+        }
+    }
 }
 
 struct ConnSlot {
@@ -178,13 +212,23 @@ pub async fn serve(
         max_frame: config.core.max_frame,
         core: RefCell::new(Core::new(config.core.clone(), now())),
         allow_uids: config.allow_uids.clone(),
-        max_connections: config.max_connections,
+        limits: admit::Limits {
+            max_connections: config.max_connections,
+            max_per_uid: config.max_connections_per_uid,
+            own_uid: admit::own_uid().unwrap_or(0),
+        },
+        uids: UidCounts::default(),
+        refusals: Refusals::new(),
         outbox_limit: config.max_unread.max(8 * config.core.max_frame as usize),
         conns: RefCell::new(Vec::new()),
         dirty: RefCell::new(Vec::new()),
         timer: tokio::sync::Notify::new(),
         armed: Cell::new(None),
     });
+    check_fd_limit(config.max_connections);
+    // Kept open to be given up when accept finds no descriptor left, so the
+    // waiting client can be accepted and told why (see `shed`).
+    let mut reserve = File::open("/dev/null").ok();
     let mut writers: Vec<JoinHandle<()>> = Vec::new();
     let mut kids: Vec<Child> = Vec::new();
     for command in &config.spawn {
@@ -234,8 +278,11 @@ pub async fn serve(
                     writers.retain(|w| !w.is_finished());
                     writers.extend(shell.accept(stream));
                 }
+                Err(e) if out_of_descriptors(&e) => {
+                    shell.shed(&listener, &mut reserve).await;
+                }
                 Err(e) => {
-                    // Out of file descriptors, most likely: wait, don't spin.
+                    // Whatever it is, wait rather than spin on it.
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -257,6 +304,65 @@ pub async fn serve(
     Ok(())
 }
 
+/// Whether accept failed for want of a file descriptor (the process's, or
+/// the system's).
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Raises the descriptor limit as far as allowed and says so when it is
+/// still too low for `max_connections` (one descriptor each, and some for
+/// the junction itself).
+fn check_fd_limit(max_connections: usize) {
+    match unix_road::raise_fd_limit() {
+        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
+            "this process may open {limit} file descriptors, fewer than max_connections \
+             ({max_connections}) needs: past about {} connections, clients are turned away \
+             as out of file descriptors; raise the hard limit (ulimit -Hn, LimitNOFILE=) or \
+             lower --max-connections",
+            limit.saturating_sub(64)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the file descriptor limit: {e}"),
+    }
+}
+
+/// Who a peer is, for logs.
+#[derive(Clone, Copy)]
+struct Who {
+    uid: Option<u32>,
+    pid: Option<i32>,
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.uid {
+            Some(uid) => write!(f, "uid {uid}")?,
+            None => write!(f, "unknown uid")?,
+        }
+        match self.pid {
+            Some(pid) => write!(f, ", pid {pid}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A connection's read side, holding its place in its user's count.
+struct Counted<R> {
+    inner: R,
+    _ticket: Option<admit::Ticket>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
 async fn futures_join(handles: Vec<JoinHandle<()>>) {
     for h in handles {
         let _ = h.await;
@@ -264,54 +370,91 @@ async fn futures_join(handles: Vec<JoinHandle<()>>) {
 }
 
 impl Shell {
+    /// Serves an accepted client, or tells it why not and hangs up.
     fn accept(self: &Rc<Self>, stream: UnixStream) -> Option<JoinHandle<()>> {
         let cred = stream.peer_cred().ok();
-        if self.core.borrow().connections() >= self.max_connections {
-            tracing::warn!(
-                pid = ?cred.and_then(|c| c.pid()),
-                "turned a connection away: {} connections is the limit",
-                self.max_connections
-            );
+        let uid = cred.map(|c| c.uid());
+        let pid = cred.and_then(|c| c.pid());
+        let who = Who { uid, pid };
+        if !self.allow_uids.is_empty() && !uid.is_some_and(|u| self.allow_uids.contains(&u)) {
+            self.refusals.allow_uids.warn(who);
             refuse_stream(
                 stream,
-                "this junction serves as many connections as it may; try again later".into(),
+                format!(
+                    "user {} may not use this junction (allow_uids)",
+                    uid.map_or("unknown".to_string(), |u| u.to_string())
+                ),
             );
             return None;
         }
-        if !self.allow_uids.is_empty() {
-            let uid = cred.map(|c| c.uid());
-            if !uid.is_some_and(|u| self.allow_uids.contains(&u)) {
-                let pid = cred.and_then(|c| c.pid());
-                tracing::warn!(
-                    ?uid,
-                    ?pid,
-                    "refused a connection from a user not in allow_uids"
-                );
-                refuse_stream(
-                    stream,
-                    format!(
-                        "user {} may not use this junction (allow_uids)",
-                        uid.map_or("unknown".to_string(), |u| u.to_string())
-                    ),
-                );
-                return None;
-            }
+        let total = self.core.borrow().connections();
+        let held = uid.map_or(0, |u| self.uids.held(u));
+        if let Err(refusal) = self.limits.admit(total, uid, held) {
+            let log = match refusal {
+                admit::Refusal::Full { .. } => &self.refusals.full,
+                admit::Refusal::PerUid { .. } => &self.refusals.per_uid,
+            };
+            log.warn(format_args!("{who}: {refusal}"));
+            refuse_stream(stream, refusal.to_string());
+            return None;
         }
         let peer = Peer {
             nonce: fresh_nonce(),
             road: "unix",
-            pid: cred
-                .and_then(|c| c.pid())
-                .and_then(|p| u32::try_from(p).ok()),
-            uid: cred.map(|c| c.uid()),
+            pid: pid.and_then(|p| u32::try_from(p).ok()),
+            uid,
             gid: cred.map(|c| c.gid()),
         };
         match unix_road::split(stream, self.max_frame) {
-            Ok((reader, writer)) => Some(self.attach(peer, reader, writer)),
+            Ok((reader, writer)) => {
+                // The user's count holds while the connection is read from:
+                // every way a connection ends, ends its reader.
+                let ticket = uid.map(|u| self.uids.ticket(u));
+                let reader = reader.map_inner(|inner| Counted {
+                    inner,
+                    _ticket: ticket,
+                });
+                Some(self.attach(peer, reader, writer))
+            }
             Err(e) => {
-                tracing::warn!("cannot set up an accepted connection: {e}");
+                self.refusals.setup.warn(format_args!("{who}: {e}"));
                 None
             }
+        }
+    }
+
+    /// Accept found no descriptor for the next client: gives up the reserve
+    /// descriptor for a moment to accept the client, tells it why, hangs
+    /// up, and takes the reserve again (the libev/nginx way). Without it the
+    /// client would wait unanswered, and the listener would wake in a loop.
+    async fn shed(&self, listener: &UnixListener, reserve: &mut Option<File>) {
+        drop(reserve.take());
+        let pending =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(listener.poll_accept(cx))).await;
+        let told = match pending {
+            std::task::Poll::Ready(Ok((stream, _))) => {
+                let cred = stream.peer_cred().ok();
+                let who = Who {
+                    uid: cred.map(|c| c.uid()),
+                    pid: cred.and_then(|c| c.pid()),
+                };
+                self.refusals.descriptors.warn(who);
+                refuse_stream(
+                    stream,
+                    "the junction is out of file descriptors; try again later, or ask its operator to raise its descriptor limit (ulimit -n) or lower --max-connections".into(),
+                );
+                true
+            }
+            _ => false,
+        };
+        *reserve = File::open("/dev/null").ok();
+        if !told {
+            // No descriptor even with the reserve given up (or none to give
+            // up): wait for connections to close, don't spin.
+            self.refusals
+                .descriptors
+                .warn("no descriptor to answer the client with");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -532,7 +675,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return;
             }
             Err(RoadError::Frame(e)) => {
-                tracing::warn!(%conn, "bad frame: {e}");
+                shell.refusals.bad_frame.warn(format_args!("{conn}: {e}"));
                 shell.core.borrow_mut().handle_frame_error(conn, &e);
                 shell.pump();
                 shell.flush();

@@ -41,9 +41,9 @@ pub struct Outbox {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Direct {
-    /// A Unix socket (written with `MSG_NOSIGNAL`, so a closed peer is an
-    /// error, not a signal).
-    Socket(std::os::unix::net::UnixStream),
+    /// A Unix socket, shared with the link's reader and writer (written with
+    /// `MSG_NOSIGNAL`, so a closed peer is an error, not a signal).
+    Socket(std::sync::Arc<std::os::unix::net::UnixStream>),
     /// A pipe.
     Pipe(std::fs::File),
 }
@@ -51,7 +51,7 @@ pub enum Direct {
 impl Direct {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Direct::Socket(s) => (&*s).write(buf),
+            Direct::Socket(s) => (&**s).write(buf),
             Direct::Pipe(f) => (&*f).write(buf),
         }
     }

@@ -1,6 +1,7 @@
-//! The one system call the Roads make themselves: reading into memory that
-//! is not initialised yet, which safe Rust cannot express without zeroing
-//! every read buffer first (a 64 KiB memset per read on the message path).
+//! The system calls the Roads make themselves: reading into memory that is
+//! not initialised yet, which safe Rust cannot express without zeroing every
+//! read buffer first (a 64 KiB memset per read on the message path), and
+//! raising the descriptor limit, which std does not offer.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -26,14 +27,40 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut ReadBuf<'_>) -> io::Result<usiz
     }
 }
 
-/// Registers an owned socket with the reactor for `interest`.
-pub(crate) fn register(
-    stream: std::os::unix::net::UnixStream,
+/// Registers an owned socket (or a shared one) with the reactor for
+/// `interest`.
+pub(crate) fn register<T: AsRawFd>(
+    stream: T,
     interest: tokio::io::Interest,
-) -> io::Result<tokio::io::unix::AsyncFd<std::os::unix::net::UnixStream>> {
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: the AsyncFd owns the stream, whose descriptor is open and stays
     // the same until the AsyncFd drops it.
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(stream, interest).map_err(Into::into)
     }
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit;
+/// returns the limit now in force.
+pub(crate) fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into memory we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the `rlimit` we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(limit.rlim_cur)
 }

@@ -75,6 +75,16 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
         self.io
     }
 
+    /// The same reader over `f(link)`, keeping what is buffered: for
+    /// wrapping a link, e.g. to tie something to its life.
+    pub fn map_inner<S>(self, f: impl FnOnce(R) -> S) -> RoadReader<S> {
+        RoadReader {
+            io: f(self.io),
+            buf: self.buf,
+            max_frame: self.max_frame,
+        }
+    }
+
     /// Changes the largest accepted frame (after the handshake).
     pub fn set_max_frame(&mut self, max_frame: u32) {
         self.max_frame = max_frame;
@@ -295,22 +305,34 @@ mod pool {
 
 /// The Unix socket transport.
 ///
-/// The two halves are registered with the reactor apart: the reader for
-/// readability only, the writer for writability only and only once a write
-/// has had to wait. A socket registered for both wakes its process every time the
-/// peer drains what it wrote; on a busy machine each such wake-up is a
-/// context switch that does nothing.
+/// An idle connection holds one descriptor: the reader, the writer and the
+/// outbox's direct path share the socket (an `Arc`), and only the reader is
+/// registered with the reactor, for readability. A socket registered for
+/// both wakes its process every time the peer drains what it wrote; on a busy
+/// machine each such wake-up is a context switch that does nothing. So a
+/// write that has to wait borrows a second descriptor (epoll takes a
+/// descriptor once, so the writer needs its own number for the same socket),
+/// registers it for writability, and closes it again once the batch is
+/// written. Without a descriptor to spare (the process is at its limit) the
+/// writer polls on a short timer instead: slower, but the connection lives.
 pub mod unix {
     use super::*;
+    use std::future::Future;
     use std::io::Write;
     use std::net::Shutdown;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream as StdStream;
     use std::pin::Pin;
+    use std::sync::Arc;
     use std::task::{Context, Poll, ready};
+    use std::time::Duration;
     use tokio::io::unix::AsyncFd;
     use tokio::io::{Interest, ReadBuf};
     use tokio::net::UnixStream;
+
+    /// How often a writer without a spare descriptor tries a full socket
+    /// again.
+    const RETRY_FULL: Duration = Duration::from_millis(2);
 
     /// Both halves of a Unix socket Road.
     pub type Halves = (RoadReader<ReadHalf>, RoadWriter<WriteHalf>);
@@ -318,30 +340,33 @@ pub mod unix {
     /// The read side of a socket Road.
     #[derive(Debug)]
     pub struct ReadHalf {
-        fd: AsyncFd<StdStream>,
+        fd: AsyncFd<Arc<StdStream>>,
     }
 
     /// The write side of a socket Road.
     #[derive(Debug)]
     pub struct WriteHalf {
-        stream: StdStream,
-        /// Registered for writability once a write first had to wait for
-        /// room: such links move bulk, and registering anew for every full
-        /// buffer would cost more than the wake-ups it saves.
+        stream: Arc<StdStream>,
+        /// A second descriptor on the socket, registered for writability,
+        /// while a batch waits for room; closed when the batch is written.
         waiter: Option<AsyncFd<StdStream>>,
+        /// The timer a writer without a spare descriptor waits on.
+        retry: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 
-    /// Splits a connected socket into a reader and a writer.
+    /// Splits a connected socket into a reader and a writer that share its
+    /// one descriptor.
     pub fn split(stream: UnixStream, max_frame: u32) -> io::Result<Halves> {
         let stream = stream.into_std()?;
         stream.set_nonblocking(true)?;
-        let writer = stream.try_clone()?;
-        let reader = crate::sys::register(stream, Interest::READABLE)?;
+        let stream = Arc::new(stream);
+        let reader = crate::sys::register(stream.clone(), Interest::READABLE)?;
         Ok((
             RoadReader::new(ReadHalf { fd: reader }, max_frame),
             RoadWriter::new(WriteHalf {
-                stream: writer,
+                stream,
                 waiter: None,
+                retry: None,
             }),
         ))
     }
@@ -371,6 +396,13 @@ pub mod unix {
             ));
         }
         Ok(())
+    }
+
+    /// Raises this process's soft limit on open descriptors to its hard
+    /// limit (the common soft limit, 1,024, fits few connections); returns
+    /// the limit now in force. Call it once at start.
+    pub fn raise_fd_limit() -> io::Result<u64> {
+        crate::sys::raise_fd_limit()
     }
 
     /// Connects to a Junction's socket.
@@ -403,9 +435,28 @@ pub mod unix {
         }
     }
 
+    #[cfg(test)]
+    impl ReadHalf {
+        pub(crate) fn fd(&self) -> &StdStream {
+            self.fd.get_ref()
+        }
+    }
+
+    #[cfg(test)]
+    impl WriteHalf {
+        pub(crate) fn fd(&self) -> &StdStream {
+            &self.stream
+        }
+
+        /// Whether a second descriptor is borrowed for the writability wait.
+        pub(crate) fn is_waiting(&self) -> bool {
+            self.waiter.is_some()
+        }
+    }
+
     impl DirectLink for WriteHalf {
         fn direct(&self) -> Option<Direct> {
-            self.stream.try_clone().ok().map(Direct::Socket)
+            Some(Direct::Socket(self.stream.clone()))
         }
     }
 
@@ -417,6 +468,60 @@ pub mod unix {
         }
     }
 
+    impl WriteHalf {
+        /// Waits until the full socket may have room: on the borrowed
+        /// descriptor when one can be had, else on a short timer.
+        fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.waiter.is_none() {
+                // Failing to borrow a descriptor must not cost the
+                // connection: fall back to the timer.
+                self.waiter = spare(&self.stream)
+                    .and_then(|s| crate::sys::register(s, Interest::WRITABLE))
+                    .ok();
+                #[cfg(test)]
+                if self.waiter.is_some() {
+                    BORROWS.set(BORROWS.get() + 1);
+                }
+            }
+            if let Some(waiter) = &self.waiter {
+                self.retry = None;
+                let mut guard = ready!(waiter.poll_write_ready(cx))?;
+                guard.clear_ready();
+                return Poll::Ready(Ok(()));
+            }
+            #[cfg(test)]
+            if self.retry.is_none() {
+                TIMER_WAITS.set(TIMER_WAITS.get() + 1);
+            }
+            let retry = self
+                .retry
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(RETRY_FULL)));
+            ready!(retry.as_mut().poll(cx));
+            self.retry = None;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A second descriptor on `stream`, for the writability wait.
+    fn spare(stream: &StdStream) -> io::Result<StdStream> {
+        #[cfg(test)]
+        if NO_SPARE.get() {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        stream.try_clone()
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        /// Lets a test act out a process with no descriptor to spare: when
+        /// set, borrowing a second descriptor fails with EMFILE.
+        pub(crate) static NO_SPARE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// How often a writer borrowed a second descriptor to wait on.
+        pub(crate) static BORROWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        /// How often a writer waited on the timer instead.
+        pub(crate) static TIMER_WAITS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
     impl AsyncWrite for WriteHalf {
         fn poll_write(
             self: Pin<&mut Self>,
@@ -425,21 +530,11 @@ pub mod unix {
         ) -> Poll<io::Result<usize>> {
             let this = self.get_mut();
             loop {
-                match (&this.stream).write(data) {
+                match (&*this.stream).write(data) {
                     Ok(n) => return Poll::Ready(Ok(n)),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if this.waiter.is_none() {
-                            this.waiter = Some(crate::sys::register(
-                                this.stream.try_clone()?,
-                                Interest::WRITABLE,
-                            )?);
-                        }
-                        let Some(waiter) = &this.waiter else {
-                            unreachable!("set just above")
-                        };
-                        let mut guard = ready!(waiter.poll_write_ready(cx))?;
-                        guard.clear_ready();
+                        ready!(this.poll_room(cx))?;
                     }
                     Err(e) => return Poll::Ready(Err(e)),
                 }
@@ -447,6 +542,12 @@ pub mod unix {
         }
 
         fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            // The batch is written: give the borrowed descriptor back, so an
+            // idle connection holds one. A batch that waits again borrows
+            // anew; beside the wait itself, that is a few system calls.
+            let this = self.get_mut();
+            this.waiter = None;
+            this.retry = None;
             Poll::Ready(Ok(()))
         }
 
@@ -689,5 +790,83 @@ mod ping_pong_tests {
         }
         wa.shutdown().await.unwrap();
         echo.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod descriptor_tests {
+    use super::*;
+    use crate::outbox;
+    use std::os::fd::AsRawFd;
+
+    /// Fills `w`'s socket until a write would wait, while nobody reads.
+    async fn write_until_full_then_drain(
+        wa: &mut RoadWriter<unix::WriteHalf>,
+        rb: &mut RoadReader<unix::ReadHalf>,
+    ) {
+        let payload = Bytes::from(vec![3u8; 256 * 1024]);
+        let frame = Frame::with_payload(
+            crate::frame::Header::Send(crate::frame::Send {
+                handle: 1,
+                caps: vec![],
+            }),
+            payload,
+        );
+        // Far more than a socket buffer: the writer must wait for the reader.
+        let (sent, read) = tokio::join!(
+            async {
+                for _ in 0..16 {
+                    wa.queue(&frame).await.unwrap();
+                }
+                wa.flush().await.unwrap();
+            },
+            async {
+                for _ in 0..16 {
+                    let f = rb.read_frame().await.unwrap().unwrap();
+                    assert_eq!(f.payload.len(), 256 * 1024);
+                }
+            }
+        );
+        let ((), ()) = (sent, read);
+    }
+
+    #[tokio::test]
+    async fn reader_writer_and_direct_path_share_one_descriptor() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let (reader, writer) = unix::split(a, 1 << 20).unwrap();
+        let Some(outbox::Direct::Socket(direct)) = writer.direct() else {
+            panic!("a socket link has a direct path")
+        };
+        let fd = direct.as_raw_fd();
+        assert_eq!(reader.into_inner().fd().as_raw_fd(), fd);
+        assert_eq!(writer.into_inner().fd().as_raw_fd(), fd);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_waited_gives_its_second_descriptor_back() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ra, mut wa) = unix::split(a, 1 << 22).unwrap();
+        let (mut rb, _wb) = unix::split(b, 1 << 22).unwrap();
+        write_until_full_then_drain(&mut wa, &mut rb).await;
+        assert!(unix::BORROWS.get() > 0, "the writer had to wait");
+        assert!(
+            !wa.into_inner().is_waiting(),
+            "the borrowed descriptor is closed once the batch is written"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_with_no_descriptor_to_spare_still_delivers() {
+        unix::NO_SPARE.set(true);
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ra, mut wa) = unix::split(a, 1 << 22).unwrap();
+        let (mut rb, _wb) = unix::split(b, 1 << 22).unwrap();
+        write_until_full_then_drain(&mut wa, &mut rb).await;
+        unix::NO_SPARE.set(false);
+        assert!(
+            unix::TIMER_WAITS.get() > 0,
+            "the writer had to wait, and waited on the timer"
+        );
+        assert!(!wa.into_inner().is_waiting());
     }
 }

@@ -154,12 +154,27 @@ impl TestJunction {
     /// Starts `junction serve` with `extra` arguments and waits until it
     /// accepts connections. Its log goes to `junction.log` in its dir.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_under(&[], extra)
+    }
+
+    /// As [`TestJunction::start`], run through `wrapper` (a program and its
+    /// arguments that end by running the command after them, e.g.
+    /// `["prlimit", "--nofile=64:64", "--"]`); empty runs it directly.
+    pub fn start_under(wrapper: &[&str], extra: &[&str]) -> Self {
         let dir = TempDir::new();
         let socket = dir.path().join("j.sock");
         let log =
             std::fs::File::create(dir.path().join("junction.log")).expect("can create the log");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(junction_bin());
+                c
+            }
+            None => Command::new(junction_bin()),
+        };
         let process = Proc::spawn(
-            Command::new(junction_bin())
+            command
                 .arg("serve")
                 .arg("--socket")
                 .arg(&socket)
