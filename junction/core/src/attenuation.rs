@@ -1,9 +1,13 @@
 //! Narrower capabilities: fewer rights, an expiry, a message budget, and
 //! revocable lineages.
 
+use std::collections::HashMap;
+
 use junction_road::{Attenuate, Header, Reason, Rights};
 
 use super::{CONTROL_HANDLE, Cap, ConnId, Core, Refusal};
+use crate::books::{BudgetId, MAX_NESTING};
+use crate::caps::CapRef;
 
 impl Core {
     /// `Attenuate`: a new handle that can do no more than the original.
@@ -52,7 +56,11 @@ impl Core {
             }
             (old, new) => new.or(old),
         };
-        let remaining = match (original.remaining, a.max_messages) {
+        // A budget is shared, never copied: the new capability spends from
+        // every budget of the original, and from one of its own when that
+        // is tighter than what they have left.
+        let left = self.books.left(&original.budgets);
+        let own_budget = match (left, a.max_messages) {
             (Some(old), Some(new)) if new > old => {
                 refuse(
                     self,
@@ -62,8 +70,23 @@ impl Core {
                 );
                 return;
             }
-            (old, new) => new.or(old),
+            (Some(old), Some(new)) => (new < old).then_some(new),
+            (None, new) => new,
+            (Some(_), None) => None,
         };
+        let nesting = original.budgets.len() + usize::from(own_budget.is_some());
+        let depth = original.lineages.len() + usize::from(a.revocable);
+        if nesting > MAX_NESTING || depth > MAX_NESTING {
+            let limit = MAX_NESTING;
+            self.refuse(conn, a.req, a.handle, Refusal::NestedTooDeep { limit });
+            return;
+        }
+        // Checked first, so that the budget and lineage made below always
+        // find their capability a place.
+        if !self.has_room(conn, 1) {
+            self.too_many_handles(conn, a.req);
+            return;
+        }
         let flow = self.new_flow();
         let mut cap = Cap::new(
             original.target,
@@ -74,8 +97,11 @@ impl Core {
         );
         cap.dead = original.dead;
         cap.expires_at = expires_at;
-        cap.remaining = remaining;
-        cap.lineages = original.lineages.clone();
+        cap.budgets = original.budgets;
+        if let Some(messages) = own_budget {
+            cap.budgets.push(self.books.new_budget(messages));
+        }
+        cap.lineages = original.lineages;
         if a.revocable {
             let lineage = self.books.new_lineage();
             cap.lineages.push(lineage);
@@ -106,10 +132,121 @@ impl Core {
             self.refuse(conn, 0, handle, Refusal::NotRevocable { handle });
             return;
         };
-        for member in self.books.revoke(lineage) {
-            self.cap_died(member.conn, member.handle, Reason::Revoked, |c| {
-                c.flow == member.flow && c.lineages.contains(&lineage)
-            });
+        for member in self.books.end(lineage) {
+            // Stripped of the lineage, which is over, so that the books and
+            // the capabilities keep agreeing; it dies of it all the same.
+            let listed = self
+                .conns
+                .get_mut(member.conn.key())
+                .and_then(|c| c.caps.get_ref_mut(member))
+                .is_some_and(|cap| strip(&mut cap.lineages, lineage));
+            if listed {
+                self.cap_died(member.conn, member.handle, Reason::Revoked, |c| {
+                    c.flow == member.flow
+                });
+            }
         }
     }
+
+    /// `cap` entered `conn`'s table as `handle`: it joins its lineages and
+    /// draws from its budgets. A lineage that has ended meanwhile is
+    /// struck from it.
+    pub(super) fn join_books(&mut self, conn: ConnId, handle: u32) {
+        let Some(cap) = self
+            .conns
+            .get_mut(conn.key())
+            .and_then(|c| c.caps.get_mut(handle))
+        else {
+            return;
+        };
+        let at = CapRef {
+            conn,
+            handle,
+            flow: cap.flow,
+        };
+        let books = &mut self.books;
+        cap.lineages.retain(|&l| books.join(l, at));
+        for &budget in &cap.budgets {
+            books.share(budget);
+        }
+    }
+
+    /// `cap`, which was `handle` in `conn`'s table, left it (dropped, moved,
+    /// used up, its holder gone): it leaves its lineages and budgets, and
+    /// if it was a lineage's root the lineage ends, since nobody can revoke
+    /// it any more. O(its lineages and budgets), plus the members of an
+    /// ending lineage, each stripped of it once.
+    pub(super) fn leave_books(&mut self, conn: ConnId, handle: u32, cap: &Cap) {
+        let at = CapRef {
+            conn,
+            handle,
+            flow: cap.flow,
+        };
+        for &lineage in &cap.lineages {
+            self.books.leave(lineage, at);
+        }
+        for &budget in &cap.budgets {
+            self.books.unshare(budget);
+        }
+        if let Some(root) = cap.root {
+            for member in self.books.end(root) {
+                if let Some(c) = self
+                    .conns
+                    .get_mut(member.conn.key())
+                    .and_then(|c| c.caps.get_ref_mut(member))
+                {
+                    strip(&mut c.lineages, root);
+                }
+            }
+        }
+    }
+
+    /// Checks the lineage and budget books against the tables: every
+    /// capability is a member of each lineage it lists and draws from each
+    /// budget it lists, and the books hold nothing more.
+    pub(super) fn check_books(&self) -> Result<(), String> {
+        let mut members: HashMap<u64, usize> = HashMap::new();
+        let mut refs: HashMap<BudgetId, u32> = HashMap::new();
+        for (key, c) in self.conns.iter() {
+            let conn = ConnId {
+                key,
+                serial: c.serial,
+            };
+            for (handle, cap) in c.caps.iter() {
+                if cap.lineages.len() > MAX_NESTING || cap.budgets.len() > MAX_NESTING {
+                    return Err(format!(
+                        "c{} handle {handle:#x} nests {} lineages and {} budgets",
+                        c.serial,
+                        cap.lineages.len(),
+                        cap.budgets.len()
+                    ));
+                }
+                let at = CapRef {
+                    conn,
+                    handle,
+                    flow: cap.flow,
+                };
+                for &lineage in &cap.lineages {
+                    if !self.books.is_member(lineage, at) {
+                        return Err(format!(
+                            "c{} handle {handle:#x} lists lineage {lineage}, which does not record it",
+                            c.serial
+                        ));
+                    }
+                    *members.entry(lineage).or_default() += 1;
+                }
+                for &budget in &cap.budgets {
+                    *refs.entry(budget).or_default() += 1;
+                }
+            }
+        }
+        self.books.check(&members, &refs)
+    }
+}
+
+/// Takes `lineage` out of a capability's list; whether it was there.
+fn strip(lineages: &mut Vec<u64>, lineage: u64) -> bool {
+    let before = lineages.len();
+    lineages.retain(|&l| l != lineage);
+    lineages.len() != before
 }

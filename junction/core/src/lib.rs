@@ -439,6 +439,7 @@ impl Core {
                 ));
             }
         }
+        self.check_books()?;
         for (name, reg) in self.registry.iter() {
             if self.ports.get(reg.port).is_none() {
                 return Err(format!("{name} names a dead port"));
@@ -759,22 +760,14 @@ impl Core {
         let port = cap.port();
         let flow = cap.flow;
         let expires_at = cap.expires_at;
-        let lineages = cap.lineages.clone();
         let c = self.conns.get_mut(conn.key())?;
         let handle = c.caps.insert(cap)?;
         if let Some(p) = self.ports.get_mut(port) {
             p.senders += 1;
         }
         let at = CapRef { conn, handle, flow };
+        self.join_books(conn, handle);
         let conns = &self.conns;
-        for lineage in lineages {
-            self.books.join(lineage, at, |m| {
-                conns
-                    .get(m.conn.key())
-                    .and_then(|c| c.caps.get_ref(m))
-                    .is_some_and(|cap| cap.lineages.contains(&lineage))
-            });
-        }
         if let Some(when) = expires_at {
             self.books.expire_at(when, at, |when, m| {
                 conns
@@ -840,6 +833,7 @@ impl Core {
             self.orphans.adopt(cap.flow, cap.in_flight);
         }
         self.unwatch(conn, handle, &cap);
+        self.leave_books(conn, handle, &cap);
         Some(cap)
     }
 
@@ -897,10 +891,6 @@ impl Core {
     /// What must happen when a capability leaves every table.
     fn release(&mut self, cap: &Cap, reason: Reason) {
         self.sender_gone(cap.port());
-        // Without its root nobody can revoke the lineage: forget its members.
-        if let Some(lineage) = cap.root {
-            self.books.forget(lineage);
-        }
         if let Some(route) = cap.reply_to {
             self.call_failed(route, reason);
         }
@@ -933,6 +923,11 @@ impl Core {
         }
         if cap.expires_at.is_some_and(|at| now >= at) {
             self.cap_died(conn, handle, Reason::Expired, |_| true);
+            return;
+        }
+        // A budget it shares may have been used up by another capability.
+        if self.books.exhausted(&cap.budgets) {
+            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
             return;
         }
         let at = CapRef {
@@ -1052,6 +1047,7 @@ impl Core {
         };
         for (handle, cap) in c.caps.iter() {
             self.unwatch(conn, handle, cap);
+            self.leave_books(conn, handle, cap);
             self.release(cap, call_reason);
         }
     }

@@ -204,7 +204,13 @@ impl Core {
             return Err(refused(Refusal::BadTag, metered));
         }
         let expired = cap.expires_at.is_some_and(|at| now >= at);
-        if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
+        // A shared budget may have run out on another capability.
+        let spent = self.books.exhausted(&cap.budgets);
+        if let Some(reason) = cap
+            .dead
+            .or(expired.then_some(Reason::Expired))
+            .or(spent.then_some(Reason::Exhausted))
+        {
             return Err(NotAdmitted::Dead { reason, seq });
         }
         // A reply answers a call; were it a call itself, the caller's
@@ -229,11 +235,9 @@ impl Core {
             cap.in_flight += 1;
             low_credit = cap.credits < window / 2;
         }
-        let mut exhausted = false;
-        if let Some(left) = &mut cap.remaining {
-            *left = left.saturating_sub(1);
-            exhausted = *left == 0;
-        }
+        // One message from each budget it draws from, shared with every
+        // capability attenuated from the same one.
+        let exhausted = !cap.budgets.is_empty() && self.books.spend(&cap.budgets);
         let envelope = Envelope {
             from: conn,
             origin,

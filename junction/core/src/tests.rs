@@ -1431,6 +1431,177 @@ mod limits {
     }
 
     #[test]
+    fn a_budget_is_shared_by_everything_attenuated_from_it() {
+        let (mut h, a, owner, _, cap) = setup();
+        let one = attenuate(&mut h, a, cap, Rights::SEND, None, Some(1), false).unwrap();
+        let mut all = vec![one];
+        for _ in 0..200 {
+            // Attenuated from the original, or from the last one made.
+            let from = all[all.len() / 2];
+            all.push(attenuate(&mut h, a, from, Rights::SEND, None, None, false).unwrap());
+        }
+        // An attenuation cannot make the budget larger, nor fresh.
+        assert_eq!(
+            attenuate(&mut h, a, all[7], Rights::SEND, None, Some(2), false),
+            Err(ErrorCode::CannotWiden)
+        );
+        let fresh = attenuate(&mut h, a, all[9], Rights::SEND, None, Some(1), false).unwrap();
+        all.push(fresh);
+        h.feed(a, Header::Watch { handle: all[3] });
+        assert!(h.take(a).is_empty(), "nothing spent yet");
+        for &handle in &all {
+            h.send(a, handle, vec![], b"once");
+        }
+        assert_eq!(h.delivered(owner).len(), 1, "one budget, one message");
+        let undeliverable = h
+            .take(a)
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f,
+                    Header::Undeliverable {
+                        reason: Reason::Exhausted,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(undeliverable, all.len() - 1);
+        // A sibling that is watched later hears at once.
+        h.feed(a, Header::Watch { handle: all[100] });
+        assert_eq!(
+            h.take(a),
+            vec![Header::Dead {
+                handle: all[100],
+                reason: Reason::Exhausted
+            }]
+        );
+        h.check_invariants();
+        // The budget goes with the last capability that draws from it.
+        for &handle in &all {
+            h.feed(a, Header::Drop { handle });
+        }
+        h.take(a);
+        assert_eq!(h.core.footprint().book_entries, 0);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_tighter_budget_spends_from_the_looser_one_too() {
+        let (mut h, a, owner, _, cap) = setup();
+        let three = attenuate(&mut h, a, cap, Rights::SEND, None, Some(3), false).unwrap();
+        let two = attenuate(&mut h, a, three, Rights::SEND, None, Some(2), false).unwrap();
+        h.send(a, two, vec![], b"1");
+        h.send(a, two, vec![], b"2");
+        h.send(a, three, vec![], b"3");
+        h.send(a, three, vec![], b"4: over");
+        assert_eq!(h.delivered(owner).len(), 3);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let (mut h, a, _, _, cap) = setup();
+        let mut last = cap;
+        for n in 0..8 {
+            last = attenuate(
+                &mut h,
+                a,
+                last,
+                Rights::SEND | Rights::GRANT,
+                None,
+                Some(100 - n),
+                true,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            attenuate(&mut h, a, last, Rights::SEND, None, Some(1), false),
+            Err(ErrorCode::CannotWiden)
+        );
+        assert_eq!(
+            attenuate(&mut h, a, last, Rights::SEND, None, None, true),
+            Err(ErrorCode::CannotWiden)
+        );
+        // Sharing what it has is always allowed.
+        attenuate(&mut h, a, last, Rights::SEND, None, None, false).unwrap();
+        h.check_invariants();
+    }
+
+    #[test]
+    fn lineages_of_dead_roots_leave_the_books() {
+        let (mut h, a, owner, _, cap) = setup();
+        let (b, wb) = h.connect();
+        let (c, wc) = h.connect();
+        let a_to_b = h
+            .core
+            .new_cap(a, port_key(wb.home.port, 0), Rights::SEND, None)
+            .unwrap();
+        let b_to_c = h
+            .core
+            .new_cap(b, port_key(wc.home.port, 0), Rights::SEND, None)
+            .unwrap();
+        let grant = Rights::SEND | Rights::GRANT;
+        let cycle = |h: &mut Harness| {
+            // A revocable root, passed on; the root is dropped first, then
+            // its copy travels on and is dropped.
+            let root = attenuate(h, a, cap, grant, None, None, true).unwrap();
+            let inner = attenuate(h, a, root, grant, None, None, true).unwrap();
+            h.send(a, a_to_b, vec![root, inner], b"");
+            let got = h.delivered(b)[0].caps.clone();
+            h.feed(a, Header::Drop { handle: root });
+            h.send(b, b_to_c, vec![got[0].handle], b"");
+            let at_c = h.delivered(c)[0].caps[0].handle;
+            h.feed(c, Header::Drop { handle: at_c });
+            h.feed(a, Header::Revoke { handle: inner });
+            h.feed(
+                b,
+                Header::Drop {
+                    handle: got[0].handle,
+                },
+            );
+            h.feed(
+                b,
+                Header::Drop {
+                    handle: got[1].handle,
+                },
+            );
+            h.feed(a, Header::Drop { handle: inner });
+            // A budgeted revocable root moves when passed on: its lineage
+            // ends, since nobody can revoke it any more.
+            let moving = attenuate(h, a, cap, grant, None, Some(5), true).unwrap();
+            h.send(a, a_to_b, vec![moving], b"");
+            let moved = h.delivered(b)[0].caps[0].handle;
+            h.send(b, moved, vec![], b"spent");
+            h.feed(b, Header::Drop { handle: moved });
+            // Messages consumed, so that nothing is left in flight.
+            for (conn, home) in [(b, wb.home.port), (c, wc.home.port)] {
+                h.feed(
+                    conn,
+                    Header::Credit {
+                        port: home,
+                        count: 16,
+                    },
+                );
+            }
+            h.feed(owner, Header::Credit { port: 0, count: 0 });
+            for conn in [a, b, c, owner] {
+                h.take(conn);
+            }
+            h.check_invariants();
+        };
+        cycle(&mut h);
+        let settled = h.core.footprint();
+        for _ in 1..500 {
+            cycle(&mut h);
+        }
+        let after = h.core.footprint();
+        assert_eq!(after.capabilities, settled.capabilities);
+        assert_eq!(after.book_entries, settled.book_entries, "flat");
+        assert_eq!(after.book_entries, 0, "no lineage outlives its root");
+    }
+
+    #[test]
     fn expiry_kills_on_time_and_watchers_hear() {
         let (mut h, a, owner, _, cap) = setup();
         h.now.unix = 1000;
