@@ -662,3 +662,51 @@ async fn a_service_decides_per_message_from_the_callers_proven_identity() {
         "{denied}"
     );
 }
+
+#[tokio::test]
+async fn an_attenuated_budget_is_shared_not_copied() {
+    let junction = TestJunction::start(&[]);
+    let holder = Driver::connect(&junction.socket).await.unwrap();
+    let owner = Driver::connect(&junction.socket).await.unwrap();
+    let mut port = owner.open_port().await.unwrap();
+    let full = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    // The holder gets a capability limited to one message...
+    let mut inbox = holder.open_port().await.unwrap();
+    let minted = inbox.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    holder.register("t.budget", &minted).await.unwrap();
+    let to_holder = owner.lookup("t.budget").await.unwrap();
+    let once = full
+        .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).max_messages(1))
+        .await
+        .unwrap();
+    owner
+        .send_with(&to_holder, "yours", &[&once])
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(T, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let once = msg.caps.into_iter().next().expect("the capability came");
+    // ...and attenuates it 200 times, then sends on every one.
+    let mut all = vec![once];
+    for i in 0..200 {
+        let from = &all[i / 2];
+        let narrower = from
+            .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT))
+            .await
+            .unwrap();
+        all.push(narrower);
+    }
+    for cap in &all {
+        let _ = holder.send(cap, "one of 201").await;
+    }
+    holder.sync().await.unwrap();
+    let first = tokio::time::timeout(T, port.recv()).await.unwrap().unwrap();
+    assert_eq!(first.payload, Bytes::from_static(b"one of 201"));
+    let more = tokio::time::timeout(Duration::from_millis(500), port.recv()).await;
+    assert!(
+        more.is_err(),
+        "a one-message budget delivered a second message"
+    );
+}
