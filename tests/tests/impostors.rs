@@ -710,3 +710,86 @@ async fn an_attenuated_budget_is_shared_not_copied() {
         "a one-message budget delivered a second message"
     );
 }
+
+#[tokio::test]
+async fn junk_after_the_trusted_link_is_neither_kept_nor_served() {
+    let bus = Bus::start(&[]).await;
+    bus.pki.issue(
+        "junky",
+        "junky",
+        "authority",
+        &["--role", "service", "--name", "org.acme.junky"],
+    );
+    // The file holds the leaf and the authority's own certificate, which
+    // comes after the link the authority signed: not kept either.
+    let file = chain(&bus.pki.path("junky.cert"));
+    let leaf = file[..1].to_vec();
+    // Large certificates nobody signed, appended after the link the
+    // authority signed: verification never reaches them.
+    let mut junk = leaf[0].clone();
+    junk.body.role = junction_identity::Role::Service {
+        names: (0..2000)
+            .map(|i| format!("org.junk.name{i}").parse().unwrap())
+            .collect(),
+    };
+    let mut padded = file.clone();
+    padded.extend(std::iter::repeat_n(junk, 8 - file.len()));
+    let sent = postcard::to_allocvec(&padded).unwrap().len();
+    assert!(sent > 100_000, "{sent} bytes of chain");
+    let d = bus.driver().await;
+    d.authenticate(&key(&bus.pki.path("junky.key")), padded)
+        .await
+        .unwrap();
+    let port = d.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    d.register("org.acme.junky", &cap).await.unwrap();
+
+    let client = bus.driver().await;
+    let (_, served) = client.lookup_with_chain("org.acme.junky").await.unwrap();
+    let served = served.expect("registered with a certificate");
+    assert_eq!(served, leaf, "only the verified link is served");
+    let bytes = postcard::to_allocvec(&served).unwrap().len();
+    assert!(bytes < 2048, "a lookup serves {bytes} bytes of chain");
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn a_connection_gets_one_attempt_to_authenticate() {
+    let bus = Bus::start(&[]).await;
+    let echo_chain = chain(&bus.pki.path("echo.cert"));
+    let thief_key = SecretKey::generate().unwrap();
+    let (mut raw, w) = RawClient::hello(&bus.junction.socket);
+    let proof = prove_possession(&thief_key, &w.nonce, w.junction);
+    let attempt = |raw: &mut RawClient| {
+        raw.control(&ControlRequest::Authenticate {
+            chain: echo_chain.clone(),
+            proof: proof.clone(),
+        })
+        .0
+    };
+    match attempt(&mut raw) {
+        ControlReply::Refused { code, .. } => assert_eq!(code, ErrorCode::BadProof),
+        other => panic!("a wrong key was accepted: {other:?}"),
+    }
+    // Every later attempt is refused without a signature checked, while
+    // others keep being served.
+    let bystander = bus.driver().await;
+    let echo = bystander.lookup(NAME).await.unwrap();
+    for i in 0..200 {
+        match attempt(&mut raw) {
+            ControlReply::Refused { code, message } => {
+                assert_eq!(code, ErrorCode::AlreadyAuthenticated, "{message}");
+                assert!(message.contains("connect again"), "{message}");
+            }
+            other => panic!("attempt {i} was examined: {other:?}"),
+        }
+        if i % 50 == 0 {
+            let r = bystander.call(&echo, "still there?", T).await.unwrap();
+            assert_eq!(r.payload, Bytes::from_static(b"still there?"));
+        }
+    }
+    // The refusals are not logged one by one: the log cannot be flooded.
+    let logged = bus.junction.log().matches("refused").count();
+    assert!(logged < 10, "{logged} refusals logged");
+    bus.assert_legitimate_service_intact().await;
+}

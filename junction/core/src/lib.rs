@@ -268,6 +268,8 @@ struct Conn {
     identity: Option<(Arc<Identity>, Arc<Vec<Certificate>>)>,
     /// When the first certificate of that chain expires.
     identity_until: u64,
+    /// Its one attempt to prove an identity failed (see `authenticate`).
+    authentication_failed: bool,
 }
 
 /// No handle, in an [`ErrorFrame`].
@@ -488,6 +490,7 @@ impl Core {
             nonce,
             identity: None,
             identity_until: 0,
+            authentication_failed: false,
         };
         self.next_serial += 1;
         let serial = conn.serial;

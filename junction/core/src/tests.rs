@@ -1886,6 +1886,60 @@ mod identities {
     }
 
     #[test]
+    fn only_the_verified_chain_is_kept_and_served() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (svc, w) = connect(&mut h, 1);
+        let (key, cert) = pki.service(5, &["org.acme.echo"]);
+        // Junk after the link the authority signed: never verified.
+        let (_, junk) = Pki::new().service(9, &["org.junk.a", "org.junk.b"]);
+        let proof = prove_possession(&key, &w.nonce, w.junction);
+        let reply = authenticate(&mut h, svc, vec![cert.clone(), junk.clone(), junk], proof);
+        assert!(matches!(reply, ControlReply::Authenticated(_)), "{reply:?}");
+        assert_eq!(
+            register(&mut h, svc, "org.acme.echo"),
+            ControlReply::Registered
+        );
+        let (client, _) = connect(&mut h, 2);
+        let (reply, _) = h.control(
+            client,
+            ControlRequest::Lookup {
+                name: "org.acme.echo".parse().unwrap(),
+            },
+            vec![],
+        );
+        assert!(
+            matches!(&reply, ControlReply::Found { chain: Some(chain), .. } if chain == &vec![cert]),
+            "{reply:?}"
+        );
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_chain_nobody_trusted_signed_is_refused_before_any_signature() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (conn, w) = connect(&mut h, 1);
+        let rogue = Pki::new();
+        let (rkey, rcert) = rogue.service(6, &["org.acme.echo"]);
+        // A bad proof too: the untrusted issuer is what is reported, since
+        // it is found first and costs nothing.
+        drop(rkey);
+        let other = SecretKey::generate().unwrap();
+        let reply = authenticate(
+            &mut h,
+            conn,
+            vec![rcert; 8],
+            prove_possession(&other, &w.nonce, w.junction),
+        );
+        assert_eq!(refused(&reply), ErrorCode::BadCertificate);
+        assert!(
+            matches!(&reply, ControlReply::Refused { message, .. } if message.contains("not a trusted authority")),
+            "{reply:?}"
+        );
+    }
+
+    #[test]
     fn impostors_are_refused_and_the_owner_keeps_its_name() {
         let pki = Pki::new();
         let mut h = harness(&pki);
@@ -1910,9 +1964,23 @@ mod identities {
             )),
             ErrorCode::BadProof
         );
+        // One attempt per connection: the next is refused unexamined, even
+        // a good one.
+        let spent = authenticate(
+            &mut h,
+            thief,
+            vec![cert.clone()],
+            prove_possession(&key, &tw.nonce, tw.junction),
+        );
+        assert_eq!(refused(&spent), ErrorCode::AlreadyAuthenticated);
+        assert!(
+            matches!(&spent, ControlReply::Refused { message, .. } if message.contains("connect again")),
+            "{spent:?}"
+        );
         // A proof replayed from another connection.
+        let (replayer, _) = connect(&mut h, 6);
         assert_eq!(
-            refused(&authenticate(&mut h, thief, vec![cert.clone()], proof)),
+            refused(&authenticate(&mut h, replayer, vec![cert.clone()], proof)),
             ErrorCode::BadProof
         );
         // No identity at all.
@@ -1923,12 +1991,13 @@ mod identities {
         // A certificate from an untrusted authority.
         let rogue = Pki::new();
         let (rkey, rcert) = rogue.service(6, &["org.acme.echo"]);
+        let (untrusted, uw) = connect(&mut h, 7);
         assert_eq!(
             refused(&authenticate(
                 &mut h,
-                thief,
+                untrusted,
                 vec![rcert],
-                prove_possession(&rkey, &tw.nonce, tw.junction)
+                prove_possession(&rkey, &uw.nonce, uw.junction)
             )),
             ErrorCode::BadCertificate
         );
