@@ -793,3 +793,40 @@ async fn a_connection_gets_one_attempt_to_authenticate() {
     assert!(logged < 10, "{logged} refusals logged");
     bus.assert_legitimate_service_intact().await;
 }
+
+#[tokio::test]
+async fn names_are_bounded_per_connection_and_ls_always_answers() {
+    // A small frame, so that a few connections' names overflow it.
+    let junction = TestJunction::start(&["--max-frame", "65536"]);
+    let label = "x".repeat(60);
+    let mut hoarders = Vec::new();
+    for c in 0..8 {
+        let d = Driver::connect(&junction.socket).await.unwrap();
+        let port = d.open_port().await.unwrap();
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        for n in 0..64 {
+            let name = format!("t.{label}.{label}.{label}.c{c}n{n}");
+            d.register(&name, &cap).await.unwrap();
+        }
+        // The 65th name of one connection is refused, with what to do.
+        let err = d.register(&format!("t.c{c}.one-too-many"), &cap).await;
+        let (code, message) = code(err);
+        assert_eq!(code, ErrorCode::BadRegistration);
+        assert!(message.contains("64 names"), "{message}");
+        hoarders.push((d, port, cap));
+    }
+    // 8 × 64 names of 200 bytes do not fit in a 64 KiB frame: the listing
+    // is cut, says so, and everyone can still list.
+    let d = Driver::connect(&junction.socket).await.unwrap();
+    let listing = d.listing().await.unwrap();
+    assert!(listing.more_ports > 0, "{listing:?}");
+    assert_eq!(listing.more_connections, 0);
+    let out = junction.command(&["ls"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("more ports"), "{text}");
+}

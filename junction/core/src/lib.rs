@@ -101,6 +101,9 @@ pub struct Config {
     pub max_ports: u32,
     /// Calls one connection may have waiting for a reply.
     pub max_pending_calls: u32,
+    /// Names one connection may register (certified or in the development
+    /// namespace), so the registry is bounded by the connections.
+    pub max_names: u32,
     /// The authorities whose certificates this junction believes.
     pub trust: TrustStore,
     /// Certificates and keys the authority revoked.
@@ -121,6 +124,7 @@ impl Default for Config {
             max_handles: 4096,
             max_ports: 256,
             max_pending_calls: 1024,
+            max_names: 64,
             trust: TrustStore::new(),
             revocations: None,
             dev_namespace: Vec::new(),

@@ -962,6 +962,106 @@ fn names_are_unique_and_die_with_their_port() {
 }
 
 #[test]
+fn names_are_bounded_per_connection() {
+    let mut h = Harness::with(Config {
+        max_names: 3,
+        dev_namespace: vec!["*".parse().unwrap()],
+        ..Config::default()
+    });
+    let (a, _) = h.connect();
+    let port = h.open_port(a);
+    let cap = h.mint(a, port, Rights::SEND | Rights::GRANT);
+    let register = |h: &mut Harness, conn, name: &str, cap| {
+        h.control(
+            conn,
+            ControlRequest::Register {
+                name: name.parse().unwrap(),
+            },
+            vec![cap],
+        )
+        .0
+    };
+    for i in 0..3 {
+        assert_eq!(
+            register(&mut h, a, &format!("t.n{i}"), cap),
+            ControlReply::Registered
+        );
+    }
+    match register(&mut h, a, "t.n3", cap) {
+        ControlReply::Refused { code, message } => {
+            assert_eq!(code, ErrorCode::BadRegistration);
+            assert!(message.contains("unregister one"), "{message}");
+        }
+        other => panic!("a fourth name was registered: {other:?}"),
+    }
+    // Room again once a name goes; another connection has its own bound.
+    h.control(
+        a,
+        ControlRequest::Unregister {
+            name: "t.n0".parse().unwrap(),
+        },
+        vec![],
+    );
+    assert_eq!(register(&mut h, a, "t.n3", cap), ControlReply::Registered);
+    let (b, _) = h.connect();
+    let pb = h.open_port(b);
+    let cb = h.mint(b, pb, Rights::SEND | Rights::GRANT);
+    assert_eq!(register(&mut h, b, "t.b", cb), ControlReply::Registered);
+    h.check_invariants();
+}
+
+#[test]
+fn a_listing_always_fits_one_frame_and_says_what_it_left_out() {
+    let max_frame = 16 * 1024;
+    let mut h = Harness::with(Config {
+        max_frame,
+        dev_namespace: vec!["*".parse().unwrap()],
+        ..Config::default()
+    });
+    let long = "x".repeat(40);
+    let mut registered = 0;
+    let mut conns = Vec::new();
+    for c in 0..12 {
+        let (conn, _) = h.connect();
+        conns.push(conn);
+        let port = h.open_port(conn);
+        let cap = h.mint(conn, port, Rights::SEND | Rights::GRANT);
+        for n in 0..64 {
+            let name = format!("t.{long}.c{c}.n{n}");
+            let (r, _) = h.control(
+                conn,
+                ControlRequest::Register {
+                    name: name.parse().unwrap(),
+                },
+                vec![cap],
+            );
+            assert_eq!(r, ControlReply::Registered);
+            registered += 1;
+        }
+    }
+    assert_eq!(h.core.footprint().names, registered);
+    let listing = h.core.listing();
+    let bytes = postcard::to_allocvec(&ControlReply::Listing(listing.clone()))
+        .unwrap()
+        .len();
+    assert!(bytes <= max_frame as usize, "{bytes} bytes");
+    assert!(listing.more_ports > 0, "the names do not all fit");
+    assert_eq!(
+        listing.ports.len() + listing.more_ports as usize,
+        h.core.footprint().ports
+    );
+    assert_eq!(
+        listing.connections.len() + listing.more_connections as usize,
+        conns.len()
+    );
+    assert_eq!(listing.more_connections, 0, "connections get their half");
+    // Over the control port too, and the connection lives on.
+    let (reply, _) = h.control(conns[0], ControlRequest::List, vec![]);
+    assert!(matches!(reply, ControlReply::Listing(l) if l.more_ports > 0));
+    h.check_invariants();
+}
+
+#[test]
 fn bad_requests_get_errors_and_the_connection_lives() {
     let mut h = Harness::new();
     let (a, w) = h.connect();
