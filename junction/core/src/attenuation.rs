@@ -171,6 +171,21 @@ impl Core {
         }
     }
 
+    /// The capability `handle` of `conn` spent the last message of a budget
+    /// it draws from: it dies, and so does every watched capability that
+    /// shares that budget, each told once.
+    pub(super) fn budget_spent(&mut self, conn: ConnId, handle: u32) {
+        self.cap_died(conn, handle, Reason::Exhausted, |_| true);
+        let Some(budgets) = self.cap(conn, handle).map(|c| c.budgets.clone()) else {
+            return;
+        };
+        for budget in budgets {
+            for at in self.books.take_watchers_if_spent(budget) {
+                self.cap_died(at.conn, at.handle, Reason::Exhausted, |c| c.flow == at.flow);
+            }
+        }
+    }
+
     /// `cap`, which was `handle` in `conn`'s table, left it (dropped, moved,
     /// used up, its holder gone): it leaves its lineages and budgets, and
     /// if it was a lineage's root the lineage ends, since nobody can revoke
@@ -184,6 +199,9 @@ impl Core {
         };
         for &lineage in &cap.lineages {
             self.books.leave(lineage, at);
+        }
+        if cap.watched {
+            self.books.unwatch_budgets(&cap.budgets, at);
         }
         for &budget in &cap.budgets {
             self.books.unshare(budget);
@@ -237,7 +255,28 @@ impl Core {
                 }
                 for &budget in &cap.budgets {
                     *refs.entry(budget).or_default() += 1;
+                    // A watched capability still alive hears when its budget
+                    // runs out.
+                    if cap.watched && cap.dead.is_none() && !self.books.is_watching(budget, at) {
+                        return Err(format!(
+                            "c{} handle {handle:#x} is watched but its budget does not record it",
+                            c.serial
+                        ));
+                    }
                 }
+            }
+        }
+        for (budget, at) in self.books.budget_watchers() {
+            let drawing = self
+                .conns
+                .get(at.conn.key())
+                .and_then(|c| c.caps.get_ref(at))
+                .is_some_and(|cap| cap.watched && cap.budgets.contains(&budget));
+            if !drawing {
+                return Err(format!(
+                    "a budget keeps a watcher, handle {:#x} of {}, that does not draw from it",
+                    at.handle, at.conn
+                ));
             }
         }
         self.books.check(&members, &refs)

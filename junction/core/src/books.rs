@@ -30,6 +30,9 @@ struct Budget {
     left: u32,
     /// Capabilities in tables that draw from it.
     refs: u32,
+    /// Those of them whose holders watch them: told when it runs out,
+    /// whichever of them spent the last message.
+    watchers: BTreeSet<CapRef>,
 }
 
 /// Lineages, budgets and expiries.
@@ -108,6 +111,7 @@ impl Books {
             .insert(Budget {
                 left: messages,
                 refs: 0,
+                watchers: BTreeSet::new(),
             })
             .expect("budgets are bounded by the capabilities, far below 2^32")
     }
@@ -127,6 +131,47 @@ impl Books {
                 self.budgets.remove(budget);
             }
         }
+    }
+
+    /// `watcher`, which draws from `budgets`, is to hear when one runs out.
+    pub(crate) fn watch_budgets(&mut self, budgets: &[BudgetId], watcher: CapRef) {
+        for &id in budgets {
+            if let Some(b) = self.budgets.get_mut(id) {
+                b.watchers.insert(watcher);
+            }
+        }
+    }
+
+    /// `watcher` no longer watches (it left its table).
+    pub(crate) fn unwatch_budgets(&mut self, budgets: &[BudgetId], watcher: CapRef) {
+        for &id in budgets {
+            if let Some(b) = self.budgets.get_mut(id) {
+                b.watchers.remove(&watcher);
+            }
+        }
+    }
+
+    /// The watchers of `budget` if it has run out, taken out: each is told
+    /// once.
+    pub(crate) fn take_watchers_if_spent(&mut self, budget: BudgetId) -> BTreeSet<CapRef> {
+        match self.budgets.get_mut(budget) {
+            Some(b) if b.left == 0 => std::mem::take(&mut b.watchers),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// Every budget's recorded watchers, for the invariants.
+    pub(crate) fn budget_watchers(&self) -> impl Iterator<Item = (BudgetId, CapRef)> + '_ {
+        self.budgets
+            .iter()
+            .flat_map(|(id, b)| b.watchers.iter().map(move |&w| (id, w)))
+    }
+
+    /// Whether `watcher` is recorded as watching `budget`.
+    pub(crate) fn is_watching(&self, budget: BudgetId, watcher: CapRef) -> bool {
+        self.budgets
+            .get(budget)
+            .is_some_and(|b| b.watchers.contains(&watcher))
     }
 
     /// The fewest messages any of `budgets` still allows; `None` for no
@@ -181,7 +226,11 @@ impl Books {
     pub(crate) fn len(&self) -> usize {
         self.lineages.len()
             + self.lineages.values().map(BTreeSet::len).sum::<usize>()
-            + self.budgets.len()
+            + self
+                .budgets
+                .iter()
+                .map(|(_, b)| 1 + b.watchers.len())
+                .sum::<usize>()
             + self.expiries.len()
     }
 

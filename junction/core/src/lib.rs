@@ -942,6 +942,7 @@ impl Core {
             handle,
             flow: cap.flow,
         };
+        self.books.watch_budgets(&cap.budgets, at);
         let port = cap.port();
         match self.ports.get_mut(port) {
             Some(p) => {

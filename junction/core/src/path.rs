@@ -259,7 +259,7 @@ impl Core {
         };
         if exhausted {
             // The last unit is spent whatever becomes of this message.
-            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
+            self.budget_spent(conn, handle);
         }
 
         if envelope.rights.contains(Rights::SEND_ONCE)

@@ -1553,8 +1553,23 @@ mod limits {
             h.send(a, handle, vec![], b"once");
         }
         assert_eq!(h.delivered(owner).len(), 1, "one budget, one message");
-        let undeliverable = h
-            .take(a)
+        let told = h.take(a);
+        // The watched sibling heard as the budget ran out, at the first
+        // send, before any other sibling tried.
+        assert_eq!(
+            told.iter()
+                .filter(|f| matches!(f, Header::Dead { .. }))
+                .collect::<Vec<_>>(),
+            vec![&Header::Dead {
+                handle: all[3],
+                reason: Reason::Exhausted
+            }]
+        );
+        assert!(
+            matches!(told[0], Header::Dead { handle, .. } if handle == all[3]),
+            "{told:?}"
+        );
+        let undeliverable = told
             .iter()
             .filter(|f| {
                 matches!(
@@ -1567,7 +1582,7 @@ mod limits {
             })
             .count();
         assert_eq!(undeliverable, all.len() - 1);
-        // A sibling that is watched later hears at once.
+        // A sibling watched later hears at once.
         h.feed(a, Header::Watch { handle: all[100] });
         assert_eq!(
             h.take(a),
