@@ -23,7 +23,8 @@
 //! - the port table (`ports`): ports, their owners, in-flight messages,
 //!   watchers, and why dead ports died;
 //! - one capability table per connection (`caps`): handles, targets, flows;
-//! - the revocation and expiry books (`books`);
+//! - the revocation, budget and expiry books (`books`): lineages and
+//!   budgets hold exactly the capabilities in tables, and end with them;
 //! - the name registry (`registry`);
 //! - the message path (`path`): a `Send` or `Call` is *admitted* (rights,
 //!   credit, budget, expiry, attachments) into an envelope, a value that
@@ -227,7 +228,8 @@ pub struct Footprint {
     pub in_flight: usize,
     /// Flows whose capability left with messages in flight.
     pub orphan_flows: usize,
-    /// Entries in the revocation and expiry books, and port watchers.
+    /// Entries in the revocation, budget and expiry books, and port
+    /// watchers.
     pub book_entries: usize,
     /// Registered names.
     pub names: usize,
