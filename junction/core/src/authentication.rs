@@ -83,7 +83,7 @@ impl Core {
         if bytes > MAX_CHAIN_BYTES {
             return Err(Refusal::BadChain {
                 what: format!(
-                    "the verified chain takes {bytes} bytes, more than the {MAX_CHAIN_BYTES} a junction keeps and serves to lookups"
+                    "the verified chain takes {bytes} bytes, more than the {MAX_CHAIN_BYTES} a junction keeps and serves to lookups; use fewer or smaller certificates (fewer intermediate patterns)"
                 ),
             });
         }

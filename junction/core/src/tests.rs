@@ -2031,6 +2031,55 @@ mod identities {
     }
 
     #[test]
+    fn a_verified_chain_too_large_to_serve_is_refused() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (conn, w) = connect(&mut h, 1);
+        let middle = SecretKey::generate().unwrap();
+        let patterns = (0..400)
+            .map(|i| format!("org.acme.{}{i}.*", "p".repeat(40)).parse().unwrap())
+            .collect();
+        let intermediate = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: 20,
+                subject: middle.public(),
+                role: Role::Intermediate { patterns },
+                not_before: NOW - 10,
+                not_after: NOW + 10,
+                issuer: pki.authority.public(),
+            },
+            &pki.authority,
+        )
+        .unwrap();
+        let key = SecretKey::generate().unwrap();
+        let leaf = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: 21,
+                subject: key.public(),
+                role: Role::Client,
+                not_before: NOW - 10,
+                not_after: NOW + 10,
+                issuer: middle.public(),
+            },
+            &middle,
+        )
+        .unwrap();
+        let reply = authenticate(
+            &mut h,
+            conn,
+            vec![leaf, intermediate],
+            prove_possession(&key, &w.nonce, w.junction),
+        );
+        assert_eq!(refused(&reply), ErrorCode::BadCertificate);
+        assert!(
+            matches!(&reply, ControlReply::Refused { message, .. } if message.contains("16384")),
+            "{reply:?}"
+        );
+    }
+
+    #[test]
     fn a_chain_nobody_trusted_signed_is_refused_before_any_signature() {
         let pki = Pki::new();
         let mut h = harness(&pki);
