@@ -98,17 +98,27 @@ impl Core {
         cap.dead = original.dead;
         cap.expires_at = expires_at;
         cap.budgets = original.budgets;
-        if let Some(messages) = own_budget {
-            cap.budgets.push(self.books.new_budget(messages));
-        }
+        let budget = own_budget.map(|messages| self.books.new_budget(messages));
+        cap.budgets.extend(budget);
         cap.lineages = original.lineages;
         if a.revocable {
             let lineage = self.books.new_lineage();
             cap.lineages.push(lineage);
             cap.root = Some(lineage);
         }
-        let credits = cap.credits;
-        match self.insert_cap(conn, cap) {
+        let (credits, root) = (cap.credits, cap.root);
+        let inserted = self.insert_cap(conn, cap);
+        if inserted.is_none() {
+            // Not expected (the room was checked), but then nothing may
+            // stay in the books for it.
+            if let Some(budget) = budget {
+                self.books.unshare(budget);
+            }
+            if let Some(root) = root {
+                self.books.end(root);
+            }
+        }
+        match inserted {
             Some(handle) => self.frame(
                 conn,
                 Header::Minted {
