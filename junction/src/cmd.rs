@@ -195,6 +195,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_handles: file.max_handles.unwrap_or(defaults.max_handles),
             max_ports: file.max_ports.unwrap_or(defaults.max_ports),
             max_pending_calls: file.max_pending_calls.unwrap_or(defaults.max_pending_calls),
+            max_names: file.max_names.unwrap_or(defaults.max_names),
             trust,
             revocations,
             dev_namespace,
@@ -317,6 +318,12 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
             names
         );
     }
+    if listing.more_ports > 0 {
+        println!(
+            "… and {} more ports (the listing is cut to fit one frame)",
+            listing.more_ports
+        );
+    }
     println!();
     println!(
         "{:<8} {:<6} {:>8} {:>6} {:<8} {:>5} {:>7} {:>7}  LABEL / IDENTITY",
@@ -338,6 +345,12 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
                 Some(id) => format!("{} / {id}", c.label),
                 None => c.label.clone(),
             }
+        );
+    }
+    if listing.more_connections > 0 {
+        println!(
+            "… and {} more connections (the listing is cut to fit one frame)",
+            listing.more_connections
         );
     }
     Ok(())
@@ -367,6 +380,8 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
             "pending_calls": c.pending_calls,
             "identity": c.identity,
         })).collect::<Vec<_>>(),
+        "more_ports": listing.more_ports,
+        "more_connections": listing.more_connections,
     })
 }
 

@@ -9,6 +9,7 @@
 //! max_handles = 4096
 //! max_ports = 256
 //! max_pending_calls = 1024
+//! max_names = 64
 //! grace_ms = 3000
 //! hello_timeout_ms = 10000
 //! max_connections = 16384
@@ -42,6 +43,8 @@ pub struct FileConfig {
     pub max_ports: Option<u32>,
     /// Calls one connection may have waiting.
     pub max_pending_calls: Option<u32>,
+    /// Names one connection may register (default 64).
+    pub max_names: Option<u32>,
     /// Milliseconds children get between SIGTERM and SIGKILL at shutdown.
     pub grace_ms: Option<u64>,
     /// Milliseconds a new connection has to deliver its whole Hello frame

@@ -83,6 +83,12 @@ pub struct Listing {
     pub ports: Vec<PortInfo>,
     /// Every connection.
     pub connections: Vec<ConnectionInfo>,
+    /// Ports left out: the whole listing must fit in one frame, so past
+    /// `max_frame` it shows the first ports and connections that fit (each
+    /// side gets at least half) and counts the rest here.
+    pub more_ports: u32,
+    /// Connections left out, likewise.
+    pub more_connections: u32,
 }
 
 /// One port in a [`Listing`].

@@ -662,3 +662,246 @@ async fn a_service_decides_per_message_from_the_callers_proven_identity() {
         "{denied}"
     );
 }
+
+#[tokio::test]
+async fn an_attenuated_budget_is_shared_not_copied() {
+    let junction = TestJunction::start(&[]);
+    let holder = Driver::connect(&junction.socket).await.unwrap();
+    let owner = Driver::connect(&junction.socket).await.unwrap();
+    let mut port = owner.open_port().await.unwrap();
+    let full = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    // The holder gets a capability limited to one message...
+    let mut inbox = holder.open_port().await.unwrap();
+    let minted = inbox.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    holder.register("t.budget", &minted).await.unwrap();
+    let to_holder = owner.lookup("t.budget").await.unwrap();
+    let once = full
+        .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT).max_messages(1))
+        .await
+        .unwrap();
+    owner
+        .send_with(&to_holder, "yours", &[&once])
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(T, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let once = msg.caps.into_iter().next().expect("the capability came");
+    // ...and attenuates it 200 times, then sends on every one.
+    let mut all = vec![once];
+    for i in 0..200 {
+        let from = &all[i / 2];
+        let narrower = from
+            .attenuate(Attenuation::rights(Rights::SEND | Rights::GRANT))
+            .await
+            .unwrap();
+        all.push(narrower);
+    }
+    for cap in &all {
+        let _ = holder.send(cap, "one of 201").await;
+    }
+    holder.sync().await.unwrap();
+    let first = tokio::time::timeout(T, port.recv()).await.unwrap().unwrap();
+    assert_eq!(first.payload, Bytes::from_static(b"one of 201"));
+    let more = tokio::time::timeout(Duration::from_millis(500), port.recv()).await;
+    assert!(
+        more.is_err(),
+        "a one-message budget delivered a second message"
+    );
+}
+
+#[tokio::test]
+async fn junk_after_the_trusted_link_is_neither_kept_nor_served() {
+    let bus = Bus::start(&[]).await;
+    bus.pki.issue(
+        "junky",
+        "junky",
+        "authority",
+        &["--role", "service", "--name", "org.acme.junky"],
+    );
+    // The file holds the leaf and the authority's own certificate, which
+    // comes after the link the authority signed: not kept either.
+    let file = chain(&bus.pki.path("junky.cert"));
+    let leaf = file[..1].to_vec();
+    // Large certificates nobody signed, appended after the link the
+    // authority signed: verification never reaches them.
+    let mut junk = leaf[0].clone();
+    junk.body.role = junction_identity::Role::Service {
+        names: (0..2000)
+            .map(|i| format!("org.junk.name{i}").parse().unwrap())
+            .collect(),
+    };
+    let mut padded = file.clone();
+    padded.extend(std::iter::repeat_n(junk, 8 - file.len()));
+    let sent = postcard::to_allocvec(&padded).unwrap().len();
+    assert!(sent > 100_000, "{sent} bytes of chain");
+    let d = bus.driver().await;
+    d.authenticate(&key(&bus.pki.path("junky.key")), padded)
+        .await
+        .unwrap();
+    let port = d.open_port().await.unwrap();
+    let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+    d.register("org.acme.junky", &cap).await.unwrap();
+
+    let client = bus.driver().await;
+    let (_, served) = client.lookup_with_chain("org.acme.junky").await.unwrap();
+    let served = served.expect("registered with a certificate");
+    assert_eq!(served, leaf, "only the verified link is served");
+    let bytes = postcard::to_allocvec(&served).unwrap().len();
+    assert!(bytes < 2048, "a lookup serves {bytes} bytes of chain");
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn a_connection_gets_one_attempt_to_authenticate() {
+    let bus = Bus::start(&[]).await;
+    let echo_chain = chain(&bus.pki.path("echo.cert"));
+    let thief_key = SecretKey::generate().unwrap();
+    let (mut raw, w) = RawClient::hello(&bus.junction.socket);
+    let proof = prove_possession(&thief_key, &w.nonce, w.junction);
+    let attempt = |raw: &mut RawClient| {
+        raw.control(&ControlRequest::Authenticate {
+            chain: echo_chain.clone(),
+            proof: proof.clone(),
+        })
+        .0
+    };
+    match attempt(&mut raw) {
+        ControlReply::Refused { code, .. } => assert_eq!(code, ErrorCode::BadProof),
+        other => panic!("a wrong key was accepted: {other:?}"),
+    }
+    // Every later attempt is refused without a signature checked, while
+    // others keep being served.
+    let bystander = bus.driver().await;
+    let echo = bystander.lookup(NAME).await.unwrap();
+    for i in 0..200 {
+        match attempt(&mut raw) {
+            ControlReply::Refused { code, message } => {
+                assert_eq!(code, ErrorCode::AlreadyAuthenticated, "{message}");
+                assert!(message.contains("connect again"), "{message}");
+            }
+            other => panic!("attempt {i} was examined: {other:?}"),
+        }
+        if i % 50 == 0 {
+            let r = bystander.call(&echo, "still there?", T).await.unwrap();
+            assert_eq!(r.payload, Bytes::from_static(b"still there?"));
+        }
+    }
+    // The refusals are not logged one by one: the log cannot be flooded.
+    let logged = bus.junction.log().matches("refused").count();
+    assert!(logged < 10, "{logged} refusals logged");
+    bus.assert_legitimate_service_intact().await;
+}
+
+#[tokio::test]
+async fn names_are_bounded_per_connection_and_ls_always_answers() {
+    // A small frame, so that a few connections' names overflow it.
+    let junction = TestJunction::start(&["--max-frame", "65536"]);
+    let label = "x".repeat(60);
+    let mut hoarders = Vec::new();
+    for c in 0..8 {
+        let d = Driver::connect(&junction.socket).await.unwrap();
+        let port = d.open_port().await.unwrap();
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        for n in 0..64 {
+            let name = format!("t.{label}.{label}.{label}.c{c}n{n}");
+            d.register(&name, &cap).await.unwrap();
+        }
+        // The 65th name of one connection is refused, with what to do.
+        let err = d.register(&format!("t.c{c}.one-too-many"), &cap).await;
+        let (code, message) = code(err);
+        assert_eq!(code, ErrorCode::BadRegistration);
+        assert!(message.contains("64 names"), "{message}");
+        hoarders.push((d, port, cap));
+    }
+    // 8 × 64 names of 200 bytes do not fit in a 64 KiB frame: the listing
+    // is cut, says so, and everyone can still list.
+    let d = Driver::connect(&junction.socket).await.unwrap();
+    let listing = d.listing().await.unwrap();
+    assert!(listing.more_ports > 0, "{listing:?}");
+    assert_eq!(listing.more_connections, 0);
+    let out = junction.command(&["ls"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("more ports"), "{text}");
+}
+
+#[tokio::test]
+async fn lineages_of_dead_roots_do_not_grow_the_junction() {
+    use junction_road::Attenuate;
+    const BATCH: usize = 16;
+    let junction = TestJunction::start(&[]);
+    let (mut raw, w) = RawClient::hello(&junction.socket);
+    let home = w.home.port;
+    raw.send(Header::Mint {
+        req: 1,
+        port: home,
+        rights: Rights::SEND | Rights::GRANT,
+    });
+    let Header::Minted {
+        handle: to_home, ..
+    } = raw
+        .recv_until(|h| matches!(h, Header::Minted { .. }))
+        .header
+    else {
+        unreachable!()
+    };
+    // Each cycle makes revocable, budgeted roots and passes them to its
+    // own home port (budgeted, they move, so the roots leave their table),
+    // then drops what arrives: every lineage's root is gone.
+    let cycle = |raw: &mut RawClient| {
+        for req in 0..BATCH as u32 {
+            raw.send(Header::Attenuate(Attenuate {
+                req,
+                handle: to_home,
+                rights: Rights::SEND | Rights::GRANT,
+                expires_at: None,
+                max_messages: Some(1),
+                revocable: true,
+            }));
+        }
+        let mut roots = Vec::new();
+        while roots.len() < BATCH {
+            let f = raw.recv_until(|h| matches!(h, Header::Minted { .. }));
+            if let Header::Minted { handle, .. } = f.header {
+                roots.push(handle);
+            }
+        }
+        raw.send(Header::Send(Send {
+            handle: to_home,
+            caps: roots,
+        }));
+        let f = raw.recv_until(|h| matches!(h, Header::Deliver(_)));
+        let Header::Deliver(d) = f.header else {
+            unreachable!()
+        };
+        assert_eq!(d.caps.len(), BATCH);
+        for g in d.caps {
+            raw.send(Header::Drop { handle: g.handle });
+        }
+        raw.send(Header::Credit {
+            port: home,
+            count: 1,
+        });
+    };
+    for _ in 0..1000 {
+        cycle(&mut raw);
+    }
+    let warm = junction.rss_kib();
+    for _ in 0..5000 {
+        cycle(&mut raw);
+    }
+    // Before the fix each cycle left its lineages behind: about 12 MiB here.
+    let grown = junction.rss_kib().saturating_sub(warm);
+    assert!(
+        grown < 4 * 1024,
+        "the junction grew by {grown} KiB over 5000 cycles"
+    );
+    raw.send(Header::Ping { nonce: 7 });
+    raw.recv_until(|h| matches!(h, Header::Pong { nonce: 7 }));
+}

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use junction_identity::{Certificate, RevocationList, Signature, Verified, verify_possession};
+use junction_identity::{
+    Certificate, IdentityError, RevocationList, Role, Signature, Verified, cert::MAX_CHAIN,
+    verify_possession,
+};
 use junction_road::Identity;
 use junction_road::control::ControlReply;
 
@@ -14,13 +17,20 @@ impl Core {
     /// Checks a certificate chain and a proof of possession over this
     /// connection's nonce; on success the connection has a proven identity
     /// that every message it sends carries.
+    ///
+    /// Signature checks are the dear part, so their cost per connection is
+    /// bounded: a connection gets one attempt (a failed one spends it, and
+    /// later ones are refused without looking at them), and the cheap
+    /// checks (length, a trusted issuer, sizes) come before any signature.
+    /// Only the verified part of the chain, up to the link a trusted
+    /// authority signed, is kept and served to lookups.
     pub(super) fn authenticate(
         &mut self,
         conn: ConnId,
         chain: Vec<Certificate>,
         proof: &Signature,
     ) -> ControlReply {
-        let Some(c) = self.conns.get(conn.key()) else {
+        let Some(c) = self.conns.get_mut(conn.key()) else {
             return refused(Refusal::UnexpectedFrame {
                 frame: "Authenticate",
             });
@@ -28,37 +38,90 @@ impl Core {
         if c.identity.is_some() {
             return refused(Refusal::AlreadyAuthenticated);
         }
+        if c.authentication_failed {
+            return refused(Refusal::AuthenticationSpent);
+        }
         let nonce = c.nonce;
-        let checked = self
-            .config
-            .trust
-            .verify_chain(&chain, self.now.unix, self.config.revocations.as_ref())
-            .and_then(|verified| verify_possession(verified, &nonce, self.config.junction, proof));
-        let proven = match checked {
-            Ok(proven) => proven,
-            Err(e) => {
-                let refusal = Refusal::Identity(e);
+        match self.prove(chain, &nonce, proof) {
+            Ok((identity, chain)) => self.proven(conn, identity, chain),
+            Err(refusal) => {
+                if let Some(c) = self.conns.get_mut(conn.key()) {
+                    c.authentication_failed = true;
+                }
                 self.log_refusal(conn, &refusal.to_string());
-                return refused(refusal);
+                refused(refusal)
             }
+        }
+    }
+
+    /// The checks of `Authenticate`, cheapest first: the identity proven,
+    /// and the verified part of the chain.
+    fn prove(
+        &self,
+        mut chain: Vec<Certificate>,
+        nonce: &[u8; 32],
+        proof: &Signature,
+    ) -> Result<(Identity, Vec<Certificate>), Refusal> {
+        let trust = &self.config.trust;
+        if chain.is_empty() || chain.len() > MAX_CHAIN {
+            let len = chain.len();
+            return Err(Refusal::Identity(if len == 0 {
+                IdentityError::EmptyChain
+            } else {
+                IdentityError::ChainTooLong { len }
+            }));
+        }
+        // Verification stops at the first link a trusted authority signed;
+        // whatever follows it is never checked, so it is neither kept nor
+        // served. A chain with no such link is refused unsigned-checked.
+        let Some(last) = chain.iter().position(|c| trust.trusts(&c.body.issuer)) else {
+            let issuer = chain[chain.len() - 1].body.issuer;
+            return Err(Refusal::Identity(IdentityError::Untrusted { issuer }));
         };
-        let identity = Arc::new(Identity {
-            key: proven.key(),
-            names: proven.names().to_vec(),
-        });
+        chain.truncate(last + 1);
+        let bytes = postcard::to_allocvec(&chain).map_or(usize::MAX, |b| b.len());
+        if bytes > MAX_CHAIN_BYTES {
+            return Err(Refusal::BadChain {
+                what: format!(
+                    "the verified chain takes {bytes} bytes, more than the {MAX_CHAIN_BYTES} a junction keeps and serves to lookups; use fewer or smaller certificates (fewer intermediate patterns)"
+                ),
+            });
+        }
         // Every delivery carries the identity: it must fit the slack the
         // protocol gives a Deliver header.
-        let size = postcard::to_allocvec(identity.as_ref()).map_or(usize::MAX, |b| b.len());
+        let leaf = &chain[0];
+        let identity = Identity {
+            key: leaf.body.subject,
+            names: match &leaf.body.role {
+                Role::Service { names } => names.clone(),
+                _ => Vec::new(),
+            },
+        };
+        let size = postcard::to_allocvec(&identity).map_or(usize::MAX, |b| b.len());
         if size > MAX_IDENTITY_BYTES {
-            let refusal = Refusal::IdentityTooLarge {
+            return Err(Refusal::IdentityTooLarge {
                 names: identity.names.len(),
                 bytes: size,
                 limit: MAX_IDENTITY_BYTES,
-            };
-            self.log_refusal(conn, &refusal.to_string());
-            return refused(refusal);
+            });
         }
-        tracing::info!(conn = %conn, key = %proven.key(), names = ?identity.names, "identity proven");
+        trust
+            .verify_chain(&chain, self.now.unix, self.config.revocations.as_ref())
+            .and_then(|verified| verify_possession(verified, nonce, self.config.junction, proof))
+            .map_err(Refusal::Identity)?;
+        Ok((identity, chain))
+    }
+
+    /// `conn` proved `identity` with `chain`: every message it sends from
+    /// now on carries it, until the chain's first certificate expires.
+    fn proven(
+        &mut self,
+        conn: ConnId,
+        identity: Identity,
+        chain: Vec<Certificate>,
+    ) -> ControlReply {
+        let identity = Arc::new(identity);
+        tracing::info!(conn = %conn, key = %identity.key, names = ?identity.names, "identity proven");
         // Trust anchors are keys; their own certificates' windows do not count.
         let until = chain
             .iter()
@@ -167,3 +230,8 @@ impl Core {
 
 /// The most a proven identity may take on a delivery, in bytes.
 const MAX_IDENTITY_BYTES: usize = 2048;
+
+/// The most a kept chain may take, in bytes: it is served on every lookup
+/// of the names it registers, so it must stay small next to a lookup.
+/// Eight certificates with a full identity's names fit comfortably.
+pub(crate) const MAX_CHAIN_BYTES: usize = 16 * 1024;

@@ -10,6 +10,7 @@
 use junction_road::{Reason, Rights};
 
 use crate::ConnId;
+use crate::books::BudgetId;
 use crate::slab::{Key, Slab};
 
 /// The flow of messages sent on one capability; unique for the life of the
@@ -66,8 +67,10 @@ pub(crate) struct Cap {
     pub(crate) dead: Option<Reason>,
     /// Seconds since the Unix epoch from which it is dead.
     pub(crate) expires_at: Option<u64>,
-    /// Messages it may still send; a budgeted capability moves, never copies.
-    pub(crate) remaining: Option<u32>,
+    /// The budgets it spends from (see [`crate::books`]): its own, if it
+    /// was attenuated with one, and those of the capability it came from.
+    /// Shared, never copied; a budgeted capability moves when passed on.
+    pub(crate) budgets: Vec<BudgetId>,
     /// The revocable lineages it belongs to.
     pub(crate) lineages: Vec<u64>,
     /// The lineage this handle is the revocable root of.
@@ -93,7 +96,7 @@ impl Cap {
             reply_to,
             dead: None,
             expires_at: None,
-            remaining: None,
+            budgets: Vec::new(),
             lineages: Vec::new(),
             root: None,
             watched: false,
@@ -101,19 +104,20 @@ impl Cap {
     }
 
     /// A copy for another holder, on a new flow: every limit of the
-    /// original and its lineages, but not the power to revoke.
+    /// original (its budgets shared, not copied) and its lineages, but not
+    /// the power to revoke.
     pub(crate) fn copy(&self, flow: FlowId) -> Self {
         let mut copy = Cap::new(self.target, self.rights, self.reply_to, flow);
         copy.dead = self.dead;
         copy.expires_at = self.expires_at;
-        copy.remaining = self.remaining;
+        copy.budgets = self.budgets.clone();
         copy.lineages = self.lineages.clone();
         copy
     }
 
     /// Whether it must move rather than copy when passed on.
     pub(crate) fn moves(&self) -> bool {
-        self.rights.contains(Rights::SEND_ONCE) || self.remaining.is_some()
+        self.rights.contains(Rights::SEND_ONCE) || !self.budgets.is_empty()
     }
 
     /// The local port it reaches.

@@ -141,6 +141,13 @@ impl Core {
                 ),
             });
         }
+        // Names are bounded per connection, so the registry is bounded by
+        // the connections; counting costs at most `max_ports` lookups.
+        let limit = self.config.max_names;
+        if self.names_of(conn) >= limit as usize {
+            self.log_refusal(conn, &format!("{name}: {limit} names already"));
+            return refused(Refusal::TooManyNames { limit });
+        }
         let chain = match self.conns.get(conn.key()).and_then(|c| c.identity.clone()) {
             Some((identity, chain)) if identity.names.contains(&name) => Some(chain),
             _ if self.config.dev_namespace.iter().any(|p| p.matches(&name)) => {
@@ -189,52 +196,111 @@ impl Core {
         ControlReply::Registered
     }
 
-    /// A snapshot of ports, connections and names.
+    /// A snapshot of ports, connections and names, cut to fit one frame:
+    /// past `max_frame` it holds the first ports and connections that fit
+    /// (each side may take at least half the room) and counts the rest in
+    /// `more_ports` and `more_connections`. Entries left out are never
+    /// built.
     pub fn listing(&self) -> Listing {
         let junction = self.config.junction;
-        let ports = self
-            .ports
-            .iter()
-            .map(|(key, p)| PortInfo {
-                address: Address::new(junction, key.index as u16),
-                owner: p.owner.map(ConnId::get),
-                queued: p.in_flight.len() as u32,
-                senders: p.senders,
-                watchers: p.watchers.len() as u32,
-                names: p.names.iter().map(|n| n.to_string()).collect(),
-                home: p.home,
-            })
-            .collect();
-        let connections = self
+        let room = (self.config.max_frame as usize).saturating_sub(LISTING_ALLOWANCE);
+        let port_info = |(key, p): (crate::slab::Key, &crate::ports::Port)| PortInfo {
+            address: Address::new(junction, key.index as u16),
+            owner: p.owner.map(ConnId::get),
+            queued: p.in_flight.len() as u32,
+            senders: p.senders,
+            watchers: p.watchers.len() as u32,
+            names: p.names.iter().map(|n| n.to_string()).collect(),
+            home: p.home,
+        };
+        let connection_info = |c: &super::Conn| ConnectionInfo {
+            id: c.serial,
+            label: c.label.clone(),
+            road: c.peer.road.to_string(),
+            pid: c.peer.pid,
+            uid: c.peer.uid,
+            home: Address::new(junction, c.home),
+            ports: c.ports.len() as u32,
+            handles: c.caps.len() as u32,
+            replies: c.caps.replies(),
+            pending_calls: c.pending_calls,
+            identity: c.identity.as_ref().map(|(id, _)| {
+                let names: Vec<String> = id.names.iter().map(|n| n.to_string()).collect();
+                if names.is_empty() {
+                    id.key.to_hex()[..16].to_string()
+                } else {
+                    format!("{} {}", &id.key.to_hex()[..16], names.join(","))
+                }
+            }),
+        };
+        let total_ports = self.ports.iter().count();
+        let total_connections = self.conns.iter().filter(|(_, c)| c.ready).count();
+        let mut port_infos = self.ports.iter().map(port_info).peekable();
+        let mut connection_infos = self
             .conns
             .iter()
             .filter(|(_, c)| c.ready)
-            .map(|(_, c)| ConnectionInfo {
-                id: c.serial,
-                label: c.label.clone(),
-                road: c.peer.road.to_string(),
-                pid: c.peer.pid,
-                uid: c.peer.uid,
-                home: Address::new(junction, c.home),
-                ports: c.ports.len() as u32,
-                handles: c.caps.len() as u32,
-                replies: c.caps.replies(),
-                pending_calls: c.pending_calls,
-                identity: c.identity.as_ref().map(|(id, _)| {
-                    let names: Vec<String> = id.names.iter().map(|n| n.to_string()).collect();
-                    if names.is_empty() {
-                        id.key.to_hex()[..16].to_string()
-                    } else {
-                        format!("{} {}", &id.key.to_hex()[..16], names.join(","))
-                    }
-                }),
-            })
-            .collect();
+            .map(|(_, c)| connection_info(c))
+            .peekable();
+        let (mut ports, mut connections) = (Vec::new(), Vec::new());
+        let mut left = room;
+        // Ports take up to half, connections what remains, then ports what
+        // connections left.
+        let port_size = |p: &PortInfo| postcard::to_allocvec(p).ok().map(|b| b.len());
+        let connection_size = |c: &ConnectionInfo| postcard::to_allocvec(c).ok().map(|b| b.len());
+        fill(&mut port_infos, &mut ports, &mut left, room / 2, port_size);
+        fill(
+            &mut connection_infos,
+            &mut connections,
+            &mut left,
+            0,
+            connection_size,
+        );
+        fill(&mut port_infos, &mut ports, &mut left, 0, port_size);
         Listing {
             junction,
+            more_ports: (total_ports - ports.len()) as u32,
+            more_connections: (total_connections - connections.len()) as u32,
             ports,
             connections,
         }
+    }
+}
+
+/// Room kept in a listing's frame for the `Deliver` header, the lists'
+/// lengths and the counts of what was left out.
+const LISTING_ALLOWANCE: usize = 1024;
+
+/// Moves entries from `from` to `into` while each fits in `left` bytes and
+/// at least `keep` bytes stay free; stops at the first that does not, so a
+/// listing shows a prefix.
+fn fill<T>(
+    from: &mut std::iter::Peekable<impl Iterator<Item = T>>,
+    into: &mut Vec<T>,
+    left: &mut usize,
+    keep: usize,
+    size: impl Fn(&T) -> Option<usize>,
+) {
+    while let Some(next) = from.peek() {
+        let size = size(next).unwrap_or(usize::MAX);
+        if size.saturating_add(keep) > *left {
+            return;
+        }
+        *left -= size;
+        into.extend(from.next());
+    }
+}
+
+impl Core {
+    /// How many names `conn`'s ports hold.
+    fn names_of(&self, conn: ConnId) -> usize {
+        self.conns.get(conn.key()).map_or(0, |c| {
+            c.ports
+                .iter()
+                .filter_map(|&n| self.ports.key(n).and_then(|k| self.ports.get(k)))
+                .map(|p| p.names.len())
+                .sum()
+        })
     }
 }
 

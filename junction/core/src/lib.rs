@@ -23,7 +23,8 @@
 //! - the port table (`ports`): ports, their owners, in-flight messages,
 //!   watchers, and why dead ports died;
 //! - one capability table per connection (`caps`): handles, targets, flows;
-//! - the revocation and expiry books (`books`);
+//! - the revocation, budget and expiry books (`books`): lineages and
+//!   budgets hold exactly the capabilities in tables, and end with them;
 //! - the name registry (`registry`);
 //! - the message path (`path`): a `Send` or `Call` is *admitted* (rights,
 //!   credit, budget, expiry, attachments) into an envelope, a value that
@@ -107,6 +108,9 @@ pub struct Config {
     pub max_ports: u32,
     /// Calls one connection may have waiting for a reply.
     pub max_pending_calls: u32,
+    /// Names one connection may register (certified or in the development
+    /// namespace), so the registry is bounded by the connections.
+    pub max_names: u32,
     /// The authorities whose certificates this junction believes.
     pub trust: TrustStore,
     /// Certificates and keys the authority revoked.
@@ -127,6 +131,7 @@ impl Default for Config {
             max_handles: 4096,
             max_ports: 256,
             max_pending_calls: 1024,
+            max_names: 64,
             trust: TrustStore::new(),
             revocations: None,
             dev_namespace: Vec::new(),
@@ -229,7 +234,8 @@ pub struct Footprint {
     pub in_flight: usize,
     /// Flows whose capability left with messages in flight.
     pub orphan_flows: usize,
-    /// Entries in the revocation and expiry books, and port watchers.
+    /// Entries in the revocation, budget and expiry books, and port
+    /// watchers.
     pub book_entries: usize,
     /// Registered names.
     pub names: usize,
@@ -283,6 +289,8 @@ struct Conn {
     identity: Option<(Arc<Identity>, Arc<Vec<Certificate>>)>,
     /// When the first certificate of that chain expires.
     identity_until: u64,
+    /// Its one attempt to prove an identity failed (see `authenticate`).
+    authentication_failed: bool,
 }
 
 /// No handle, in an [`ErrorFrame`].
@@ -519,6 +527,7 @@ impl Core {
                 ));
             }
         }
+        self.check_books()?;
         for (name, reg) in self.registry.iter() {
             if self.ports.get(reg.port).is_none() {
                 return Err(format!("{name} names a dead port"));
@@ -570,6 +579,7 @@ impl Core {
             nonce,
             identity: None,
             identity_until: 0,
+            authentication_failed: false,
         };
         self.next_serial += 1;
         let serial = conn.serial;
@@ -838,7 +848,6 @@ impl Core {
         let port = cap.port();
         let flow = cap.flow;
         let expires_at = cap.expires_at;
-        let lineages = cap.lineages.clone();
         let metered = cap.metered();
         let c = self.conns.get_mut(conn.key())?;
         let handle = c.caps.insert(cap)?;
@@ -849,15 +858,8 @@ impl Core {
             p.senders += 1;
         }
         let at = CapRef { conn, handle, flow };
+        self.join_books(conn, handle);
         let conns = &self.conns;
-        for lineage in lineages {
-            self.books.join(lineage, at, |m| {
-                conns
-                    .get(m.conn.key())
-                    .and_then(|c| c.caps.get_ref(m))
-                    .is_some_and(|cap| cap.lineages.contains(&lineage))
-            });
-        }
         if let Some(when) = expires_at {
             self.books.expire_at(when, at, |when, m| {
                 conns
@@ -927,6 +929,7 @@ impl Core {
             self.orphans.adopt(cap.flow, cap.in_flight);
         }
         self.unwatch(conn, handle, &cap);
+        self.leave_books(conn, handle, &cap);
         Some(cap)
     }
 
@@ -984,10 +987,6 @@ impl Core {
     /// What must happen when a capability leaves every table.
     fn release(&mut self, cap: &Cap, reason: Reason) {
         self.sender_gone(cap.port());
-        // Without its root nobody can revoke the lineage: forget its members.
-        if let Some(lineage) = cap.root {
-            self.books.forget(lineage);
-        }
         if let Some(route) = cap.reply_to {
             self.call_failed(route, reason);
         }
@@ -1051,11 +1050,17 @@ impl Core {
             self.cap_died(conn, handle, Reason::Expired, |_| true);
             return;
         }
+        // A budget it shares may have been used up by another capability.
+        if self.books.exhausted(&cap.budgets) {
+            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
+            return;
+        }
         let at = CapRef {
             conn,
             handle,
             flow: cap.flow,
         };
+        self.books.watch_budgets(&cap.budgets, at);
         let port = cap.port();
         match self.ports.get_mut(port) {
             Some(p) => {
@@ -1170,6 +1175,7 @@ impl Core {
         };
         for (handle, cap) in c.caps.iter() {
             self.unwatch(conn, handle, cap);
+            self.leave_books(conn, handle, cap);
             self.release(cap, call_reason);
         }
     }

@@ -231,7 +231,13 @@ impl Core {
             return Err(refused(Refusal::TagInUse { tag }, metered));
         }
         let expired = cap.expires_at.is_some_and(|at| now >= at);
-        if let Some(reason) = cap.dead.or(expired.then_some(Reason::Expired)) {
+        // A shared budget may have run out on another capability.
+        let spent = self.books.exhausted(&cap.budgets);
+        if let Some(reason) = cap
+            .dead
+            .or(expired.then_some(Reason::Expired))
+            .or(spent.then_some(Reason::Exhausted))
+        {
             return Err(NotAdmitted::Dead {
                 reason,
                 seq,
@@ -259,11 +265,9 @@ impl Core {
             }
             cap.in_flight += 1;
         }
-        let mut exhausted = false;
-        if let Some(left) = &mut cap.remaining {
-            *left = left.saturating_sub(1);
-            exhausted = *left == 0;
-        }
+        // One message from each budget it draws from, shared with every
+        // capability attenuated from the same one.
+        let exhausted = !cap.budgets.is_empty() && self.books.spend(&cap.budgets);
         let envelope = Envelope {
             from: conn,
             origin,
@@ -285,7 +289,7 @@ impl Core {
         };
         if exhausted {
             // The last unit is spent whatever becomes of this message.
-            self.cap_died(conn, handle, Reason::Exhausted, |_| true);
+            self.budget_spent(conn, handle);
         }
 
         if envelope.rights.contains(Rights::SEND_ONCE)

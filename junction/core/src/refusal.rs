@@ -171,6 +171,23 @@ pub enum Refusal {
         /// The handle.
         handle: u32,
     },
+    /// An attenuation would nest more lineages or budgets than one
+    /// capability may carry.
+    #[error(
+        "a capability carries at most {limit} revocable lineages and {limit} message budgets; attenuate from a capability nearer the original instead"
+    )]
+    NestedTooDeep {
+        /// The limit on each.
+        limit: usize,
+    },
+    /// The connection holds as many names as it may.
+    #[error(
+        "this connection has registered {limit} names, the limit; unregister one (or close its port) first"
+    )]
+    TooManyNames {
+        /// The limit.
+        limit: u32,
+    },
     /// Registration needs exactly one capability, with send and grant, to
     /// a port the connection owns.
     #[error("{what}")]
@@ -202,6 +219,19 @@ pub enum Refusal {
     /// An identity proven once per connection.
     #[error("this connection has proven an identity already; connect again to use another")]
     AlreadyAuthenticated,
+    /// The connection's one attempt to prove an identity failed: each
+    /// attempt costs signature checks, so a connection gets one.
+    #[error(
+        "this connection's attempt to authenticate failed already, and a connection gets one attempt; connect again to try another chain or key"
+    )]
+    AuthenticationSpent,
+    /// The chain is larger than a proven chain may be, or says nothing a
+    /// trusted authority signed; refused before any signature is checked.
+    #[error("authentication refused: {what}")]
+    BadChain {
+        /// What was wrong.
+        what: String,
+    },
     /// The chain or proof did not hold.
     #[error("authentication refused: {0}")]
     Identity(IdentityError),
@@ -243,6 +273,10 @@ impl Refusal {
             Self::ControlSend | Self::BadControlRequest { .. } => ErrorCode::BadControlRequest,
             Self::CannotWiden { .. } => ErrorCode::CannotWiden,
             Self::NotRevocable { .. } => ErrorCode::NotRevocable,
+            Self::NestedTooDeep { .. } => ErrorCode::CannotWiden,
+            Self::TooManyNames { .. } => ErrorCode::BadRegistration,
+            Self::AuthenticationSpent => ErrorCode::AlreadyAuthenticated,
+            Self::BadChain { .. } => ErrorCode::BadCertificate,
             Self::BadRegistration { .. } => ErrorCode::BadRegistration,
             Self::NameNotGranted { .. } => ErrorCode::NameNotGranted,
             Self::NameTaken { .. } => ErrorCode::NameTaken,
@@ -289,6 +323,21 @@ mod tests {
                 Refusal::RepeatedAttachment { handle: 1 },
                 ErrorCode::BadCapabilityList,
                 "appears twice",
+            ),
+            (
+                Refusal::NestedTooDeep { limit: 8 },
+                ErrorCode::CannotWiden,
+                "nearer the original",
+            ),
+            (
+                Refusal::TooManyNames { limit: 64 },
+                ErrorCode::BadRegistration,
+                "unregister one",
+            ),
+            (
+                Refusal::AuthenticationSpent,
+                ErrorCode::AlreadyAuthenticated,
+                "connect again",
             ),
             (
                 Refusal::UnsupportedVersion { version: 9 },

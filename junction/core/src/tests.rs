@@ -1009,6 +1009,106 @@ fn names_are_unique_and_die_with_their_port() {
 }
 
 #[test]
+fn names_are_bounded_per_connection() {
+    let mut h = Harness::with(Config {
+        max_names: 3,
+        dev_namespace: vec!["*".parse().unwrap()],
+        ..Config::default()
+    });
+    let (a, _) = h.connect();
+    let port = h.open_port(a);
+    let cap = h.mint(a, port, Rights::SEND | Rights::GRANT);
+    let register = |h: &mut Harness, conn, name: &str, cap| {
+        h.control(
+            conn,
+            ControlRequest::Register {
+                name: name.parse().unwrap(),
+            },
+            vec![cap],
+        )
+        .0
+    };
+    for i in 0..3 {
+        assert_eq!(
+            register(&mut h, a, &format!("t.n{i}"), cap),
+            ControlReply::Registered
+        );
+    }
+    match register(&mut h, a, "t.n3", cap) {
+        ControlReply::Refused { code, message } => {
+            assert_eq!(code, ErrorCode::BadRegistration);
+            assert!(message.contains("unregister one"), "{message}");
+        }
+        other => panic!("a fourth name was registered: {other:?}"),
+    }
+    // Room again once a name goes; another connection has its own bound.
+    h.control(
+        a,
+        ControlRequest::Unregister {
+            name: "t.n0".parse().unwrap(),
+        },
+        vec![],
+    );
+    assert_eq!(register(&mut h, a, "t.n3", cap), ControlReply::Registered);
+    let (b, _) = h.connect();
+    let pb = h.open_port(b);
+    let cb = h.mint(b, pb, Rights::SEND | Rights::GRANT);
+    assert_eq!(register(&mut h, b, "t.b", cb), ControlReply::Registered);
+    h.check_invariants();
+}
+
+#[test]
+fn a_listing_always_fits_one_frame_and_says_what_it_left_out() {
+    let max_frame = 16 * 1024;
+    let mut h = Harness::with(Config {
+        max_frame,
+        dev_namespace: vec!["*".parse().unwrap()],
+        ..Config::default()
+    });
+    let long = "x".repeat(40);
+    let mut registered = 0;
+    let mut conns = Vec::new();
+    for c in 0..12 {
+        let (conn, _) = h.connect();
+        conns.push(conn);
+        let port = h.open_port(conn);
+        let cap = h.mint(conn, port, Rights::SEND | Rights::GRANT);
+        for n in 0..64 {
+            let name = format!("t.{long}.c{c}.n{n}");
+            let (r, _) = h.control(
+                conn,
+                ControlRequest::Register {
+                    name: name.parse().unwrap(),
+                },
+                vec![cap],
+            );
+            assert_eq!(r, ControlReply::Registered);
+            registered += 1;
+        }
+    }
+    assert_eq!(h.core.footprint().names, registered);
+    let listing = h.core.listing();
+    let bytes = postcard::to_allocvec(&ControlReply::Listing(listing.clone()))
+        .unwrap()
+        .len();
+    assert!(bytes <= max_frame as usize, "{bytes} bytes");
+    assert!(listing.more_ports > 0, "the names do not all fit");
+    assert_eq!(
+        listing.ports.len() + listing.more_ports as usize,
+        h.core.footprint().ports
+    );
+    assert_eq!(
+        listing.connections.len() + listing.more_connections as usize,
+        conns.len()
+    );
+    assert_eq!(listing.more_connections, 0, "connections get their half");
+    // Over the control port too, and the connection lives on.
+    let (reply, _) = h.control(conns[0], ControlRequest::List, vec![]);
+    assert!(matches!(reply, ControlReply::Listing(l) if l.more_ports > 0));
+    h.check_invariants();
+}
+
+#[test]
 fn bad_requests_get_errors_and_the_connection_lives() {
     let mut h = Harness::new();
     let (a, w) = h.connect();
@@ -1485,6 +1585,192 @@ mod limits {
     }
 
     #[test]
+    fn a_budget_is_shared_by_everything_attenuated_from_it() {
+        let (mut h, a, owner, _, cap) = setup();
+        let one = attenuate(&mut h, a, cap, Rights::SEND, None, Some(1), false).unwrap();
+        let mut all = vec![one];
+        for _ in 0..200 {
+            // Attenuated from the original, or from the last one made.
+            let from = all[all.len() / 2];
+            all.push(attenuate(&mut h, a, from, Rights::SEND, None, None, false).unwrap());
+        }
+        // An attenuation cannot make the budget larger, nor fresh.
+        assert_eq!(
+            attenuate(&mut h, a, all[7], Rights::SEND, None, Some(2), false),
+            Err(ErrorCode::CannotWiden)
+        );
+        let fresh = attenuate(&mut h, a, all[9], Rights::SEND, None, Some(1), false).unwrap();
+        all.push(fresh);
+        h.feed(a, Header::Watch { handle: all[3] });
+        assert!(h.take(a).is_empty(), "nothing spent yet");
+        for &handle in &all {
+            h.send(a, handle, vec![], b"once");
+        }
+        assert_eq!(h.delivered(owner).len(), 1, "one budget, one message");
+        let told = h.take(a);
+        // The watched sibling heard as the budget ran out, at the first
+        // send, before any other sibling tried.
+        assert_eq!(
+            told.iter()
+                .filter(|f| matches!(f, Header::Dead { .. }))
+                .collect::<Vec<_>>(),
+            vec![&Header::Dead {
+                handle: all[3],
+                reason: Reason::Exhausted
+            }]
+        );
+        assert!(
+            matches!(told[0], Header::Dead { handle, .. } if handle == all[3]),
+            "{told:?}"
+        );
+        let undeliverable = told
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f,
+                    Header::Undeliverable {
+                        reason: Reason::Exhausted,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(undeliverable, all.len() - 1);
+        // A sibling watched later hears at once.
+        h.feed(a, Header::Watch { handle: all[100] });
+        assert_eq!(
+            h.take(a),
+            vec![Header::Dead {
+                handle: all[100],
+                reason: Reason::Exhausted
+            }]
+        );
+        h.check_invariants();
+        // The budget goes with the last capability that draws from it.
+        for &handle in &all {
+            h.feed(a, Header::Drop { handle });
+        }
+        h.take(a);
+        assert_eq!(h.core.footprint().book_entries, 0);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_tighter_budget_spends_from_the_looser_one_too() {
+        let (mut h, a, owner, _, cap) = setup();
+        let three = attenuate(&mut h, a, cap, Rights::SEND, None, Some(3), false).unwrap();
+        let two = attenuate(&mut h, a, three, Rights::SEND, None, Some(2), false).unwrap();
+        h.send(a, two, vec![], b"1");
+        h.send(a, two, vec![], b"2");
+        h.send(a, three, vec![], b"3");
+        h.send(a, three, vec![], b"4: over");
+        assert_eq!(h.delivered(owner).len(), 3);
+        h.check_invariants();
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let (mut h, a, _, _, cap) = setup();
+        let mut last = cap;
+        for n in 0..8 {
+            last = attenuate(
+                &mut h,
+                a,
+                last,
+                Rights::SEND | Rights::GRANT,
+                None,
+                Some(100 - n),
+                true,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            attenuate(&mut h, a, last, Rights::SEND, None, Some(1), false),
+            Err(ErrorCode::CannotWiden)
+        );
+        assert_eq!(
+            attenuate(&mut h, a, last, Rights::SEND, None, None, true),
+            Err(ErrorCode::CannotWiden)
+        );
+        // Sharing what it has is always allowed.
+        attenuate(&mut h, a, last, Rights::SEND, None, None, false).unwrap();
+        h.check_invariants();
+    }
+
+    #[test]
+    fn lineages_of_dead_roots_leave_the_books() {
+        let (mut h, a, owner, _, cap) = setup();
+        let (b, wb) = h.connect();
+        let (c, wc) = h.connect();
+        let a_to_b = h
+            .core
+            .new_cap(a, port_key(wb.home.port, 0), Rights::SEND, None)
+            .unwrap();
+        let b_to_c = h
+            .core
+            .new_cap(b, port_key(wc.home.port, 0), Rights::SEND, None)
+            .unwrap();
+        let grant = Rights::SEND | Rights::GRANT;
+        let cycle = |h: &mut Harness| {
+            // A revocable root, passed on; the root is dropped first, then
+            // its copy travels on and is dropped.
+            let root = attenuate(h, a, cap, grant, None, None, true).unwrap();
+            let inner = attenuate(h, a, root, grant, None, None, true).unwrap();
+            h.send(a, a_to_b, vec![root, inner], b"");
+            let got = h.delivered(b)[0].caps.clone();
+            h.feed(a, Header::Drop { handle: root });
+            h.send(b, b_to_c, vec![got[0].handle], b"");
+            let at_c = h.delivered(c)[0].caps[0].handle;
+            h.feed(c, Header::Drop { handle: at_c });
+            h.feed(a, Header::Revoke { handle: inner });
+            h.feed(
+                b,
+                Header::Drop {
+                    handle: got[0].handle,
+                },
+            );
+            h.feed(
+                b,
+                Header::Drop {
+                    handle: got[1].handle,
+                },
+            );
+            h.feed(a, Header::Drop { handle: inner });
+            // A budgeted revocable root moves when passed on: its lineage
+            // ends, since nobody can revoke it any more.
+            let moving = attenuate(h, a, cap, grant, None, Some(5), true).unwrap();
+            h.send(a, a_to_b, vec![moving], b"");
+            let moved = h.delivered(b)[0].caps[0].handle;
+            h.send(b, moved, vec![], b"spent");
+            h.feed(b, Header::Drop { handle: moved });
+            // Messages consumed, so that nothing is left in flight.
+            for (conn, home) in [(b, wb.home.port), (c, wc.home.port)] {
+                h.feed(
+                    conn,
+                    Header::Credit {
+                        port: home,
+                        count: 16,
+                    },
+                );
+            }
+            h.feed(owner, Header::Credit { port: 0, count: 0 });
+            for conn in [a, b, c, owner] {
+                h.take(conn);
+            }
+            h.check_invariants();
+        };
+        cycle(&mut h);
+        let settled = h.core.footprint();
+        for _ in 1..500 {
+            cycle(&mut h);
+        }
+        let after = h.core.footprint();
+        assert_eq!(after.capabilities, settled.capabilities);
+        assert_eq!(after.book_entries, settled.book_entries, "flat");
+        assert_eq!(after.book_entries, 0, "no lineage outlives its root");
+    }
+
+    #[test]
     fn expiry_kills_on_time_and_watchers_hear() {
         let (mut h, a, owner, _, cap) = setup();
         h.now.unix = 1000;
@@ -1769,6 +2055,109 @@ mod identities {
     }
 
     #[test]
+    fn only_the_verified_chain_is_kept_and_served() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (svc, w) = connect(&mut h, 1);
+        let (key, cert) = pki.service(5, &["org.acme.echo"]);
+        // Junk after the link the authority signed: never verified.
+        let (_, junk) = Pki::new().service(9, &["org.junk.a", "org.junk.b"]);
+        let proof = prove_possession(&key, &w.nonce, w.junction);
+        let reply = authenticate(&mut h, svc, vec![cert.clone(), junk.clone(), junk], proof);
+        assert!(matches!(reply, ControlReply::Authenticated(_)), "{reply:?}");
+        assert_eq!(
+            register(&mut h, svc, "org.acme.echo"),
+            ControlReply::Registered
+        );
+        let (client, _) = connect(&mut h, 2);
+        let (reply, _) = h.control(
+            client,
+            ControlRequest::Lookup {
+                name: "org.acme.echo".parse().unwrap(),
+            },
+            vec![],
+        );
+        assert!(
+            matches!(&reply, ControlReply::Found { chain: Some(chain), .. } if chain == &vec![cert]),
+            "{reply:?}"
+        );
+        h.check_invariants();
+    }
+
+    #[test]
+    fn a_verified_chain_too_large_to_serve_is_refused() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (conn, w) = connect(&mut h, 1);
+        let middle = SecretKey::generate().unwrap();
+        let patterns = (0..400)
+            .map(|i| format!("org.acme.{}{i}.*", "p".repeat(40)).parse().unwrap())
+            .collect();
+        let intermediate = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: 20,
+                subject: middle.public(),
+                role: Role::Intermediate { patterns },
+                not_before: NOW - 10,
+                not_after: NOW + 10,
+                issuer: pki.authority.public(),
+            },
+            &pki.authority,
+        )
+        .unwrap();
+        let key = SecretKey::generate().unwrap();
+        let leaf = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: 21,
+                subject: key.public(),
+                role: Role::Client,
+                not_before: NOW - 10,
+                not_after: NOW + 10,
+                issuer: middle.public(),
+            },
+            &middle,
+        )
+        .unwrap();
+        let reply = authenticate(
+            &mut h,
+            conn,
+            vec![leaf, intermediate],
+            prove_possession(&key, &w.nonce, w.junction),
+        );
+        assert_eq!(refused(&reply), ErrorCode::BadCertificate);
+        assert!(
+            matches!(&reply, ControlReply::Refused { message, .. } if message.contains("16384")),
+            "{reply:?}"
+        );
+    }
+
+    #[test]
+    fn a_chain_nobody_trusted_signed_is_refused_before_any_signature() {
+        let pki = Pki::new();
+        let mut h = harness(&pki);
+        let (conn, w) = connect(&mut h, 1);
+        let rogue = Pki::new();
+        let (rkey, rcert) = rogue.service(6, &["org.acme.echo"]);
+        // A bad proof too: the untrusted issuer is what is reported, since
+        // it is found first and costs nothing.
+        drop(rkey);
+        let other = SecretKey::generate().unwrap();
+        let reply = authenticate(
+            &mut h,
+            conn,
+            vec![rcert; 8],
+            prove_possession(&other, &w.nonce, w.junction),
+        );
+        assert_eq!(refused(&reply), ErrorCode::BadCertificate);
+        assert!(
+            matches!(&reply, ControlReply::Refused { message, .. } if message.contains("not a trusted authority")),
+            "{reply:?}"
+        );
+    }
+
+    #[test]
     fn impostors_are_refused_and_the_owner_keeps_its_name() {
         let pki = Pki::new();
         let mut h = harness(&pki);
@@ -1793,9 +2182,23 @@ mod identities {
             )),
             ErrorCode::BadProof
         );
+        // One attempt per connection: the next is refused unexamined, even
+        // a good one.
+        let spent = authenticate(
+            &mut h,
+            thief,
+            vec![cert.clone()],
+            prove_possession(&key, &tw.nonce, tw.junction),
+        );
+        assert_eq!(refused(&spent), ErrorCode::AlreadyAuthenticated);
+        assert!(
+            matches!(&spent, ControlReply::Refused { message, .. } if message.contains("connect again")),
+            "{spent:?}"
+        );
         // A proof replayed from another connection.
+        let (replayer, _) = connect(&mut h, 6);
         assert_eq!(
-            refused(&authenticate(&mut h, thief, vec![cert.clone()], proof)),
+            refused(&authenticate(&mut h, replayer, vec![cert.clone()], proof)),
             ErrorCode::BadProof
         );
         // No identity at all.
@@ -1806,12 +2209,13 @@ mod identities {
         // A certificate from an untrusted authority.
         let rogue = Pki::new();
         let (rkey, rcert) = rogue.service(6, &["org.acme.echo"]);
+        let (untrusted, uw) = connect(&mut h, 7);
         assert_eq!(
             refused(&authenticate(
                 &mut h,
-                thief,
+                untrusted,
                 vec![rcert],
-                prove_possession(&rkey, &tw.nonce, tw.junction)
+                prove_possession(&rkey, &uw.nonce, uw.junction)
             )),
             ErrorCode::BadCertificate
         );

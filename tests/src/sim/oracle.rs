@@ -149,7 +149,9 @@ struct ShadowCap {
     lineages: Vec<u64>,
     root: Option<u64>,
     expires_at: Option<u64>,
-    budget: Option<u32>,
+    /// The budgets it spends from, shared with every capability
+    /// attenuated from the same one (ids into `Shadow::budgets`).
+    budgets: Vec<u64>,
     seq: u64,
     /// For a reply capability: the caller's connection and tag.
     reply_to: Option<(u64, u64)>,
@@ -169,7 +171,7 @@ impl ShadowCap {
             lineages: Vec::new(),
             root: None,
             expires_at: None,
-            budget: None,
+            budgets: Vec::new(),
             seq: 0,
             reply_to: None,
             watched: false,
@@ -178,7 +180,7 @@ impl ShadowCap {
     }
 
     fn moves(&self) -> bool {
-        self.rights.contains(Rights::SEND_ONCE) || self.budget.is_some()
+        self.rights.contains(Rights::SEND_ONCE) || !self.budgets.is_empty()
     }
 }
 
@@ -258,6 +260,9 @@ struct Shadow<'a> {
     next_inst: u64,
     next_lineage: u64,
     revoked: HashSet<u64>,
+    /// Messages left in each budget, by the shadow's own ids.
+    budgets: HashMap<u64, u32>,
+    next_budget: u64,
     reqs: HashMap<(u64, u32), Req>,
     msgs: HashMap<MsgId, Msg>,
     by_seq: HashMap<(CapKey, u64), MsgId>,
@@ -324,6 +329,8 @@ fn replay<'a>(config: &'a Config, trace: &[TraceEntry]) -> Shadow<'a> {
         next_inst: 0,
         next_lineage: 1,
         revoked: HashSet::new(),
+        budgets: HashMap::new(),
+        next_budget: 1,
         reqs: HashMap::new(),
         msgs: HashMap::new(),
         by_seq: HashMap::new(),
@@ -930,6 +937,15 @@ impl Shadow<'_> {
                     return;
                 };
                 let mut lineages = from.lineages.clone();
+                // Budgets are shared, never copied: the new capability
+                // spends from the original's, and from its own if it has one.
+                let mut budgets = from.budgets.clone();
+                if let Some(n) = a.max_messages {
+                    let b = self.next_budget;
+                    self.next_budget += 1;
+                    self.budgets.insert(b, n);
+                    budgets.push(b);
+                }
                 let root = a.revocable.then(|| {
                     let l = self.next_lineage;
                     self.next_lineage += 1;
@@ -943,7 +959,7 @@ impl Shadow<'_> {
                     lineages,
                     root,
                     expires_at: a.expires_at.or(from.expires_at),
-                    budget: a.max_messages.or(from.budget),
+                    budgets,
                     seq: 0,
                     reply_to: None,
                     watched: false,
@@ -1018,11 +1034,12 @@ impl Shadow<'_> {
             *delivered = true;
         }
         self.check_delivery(conn, d, sender, &cap, inc, id);
-        // Budget: one message of it is gone.
-        if let Some(c) = self.caps.get_mut(&(sender, handle))
-            && let Some(b) = &mut c.budget
-        {
-            *b = b.saturating_sub(1);
+        // Budget: one message of each it draws from is gone (the core may
+        // have spent more, on messages it refused; never fewer).
+        for b in &cap.budgets {
+            if let Some(left) = self.budgets.get_mut(b) {
+                *left = left.saturating_sub(1);
+            }
         }
         // Capabilities travel: copies keep the limits and lineages; those
         // that move leave the sender.
@@ -1034,7 +1051,7 @@ impl Shadow<'_> {
             ));
         }
         self.summary.passed += d.caps.len() as u64;
-        if !cap.lineages.is_empty() || cap.expires_at.is_some() || cap.budget.is_some() {
+        if !cap.lineages.is_empty() || cap.expires_at.is_some() || !cap.budgets.is_empty() {
             self.summary.limited_deliveries += 1;
         }
         for (h, g) in caps.iter().zip(&d.caps) {
@@ -1136,7 +1153,7 @@ impl Shadow<'_> {
                 "message {id:?} from c{sender} delivered at {unix} on a capability that expired at {at}"
             ));
         }
-        if cap.budget == Some(0) {
+        if cap.budgets.iter().any(|b| self.budgets.get(b) == Some(&0)) {
             self.fail(format!(
                 "message {id:?} from c{sender} delivered on a capability with no budget left"
             ));
