@@ -139,11 +139,12 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
     let mut lock_name = name.to_owned();
     lock_name.push(".lock");
     let lock_path = dir.join(lock_name);
-    let lock = take_lock(&lock_path)
-        .map_err(listen_err)?
-        .ok_or_else(|| ServeError::AlreadyRunning {
-            path: path.to_owned(),
-        })?;
+    let lock =
+        take_lock(&lock_path)
+            .map_err(listen_err)?
+            .ok_or_else(|| ServeError::AlreadyRunning {
+                path: path.to_owned(),
+            })?;
     // We hold the lock, so a socket file here is left over from a junction
     // that died without cleaning up.
     if std::fs::symlink_metadata(path).is_ok() {

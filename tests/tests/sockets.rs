@@ -235,13 +235,10 @@ fn the_tmpdir_fallback_directory_must_be_private_to_the_user() {
     // junction and by every client.
     let checks: [(&str, &dyn Fn()); 3] = [
         ("must be private", &|| chmod(&dir, 0o755)),
-        (
-            "belongs to user 12345",
-            &|| {
-                chmod(&dir, 0o700);
-                chown(&dir, STRANGER);
-            },
-        ),
+        ("belongs to user 12345", &|| {
+            chmod(&dir, 0o700);
+            chown(&dir, STRANGER);
+        }),
         ("is a symbolic link", &|| {
             std::fs::remove_dir_all(&dir).unwrap();
             let elsewhere = f.tmp.path().join("elsewhere");
