@@ -212,7 +212,17 @@ fn take_lock(path: &Path) -> std::io::Result<Option<File>> {
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)?;
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the lock file {} is a symbolic link, which is never followed; remove it",
+                        path.display()
+                    ),
+                ),
+                _ => e,
+            })?;
         let meta = file.metadata()?;
         let me = unix_road::effective_uid()?;
         if !meta.is_file() || meta.uid() != me {
