@@ -72,18 +72,28 @@ use conn::Shared;
 pub const SOCKET_ENV: &str = "JUNCTION_SOCKET";
 
 /// The socket a Junction listens on when nothing says otherwise:
-/// `$XDG_RUNTIME_DIR/junction.sock`, else `junction-<uid>/junction.sock`
-/// in the temp dir.
+/// `$XDG_RUNTIME_DIR/junction.sock`, else `junction.sock` in
+/// [`fallback_socket_dir`].
 pub fn default_socket_path() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("junction.sock"),
-        _ => {
-            let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
-            std::env::temp_dir()
-                .join(format!("junction-{user}"))
-                .join("junction.sock")
-        }
+        _ => fallback_socket_dir().join("junction.sock"),
     }
+}
+
+/// The directory for the socket without `$XDG_RUNTIME_DIR`:
+/// `junction-$USER` (or `junction-<uid>` without `$USER`) in the temp dir.
+/// The temp dir is shared, so this directory must be private to its user
+/// ([`DirRule::Private`](junction_road::transport::unix::DirRule)): the
+/// junction creates it `0700`, and clients and the junction refuse it
+/// otherwise.
+pub fn fallback_socket_dir() -> PathBuf {
+    let user = match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => user,
+        _ => junction_road::transport::unix::effective_uid()
+            .map_or_else(|_| "user".into(), |uid| uid.to_string()),
+    };
+    std::env::temp_dir().join(format!("junction-{user}"))
 }
 
 /// The socket named by `$JUNCTION_SOCKET`, else [`default_socket_path`].
@@ -98,6 +108,35 @@ pub fn socket_path() -> PathBuf {
 /// the handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How far the directory of the socket at `path` must be this user's own:
+/// private if it is the [`fallback_socket_dir`], else safe (see
+/// [`DirRule`](junction_road::transport::unix::DirRule)).
+pub fn socket_dir_rule(path: &Path) -> junction_road::transport::unix::DirRule {
+    use junction_road::transport::unix::DirRule;
+    match path.parent() {
+        Some(dir) if dir == fallback_socket_dir() => DirRule::Private,
+        _ => DirRule::Safe,
+    }
+}
+
+/// The directory of the socket at `path`, `.` for a bare file name.
+pub fn socket_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// The one check every client makes before it connects to `path`, and the
+/// junction before it binds there: the socket's directory must be this
+/// user's own ([`socket_dir_rule`]), or whoever controls it could stand in
+/// for the junction, read what clients send and relay their proofs.
+pub fn check_socket_path(
+    path: &Path,
+) -> Result<(), junction_road::transport::unix::SocketDirError> {
+    junction_road::transport::unix::check_socket_dir(socket_dir(path), socket_dir_rule(path))
+}
+
 /// One connection to a Junction. Clones share the connection.
 #[derive(Clone, Debug)]
 pub struct Driver {
@@ -108,19 +147,14 @@ impl Driver {
     /// Connects to the Junction at `$JUNCTION_SOCKET`, or at the default
     /// socket.
     pub async fn connect_default() -> Result<Driver, Error> {
-        let path = socket_path();
-        // A socket in a directory another user owns may not be the junction.
-        if let Some(dir) = path.parent() {
-            junction_road::transport::unix::check_owner(dir).map_err(|source| Error::Connect {
-                path: path.clone(),
-                source,
-            })?;
-        }
-        Self::connect(&path).await
+        Self::connect(&socket_path()).await
     }
 
-    /// Connects to the Junction listening at `path`, giving up after
-    /// [`CONNECT_TIMEOUT`].
+    /// Connects to the Junction listening at `path`, after checking that
+    /// its directory is this user's own ([`check_socket_path`]), giving up
+    /// after [`CONNECT_TIMEOUT`]. An explicit path gets the same check as
+    /// the default one: a caller that names a socket trusts whoever
+    /// controls its directory just as much.
     ///
     /// A connection holds one file descriptor. The library leaves the
     /// process's descriptor limit alone; a program that opens more than
@@ -130,11 +164,14 @@ impl Driver {
         Self::connect_within(path, CONNECT_TIMEOUT).await
     }
 
-    /// Connects to the Junction listening at `path`; fails with
-    /// [`Error::NoAnswer`] when the connection and the handshake are not
-    /// through within `timeout` (a junction that is stopped, or wedged,
-    /// must not hang its clients).
+    /// As [`Driver::connect`]; fails with [`Error::NoAnswer`] when the
+    /// connection and the handshake are not through within `timeout` (a
+    /// junction that is stopped, or wedged, must not hang its clients).
     pub async fn connect_within(path: &Path, timeout: Duration) -> Result<Driver, Error> {
+        check_socket_path(path).map_err(|e| Error::Connect {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, e),
+        })?;
         let connect = async {
             let (reader, writer) =
                 junction_road::transport::unix::connect(path, junction_road::DEFAULT_MAX_FRAME)

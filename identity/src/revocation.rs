@@ -15,7 +15,14 @@ pub const REVOCATION_LABEL: &str = "JUNCTION REVOCATION LIST";
 pub struct RevocationBody {
     /// The authority that signed it.
     pub issuer: PublicKey,
-    /// When it was made (seconds since the Unix epoch); a newer list replaces an older one.
+    /// Which list this is: each list the authority makes carries a number
+    /// greater than the last one's (`junction cert revoke` counts from 1).
+    /// A junction replaces the list in force only with a higher number, so
+    /// neither an old list nor another one made in the same second can
+    /// bring a revoked certificate back.
+    pub number: u64,
+    /// When it was made (seconds since the Unix epoch); for people, not
+    /// for ordering: two lists can be made in the same second.
     pub issued_at: u64,
     /// Revoked certificate serials.
     pub serials: Vec<u64>,

@@ -225,6 +225,7 @@ fn revocation_by_serial_and_by_key() {
     let list = RevocationList::issue(
         RevocationBody {
             issuer: b.authority.public(),
+            number: 1,
             issued_at: NOW,
             serials: vec![7],
             keys: vec![],
@@ -244,6 +245,7 @@ fn revocation_by_serial_and_by_key() {
     let by_key = RevocationList::issue(
         RevocationBody {
             issuer: b.authority.public(),
+            number: 1,
             issued_at: NOW,
             serials: vec![],
             keys: vec![key.public()],
@@ -261,6 +263,7 @@ fn revocation_by_serial_and_by_key() {
     let fake = RevocationList::issue(
         RevocationBody {
             issuer: rogue.public(),
+            number: 1,
             issued_at: NOW,
             serials: vec![],
             keys: vec![],

@@ -168,7 +168,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let dir = std::env::temp_dir().join(format!("junction-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // Private whatever the umask: the sockets go in it, and a directory
+    // others may write in is refused.
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir)?;
     // The measuring loops run in a spawned task, as a driver's hot loop
     // should: on a current-thread runtime, waking the `block_on` future costs
     // an extra zero-timeout poll of the I/O driver on every wake-up.

@@ -288,7 +288,11 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         println!("{}", listing_json(&listing));
         return Ok(());
     }
-    println!("junction {} at {}", listing.junction, socket.display());
+    println!(
+        "junction {} at {}",
+        listing.junction,
+        escape(&socket.to_string_lossy())
+    );
     println!();
     println!(
         "{:<10} {:<8} {:>7} {:>8}  NAMES",
@@ -298,7 +302,7 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         let owner = p
             .owner
             .map_or_else(|| "junction".to_string(), |o| format!("c{o}"));
-        let mut names = p.names.join(",");
+        let mut names = escape(&p.names.join(","));
         if p.home {
             names = if names.is_empty() {
                 "(home)".into()
@@ -325,8 +329,11 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         );
     }
     println!();
+    // A label is whatever the peer wrote in its Hello; only the identity
+    // was proven. So the label is quoted and marked as a claim, after the
+    // identity, and never in the identity's place.
     println!(
-        "{:<8} {:<6} {:>8} {:>6} {:<8} {:>5} {:>7} {:>7}  LABEL / IDENTITY",
+        "{:<8} {:<6} {:>8} {:>6} {:<8} {:>5} {:>7} {:>7}  PROVEN IDENTITY; CLAIMED LABEL",
         "CONN", "ROAD", "PID", "UID", "HOME", "PORTS", "HANDLES", "CALLS"
     );
     for c in &listing.connections {
@@ -341,10 +348,7 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
             c.ports,
             c.handles,
             c.pending_calls,
-            match &c.identity {
-                Some(id) => format!("{} / {id}", c.label),
-                None => c.label.clone(),
-            }
+            who(c.identity.as_deref(), &c.label)
         );
     }
     if listing.more_connections > 0 {
@@ -354,6 +358,47 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The last column of a connection in `junction ls`: the proven identity,
+/// if any, then the label as a quoted claim, both escaped.
+fn who(identity: Option<&str>, label: &str) -> String {
+    let claim = format!("claims \"{}\"", escape(label));
+    match identity {
+        Some(id) => format!("{}; {claim}", escape(id)),
+        None => format!("anonymous; {claim}"),
+    }
+}
+
+/// `text` safe to print on a terminal: control characters, the Unicode
+/// bidirectional controls (which can reorder what follows them, so a label
+/// could seem to say something else), line and paragraph separators, and
+/// the backslash and double quote (so a quoted claim cannot seem to end
+/// early) are written as escapes such as `\u{202e}`.
+pub(crate) fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{061c}'
+                        | '\u{200e}'
+                        | '\u{200f}'
+                        | '\u{2028}'
+                        | '\u{2029}'
+                        | '\u{202a}'..='\u{202e}'
+                        | '\u{2066}'..='\u{2069}'
+                ) =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value {
@@ -522,5 +567,29 @@ pub(crate) async fn attach() -> anyhow::Result<Driver> {
         Ok(Driver::from_stdio().await?)
     } else {
         Ok(Driver::connect_default().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{escape, who};
+
+    #[test]
+    fn labels_are_claims_and_are_escaped() {
+        // A right-to-left override would make the rest read backwards.
+        let label = "evil\u{202e}gnp.exe\u{2066}\u{200f}\u{061c}\u{1b}[31m\n\"x\\";
+        let shown = who(None, label);
+        assert_eq!(
+            shown,
+            r#"anonymous; claims "evil\u{202e}gnp.exe\u{2066}\u{200f}\u{61c}\u{1b}[31m\u{a}\"x\\""#
+        );
+        assert!(!shown.chars().any(|c| c.is_control() || c > '\u{7f}'));
+        // A proven identity comes first; the label still only claims.
+        assert_eq!(
+            who(Some("org.acme.echo (key 0011)"), "org.acme.bank"),
+            r#"org.acme.echo (key 0011); claims "org.acme.bank""#
+        );
+        // Ordinary text, accents included, is left alone.
+        assert_eq!(escape("junction échо"), "junction échо");
     }
 }

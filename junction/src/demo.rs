@@ -31,7 +31,11 @@ fn service(name: &str) -> anyhow::Result<Role> {
 /// Runs the demo; exits 0 when every step did what it should.
 pub(crate) fn run() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("junction-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Private whatever the umask: the socket goes in it, and a directory
+    // others may write in is refused.
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let result = run_in(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result

@@ -271,8 +271,8 @@ fn inspect(file: &Path) -> anyhow::Result<()> {
     if text.contains(junction_identity::revocation::REVOCATION_LABEL) {
         let list = RevocationList::from_pem(&text)?;
         println!(
-            "revocation list issued by {} at {}",
-            list.body.issuer, list.body.issued_at
+            "revocation list number {} issued by {} at {}",
+            list.body.number, list.body.issuer, list.body.issued_at
         );
         for s in &list.body.serials {
             println!("  revoked certificate {s:#x}");
@@ -304,6 +304,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => RevocationBody {
             issuer: authority.public(),
+            number: 0,
             issued_at: 0,
             serials: Vec::new(),
             keys: Vec::new(),
@@ -328,13 +329,22 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     body.serials.dedup();
     body.keys.sort();
     body.keys.dedup();
+    // Junctions take a list only if its number is above the one in force;
+    // the time alone cannot order two lists made in the same second.
+    body.number = body.number.checked_add(1).with_context(|| {
+        format!(
+            "{} has the highest possible number; start a new list signed by a new authority key",
+            args.out.display()
+        )
+    })?;
     body.issued_at = junction::unix_now();
     let list = RevocationList::issue(body, &authority)?;
     std::fs::write(&args.out, list.to_pem())
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
-        "wrote {}: {} certificates and {} keys revoked; send the junction SIGHUP to reload it",
+        "wrote {}: list number {}, {} certificates and {} keys revoked; send the junction SIGHUP to reload it",
         args.out.display(),
+        list.body.number,
         list.body.serials.len(),
         list.body.keys.len()
     );

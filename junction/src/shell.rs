@@ -126,76 +126,166 @@ struct ConnSlot {
     writer: Option<tokio::task::AbortHandle>,
 }
 
-/// Owns the socket path and its lock; removes the socket when dropped.
+/// Owns the socket path and its lock; removes both when dropped.
 #[derive(Debug)]
 pub struct SocketGuard {
     path: PathBuf,
-    _lock: File,
+    lock_path: PathBuf,
+    lock: File,
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // Removed while still held: a second junction that opened this file
+        // before the removal and locks it once we let go finds the name gone
+        // (or another file under it) and tries again (`take_lock`), so the
+        // removal cannot let two junctions in.
+        let _ = std::fs::remove_file(&self.lock_path);
+        let _ = self.lock.unlock();
     }
 }
 
-/// Claims `path` for this junction: takes the lock next to it (refusing if
-/// another junction holds it), replaces a stale socket, binds and restricts
-/// the socket to its owner.
+/// Claims `path` for this junction: makes its directory if missing (mode
+/// `0700`), checks the directory as every client does, takes the lock next
+/// to the socket (refusing if another junction holds it), and puts a
+/// listening socket there whose mode is already `0600`.
+///
+/// The directory must be writable by nobody else
+/// ([`junction_driver::check_socket_path`]), so the lock file, made `0600`
+/// in it, is out of other users' reach.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
     let listen_err = |source| ServeError::Listen {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        unix_road::check_owner(dir).map_err(listen_err)?;
-    }
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).map_err(listen_err)?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    }
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(listen_err)?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(ServeError::AlreadyRunning {
+    let refused = |e: unix_road::SocketDirError| {
+        listen_err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))
+    };
+    let dir = junction_driver::socket_dir(path);
+    unix_road::create_socket_dir(dir, junction_driver::socket_dir_rule(path)).map_err(refused)?;
+    let Some(name) = path.file_name() else {
+        return Err(listen_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the socket path has no file name",
+        )));
+    };
+    let mut lock_name = name.to_owned();
+    lock_name.push(".lock");
+    let lock_path = dir.join(lock_name);
+    let lock =
+        take_lock(&lock_path)
+            .map_err(listen_err)?
+            .ok_or_else(|| ServeError::AlreadyRunning {
                 path: path.to_owned(),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(listen_err(e)),
-    }
+            })?;
     // We hold the lock, so a socket file here is left over from a junction
     // that died without cleaning up.
-    if path.exists() {
+    if std::fs::symlink_metadata(path).is_ok() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ServeError::AlreadyRunning {
                 path: path.to_owned(),
             });
         }
         tracing::info!(socket = %path.display(), "replacing a stale socket left by a junction that died");
-        std::fs::remove_file(path).map_err(listen_err)?;
     }
-    let listener = UnixListener::bind(path).map_err(listen_err)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    // A socket is born with mode 0777 minus the umask, and `bind` also
+    // listens; a `chmod` afterwards leaves a moment when anyone may
+    // connect. So bind in a directory only we can enter, set the mode
+    // there, and only then rename the socket into place: it is never
+    // reachable with another mode. (Setting the umask instead would change
+    // it for the whole process, threads and children included.) The
+    // staging name is fixed: only the lock holder uses it, and a leftover
+    // from a crash is cleared.
+    let mut staging_name = std::ffi::OsString::from(".");
+    staging_name.push(name);
+    staging_name.push(".bind");
+    let staging = dir.join(staging_name);
+    if std::fs::symlink_metadata(&staging).is_ok() {
+        std::fs::remove_dir_all(&staging).map_err(listen_err)?;
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(listen_err)?;
+    }
+    let staged = staging.join(name);
+    let bound = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    let listener = bound.map_err(listen_err)?;
     Ok((
         listener,
         SocketGuard {
             path: path.to_owned(),
-            _lock: lock,
+            lock_path,
+            lock,
         },
     ))
+}
+
+/// Opens and locks the lock file at `path`: `None` when another junction
+/// holds it. The file is made `0600`, never through a symbolic link, and
+/// must be ours; a lock file replaced or removed by the junction that held
+/// it while we waited is opened again, so the lock we keep is on the file
+/// that the name refers to.
+fn take_lock(path: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    for _ in 0..8 {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the lock file {} is a symbolic link, which is never followed; remove it",
+                        path.display()
+                    ),
+                ),
+                _ => e,
+            })?;
+        let meta = file.metadata()?;
+        let me = unix_road::effective_uid()?;
+        if !meta.is_file() || meta.uid() != me {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the lock file {} is not a file of this user's (owner {}); remove it",
+                    path.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(now) if now.dev() == meta.dev() && now.ino() == meta.ino() => return Ok(Some(file)),
+            _ => continue,
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "the lock file {} keeps being replaced; is another junction starting and stopping on this socket?",
+        path.display()
+    )))
 }
 
 /// Runs a junction until `shutdown` resolves; then says goodbye to every

@@ -371,29 +371,197 @@ pub mod unix {
         ))
     }
 
-    /// Refuses a socket directory that belongs to another user (root aside):
-    /// whoever owns it could replace the socket and impersonate the junction.
-    pub fn check_owner(dir: &Path) -> std::io::Result<()> {
+    /// How far a socket's directory must be this user's own.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum DirRule {
+        /// A directory someone chose (`--socket`, `$JUNCTION_SOCKET`,
+        /// `$XDG_RUNTIME_DIR`): owned by this user or root, and writable by
+        /// nobody else. Others may list it; they cannot put a socket or a
+        /// lock file of theirs in it, or rename it away.
+        Safe,
+        /// The `$TMPDIR` fallback, made in a directory everyone shares: owned
+        /// by this user (not root) and closed to everyone else (mode `0700`
+        /// or stricter), as the junction creates it.
+        Private,
+    }
+
+    /// Why a socket's directory cannot be trusted to hold the junction's
+    /// socket: whoever else controls it could put their own socket there,
+    /// receive what clients send and relay their proofs.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum SocketDirError {
+        /// The directory could not be examined.
+        #[error("cannot examine the socket directory {}: {source}", dir.display())]
+        Inspect {
+            /// The directory.
+            dir: std::path::PathBuf,
+            /// What the OS said.
+            source: io::Error,
+        },
+        /// The directory could not be created.
+        #[error("cannot create the socket directory {}: {source}", dir.display())]
+        Create {
+            /// The directory.
+            dir: std::path::PathBuf,
+            /// What the OS said.
+            source: io::Error,
+        },
+        /// The directory is a symbolic link.
+        #[error(
+            "the socket directory {} is a symbolic link: whoever can change the link can move the socket; give the real directory instead, or remove the link",
+            dir.display()
+        )]
+        Symlink {
+            /// The directory.
+            dir: std::path::PathBuf,
+        },
+        /// The path is not a directory.
+        #[error("the socket directory {} is not a directory", dir.display())]
+        NotADirectory {
+            /// The path.
+            dir: std::path::PathBuf,
+        },
+        /// Another user owns the directory (or, for the `$TMPDIR` fallback,
+        /// anyone but this user).
+        #[error(
+            "the socket directory {} belongs to user {owner}, not to this user ({me}){}: its owner could replace the socket; use a directory of your own, such as $XDG_RUNTIME_DIR{}",
+            dir.display(),
+            if *private { "" } else { " or root" },
+            if *private { ", or remove this one and let the junction create it" } else { "" }
+        )]
+        Owner {
+            /// The directory.
+            dir: std::path::PathBuf,
+            /// Its owner's uid.
+            owner: u32,
+            /// This process's effective uid.
+            me: u32,
+            /// Whether the directory had to be private ([`DirRule::Private`]).
+            private: bool,
+        },
+        /// Other users may write in the directory.
+        #[error(
+            "the socket directory {} can be written by other users (mode {mode:04o}), who could put their own socket there first (a sticky bit does not prevent that); run `chmod go-w {}`, or use a directory of your own such as $XDG_RUNTIME_DIR",
+            dir.display(),
+            dir.display()
+        )]
+        Writable {
+            /// The directory.
+            dir: std::path::PathBuf,
+            /// Its permission bits.
+            mode: u32,
+        },
+        /// The `$TMPDIR` fallback directory is open to other users.
+        #[error(
+            "the socket directory {} must be private to this user but has mode {mode:04o}; run `chmod 700 {}`, or remove it and let the junction create it",
+            dir.display(),
+            dir.display()
+        )]
+        NotPrivate {
+            /// The directory.
+            dir: std::path::PathBuf,
+            /// Its permission bits.
+            mode: u32,
+        },
+        /// A directory above the socket's belongs to another user, or others
+        /// may write in it without the sticky bit: they could rename the
+        /// socket's directory and put another in its place.
+        #[error(
+            "{} (above the socket directory {}) {}: another user could swap the socket directory for their own; put the socket somewhere else, such as $XDG_RUNTIME_DIR",
+            ancestor.display(),
+            dir.display(),
+            problem
+        )]
+        Ancestor {
+            /// The socket directory.
+            dir: std::path::PathBuf,
+            /// The directory above it that is not safe.
+            ancestor: std::path::PathBuf,
+            /// What is wrong with it.
+            problem: String,
+        },
+    }
+
+    /// This process's effective user id: the owner of `/proc/self`.
+    pub fn effective_uid() -> io::Result<u32> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata("/proc/self")?.uid())
+    }
+
+    /// Checks that `dir`, a socket's directory, is this user's own by
+    /// `rule`. Used by clients before they connect and by the junction
+    /// before it binds, so both trust the same directories.
+    ///
+    /// The directory itself is examined without following a link
+    /// (`lstat`): a symbolic link is refused, since whoever can change it
+    /// can move the socket. Every directory above it (after resolving
+    /// links) must belong to this user or root, and be writable by others
+    /// only with the sticky bit (as `/tmp` is), so nobody can rename the
+    /// socket's directory away. The directory holding the socket itself
+    /// gets no such allowance: in a shared sticky directory, anyone can
+    /// create the socket's name before the junction does.
+    pub fn check_socket_dir(dir: &Path, rule: DirRule) -> Result<(), SocketDirError> {
         use std::os::unix::fs::MetadataExt;
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
             dir
         };
-        let Ok(meta) = std::fs::metadata(dir) else {
-            return Ok(());
+        let inspect = |source| SocketDirError::Inspect {
+            dir: dir.to_owned(),
+            source,
         };
-        // The owner of /proc/self is this process's effective user.
-        let me = std::fs::metadata("/proc/self").map_or(meta.uid(), |m| m.uid());
-        if meta.uid() != me && meta.uid() != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} belongs to user {}, not to this user ({me}); another user could replace the socket in it",
-                    dir.display(),
-                    meta.uid()
-                ),
-            ));
+        let me = effective_uid().map_err(inspect)?;
+        let meta = std::fs::symlink_metadata(dir).map_err(inspect)?;
+        if meta.file_type().is_symlink() {
+            return Err(SocketDirError::Symlink {
+                dir: dir.to_owned(),
+            });
+        }
+        if !meta.is_dir() {
+            return Err(SocketDirError::NotADirectory {
+                dir: dir.to_owned(),
+            });
+        }
+        let mode = meta.mode() & 0o7777;
+        let private = rule == DirRule::Private;
+        if meta.uid() != me && (private || meta.uid() != 0) {
+            return Err(SocketDirError::Owner {
+                dir: dir.to_owned(),
+                owner: meta.uid(),
+                me,
+                private,
+            });
+        }
+        if private && mode & 0o077 != 0 {
+            return Err(SocketDirError::NotPrivate {
+                dir: dir.to_owned(),
+                mode,
+            });
+        }
+        if mode & 0o022 != 0 {
+            return Err(SocketDirError::Writable {
+                dir: dir.to_owned(),
+                mode,
+            });
+        }
+        let real = std::fs::canonicalize(dir).map_err(inspect)?;
+        for ancestor in real.ancestors().skip(1) {
+            let meta = std::fs::metadata(ancestor).map_err(inspect)?;
+            let mode = meta.mode() & 0o7777;
+            let problem = if meta.uid() != me && meta.uid() != 0 {
+                format!("belongs to user {}", meta.uid())
+            } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+                format!("can be written by other users (mode {mode:04o}) and is not sticky")
+            } else {
+                continue;
+            };
+            return Err(SocketDirError::Ancestor {
+                dir: dir.to_owned(),
+                ancestor: ancestor.to_owned(),
+                problem,
+            });
         }
         Ok(())
     }
@@ -403,6 +571,32 @@ pub mod unix {
     /// the limit now in force. Call it once at start.
     pub fn raise_fd_limit() -> io::Result<u64> {
         crate::sys::raise_fd_limit()
+    }
+
+    /// Makes `dir` (and missing parents) with mode `0700` if it does not
+    /// exist, then checks it by `rule`. The mode is given to `mkdir`
+    /// itself, never set afterwards, so there is no moment when the new
+    /// directory is open; a directory someone else made first fails the
+    /// check.
+    pub fn create_socket_dir(dir: &Path, rule: DirRule) -> Result<(), SocketDirError> {
+        use std::os::unix::fs::DirBuilderExt;
+        if !dir.as_os_str().is_empty() {
+            match std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(SocketDirError::Create {
+                        dir: dir.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        check_socket_dir(dir, rule)
     }
 
     /// Connects to a Junction's socket.

@@ -49,7 +49,11 @@ impl TempDir {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&path).expect("can create a temp dir");
+        // Private (0700) whatever the umask: a socket directory others may
+        // write in is refused.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&path)
+            .expect("can create a temp dir");
         Self(path)
     }
 

@@ -141,21 +141,30 @@ impl Core {
     /// connection whose proven chain it revokes loses its identity and the
     /// names it registered with it.
     ///
-    /// A list older than the one in force is refused: replaying an old list
-    /// must not bring revoked certificates back.
+    /// A list whose number is not greater than the one in force is refused:
+    /// replaying an old list, or another list with the same number (say,
+    /// made in the same second), must not bring revoked certificates back.
+    /// The very list in force again (a second SIGHUP) changes nothing and
+    /// is no error.
     pub fn set_revocations(
         &mut self,
         list: Option<Verified<RevocationList>>,
         now: Now,
     ) -> Result<(), String> {
         self.now = now;
-        if let (Some(current), Some(new)) = (&self.config.revocations, &list)
-            && new.body.issued_at < current.body.issued_at
-        {
-            return Err(format!(
-                "the new revocation list (issued at {}) is older than the one in force (issued at {})",
-                new.body.issued_at, current.body.issued_at
-            ));
+        if let (Some(current), Some(new)) = (&self.config.revocations, &list) {
+            if new.body == current.body {
+                return Ok(());
+            }
+            // The number, not `issued_at`: seconds do not order two lists
+            // made in the same second.
+            if new.body.number <= current.body.number {
+                return Err(format!(
+                    "the new revocation list is number {}, not newer than number {} in force; \
+                     make lists with `junction cert revoke`, which numbers each one above the last",
+                    new.body.number, current.body.number
+                ));
+            }
         }
         self.config.revocations = list;
         let mut lost = Vec::new();

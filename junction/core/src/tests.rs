@@ -2248,6 +2248,7 @@ mod identities {
         let list = RevocationList::issue(
             RevocationBody {
                 issuer: pki.authority.public(),
+                number: 1,
                 issued_at: NOW,
                 serials: vec![5],
                 keys: vec![],
