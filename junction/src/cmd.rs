@@ -93,9 +93,14 @@ pub(crate) struct ServeArgs {
     /// A user id allowed to connect (repeatable; default: anyone who can open the socket).
     #[arg(long)]
     allow_uid: Vec<u32>,
-    /// Bytes a connection may leave unread before it is cut off [default: 256 MiB].
+    /// Bytes queued for a connection above which the junction stops taking
+    /// requests from it and pauses those who send to it [default: 256 MiB].
     #[arg(long)]
     max_unread: Option<usize>,
+    /// Milliseconds a connection may read nothing while bytes wait for it,
+    /// before it is cut off [default: 30000].
+    #[arg(long)]
+    write_timeout_ms: Option<u64>,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -184,6 +189,12 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         allow_uids,
         max_connections: file.max_connections.unwrap_or(4096),
         max_unread: args.max_unread.or(file.max_unread).unwrap_or(256 << 20),
+        write_timeout: Duration::from_millis(
+            args.write_timeout_ms
+                .or(file.write_timeout_ms)
+                .unwrap_or(30_000)
+                .max(1),
+        ),
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
     };
     run_junction(config, shutdown_signal())

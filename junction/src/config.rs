@@ -11,6 +11,8 @@
 //! max_pending_calls = 1024
 //! grace_ms = 3000
 //! hello_timeout_ms = 10000
+//! max_unread = 268435456
+//! write_timeout_ms = 30000
 //! spawn = ["/usr/bin/my-service --flag"]
 //! authority = "/etc/junction/authority.cert"
 //! revocations = "/etc/junction/revoked.crl"
@@ -47,8 +49,12 @@ pub struct FileConfig {
     pub hello_timeout_ms: Option<u64>,
     /// Connections served at once (default 4096); more are turned away.
     pub max_connections: Option<usize>,
-    /// Bytes a connection may leave unread before it is cut off (default 256 MiB).
+    /// Bytes queued for a connection above which the junction stops taking
+    /// new requests from it and pauses those who send to it (default 256 MiB).
     pub max_unread: Option<usize>,
+    /// Milliseconds a connection's writer may make no progress while bytes
+    /// wait for it before the connection is cut off (default 30 000).
+    pub write_timeout_ms: Option<u64>,
     /// Commands to spawn with stdio Roads.
     #[serde(default)]
     pub spawn: Vec<String>,
@@ -123,6 +129,11 @@ impl FileConfig {
                 "max_frame = {max} is below the minimum of {} bytes",
                 junction_road::MIN_MAX_FRAME
             )));
+        }
+        if config.write_timeout_ms == Some(0) {
+            return Err(ConfigError::Invalid(
+                "write_timeout_ms = 0 would cut off every connection that is sent anything".into(),
+            ));
         }
         if config.window == Some(0) {
             return Err(ConfigError::Invalid(

@@ -82,6 +82,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         allow_uids: Vec::new(),
         max_connections: 64,
         max_unread: 64 << 20,
+        write_timeout: Duration::from_secs(30),
     };
     step(
         2,
