@@ -488,7 +488,7 @@ impl Shell {
                 %conn,
                 "cutting off a connection that does not read what is sent to it: {e}"
             ),
-            (std::io::ErrorKind::TimedOut, false) => tracing::info!(
+            (std::io::ErrorKind::TimedOut, false) => tracing::warn!(
                 %conn,
                 "dropping the last frames of a closed connection that does not read them: {e}"
             ),
