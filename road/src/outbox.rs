@@ -100,13 +100,14 @@ impl Outbox {
         let before = self.staging.len();
         if payload.len() >= COPY_LIMIT {
             codec::encode_header(header, payload.len(), &mut self.staging);
+            // Counted before the split, so that the header is too.
+            self.queued += self.staging.len() - before + payload.len();
             self.pending.push_back(self.staging.split().freeze());
             self.pending.push_back(payload.clone());
-            self.queued += payload.len();
         } else {
             codec::encode_parts(header, payload, &mut self.staging);
+            self.queued += self.staging.len() - before;
         }
-        self.queued += self.staging.len().saturating_sub(before);
     }
 
     /// Ends a batch: while the writer is idle and only small frames are
@@ -367,5 +368,79 @@ mod tests {
             "closing shuts the link down"
         );
         writer.await.unwrap().unwrap();
+    }
+
+    /// Counts its wake-ups.
+    struct Flag(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn bytes_stay_queued_until_written_and_waiters_hear_of_room() {
+        let mut outbox = Outbox::new();
+        let header = Header::Send(Send {
+            handle: 1,
+            caps: vec![],
+        });
+        outbox.push_quiet(&header, &Bytes::from(vec![1u8; 100_000]));
+        let full = outbox.queued();
+        assert!(full > 100_000);
+
+        let writer = Waker::noop();
+        let mut batch = VecDeque::new();
+        assert_eq!(
+            outbox.poll_take(&mut Context::from_waker(writer), &mut batch),
+            Poll::Ready(true)
+        );
+        assert_eq!(outbox.queued(), full, "taken is not yet written");
+
+        let flag = std::sync::Arc::new(Flag(0.into()));
+        let waiter = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waiter);
+        assert_eq!(outbox.poll_below(&mut cx, full / 2), Poll::Pending);
+        outbox.wrote(full / 4);
+        assert_eq!(flag.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+        outbox.wrote(full / 2);
+        assert_eq!(flag.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(outbox.poll_below(&mut cx, full / 2), Poll::Ready(()));
+
+        // Abandoning frees the queue and releases every waiter.
+        outbox.push_quiet(&header, &Bytes::from(vec![1u8; 100_000]));
+        assert_eq!(outbox.poll_below(&mut cx, 1), Poll::Pending);
+        let _ = outbox.abandon();
+        assert_eq!(outbox.queued(), 0);
+        assert_eq!(flag.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(outbox.poll_below(&mut cx, 1), Poll::Ready(()));
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_peer_never_reads_gives_up_at_its_deadline() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ra, wa) = unix::split(a, 1 << 22).unwrap();
+        let outbox = std::sync::Arc::new(std::sync::Mutex::new(Outbox::new()));
+        // Far more than a socket buffer holds; the peer reads none of it.
+        for _ in 0..16 {
+            outbox.push(
+                &Header::Send(Send {
+                    handle: 1,
+                    caps: vec![],
+                }),
+                &Bytes::from(vec![0u8; 1 << 20]),
+            );
+        }
+        let limit = Some(std::time::Duration::from_millis(100));
+        let err = drain_within(outbox.clone(), wa.into_inner(), limit)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let left = outbox.with(|o| o.queued());
+        assert!(
+            left > 0 && left < 16 << 20,
+            "what was written is counted off: {left} left"
+        );
     }
 }
