@@ -214,5 +214,9 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = FileConfig::parse("max_frame = 10").unwrap_err();
         assert!(e.to_string().contains("minimum"), "{e}");
+        let c = FileConfig::parse("write_timeout_ms = 500\nmax_unread = 1048576").unwrap();
+        assert_eq!(c.write_timeout_ms, Some(500));
+        let e = FileConfig::parse("write_timeout_ms = 0").unwrap_err();
+        assert!(e.to_string().contains("write_timeout_ms"), "{e}");
     }
 }
