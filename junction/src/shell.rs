@@ -83,6 +83,8 @@ struct Shell {
     low_water: usize,
     /// How long a writer may make no progress with bytes waiting.
     write_timeout: Duration,
+    /// A heap trim is scheduled ([`Shell::give_back_memory`]).
+    trim_pending: Cell<bool>,
     conns: RefCell<Vec<Option<ConnSlot>>>,
     /// Connections with frames pushed since the last flush.
     dirty: RefCell<Vec<ConnId>>,
@@ -193,6 +195,7 @@ pub async fn serve(
         high_water,
         low_water: high_water / 2,
         write_timeout: config.write_timeout,
+        trim_pending: Cell::new(false),
         conns: RefCell::new(Vec::new()),
         dirty: RefCell::new(Vec::new()),
         timer: tokio::sync::Notify::new(),
@@ -481,9 +484,10 @@ impl Shell {
     /// The writer of `conn` gave up: the link failed, or the peer took
     /// nothing for `write_timeout`. A connection still open is cut off; a
     /// closed one's last frames are dropped with the writer.
-    fn writer_failed(&self, conn: ConnId, e: &std::io::Error) {
+    fn writer_failed(self: &Rc<Self>, conn: ConnId, e: &std::io::Error) {
         let open = self.is_open(conn);
-        match (e.kind(), open) {
+        let kind = e.kind();
+        match (kind, open) {
             (std::io::ErrorKind::TimedOut, true) => tracing::warn!(
                 %conn,
                 "cutting off a connection that does not read what is sent to it: {e}"
@@ -497,6 +501,25 @@ impl Shell {
         if open {
             self.cut_off(conn);
         }
+        if kind == std::io::ErrorKind::TimedOut {
+            self.give_back_memory();
+        }
+    }
+
+    /// Asks the allocator, soon and once for a burst of calls, to give freed
+    /// memory back to the system. glibc returns only the top of its heap by
+    /// itself, so the queue of a peer that was given up would otherwise stay
+    /// resident wherever other allocations sit above it.
+    fn give_back_memory(self: &Rc<Self>) {
+        if self.trim_pending.replace(true) {
+            return;
+        }
+        let shell = self.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            shell.trim_pending.set(false);
+            trim_heap();
+        });
     }
 
     /// Ends a batch: every link with queued frames writes them, directly if
@@ -649,6 +672,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     }
 }
+
+/// Releases the allocator's free pages to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases memory that is already free; it has
+    // no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 /// The moment, by both clocks, for the core.
 fn now() -> Now {

@@ -174,7 +174,9 @@ async fn stuck_and_half_closed_writers_are_given_up_and_their_memory_freed() {
     const CONNS: usize = 20;
     const CALLS: u64 = 12;
     const LEN: usize = 1 << 20;
-    let j = TestJunction::start(&["--max-unread", "67108864", "--write-timeout-ms", "500"]);
+    // The echo service is sent 240 MiB of calls: on a loaded machine it may
+    // not read for a moment, and it must not be taken for a stuck peer.
+    let j = TestJunction::start(&["--max-unread", "67108864", "--write-timeout-ms", "3000"]);
     let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
     let me = Driver::connect(&j.socket).await.unwrap();
     let echo = lookup_eventually(&me, "t.echo").await;
@@ -213,13 +215,12 @@ async fn stuck_and_half_closed_writers_are_given_up_and_their_memory_freed() {
             let _ = raw.try_write_raw(&[0, 0, 0, 0]);
         }
     }
-    // The allocator keeps some of what is freed, so the bound is most of
-    // it given back, not all: a writer that is never given up holds its
-    // share for good.
+    // Most of it comes back (the read-buffer pool and the allocator keep
+    // some); a writer that is never given up would hold its share for good.
     let deadline = Instant::now() + PATIENCE;
     loop {
         let grown_mib = j.rss_kib().saturating_sub(before) >> 10;
-        if grown_mib < piled_mib / 2 + 16 {
+        if grown_mib < piled_mib / 3 + 16 {
             eprintln!(
                 "{piled_mib} MiB piled up for stuck writers; {grown_mib} MiB left; {} given up",
                 j.log().matches("does not read").count()
