@@ -192,10 +192,11 @@ async fn stuck_and_half_closed_writers_are_given_up_and_their_memory_freed() {
         ask_for_replies_and_read_none(&mut raw, found[0].handle, CALLS, LEN);
         raws.push(raw);
     }
-    // Wait (bounded) until most replies sit in the junction for them.
+    // Wait (bounded) until a third of the replies sit in the junction for
+    // them, or (on a slow machine) the deadline has begun to give them up.
     let offered = (CONNS as u64 * CALLS * LEN as u64) >> 10;
     let deadline = Instant::now() + PATIENCE;
-    while j.rss_kib().saturating_sub(before) < offered / 3 {
+    while j.rss_kib().saturating_sub(before) < offered / 3 && !j.log().contains("does not read") {
         assert!(
             Instant::now() < deadline,
             "the replies never piled up: {} MiB grown\n{}",
@@ -204,7 +205,6 @@ async fn stuck_and_half_closed_writers_are_given_up_and_their_memory_freed() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let piled_mib = j.rss_kib().saturating_sub(before) >> 10;
 
     // Half of them half-close, the other half send a zero-length frame;
     // none reads a byte.
@@ -215,6 +215,8 @@ async fn stuck_and_half_closed_writers_are_given_up_and_their_memory_freed() {
             let _ = raw.try_write_raw(&[0, 0, 0, 0]);
         }
     }
+    // The most the junction held: what the stuck writers piled up.
+    let piled_mib = j.hwm_kib().saturating_sub(before) >> 10;
     // Most of it comes back (the read-buffer pool and the allocator keep
     // some); a writer that is never given up would hold its share for good.
     let deadline = Instant::now() + PATIENCE;
