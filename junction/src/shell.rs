@@ -5,6 +5,13 @@
 //! frames and hands them to the core directly, then drains the core's output
 //! into per-connection writer tasks, which batch frames into few writes. No
 //! lock and no cross-thread wake-up sits on the message path.
+//!
+//! What waits in a connection's outbox is bounded by pausing readers, never
+//! by cutting off a peer that reads: above the high-water mark (`max_unread`)
+//! a connection's own reader waits, and so does the reader of whoever just
+//! sent it a metered message, until it has read down to half. Only a writer
+//! that makes no progress for `write_timeout` ends its connection. Readers
+//! take turns of at most 64 frames or 256 KiB.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
