@@ -93,7 +93,8 @@ pub(crate) struct ServeArgs {
     /// A user id allowed to connect (repeatable; default: anyone who can open the socket).
     #[arg(long)]
     allow_uid: Vec<u32>,
-    /// Bytes a connection may leave unread before it is cut off [default: 256 MiB].
+    /// Bytes queued for a connection above which the junction stops taking
+    /// requests from it and pauses those who send to it [default: 256 MiB].
     #[arg(long)]
     max_unread: Option<usize>,
     /// Connections served at once; the last is kept for the junction's own
@@ -108,6 +109,10 @@ pub(crate) struct ServeArgs {
     /// [default: 10000].
     #[arg(long)]
     hello_timeout_ms: Option<u64>,
+    /// Milliseconds a connection may read nothing while bytes wait for it,
+    /// before it is cut off [default: 30000].
+    #[arg(long)]
+    write_timeout_ms: Option<u64>,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -210,6 +215,12 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections,
         max_connections_per_uid,
         max_unread: args.max_unread.or(file.max_unread).unwrap_or(256 << 20),
+        write_timeout: Duration::from_millis(
+            args.write_timeout_ms
+                .or(file.write_timeout_ms)
+                .unwrap_or(30_000)
+                .max(1),
+        ),
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
     };
     run_junction(config, shutdown_signal())

@@ -14,6 +14,8 @@
 //! hello_timeout_ms = 10000
 //! max_connections = 16384
 //! max_connections_per_uid = 12288
+//! max_unread = 268435456
+//! write_timeout_ms = 30000
 //! spawn = ["/usr/bin/my-service --flag"]
 //! authority = "/etc/junction/authority.cert"
 //! revocations = "/etc/junction/revoked.crl"
@@ -57,8 +59,12 @@ pub struct FileConfig {
     /// `max_connections`); the junction's own user and root may take one
     /// more.
     pub max_connections_per_uid: Option<usize>,
-    /// Bytes a connection may leave unread before it is cut off (default 256 MiB).
+    /// Bytes queued for a connection above which the junction stops taking
+    /// new requests from it and pauses those who send to it (default 256 MiB).
     pub max_unread: Option<usize>,
+    /// Milliseconds a connection's writer may make no progress while bytes
+    /// wait for it before the connection is cut off (default 30 000).
+    pub write_timeout_ms: Option<u64>,
     /// Commands to spawn with stdio Roads.
     #[serde(default)]
     pub spawn: Vec<String>,
@@ -138,6 +144,11 @@ impl FileConfig {
         if config.hello_timeout_ms == Some(0) {
             return Err(ConfigError::Invalid(
                 "hello_timeout_ms = 0 would close every connection before its Hello; use at least 1".into(),
+            ));
+        }
+        if config.write_timeout_ms == Some(0) {
+            return Err(ConfigError::Invalid(
+                "write_timeout_ms = 0 would cut off every connection that is sent anything".into(),
             ));
         }
         if config.window == Some(0) {
@@ -251,5 +262,9 @@ mod tests {
             (c.max_connections, c.max_connections_per_uid),
             (Some(10), Some(4))
         );
+        let c = FileConfig::parse("write_timeout_ms = 500\nmax_unread = 1048576").unwrap();
+        assert_eq!(c.write_timeout_ms, Some(500));
+        let e = FileConfig::parse("write_timeout_ms = 0").unwrap_err();
+        assert!(e.to_string().contains("write_timeout_ms"), "{e}");
     }
 }

@@ -87,6 +87,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         max_connections: 64,
         max_connections_per_uid: 64,
         max_unread: 64 << 20,
+        write_timeout: Duration::from_secs(30),
     };
     step(
         2,

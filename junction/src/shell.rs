@@ -5,6 +5,13 @@
 //! frames and hands them to the core directly, then drains the core's output
 //! into per-connection writer tasks, which batch frames into few writes. No
 //! lock and no cross-thread wake-up sits on the message path.
+//!
+//! What waits in a connection's outbox is bounded by pausing readers, never
+//! by cutting off a peer that reads: above the high-water mark (`max_unread`)
+//! a connection's own reader waits, and so does the reader of whoever just
+//! sent it a metered message, until it has read down to half. Only a writer
+//! that makes no progress for `write_timeout` ends its connection. Readers
+//! take turns of at most 64 frames or 256 KiB.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -14,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::transport::{child as child_road, unix as unix_road};
-use junction_road::{DirectLink, RoadError, RoadReader, RoadWriter};
+use junction_road::{DirectLink, Header, RoadError, RoadReader, RoadWriter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -46,9 +53,13 @@ pub struct ServeConfig {
     /// Connections one user may hold at once (the junction's own user and
     /// root may go over it by the reserved slots).
     pub max_connections_per_uid: usize,
-    /// Bytes a connection may leave unread before it is cut off (at least
-    /// eight maximum frames).
+    /// Bytes queued for a connection above which the junction stops taking
+    /// new requests from it and pauses those who send to it (at least two
+    /// maximum frames). They go on once it has read half.
     pub max_unread: usize,
+    /// How long a connection's writer may make no progress while bytes wait
+    /// for it before the connection is cut off and what it holds is freed.
+    pub write_timeout: Duration,
 }
 
 /// Why the junction could not start or keep running.
@@ -82,8 +93,15 @@ struct Shell {
     /// Connections held per user.
     uids: UidCounts,
     refusals: Refusals,
-    /// Bytes a connection may leave unread before it is cut off.
-    outbox_limit: usize,
+    /// Bytes queued for a connection above which its reader, and the readers
+    /// of those who send to it, wait.
+    high_water: usize,
+    /// Bytes queued below which the waiting readers go on.
+    low_water: usize,
+    /// How long a writer may make no progress with bytes waiting.
+    write_timeout: Duration,
+    /// A heap trim is scheduled ([`Shell::give_back_memory`]).
+    trim_pending: Cell<bool>,
     conns: RefCell<Vec<Option<ConnSlot>>>,
     /// Connections with frames pushed since the last flush.
     dirty: RefCell<Vec<ConnId>>,
@@ -298,6 +316,8 @@ pub async fn serve(
     guard: SocketGuard,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    // Two frames, so that one can be written while the next waits.
+    let high_water = config.max_unread.max(2 * config.core.max_frame as usize);
     let shell = Rc::new(Shell {
         max_frame: config.core.max_frame,
         core: RefCell::new(Core::new(config.core.clone(), now())),
@@ -309,7 +329,10 @@ pub async fn serve(
         },
         uids: UidCounts::default(),
         refusals: Refusals::new(),
-        outbox_limit: config.max_unread.max(8 * config.core.max_frame as usize),
+        high_water,
+        low_water: high_water / 2,
+        write_timeout: config.write_timeout,
+        trim_pending: Cell::new(false),
         conns: RefCell::new(Vec::new()),
         dirty: RefCell::new(Vec::new()),
         timer: tokio::sync::Notify::new(),
@@ -580,9 +603,11 @@ impl Shell {
                 writer: None,
             });
         }
+        let shell = self.clone();
         let writer_task = tokio::task::spawn_local(async move {
-            if let Err(e) = outbox::drain(outbox, writer.into_inner()).await {
-                tracing::debug!(%id, "writing failed: {e}");
+            let io = writer.into_inner();
+            if let Err(e) = outbox::drain_within(outbox, io, Some(shell.write_timeout)).await {
+                shell.writer_failed(id, &e);
             }
         });
         let reader_task = tokio::task::spawn_local(read_loop(self.clone(), id, reader));
@@ -620,40 +645,14 @@ impl Shell {
     /// Carries out everything the core asked for. Frames are queued; the
     /// end of the batch ([`Shell::flush`]) sends them.
     fn pump(&self) {
-        loop {
-            let overflowing = self.pump_once();
-            if overflowing.is_empty() {
-                return;
-            }
-            for conn in overflowing {
-                self.cut_off(conn);
-            }
-        }
+        self.pump_noting(None);
     }
 
-    /// A connection that lets more than `outbox_limit` bytes pile up for it
-    /// is not reading its Road: it is cut off before it exhausts the
-    /// junction, and its ports die as if it had left.
-    fn cut_off(&self, conn: ConnId) {
-        let slot = match self.conns.borrow_mut().get_mut(conn.slot()) {
-            Some(entry) if entry.as_ref().is_some_and(|s| s.id == conn) => entry.take(),
-            _ => None,
-        };
-        let Some(slot) = slot else { return };
-        tracing::warn!(
-            %conn,
-            queued = slot.outbox.borrow().queued(),
-            "cutting off a connection that does not read what is sent to it"
-        );
-        for task in [slot.reader, slot.writer].into_iter().flatten() {
-            task.abort();
-        }
-        self.core.borrow_mut().handle_disconnected(conn);
-    }
-
-    /// Drains the core's output once; returns connections over their limit.
-    fn pump_once(&self) -> Vec<ConnId> {
-        let mut overflowing = Vec::new();
+    /// As [`Shell::pump`]; adds to `congested` each connection that was just
+    /// given a metered message (a `Send` or a `Call`, not a reply nor a
+    /// control frame) while over its high-water mark, so that the reader
+    /// whose frame produced it can wait for it.
+    fn pump_noting(&self, mut congested: Option<&mut Vec<ConnId>>) {
         let mut core = self.core.borrow_mut();
         let mut conns = self.conns.borrow_mut();
         let mut dirty = self.dirty.borrow_mut();
@@ -665,8 +664,16 @@ impl Shell {
                     {
                         let mut outbox = slot.outbox.borrow_mut();
                         outbox.push_quiet(&frame.header, &frame.payload);
-                        if outbox.queued() > self.outbox_limit && !overflowing.contains(&conn) {
-                            overflowing.push(conn);
+                        // Replies never pause their sender: a service must
+                        // not stall for everyone because one caller does not
+                        // read (the caller is bounded by its pending calls).
+                        let metered = matches!(&frame.header, Header::Deliver(d) if d.tag == 0);
+                        if metered
+                            && outbox.queued() > self.high_water
+                            && let Some(congested) = congested.as_deref_mut()
+                            && !congested.contains(&conn)
+                        {
+                            congested.push(conn);
                         }
                         drop(outbox);
                         if !slot.dirty {
@@ -680,7 +687,8 @@ impl Shell {
                         && entry.as_ref().is_some_and(|s| s.id == conn)
                     {
                         tracing::info!(%conn, "closing connection: {reason}");
-                        // The writer writes what is queued, then shuts down.
+                        // The writer writes what is queued, then shuts down;
+                        // its deadline bounds how long that may take.
                         if let Some(slot) = entry.take() {
                             slot.outbox.close();
                             if let Some(reader) = slot.reader {
@@ -691,7 +699,67 @@ impl Shell {
                 }
             }
         }
-        overflowing
+    }
+
+    /// A connection whose writer made no progress for `write_timeout` while
+    /// bytes waited is not reading its Road: it is cut off, what is queued
+    /// for it is dropped, and its ports die as if it had left. Nobody else
+    /// is: senders to a connection that reads are paused, never cut off.
+    fn cut_off(&self, conn: ConnId) {
+        let slot = match self.conns.borrow_mut().get_mut(conn.slot()) {
+            Some(entry) if entry.as_ref().is_some_and(|s| s.id == conn) => entry.take(),
+            _ => None,
+        };
+        let Some(slot) = slot else { return };
+        for task in [slot.reader, slot.writer].into_iter().flatten() {
+            task.abort();
+        }
+        // Frees the queue and wakes the readers paused on it.
+        slot.outbox.abandon();
+        self.core.borrow_mut().handle_disconnected(conn);
+        self.pump();
+        self.flush();
+    }
+
+    /// The writer of `conn` gave up: the link failed, or the peer took
+    /// nothing for `write_timeout`. A connection still open is cut off; a
+    /// closed one's last frames are dropped with the writer.
+    fn writer_failed(self: &Rc<Self>, conn: ConnId, e: &std::io::Error) {
+        let open = self.is_open(conn);
+        let kind = e.kind();
+        match (kind, open) {
+            (std::io::ErrorKind::TimedOut, true) => tracing::warn!(
+                %conn,
+                "cutting off a connection that does not read what is sent to it: {e}"
+            ),
+            (std::io::ErrorKind::TimedOut, false) => tracing::warn!(
+                %conn,
+                "dropping the last frames of a closed connection that does not read them: {e}"
+            ),
+            _ => tracing::debug!(%conn, "writing failed: {e}"),
+        }
+        if open {
+            self.cut_off(conn);
+        }
+        if kind == std::io::ErrorKind::TimedOut {
+            self.give_back_memory();
+        }
+    }
+
+    /// Asks the allocator, soon and once for a burst of calls, to give freed
+    /// memory back to the system. glibc returns only the top of its heap by
+    /// itself, so the queue of a peer that was given up would otherwise stay
+    /// resident wherever other allocations sit above it.
+    fn give_back_memory(self: &Rc<Self>) {
+        if self.trim_pending.replace(true) {
+            return;
+        }
+        let shell = self.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            shell.trim_pending.set(false);
+            trim_heap();
+        });
     }
 
     /// Ends a batch: every link with queued frames writes them, directly if
@@ -723,6 +791,25 @@ impl Shell {
         matches!(self.conns.borrow().get(conn.slot()), Some(Some(s)) if s.id == conn)
     }
 
+    /// The outbox of `conn` when it is over its high-water mark.
+    fn congested(&self, conn: ConnId) -> Option<Rc<RefCell<Outbox>>> {
+        match self.conns.borrow().get(conn.slot()) {
+            Some(Some(s)) if s.id == conn && s.outbox.borrow().queued() > self.high_water => {
+                Some(s.outbox.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Waits until `conn` has read down to its low-water mark, or is gone.
+    async fn room_in(&self, conn: ConnId) {
+        let Some(outbox) = self.congested(conn) else {
+            return;
+        };
+        let low = self.low_water;
+        std::future::poll_fn(|cx| outbox.borrow_mut().poll_below(cx, low)).await;
+    }
+
     fn disconnected(&self, conn: ConnId) {
         self.core.borrow_mut().handle_disconnected(conn);
         if let Some(entry) = self.conns.borrow_mut().get_mut(conn.slot())
@@ -736,6 +823,13 @@ impl Shell {
     }
 }
 
+/// Frames one reader handles in a turn before it lets the other tasks run,
+/// so that a connection that floods the junction gets its turn, not the
+/// whole thread.
+const TURN_FRAMES: usize = 64;
+/// Payload bytes one reader handles in a turn, as [`TURN_FRAMES`].
+const TURN_BYTES: usize = 256 * 1024;
+
 async fn read_loop<R: AsyncRead + Unpin>(
     shell: Rc<Shell>,
     conn: ConnId,
@@ -744,19 +838,48 @@ async fn read_loop<R: AsyncRead + Unpin>(
     // The core closes a connection whose Hello is not through in time.
     let mut new_batch = true;
     let mut at = now();
+    // Receivers over their high-water mark that the last frame gave a
+    // metered message to.
+    let mut congested = Vec::new();
+    let (mut frames, mut bytes) = (0, 0);
     loop {
+        // A connection reads what it asked for before it may ask for more:
+        // its own outbox over the mark pauses it (and only its reader).
+        if shell.congested(conn).is_some() {
+            shell.flush();
+            shell.room_in(conn).await;
+            new_batch = true;
+        }
         match reader.read_frame().await {
             Ok(Some(frame)) => {
                 // One clock reading per read batch, not per frame.
                 if new_batch {
                     at = now();
                 }
+                frames += 1;
+                bytes += frame.payload.len();
                 shell.core.borrow_mut().handle_frame(conn, frame, at);
-                shell.pump();
+                shell.pump_noting(Some(&mut congested));
                 // The batch ends when no whole frame is left buffered.
                 new_batch = !reader.has_frame();
-                if new_batch {
+                let turn_over = frames >= TURN_FRAMES || bytes >= TURN_BYTES;
+                if new_batch || turn_over || !congested.is_empty() {
                     shell.flush();
+                }
+                // The sender slows down, the receiver is never cut off: wait
+                // until each receiver this frame went to over its mark has
+                // read down to low water, or is gone.
+                for receiver in congested.drain(..) {
+                    if receiver != conn {
+                        shell.room_in(receiver).await;
+                        new_batch = true;
+                    }
+                }
+                if turn_over {
+                    frames = 0;
+                    bytes = 0;
+                    new_batch = true;
+                    tokio::task::yield_now().await;
                 }
             }
             Ok(None) => {
@@ -789,6 +912,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     }
 }
+
+/// Releases the allocator's free pages to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases memory that is already free; it has
+    // no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 /// The moment, by both clocks, for the core.
 fn now() -> Now {

@@ -6,10 +6,17 @@
 //! Producing a frame costs an encode and, at most, one wake-up of an idle
 //! writer: no channel, no per-frame allocation, and as many frames per write
 //! as were ready.
+//!
+//! The outbox also keeps the books a flow-controlled owner needs: what it
+//! counts as queued stays counted until the writer has written it, tasks can
+//! wait for the queue to fall below a mark ([`Outbox::poll_below`]), and a
+//! writer can be given a progress deadline ([`drain_within`]).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, Write};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -28,9 +35,13 @@ pub struct Outbox {
     /// Encoded data ahead of `staging`, in order: runs of small frames and
     /// large payloads.
     pending: VecDeque<Bytes>,
-    /// Bytes in `staging` and `pending`.
+    /// Bytes in `staging` and `pending`, and those the writer took and has
+    /// not written yet.
     queued: usize,
     waker: Option<Waker>,
+    /// Tasks waiting for `queued` to fall below `room_mark`.
+    room: Vec<Waker>,
+    room_mark: usize,
     closed: bool,
     /// A second handle on the link, for writing without waking the writer.
     direct: Option<Direct>,
@@ -89,13 +100,14 @@ impl Outbox {
         let before = self.staging.len();
         if payload.len() >= COPY_LIMIT {
             codec::encode_header(header, payload.len(), &mut self.staging);
+            // Counted before the split, so that the header is too.
+            self.queued += self.staging.len() - before + payload.len();
             self.pending.push_back(self.staging.split().freeze());
             self.pending.push_back(payload.clone());
-            self.queued += payload.len();
         } else {
             codec::encode_parts(header, payload, &mut self.staging);
+            self.queued += self.staging.len() - before;
         }
-        self.queued += self.staging.len().saturating_sub(before);
     }
 
     /// Ends a batch: while the writer is idle and only small frames are
@@ -108,36 +120,79 @@ impl Outbox {
             // Nothing to do, or the writer is awake and will take it.
             return None;
         }
-        let Some(direct) = &self.direct else {
-            return self.waker.take();
-        };
-        if !self.pending.is_empty() {
+        if self.direct.is_none() || !self.pending.is_empty() {
             return self.waker.take();
         }
         while !self.staging.is_empty() {
+            let Some(direct) = &self.direct else { break };
             match direct.try_write(&self.staging) {
-                Ok(n) if n > 0 => self.staging.advance(n),
+                Ok(n) if n > 0 => {
+                    self.staging.advance(n);
+                    self.wrote(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // Full, closed or failing: the writer finds out and reports.
                 _ => return self.waker.take(),
             }
         }
         self.staging.clear();
-        self.queued = 0;
         None
     }
 
-    /// Bytes waiting to be written.
+    /// Bytes queued and not yet written, including those the writer holds.
     pub fn queued(&self) -> usize {
         self.queued
     }
 
+    /// For the writer: `n` bytes it took have reached the link. Wakes the
+    /// tasks waiting in [`Outbox::poll_below`] once the queue is below their
+    /// mark (tokio's wakers only schedule, so waking under a lock is safe).
+    pub fn wrote(&mut self, n: usize) {
+        self.queued = self.queued.saturating_sub(n);
+        if self.queued < self.room_mark {
+            self.wake_room();
+        }
+    }
+
+    /// Ready once fewer than `mark` bytes are queued, or the outbox is
+    /// closed (nobody will be sent more); otherwise registers the task to
+    /// be woken then. All waiters share one mark: the latest given.
+    pub fn poll_below(&mut self, cx: &mut Context<'_>, mark: usize) -> Poll<()> {
+        if self.queued < mark || self.closed {
+            return Poll::Ready(());
+        }
+        self.room_mark = mark;
+        if !self.room.iter().any(|w| w.will_wake(cx.waker())) {
+            self.room.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn wake_room(&mut self) {
+        for waker in self.room.drain(..) {
+            waker.wake();
+        }
+    }
+
     /// No more frames: the writer writes what is queued, then shuts the link
-    /// down. Returns the writer's waker, as [`Outbox::push`] does.
+    /// down. Returns the writer's waker, as [`Outbox::push`] does; tasks
+    /// waiting for room are woken here.
     #[must_use = "wake the returned waker, or the writer sleeps on"]
     pub fn close(&mut self) -> Option<Waker> {
         self.closed = true;
+        self.wake_room();
         self.waker.take()
+    }
+
+    /// No more frames, and those queued are dropped unwritten: for a link
+    /// that is being given up on. Frees the queue's memory (bytes the writer
+    /// already took go with the writer) and wakes everyone waiting.
+    #[must_use = "wake the returned waker, or the writer sleeps on"]
+    pub fn abandon(&mut self) -> Option<Waker> {
+        self.staging = BytesMut::new();
+        self.pending = VecDeque::new();
+        self.queued = 0;
+        self.close()
     }
 
     /// Whether [`Outbox::close`] was called.
@@ -147,7 +202,8 @@ impl Outbox {
 
     /// For the writer: moves everything queued into `batch`, or registers
     /// the writer's waker when nothing is. `Ready(false)` means closed and
-    /// drained.
+    /// drained. The bytes stay counted as queued until the writer reports
+    /// them written ([`Outbox::wrote`]).
     pub fn poll_take(&mut self, cx: &mut Context<'_>, batch: &mut VecDeque<Bytes>) -> Poll<bool> {
         if !self.staging.is_empty() {
             self.pending.push_back(self.staging.split().freeze());
@@ -160,7 +216,6 @@ impl Outbox {
             return Poll::Pending;
         }
         batch.append(&mut self.pending);
-        self.queued = 0;
         Poll::Ready(true)
     }
 }
@@ -191,6 +246,13 @@ pub trait SharedOutbox {
             waker.wake();
         }
     }
+
+    /// Abandons the outbox (see [`Outbox::abandon`]) and wakes the writer.
+    fn abandon(&self) {
+        if let Some(waker) = self.with(Outbox::abandon) {
+            waker.wake();
+        }
+    }
 }
 
 impl SharedOutbox for std::rc::Rc<std::cell::RefCell<Outbox>> {
@@ -208,18 +270,62 @@ impl SharedOutbox for std::sync::Arc<std::sync::Mutex<Outbox>> {
 
 /// The writer: drains `outbox` into `io` until the outbox is closed and
 /// empty (then shuts the link down) or the link fails.
-pub async fn drain<S: SharedOutbox, W: AsyncWrite + Unpin>(outbox: S, mut io: W) -> io::Result<()> {
+pub async fn drain<S: SharedOutbox, W: AsyncWrite + Unpin>(outbox: S, io: W) -> io::Result<()> {
+    drain_within(outbox, io, None).await
+}
+
+/// As [`drain`], with a progress deadline: when the link takes nothing for
+/// `limit` while bytes wait (a peer that stopped reading), the writer gives
+/// up with [`io::ErrorKind::TimedOut`], dropping what it holds. Idle time
+/// with nothing queued does not count.
+pub async fn drain_within<S: SharedOutbox, W: AsyncWrite + Unpin>(
+    outbox: S,
+    mut io: W,
+    limit: Option<Duration>,
+) -> io::Result<()> {
     let mut batch = VecDeque::new();
     loop {
         let open = std::future::poll_fn(|cx| outbox.with(|o| o.poll_take(cx, &mut batch))).await;
         if !open {
-            io.flush().await?;
-            return io.shutdown().await;
+            within(limit, io.flush()).await?;
+            return within(limit, io.shutdown()).await;
         }
-        while let Some(chunk) = batch.pop_front() {
-            io.write_all(&chunk).await?;
+        while let Some(mut chunk) = batch.pop_front() {
+            while !chunk.is_empty() {
+                let n = within(limit, io.write(&chunk)).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                chunk.advance(n);
+                // Counted per write, not per batch: waiters for room hear
+                // as soon as there is some.
+                outbox.with(|o| o.wrote(n));
+            }
         }
-        io.flush().await?;
+        within(limit, io.flush()).await?;
+    }
+}
+
+/// Runs one write step with a deadline, when there is one. Most steps finish
+/// at the first poll; only one that has to wait is given a timer.
+async fn within<T>(
+    limit: Option<Duration>,
+    step: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let mut step = std::pin::pin!(step);
+    let Some(limit) = limit else {
+        return step.await;
+    };
+    if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(step.as_mut().poll(cx))).await
+    {
+        return done;
+    }
+    match tokio::time::timeout(limit, step).await {
+        Ok(done) => done,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took nothing for {} ms", limit.as_millis()),
+        )),
     }
 }
 
@@ -262,5 +368,79 @@ mod tests {
             "closing shuts the link down"
         );
         writer.await.unwrap().unwrap();
+    }
+
+    /// Counts its wake-ups.
+    struct Flag(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn bytes_stay_queued_until_written_and_waiters_hear_of_room() {
+        let mut outbox = Outbox::new();
+        let header = Header::Send(Send {
+            handle: 1,
+            caps: vec![],
+        });
+        outbox.push_quiet(&header, &Bytes::from(vec![1u8; 100_000]));
+        let full = outbox.queued();
+        assert!(full > 100_000);
+
+        let writer = Waker::noop();
+        let mut batch = VecDeque::new();
+        assert_eq!(
+            outbox.poll_take(&mut Context::from_waker(writer), &mut batch),
+            Poll::Ready(true)
+        );
+        assert_eq!(outbox.queued(), full, "taken is not yet written");
+
+        let flag = std::sync::Arc::new(Flag(0.into()));
+        let waiter = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waiter);
+        assert_eq!(outbox.poll_below(&mut cx, full / 2), Poll::Pending);
+        outbox.wrote(full / 4);
+        assert_eq!(flag.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+        outbox.wrote(full / 2);
+        assert_eq!(flag.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(outbox.poll_below(&mut cx, full / 2), Poll::Ready(()));
+
+        // Abandoning frees the queue and releases every waiter.
+        outbox.push_quiet(&header, &Bytes::from(vec![1u8; 100_000]));
+        assert_eq!(outbox.poll_below(&mut cx, 1), Poll::Pending);
+        let _ = outbox.abandon();
+        assert_eq!(outbox.queued(), 0);
+        assert_eq!(flag.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(outbox.poll_below(&mut cx, 1), Poll::Ready(()));
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_peer_never_reads_gives_up_at_its_deadline() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ra, wa) = unix::split(a, 1 << 22).unwrap();
+        let outbox = std::sync::Arc::new(std::sync::Mutex::new(Outbox::new()));
+        // Far more than a socket buffer holds; the peer reads none of it.
+        for _ in 0..16 {
+            outbox.push(
+                &Header::Send(Send {
+                    handle: 1,
+                    caps: vec![],
+                }),
+                &Bytes::from(vec![0u8; 1 << 20]),
+            );
+        }
+        let limit = Some(std::time::Duration::from_millis(100));
+        let err = drain_within(outbox.clone(), wa.into_inner(), limit)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let left = outbox.with(|o| o.queued());
+        assert!(
+            left > 0 && left < 16 << 20,
+            "what was written is counted off: {left} left"
+        );
     }
 }

@@ -244,11 +244,20 @@ impl TestJunction {
 
     /// The daemon's resident memory, in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the daemon has had, in KiB.
+    pub fn hwm_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()))
             .unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
@@ -287,6 +296,12 @@ impl RawClient {
             Some(Header::Welcome(w)) => (c, w),
             other => panic!("expected a Welcome, got {other:?}"),
         }
+    }
+
+    /// The socket, for what the helpers here do not do (half-closing it,
+    /// non-blocking writes).
+    pub fn socket(&self) -> &UnixStream {
+        &self.stream
     }
 
     /// Writes one frame.

@@ -404,8 +404,16 @@ async fn control_port_refusals_are_clear() {
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_cut_off_and_harms_nobody_else() {
-    // Eight 64 KiB frames: the smallest limit the junction accepts.
-    let j = TestJunction::start(&["--max-frame", "65536", "--max-unread", "524288"]);
+    // Past 512 KiB queued the junction stops reading it; once its writer
+    // has made no progress for half a second, it is cut off.
+    let j = TestJunction::start(&[
+        "--max-frame",
+        "65536",
+        "--max-unread",
+        "524288",
+        "--write-timeout-ms",
+        "500",
+    ]);
     let _echo = junction_tests::Proc::spawn(&mut j.command(&["echo", "--name", "t.echo"]));
     let me = Driver::connect(&j.socket).await.unwrap();
     let echo = lookup_eventually(&me, "t.echo").await;
