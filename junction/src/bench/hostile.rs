@@ -806,7 +806,12 @@ pub(super) fn report(r: &Report, json: bool) {
         Some(r) => format!("{:.0}", r.p50_us),
         None => "-".into(),
     };
-    let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
+    let x = |v: Option<f64>| match v {
+        None => "-".to_string(),
+        Some(v) if v < 10.0 => format!("{v:.2}x"),
+        Some(v) if v < 100.0 => format!("{v:.1}x"),
+        Some(v) => format!("{v:.0}x"),
+    };
     println!(
         "junction bench --hostile: a well-behaved client's call round trip (64 B, µs) on a fresh \
          junction, quiet then under each flood ({:.1} s each); junction RSS sampled every 20 ms; \
@@ -814,7 +819,7 @@ pub(super) fn report(r: &Report, json: bool) {
         r.flood_secs, r.cpus
     );
     println!(
-        "{:<34} {:>8} {:>9} {:>7} {:>8} {:>9} {:>8} {:>9} {:>8}  notes",
+        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7}  notes",
         "flood",
         "quiet",
         "flooded",
@@ -822,16 +827,17 @@ pub(super) fn report(r: &Report, json: bool) {
         "quiet",
         "flooded",
         "p99",
+        "calls",
         "peak RSS",
         "RSS Δ"
     );
     println!(
-        "{:<34} {:>8} {:>9} {:>7} {:>8} {:>9} {:>8} {:>9} {:>8}",
-        "", "p50", "p50", "ratio", "p99", "p99", "ratio", "Δ MiB", "after"
+        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7}",
+        "", "p50", "p50", "ratio", "p99", "p99", "ratio", "flood", "Δ MiB", "after"
     );
     for row in &r.floods {
         println!(
-            "{:<34} {:>8} {:>9} {:>7} {:>8} {:>9} {:>8} {:>9.1} {:>8.1}  {}",
+            "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8.1} {:>7.1}  {}",
             row.label,
             us(row.quiet, false),
             us(row.flooded, false),
@@ -839,6 +845,7 @@ pub(super) fn report(r: &Report, json: bool) {
             us(row.quiet, true),
             us(row.flooded, true),
             x(row.p99_ratio),
+            row.flooded_calls,
             row.peak_rss_delta_mib,
             row.after_rss_delta_mib,
             row.notes.join("; ")
