@@ -46,6 +46,10 @@ pub(crate) struct BenchArgs {
     /// the figures are under the "hostile" key.
     #[arg(long)]
     hostile: bool,
+    /// With --hostile: run only these floods (repeatable), and skip the
+    /// idle connections.
+    #[arg(long, value_enum, requires = "hostile")]
+    only: Vec<floods::Flood>,
 }
 
 /// A benchmark child's role.
@@ -195,9 +199,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     if args.hostile {
         let task_dir = dir.clone();
-        let quick = args.quick;
+        let (quick, only) = (args.quick, args.only);
         let result = crate::cmd::block_on(async move {
-            tokio::spawn(hostile::run(task_dir, quick)).await?
+            tokio::spawn(hostile::run(task_dir, quick, only)).await?
         });
         let _ = std::fs::remove_dir_all(&dir);
         hostile::report(&result?, args.json);

@@ -165,6 +165,7 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
         matches!(reply, ControlReply::Registered),
         "cannot register dev.hoard: {reply:?}"
     );
+    let home = c.welcome.home.port;
     let Raw {
         mut reader,
         mut write,
@@ -172,7 +173,8 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     } = c;
     // The reader reads everything (deliveries to itself included), never
     // sends Credit, and hands the writer the handles it is given.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, u32)>();
+    // (handle, credits, whether it came in a reply to the home port)
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, u32, bool)>();
     let read_task = tokio::spawn(async move {
         let mut delivered = 0u64;
         while let Ok(Some(frame)) = reader.recv().await {
@@ -180,19 +182,19 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
                 Header::Minted {
                     handle, credits, ..
                 } => {
-                    let _ = tx.send((handle, credits));
+                    let _ = tx.send((handle, credits, false));
                 }
                 Header::Deliver(d) if d.tag != 0 => {
                     if let Some(g) = d.caps.first() {
-                        let _ = tx.send((g.handle, g.credits));
+                        let _ = tx.send((g.handle, g.credits, true));
                     } else {
                         // A refused lookup: keep the writer going.
-                        let _ = tx.send((u32::MAX, 0));
+                        let _ = tx.send((u32::MAX, 0, true));
                     }
                 }
                 Header::Deliver(_) => delivered += 1,
                 Header::Error(_) => {
-                    let _ = tx.send((u32::MAX, 0));
+                    let _ = tx.send((u32::MAX, 0, false));
                 }
                 _ => {}
             }
@@ -233,16 +235,30 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
         {
             break;
         }
-        let Ok(Some((handle, credits))) = tokio::time::timeout(left(deadline), rx.recv()).await
+        let Ok(Some((handle, credits, reply))) =
+            tokio::time::timeout(left(deadline), rx.recv()).await
         else {
             break;
         };
+        out.clear();
+        if reply {
+            // The lookup's reply is acknowledged (its call no longer
+            // pending); the deliveries to its own port never are.
+            push(
+                &mut out,
+                &Header::Credit {
+                    port: home,
+                    count: 1,
+                },
+                &Bytes::new(),
+            );
+        }
         if handle == u32::MAX {
             refused += 1;
+            let _ = tokio::time::timeout(left(deadline), write.write_all(&out)).await;
             continue;
         }
         handles += 1;
-        out.clear();
         let send = Header::Send(Send {
             handle,
             caps: Vec::new(),
@@ -386,8 +402,9 @@ async fn stuck(socket: &Path, secs: Duration, zero: bool) -> anyhow::Result<Valu
     Ok(json!({ "list_calls_written": calls, "ended_ok": ended, "zero_length": zero }))
 }
 
-/// Writes `out` and reads until `want` frames satisfying `count` came, or
-/// the deadline; returns the matching frames' values.
+/// Writes `out` and reads until `want` frames `pick` accepts came, or the
+/// deadline; returns what `pick` made of them. Replies to the home port are
+/// acknowledged.
 async fn batch<T>(
     c: &mut Raw,
     out: &BytesMut,
@@ -395,11 +412,16 @@ async fn batch<T>(
     deadline: Instant,
     mut pick: impl FnMut(&junction_road::Frame) -> Option<T>,
 ) -> Option<Vec<T>> {
+    let home = c.welcome.home.port;
+    let mut replies = 0u32;
     let got = tokio::time::timeout(left(deadline), async {
         c.write.write_all(out).await.ok()?;
         let mut got = Vec::with_capacity(want);
         while got.len() < want {
             let frame = c.reader.recv().await.ok()??;
+            if matches!(&frame.header, Header::Deliver(d) if d.port == home) {
+                replies += 1;
+            }
             if let Some(v) = pick(&frame) {
                 got.push(v);
             }
@@ -407,6 +429,11 @@ async fn batch<T>(
         Some(got)
     })
     .await;
+    // The replies are consumed, as a driver would say (an unacknowledged
+    // reply keeps its call counted as pending).
+    if replies > 0 {
+        let _ = tokio::time::timeout(left(deadline), c.credit_home(replies)).await;
+    }
     got.ok().flatten()
 }
 

@@ -104,7 +104,7 @@ pub(super) struct Report {
 }
 
 /// Runs every flood, then the idle connections.
-pub(super) async fn run(dir: PathBuf, quick: bool) -> anyhow::Result<Report> {
+pub(super) async fn run(dir: PathBuf, quick: bool, only: Vec<Flood>) -> anyhow::Result<Report> {
     let plan = if quick {
         Plan {
             quiet: Duration::from_millis(400),
@@ -121,6 +121,9 @@ pub(super) async fn run(dir: PathBuf, quick: bool) -> anyhow::Result<Report> {
     let pki = HostilePki::new(&dir)?;
     let mut floods = Vec::new();
     for (i, kind) in Flood::ALL.into_iter().enumerate() {
+        if !only.is_empty() && !only.contains(&kind) {
+            continue;
+        }
         let row = match run_flood(&dir, &pki, &plan, kind, i).await {
             Ok(row) => row,
             Err(e) => {
@@ -130,11 +133,15 @@ pub(super) async fn run(dir: PathBuf, quick: bool) -> anyhow::Result<Report> {
         };
         floods.push(row);
     }
-    let idle = match idle_connections(&dir, &pki, &plan).await {
-        Ok(idle) => Some(idle),
-        Err(e) => {
-            eprintln!("idle connections: the bench itself failed: {e:#}");
-            None
+    let idle = if !only.is_empty() {
+        None
+    } else {
+        match idle_connections(&dir, &pki, &plan).await {
+            Ok(idle) => Some(idle),
+            Err(e) => {
+                eprintln!("idle connections: the bench itself failed: {e:#}");
+                None
+            }
         }
     };
     Ok(Report {

@@ -132,9 +132,19 @@ impl Raw {
         let mut out = BytesMut::new();
         control_call(&mut out, tag, request, caps);
         self.write.write_all(&out).await?;
-        tokio::time::timeout(SETUP, self.control_reply(tag))
+        let reply = tokio::time::timeout(SETUP, self.control_reply(tag))
             .await
-            .context("no control reply in time")?
+            .context("no control reply in time")??;
+        // Consumed, as a driver says: an unacknowledged reply keeps its
+        // call counted as pending.
+        self.credit_home(1).await?;
+        Ok(reply)
+    }
+
+    /// Reports `count` deliveries to the home port (replies) consumed.
+    pub(super) async fn credit_home(&mut self, count: u32) -> anyhow::Result<()> {
+        let port = self.welcome.home.port;
+        self.send(Header::Credit { port, count }).await
     }
 
     /// Waits for the answer to the control call `tag`.
