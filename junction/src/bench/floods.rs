@@ -105,13 +105,14 @@ pub(super) const HOLD: &[u8] = b"hold";
 /// Runs one attacker (the child process's body).
 pub(super) async fn run(kind: Flood, socket: &Path, secs: f64) -> anyhow::Result<()> {
     let secs = Duration::from_secs_f64(secs);
+    let mut held = Vec::new();
     let summary = match kind {
         Flood::Spin => spin(secs),
         Flood::Hoard => hoard(socket, secs).await?,
         Flood::FanIn => fan_in(socket, secs).await?,
         Flood::BigLookups => big_lookups(socket, secs).await?,
-        Flood::StuckHalfClose => stuck(socket, secs, false).await?,
-        Flood::StuckZeroLength => stuck(socket, secs, true).await?,
+        Flood::StuckHalfClose => stuck(socket, secs, false, &mut held).await?,
+        Flood::StuckZeroLength => stuck(socket, secs, true, &mut held).await?,
         Flood::WatchLoop => watch_loop(socket, secs).await?,
         Flood::RevocableLoop => revocable_loop(socket, secs).await?,
         Flood::DevNames => dev_names(socket, secs).await?,
@@ -122,6 +123,12 @@ pub(super) async fn run(kind: Flood, socket: &Path, secs: f64) -> anyhow::Result
     };
     println!("done {summary}");
     std::io::stdout().flush()?;
+    if !held.is_empty() {
+        // Stuck connections stay a moment after the report, so that the
+        // junction's memory is read while they are still there.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(held);
+    }
     Ok(())
 }
 
@@ -206,11 +213,14 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     let (mut handles, mut sent, mut refused) = (0u64, 0u64, 0u64);
     let mut out = BytesMut::new();
     let mut tag = 1_000u64;
-    while Instant::now() < deadline && handles < MAX_HANDLES {
-        out.clear();
-        if handles % 2 == 0 {
+    let name: junction_identity::ServiceName = "dev.hoard".parse()?;
+    // Eight requests for fresh handles in flight at all times: a Mint or a
+    // Lookup, by turns.
+    let mut asked = 0u64;
+    let mut ask = |out: &mut BytesMut| {
+        if asked % 2 == 0 {
             push(
-                &mut out,
+                out,
                 &Header::Mint {
                     req: 7,
                     port,
@@ -221,20 +231,22 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
         } else {
             tag += 1;
             control_call(
-                &mut out,
+                out,
                 tag,
-                &ControlRequest::Lookup {
-                    name: "dev.hoard".parse()?,
-                },
+                &ControlRequest::Lookup { name: name.clone() },
                 vec![],
             );
         }
-        if tokio::time::timeout(left(deadline), write.write_all(&out))
-            .await
-            .is_err()
-        {
-            break;
-        }
+        asked += 1;
+    };
+    out.clear();
+    for _ in 0..8 {
+        ask(&mut out);
+    }
+    let mut ok = tokio::time::timeout(left(deadline), write.write_all(&out))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    while ok && Instant::now() < deadline && handles < MAX_HANDLES {
         let Ok(Some((handle, credits, reply))) =
             tokio::time::timeout(left(deadline), rx.recv()).await
         else {
@@ -255,22 +267,22 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
         }
         if handle == u32::MAX {
             refused += 1;
-            let _ = tokio::time::timeout(left(deadline), write.write_all(&out)).await;
-            continue;
+        } else {
+            handles += 1;
+            let send = Header::Send(Send {
+                handle,
+                caps: Vec::new(),
+            });
+            for _ in 0..credits {
+                push(&mut out, &send, &payload);
+            }
+            push(&mut out, &Header::Drop { handle }, &Bytes::new());
+            sent += u64::from(credits);
         }
-        handles += 1;
-        let send = Header::Send(Send {
-            handle,
-            caps: Vec::new(),
-        });
-        for _ in 0..credits {
-            push(&mut out, &send, &payload);
-        }
-        push(&mut out, &Header::Drop { handle }, &Bytes::new());
-        match tokio::time::timeout(left(deadline), write.write_all(&out)).await {
-            Ok(Ok(())) => sent += u64::from(credits),
-            _ => break,
-        }
+        ask(&mut out);
+        ok = tokio::time::timeout(left(deadline), write.write_all(&out))
+            .await
+            .is_ok_and(|r| r.is_ok());
     }
     drop(write);
     read_task.abort();
@@ -346,7 +358,12 @@ async fn big_lookups(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
 
 /// 4. Stuck writers: fill the outbox with List answers, never read, then
 /// half-close or send a zero-length frame, and hold the socket.
-async fn stuck(socket: &Path, secs: Duration, zero: bool) -> anyhow::Result<Value> {
+async fn stuck(
+    socket: &Path,
+    secs: Duration,
+    zero: bool,
+    held: &mut Vec<Raw>,
+) -> anyhow::Result<Value> {
     const CONNS: usize = 20;
     const MAX_CALLS: u64 = 50_000;
     let mut conns = Vec::new();
@@ -390,7 +407,6 @@ async fn stuck(socket: &Path, secs: Duration, zero: bool) -> anyhow::Result<Valu
         }));
     }
     let (mut calls, mut ended) = (0u64, 0u64);
-    let mut held = Vec::new();
     for t in tasks {
         if let Ok((n, ok, c)) = t.await {
             calls += n;
@@ -398,7 +414,6 @@ async fn stuck(socket: &Path, secs: Duration, zero: bool) -> anyhow::Result<Valu
             held.push(c);
         }
     }
-    drop(held);
     Ok(json!({ "list_calls_written": calls, "ended_ok": ended, "zero_length": zero }))
 }
 

@@ -60,6 +60,8 @@ struct Row {
     after_refused: Option<usize>,
     base_rss_mib: f64,
     peak_rss_delta_mib: f64,
+    /// When the attacker reported, its connections still open.
+    end_rss_delta_mib: Option<f64>,
     /// 300 ms after the attacker exited.
     after_rss_delta_mib: f64,
     junction_survived: bool,
@@ -370,7 +372,8 @@ fn first_line(path: &Path) -> Option<String> {
 
 enum Event {
     Started,
-    Done(Value),
+    /// The attacker's report, and the junction's RSS (KiB) when it came.
+    Done(Value, u64),
 }
 
 async fn run_flood(
@@ -429,14 +432,17 @@ async fn run_flood(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let done = Arc::new(AtomicBool::new(false));
     let done_flag = done.clone();
+    let pid = jct.pid;
     let reader = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             if line == "started" {
                 let _ = tx.send(Event::Started);
             } else if let Some(json) = line.strip_prefix("done ") {
+                let rss = rss_kib(pid);
                 done_flag.store(true, Ordering::Relaxed);
-                let _ = tx.send(Event::Done(serde_json::from_str(json).unwrap_or(Value::Null)));
+                let value = serde_json::from_str(json).unwrap_or(Value::Null);
+                let _ = tx.send(Event::Done(value, rss));
             }
         }
         done_flag.store(true, Ordering::Relaxed);
@@ -453,10 +459,12 @@ async fn run_flood(
         notes.push("attacker did not start".into());
         Calls::default()
     };
-    let mut attacker_report = Value::Null;
-    if let Ok(Some(Event::Done(v))) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
+    let (mut attacker_report, mut end) = (Value::Null, None);
+    if let Ok(Some(Event::Done(v, rss))) =
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
     {
         attacker_report = v;
+        end = Some(rss);
     }
     // The attacker stops by itself; this is for one that did not.
     if tokio::time::timeout(Duration::from_secs(2), attacker.wait())
@@ -555,6 +563,7 @@ async fn run_flood(
         after_refused,
         base_rss_mib: base as f64 / 1024.0,
         peak_rss_delta_mib: peak.saturating_sub(base) as f64 / 1024.0,
+        end_rss_delta_mib: end.map(|e| (e as f64 - base as f64) / 1024.0),
         after_rss_delta_mib: (after as f64 - base as f64) / 1024.0,
         junction_survived,
         victim_survived,
@@ -820,13 +829,16 @@ pub(super) fn report(r: &Report, json: bool) {
         Some(v) => format!("{v:.0}x"),
     };
     println!(
-        "junction bench --hostile: a well-behaved client's call round trip (64 B, µs) on a fresh \
-         junction, quiet then under each flood ({:.1} s each); junction RSS sampled every 20 ms; \
-         {} CPUs",
-        r.flood_secs, r.cpus
+        "junction bench --hostile: a well-behaved client's call round trip (64 B, µs) to an echo \
+         process, quiet ({:.1} s) then under each flood ({:.1} s), on a fresh junction per flood; {} CPUs",
+        r.quiet_secs, r.flood_secs, r.cpus
     );
     println!(
-        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7}  notes",
+        "junction RSS: peak over the flood (sampled every 20 ms), at its end (attacker still \
+         connected), and 300 ms after the attacker exited; all minus the RSS before it started"
+    );
+    println!(
+        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7} {:>7}  notes",
         "flood",
         "quiet",
         "flooded",
@@ -836,15 +848,16 @@ pub(super) fn report(r: &Report, json: bool) {
         "p99",
         "calls",
         "peak RSS",
+        "RSS Δ",
         "RSS Δ"
     );
     println!(
-        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7}",
-        "", "p50", "p50", "ratio", "p99", "p99", "ratio", "flood", "Δ MiB", "after"
+        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7} {:>7}",
+        "", "p50", "p50", "ratio", "p99", "p99", "ratio", "flood", "Δ MiB", "at end", "after"
     );
     for row in &r.floods {
         println!(
-            "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8.1} {:>7.1}  {}",
+            "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8.1} {:>7} {:>7.1}  {}",
             row.label,
             us(row.quiet, false),
             us(row.flooded, false),
@@ -854,6 +867,8 @@ pub(super) fn report(r: &Report, json: bool) {
             x(row.p99_ratio),
             row.flooded_calls,
             row.peak_rss_delta_mib,
+            row.end_rss_delta_mib
+                .map_or("-".into(), |v| format!("{v:.1}")),
             row.after_rss_delta_mib,
             row.notes.join("; ")
         );
