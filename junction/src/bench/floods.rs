@@ -49,7 +49,7 @@ pub(crate) enum Flood {
     /// 7. Authenticate with a valid chain and a wrong proof, in a loop.
     BadAuth,
     /// 8. Ping as fast as one connection can write.
-    PingFlood,
+    Pings,
 }
 
 impl Flood {
@@ -67,7 +67,7 @@ impl Flood {
         Flood::JunkChain,
         Flood::PendingCalls,
         Flood::BadAuth,
-        Flood::PingFlood,
+        Flood::Pings,
     ];
 
     /// Its row label.
@@ -85,7 +85,7 @@ impl Flood {
             Flood::JunkChain => "5d junk-chain lookups",
             Flood::PendingCalls => "6 pending calls held",
             Flood::BadAuth => "7 failing Authenticate",
-            Flood::PingFlood => "8 Ping flood",
+            Flood::Pings => "8 Ping flood",
         }
     }
 
@@ -119,7 +119,7 @@ pub(super) async fn run(kind: Flood, socket: &Path, secs: f64) -> anyhow::Result
         Flood::JunkChain => junk_chain(socket, secs).await?,
         Flood::PendingCalls => pending_calls(socket, secs).await?,
         Flood::BadAuth => bad_auth(socket, secs).await?,
-        Flood::PingFlood => ping_flood(socket, secs).await?,
+        Flood::Pings => ping_flood(socket, secs).await?,
     };
     println!("done {summary}");
     std::io::stdout().flush()?;
@@ -154,7 +154,7 @@ fn spin(secs: Duration) -> Value {
     json!({ "spun": true })
 }
 
-/// 1. Credit hoarding.
+/// Credit hoarding (1).
 async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     const MAX_HANDLES: u64 = 200_000;
     let mut c = Raw::connect(socket, "hoarder").await?;
@@ -218,7 +218,7 @@ async fn hoard(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     // Lookup, by turns.
     let mut asked = 0u64;
     let mut ask = |out: &mut BytesMut| {
-        if asked % 2 == 0 {
+        if asked.is_multiple_of(2) {
             push(
                 out,
                 &Header::Mint {
@@ -306,8 +306,7 @@ async fn send_to_sink(
         tasks.push(tokio::spawn(async move {
             let (mut sent, mut err) = (0u64, None);
             while Instant::now() < deadline {
-                match tokio::time::timeout(left(deadline), driver.send(&cap, payload.clone()))
-                    .await
+                match tokio::time::timeout(left(deadline), driver.send(&cap, payload.clone())).await
                 {
                     Ok(Ok(_)) => sent += 1,
                     Ok(Err(e)) => {
@@ -333,7 +332,7 @@ async fn send_to_sink(
     json!({ "messages_sent": sent, "bytes_sent": sent * size as u64, "senders_failed": errors, "first_error": first_error })
 }
 
-/// 2. Fan-in.
+/// Fan-in (2).
 async fn fan_in(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     let mut drivers = Vec::new();
     let mut caps = Vec::new();
@@ -345,7 +344,7 @@ async fn fan_in(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     Ok(send_to_sink(drivers, caps, 16 * 1024, secs).await)
 }
 
-/// 3. One client, 80 lookups, ~4 MiB messages.
+/// One client, 80 lookups, ~4 MiB messages (3).
 async fn big_lookups(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     let d = Driver::connect(socket).await?;
     let size = d.max_frame() as usize - 4096;
@@ -356,7 +355,7 @@ async fn big_lookups(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     Ok(send_to_sink(vec![d], caps, size, secs).await)
 }
 
-/// 4. Stuck writers: fill the outbox with List answers, never read, then
+/// Stuck writers (4): fill the outbox with List answers, never read, then
 /// half-close or send a zero-length frame, and hold the socket.
 async fn stuck(
     socket: &Path,
@@ -567,12 +566,7 @@ async fn dev_names(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
             let tag = if k == 0 { first_tag } else { c.tag() };
             let name = format!("dev.flood.name-{i:07}").parse()?;
             i += 1;
-            control_call(
-                &mut out,
-                tag,
-                &ControlRequest::Register { name },
-                vec![cap],
-            );
+            control_call(&mut out, tag, &ControlRequest::Register { name }, vec![cap]);
         }
         let Some(replies) = batch(&mut c, &out, 256, deadline, |f| match &f.header {
             Header::Deliver(d) if d.tag >= first_tag => {
@@ -614,7 +608,9 @@ async fn dev_names(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
         },
         Err(e) => format!("cannot connect: {e}"),
     };
-    Ok(json!({ "registered": registered, "refused": refused, "first_refusal": first_refusal, "ls": ls }))
+    Ok(
+        json!({ "registered": registered, "refused": refused, "first_refusal": first_refusal, "ls": ls }),
+    )
 }
 
 /// 5d. Junk certificates after the trusted link, served on every lookup.
@@ -649,11 +645,8 @@ async fn junk_chain(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     }
     let chain_bytes = postcard::to_allocvec(&chain)?.len();
     let mut service = Raw::connect(socket, "junk-service").await?;
-    let proof = junction_identity::prove_possession(
-        &key,
-        &service.welcome.nonce,
-        service.welcome.junction,
-    );
+    let proof =
+        junction_identity::prove_possession(&key, &service.welcome.nonce, service.welcome.junction);
     let auth = service
         .control(&ControlRequest::Authenticate { chain, proof }, vec![])
         .await;
@@ -719,11 +712,11 @@ async fn junk_chain(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
         "register": registered,
         "lookups": lookups,
         "found": found,
-        "bytes_per_lookup": if lookups > 0 { served / lookups } else { 0 },
+        "bytes_per_lookup": served.checked_div(lookups).unwrap_or(0),
     }))
 }
 
-/// 6. Calls the victim holds, up to each connection's pending limit.
+/// Calls the victim holds, up to each connection's pending limit (6).
 async fn pending_calls(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     const CONNS: usize = 5;
     let mut conns = Vec::new();
@@ -790,7 +783,7 @@ async fn pending_calls(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     Ok(json!({ "held_calls_sent": sent, "connections": CONNS }))
 }
 
-/// 7. Authenticate with a chain the junction trusts and a wrong proof.
+/// Failing authentication (7): Authenticate with a chain the junction trusts and a wrong proof.
 async fn bad_auth(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     let key = crate::pki::read_key(Path::new(&std::env::var("JUNCTION_KEY")?))?;
     let chain = crate::pki::read_chain(Path::new(&std::env::var("JUNCTION_CERT")?))?;
@@ -849,10 +842,12 @@ async fn bad_auth(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
             None => break,
         }
     }
-    Ok(json!({ "attempts": attempts, "answered": answered, "reconnects": reconnects, "first_answer": first_answer }))
+    Ok(
+        json!({ "attempts": attempts, "answered": answered, "reconnects": reconnects, "first_answer": first_answer }),
+    )
 }
 
-/// 8. Pings from one connection, as fast as it can write; reads the Pongs.
+/// A frame flood (8): Pings from one connection, as fast as it can write; reads the Pongs.
 async fn ping_flood(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     let c = Raw::connect(socket, "pinger").await?;
     let Raw {

@@ -196,7 +196,13 @@ impl Jct {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(crate::self_exe()?)
-            .args(["serve", "--dev-namespace", "bench.*", "--dev-namespace", "dev.*"])
+            .args([
+                "serve",
+                "--dev-namespace",
+                "bench.*",
+                "--dev-namespace",
+                "dev.*",
+            ])
             .arg("--authority")
             .arg(authority)
             .arg("--socket")
@@ -320,8 +326,11 @@ async fn calls(
         && c.total() < max
     {
         let start = Instant::now();
-        match tokio::time::timeout(CALL_TIMEOUT, driver.call(cap, payload.clone(), CALL_TIMEOUT))
-            .await
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            driver.call(cap, payload.clone(), CALL_TIMEOUT),
+        )
+        .await
         {
             Ok(Ok(_)) => c.samples.push(start.elapsed()),
             Ok(Err(e)) => {
@@ -344,7 +353,8 @@ async fn calls(
             Err(_) => {
                 c.timeouts += 1;
                 c.samples.push(start.elapsed());
-                c.first_error.get_or_insert_with(|| "no answer in 5 s".into());
+                c.first_error
+                    .get_or_insert_with(|| "no answer in 5 s".into());
             }
         }
     }
@@ -414,7 +424,9 @@ async fn run_flood(
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join(format!("{name}-attacker.err")))?)
+        .stderr(std::fs::File::create(
+            dir.join(format!("{name}-attacker.err")),
+        )?)
         .kill_on_drop(true);
     match kind {
         Flood::JunkChain => {
@@ -500,12 +512,9 @@ async fn run_flood(
     let receiver_survived = match sink.as_mut() {
         Some(s) => {
             let alive = matches!(s.try_wait(), Ok(None));
-            let listed = tokio::time::timeout(
-                Duration::from_secs(5),
-                driver.lookup("bench.sink"),
-            )
-            .await
-            .is_ok_and(|r| r.is_ok());
+            let listed = tokio::time::timeout(Duration::from_secs(5), driver.lookup("bench.sink"))
+                .await
+                .is_ok_and(|r| r.is_ok());
             Some(alive && listed)
         }
         None => None,
@@ -588,7 +597,11 @@ fn attacker_notes(kind: Flood, a: &Value, notes: &mut Vec<String>) {
     let n = |k: &str| a.get(k).and_then(Value::as_u64).unwrap_or(0);
     let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     match kind {
-        Flood::Hoard => notes.push(format!("{} msgs on {} handles", n("messages_sent"), n("handles"))),
+        Flood::Hoard => notes.push(format!(
+            "{} msgs on {} handles",
+            n("messages_sent"),
+            n("handles")
+        )),
         Flood::FanIn | Flood::BigLookups => {
             notes.push(format!("{} MiB sent", n("bytes_sent") >> 20));
         }
@@ -612,7 +625,7 @@ fn attacker_notes(kind: Flood, a: &Value, notes: &mut Vec<String>) {
             n("attempts"),
             n("reconnects")
         )),
-        Flood::PingFlood => notes.push(format!("{} pings", n("pings_written"))),
+        Flood::Pings => notes.push(format!("{} pings", n("pings_written"))),
         Flood::Spin | Flood::PendingCalls => {}
     }
 }
@@ -900,5 +913,7 @@ pub(super) fn report(r: &Report, json: bool) {
             println!("  first failure: {e}");
         }
     }
-    println!("goals (issue 7): p50 ratios under 1.5x, memory flat; the bench reports, it does not judge");
+    println!(
+        "goals (issue 7): p50 ratios under 1.5x, memory flat; the bench reports, it does not judge"
+    );
 }

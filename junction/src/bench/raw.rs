@@ -226,7 +226,12 @@ impl Raw {
     /// Looks `name` up; returns the handle.
     pub(super) async fn lookup(&mut self, name: &str) -> anyhow::Result<u32> {
         let (reply, handle) = self
-            .control(&ControlRequest::Lookup { name: name.parse()? }, vec![])
+            .control(
+                &ControlRequest::Lookup {
+                    name: name.parse()?,
+                },
+                vec![],
+            )
             .await?;
         match (reply, handle) {
             (ControlReply::Found { .. }, Some(h)) => Ok(h),
