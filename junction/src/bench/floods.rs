@@ -783,67 +783,127 @@ async fn pending_calls(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
     Ok(json!({ "held_calls_sent": sent, "connections": CONNS }))
 }
 
-/// Failing authentication (7): Authenticate with a chain the junction trusts and a wrong proof.
+/// Failing authentication (7): Authenticate with a chain the junction
+/// trusts and a proof over the wrong nonce, pipelined: up to 256 attempts
+/// in flight, the replies read and acknowledged as a driver would. A
+/// connection the junction closes is replaced.
 async fn bad_auth(socket: &Path, secs: Duration) -> anyhow::Result<Value> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const IN_FLIGHT: u64 = 256;
     let key = crate::pki::read_key(Path::new(&std::env::var("JUNCTION_KEY")?))?;
     let chain = crate::pki::read_chain(Path::new(&std::env::var("JUNCTION_CERT")?))?;
     let mut c = Raw::connect(socket, "bad-auth").await?;
     let deadline = started(secs);
-    let (mut attempts, mut answered, mut reconnects, mut out) = (0u64, 0u64, 0u64, BytesMut::new());
-    let mut first_answer = None;
+    let (mut attempts, mut answered_total, mut reconnects) = (0u64, 0u64, 0u64);
+    let mut first_answer: Option<String> = None;
     while Instant::now() < deadline && attempts < 1_000_000 {
         // A proof over the wrong nonce: the chain verifies, the proof not.
         let proof = junction_identity::prove_possession(&key, &[0u8; 32], c.welcome.junction);
-        let payload = postcard::to_allocvec(&ControlRequest::Authenticate {
+        let payload = Bytes::from(postcard::to_allocvec(&ControlRequest::Authenticate {
             chain: chain.clone(),
             proof,
-        })?;
-        let payload = Bytes::from(payload);
-        out.clear();
-        let first_tag = c.tag();
-        for k in 0..16 {
-            let tag = if k == 0 { first_tag } else { c.tag() };
-            push(
-                &mut out,
-                &Header::Call(Call {
-                    handle: junction_road::control::CONTROL_HANDLE,
-                    tag,
-                    caps: Vec::new(),
-                }),
-                &payload,
-            );
-        }
-        attempts += 16;
-        let replies = batch(&mut c, &out, 16, deadline, |f| match &f.header {
-            Header::Deliver(d) if d.tag >= first_tag => {
-                Some(postcard::from_bytes::<ControlReply>(&f.payload).ok())
-            }
-            Header::Error(e) if e.tag >= first_tag => Some(None),
-            _ => None,
-        })
-        .await;
-        match replies {
-            Some(r) => {
-                answered += r.len() as u64;
-                if first_answer.is_none() {
-                    first_answer = r.into_iter().flatten().next().map(|r| format!("{r:?}"));
-                }
-            }
-            None if Instant::now() < deadline => {
-                // Cut off (or stalled): come back on a new connection.
-                match Raw::connect(socket, "bad-auth").await {
-                    Ok(n) => {
-                        c = n;
-                        reconnects += 1;
+        })?);
+        let home = c.welcome.home.port;
+        let Raw {
+            mut reader,
+            mut write,
+            ..
+        } = c;
+        let answered = Arc::new(AtomicU64::new(0));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let first = Arc::new(std::sync::OnceLock::new());
+        let (count, notify, first_seen) = (answered.clone(), wake.clone(), first.clone());
+        let read = tokio::spawn(async move {
+            while let Ok(Some(f)) = reader.recv().await {
+                match &f.header {
+                    Header::Deliver(d) if d.port == home => {
+                        if first_seen.get().is_none()
+                            && let Ok(r) = postcard::from_bytes::<ControlReply>(&f.payload)
+                        {
+                            let _ = first_seen.set(format!("{r:?}"));
+                        }
+                        count.fetch_add(1, Ordering::Relaxed);
+                        notify.notify_one();
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Header::Error(e) => {
+                        let _ = first_seen.set(format!("error: {}", e.message));
+                        count.fetch_add(1, Ordering::Relaxed);
+                        notify.notify_one();
+                    }
+                    _ => {}
                 }
             }
-            None => break,
+            notify.notify_one();
+        });
+        let (mut sent, mut credited, mut out, mut tag) = (0u64, 0u64, BytesMut::new(), 1u64);
+        let mut closed = false;
+        while Instant::now() < deadline && !closed {
+            let a = answered.load(Ordering::Relaxed);
+            out.clear();
+            if a > credited {
+                let count = u32::try_from(a - credited).unwrap_or(u32::MAX);
+                push(
+                    &mut out,
+                    &Header::Credit { port: home, count },
+                    &Bytes::new(),
+                );
+                credited = a;
+            }
+            if sent - a < IN_FLIGHT {
+                for _ in 0..16 {
+                    push(
+                        &mut out,
+                        &Header::Call(Call {
+                            handle: junction_road::control::CONTROL_HANDLE,
+                            tag,
+                            caps: Vec::new(),
+                        }),
+                        &payload,
+                    );
+                    tag += 1;
+                }
+                sent += 16;
+            }
+            if !out.is_empty() {
+                match tokio::time::timeout(left(deadline), write.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => closed = true,
+                    Err(_) => break,
+                }
+            }
+            if sent - answered.load(Ordering::Relaxed) >= IN_FLIGHT {
+                let _ = tokio::time::timeout(Duration::from_millis(10), wake.notified()).await;
+            }
+            closed |= read.is_finished();
+        }
+        attempts += sent;
+        answered_total += answered.load(Ordering::Relaxed);
+        drop(write);
+        read.abort();
+        if let Some(f) = first.get() {
+            first_answer.get_or_insert_with(|| f.clone());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        // Cut off: come back on a new connection.
+        match Raw::connect(socket, "bad-auth").await {
+            Ok(n) => {
+                c = n;
+                reconnects += 1;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                match Raw::connect(socket, "bad-auth").await {
+                    Ok(n) => c = n,
+                    Err(_) => break,
+                }
+            }
         }
     }
     Ok(
-        json!({ "attempts": attempts, "answered": answered, "reconnects": reconnects, "first_answer": first_answer }),
+        json!({ "attempts": attempts, "answered": answered_total, "reconnects": reconnects, "first_answer": first_answer }),
     )
 }
 

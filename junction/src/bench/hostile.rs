@@ -48,6 +48,9 @@ struct Row {
     flooded: Option<Rtt>,
     p50_ratio: Option<f64>,
     p99_ratio: Option<f64>,
+    quiet_mean_us: Option<f64>,
+    flooded_mean_us: Option<f64>,
+    mean_ratio: Option<f64>,
     quiet_calls: usize,
     flooded_calls: usize,
     /// Calls during the flood that were refused or failed.
@@ -309,6 +312,13 @@ impl Calls {
     fn total(&self) -> usize {
         self.samples.len() + self.refused
     }
+    /// The mean round trip, µs: a p50 hides a few calls stuck for long.
+    fn mean_us(&self) -> Option<f64> {
+        (!self.samples.is_empty()).then(|| {
+            self.samples.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e6
+                / self.samples.len() as f64
+        })
+    }
 }
 
 /// Calls `cap` until `deadline`, or `stop` is set, or `max` calls.
@@ -563,6 +573,9 @@ async fn run_flood(
         flooded: f,
         p50_ratio: ratio(f.map(|r| r.p50_us), q.map(|r| r.p50_us)),
         p99_ratio: ratio(f.map(|r| r.p99_us), q.map(|r| r.p99_us)),
+        quiet_mean_us: quiet.mean_us(),
+        flooded_mean_us: flooded.mean_us(),
+        mean_ratio: ratio(flooded.mean_us(), quiet.mean_us()),
         quiet_calls: quiet.total(),
         flooded_calls: flooded.total(),
         flooded_refused: flooded.refused,
@@ -851,7 +864,7 @@ pub(super) fn report(r: &Report, json: bool) {
          connected), and 300 ms after the attacker exited; all minus the RSS before it started"
     );
     println!(
-        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7} {:>7}  notes",
+        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7}  notes",
         "flood",
         "quiet",
         "flooded",
@@ -859,18 +872,30 @@ pub(super) fn report(r: &Report, json: bool) {
         "quiet",
         "flooded",
         "p99",
+        "mean",
         "calls",
         "peak RSS",
         "RSS Δ",
         "RSS Δ"
     );
     println!(
-        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8} {:>7} {:>7}",
-        "", "p50", "p50", "ratio", "p99", "p99", "ratio", "flood", "Δ MiB", "at end", "after"
+        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7}",
+        "",
+        "p50",
+        "p50",
+        "ratio",
+        "p99",
+        "p99",
+        "ratio",
+        "ratio",
+        "flood",
+        "Δ MiB",
+        "at end",
+        "after"
     );
     for row in &r.floods {
         println!(
-            "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>6} {:>8.1} {:>7} {:>7.1}  {}",
+            "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8.1} {:>7} {:>7.1}  {}",
             row.label,
             us(row.quiet, false),
             us(row.flooded, false),
@@ -878,6 +903,7 @@ pub(super) fn report(r: &Report, json: bool) {
             us(row.quiet, true),
             us(row.flooded, true),
             x(row.p99_ratio),
+            x(row.mean_ratio),
             row.flooded_calls,
             row.peak_rss_delta_mib,
             row.end_rss_delta_mib
