@@ -198,23 +198,24 @@ impl Jct {
     async fn start(dir: &Path, name: &str, authority: &Path) -> anyhow::Result<Jct> {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(crate::self_exe()?)
-            .args([
-                "serve",
-                "--dev-namespace",
-                "bench.*",
-                "--dev-namespace",
-                "dev.*",
-            ])
-            .arg("--authority")
-            .arg(authority)
-            .arg("--socket")
-            .arg(&socket)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
+        let mut cmd = Command::new(crate::self_exe()?);
+        cmd.args([
+            "serve",
+            "--dev-namespace",
+            "bench.*",
+            "--dev-namespace",
+            "dev.*",
+        ])
+        .arg("--authority")
+        .arg(authority)
+        .arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true);
+        let child = die_with_parent(&mut cmd)
             .spawn()
             .context("cannot start the junction")?;
         let pid = child.id().context("the junction exited at once")?;
@@ -380,7 +381,25 @@ fn peer(role: &str, socket: &Path, dir: &Path, name: &str) -> anyhow::Result<Com
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?)
         .kill_on_drop(true);
+    die_with_parent(&mut cmd);
     Ok(cmd)
+}
+
+/// Children are killed when their handle drops; this covers the bench
+/// itself being killed: the kernel sends the child SIGKILL when the bench
+/// (the thread that started it, the runtime's only one) dies.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 fn first_line(path: &Path) -> Option<String> {
@@ -438,6 +457,7 @@ async fn run_flood(
             dir.join(format!("{name}-attacker.err")),
         )?)
         .kill_on_drop(true);
+    die_with_parent(&mut cmd);
     match kind {
         Flood::JunkChain => {
             cmd.env("JUNCTION_KEY", &pki.junk.0)
