@@ -42,7 +42,7 @@ pub(crate) struct BenchArgs {
     rtt_only: bool,
     /// Measure the junction under attack instead (issue 7): a well-behaved
     /// client's round trips and the junction's memory under each flood,
-    /// and 10,000 idle drivers connecting. About two minutes; with --json
+    /// and 10,000 idle drivers connecting. About a minute; with --json
     /// the figures are under the "hostile" key.
     #[arg(long)]
     hostile: bool,
