@@ -21,6 +21,10 @@ use junction_road::{Frame, Header, Send};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 
+mod floods;
+mod hostile;
+mod raw;
+
 /// `junction bench` options.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
@@ -36,6 +40,16 @@ pub(crate) struct BenchArgs {
     /// Measure round trips only (for profiling).
     #[arg(long, hide = true)]
     rtt_only: bool,
+    /// Measure the junction under attack instead (issue 7): a well-behaved
+    /// client's round trips and the junction's memory under each flood,
+    /// and 10,000 idle drivers connecting. About a minute; with --json
+    /// the figures are under the "hostile" key.
+    #[arg(long)]
+    hostile: bool,
+    /// With --hostile: run only these floods (repeatable), and skip the
+    /// idle connections.
+    #[arg(long, value_enum, requires = "hostile")]
+    only: Vec<floods::Flood>,
 }
 
 /// A benchmark child's role.
@@ -55,6 +69,14 @@ pub(crate) enum Role {
     /// Driver: prove the identity in JUNCTION_KEY/JUNCTION_CERT, register
     /// bench.idecho, answer calls with their payload.
     IdEcho,
+    /// Hostile bench: register bench.victim, echo calls, hold those whose
+    /// payload starts with "hold".
+    Victim,
+    /// Hostile bench: run the attack `--flood` for `--secs` seconds.
+    Flood,
+    /// Hostile bench: connect `--count` idle drivers on "go" (stdin), hold
+    /// them until stdin closes.
+    IdleDrivers,
 }
 
 /// `junction bench-peer` options.
@@ -72,6 +94,12 @@ pub(crate) struct PeerArgs {
     /// For raw roles: plain tokio socket halves instead of the Road transport.
     #[arg(long)]
     plain: bool,
+    /// For flood: which attack.
+    #[arg(long, value_enum)]
+    flood: Option<floods::Flood>,
+    /// For flood: how long to attack, in seconds.
+    #[arg(long, default_value_t = 2.5)]
+    secs: f64,
 }
 
 const SMALL: usize = 64;
@@ -171,6 +199,16 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Private whatever the umask: the sockets go in it, and a directory
     // others may write in is refused.
     std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir)?;
+    if args.hostile {
+        let task_dir = dir.clone();
+        let (quick, only) = (args.quick, args.only);
+        let result = crate::cmd::block_on(async move {
+            tokio::spawn(hostile::run(task_dir, quick, only)).await?
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        hostile::report(&result?, args.json);
+        return Ok(());
+    }
     // The measuring loops run in a spawned task, as a driver's hot loop
     // should: on a current-thread runtime, waking the `block_on` future costs
     // an extra zero-timeout poll of the I/O driver on every wake-up.
@@ -819,6 +857,14 @@ pub(crate) fn peer(args: PeerArgs) -> anyhow::Result<()> {
 async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
     {
         match args.role {
+            Role::Victim => hostile::victim(&args.socket).await?,
+            Role::Flood => {
+                let kind = args.flood.context("--role flood needs --flood")?;
+                floods::run(kind, &args.socket, args.secs).await?;
+            }
+            Role::IdleDrivers => {
+                hostile::idle_drivers(&args.socket, usize::try_from(args.count)?).await?;
+            }
             Role::RawEcho => {
                 let stream = tokio::net::UnixStream::connect(&args.socket).await?;
                 let (mut reader, mut writer) = raw_link(stream, args.plain)?;
