@@ -21,6 +21,12 @@ pub(crate) struct SocketArg {
     socket: Option<PathBuf>,
 }
 
+/// Bytes queued for a connection above which the junction pauses it and
+/// those who send to it: room for a few of the largest frames, and for a
+/// window of small ones, without letting one receiver hold much of the
+/// machine's memory.
+const DEFAULT_MAX_UNREAD: usize = 16 << 20;
+
 impl SocketArg {
     pub(crate) fn path(&self) -> PathBuf {
         self.socket
@@ -94,7 +100,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     allow_uid: Vec<u32>,
     /// Bytes queued for a connection above which the junction stops taking
-    /// requests from it and pauses those who send to it [default: 256 MiB].
+    /// requests from it and pauses those who send to it [default: 16 MiB].
     #[arg(long)]
     max_unread: Option<usize>,
     /// Connections served at once; the last is kept for the junction's own
@@ -214,7 +220,10 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         allow_uids,
         max_connections,
         max_connections_per_uid,
-        max_unread: args.max_unread.or(file.max_unread).unwrap_or(256 << 20),
+        max_unread: args
+            .max_unread
+            .or(file.max_unread)
+            .unwrap_or(DEFAULT_MAX_UNREAD),
         write_timeout: Duration::from_millis(
             args.write_timeout_ms
                 .or(file.write_timeout_ms)

@@ -14,7 +14,7 @@
 //! hello_timeout_ms = 10000
 //! max_connections = 16384
 //! max_connections_per_uid = 12288
-//! max_unread = 268435456
+//! max_unread = 16777216
 //! write_timeout_ms = 30000
 //! spawn = ["/usr/bin/my-service --flag"]
 //! authority = "/etc/junction/authority.cert"
@@ -60,7 +60,7 @@ pub struct FileConfig {
     /// more.
     pub max_connections_per_uid: Option<usize>,
     /// Bytes queued for a connection above which the junction stops taking
-    /// new requests from it and pauses those who send to it (default 256 MiB).
+    /// new requests from it and pauses those who send to it (default 16 MiB).
     pub max_unread: Option<usize>,
     /// Milliseconds a connection's writer may make no progress while bytes
     /// wait for it before the connection is cut off (default 30 000).

@@ -826,9 +826,9 @@ impl Shell {
 /// Frames one reader handles in a turn before it lets the other tasks run,
 /// so that a connection that floods the junction gets its turn, not the
 /// whole thread.
-const TURN_FRAMES: usize = 64;
+const TURN_FRAMES: usize = 16;
 /// Payload bytes one reader handles in a turn, as [`TURN_FRAMES`].
-const TURN_BYTES: usize = 256 * 1024;
+const TURN_BYTES: usize = 64 * 1024;
 
 async fn read_loop<R: AsyncRead + Unpin>(
     shell: Rc<Shell>,

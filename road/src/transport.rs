@@ -40,6 +40,9 @@ pub const FLUSH_AT: usize = 64 * 1024;
 /// How much a reader asks the socket for at least.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Bytes of one large frame a reader takes before letting other tasks run.
+const LARGE_READ_TURN: usize = 256 * 1024;
+
 /// Why a Road failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -120,14 +123,24 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
         self.buf.advance(codec::LENGTH_BYTES);
         body.extend_from_slice(&self.buf);
         self.buf.clear();
+        let mut since_yield = 0;
         while body.len() < len {
             let want = len - body.len();
-            if self.io.read_buf(&mut (&mut body).limit(want)).await? == 0 {
+            let n = self.io.read_buf(&mut (&mut body).limit(want)).await?;
+            if n == 0 {
                 return Err(FrameError::Truncated {
                     have: codec::LENGTH_BYTES + body.len(),
                     need: codec::LENGTH_BYTES + len,
                 }
                 .into());
+            }
+            // A socket that always has more ready never makes this wait:
+            // let the other tasks on the thread run between chunks, so one
+            // peer's large frames do not hold it for milliseconds.
+            since_yield += n;
+            if since_yield >= LARGE_READ_TURN {
+                since_yield = 0;
+                tokio::task::yield_now().await;
             }
         }
         Ok(codec::decode_body(pool::into_bytes(body))?)

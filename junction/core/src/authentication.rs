@@ -225,14 +225,19 @@ impl Core {
     }
 
     /// Logs a refused attempt with where it came from.
-    pub(super) fn log_refusal(&self, conn: ConnId, what: &str) {
+    pub(super) fn log_refusal(&mut self, conn: ConnId, what: &str) {
+        // A peer can cause these at will: one line a second at most.
+        let Some(unlogged) = self.quiet.refusals.admit(self.now.instant) else {
+            return;
+        };
         let peer = self.conns.get(conn.key()).map(|c| &c.peer);
         tracing::warn!(
             conn = %conn,
             pid = ?peer.and_then(|p| p.pid),
             uid = ?peer.and_then(|p| p.uid),
             road = peer.map_or("?", |p| p.road),
-            "refused: {what}"
+            "refused: {what}{}",
+            crate::quiet::more(unlogged)
         );
     }
 }

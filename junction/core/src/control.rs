@@ -151,10 +151,13 @@ impl Core {
         let chain = match self.conns.get(conn.key()).and_then(|c| c.identity.clone()) {
             Some((identity, chain)) if identity.names.contains(&name) => Some(chain),
             _ if self.config.dev_namespace.iter().any(|p| p.matches(&name)) => {
-                tracing::warn!(
-                    conn = %conn,
-                    "{name} registered without a certificate, in the development namespace"
-                );
+                if let Some(unlogged) = self.quiet.dev_names.admit(self.now.instant) {
+                    tracing::warn!(
+                        conn = %conn,
+                        "{name} registered without a certificate, in the development namespace{}",
+                        crate::quiet::more(unlogged)
+                    );
+                }
                 None
             }
             identity => {

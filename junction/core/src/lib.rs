@@ -59,6 +59,7 @@ mod control;
 mod lanes;
 mod path;
 mod ports;
+mod quiet;
 mod refusal;
 mod registry;
 mod slab;
@@ -264,6 +265,8 @@ pub struct Core {
     hello_deadlines: FifoTimers<ConnId>,
     /// When proven identities lapse with their certificates.
     identity_expiries: WallTimers<ConnId>,
+    /// Warnings a peer can cause at will, rate-limited.
+    quiet: quiet::Warnings,
 }
 
 #[derive(Debug)]
@@ -321,6 +324,7 @@ impl Core {
             now,
             hello_deadlines: FifoTimers::new(),
             identity_expiries: WallTimers::new(),
+            quiet: quiet::Warnings::default(),
             config,
         }
     }
