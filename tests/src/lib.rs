@@ -298,6 +298,33 @@ impl RawClient {
         }
     }
 
+    /// Opens a port, mints a `send|grant` capability to it and registers it
+    /// as `name` (a dev-namespace name, or one this connection proved);
+    /// returns the port's address and the capability's handle.
+    pub fn serve(&mut self, name: &str) -> (junction_road::Address, u32) {
+        use junction_road::control::{ControlReply, ControlRequest};
+        self.send(Header::OpenPort { req: 1 });
+        let f = self.recv_until(|h| matches!(h, Header::PortOpened { req: 1, .. }));
+        let Header::PortOpened { address, .. } = f.header else {
+            unreachable!("matched above")
+        };
+        self.send(Header::Mint {
+            req: 2,
+            port: address.port,
+            rights: junction_road::Rights::SEND | junction_road::Rights::GRANT,
+        });
+        let f = self.recv_until(|h| matches!(h, Header::Minted { req: 2, .. }));
+        let Header::Minted { handle, .. } = f.header else {
+            unreachable!("matched above")
+        };
+        let request = ControlRequest::Register {
+            name: name.parse().expect("a valid service name"),
+        };
+        let (reply, _) = self.control_with(&request, vec![handle]);
+        assert_eq!(reply, ControlReply::Registered, "registering {name}");
+        (address, handle)
+    }
+
     /// The socket, for what the helpers here do not do (half-closing it,
     /// non-blocking writes).
     pub fn socket(&self) -> &UnixStream {
@@ -488,5 +515,24 @@ impl TestPki {
 impl Default for TestPki {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Looks `name` up until it is registered (a service process starting up),
+/// for at most `patience`.
+pub async fn lookup_eventually(
+    driver: &junction_driver::Driver,
+    name: &str,
+    patience: Duration,
+) -> junction_driver::Capability {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match driver.lookup(name).await {
+            Ok(cap) => return cap,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("{name} never registered: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
     }
 }

@@ -20,14 +20,7 @@ const T: Duration = Duration::from_secs(60);
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn lookup_eventually(driver: &Driver, name: &str) -> junction_driver::Capability {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match driver.lookup(name).await {
-            Ok(cap) => return cap,
-            Err(e) if Instant::now() > deadline => panic!("{name} never registered: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+    junction_tests::lookup_eventually(driver, name, PATIENCE).await
 }
 
 /// A message that says who sent it and its place in that sender's order.

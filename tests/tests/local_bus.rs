@@ -17,14 +17,7 @@ fn peer() -> &'static std::path::Path {
 }
 
 async fn lookup_eventually(driver: &Driver, name: &str) -> junction_driver::Capability {
-    let deadline = Instant::now() + T;
-    loop {
-        match driver.lookup(name).await {
-            Ok(cap) => return cap,
-            Err(e) if Instant::now() > deadline => panic!("{name} never registered: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+    junction_tests::lookup_eventually(driver, name, T).await
 }
 
 #[tokio::test]
@@ -700,27 +693,7 @@ fn watchers_leave_with_their_capabilities() {
 fn credit_windows_do_not_multiply_with_handles() {
     let j = TestJunction::start(&["--dev-namespace", "dev.*"]);
     let (mut raw, welcome) = RawClient::hello(&j.socket);
-    raw.send(Header::OpenPort { req: 1 });
-    let f = raw.recv_until(|h| matches!(h, Header::PortOpened { .. }));
-    let Header::PortOpened { address, .. } = f.header else {
-        unreachable!()
-    };
-    raw.send(Header::Mint {
-        req: 2,
-        port: address.port,
-        rights: Rights::SEND | Rights::GRANT,
-    });
-    let f = raw.recv_until(|h| matches!(h, Header::Minted { req: 2, .. }));
-    let Header::Minted { handle: first, .. } = f.header else {
-        unreachable!()
-    };
-    let (reply, _) = raw.control_with(
-        &ControlRequest::Register {
-            name: "dev.hoarder".parse().unwrap(),
-        },
-        vec![first],
-    );
-    assert_eq!(reply, ControlReply::Registered);
+    let (address, first) = raw.serve("dev.hoarder");
     let window = welcome.window;
     let mut handles = vec![first];
     for req in 3..43 {
@@ -775,27 +748,7 @@ fn credit_windows_do_not_multiply_with_handles() {
 async fn a_service_that_holds_its_replies_pins_nobody() {
     let j = TestJunction::start(&["--dev-namespace", "dev.*"]);
     let (mut service, _) = RawClient::hello(&j.socket);
-    service.send(Header::OpenPort { req: 1 });
-    let f = service.recv_until(|h| matches!(h, Header::PortOpened { .. }));
-    let Header::PortOpened { address, .. } = f.header else {
-        unreachable!()
-    };
-    service.send(Header::Mint {
-        req: 2,
-        port: address.port,
-        rights: Rights::SEND | Rights::GRANT,
-    });
-    let f = service.recv_until(|h| matches!(h, Header::Minted { req: 2, .. }));
-    let Header::Minted { handle, .. } = f.header else {
-        unreachable!()
-    };
-    let (reply, _) = service.control_with(
-        &ControlRequest::Register {
-            name: "dev.slow".parse().unwrap(),
-        },
-        vec![handle],
-    );
-    assert_eq!(reply, ControlReply::Registered);
+    let (address, _) = service.serve("dev.slow");
 
     // Four callers each make as many calls as they may; none is answered.
     let mut attackers = Vec::new();
