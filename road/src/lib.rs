@@ -10,6 +10,7 @@
 //!   [`codec::decode`] out of one, with a distinct [`FrameError`] for every way a
 //!   peer's bytes can be wrong;
 //! - [`control`]: the requests the control port (port 0) answers;
+//! - [`highway`]: what junctions say to each other (routing, for now);
 //! - `outbox`: encoded frames waiting for a link, drained by one writer;
 //! - `transport`: async readers and writers over any byte stream, and the two
 //!   local transports.
@@ -27,6 +28,7 @@ pub mod address;
 pub mod codec;
 pub mod control;
 pub mod frame;
+pub mod highway;
 #[cfg(feature = "transport")]
 pub mod outbox;
 #[cfg(feature = "transport")]

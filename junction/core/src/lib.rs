@@ -62,6 +62,7 @@ mod ports;
 mod quiet;
 mod refusal;
 mod registry;
+pub mod routing;
 mod slab;
 #[cfg(test)]
 mod tests;

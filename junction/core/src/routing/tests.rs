@@ -1,0 +1,381 @@
+//! Routing proven in a simulated network: real routers, links cut and
+//! healed, link states delivered in rounds (one round = one hop's latency).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// Routers joined by links, link states moving one hop per round.
+struct Net {
+    routers: BTreeMap<u16, Router>,
+    /// Live links and their costs, each pair once (lower id first).
+    links: BTreeMap<(u16, u16), u32>,
+    /// Link states on their way: to, from, what.
+    wire: VecDeque<(u16, u16, LinkState)>,
+}
+
+fn pair(a: u16, b: u16) -> (u16, u16) {
+    (a.min(b), a.max(b))
+}
+
+impl Net {
+    fn new(ids: impl IntoIterator<Item = u16>) -> Self {
+        let routers = ids
+            .into_iter()
+            .map(|id| (id, Router::new(id, 1, 64)))
+            .collect();
+        Self {
+            routers,
+            links: BTreeMap::new(),
+            wire: VecDeque::new(),
+        }
+    }
+
+    fn heal(&mut self, a: u16, b: u16, cost: u32) {
+        if a == b || self.links.contains_key(&pair(a, b)) {
+            return;
+        }
+        self.links.insert(pair(a, b), cost);
+        self.routers.get_mut(&a).unwrap().link_up(b, cost);
+        self.routers.get_mut(&b).unwrap().link_up(a, cost);
+    }
+
+    fn cut(&mut self, a: u16, b: u16) {
+        if self.links.remove(&pair(a, b)).is_some() {
+            self.routers.get_mut(&a).unwrap().link_down(b);
+            self.routers.get_mut(&b).unwrap().link_down(a);
+        }
+    }
+
+    /// One round: what is on the wire arrives (if its link still lives),
+    /// and what that makes the routers say goes on the wire. Whether
+    /// anything moved.
+    fn round(&mut self) -> bool {
+        for (&from, r) in self.routers.iter_mut() {
+            while let Some((to, ls)) = r.poll_transmit() {
+                self.wire.push_back((to, from, ls));
+            }
+        }
+        let arriving: Vec<_> = self.wire.drain(..).collect();
+        let moved = !arriving.is_empty();
+        for (to, from, ls) in arriving {
+            if self.links.contains_key(&pair(to, from)) {
+                self.routers
+                    .get_mut(&to)
+                    .unwrap()
+                    .handle_link_state(from, ls)
+                    .unwrap();
+            }
+        }
+        moved
+    }
+
+    /// Runs rounds until nothing moves; how many moved.
+    fn settle(&mut self) -> usize {
+        let mut rounds = 0;
+        while self.round() {
+            rounds += 1;
+            assert!(rounds < 1000, "routing never settled");
+        }
+        rounds
+    }
+
+    /// Shortest costs from `from` over the live links: the truth.
+    fn truth(&self, from: u16) -> BTreeMap<u16, u64> {
+        let mut dist = BTreeMap::from([(from, 0u64)]);
+        let mut heap = BinaryHeap::from([Reverse((0u64, from))]);
+        while let Some(Reverse((d, at))) = heap.pop() {
+            if dist.get(&at).is_some_and(|&best| best < d) {
+                continue;
+            }
+            for (&(a, b), &c) in &self.links {
+                let next = match (a == at, b == at) {
+                    (true, _) => b,
+                    (_, true) => a,
+                    _ => continue,
+                };
+                let nd = d + u64::from(c);
+                if dist.get(&next).is_none_or(|&best| nd < best) {
+                    dist.insert(next, nd);
+                    heap.push(Reverse((nd, next)));
+                }
+            }
+        }
+        dist.remove(&from);
+        dist
+    }
+
+    /// The most hops between two junctions that reach each other.
+    fn diameter(&self) -> usize {
+        let mut worst = 0;
+        for &from in self.routers.keys() {
+            let mut hops = BTreeMap::from([(from, 0usize)]);
+            let mut queue = VecDeque::from([from]);
+            while let Some(at) = queue.pop_front() {
+                for &(a, b) in self.links.keys() {
+                    let next = match (a == at, b == at) {
+                        (true, _) => b,
+                        (_, true) => a,
+                        _ => continue,
+                    };
+                    if !hops.contains_key(&next) {
+                        hops.insert(next, hops[&at] + 1);
+                        queue.push_back(next);
+                    }
+                }
+            }
+            worst = worst.max(hops.values().copied().max().unwrap_or(0));
+        }
+        worst
+    }
+
+    /// Every route any router holds is a path that repeats no junction and
+    /// starts at a neighbour it has a link to.
+    fn routes_are_paths(&mut self) {
+        let ids: Vec<u16> = self.routers.keys().copied().collect();
+        for &from in &ids {
+            for &to in &ids {
+                let r = self.routers.get_mut(&from).unwrap();
+                let Some(route) = r.route(to).cloned() else {
+                    continue;
+                };
+                assert_eq!(route.path.last(), Some(&to));
+                assert!(!route.path.contains(&from), "{from}→{to}: {route:?}");
+                assert_eq!(first_repeat(&route.path), None, "{from}→{to}: {route:?}");
+                assert!(r.links.contains_key(&route.path[0]));
+            }
+        }
+    }
+
+    /// Once settled: each router has a route to exactly the junctions it
+    /// reaches, at the true shortest cost, along live links.
+    fn routes_are_right(&mut self) {
+        let ids: Vec<u16> = self.routers.keys().copied().collect();
+        for &from in &ids {
+            let truth = self.truth(from);
+            for &to in &ids {
+                if to == from {
+                    continue;
+                }
+                let route = self.routers.get_mut(&from).unwrap().route(to).cloned();
+                match (truth.get(&to), route) {
+                    (None, None) => {}
+                    (Some(&cost), Some(route)) => {
+                        assert_eq!(route.cost, cost, "{from}→{to}: {route:?}");
+                        let mut at = from;
+                        for &hop in &route.path {
+                            assert!(
+                                self.links.contains_key(&pair(at, hop)),
+                                "{from}→{to} uses a dead link {at}-{hop}: {route:?}"
+                            );
+                            at = hop;
+                        }
+                    }
+                    (truth, route) => {
+                        panic!("{from}→{to}: reachable at {truth:?}, but routed {route:?}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_line_routes_over_two_hops() {
+    let mut net = Net::new([1, 2, 3]);
+    net.heal(1, 2, 1);
+    net.heal(2, 3, 1);
+    net.settle();
+    let r = net.routers.get_mut(&1).unwrap().route(3).cloned().unwrap();
+    assert_eq!(r.path, vec![2, 3]);
+    assert_eq!(r.cost, 2);
+    net.routes_are_right();
+    // Transit: 2 passes it on to 3, 3 keeps it.
+    assert_eq!(net.routers[&2].next_hop(&r.path), Ok(Some(3)));
+    assert_eq!(net.routers[&3].next_hop(&r.path), Ok(None));
+}
+
+#[test]
+fn a_triangle_fails_over_and_recovers() {
+    let mut net = Net::new([1, 2, 3]);
+    net.heal(1, 2, 1);
+    net.heal(2, 3, 1);
+    net.heal(1, 3, 5);
+    net.settle();
+    assert_eq!(
+        net.routers.get_mut(&1).unwrap().route(3).unwrap().path,
+        vec![2, 3]
+    );
+    net.cut(2, 3);
+    // Until it hears, 2 says the route is broken rather than looping it.
+    assert_eq!(
+        net.routers[&2].next_hop(&[2, 3]),
+        Err(RouteBroken::LinkDown { next: 3 })
+    );
+    net.settle();
+    assert_eq!(
+        net.routers.get_mut(&1).unwrap().route(3).unwrap().path,
+        vec![3]
+    );
+    assert_eq!(
+        net.routers.get_mut(&2).unwrap().route(3).unwrap().path,
+        vec![1, 3]
+    );
+    net.heal(2, 3, 1);
+    net.settle();
+    assert_eq!(
+        net.routers.get_mut(&1).unwrap().route(3).unwrap().path,
+        vec![2, 3]
+    );
+    net.routes_are_right();
+}
+
+#[test]
+fn a_restarted_junction_replaces_what_it_said_before() {
+    let mut net = Net::new([1, 2]);
+    net.heal(1, 2, 1);
+    net.settle();
+    // 2 restarts: a new incarnation, with its counter back at the start.
+    net.cut(1, 2);
+    net.routers.insert(2, Router::new(2, 2, 64));
+    net.routers.get_mut(&1).unwrap().link_up(2, 1);
+    net.routers.get_mut(&2).unwrap().link_up(1, 1);
+    net.links.insert((1, 2), 1);
+    net.settle();
+    net.routes_are_right();
+    // A junction that hears its own old description says a newer one.
+    let stale = LinkState {
+        origin: 1,
+        incarnation: 1,
+        seq: 1_000,
+        neighbours: vec![],
+    };
+    net.routers
+        .get_mut(&1)
+        .unwrap()
+        .handle_link_state(2, stale)
+        .unwrap();
+    net.settle();
+    net.routes_are_right();
+}
+
+#[test]
+fn bad_link_states_are_refused_with_reasons() {
+    let mut r = Router::new(1, 1, 2);
+    let ls = |origin, neighbours: &[(u16, u32)]| LinkState {
+        origin,
+        incarnation: 1,
+        seq: 1,
+        neighbours: neighbours
+            .iter()
+            .map(|&(junction, cost)| Neighbour { junction, cost })
+            .collect(),
+    };
+    assert_eq!(
+        r.handle_link_state(2, ls(2, &[])),
+        Err(RoutingError::NotNeighbour { from: 2 })
+    );
+    r.link_up(2, 1);
+    assert_eq!(
+        r.handle_link_state(2, ls(0, &[])),
+        Err(RoutingError::ReservedId { id: 0 })
+    );
+    assert_eq!(
+        r.handle_link_state(2, ls(2, &[(u16::MAX, 1)])),
+        Err(RoutingError::ReservedId { id: u16::MAX })
+    );
+    assert!(matches!(
+        r.handle_link_state(2, ls(2, &[(3, 1), (3, 1)])),
+        Err(RoutingError::BadNeighbours { .. })
+    ));
+    assert!(matches!(
+        r.handle_link_state(2, ls(2, &[(2, 1)])),
+        Err(RoutingError::BadNeighbours { .. })
+    ));
+    assert!(matches!(
+        r.handle_link_state(2, ls(2, &[(3, 0)])),
+        Err(RoutingError::BadNeighbours { .. })
+    ));
+    let many: Vec<(u16, u32)> = (3..3 + MAX_NEIGHBOURS as u16 + 1).map(|j| (j, 1)).collect();
+    assert!(matches!(
+        r.handle_link_state(2, ls(2, &many)),
+        Err(RoutingError::TooManyNeighbours { .. })
+    ));
+    r.handle_link_state(2, ls(2, &[(1, 1)])).unwrap();
+    assert_eq!(
+        r.handle_link_state(2, ls(3, &[])),
+        Err(RoutingError::Full { limit: 2 }),
+        "the database is bounded"
+    );
+    assert_eq!(r.known(), 2);
+    // Routes that loop, or skip this junction, are refused.
+    assert_eq!(
+        r.next_hop(&[2, 1, 2]),
+        Err(RouteBroken::Loops { junction: 2 })
+    );
+    assert_eq!(r.next_hop(&[2, 3]), Err(RouteBroken::NotOnRoute));
+}
+
+/// One change to the network.
+#[derive(Debug, Clone)]
+enum Change {
+    Cut(u16, u16),
+    Heal(u16, u16, u32),
+}
+
+/// A network to start from: how many junctions, which links at what cost,
+/// then changes, each followed by a number of rounds.
+type Scenario = (u16, Vec<(u16, u16, u32)>, Vec<(Change, usize)>);
+
+fn network() -> impl Strategy<Value = Scenario> {
+    (2u16..=8).prop_flat_map(|n| {
+        let id = 1..=n;
+        let link = (id.clone(), id.clone(), 1u32..10);
+        let change = prop_oneof![
+            (id.clone(), id.clone()).prop_map(|(a, b)| Change::Cut(a, b)),
+            (id.clone(), id.clone(), 1u32..10).prop_map(|(a, b, c)| Change::Heal(a, b, c)),
+        ];
+        (
+            Just(n),
+            prop::collection::vec(link, 0..16),
+            prop::collection::vec((change, 0usize..3), 0..24),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Over random networks of up to 8 junctions, with random cuts and heals
+    /// while link states are still on their way: every route at every round
+    /// is a loop-free path; once the last change has flooded through (in at
+    /// most diameter + 1 rounds), every junction routes to exactly those it
+    /// reaches, at the shortest cost, over live links.
+    #[test]
+    fn routes_converge_without_loops((n, links, changes) in network()) {
+        let mut net = Net::new(1..=n);
+        for (a, b, c) in links {
+            net.heal(a, b, c);
+        }
+        for (change, rounds) in changes {
+            match change {
+                Change::Cut(a, b) => net.cut(a, b),
+                Change::Heal(a, b, c) => net.heal(a, b, c),
+            }
+            for _ in 0..rounds {
+                net.round();
+                net.routes_are_paths();
+            }
+        }
+        let rounds = net.settle();
+        net.routes_are_paths();
+        net.routes_are_right();
+        let diameter = net.diameter();
+        prop_assert!(
+            rounds <= diameter + 2,
+            "settled in {} rounds, diameter {}", rounds, diameter
+        );
+    }
+}
