@@ -214,6 +214,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .hello_timeout_ms
                 .or(file.hello_timeout_ms)
                 .map_or(defaults.hello_timeout, Duration::from_millis),
+            // The start time: each life outranks the ones before.
+            incarnation: junction::unix_now(),
+            ..defaults
         },
         spawn,
         revocations_path,

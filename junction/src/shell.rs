@@ -697,6 +697,11 @@ impl Shell {
                         }
                     }
                 }
+                // This shell has no Highways yet (issue 9): the core is told
+                // of none, so it has nothing to send over one.
+                Output::Highway { to, .. } => {
+                    tracing::debug!(to, "no Highway to send a frame over");
+                }
             }
         }
     }

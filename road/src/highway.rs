@@ -9,6 +9,15 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A frame between two junctions over a Highway's control stream, which is
+/// reliable and ordered while the Highway lives. Variant order is the wire
+/// numbering; new variants go at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HighwayFrame {
+    /// A junction's description of its links, flooded (tag 0).
+    LinkState(LinkState),
+}
+
 /// The most neighbours one [`LinkState`] may list: more is refused, so that
 /// one junction cannot make every other hold an unbounded description.
 pub const MAX_NEIGHBOURS: usize = 256;

@@ -10,8 +10,11 @@
 //!
 //! # Shape
 //!
-//! - **Nodes** (`Vec<Node>`): one [`Core`] each. Today a world has one; the
-//!   multi-junction issue adds more, joined by [`Link`]s.
+//! - **Nodes** (`Vec<Node>`): one [`Core`] each, a junction of its own
+//!   ([`World::with_junctions`] makes several), joined by [`Link`]s: the
+//!   Highways' control streams, reliable and ordered while they live, with
+//!   a seeded latency; a cut drops what is in flight and tells both cores
+//!   the Highway is down, a heal tells them it is up.
 //! - **Processes**: anything implementing [`Process`] (a driver state
 //!   machine and the application on top of it). Each has one [`Road`] to one
 //!   node: reliable and ordered, with a seeded latency per frame. A crash
@@ -65,6 +68,7 @@ use std::time::{Duration, Instant};
 
 use junction_core::{Config, ConnId, Core, Now, Output, Peer};
 use junction_road::Frame;
+use junction_road::highway::HighwayFrame;
 
 pub mod oracle;
 pub mod workload;
@@ -209,19 +213,25 @@ pub struct Road {
     closed: bool,
 }
 
-/// A simulated network link between two nodes, for the multi-junction
-/// issue: its own queue of frames in flight and its fault settings. No
-/// world uses one yet; the type fixes where loss, cuts and heals will live.
+/// A simulated Highway between two nodes: its control stream, reliable and
+/// ordered while it lives. Cutting it drops what is in flight and tells
+/// both cores it is down; healing it tells them it is up again, as a new
+/// QUIC connection would.
 #[derive(Debug, Clone)]
 pub struct Link {
     /// The two ends.
     pub ends: (NodeId, NodeId),
+    /// What a hop over it costs, for routing.
+    pub cost: u32,
     /// Its latency.
     pub latency: Latency,
-    /// Percent of frames lost.
-    pub loss_percent: u8,
     /// Whether the link is cut (nothing passes until it heals).
     pub cut: bool,
+    /// Counts its lives: a frame sent in an earlier one is dropped.
+    life: u64,
+    /// When the last frame each way arrives (towards `ends.0`, `ends.1`),
+    /// so none overtakes another.
+    last: (Duration, Duration),
 }
 
 /// One node: a real core and what the world knows about it.
@@ -229,6 +239,8 @@ pub struct Link {
 pub struct Node {
     /// The junction's state machine.
     pub core: Core,
+    /// Its junction id.
+    pub junction: u16,
 }
 
 enum Slot<P> {
@@ -250,6 +262,13 @@ enum Event {
     ToProcess { pid: ProcessId, frame: Frame },
     /// The core closed a Road; the process sees it end.
     RoadClosed { pid: ProcessId },
+    /// A frame crosses a Highway to node `to`, in the link's life `life`.
+    OverLink {
+        link: usize,
+        life: u64,
+        to: NodeId,
+        frame: HighwayFrame,
+    },
 }
 
 /// What a trace entry records.
@@ -307,6 +326,22 @@ pub enum Traced {
     Crashed {
         /// The process.
         pid: ProcessId,
+    },
+    /// A core handled a frame from a neighbour junction over a Highway.
+    HighwayIn {
+        /// The node.
+        node: NodeId,
+        /// The neighbour's junction id.
+        from: u16,
+        /// The frame.
+        frame: HighwayFrame,
+    },
+    /// A Highway went up or down (both ends were told).
+    LinkChanged {
+        /// The link.
+        link: usize,
+        /// Whether it is up now.
+        up: bool,
     },
 }
 
@@ -414,6 +449,7 @@ impl<P: Process> World<P> {
             next_seq: 0,
             queue: BTreeMap::new(),
             nodes: vec![Node {
+                junction: config.junction,
                 core: Core::new(config, start),
             }],
             processes: Vec::new(),
@@ -423,6 +459,87 @@ impl<P: Process> World<P> {
             road_latency: Latency::default(),
             tamper: None,
         }
+    }
+
+    /// A world with one junction node per configuration (each with its own
+    /// junction id), and no links yet (see [`World::add_link`]).
+    pub fn with_junctions(seed: u64, configs: Vec<Config>) -> Self {
+        let mut configs = configs.into_iter();
+        let first = configs.next().unwrap_or_default();
+        let mut world = Self::new(seed, first);
+        let start = world.start;
+        for config in configs {
+            world.nodes.push(Node {
+                junction: config.junction,
+                core: Core::new(config, start),
+            });
+        }
+        world
+    }
+
+    /// A Highway between nodes `a` and `b`, up from now, each hop over it
+    /// costing `cost`; its index.
+    pub fn add_link(&mut self, a: NodeId, b: NodeId, cost: u32, latency: Latency) -> usize {
+        self.links.push(Link {
+            ends: (a, b),
+            cost,
+            latency,
+            cut: true,
+            life: 0,
+            last: (Duration::ZERO, Duration::ZERO),
+        });
+        let link = self.links.len() - 1;
+        self.heal_link(link);
+        link
+    }
+
+    /// Cuts Highway `link`: what is in flight is lost, both ends hear it
+    /// is down.
+    pub fn cut_link(&mut self, link: usize) {
+        let Some(l) = self.links.get_mut(link) else {
+            return;
+        };
+        if l.cut {
+            return;
+        }
+        l.cut = true;
+        l.life += 1;
+        let (a, b) = l.ends;
+        let now = self.now();
+        self.step += 1;
+        self.record(Traced::LinkChanged { link, up: false });
+        let (ja, jb) = (self.nodes[a].junction, self.nodes[b].junction);
+        self.nodes[a].core.handle_highway_down(jb, now);
+        self.drain_core(a);
+        self.nodes[b].core.handle_highway_down(ja, now);
+        self.drain_core(b);
+    }
+
+    /// Heals Highway `link`: both ends hear it is up, as a new connection.
+    pub fn heal_link(&mut self, link: usize) {
+        let Some(l) = self.links.get_mut(link) else {
+            return;
+        };
+        if !l.cut {
+            return;
+        }
+        l.cut = false;
+        l.life += 1;
+        l.last = (self.elapsed, self.elapsed);
+        let ((a, b), cost) = (l.ends, l.cost);
+        let now = self.now();
+        self.step += 1;
+        self.record(Traced::LinkChanged { link, up: true });
+        let (ja, jb) = (self.nodes[a].junction, self.nodes[b].junction);
+        self.nodes[a].core.handle_highway_up(jb, cost, now);
+        self.drain_core(a);
+        self.nodes[b].core.handle_highway_up(ja, cost, now);
+        self.drain_core(b);
+    }
+
+    /// A node's core, to ask it things (routes, listings) between steps.
+    pub fn core_mut(&mut self, node: NodeId) -> &mut Core {
+        &mut self.nodes[node].core
     }
 
     /// Makes every core's output pass through `tamper` before it is traced
@@ -462,7 +579,7 @@ impl<P: Process> World<P> {
         &self.nodes
     }
 
-    /// The links between nodes (none yet).
+    /// The Highways between nodes.
     pub fn links(&self) -> &[Link] {
         &self.links
     }
@@ -723,6 +840,26 @@ impl<P: Process> World<P> {
                     self.flush(pid);
                 }
             }
+            Event::OverLink {
+                link,
+                life,
+                to,
+                frame,
+            } => {
+                // Sent in an earlier life of the link: lost with it.
+                if self.links[link].cut || self.links[link].life != life {
+                    return;
+                }
+                let (a, b) = self.links[link].ends;
+                let from = self.nodes[if to == a { b } else { a }].junction;
+                self.record(Traced::HighwayIn {
+                    node: to,
+                    from,
+                    frame: frame.clone(),
+                });
+                self.nodes[to].core.handle_highway_frame(from, frame, now);
+                self.drain_core(to);
+            }
             Event::RoadClosed { pid } => {
                 let elapsed = self.elapsed;
                 if let Some(Slot::Alive(p)) = self.processes.get_mut(pid) {
@@ -793,6 +930,7 @@ impl<P: Process> World<P> {
                     road.down_last = at;
                     self.schedule(at, Event::RoadClosed { pid });
                 }
+                Output::Highway { to, frame } => self.send_over_link(node, to, frame),
             }
         }
     }
@@ -816,6 +954,42 @@ impl<P: Process> World<P> {
         let at = (self.elapsed + delay).max(road.down_last);
         road.down_last = at;
         self.schedule(at, Event::ToProcess { pid, frame });
+    }
+
+    /// Sends a frame from `node` to its neighbour junction `to` over their
+    /// Highway, if one is up; a core speaks only to neighbours it was told
+    /// of, so there is one.
+    fn send_over_link(&mut self, node: NodeId, to: u16, frame: HighwayFrame) {
+        let found = self.links.iter().position(|l| {
+            let (a, b) = l.ends;
+            !l.cut
+                && ((a == node && self.nodes[b].junction == to)
+                    || (b == node && self.nodes[a].junction == to))
+        });
+        let Some(link) = found else {
+            return;
+        };
+        let l = &self.links[link];
+        let (latency, life) = (l.latency, l.life);
+        let target = if l.ends.0 == node { l.ends.1 } else { l.ends.0 };
+        let delay = self.rng.between(latency.min, latency.max);
+        let l = &mut self.links[link];
+        let last = if target == l.ends.0 {
+            &mut l.last.0
+        } else {
+            &mut l.last.1
+        };
+        let at = (self.elapsed + delay).max(*last);
+        *last = at;
+        self.schedule(
+            at,
+            Event::OverLink {
+                link,
+                life,
+                to: target,
+                frame,
+            },
+        );
     }
 
     fn pid_of(&self, node: NodeId, conn: ConnId) -> Option<ProcessId> {

@@ -76,6 +76,7 @@ use junction_identity::{Certificate, NamePattern, RevocationList, TrustStore, Ve
 use junction_road::codec::FrameError;
 use junction_road::control::CONTROL_HANDLE;
 pub use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
+use junction_road::highway::HighwayFrame;
 use junction_road::{
     Address, ErrorFrame, Frame, Header, Identity, MAGIC, PROTOCOL_VERSION, Reason, Rights, Welcome,
 };
@@ -122,6 +123,12 @@ pub struct Config {
     pub dev_namespace: Vec<NamePattern>,
     /// How long a new connection may take to deliver its whole Hello frame.
     pub hello_timeout: Duration,
+    /// This junction's life among its restarts: greater than in any earlier
+    /// one (its start time in Unix seconds), so that what it says now
+    /// outranks what it said before.
+    pub incarnation: u64,
+    /// Junctions whose routes it keeps, at most (the bus's size).
+    pub max_junctions: usize,
 }
 
 impl Default for Config {
@@ -138,6 +145,8 @@ impl Default for Config {
             revocations: None,
             dev_namespace: Vec::new(),
             hello_timeout: Duration::from_secs(10),
+            incarnation: 0,
+            max_junctions: 4096,
         }
     }
 }
@@ -218,6 +227,14 @@ pub enum Output {
         /// Why, for the log.
         reason: String,
     },
+    /// Send `frame` to the neighbour junction `to` over the Highway's
+    /// control stream.
+    Highway {
+        /// The neighbour's junction id.
+        to: u16,
+        /// The frame.
+        frame: HighwayFrame,
+    },
 }
 
 /// What the core holds, counted: for the memory bounds in tests and
@@ -268,6 +285,8 @@ pub struct Core {
     identity_expiries: WallTimers<ConnId>,
     /// Warnings a peer can cause at will, rate-limited.
     quiet: quiet::Warnings,
+    /// Routes to the other junctions of the bus.
+    router: routing::Router,
 }
 
 #[derive(Debug)]
@@ -326,6 +345,7 @@ impl Core {
             hello_deadlines: FifoTimers::new(),
             identity_expiries: WallTimers::new(),
             quiet: quiet::Warnings::default(),
+            router: routing::Router::new(config.junction, config.incarnation, config.max_junctions),
             config,
         }
     }
@@ -557,6 +577,57 @@ impl Core {
                     .sum::<usize>(),
             names: self.registry.iter().count(),
             lanes: self.conns.iter().map(|(_, c)| c.lanes.len()).sum(),
+        }
+    }
+
+    /// A Highway to neighbour junction `neighbour` is up (authenticated by
+    /// the shell), each hop over it costing `cost`.
+    pub fn handle_highway_up(&mut self, neighbour: u16, cost: u32, now: Now) {
+        self.now = now;
+        self.router.link_up(neighbour, cost);
+        self.pump_router();
+    }
+
+    /// The Highway to `neighbour` is down.
+    pub fn handle_highway_down(&mut self, neighbour: u16, now: Now) {
+        self.now = now;
+        self.router.link_down(neighbour);
+        self.pump_router();
+    }
+
+    /// A frame arrived from neighbour junction `from` over its Highway's
+    /// control stream.
+    pub fn handle_highway_frame(&mut self, from: u16, frame: HighwayFrame, now: Now) {
+        self.now = now;
+        match frame {
+            HighwayFrame::LinkState(ls) => {
+                if let Err(e) = self.router.handle_link_state(from, ls)
+                    && let Some(unlogged) = self.quiet.routing.admit(now.instant)
+                {
+                    tracing::warn!(
+                        neighbour = from,
+                        "refused a link state: {e}{}",
+                        quiet::more(unlogged)
+                    );
+                }
+            }
+        }
+        self.pump_router();
+    }
+
+    /// The route to junction `to`, if it is reachable: the junctions after
+    /// this one, the destination last.
+    pub fn route(&mut self, to: u16) -> Option<&routing::Route> {
+        self.router.route(to)
+    }
+
+    /// Queues what routing has to say to neighbours.
+    fn pump_router(&mut self) {
+        while let Some((to, ls)) = self.router.poll_transmit() {
+            self.out.push_back(Output::Highway {
+                to,
+                frame: HighwayFrame::LinkState(ls),
+            });
         }
     }
 

@@ -50,6 +50,8 @@ pub(crate) struct Warnings {
     pub(crate) refusals: Quiet,
     /// Names registered in the development namespace.
     pub(crate) dev_names: Quiet,
+    /// Link states refused from neighbours.
+    pub(crate) routing: Quiet,
 }
 
 #[cfg(test)]

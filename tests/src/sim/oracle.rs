@@ -457,7 +457,10 @@ impl Shadow<'_> {
                 self.input = Input::Other;
                 self.conn_ended(*conn);
             }
-            Traced::Timeout { .. } | Traced::Crashed { .. } => self.input = Input::Other,
+            Traced::Timeout { .. }
+            | Traced::Crashed { .. }
+            | Traced::HighwayIn { .. }
+            | Traced::LinkChanged { .. } => self.input = Input::Other,
         }
     }
 
