@@ -698,10 +698,12 @@ impl Shell {
                     }
                 }
                 // This shell has no Highways yet (issue 9): the core is told
-                // of none, so it has nothing to send over one.
+                // of none, so it has nothing to send over one, and no
+                // traffic from other junctions.
                 Output::Highway { to, .. } => {
                     tracing::debug!(to, "no Highway to send a frame over");
                 }
+                Output::Arrived { .. } | Output::Unroutable { .. } => {}
             }
         }
     }

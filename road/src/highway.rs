@@ -9,13 +9,111 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A frame between two junctions over a Highway's control stream, which is
-/// reliable and ordered while the Highway lives. Variant order is the wire
-/// numbering; new variants go at the end.
+/// A frame between two junctions over a Highway, with a payload the frame
+/// says the meaning of (empty but for [`HighwayFrame::Forward`]). Variant
+/// order is the wire numbering; new variants go at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HighwayFrame {
     /// A junction's description of its links, flooded (tag 0).
     LinkState(LinkState),
+    /// Traffic from junction `from` to junction `to`, passed along `route`
+    /// (tag 1). The payload is for `to` alone: transit junctions pass it on
+    /// unread.
+    Forward {
+        /// The junction it started from.
+        from: u16,
+        /// The junction it is for.
+        to: u16,
+        /// The junctions after `from`, `to` last.
+        route: Hops,
+    },
+    /// A junction on the way could not pass on traffic from `from` to `to`
+    /// (tag 2); sent back to `from` along `route` (the way it came,
+    /// reversed), so that it chooses another way. No payload.
+    Unroutable {
+        /// The junction the traffic started from, which this goes back to.
+        from: u16,
+        /// The junction the traffic was for.
+        to: u16,
+        /// The junction that could not pass it on.
+        at: u16,
+        /// The junctions from `at` back to `from`, `from` last.
+        route: Hops,
+    },
+}
+
+/// The most junctions a route may pass through.
+pub const MAX_HOPS: usize = 16;
+
+/// A route carried by a message: the junctions after the first, the
+/// destination last, at most [`MAX_HOPS`]. Copied, never allocated: a
+/// transit junction passes it on as it came.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Hops {
+    len: u8,
+    ids: [u16; MAX_HOPS],
+}
+
+impl Hops {
+    /// A route through `ids`, if there are 1 to [`MAX_HOPS`].
+    pub fn new(ids: &[u16]) -> Option<Self> {
+        if ids.is_empty() || ids.len() > MAX_HOPS {
+            return None;
+        }
+        let mut hops = Hops {
+            len: ids.len() as u8,
+            ids: [0; MAX_HOPS],
+        };
+        hops.ids[..ids.len()].copy_from_slice(ids);
+        Some(hops)
+    }
+
+    /// The junctions, in order.
+    pub fn as_slice(&self) -> &[u16] {
+        &self.ids[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Hops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
+impl Serialize for Hops {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Hops {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Hops;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a route of 1 to {MAX_HOPS} junction ids")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Hops, A::Error> {
+                let mut hops = Hops {
+                    len: 0,
+                    ids: [0; MAX_HOPS],
+                };
+                while let Some(id) = seq.next_element::<u16>()? {
+                    let Some(slot) = hops.ids.get_mut(usize::from(hops.len)) else {
+                        return Err(serde::de::Error::invalid_length(MAX_HOPS + 1, &self));
+                    };
+                    *slot = id;
+                    hops.len += 1;
+                }
+                if hops.len == 0 {
+                    return Err(serde::de::Error::invalid_length(0, &self));
+                }
+                Ok(hops)
+            }
+        }
+        d.deserialize_seq(Visit)
+    }
 }
 
 /// The most neighbours one [`LinkState`] may list: more is refused, so that
@@ -60,6 +158,35 @@ impl LinkState {
 mod tests {
     use super::*;
 
+    /// The examples in docs/protocol.md section 14.4, byte for byte.
+    #[test]
+    fn forwarded_traffic_encodes_as_documented() {
+        let forward = HighwayFrame::Forward {
+            from: 1,
+            to: 3,
+            route: Hops::new(&[2, 3]).unwrap(),
+        };
+        let bytes = postcard::to_allocvec(&forward).unwrap();
+        assert_eq!(bytes, [0x01, 0x01, 0x03, 0x02, 0x02, 0x03]);
+        assert_eq!(
+            postcard::from_bytes::<HighwayFrame>(&bytes).unwrap(),
+            forward
+        );
+        let back = HighwayFrame::Unroutable {
+            from: 1,
+            to: 3,
+            at: 2,
+            route: Hops::new(&[1]).unwrap(),
+        };
+        let bytes = postcard::to_allocvec(&back).unwrap();
+        assert_eq!(bytes, [0x02, 0x01, 0x03, 0x02, 0x01, 0x01]);
+        // A route of no junctions, or of more than MAX_HOPS, is refused.
+        assert!(postcard::from_bytes::<HighwayFrame>(&[0x01, 0x01, 0x03, 0x00]).is_err());
+        let mut long = vec![0x01, 0x01, 0x03, MAX_HOPS as u8 + 1];
+        long.extend(std::iter::repeat_n(0x02, MAX_HOPS + 1));
+        assert!(postcard::from_bytes::<HighwayFrame>(&long).is_err());
+    }
+
     /// The example in docs/protocol.md, part 2, byte for byte.
     #[test]
     fn a_link_state_encodes_as_documented() {
@@ -86,6 +213,9 @@ mod tests {
             ]
         );
         assert_eq!(postcard::from_bytes::<LinkState>(&bytes).unwrap(), ls);
+        let framed = postcard::to_allocvec(&HighwayFrame::LinkState(ls.clone())).unwrap();
+        assert_eq!(framed[0], 0x00, "LinkState is tag 0");
+        assert_eq!(&framed[1..], &bytes[..]);
         assert!(
             LinkState {
                 incarnation: 1_700_000_001,

@@ -268,6 +268,7 @@ enum Event {
         life: u64,
         to: NodeId,
         frame: HighwayFrame,
+        payload: bytes::Bytes,
     },
 }
 
@@ -335,6 +336,24 @@ pub enum Traced {
         from: u16,
         /// The frame.
         frame: HighwayFrame,
+    },
+    /// Traffic from another junction arrived at a node's core.
+    Arrived {
+        /// The node.
+        node: NodeId,
+        /// The junction it came from.
+        from: u16,
+        /// What it carried.
+        payload: bytes::Bytes,
+    },
+    /// Traffic a node sent could not be passed on at junction `at`.
+    Unroutable {
+        /// The node that sent it.
+        node: NodeId,
+        /// The junction it was for.
+        to: u16,
+        /// Where it stopped.
+        at: u16,
     },
     /// A Highway went up or down (both ends were told).
     LinkChanged {
@@ -535,6 +554,20 @@ impl<P: Process> World<P> {
         self.drain_core(a);
         self.nodes[b].core.handle_highway_up(ja, cost, now);
         self.drain_core(b);
+    }
+
+    /// Node `node` sends `payload` to junction `to` (see
+    /// [`Core::send_to_junction`]); it shows in the trace as
+    /// [`Traced::Arrived`] where it arrives.
+    pub fn send_to_junction(
+        &mut self,
+        node: NodeId,
+        to: u16,
+        payload: bytes::Bytes,
+    ) -> Result<(), junction_core::Unreachable> {
+        self.nodes[node].core.send_to_junction(to, payload)?;
+        self.drain_core(node);
+        Ok(())
     }
 
     /// A node's core, to ask it things (routes, listings) between steps.
@@ -845,6 +878,7 @@ impl<P: Process> World<P> {
                 life,
                 to,
                 frame,
+                payload,
             } => {
                 // Sent in an earlier life of the link: lost with it.
                 if self.links[link].cut || self.links[link].life != life {
@@ -857,7 +891,9 @@ impl<P: Process> World<P> {
                     from,
                     frame: frame.clone(),
                 });
-                self.nodes[to].core.handle_highway_frame(from, frame, now);
+                self.nodes[to]
+                    .core
+                    .handle_highway_frame(from, frame, payload, now);
                 self.drain_core(to);
             }
             Event::RoadClosed { pid } => {
@@ -930,7 +966,19 @@ impl<P: Process> World<P> {
                     road.down_last = at;
                     self.schedule(at, Event::RoadClosed { pid });
                 }
-                Output::Highway { to, frame } => self.send_over_link(node, to, frame),
+                Output::Highway { to, frame, payload } => {
+                    self.send_over_link(node, to, frame, payload)
+                }
+                Output::Arrived { from, payload } => {
+                    self.record(Traced::Arrived {
+                        node,
+                        from,
+                        payload,
+                    });
+                }
+                Output::Unroutable { to, at } => {
+                    self.record(Traced::Unroutable { node, to, at });
+                }
             }
         }
     }
@@ -959,7 +1007,13 @@ impl<P: Process> World<P> {
     /// Sends a frame from `node` to its neighbour junction `to` over their
     /// Highway, if one is up; a core speaks only to neighbours it was told
     /// of, so there is one.
-    fn send_over_link(&mut self, node: NodeId, to: u16, frame: HighwayFrame) {
+    fn send_over_link(
+        &mut self,
+        node: NodeId,
+        to: u16,
+        frame: HighwayFrame,
+        payload: bytes::Bytes,
+    ) {
         let found = self.links.iter().position(|l| {
             let (a, b) = l.ends;
             !l.cut
@@ -988,6 +1042,7 @@ impl<P: Process> World<P> {
                 life,
                 to: target,
                 frame,
+                payload,
             },
         );
     }

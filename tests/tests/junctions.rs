@@ -7,9 +7,11 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::Duration;
 
+use bytes::Bytes;
 use junction_core::Config;
 use junction_road::Frame;
-use junction_tests::sim::{Ctx, Latency, Process, Rng, World, seed_from_env};
+use junction_road::highway::{HighwayFrame, Hops};
+use junction_tests::sim::{Ctx, Latency, Process, Rng, Traced, World, seed_from_env};
 
 /// No processes in these worlds yet: junctions only.
 struct Nobody;
@@ -204,5 +206,123 @@ fn one_network(seed: u64) {
                 (truth, route) => panic!("{from}→{to}: reachable at {truth:?}, routed {route:?}"),
             }
         }
+    }
+}
+
+/// What arrived where, from the trace: (node, from junction, payload).
+fn arrivals(world: &World<Nobody>) -> Vec<(usize, u16, Vec<u8>)> {
+    world
+        .trace()
+        .iter()
+        .filter_map(|e| match &e.what {
+            Traced::Arrived {
+                node,
+                from,
+                payload,
+            } => Some((*node, *from, payload.to_vec())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn traffic_crosses_two_hops_and_a_broken_route_comes_back() {
+    let mut world = junctions(seed_from_env(3), 3);
+    world.add_link(0, 1, 1, wan());
+    let bc = world.add_link(1, 2, 1, wan());
+    world.run_until_idle(10_000).unwrap();
+    world
+        .send_to_junction(0, 3, Bytes::from_static(b"over two hops"))
+        .unwrap();
+    world.run_until_idle(10_000).unwrap();
+    assert_eq!(arrivals(&world), vec![(2, 1, b"over two hops".to_vec())]);
+    // Junction 2 loses its Highway to 3 before junction 1 hears: the
+    // traffic comes back from junction 2 as unroutable, and nothing loops.
+    world.cut_link(bc);
+    world
+        .send_to_junction(0, 3, Bytes::from_static(b"lost way"))
+        .unwrap();
+    world.run_until_idle(10_000).unwrap();
+    let back: Vec<_> = world
+        .trace()
+        .iter()
+        .filter_map(|e| match e.what {
+            Traced::Unroutable { node, to, at } => Some((node, to, at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(back, vec![(0, 3, 2)]);
+    assert_eq!(arrivals(&world).len(), 1);
+    assert!(
+        world.send_to_junction(0, 3, Bytes::new()).is_err(),
+        "once routing has caught up, junction 3 is known unreachable"
+    );
+}
+
+#[test]
+fn traffic_that_does_not_follow_its_route_is_dropped() {
+    let mut world = junctions(seed_from_env(4), 3);
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    world.run_until_idle(10_000).unwrap();
+    let now = world.now();
+    let forged = [
+        // Claims to come from junction 1 by way of itself, but junction 3
+        // hands it over.
+        (3, 1, Hops::new(&[2, 3]).unwrap()),
+        // A route that loops.
+        (1, 1, Hops::new(&[2, 1, 2, 3]).unwrap()),
+        // A route that does not pass junction 2.
+        (1, 1, Hops::new(&[3]).unwrap()),
+    ];
+    for (neighbour, from, route) in forged {
+        let core = world.core_mut(1);
+        core.handle_highway_frame(
+            neighbour,
+            HighwayFrame::Forward { from, to: 3, route },
+            Bytes::from_static(b"forged"),
+            now,
+        );
+        assert!(core.poll_output().is_none(), "passed on {route:?}");
+    }
+}
+
+/// Over random networks, once routing has settled, every junction's
+/// traffic reaches every junction it can reach, exactly once.
+#[test]
+fn traffic_reaches_every_reachable_junction_once() {
+    let first = seed_from_env(5_000);
+    for seed in first..first + 50 {
+        let mut rng = Rng::new(seed);
+        let n = 2 + rng.below(7) as u16;
+        let mut world = junctions(seed, n);
+        let mut links = Vec::new();
+        for _ in 0..rng.below(12) + 1 {
+            let (a, b) = (rng.index(n as usize), rng.index(n as usize));
+            if a != b && !links.contains(&(a.min(b), a.max(b))) {
+                links.push((a.min(b), a.max(b)));
+                world.add_link(a, b, 1 + rng.below(9) as u32, wan());
+            }
+        }
+        world.run_until_idle(100_000).unwrap();
+        let mut sent = Vec::new();
+        for from in 0..n as usize {
+            for to in 1..=n {
+                if to as usize != from + 1 {
+                    let payload = format!("{from}->{to}");
+                    if world
+                        .send_to_junction(from, to, Bytes::from(payload.clone()))
+                        .is_ok()
+                    {
+                        sent.push((to as usize - 1, from as u16 + 1, payload.into_bytes()));
+                    }
+                }
+            }
+        }
+        world.run_until_idle(100_000).unwrap();
+        let mut got = arrivals(&world);
+        got.sort();
+        sent.sort();
+        assert_eq!(got, sent, "seed {seed}");
     }
 }

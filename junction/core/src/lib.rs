@@ -72,11 +72,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use junction_identity::{Certificate, NamePattern, RevocationList, TrustStore, Verified};
 use junction_road::codec::FrameError;
 use junction_road::control::CONTROL_HANDLE;
 pub use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
-use junction_road::highway::HighwayFrame;
+use junction_road::highway::{HighwayFrame, Hops};
 use junction_road::{
     Address, ErrorFrame, Frame, Header, Identity, MAGIC, PROTOCOL_VERSION, Reason, Rights, Welcome,
 };
@@ -227,14 +228,42 @@ pub enum Output {
         /// Why, for the log.
         reason: String,
     },
-    /// Send `frame` to the neighbour junction `to` over the Highway's
-    /// control stream.
+    /// Send `frame` and its payload to the neighbour junction `to` over
+    /// their Highway.
     Highway {
         /// The neighbour's junction id.
         to: u16,
         /// The frame.
         frame: HighwayFrame,
+        /// Its payload: what a [`HighwayFrame::Forward`] carries.
+        payload: Bytes,
     },
+    /// Traffic sent to this junction by junction `from`
+    /// ([`Core::send_to_junction`]) arrived. The end-to-end sessions take
+    /// it from here (issue 8); until they do, the shell has none.
+    Arrived {
+        /// The junction it came from.
+        from: u16,
+        /// What it carried.
+        payload: Bytes,
+    },
+    /// Traffic this junction sent to junction `to` could not be passed on
+    /// at junction `at`: the route broke. Routing picks another as link
+    /// states arrive; the sender's session sends again.
+    Unroutable {
+        /// The junction it was for.
+        to: u16,
+        /// Where it stopped.
+        at: u16,
+    },
+}
+
+/// Junction `to` cannot be reached now: no route leads there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("junction {to} cannot be reached: no route leads there now")]
+pub struct Unreachable {
+    /// The junction.
+    pub to: u16,
 }
 
 /// What the core holds, counted: for the memory bounds in tests and
@@ -595,11 +624,54 @@ impl Core {
         self.pump_router();
     }
 
-    /// A frame arrived from neighbour junction `from` over its Highway's
-    /// control stream.
-    pub fn handle_highway_frame(&mut self, from: u16, frame: HighwayFrame, now: Now) {
+    /// Sends `payload` to junction `to` along the route routing chose; it
+    /// arrives there as [`Output::Arrived`]. Fails when `to` is not
+    /// reachable now.
+    pub fn send_to_junction(&mut self, to: u16, payload: Bytes) -> Result<(), Unreachable> {
+        let me = self.config.junction;
+        let Some(route) = self.router.route(to) else {
+            return Err(Unreachable { to });
+        };
+        let Some(hops) = Hops::new(&route.path) else {
+            return Err(Unreachable { to });
+        };
+        self.out.push_back(Output::Highway {
+            to: route.path[0],
+            frame: HighwayFrame::Forward {
+                from: me,
+                to,
+                route: hops,
+            },
+            payload,
+        });
+        Ok(())
+    }
+
+    /// A frame arrived from neighbour junction `neighbour` over their
+    /// Highway.
+    pub fn handle_highway_frame(
+        &mut self,
+        neighbour: u16,
+        frame: HighwayFrame,
+        payload: Bytes,
+        now: Now,
+    ) {
         self.now = now;
+        let from = neighbour;
         match frame {
+            HighwayFrame::Forward { from, to, route } => {
+                self.forward(neighbour, from, to, route, payload);
+                return;
+            }
+            HighwayFrame::Unroutable {
+                from,
+                to,
+                at,
+                route,
+            } => {
+                self.unroutable(neighbour, from, to, at, route);
+                return;
+            }
             HighwayFrame::LinkState(ls) => {
                 if let Err(e) = self.router.handle_link_state(from, ls)
                     && let Some(unlogged) = self.quiet.routing.admit(now.instant)
@@ -627,7 +699,90 @@ impl Core {
             self.out.push_back(Output::Highway {
                 to,
                 frame: HighwayFrame::LinkState(ls),
+                payload: Bytes::new(),
             });
+        }
+    }
+
+    /// Traffic from `from` to `to` came from `neighbour` along `route`: it
+    /// is this junction's, or goes on to the next junction on the route, or
+    /// goes back to `from` as unroutable. Traffic that did not come the way
+    /// its route says, or whose route loops, is dropped.
+    fn forward(&mut self, neighbour: u16, from: u16, to: u16, route: Hops, payload: Bytes) {
+        let me = self.config.junction;
+        let path = route.as_slice();
+        let Some(here) = path.iter().position(|&j| j == me) else {
+            return self.refuse_traffic(neighbour, "it is not on the route");
+        };
+        let came_from = if here == 0 { from } else { path[here - 1] };
+        if came_from != neighbour || path.last() != Some(&to) || from == me {
+            return self.refuse_traffic(neighbour, "it did not come the way its route says");
+        }
+        match self.router.next_hop(path) {
+            Ok(None) => self.out.push_back(Output::Arrived { from, payload }),
+            Ok(Some(next)) => self.out.push_back(Output::Highway {
+                to: next,
+                frame: HighwayFrame::Forward { from, to, route },
+                payload,
+            }),
+            Err(routing::RouteBroken::LinkDown { .. }) => {
+                // Back the way it came: the junctions before this one,
+                // reversed, then its origin.
+                let back: Vec<u16> = path[..here].iter().rev().copied().chain([from]).collect();
+                if let Some(route) = Hops::new(&back) {
+                    self.out.push_back(Output::Highway {
+                        to: back[0],
+                        frame: HighwayFrame::Unroutable {
+                            from,
+                            to,
+                            at: me,
+                            route,
+                        },
+                        payload: Bytes::new(),
+                    });
+                }
+            }
+            Err(e) => self.refuse_traffic(neighbour, &e.to_string()),
+        }
+    }
+
+    /// An unroutable notice on its way back to the junction it concerns.
+    fn unroutable(&mut self, neighbour: u16, from: u16, to: u16, at: u16, route: Hops) {
+        let me = self.config.junction;
+        let path = route.as_slice();
+        let Some(here) = path.iter().position(|&j| j == me) else {
+            return self.refuse_traffic(neighbour, "it is not on the route");
+        };
+        let came_from = if here == 0 { at } else { path[here - 1] };
+        if came_from != neighbour || path.last() != Some(&from) {
+            return self.refuse_traffic(neighbour, "it did not come the way its route says");
+        }
+        match self.router.next_hop(path) {
+            Ok(None) => self.out.push_back(Output::Unroutable { to, at }),
+            Ok(Some(next)) => self.out.push_back(Output::Highway {
+                to: next,
+                frame: HighwayFrame::Unroutable {
+                    from,
+                    to,
+                    at,
+                    route,
+                },
+                payload: Bytes::new(),
+            }),
+            // The way back broke too; routing tells the origin soon enough.
+            Err(_) => {}
+        }
+    }
+
+    /// Traffic a neighbour should not have sent is dropped, logged at most
+    /// once a second.
+    fn refuse_traffic(&mut self, neighbour: u16, why: &str) {
+        if let Some(unlogged) = self.quiet.routing.admit(self.now.instant) {
+            tracing::warn!(
+                neighbour,
+                "dropped traffic from a neighbour junction: {why}{}",
+                quiet::more(unlogged)
+            );
         }
     }
 

@@ -321,10 +321,14 @@ pub enum RouteBroken {
     },
 }
 
-/// The first junction a path names twice.
+/// The first junction a path names twice. Paths are short (at most
+/// `MAX_HOPS`), and this runs for every message passed on: a scan, with no
+/// allocation.
 fn first_repeat(path: &[u16]) -> Option<u16> {
-    let mut seen = std::collections::BTreeSet::new();
-    path.iter().copied().find(|&j| !seen.insert(j))
+    path.iter()
+        .enumerate()
+        .find(|&(i, j)| path[..i].contains(j))
+        .map(|(_, &j)| j)
 }
 
 /// A link state's own consistency.

@@ -73,7 +73,7 @@ impl Harness {
                     self.payloads.entry(conn).or_default().push(frame.payload);
                 }
                 Output::Close { conn, .. } => self.closed.push(conn),
-                Output::Highway { to, .. } => panic!("no Highway to {to} in these tests"),
+                other => panic!("no other junction in these tests: {other:?}"),
             }
         }
     }

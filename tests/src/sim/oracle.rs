@@ -460,6 +460,8 @@ impl Shadow<'_> {
             Traced::Timeout { .. }
             | Traced::Crashed { .. }
             | Traced::HighwayIn { .. }
+            | Traced::Arrived { .. }
+            | Traced::Unroutable { .. }
             | Traced::LinkChanged { .. } => self.input = Input::Other,
         }
     }
