@@ -30,9 +30,9 @@ pub mod codec;
 pub mod control;
 pub mod frame;
 pub mod highway;
-pub mod session;
 #[cfg(feature = "transport")]
 pub mod outbox;
+pub mod session;
 #[cfg(feature = "transport")]
 mod sys;
 #[cfg(feature = "transport")]
