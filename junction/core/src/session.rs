@@ -354,8 +354,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session of this junction, in its `incarnation` (at least 1), with
-    /// a peer whose incarnation it does not know yet.
+    /// A session of this junction, in its `incarnation` (at least 1; the
+    /// one its link states carry), with a peer whose incarnation it does not
+    /// know yet.
     pub fn new(incarnation: u64, config: SessionConfig) -> Self {
         let config = SessionConfig {
             window: config.window.max(1),
@@ -404,7 +405,7 @@ impl Session {
             return Err(SendError::TooManyLanes { limit });
         }
         let l = self.out.entry(lane).or_default();
-        if l.units + cost > window {
+        if l.units.saturating_add(cost) > window {
             let available = window - l.units;
             return Err(SendError::NoCredit {
                 lane,
@@ -488,7 +489,12 @@ impl Session {
         let give_up = self.config.give_up;
         self.out
             .values()
-            .flat_map(|l| [l.resend_at, l.stalled_since.map(|t| t + give_up)])
+            .flat_map(|l| {
+                [
+                    l.resend_at,
+                    l.stalled_since.and_then(|t| t.checked_add(give_up)),
+                ]
+            })
             .flatten()
             .min()
     }
@@ -498,7 +504,8 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         let config = self.config;
         for (&lane, l) in self.out.iter_mut() {
-            if l.stalled_since.is_some_and(|t| t + config.give_up <= now) {
+            let give_up_at = l.stalled_since.and_then(|t| t.checked_add(config.give_up));
+            if give_up_at.is_some_and(|t| t <= now) {
                 give_up_lane(&mut self.events, lane, l, Ending::Unreachable);
                 continue;
             }
@@ -571,7 +578,7 @@ impl Session {
                     .rto
                     .saturating_mul(1u32 << l.backoff.min(16))
                     .min(self.config.max_rto);
-                l.resend_at = Some(now + rto);
+                l.resend_at = now.checked_add(rto);
             }
             if l.cursor < l.next_seq {
                 enqueue(&mut self.ready, l, lane);
@@ -687,7 +694,7 @@ impl Session {
         l.backoff = 0;
         let waiting = (!l.unacked.is_empty()).then_some(now);
         l.stalled_since = waiting;
-        l.resend_at = waiting.map(|now| now + self.config.rto);
+        l.resend_at = waiting.and_then(|now| now.checked_add(self.config.rto));
         self.events
             .push_back(SessionEvent::Acked { lane, upto, units });
         Ok(())

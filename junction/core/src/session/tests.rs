@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use proptest::prelude::*;
+
 use super::*;
 
 const A: u64 = 100;
@@ -481,6 +483,81 @@ fn bad_frames_are_refused_and_change_nothing() {
         Err(SessionError::NotThisIncarnation { to: A - 1, me: A })
     );
     assert_eq!(a.footprint().unacked, 2);
+}
+
+fn any_incarnation() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(0u64),
+        Just(A - 1),
+        Just(A),
+        Just(A + 1),
+        Just(B - 1),
+        Just(B),
+        Just(B + 1),
+        any::<u64>(),
+    ]
+}
+
+fn any_seq() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..24, Just(u64::MAX), any::<u64>()]
+}
+
+fn any_frame() -> impl Strategy<Value = SessionFrame> {
+    let (inc, lane) = (any_incarnation, || 0u32..6);
+    prop_oneof![
+        (inc(), inc(), lane(), any_seq(), any_seq())
+            .prop_map(|(f, t, l, s, b)| data(f, t, l, s, b)),
+        (inc(), inc(), lane(), any_seq()).prop_map(|(f, t, l, u)| ack(f, t, l, u)),
+        (inc(), inc()).prop_map(|(f, t)| SessionFrame::Reset(SessionReset {
+            from_incarnation: f,
+            to_incarnation: t
+        })),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Whatever a peer sends, among sends and timeouts of its own, a session
+    /// takes it or refuses it, never panics, stays within its window and
+    /// lanes, and hands up each lane in increasing order within one life of
+    /// the peer.
+    #[test]
+    fn any_frames_are_taken_or_refused_never_a_panic(
+        ops in prop::collection::vec((any_frame(), any::<bool>(), 0u64..100), 0..120)
+    ) {
+        let mut now = Instant::now();
+        let (_, mut b) = pair(small(), now);
+        let mut peer = b.peer_incarnation();
+        let mut last: HashMap<u32, u64> = HashMap::new();
+        for (frame, send, dt) in ops {
+            now += Duration::from_millis(dt);
+            if send {
+                let _ = b.send(now, (dt % 5) as u32, Bytes::from_static(b"m"));
+            }
+            let _ = b.handle_frame(now, frame, Bytes::new());
+            if b.poll_timeout().is_some_and(|t| t <= now) {
+                b.handle_timeout(now);
+            }
+            while b.poll_transmit(now).is_some() {}
+            if b.peer_incarnation() != peer {
+                peer = b.peer_incarnation();
+                last.clear();
+            }
+            for e in events(&mut b) {
+                if let SessionEvent::Delivered { lane, seq, .. } = e {
+                    if let Some(&before) = last.get(&lane) {
+                        prop_assert!(before < seq, "lane {} handed up {} after {}", lane, seq, before);
+                    }
+                    last.insert(lane, seq);
+                }
+            }
+            let fp = b.footprint();
+            prop_assert!(fp.lanes_in <= 4 && fp.lanes_out <= 4, "{:?}", fp);
+            prop_assert!(fp.max_lane_units <= 8, "{:?}", fp);
+            prop_assert_eq!(fp.unacked_units, fp.unacked as u64, "one unit each");
+        }
+    }
 }
 
 // ---- The simulation ------------------------------------------------------
