@@ -1014,3 +1014,40 @@ fn a_restart_mid_stream_ends_correctly_and_traffic_goes_on() {
     assert!(t.sent > sent_before + 100, "traffic went on: {t:?}");
     assert_eq!(t.sent, t.acked + t.unknown + t.undelivered);
 }
+
+/// The session's own cost per message on a clean link: send, transmit,
+/// hand up, acknowledge. `cargo test --release -p junction-core
+/// session_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, for release builds"]
+fn session_cost_per_message() {
+    let mut now = Instant::now();
+    let config = SessionConfig::default();
+    let (mut a, mut b) = pair(config, now);
+    let payload = Bytes::from(vec![0u8; 64]);
+    let n = 2_000_000u64;
+    let start = std::time::Instant::now();
+    let mut handed_up = 0u64;
+    let mut i = 0u64;
+    while handed_up < n {
+        now += Duration::from_micros(1);
+        // A batch of 64, as a shell would drain one turn.
+        for _ in 0..64 {
+            if a.send(now, (i % 8) as u32, payload.clone()).is_ok() {
+                i += 1;
+            }
+        }
+        while let Some(t) = a.poll_transmit(now) {
+            let _ = b.handle_frame(now, t.frame, t.payload);
+        }
+        while let Some(e) = b.poll_event() {
+            handed_up += u64::from(matches!(e, SessionEvent::Delivered { .. }));
+        }
+        while let Some(t) = b.poll_transmit(now) {
+            let _ = a.handle_frame(now, t.frame, t.payload);
+        }
+        while a.poll_event().is_some() {}
+    }
+    let per = start.elapsed() / u32::try_from(n).unwrap();
+    eprintln!("{n} messages through a session pair: {per:?} per message (both ends)");
+}
