@@ -109,6 +109,7 @@ pub enum Ending {
 }
 
 /// What the session tells its caller.
+#[must_use]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
     /// At the destination: the next message of a lane, handed up once.
@@ -149,6 +150,7 @@ pub enum SessionEvent {
 }
 
 /// A frame for the peer, to go over the current route.
+#[must_use]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     /// The frame.
