@@ -459,7 +459,7 @@ fn bad_frames_are_refused_and_change_nothing() {
     // Acknowledgements of what was never sent.
     a.send(now, 0, Bytes::new()).unwrap();
     a.send(now, 0, Bytes::new()).unwrap();
-    a.poll_transmit(now).unwrap();
+    let _sent = a.poll_transmit(now).unwrap();
     assert_eq!(
         a.handle_frame(now, ack(B, A, 0, 2), Bytes::new()),
         Err(SessionError::AckBeyondSent {
