@@ -1051,3 +1051,165 @@ fn session_cost_per_message() {
     let per = start.elapsed() / u32::try_from(n).unwrap();
     eprintln!("{n} messages through a session pair: {per:?} per message (both ends)");
 }
+
+/// Issue 8's promise, with the real routing: junctions 1, 2, 3 in a
+/// triangle, sessions between 1 and 3 carried hop by hop along the routes
+/// 1 chooses (through 2, the cheaper way). The link 2–3 is cut while
+/// messages are on it, then healed: every message is handed up exactly
+/// once, in order per lane, over the new path, and none ends with an
+/// outcome, because another path existed all along.
+#[test]
+fn a_cut_link_fails_over_to_another_path_with_nothing_lost() {
+    use crate::routing::Router;
+
+    /// A frame on its way: its route (junctions after its first), where
+    /// it is, and which session end it is for.
+    struct OnWay {
+        path: Vec<u16>,
+        at: u16,
+        t: Transmit,
+    }
+    let mut routers: BTreeMap<u16, Router> = (1..=3).map(|j| (j, Router::new(j, 1, 8))).collect();
+    let link = |routers: &mut BTreeMap<u16, Router>, a: u16, b: u16, up: bool| {
+        for (x, y) in [(a, b), (b, a)] {
+            let r = routers.get_mut(&x).unwrap();
+            if up {
+                r.link_up(y, if a + b == 4 { 5 } else { 1 })
+            } else {
+                r.link_down(y)
+            }
+        }
+    };
+    let flood = |routers: &mut BTreeMap<u16, Router>| {
+        // Link states move one hop per call, as frames do.
+        let mut wire = vec![];
+        for (&from, r) in routers.iter_mut() {
+            while let Some((to, ls)) = r.poll_transmit() {
+                wire.push((to, from, ls));
+            }
+        }
+        for (to, from, ls) in wire {
+            let _ = routers.get_mut(&to).unwrap().handle_link_state(from, ls);
+        }
+    };
+    link(&mut routers, 1, 2, true);
+    link(&mut routers, 2, 3, true);
+    link(&mut routers, 1, 3, true);
+    for _ in 0..5 {
+        flood(&mut routers);
+    }
+    let mut now = Instant::now();
+    let mut ends: BTreeMap<u16, Session> =
+        [(1, Session::new(A, small())), (3, Session::new(B, small()))].into();
+    let mut routes: BTreeMap<u16, Vec<u16>> = BTreeMap::new();
+    let mut wire: Vec<OnWay> = vec![];
+    let mut sent: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut handed_up: BTreeMap<(u16, u32), Vec<u64>> = BTreeMap::new();
+    let (mut lost, mut changes) = (0, 0);
+    for round in 0..400 {
+        now += Duration::from_millis(10);
+        flood(&mut routers);
+        for (&me, s) in ends.iter_mut() {
+            let peer = 4 - me;
+            // The route changed: everything unacknowledged goes again.
+            let route = routers
+                .get_mut(&me)
+                .unwrap()
+                .route(peer)
+                .map(|r| r.path.clone());
+            if route.as_ref() != routes.get(&me) {
+                if routes.contains_key(&me) {
+                    s.route_changed(now);
+                    changes += 1;
+                }
+                match &route {
+                    Some(r) => routes.insert(me, r.clone()),
+                    None => routes.remove(&me),
+                };
+            }
+            if round < 200 {
+                for lane in 0..2 {
+                    let n = sent.entry(me).or_default();
+                    if s.send(now, lane, Bytes::from(n.to_le_bytes().to_vec()))
+                        .is_ok()
+                    {
+                        *n += 1;
+                    }
+                }
+            }
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(now);
+            }
+            if let Some(e) = s.poll_event() {
+                panic!("a timeout gave up although another path existed: {e:?}");
+            }
+            if let Some(path) = routes.get(&me) {
+                while let Some(t) = s.poll_transmit(now) {
+                    // Its first hop is taken at once.
+                    wire.push(OnWay {
+                        path: path.clone(),
+                        at: path[0],
+                        t,
+                    });
+                }
+            }
+        }
+        // The link changes while frames are on it; routing hears next round.
+        match round {
+            30 => link(&mut routers, 2, 3, false),
+            120 => link(&mut routers, 2, 3, true),
+            _ => {}
+        }
+        // One hop per round; a frame whose next link is down is lost.
+        let mut arrived = vec![];
+        wire.retain_mut(|w| match routers[&w.at].next_hop(&w.path) {
+            Ok(Some(next)) => {
+                w.at = next;
+                true
+            }
+            Ok(None) => {
+                arrived.push((w.at, w.t.clone()));
+                false
+            }
+            Err(_) => {
+                lost += 1;
+                false
+            }
+        });
+        for (at, t) in arrived {
+            let s = ends.get_mut(&at).unwrap();
+            let _ = s.handle_frame(now, t.frame, t.payload);
+            while let Some(e) = s.poll_event() {
+                match e {
+                    SessionEvent::Delivered { lane, payload, .. } => {
+                        let n = u64::from_le_bytes(payload[..8].try_into().unwrap());
+                        handed_up.entry((at, lane)).or_default().push(n);
+                    }
+                    SessionEvent::Acked { .. } => {}
+                    e @ SessionEvent::Ended { .. } => panic!("another path existed: {e:?}"),
+                }
+            }
+        }
+    }
+    assert!(wire.is_empty());
+    assert!(lost > 0, "the cut caught frames on the way");
+    assert_eq!(changes, 4, "each end changed route at the cut and the heal");
+    assert_eq!(routes[&1], vec![2, 3], "back on the cheaper path");
+    for (&me, s) in &ends {
+        assert_eq!(
+            s.footprint().unacked,
+            0,
+            "junction {me} has all its acknowledgements"
+        );
+    }
+    // Each side sent on two lanes alternately, numbering messages across
+    // both; each lane's were handed up once each, in order, with no gap.
+    for (&(at, lane), got) in &handed_up {
+        let from = 4 - at;
+        let expected: Vec<u64> = (0..sent[&from])
+            .filter(|n| n % 2 == u64::from(lane))
+            .collect();
+        assert_eq!(got, &expected, "junction {at}, lane {lane}");
+    }
+    assert_eq!(handed_up.len(), 4);
+}
