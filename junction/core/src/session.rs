@@ -344,8 +344,8 @@ pub struct Session {
     me: u64,
     /// The peer's incarnation as far as known; 0 before first contact.
     peer: u64,
-    out: BTreeMap<u32, OutLane>,
-    inn: BTreeMap<u32, InLane>,
+    sending: BTreeMap<u32, OutLane>,
+    receiving: BTreeMap<u32, InLane>,
     /// Lanes with something to transmit, round robin.
     ready: VecDeque<u32>,
     /// Lanes owing an acknowledgement.
@@ -369,8 +369,8 @@ impl Session {
             config,
             me: incarnation.max(1),
             peer: 0,
-            out: BTreeMap::new(),
-            inn: BTreeMap::new(),
+            sending: BTreeMap::new(),
+            receiving: BTreeMap::new(),
             ready: VecDeque::new(),
             acks: VecDeque::new(),
             reset: None,
@@ -390,7 +390,7 @@ impl Session {
 
     /// Credit units free on `lane`.
     pub fn credit(&self, lane: u32) -> u32 {
-        let used = self.out.get(&lane).map_or(0, |l| l.units);
+        let used = self.sending.get(&lane).map_or(0, |l| l.units);
         self.config.window - used
     }
 
@@ -402,11 +402,11 @@ impl Session {
         if cost > window {
             return Err(SendError::TooLarge { cost, window });
         }
-        if !self.out.contains_key(&lane) && self.out.len() >= self.config.max_lanes {
+        if !self.sending.contains_key(&lane) && self.sending.len() >= self.config.max_lanes {
             let limit = self.config.max_lanes;
             return Err(SendError::TooManyLanes { limit });
         }
-        let l = self.out.entry(lane).or_default();
+        let l = self.sending.entry(lane).or_default();
         if l.units.saturating_add(cost) > window {
             let available = window - l.units;
             return Err(SendError::NoCredit {
@@ -476,7 +476,7 @@ impl Session {
     /// The path to the peer changed: everything unacknowledged goes again,
     /// over the new one, at once.
     pub fn route_changed(&mut self, _now: Instant) {
-        for (&lane, l) in self.out.iter_mut() {
+        for (&lane, l) in self.sending.iter_mut() {
             l.resend_at = None;
             l.backoff = 0;
             if !l.unacked.is_empty() {
@@ -489,7 +489,7 @@ impl Session {
     /// When to call [`Session::handle_timeout`] next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let give_up = self.config.give_up;
-        self.out
+        self.sending
             .values()
             .flat_map(|l| {
                 [
@@ -505,7 +505,7 @@ impl Session {
     /// made no progress for `give_up`.
     pub fn handle_timeout(&mut self, now: Instant) {
         let config = self.config;
-        for (&lane, l) in self.out.iter_mut() {
+        for (&lane, l) in self.sending.iter_mut() {
             let give_up_at = l.stalled_since.and_then(|t| t.checked_add(config.give_up));
             if give_up_at.is_some_and(|t| t <= now) {
                 give_up_lane(&mut self.events, lane, l, Ending::Unreachable);
@@ -534,7 +534,7 @@ impl Session {
             });
         }
         while let Some(lane) = self.acks.pop_front() {
-            let Some(l) = self.inn.get_mut(&lane) else {
+            let Some(l) = self.receiving.get_mut(&lane) else {
                 continue;
             };
             l.ack_due = false;
@@ -550,7 +550,7 @@ impl Session {
             });
         }
         while let Some(lane) = self.ready.pop_front() {
-            let Some(l) = self.out.get_mut(&lane) else {
+            let Some(l) = self.sending.get_mut(&lane) else {
                 continue;
             };
             l.queued = false;
@@ -598,11 +598,11 @@ impl Session {
     /// What it holds.
     pub fn footprint(&self) -> SessionFootprint {
         SessionFootprint {
-            lanes_out: self.out.len(),
-            lanes_in: self.inn.len(),
-            unacked: self.out.values().map(|l| l.unacked.len()).sum(),
-            unacked_units: self.out.values().map(|l| u64::from(l.units)).sum(),
-            max_lane_units: self.out.values().map(|l| l.units).max().unwrap_or(0),
+            lanes_out: self.sending.len(),
+            lanes_in: self.receiving.len(),
+            unacked: self.sending.values().map(|l| l.unacked.len()).sum(),
+            unacked_units: self.sending.values().map(|l| u64::from(l.units)).sum(),
+            max_lane_units: self.sending.values().map(|l| l.units).max().unwrap_or(0),
             reordered: 0,
             events: self.events.len(),
         }
@@ -621,11 +621,11 @@ impl Session {
         // A new life of the peer: the session with the old one is over.
         // What it did not acknowledge ends with an outcome, and every lane
         // starts again from 0.
-        for (&lane, l) in self.out.iter_mut() {
+        for (&lane, l) in self.sending.iter_mut() {
             give_up_lane(&mut self.events, lane, l, Ending::PeerRestarted);
         }
-        self.out.clear();
-        self.inn.clear();
+        self.sending.clear();
+        self.receiving.clear();
         self.ready.clear();
         self.acks.clear();
         self.reset = None;
@@ -649,11 +649,11 @@ impl Session {
                 window,
             });
         }
-        if !self.inn.contains_key(&lane) && self.inn.len() >= self.config.max_lanes {
+        if !self.receiving.contains_key(&lane) && self.receiving.len() >= self.config.max_lanes {
             let limit = self.config.max_lanes;
             return Err(SessionError::TooManyLanes { lane, limit });
         }
-        let l = self.inn.entry(lane).or_default();
+        let l = self.receiving.entry(lane).or_default();
         // The sender gave up on what is below its base and told its caller:
         // it will never come.
         l.expected = l.expected.max(base);
@@ -673,7 +673,7 @@ impl Session {
 
     fn ack(&mut self, now: Instant, a: SessionAck) -> Result<(), SessionError> {
         let (lane, upto) = (a.lane, a.upto);
-        let Some(l) = self.out.get_mut(&lane) else {
+        let Some(l) = self.sending.get_mut(&lane) else {
             return Err(SessionError::UnknownLane { lane });
         };
         if upto > l.sent_upto {

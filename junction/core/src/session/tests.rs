@@ -1213,3 +1213,41 @@ fn a_cut_link_fails_over_to_another_path_with_nothing_lost() {
     }
     assert_eq!(handed_up.len(), 4);
 }
+
+/// A newer incarnation heard elsewhere (the peer's link state) ends the
+/// old session as a restart does; an older or equal one changes nothing.
+#[test]
+fn a_newer_incarnation_from_routing_is_a_restart() {
+    let now = Instant::now();
+    let (mut a, _) = pair(small(), now);
+    a.send(now, 0, Bytes::new()).unwrap();
+    let _sent = a.poll_transmit(now).unwrap();
+    a.send(now, 0, Bytes::new()).unwrap();
+    a.handle_incarnation(now, B);
+    a.handle_incarnation(now, B - 1);
+    assert!(events(&mut a).is_empty());
+    a.handle_incarnation(now, B + 1);
+    assert_eq!(
+        events(&mut a),
+        [
+            SessionEvent::Ended {
+                lane: 0,
+                first_seq: 0,
+                count: 1,
+                units: 1,
+                outcome: Outcome::Unknown,
+                why: Ending::PeerRestarted
+            },
+            SessionEvent::Ended {
+                lane: 0,
+                first_seq: 1,
+                count: 1,
+                units: 1,
+                outcome: Outcome::Undelivered,
+                why: Ending::PeerRestarted
+            }
+        ]
+    );
+    assert_eq!(a.footprint(), SessionFootprint::default());
+    assert_eq!(a.send(now, 0, Bytes::new()), Ok(0), "a new sequence space");
+}
