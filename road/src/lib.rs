@@ -11,6 +11,7 @@
 //!   peer's bytes can be wrong;
 //! - [`control`]: the requests the control port (port 0) answers;
 //! - [`highway`]: what junctions say to each other (routing, for now);
+//! - [`session`]: the frames of end-to-end sessions between junctions;
 //! - `outbox`: encoded frames waiting for a link, drained by one writer;
 //! - `transport`: async readers and writers over any byte stream, and the two
 //!   local transports.
@@ -31,6 +32,7 @@ pub mod frame;
 pub mod highway;
 #[cfg(feature = "transport")]
 pub mod outbox;
+pub mod session;
 #[cfg(feature = "transport")]
 mod sys;
 #[cfg(feature = "transport")]

@@ -63,6 +63,7 @@ mod quiet;
 mod refusal;
 mod registry;
 pub mod routing;
+pub mod session;
 mod slab;
 #[cfg(test)]
 mod tests;
