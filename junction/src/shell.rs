@@ -703,7 +703,7 @@ impl Shell {
                 Output::Highway { to, .. } => {
                     tracing::debug!(to, "no Highway to send a frame over");
                 }
-                Output::Arrived { .. } | Output::Unroutable { .. } => {}
+                Output::Session { .. } | Output::Unroutable { .. } => {}
             }
         }
     }

@@ -337,14 +337,14 @@ pub enum Traced {
         /// The frame.
         frame: HighwayFrame,
     },
-    /// Traffic from another junction arrived at a node's core.
-    Arrived {
+    /// A node's end-to-end session with junction `peer` had news.
+    Session {
         /// The node.
         node: NodeId,
-        /// The junction it came from.
-        from: u16,
-        /// What it carried.
-        payload: bytes::Bytes,
+        /// The other junction.
+        peer: u16,
+        /// What happened.
+        event: junction_core::session::SessionEvent,
     },
     /// Traffic a node sent could not be passed on at junction `at`.
     Unroutable {
@@ -556,18 +556,20 @@ impl<P: Process> World<P> {
         self.drain_core(b);
     }
 
-    /// Node `node` sends `payload` to junction `to` (see
-    /// [`Core::send_to_junction`]); it shows in the trace as
-    /// [`Traced::Arrived`] where it arrives.
-    pub fn send_to_junction(
+    /// Node `node` sends `payload` on `lane` of its session with junction
+    /// `to` (see [`Core::junction_send`]); it shows in the trace as
+    /// [`Traced::Session`] where it is handed up, and where it is
+    /// acknowledged or ended.
+    pub fn junction_send(
         &mut self,
         node: NodeId,
         to: u16,
+        lane: u32,
         payload: bytes::Bytes,
-    ) -> Result<(), junction_core::Unreachable> {
-        self.nodes[node].core.send_to_junction(to, payload)?;
+    ) -> Result<u64, junction_core::session::SendError> {
+        let seq = self.nodes[node].core.junction_send(to, lane, payload)?;
         self.drain_core(node);
-        Ok(())
+        Ok(seq)
     }
 
     /// A node's core, to ask it things (routes, listings) between steps.
@@ -969,12 +971,8 @@ impl<P: Process> World<P> {
                 Output::Highway { to, frame, payload } => {
                     self.send_over_link(node, to, frame, payload)
                 }
-                Output::Arrived { from, payload } => {
-                    self.record(Traced::Arrived {
-                        node,
-                        from,
-                        payload,
-                    });
+                Output::Session { peer, event } => {
+                    self.record(Traced::Session { node, peer, event });
                 }
                 Output::Unroutable { to, at } => {
                     self.record(Traced::Unroutable { node, to, at });

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use junction_core::Config;
+use junction_core::session::{Outcome, SessionEvent};
 use junction_road::Frame;
 use junction_road::highway::{HighwayFrame, Hops};
 use junction_tests::sim::{Ctx, Latency, Process, Rng, Traced, World, seed_from_env};
@@ -209,40 +210,68 @@ fn one_network(seed: u64) {
     }
 }
 
-/// What arrived where, from the trace: (node, from junction, payload).
-fn arrivals(world: &World<Nobody>) -> Vec<(usize, u16, Vec<u8>)> {
+/// Session news from the trace: (node, peer junction, event).
+fn session_events(world: &World<Nobody>) -> Vec<(usize, u16, SessionEvent)> {
     world
         .trace()
         .iter()
         .filter_map(|e| match &e.what {
-            Traced::Arrived {
-                node,
-                from,
-                payload,
-            } => Some((*node, *from, payload.to_vec())),
+            Traced::Session { node, peer, event } => Some((*node, *peer, event.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What was handed up where: (node, from junction, lane, seq, payload).
+fn delivered(world: &World<Nobody>) -> Vec<(usize, u16, u32, u64, Vec<u8>)> {
+    session_events(world)
+        .into_iter()
+        .filter_map(|(node, peer, event)| match event {
+            SessionEvent::Delivered { lane, seq, payload } => {
+                Some((node, peer, lane, seq, payload.to_vec()))
+            }
             _ => None,
         })
         .collect()
 }
 
 #[test]
-fn traffic_crosses_two_hops_and_a_broken_route_comes_back() {
+fn a_message_crosses_two_hops_and_a_lost_route_ends_it_honestly() {
     let mut world = junctions(seed_from_env(3), 3);
     world.add_link(0, 1, 1, wan());
     let bc = world.add_link(1, 2, 1, wan());
     world.run_until_idle(10_000).unwrap();
     world
-        .send_to_junction(0, 3, Bytes::from_static(b"over two hops"))
+        .junction_send(0, 3, 1, Bytes::from_static(b"over two hops"))
         .unwrap();
     world.run_until_idle(10_000).unwrap();
-    assert_eq!(arrivals(&world), vec![(2, 1, b"over two hops".to_vec())]);
+    assert_eq!(
+        delivered(&world),
+        vec![(2, 1, 1, 0, b"over two hops".to_vec())]
+    );
+    assert!(
+        session_events(&world)
+            .iter()
+            .any(|(node, peer, e)| *node == 0
+                && *peer == 3
+                && matches!(
+                    e,
+                    SessionEvent::Acked {
+                        lane: 1,
+                        upto: 1,
+                        ..
+                    }
+                )),
+        "the sender hears it arrived"
+    );
     // Junction 2 loses its Highway to 3 before junction 1 hears: the
-    // traffic comes back from junction 2 as unroutable, and nothing loops.
+    // traffic comes back from junction 2 as unroutable, nothing loops, and
+    // with no way to junction 3 left the sender is told, not left waiting.
     world.cut_link(bc);
     world
-        .send_to_junction(0, 3, Bytes::from_static(b"lost way"))
+        .junction_send(0, 3, 1, Bytes::from_static(b"lost way"))
         .unwrap();
-    world.run_until_idle(10_000).unwrap();
+    world.run_until_idle(100_000).unwrap();
     let back: Vec<_> = world
         .trace()
         .iter()
@@ -252,11 +281,21 @@ fn traffic_crosses_two_hops_and_a_broken_route_comes_back() {
         })
         .collect();
     assert_eq!(back, vec![(0, 3, 2)]);
-    assert_eq!(arrivals(&world).len(), 1);
-    assert!(
-        world.send_to_junction(0, 3, Bytes::new()).is_err(),
-        "once routing has caught up, junction 3 is known unreachable"
-    );
+    assert_eq!(delivered(&world).len(), 1);
+    let ended: Vec<_> = session_events(&world)
+        .into_iter()
+        .filter_map(|(node, _, e)| match e {
+            SessionEvent::Ended {
+                lane,
+                first_seq,
+                count,
+                outcome,
+                ..
+            } => Some((node, lane, first_seq, count, outcome)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, vec![(0, 1, 1, 1, Outcome::Unknown)]);
 }
 
 #[test]
@@ -287,42 +326,106 @@ fn traffic_that_does_not_follow_its_route_is_dropped() {
     }
 }
 
-/// Over random networks, once routing has settled, every junction's
-/// traffic reaches every junction it can reach, exactly once.
+/// A triangle whose cheap Highway is cut while messages are on it: every
+/// message still arrives exactly once and in order per lane, over the other
+/// way, and none is given up.
 #[test]
-fn traffic_reaches_every_reachable_junction_once() {
+fn messages_arrive_once_and_in_order_across_a_failover() {
+    for seed in seed_from_env(7_000)..seed_from_env(7_000) + 20 {
+        let mut world = junctions(seed, 3);
+        world.add_link(0, 1, 1, wan());
+        let cheap = world.add_link(1, 2, 1, wan());
+        world.add_link(0, 2, 5, wan());
+        world.run_until_idle(10_000).unwrap();
+        let mut sent = 0u64;
+        for i in 0..200u64 {
+            let lane = (i % 2) as u32;
+            let payload = Bytes::from(format!("{lane}:{i}"));
+            if world.junction_send(0, 3, lane, payload).is_ok() {
+                sent += 1;
+            }
+            let next = world.elapsed() + Duration::from_micros(200);
+            world.run_until(next).unwrap();
+            if i == 100 {
+                world.cut_link(cheap);
+            }
+        }
+        world.run_until_idle(1_000_000).unwrap();
+        let got = delivered(&world);
+        assert_eq!(got.len() as u64, sent, "seed {seed}: once each");
+        for lane in 0..2u32 {
+            let seqs: Vec<u64> = got.iter().filter(|d| d.2 == lane).map(|d| d.3).collect();
+            let expected: Vec<u64> = (0..seqs.len() as u64).collect();
+            assert_eq!(seqs, expected, "seed {seed}: lane {lane} in order");
+        }
+        assert!(
+            !session_events(&world)
+                .iter()
+                .any(|(_, _, e)| matches!(e, SessionEvent::Ended { .. })),
+            "seed {seed}: nothing given up"
+        );
+    }
+}
+
+/// Over random networks, every junction's message reaches every junction
+/// it can reach exactly once, and one for a junction it cannot reach ends
+/// as undelivered: never silence.
+#[test]
+fn traffic_reaches_every_reachable_junction_once_and_the_rest_is_told() {
     let first = seed_from_env(5_000);
-    for seed in first..first + 50 {
+    for seed in first..first + 30 {
         let mut rng = Rng::new(seed);
         let n = 2 + rng.below(7) as u16;
         let mut world = junctions(seed, n);
-        let mut links = Vec::new();
+        let mut links: Vec<(usize, usize, u32)> = Vec::new();
         for _ in 0..rng.below(12) + 1 {
             let (a, b) = (rng.index(n as usize), rng.index(n as usize));
-            if a != b && !links.contains(&(a.min(b), a.max(b))) {
-                links.push((a.min(b), a.max(b)));
-                world.add_link(a, b, 1 + rng.below(9) as u32, wan());
+            let (a, b) = (a.min(b), a.max(b));
+            if a != b && !links.iter().any(|l| (l.0, l.1) == (a, b)) {
+                let cost = 1 + rng.below(9) as u32;
+                links.push((a, b, cost));
+                world.add_link(a, b, cost, wan());
             }
         }
         world.run_until_idle(100_000).unwrap();
-        let mut sent = Vec::new();
+        let mut expected = Vec::new();
         for from in 0..n as usize {
-            for to in 1..=n {
-                if to as usize != from + 1 {
+            let reach = truth(&links, from);
+            for to in 0..n as usize {
+                if to != from {
                     let payload = format!("{from}->{to}");
-                    if world
-                        .send_to_junction(from, to, Bytes::from(payload.clone()))
-                        .is_ok()
-                    {
-                        sent.push((to as usize - 1, from as u16 + 1, payload.into_bytes()));
-                    }
+                    world
+                        .junction_send(from, to as u16 + 1, 0, Bytes::from(payload.clone()))
+                        .unwrap();
+                    expected.push((from, to, reach.contains_key(&to), payload));
                 }
             }
         }
-        world.run_until_idle(100_000).unwrap();
-        let mut got = arrivals(&world);
-        got.sort();
-        sent.sort();
-        assert_eq!(got, sent, "seed {seed}");
+        world.run_until_idle(1_000_000).unwrap();
+        let got = delivered(&world);
+        let events = session_events(&world);
+        for (from, to, reachable, payload) in expected {
+            let arrived = got
+                .iter()
+                .filter(|d| d.0 == to && d.1 as usize == from + 1 && d.4 == payload.as_bytes())
+                .count();
+            if reachable {
+                assert_eq!(arrived, 1, "seed {seed}: {payload} arrived {arrived} times");
+            } else {
+                assert_eq!(arrived, 0, "seed {seed}: {payload} crossed a partition");
+                assert!(
+                    events.iter().any(|(node, peer, e)| *node == from
+                        && *peer as usize == to + 1
+                        && matches!(
+                            e,
+                            SessionEvent::Ended {
+                                outcome: Outcome::Undelivered,
+                                ..
+                            }
+                        )),
+                    "seed {seed}: {payload} was neither delivered nor reported"
+                );
+            }
+        }
     }
 }

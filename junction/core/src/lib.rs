@@ -58,6 +58,7 @@ mod caps;
 mod control;
 mod lanes;
 mod path;
+mod peers;
 mod ports;
 mod quiet;
 mod refusal;
@@ -239,32 +240,24 @@ pub enum Output {
         /// Its payload: what a [`HighwayFrame::Forward`] carries.
         payload: Bytes,
     },
-    /// Traffic sent to this junction by junction `from`
-    /// ([`Core::send_to_junction`]) arrived. The end-to-end sessions take
-    /// it from here (issue 8); until they do, the shell has none.
-    Arrived {
-        /// The junction it came from.
-        from: u16,
-        /// What it carried.
-        payload: Bytes,
+    /// The end-to-end session with junction `peer` has news: a message
+    /// handed up, acknowledged, or ended without an acknowledgement (see
+    /// [`Core::junction_send`]).
+    Session {
+        /// The other junction.
+        peer: u16,
+        /// What happened.
+        event: session::SessionEvent,
     },
     /// Traffic this junction sent to junction `to` could not be passed on
     /// at junction `at`: the route broke. Routing picks another as link
-    /// states arrive; the sender's session sends again.
+    /// states arrive, and the session sends again over it.
     Unroutable {
         /// The junction it was for.
         to: u16,
         /// Where it stopped.
         at: u16,
     },
-}
-
-/// Junction `to` cannot be reached now: no route leads there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("junction {to} cannot be reached: no route leads there now")]
-pub struct Unreachable {
-    /// The junction.
-    pub to: u16,
 }
 
 /// What the core holds, counted: for the memory bounds in tests and
@@ -290,6 +283,8 @@ pub struct Footprint {
     pub names: usize,
     /// Lanes of send credit, in all connections.
     pub lanes: usize,
+    /// Other junctions it keeps an end-to-end session with.
+    pub peers: usize,
 }
 
 /// The junction's state machine. See the module documentation.
@@ -317,6 +312,8 @@ pub struct Core {
     quiet: quiet::Warnings,
     /// Routes to the other junctions of the bus.
     router: routing::Router,
+    /// The other junctions this one exchanges traffic with.
+    peers: peers::Peers,
 }
 
 #[derive(Debug)]
@@ -375,7 +372,12 @@ impl Core {
             hello_deadlines: FifoTimers::new(),
             identity_expiries: WallTimers::new(),
             quiet: quiet::Warnings::default(),
-            router: routing::Router::new(config.junction, config.incarnation, config.max_junctions),
+            router: routing::Router::new(
+                config.junction,
+                config.incarnation.max(1),
+                config.max_junctions,
+            ),
+            peers: peers::Peers::default(),
             config,
         }
     }
@@ -400,7 +402,7 @@ impl Core {
             .flatten()
             .min()
             .map(|at| now.instant_of(at));
-        [self.hello_deadlines.next(), wall]
+        [self.hello_deadlines.next(), wall, self.peers.next_timeout()]
             .into_iter()
             .flatten()
             .min()
@@ -411,6 +413,7 @@ impl Core {
     /// whose expiry has come die and their watchers are told.
     pub fn handle_timeout(&mut self, now: Now) {
         self.now = now;
+        self.peers_timeout();
         while let Some(conn) = self.hello_deadlines.pop_due(now.instant) {
             if self.conns.get(conn.key()).is_some_and(|c| !c.ready) {
                 let timeout = self.config.hello_timeout;
@@ -607,6 +610,7 @@ impl Core {
                     .sum::<usize>(),
             names: self.registry.iter().count(),
             lanes: self.conns.iter().map(|(_, c)| c.lanes.len()).sum(),
+            peers: self.peers.len(),
         }
     }
 
@@ -616,6 +620,7 @@ impl Core {
         self.now = now;
         self.router.link_up(neighbour, cost);
         self.pump_router();
+        self.peers_rerouted();
     }
 
     /// The Highway to `neighbour` is down.
@@ -623,29 +628,7 @@ impl Core {
         self.now = now;
         self.router.link_down(neighbour);
         self.pump_router();
-    }
-
-    /// Sends `payload` to junction `to` along the route routing chose; it
-    /// arrives there as [`Output::Arrived`]. Fails when `to` is not
-    /// reachable now.
-    pub fn send_to_junction(&mut self, to: u16, payload: Bytes) -> Result<(), Unreachable> {
-        let me = self.config.junction;
-        let Some(route) = self.router.route(to) else {
-            return Err(Unreachable { to });
-        };
-        let Some(hops) = Hops::new(&route.path) else {
-            return Err(Unreachable { to });
-        };
-        self.out.push_back(Output::Highway {
-            to: route.path[0],
-            frame: HighwayFrame::Forward {
-                from: me,
-                to,
-                route: hops,
-            },
-            payload,
-        });
-        Ok(())
+        self.peers_rerouted();
     }
 
     /// A frame arrived from neighbour junction `neighbour` over their
@@ -686,6 +669,7 @@ impl Core {
             }
         }
         self.pump_router();
+        self.peers_rerouted();
     }
 
     /// The route to junction `to`, if it is reachable: the junctions after
@@ -720,7 +704,7 @@ impl Core {
             return self.refuse_traffic(neighbour, "it did not come the way its route says");
         }
         match self.router.next_hop(path) {
-            Ok(None) => self.out.push_back(Output::Arrived { from, payload }),
+            Ok(None) => self.session_arrived(from, payload),
             Ok(Some(next)) => self.out.push_back(Output::Highway {
                 to: next,
                 frame: HighwayFrame::Forward { from, to, route },
@@ -759,7 +743,10 @@ impl Core {
             return self.refuse_traffic(neighbour, "it did not come the way its route says");
         }
         match self.router.next_hop(path) {
-            Ok(None) => self.out.push_back(Output::Unroutable { to, at }),
+            Ok(None) => {
+                self.session_unroutable(to);
+                self.out.push_back(Output::Unroutable { to, at });
+            }
             Ok(Some(next)) => self.out.push_back(Output::Highway {
                 to: next,
                 frame: HighwayFrame::Unroutable {

@@ -220,6 +220,16 @@ impl Router {
         }
     }
 
+    /// This junction's incarnation, as its descriptions carry it.
+    pub fn incarnation(&self) -> u64 {
+        self.db[&self.me].incarnation
+    }
+
+    /// The incarnation junction `junction` last described itself in.
+    pub fn incarnation_of(&self, junction: u16) -> Option<u64> {
+        self.db.get(&junction).map(|ls| ls.incarnation)
+    }
+
     /// How many junctions' descriptions it holds, its own included.
     pub fn known(&self) -> usize {
         self.db.len()

@@ -460,7 +460,7 @@ impl Shadow<'_> {
             Traced::Timeout { .. }
             | Traced::Crashed { .. }
             | Traced::HighwayIn { .. }
-            | Traced::Arrived { .. }
+            | Traced::Session { .. }
             | Traced::Unroutable { .. }
             | Traced::LinkChanged { .. } => self.input = Input::Other,
         }
