@@ -37,8 +37,14 @@ impl DirectLink for tokio::process::ChildStdin {
 /// The write buffer is flushed once it holds this much.
 pub const FLUSH_AT: usize = 64 * 1024;
 
-/// How much a reader asks the socket for at least.
+/// How much a reader asks the socket for at most at a time (more only for a
+/// frame that needs it).
 const READ_CHUNK: usize = 64 * 1024;
+
+/// How much a new reader asks for: an idle connection (most of them, on a
+/// busy junction) keeps a small buffer; a busy one grows it to
+/// [`READ_CHUNK`] in a few reads.
+const FIRST_READ: usize = 512;
 
 /// Bytes of one large frame a reader takes before letting other tasks run.
 const LARGE_READ_TURN: usize = 256 * 1024;
@@ -61,6 +67,8 @@ pub struct RoadReader<R> {
     io: R,
     buf: BytesMut,
     max_frame: u32,
+    /// How much the next read asks for: doubled while reads fill it.
+    chunk: usize,
 }
 
 impl<R: AsyncRead + Unpin> RoadReader<R> {
@@ -68,8 +76,9 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
     pub fn new(io: R, max_frame: u32) -> Self {
         Self {
             io,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             max_frame,
+            chunk: FIRST_READ,
         }
     }
 
@@ -85,6 +94,7 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
             io: f(self.io),
             buf: self.buf,
             max_frame: self.max_frame,
+            chunk: self.chunk,
         }
     }
 
@@ -169,8 +179,14 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
             Some(len) => (codec::LENGTH_BYTES + len).saturating_sub(self.buf.len()),
             None => 0,
         };
-        self.buf.reserve(want.max(READ_CHUNK));
-        Ok(self.io.read_buf(&mut self.buf).await?)
+        let asked = want.max(self.chunk);
+        self.buf.reserve(asked);
+        let n = self.io.read_buf(&mut self.buf).await?;
+        if n >= self.chunk {
+            // The link had at least as much as was asked for: ask for more.
+            self.chunk = (self.chunk * 2).min(READ_CHUNK);
+        }
+        Ok(n)
     }
 }
 
