@@ -3,12 +3,82 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use junction_identity::CertBody;
 use proptest::prelude::*;
 
 use super::*;
 
+/// The Unix time the tests' certificates are checked at.
+const NOW: u64 = 1_700_000_000;
+
+/// A test authority, which certifies junctions.
+pub(crate) struct Authority {
+    key: SecretKey,
+    pub(crate) trust: TrustStore,
+}
+
+impl Authority {
+    pub(crate) fn new() -> Self {
+        let key = SecretKey::generate().unwrap();
+        let own = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: 1,
+                subject: key.public(),
+                role: Role::Authority,
+                not_before: 0,
+                not_after: u64::MAX,
+                issuer: key.public(),
+            },
+            &key,
+        )
+        .unwrap();
+        let mut trust = TrustStore::new();
+        trust.add_authority(&own).unwrap();
+        Self { key, trust }
+    }
+
+    /// A new key, and a chain of one certificate for it in `role`.
+    pub(crate) fn certify(&self, role: Role) -> (Arc<SecretKey>, Vec<Certificate>) {
+        let key = SecretKey::generate().unwrap();
+        let cert = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: u64::from_le_bytes(key.public().0[..8].try_into().unwrap()),
+                subject: key.public(),
+                role,
+                not_before: 0,
+                not_after: u64::MAX,
+                issuer: self.key.public(),
+            },
+            &self.key,
+        )
+        .unwrap();
+        (Arc::new(key), vec![cert])
+    }
+
+    /// A router for junction `me`, sealing with a certificate for its id.
+    pub(crate) fn router(&self, me: u16, incarnation: u64, max_junctions: usize) -> Router {
+        let mut r = Router::new(me, incarnation, max_junctions);
+        let (key, chain) = self.certify(Role::Junction { id: me });
+        r.sign_with(key, chain);
+        r
+    }
+
+    /// What this authority's junctions check link states against.
+    pub(crate) fn checks(&self) -> Checks<'_> {
+        Checks {
+            trust: &self.trust,
+            revocations: None,
+            trust_unsigned: false,
+            now: NOW,
+        }
+    }
+}
+
 /// Routers joined by links, link states moving one hop per round.
 struct Net {
+    authority: Authority,
     routers: BTreeMap<u16, Router>,
     /// Live links and their costs, each pair once (lower id first).
     links: BTreeMap<(u16, u16), u32>,
@@ -22,11 +92,13 @@ fn pair(a: u16, b: u16) -> (u16, u16) {
 
 impl Net {
     fn new(ids: impl IntoIterator<Item = u16>) -> Self {
+        let authority = Authority::new();
         let routers = ids
             .into_iter()
-            .map(|id| (id, Router::new(id, 1, 64)))
+            .map(|id| (id, authority.router(id, 1, 64)))
             .collect();
         Self {
+            authority,
             routers,
             links: BTreeMap::new(),
             wire: VecDeque::new(),
@@ -60,12 +132,13 @@ impl Net {
         }
         let arriving: Vec<_> = self.wire.drain(..).collect();
         let moved = !arriving.is_empty();
+        let checks = self.authority.checks();
         for (to, from, ls) in arriving {
             if self.links.contains_key(&pair(to, from)) {
                 self.routers
                     .get_mut(&to)
                     .unwrap()
-                    .handle_link_state(from, ls)
+                    .handle_link_state(from, ls, &checks)
                     .unwrap();
             }
         }
@@ -239,23 +312,22 @@ fn a_restarted_junction_replaces_what_it_said_before() {
     net.settle();
     // 2 restarts: a new incarnation, with its counter back at the start.
     net.cut(1, 2);
-    net.routers.insert(2, Router::new(2, 2, 64));
+    net.routers.insert(2, net.authority.router(2, 2, 64));
     net.routers.get_mut(&1).unwrap().link_up(2, 1);
     net.routers.get_mut(&2).unwrap().link_up(1, 1);
     net.links.insert((1, 2), 1);
     net.settle();
     net.routes_are_right();
     // A junction that hears its own old description says a newer one.
-    let stale = LinkState {
-        origin: 1,
-        incarnation: 1,
-        seq: 1_000,
-        neighbours: vec![],
-    };
+    let mut stale = net.routers[&1].db[&1].clone();
+    stale.seq = 1_000;
+    let (key, chain) = net.routers[&1].signer.clone().unwrap();
+    stale.seal(&key, chain).unwrap();
+    let checks = net.authority.checks();
     net.routers
         .get_mut(&1)
         .unwrap()
-        .handle_link_state(2, stale)
+        .handle_link_state(2, stale, &checks)
         .unwrap();
     net.settle();
     net.routes_are_right();
@@ -272,7 +344,17 @@ fn bad_link_states_are_refused_with_reasons() {
             .iter()
             .map(|&(junction, cost)| Neighbour { junction, cost })
             .collect(),
+        seal: None,
     };
+    // What is checked here comes before seals: unsealed ones are taken.
+    let trust = TrustStore::new();
+    let checks = Checks {
+        trust: &trust,
+        revocations: None,
+        trust_unsigned: true,
+        now: NOW,
+    };
+    let mut r = Tested(&mut r, &checks);
     assert_eq!(
         r.handle_link_state(2, ls(2, &[])),
         Err(RoutingError::NotNeighbour { from: 2 })
@@ -316,6 +398,24 @@ fn bad_link_states_are_refused_with_reasons() {
         Err(RouteBroken::Loops { junction: 2 })
     );
     assert_eq!(r.next_hop(&[2, 3]), Err(RouteBroken::NotOnRoute));
+}
+
+/// A router and what it checks seals against, for terse tests.
+struct Tested<'a, 'b>(&'a mut Router, &'a Checks<'b>);
+
+impl Tested<'_, '_> {
+    fn handle_link_state(&mut self, from: u16, ls: LinkState) -> Result<(), RoutingError> {
+        self.0.handle_link_state(from, ls, self.1)
+    }
+    fn link_up(&mut self, neighbour: u16, cost: u32) {
+        self.0.link_up(neighbour, cost)
+    }
+    fn known(&self) -> usize {
+        self.0.known()
+    }
+    fn next_hop(&self, path: &[u16]) -> Result<Option<u16>, RouteBroken> {
+        self.0.next_hop(path)
+    }
 }
 
 /// One change to the network.
