@@ -479,3 +479,192 @@ proptest! {
         );
     }
 }
+
+/// A link state from `origin` listing `neighbours` at cost 1, in its first
+/// life at count `seq`, unsealed.
+fn describing(origin: u16, seq: u64, neighbours: &[u16]) -> LinkState {
+    LinkState {
+        origin,
+        incarnation: 1,
+        seq,
+        neighbours: neighbours
+            .iter()
+            .map(|&junction| Neighbour { junction, cost: 1 })
+            .collect(),
+        seal: None,
+    }
+}
+
+#[test]
+fn only_a_junction_certified_for_the_origin_describes_its_links() {
+    let ca = Authority::new();
+    let checks = ca.checks();
+    let mut r = ca.router(1, 1, 64);
+    r.link_up(2, 1);
+    let sealed = |origin, seq, by: &(Arc<SecretKey>, Vec<Certificate>)| {
+        let mut ls = describing(origin, seq, &[1]);
+        ls.seal(&by.0, by.1.clone()).unwrap();
+        ls
+    };
+    let two = ca.certify(Role::Junction { id: 2 });
+    let three = ca.certify(Role::Junction { id: 3 });
+    let seven = ca.certify(Role::Junction { id: 7 });
+
+    // Unsealed, where seals are required.
+    assert_eq!(
+        r.handle_link_state(2, describing(2, 1, &[1]), &checks),
+        Err(RoutingError::Unsigned { origin: 2 })
+    );
+    // Certified as junction 7, claiming to be junction 5.
+    assert_eq!(
+        r.handle_link_state(2, sealed(5, 1, &seven), &checks),
+        Err(RoutingError::WrongJunction {
+            origin: 5,
+            certified: 7
+        })
+    );
+    // Junction 3 describing junction 2: with its own chain, or with 2's
+    // chain and its own key.
+    assert_eq!(
+        r.handle_link_state(2, sealed(2, 1, &three), &checks),
+        Err(RoutingError::WrongJunction {
+            origin: 2,
+            certified: 3
+        })
+    );
+    let mut forged = sealed(2, 1, &three);
+    forged.seal.as_mut().unwrap().chain = two.1.clone();
+    assert_eq!(
+        r.handle_link_state(2, forged, &checks),
+        Err(RoutingError::BadSignature { origin: 2 })
+    );
+    // Junction 2's own, altered on the way.
+    let mut altered = sealed(2, 1, &two);
+    altered.neighbours[0].cost = 9;
+    assert_eq!(
+        r.handle_link_state(2, altered, &checks),
+        Err(RoutingError::BadSignature { origin: 2 })
+    );
+    // Another bus's authority, and certificates that are not a junction's.
+    let stranger = Authority::new().certify(Role::Junction { id: 2 });
+    assert!(matches!(
+        r.handle_link_state(2, sealed(2, 1, &stranger), &checks),
+        Err(RoutingError::Certificate {
+            origin: 2,
+            source: IdentityError::Untrusted { .. }
+        })
+    ));
+    for role in [Role::Client, Role::Authority] {
+        assert_eq!(
+            r.handle_link_state(2, sealed(2, 1, &ca.certify(role.clone())), &checks),
+            Err(RoutingError::NotAJunction {
+                origin: 2,
+                role: role.to_string()
+            })
+        );
+    }
+    assert_eq!(r.known(), 1, "nothing refused was taken");
+    assert_eq!(r.poll_transmit().map(|(to, _)| to), Some(2));
+    assert_eq!(r.poll_transmit(), None, "nor passed on");
+
+    // The real one is taken, and routes use it.
+    r.handle_link_state(2, sealed(2, 2, &two), &checks).unwrap();
+    assert_eq!(r.route(2).map(|r| r.path.clone()), Some(vec![2]));
+}
+
+#[test]
+fn a_replayed_older_link_state_changes_nothing_and_costs_no_check() {
+    let ca = Authority::new();
+    let checks = ca.checks();
+    let mut r = ca.router(1, 1, 64);
+    r.link_up(2, 1);
+    r.link_up(3, 1);
+    while r.poll_transmit().is_some() {}
+    let two = ca.certify(Role::Junction { id: 2 });
+    let mut old = describing(2, 1, &[1, 3]);
+    old.seal(&two.0, two.1.clone()).unwrap();
+    let mut new = describing(2, 2, &[1]);
+    new.seal(&two.0, two.1.clone()).unwrap();
+    r.handle_link_state(2, new.clone(), &checks).unwrap();
+    while r.poll_transmit().is_some() {}
+    let before = r.route(3).cloned();
+
+    // Replayed by neighbour 3: the newer copy goes back to it, and nothing
+    // else moves. With a broken signature too: older ones are not checked.
+    let mut broken = old.clone();
+    broken.seal.as_mut().unwrap().signature.0[0] ^= 1;
+    for replay in [old, broken, new.clone()] {
+        r.handle_link_state(3, replay, &checks).unwrap();
+    }
+    assert_eq!(r.db[&2], new);
+    assert_eq!(r.route(3).cloned(), before);
+    assert_eq!(r.poll_transmit(), Some((3, new.clone())));
+    assert_eq!(r.poll_transmit(), Some((3, new)));
+    assert_eq!(r.poll_transmit(), None, "the equal one is dropped");
+    assert!(r.refused.is_empty(), "no check failed: none was made");
+}
+
+#[test]
+fn revoked_junctions_are_refused_and_refusals_are_bounded_per_neighbour() {
+    let ca = Authority::new();
+    let two = ca.certify(Role::Junction { id: 2 });
+    let list = RevocationList::issue(
+        junction_identity::RevocationBody {
+            issuer: ca.key.public(),
+            number: 1,
+            issued_at: NOW,
+            serials: vec![two.1[0].body.serial],
+            keys: vec![],
+        },
+        &ca.key,
+    )
+    .unwrap()
+    .verify(&ca.trust)
+    .unwrap();
+    let mut checks = ca.checks();
+    checks.revocations = Some(&list);
+    let mut r = ca.router(1, 1, 64);
+    r.link_up(2, 1);
+    let mut ls = describing(2, 1, &[1]);
+    ls.seal(&two.0, two.1.clone()).unwrap();
+    assert_eq!(
+        r.handle_link_state(2, ls, &checks),
+        Err(RoutingError::Revoked {
+            origin: 2,
+            serial: two.1[0].body.serial
+        })
+    );
+
+    // A neighbour flooding forgeries: each costs a check, up to the budget;
+    // past it, even a good one is dropped unchecked until the next second.
+    let checks = ca.checks();
+    let three = ca.certify(Role::Junction { id: 3 });
+    // The revoked one was the first refusal this second.
+    for seq in 2..MAX_REFUSED_PER_SECOND as u64 {
+        let mut ls = describing(2, seq, &[1]);
+        ls.seal(&three.0, three.1.clone()).unwrap();
+        assert!(matches!(
+            r.handle_link_state(2, ls, &checks),
+            Err(RoutingError::WrongJunction { .. })
+        ));
+    }
+    let two = ca.certify(Role::Junction { id: 2 });
+    let mut good = describing(2, 100, &[1]);
+    good.seal(&two.0, two.1.clone()).unwrap();
+    let mut forged = good.clone();
+    forged.seal.as_mut().unwrap().signature.0[0] ^= 1;
+    assert_eq!(
+        r.handle_link_state(2, forged, &checks),
+        Err(RoutingError::BadSignature { origin: 2 })
+    );
+    assert_eq!(
+        r.handle_link_state(2, good.clone(), &checks),
+        Err(RoutingError::TooManyRefused { from: 2 })
+    );
+    let later = Checks {
+        now: NOW + 1,
+        ..checks
+    };
+    r.handle_link_state(2, good, &later).unwrap();
+    assert_eq!(r.known(), 2);
+}
