@@ -369,8 +369,11 @@ impl Core {
             .max(2 * credit_cost(config.max_frame as usize));
         // Handles pack a 16-bit slot index; handle 0 is always needed.
         config.max_handles = config.max_handles.clamp(1, 0xFFFF);
-        let mut router =
-            routing::Router::new(config.junction, config.incarnation.max(1), config.max_junctions);
+        let mut router = routing::Router::new(
+            config.junction,
+            config.incarnation.max(1),
+            config.max_junctions,
+        );
         if let Some((key, chain)) = &config.junction_identity {
             router.sign_with(key.clone(), chain.clone());
         }

@@ -112,7 +112,9 @@ pub enum RoutingError {
     },
     /// The certificate chain of its seal does not hold: untrusted
     /// authority, broken, expired or not yet valid.
-    #[error("the certificate chain sealing the link state of junction {origin} is refused: {source}")]
+    #[error(
+        "the certificate chain sealing the link state of junction {origin} is refused: {source}"
+    )]
     Certificate {
         /// Its origin.
         origin: u16,

@@ -1097,7 +1097,10 @@ fn a_cut_link_fails_over_to_another_path_with_nothing_lost() {
             }
         }
         for (to, from, ls) in wire {
-            let _ = routers.get_mut(&to).unwrap().handle_link_state(from, ls, &checks);
+            let _ = routers
+                .get_mut(&to)
+                .unwrap()
+                .handle_link_state(from, ls, &checks);
         }
     };
     link(&mut routers, 1, 2, true);
