@@ -668,3 +668,25 @@ fn revoked_junctions_are_refused_and_refusals_are_bounded_per_neighbour() {
     r.handle_link_state(2, good, &later).unwrap();
     assert_eq!(r.known(), 2);
 }
+
+/// What checking a seal costs, and what a seal weighs (the figures in
+/// docs/protocol.md 14.1): `cargo test -p junction-core --release
+/// seal_costs -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement"]
+fn seal_costs() {
+    let ca = Authority::new();
+    let checks = ca.checks();
+    let two = ca.certify(Role::Junction { id: 2 });
+    let mut ls = describing(2, 1, &[1, 3]);
+    ls.seal(&two.0, two.1.clone()).unwrap();
+    let seal = postcard::to_allocvec(&ls.seal).unwrap().len();
+    let cert = postcard::to_allocvec(&two.1[0]).unwrap().len();
+    let n = 2_000;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        verify_seal(&ls, &checks).unwrap();
+    }
+    let each = start.elapsed() / n;
+    println!("certificate {cert} B, seal {seal} B, check {each:?}");
+}
