@@ -25,6 +25,9 @@ pub enum Purpose {
     CapabilityToken,
     /// A delegation link of a capability token.
     Delegation,
+    /// A junction's description of its links (routing), so that no other
+    /// junction can describe them for it.
+    LinkState,
 }
 
 impl Purpose {
@@ -35,6 +38,7 @@ impl Purpose {
             Purpose::ProofOfPossession => b"junction/v1/proof-of-possession\0",
             Purpose::CapabilityToken => b"junction/v1/capability-token\0",
             Purpose::Delegation => b"junction/v1/delegation\0",
+            Purpose::LinkState => b"junction/v1/link-state\0",
         }
     }
 }

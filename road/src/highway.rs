@@ -7,6 +7,7 @@
 //! `junction-core`'s routing module). docs/protocol.md, part 2, gives the
 //! bytes.
 
+use junction_identity::{Certificate, IdentityError, Purpose, SecretKey, Signature};
 use serde::{Deserialize, Serialize};
 
 /// A frame between two junctions over a Highway, with a payload the frame
@@ -124,6 +125,13 @@ pub const MAX_NEIGHBOURS: usize = 256;
 ///
 /// A newer description replaces an older one: newer means a greater
 /// `incarnation`, or the same incarnation and a greater `seq`.
+///
+/// Its [`Seal`] proves that the origin made it: the origin's signature over
+/// the other fields ([`LinkState::signed_bytes`]) and the certificate chain
+/// that binds the signing key to the origin's id. The chain travels in every
+/// link state rather than once per origin, so that each one can be checked
+/// alone, by any junction, whatever reached it first (see docs/protocol.md
+/// section 14.1 for what that costs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkState {
     /// The junction it describes, which made it.
@@ -136,6 +144,22 @@ pub struct LinkState {
     pub seq: u64,
     /// Its neighbours over live Highways, each once, in increasing id order.
     pub neighbours: Vec<Neighbour>,
+    /// The origin's signature and certificate chain; `None` from a junction
+    /// with no key, which only junctions configured to trust unsigned
+    /// routing take.
+    pub seal: Option<Seal>,
+}
+
+/// The origin's proof that it made a [`LinkState`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    /// The origin's signature, for [`Purpose::LinkState`], over
+    /// [`LinkState::signed_bytes`].
+    pub signature: Signature,
+    /// The origin's certificate chain, leaf first: the leaf is a junction
+    /// certificate whose id is the link state's `origin`, and its subject
+    /// key made `signature`.
+    pub chain: Vec<Certificate>,
 }
 
 /// A neighbour in a [`LinkState`].
@@ -151,6 +175,21 @@ impl LinkState {
     /// Whether it is newer than `other` (same origin assumed).
     pub fn newer_than(&self, other: &LinkState) -> bool {
         (self.incarnation, self.seq) > (other.incarnation, other.seq)
+    }
+
+    /// What the seal's signature covers: the postcard bytes of every field
+    /// but the seal, exactly as they start the link state on the wire.
+    pub fn signed_bytes(&self) -> Result<Vec<u8>, IdentityError> {
+        postcard::to_allocvec(&(self.origin, self.incarnation, self.seq, &self.neighbours))
+            .map_err(|e| IdentityError::Encoding(e.to_string()))
+    }
+
+    /// Seals it as its origin, with the origin's junction `key` and the
+    /// `chain` (leaf first) that certifies that key for the origin's id.
+    pub fn seal(&mut self, key: &SecretKey, chain: Vec<Certificate>) -> Result<(), IdentityError> {
+        let signature = key.sign(Purpose::LinkState, &self.signed_bytes()?);
+        self.seal = Some(Seal { signature, chain });
+        Ok(())
     }
 }
 
@@ -187,10 +226,10 @@ mod tests {
         assert!(postcard::from_bytes::<HighwayFrame>(&long).is_err());
     }
 
-    /// The example in docs/protocol.md, part 2, byte for byte.
+    /// The examples in docs/protocol.md section 14.1, byte for byte.
     #[test]
     fn a_link_state_encodes_as_documented() {
-        let ls = LinkState {
+        let mut ls = LinkState {
             origin: 2,
             incarnation: 1_700_000_000,
             seq: 3,
@@ -204,14 +243,15 @@ mod tests {
                     cost: 5,
                 },
             ],
+            seal: None,
         };
+        let unsigned = [
+            0x02, 0x80, 0xE2, 0xCF, 0xAA, 0x06, 0x03, 0x02, 0x01, 0x01, 0x03, 0x05,
+        ];
         let bytes = postcard::to_allocvec(&ls).unwrap();
-        assert_eq!(
-            bytes,
-            [
-                0x02, 0x80, 0xE2, 0xCF, 0xAA, 0x06, 0x03, 0x02, 0x01, 0x01, 0x03, 0x05
-            ]
-        );
+        assert_eq!(bytes[..unsigned.len()], unsigned);
+        assert_eq!(bytes[unsigned.len()..], [0x00], "no seal");
+        assert_eq!(ls.signed_bytes().unwrap(), unsigned);
         assert_eq!(postcard::from_bytes::<LinkState>(&bytes).unwrap(), ls);
         let framed = postcard::to_allocvec(&HighwayFrame::LinkState(ls.clone())).unwrap();
         assert_eq!(framed[0], 0x00, "LinkState is tag 0");
@@ -225,5 +265,35 @@ mod tests {
             .newer_than(&ls),
             "a new life outranks any count of the old one"
         );
+
+        // Sealed by junction 2's key, certified by an authority.
+        let key = junction_identity::SecretKey::generate().unwrap();
+        let authority = junction_identity::SecretKey::generate().unwrap();
+        let cert = junction_identity::Certificate::issue(
+            junction_identity::CertBody {
+                version: 1,
+                serial: 7,
+                subject: key.public(),
+                role: junction_identity::Role::Junction { id: 2 },
+                not_before: 0,
+                not_after: u64::MAX,
+                issuer: authority.public(),
+            },
+            &authority,
+        )
+        .unwrap();
+        ls.seal(&key, vec![cert.clone()]).unwrap();
+        let bytes = postcard::to_allocvec(&ls).unwrap();
+        let mut expected = unsigned.to_vec();
+        expected.extend([0x01, 0x40]); // a seal; 64 signature bytes
+        let signature = key.sign(Purpose::LinkState, &unsigned);
+        expected.extend(signature.0);
+        expected.push(0x01); // a chain of one certificate
+        expected.extend(postcard::to_allocvec(&cert).unwrap());
+        assert_eq!(bytes, expected);
+        key.public()
+            .verify(Purpose::LinkState, &unsigned, &signature)
+            .unwrap();
+        assert_eq!(postcard::from_bytes::<LinkState>(&bytes).unwrap(), ls);
     }
 }

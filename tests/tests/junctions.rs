@@ -5,13 +5,15 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use junction_core::Config;
 use junction_core::session::{Outcome, SessionEvent};
+use junction_core::{Config, Output};
+use junction_identity::{CertBody, Certificate, Role, SecretKey, TrustStore};
 use junction_road::Frame;
-use junction_road::highway::{HighwayFrame, Hops};
+use junction_road::highway::{HighwayFrame, Hops, LinkState, Neighbour};
 use junction_tests::sim::{Ctx, Latency, Process, Rng, Traced, World, seed_from_env};
 
 /// No processes in these worlds yet: junctions only.
@@ -25,16 +27,84 @@ impl Process for Nobody {
     fn handle_road_closed(&mut self, _ctx: &mut Ctx<'_>) {}
 }
 
-/// Junctions 1..=n, one node each (node i is junction i + 1).
-fn junctions(seed: u64, n: u16) -> World<Nobody> {
-    let configs = (1..=n)
-        .map(|junction| Config {
+/// A bus's authority, which certifies its junctions' keys.
+struct Bus {
+    key: SecretKey,
+    trust: TrustStore,
+}
+
+/// A junction's key and certificate chain.
+type JunctionIdentity = (Arc<SecretKey>, Vec<Certificate>);
+
+impl Bus {
+    fn new() -> Self {
+        let key = SecretKey::generate().unwrap();
+        let own = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: 1,
+                subject: key.public(),
+                role: Role::Authority,
+                not_before: 0,
+                not_after: u64::MAX,
+                issuer: key.public(),
+            },
+            &key,
+        )
+        .unwrap();
+        let mut trust = TrustStore::new();
+        trust.add_authority(&own).unwrap();
+        Self { key, trust }
+    }
+
+    /// A new key, certified for `role`.
+    fn certify(&self, role: Role) -> JunctionIdentity {
+        let key = SecretKey::generate().unwrap();
+        let cert = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: u64::from_le_bytes(key.public().0[..8].try_into().unwrap()),
+                subject: key.public(),
+                role,
+                not_before: 0,
+                not_after: u64::MAX,
+                issuer: self.key.public(),
+            },
+            &self.key,
+        )
+        .unwrap();
+        (Arc::new(key), vec![cert])
+    }
+
+    /// Junction `junction` of this bus, sealing its link states with
+    /// `identity`.
+    fn config(&self, junction: u16, identity: JunctionIdentity) -> Config {
+        Config {
             junction,
             incarnation: 1,
+            trust: self.trust.clone(),
+            junction_identity: Some(identity),
             ..Config::default()
-        })
+        }
+    }
+}
+
+/// Junctions 1..=n, one node each (node i is junction i + 1), each with a
+/// key its bus's authority certified for its id.
+fn junctions(seed: u64, n: u16) -> World<Nobody> {
+    junctions_of(&Bus::new(), seed, n).0
+}
+
+/// Junctions 1..=n of `bus`, and their keys (index i is junction i + 1).
+fn junctions_of(bus: &Bus, seed: u64, n: u16) -> (World<Nobody>, Vec<JunctionIdentity>) {
+    let identities: Vec<_> = (1..=n)
+        .map(|id| bus.certify(Role::Junction { id }))
         .collect();
-    World::with_junctions(seed, configs)
+    let configs = (1..=n)
+        .zip(&identities)
+        .map(|(junction, identity)| bus.config(junction, identity.clone()))
+        .collect();
+    (World::with_junctions(seed, configs), identities)
 }
 
 fn wan() -> Latency {
@@ -537,4 +607,149 @@ fn one_contract_run(seed: u64) {
             );
         }
     }
+}
+
+/// A junction whose certificate says junction 7, calling itself junction 5:
+/// its neighbour refuses what it says of itself, so no junction routes to
+/// 5 (nor to 7, which it never claimed), and the honest junctions still
+/// route among themselves.
+#[test]
+fn a_junction_that_claims_an_id_its_certificate_does_not_carry_is_refused() {
+    let bus = Bus::new();
+    let mut configs: Vec<Config> = (1..=3)
+        .map(|id| bus.config(id, bus.certify(Role::Junction { id })))
+        .collect();
+    // The rogue, node 3, next to junction 1.
+    configs.push(bus.config(5, bus.certify(Role::Junction { id: 7 })));
+    let mut world = World::<Nobody>::with_junctions(seed_from_env(8_000), configs);
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    world.add_link(3, 0, 1, wan());
+    world.run_until_idle(10_000).unwrap();
+    for node in 0..3 {
+        assert_eq!(path(&mut world, node, 5), None, "node {node} routes to 5");
+        assert_eq!(path(&mut world, node, 7), None, "node {node} routes to 7");
+    }
+    assert_eq!(path(&mut world, 0, 3), Some(vec![2, 3]));
+    assert_eq!(path(&mut world, 2, 1), Some(vec![2, 1]));
+}
+
+/// What a core said to its neighbours after an input.
+fn link_states_out(world: &mut World<Nobody>, node: usize) -> Vec<(u16, LinkState)> {
+    let mut out = vec![];
+    while let Some(o) = world.core_mut(node).poll_output() {
+        if let Output::Highway {
+            to,
+            frame: HighwayFrame::LinkState(ls),
+            ..
+        } = o
+        {
+            out.push((to, ls));
+        }
+    }
+    out
+}
+
+/// Junction 2, between 1 and 3, tells junction 1 that junction 3 lost its
+/// links: signed with its own key and chain, with 3's chain and its own
+/// key, with a chain from another bus's authority, or with a client's
+/// certificate. Junction 1 takes none of it, passes none on, and still
+/// routes to 3 through 2; a replay of 3's own older description changes
+/// nothing either.
+#[test]
+fn link_states_for_another_junction_are_refused_and_routing_holds() {
+    let bus = Bus::new();
+    let (mut world, ids) = junctions_of(&bus, seed_from_env(8_100), 3);
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    world.run_until_idle(10_000).unwrap();
+    assert_eq!(path(&mut world, 0, 3), Some(vec![2, 3]));
+    let now = world.now();
+    let lost = |seq| LinkState {
+        origin: 3,
+        incarnation: 1,
+        seq,
+        neighbours: vec![],
+        seal: None,
+    };
+    let (two, three) = (&ids[1], &ids[2]);
+    let stranger = Bus::new().certify(Role::Junction { id: 3 });
+    let client = bus.certify(Role::Client);
+    let mut forgeries = vec![lost(1_000)];
+    for (key, chain) in [
+        (&two.0, &two.1),
+        (&two.0, &three.1),
+        (&stranger.0, &stranger.1),
+        (&client.0, &client.1),
+    ] {
+        let mut ls = lost(1_000);
+        ls.seal(key, chain.clone()).unwrap();
+        forgeries.push(ls);
+    }
+    for forged in forgeries {
+        world.core_mut(0).handle_highway_frame(
+            2,
+            HighwayFrame::LinkState(forged.clone()),
+            Bytes::new(),
+            now,
+        );
+        assert_eq!(link_states_out(&mut world, 0), vec![], "{forged:?}");
+        assert_eq!(path(&mut world, 0, 3), Some(vec![2, 3]), "{forged:?}");
+    }
+    // Junction 3 gets a second Highway, to 1, and describes itself anew.
+    world.add_link(0, 2, 5, wan());
+    world.run_until_idle(10_000).unwrap();
+    assert_eq!(path(&mut world, 0, 3), Some(vec![2, 3]));
+    let now = world.now();
+    // Its first description, replayed: older than what 1 holds, so 1
+    // answers with the newer one and changes nothing.
+    let mut old = LinkState {
+        origin: 3,
+        incarnation: 1,
+        seq: 1,
+        neighbours: vec![Neighbour {
+            junction: 2,
+            cost: 1,
+        }],
+        seal: None,
+    };
+    old.seal(&three.0, three.1.clone()).unwrap();
+    world
+        .core_mut(0)
+        .handle_highway_frame(2, HighwayFrame::LinkState(old), Bytes::new(), now);
+    let answered = link_states_out(&mut world, 0);
+    assert_eq!(answered.len(), 1);
+    assert_eq!((answered[0].0, answered[0].1.origin), (2, 3));
+    assert!(answered[0].1.seq > 1);
+    assert_eq!(path(&mut world, 0, 3), Some(vec![2, 3]));
+    // And routing still follows the honest ones.
+    world.cut_link(1);
+    world.run_until_idle(10_000).unwrap();
+    assert_eq!(path(&mut world, 0, 3), Some(vec![3]));
+}
+
+/// Junctions with no keys route only if they trust unsigned routing; a
+/// keyless one among keyed junctions is not heard.
+#[test]
+fn unsigned_routing_is_taken_only_where_trusted() {
+    let unsigned = |junction, trust_unsigned_routing| Config {
+        junction,
+        incarnation: 1,
+        trust_unsigned_routing,
+        ..Config::default()
+    };
+    let mut world = World::<Nobody>::with_junctions(
+        seed_from_env(8_200),
+        vec![unsigned(1, true), unsigned(2, true), unsigned(3, false)],
+    );
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    world.run_until_idle(10_000).unwrap();
+    assert_eq!(path(&mut world, 0, 2), Some(vec![2]));
+    assert_eq!(path(&mut world, 2, 2), None, "3 takes no unsigned routes");
+    assert_eq!(
+        path(&mut world, 0, 3),
+        Some(vec![2, 3]),
+        "1 and 2 take 3's unsigned description"
+    );
 }

@@ -132,6 +132,15 @@ pub struct Config {
     pub incarnation: u64,
     /// Junctions whose routes it keeps, at most (the bus's size).
     pub max_junctions: usize,
+    /// This junction's key and certificate chain (leaf first, a junction
+    /// certificate for `junction`), which seal its link states; `None`
+    /// sends them unsealed, which only junctions that trust unsigned
+    /// routing take.
+    pub junction_identity: Option<(Arc<junction_identity::SecretKey>, Vec<Certificate>)>,
+    /// Whether unsealed link states are taken (a bus with no junction keys:
+    /// development). Off by default: any neighbour could then describe any
+    /// junction's links.
+    pub trust_unsigned_routing: bool,
 }
 
 impl Default for Config {
@@ -150,6 +159,8 @@ impl Default for Config {
             hello_timeout: Duration::from_secs(10),
             incarnation: 0,
             max_junctions: 4096,
+            junction_identity: None,
+            trust_unsigned_routing: false,
         }
     }
 }
@@ -358,6 +369,14 @@ impl Core {
             .max(2 * credit_cost(config.max_frame as usize));
         // Handles pack a 16-bit slot index; handle 0 is always needed.
         config.max_handles = config.max_handles.clamp(1, 0xFFFF);
+        let mut router = routing::Router::new(
+            config.junction,
+            config.incarnation.max(1),
+            config.max_junctions,
+        );
+        if let Some((key, chain)) = &config.junction_identity {
+            router.sign_with(key.clone(), chain.clone());
+        }
         Self {
             conns: Slab::with_limit(u32::MAX),
             ports: PortTable::new(),
@@ -372,11 +391,7 @@ impl Core {
             hello_deadlines: FifoTimers::new(),
             identity_expiries: WallTimers::new(),
             quiet: quiet::Warnings::default(),
-            router: routing::Router::new(
-                config.junction,
-                config.incarnation.max(1),
-                config.max_junctions,
-            ),
+            router,
             peers: peers::Peers::default(),
             config,
         }
@@ -657,7 +672,13 @@ impl Core {
                 return;
             }
             HighwayFrame::LinkState(ls) => {
-                if let Err(e) = self.router.handle_link_state(from, ls)
+                let checks = routing::Checks {
+                    trust: &self.config.trust,
+                    revocations: self.config.revocations.as_ref(),
+                    trust_unsigned: self.config.trust_unsigned_routing,
+                    now: now.unix,
+                };
+                if let Err(e) = self.router.handle_link_state(from, ls, &checks)
                     && let Some(unlogged) = self.quiet.routing.admit(now.instant)
                 {
                     tracing::warn!(

@@ -20,11 +20,47 @@
 //! rounds as that part's diameter (in hops), and routes are right as soon as
 //! the flood is through: convergence in rounds proportional to the diameter,
 //! measured by the simulation in the tests below.
+//!
+//! A link state is taken only if its origin sealed it ([`Checks`]): signed
+//! with the key of a junction certificate, from a trusted authority, for
+//! the origin's id. So a junction describes its own links and no other's,
+//! and cannot claim an id its certificate does not carry. A seal is checked
+//! once, when its link state is newer than what the database holds; a
+//! duplicate or an older one costs no signature check. Refusals cost
+//! checks, so each neighbour may cause at most [`MAX_REFUSED_PER_SECOND`]
+//! of them a second: past that, its link states are dropped unchecked
+//! until the next second.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::sync::Arc;
 
+use junction_identity::{
+    Certificate, IdentityError, Purpose, RevocationList, Role, SecretKey, TrustStore, Verified,
+};
 use junction_road::highway::{LinkState, MAX_NEIGHBOURS, Neighbour};
+
+/// The most link states one neighbour may have refused for their seal in
+/// one second; more are dropped without a check until the next second.
+/// Honest neighbours pass on only link states they checked themselves, so
+/// they reach it only if the junctions' trust stores or clocks disagree.
+pub const MAX_REFUSED_PER_SECOND: u32 = 16;
+
+/// What link states' seals are checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Checks<'a> {
+    /// The authorities whose junction certificates are believed.
+    pub trust: &'a TrustStore,
+    /// Certificates and keys no longer believed.
+    pub revocations: Option<&'a Verified<RevocationList>>,
+    /// Whether link states with no seal are taken: for a bus whose
+    /// junctions have no keys (development, simulation). A seal that is
+    /// there is checked all the same.
+    pub trust_unsigned: bool,
+    /// Seconds since the Unix epoch: certificates must be valid then, and
+    /// the refusal budget counts in these seconds.
+    pub now: u64,
+}
 
 /// Junction ids no junction may have: 0 ("this junction") and 0xFFFF.
 fn reserved(id: u16) -> bool {
@@ -66,6 +102,71 @@ pub enum RoutingError {
         /// How many it listed.
         count: usize,
     },
+    /// It has no seal, and this junction takes only sealed link states.
+    #[error(
+        "the link state of junction {origin} is not signed, and this junction does not trust unsigned routing"
+    )]
+    Unsigned {
+        /// Its origin.
+        origin: u16,
+    },
+    /// The certificate chain of its seal does not hold: untrusted
+    /// authority, broken, expired or not yet valid.
+    #[error(
+        "the certificate chain sealing the link state of junction {origin} is refused: {source}"
+    )]
+    Certificate {
+        /// Its origin.
+        origin: u16,
+        /// What is wrong with the chain.
+        source: IdentityError,
+    },
+    /// A certificate of its seal's chain was revoked.
+    #[error("the link state of junction {origin} is sealed with revoked certificate {serial:#x}")]
+    Revoked {
+        /// Its origin.
+        origin: u16,
+        /// The revoked certificate's serial.
+        serial: u64,
+    },
+    /// Its seal's certificate is a junction's, but for another id: a
+    /// junction describing another's links, or claiming an id it was not
+    /// given.
+    #[error(
+        "the link state of junction {origin} is sealed by junction {certified}'s certificate; a junction describes only itself"
+    )]
+    WrongJunction {
+        /// Its origin.
+        origin: u16,
+        /// The id the certificate carries.
+        certified: u16,
+    },
+    /// Its seal's certificate is not a junction's.
+    #[error(
+        "the link state of junction {origin} is sealed by a {role} certificate; only junction certificates describe links"
+    )]
+    NotAJunction {
+        /// Its origin.
+        origin: u16,
+        /// The certificate's role.
+        role: String,
+    },
+    /// Its signature is not the certified key's over its content: altered
+    /// on the way, or signed by another key.
+    #[error("the signature on the link state of junction {origin} does not verify")]
+    BadSignature {
+        /// Its origin.
+        origin: u16,
+    },
+    /// The neighbour had too many link states refused for their seal this
+    /// second; this one was dropped unchecked.
+    #[error(
+        "junction {from} sent more than {MAX_REFUSED_PER_SECOND} refused link states this second; the rest of the second's are dropped unchecked"
+    )]
+    TooManyRefused {
+        /// The neighbour.
+        from: u16,
+    },
     /// The database holds as many junctions as it may.
     #[error(
         "this junction knows {limit} junctions already, the most it keeps; the bus is larger than it was configured for"
@@ -100,6 +201,11 @@ pub struct Router {
     /// Routes by destination, computed from `db` when asked after a change.
     routes: BTreeMap<u16, Route>,
     dirty: bool,
+    /// The key and chain this junction seals its own link states with.
+    signer: Option<(Arc<SecretKey>, Vec<Certificate>)>,
+    /// Per neighbour: the second it last had a link state refused for its
+    /// seal, and how many it had refused in that second.
+    refused: BTreeMap<u16, (u64, u32)>,
 }
 
 impl Router {
@@ -111,6 +217,7 @@ impl Router {
             incarnation,
             seq: 0,
             neighbours: Vec::new(),
+            seal: None,
         };
         Self {
             me,
@@ -120,7 +227,16 @@ impl Router {
             out: VecDeque::new(),
             routes: BTreeMap::new(),
             dirty: true,
+            signer: None,
+            refused: BTreeMap::new(),
         }
+    }
+
+    /// Seals this junction's link states from now on with its junction
+    /// `key`, certified by `chain` (leaf first, a junction certificate for
+    /// this junction's id).
+    pub fn sign_with(&mut self, key: Arc<SecretKey>, chain: Vec<Certificate>) {
+        self.signer = Some((key, chain));
     }
 
     /// A Highway to `neighbour` is up, each hop over it costing `cost`: the
@@ -142,12 +258,19 @@ impl Router {
     /// The Highway to `neighbour` is down.
     pub fn link_down(&mut self, neighbour: u16) {
         if self.links.remove(&neighbour).is_some() {
+            self.refused.remove(&neighbour);
             self.describe();
         }
     }
 
-    /// A neighbour sent a link state.
-    pub fn handle_link_state(&mut self, from: u16, ls: LinkState) -> Result<(), RoutingError> {
+    /// A neighbour sent a link state. Its seal is checked against `checks`
+    /// if, and only if, it is newer than what the database holds.
+    pub fn handle_link_state(
+        &mut self,
+        from: u16,
+        ls: LinkState,
+        checks: &Checks<'_>,
+    ) -> Result<(), RoutingError> {
         if !self.links.contains_key(&from) {
             return Err(RoutingError::NotNeighbour { from });
         }
@@ -155,8 +278,10 @@ impl Router {
         if ls.origin == self.me {
             // An old description of this junction, from an earlier life or
             // still on its way: a newer one goes out, which replaces it
-            // everywhere.
+            // everywhere. Sealed by this junction, or forged: a forgery
+            // must not push its counter around.
             if ls.newer_than(&self.db[&self.me]) {
+                self.check_seal(from, &ls, checks)?;
                 let seq = ls.seq;
                 if let Some(own) = self.db.get_mut(&self.me) {
                     own.incarnation = ls.incarnation;
@@ -180,6 +305,7 @@ impl Router {
             }
             None => {}
         }
+        self.check_seal(from, &ls, checks)?;
         for &n in self.links.keys() {
             if n != from {
                 self.out.push_back((n, ls.clone()));
@@ -188,6 +314,26 @@ impl Router {
         self.db.insert(ls.origin, ls);
         self.dirty = true;
         Ok(())
+    }
+
+    /// Checks the seal of a link state from neighbour `from`, within the
+    /// neighbour's budget of refusals.
+    fn check_seal(
+        &mut self,
+        from: u16,
+        ls: &LinkState,
+        checks: &Checks<'_>,
+    ) -> Result<(), RoutingError> {
+        let (second, count) = self.refused.get(&from).copied().unwrap_or_default();
+        let count = if second == checks.now { count } else { 0 };
+        if count >= MAX_REFUSED_PER_SECOND {
+            return Err(RoutingError::TooManyRefused { from });
+        }
+        let checked = verify_seal(ls, checks);
+        if checked.is_err() {
+            self.refused.insert(from, (checks.now, count + 1));
+        }
+        checked
     }
 
     /// The next link state to send, and the neighbour to send it to.
@@ -246,8 +392,18 @@ impl Router {
             .db
             .get_mut(&self.me)
             .expect("its own description is kept");
-        own.seq += 1;
+        // Saturating: a counter at its end stays there rather than wrap
+        // (2^64 descriptions is not a life a junction lives).
+        own.seq = own.seq.saturating_add(1);
         own.neighbours = neighbours;
+        own.seal = None;
+        if let Some((key, chain)) = &self.signer
+            && let Err(e) = own.seal(key, chain.clone())
+        {
+            // Encoding a link state does not fail; were it to, the
+            // description goes unsealed and others refuse it.
+            tracing::error!("could not seal this junction's link state: {e}");
+        }
         let own = own.clone();
         for &n in self.links.keys() {
             self.out.push_back((n, own.clone()));
@@ -339,6 +495,47 @@ fn first_repeat(path: &[u16]) -> Option<u16> {
         .enumerate()
         .find(|&(i, j)| path[..i].contains(j))
         .map(|(_, &j)| j)
+}
+
+/// Whether a link state's seal proves that its origin made it.
+fn verify_seal(ls: &LinkState, checks: &Checks<'_>) -> Result<(), RoutingError> {
+    let origin = ls.origin;
+    let Some(seal) = &ls.seal else {
+        return if checks.trust_unsigned {
+            Ok(())
+        } else {
+            Err(RoutingError::Unsigned { origin })
+        };
+    };
+    let leaf = checks
+        .trust
+        .verify_chain(&seal.chain, checks.now, checks.revocations)
+        .map_err(|source| match source {
+            IdentityError::Revoked { serial } => RoutingError::Revoked { origin, serial },
+            source => RoutingError::Certificate { origin, source },
+        })?;
+    match leaf.body.role {
+        Role::Junction { id } if id == origin => {}
+        Role::Junction { id } => {
+            return Err(RoutingError::WrongJunction {
+                origin,
+                certified: id,
+            });
+        }
+        ref role => {
+            return Err(RoutingError::NotAJunction {
+                origin,
+                role: role.to_string(),
+            });
+        }
+    }
+    let bytes = ls
+        .signed_bytes()
+        .map_err(|source| RoutingError::Certificate { origin, source })?;
+    leaf.body
+        .subject
+        .verify(Purpose::LinkState, &bytes, &seal.signature)
+        .map_err(|_| RoutingError::BadSignature { origin })
 }
 
 /// A link state's own consistency.

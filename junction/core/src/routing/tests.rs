@@ -3,12 +3,82 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use junction_identity::CertBody;
 use proptest::prelude::*;
 
 use super::*;
 
+/// The Unix time the tests' certificates are checked at.
+const NOW: u64 = 1_700_000_000;
+
+/// A test authority, which certifies junctions.
+pub(crate) struct Authority {
+    key: SecretKey,
+    pub(crate) trust: TrustStore,
+}
+
+impl Authority {
+    pub(crate) fn new() -> Self {
+        let key = SecretKey::generate().unwrap();
+        let own = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: 1,
+                subject: key.public(),
+                role: Role::Authority,
+                not_before: 0,
+                not_after: u64::MAX,
+                issuer: key.public(),
+            },
+            &key,
+        )
+        .unwrap();
+        let mut trust = TrustStore::new();
+        trust.add_authority(&own).unwrap();
+        Self { key, trust }
+    }
+
+    /// A new key, and a chain of one certificate for it in `role`.
+    pub(crate) fn certify(&self, role: Role) -> (Arc<SecretKey>, Vec<Certificate>) {
+        let key = SecretKey::generate().unwrap();
+        let cert = Certificate::issue(
+            CertBody {
+                version: 1,
+                serial: u64::from_le_bytes(key.public().0[..8].try_into().unwrap()),
+                subject: key.public(),
+                role,
+                not_before: 0,
+                not_after: u64::MAX,
+                issuer: self.key.public(),
+            },
+            &self.key,
+        )
+        .unwrap();
+        (Arc::new(key), vec![cert])
+    }
+
+    /// A router for junction `me`, sealing with a certificate for its id.
+    pub(crate) fn router(&self, me: u16, incarnation: u64, max_junctions: usize) -> Router {
+        let mut r = Router::new(me, incarnation, max_junctions);
+        let (key, chain) = self.certify(Role::Junction { id: me });
+        r.sign_with(key, chain);
+        r
+    }
+
+    /// What this authority's junctions check link states against.
+    pub(crate) fn checks(&self) -> Checks<'_> {
+        Checks {
+            trust: &self.trust,
+            revocations: None,
+            trust_unsigned: false,
+            now: NOW,
+        }
+    }
+}
+
 /// Routers joined by links, link states moving one hop per round.
 struct Net {
+    authority: Authority,
     routers: BTreeMap<u16, Router>,
     /// Live links and their costs, each pair once (lower id first).
     links: BTreeMap<(u16, u16), u32>,
@@ -22,11 +92,13 @@ fn pair(a: u16, b: u16) -> (u16, u16) {
 
 impl Net {
     fn new(ids: impl IntoIterator<Item = u16>) -> Self {
+        let authority = Authority::new();
         let routers = ids
             .into_iter()
-            .map(|id| (id, Router::new(id, 1, 64)))
+            .map(|id| (id, authority.router(id, 1, 64)))
             .collect();
         Self {
+            authority,
             routers,
             links: BTreeMap::new(),
             wire: VecDeque::new(),
@@ -60,12 +132,13 @@ impl Net {
         }
         let arriving: Vec<_> = self.wire.drain(..).collect();
         let moved = !arriving.is_empty();
+        let checks = self.authority.checks();
         for (to, from, ls) in arriving {
             if self.links.contains_key(&pair(to, from)) {
                 self.routers
                     .get_mut(&to)
                     .unwrap()
-                    .handle_link_state(from, ls)
+                    .handle_link_state(from, ls, &checks)
                     .unwrap();
             }
         }
@@ -239,23 +312,22 @@ fn a_restarted_junction_replaces_what_it_said_before() {
     net.settle();
     // 2 restarts: a new incarnation, with its counter back at the start.
     net.cut(1, 2);
-    net.routers.insert(2, Router::new(2, 2, 64));
+    net.routers.insert(2, net.authority.router(2, 2, 64));
     net.routers.get_mut(&1).unwrap().link_up(2, 1);
     net.routers.get_mut(&2).unwrap().link_up(1, 1);
     net.links.insert((1, 2), 1);
     net.settle();
     net.routes_are_right();
     // A junction that hears its own old description says a newer one.
-    let stale = LinkState {
-        origin: 1,
-        incarnation: 1,
-        seq: 1_000,
-        neighbours: vec![],
-    };
+    let mut stale = net.routers[&1].db[&1].clone();
+    stale.seq = 1_000;
+    let (key, chain) = net.routers[&1].signer.clone().unwrap();
+    stale.seal(&key, chain).unwrap();
+    let checks = net.authority.checks();
     net.routers
         .get_mut(&1)
         .unwrap()
-        .handle_link_state(2, stale)
+        .handle_link_state(2, stale, &checks)
         .unwrap();
     net.settle();
     net.routes_are_right();
@@ -272,7 +344,17 @@ fn bad_link_states_are_refused_with_reasons() {
             .iter()
             .map(|&(junction, cost)| Neighbour { junction, cost })
             .collect(),
+        seal: None,
     };
+    // What is checked here comes before seals: unsealed ones are taken.
+    let trust = TrustStore::new();
+    let checks = Checks {
+        trust: &trust,
+        revocations: None,
+        trust_unsigned: true,
+        now: NOW,
+    };
+    let mut r = Tested(&mut r, &checks);
     assert_eq!(
         r.handle_link_state(2, ls(2, &[])),
         Err(RoutingError::NotNeighbour { from: 2 })
@@ -316,6 +398,24 @@ fn bad_link_states_are_refused_with_reasons() {
         Err(RouteBroken::Loops { junction: 2 })
     );
     assert_eq!(r.next_hop(&[2, 3]), Err(RouteBroken::NotOnRoute));
+}
+
+/// A router and what it checks seals against, for terse tests.
+struct Tested<'a, 'b>(&'a mut Router, &'a Checks<'b>);
+
+impl Tested<'_, '_> {
+    fn handle_link_state(&mut self, from: u16, ls: LinkState) -> Result<(), RoutingError> {
+        self.0.handle_link_state(from, ls, self.1)
+    }
+    fn link_up(&mut self, neighbour: u16, cost: u32) {
+        self.0.link_up(neighbour, cost)
+    }
+    fn known(&self) -> usize {
+        self.0.known()
+    }
+    fn next_hop(&self, path: &[u16]) -> Result<Option<u16>, RouteBroken> {
+        self.0.next_hop(path)
+    }
 }
 
 /// One change to the network.
@@ -378,4 +478,215 @@ proptest! {
             "settled in {} rounds, diameter {}", rounds, diameter
         );
     }
+}
+
+/// A link state from `origin` listing `neighbours` at cost 1, in its first
+/// life at count `seq`, unsealed.
+fn describing(origin: u16, seq: u64, neighbours: &[u16]) -> LinkState {
+    LinkState {
+        origin,
+        incarnation: 1,
+        seq,
+        neighbours: neighbours
+            .iter()
+            .map(|&junction| Neighbour { junction, cost: 1 })
+            .collect(),
+        seal: None,
+    }
+}
+
+#[test]
+fn only_a_junction_certified_for_the_origin_describes_its_links() {
+    let ca = Authority::new();
+    let checks = ca.checks();
+    let mut r = ca.router(1, 1, 64);
+    r.link_up(2, 1);
+    let sealed = |origin, seq, by: &(Arc<SecretKey>, Vec<Certificate>)| {
+        let mut ls = describing(origin, seq, &[1]);
+        ls.seal(&by.0, by.1.clone()).unwrap();
+        ls
+    };
+    let two = ca.certify(Role::Junction { id: 2 });
+    let three = ca.certify(Role::Junction { id: 3 });
+    let seven = ca.certify(Role::Junction { id: 7 });
+
+    // Unsealed, where seals are required.
+    assert_eq!(
+        r.handle_link_state(2, describing(2, 1, &[1]), &checks),
+        Err(RoutingError::Unsigned { origin: 2 })
+    );
+    // Certified as junction 7, claiming to be junction 5.
+    assert_eq!(
+        r.handle_link_state(2, sealed(5, 1, &seven), &checks),
+        Err(RoutingError::WrongJunction {
+            origin: 5,
+            certified: 7
+        })
+    );
+    // Junction 3 describing junction 2: with its own chain, or with 2's
+    // chain and its own key.
+    assert_eq!(
+        r.handle_link_state(2, sealed(2, 1, &three), &checks),
+        Err(RoutingError::WrongJunction {
+            origin: 2,
+            certified: 3
+        })
+    );
+    let mut forged = sealed(2, 1, &three);
+    forged.seal.as_mut().unwrap().chain = two.1.clone();
+    assert_eq!(
+        r.handle_link_state(2, forged, &checks),
+        Err(RoutingError::BadSignature { origin: 2 })
+    );
+    // Junction 2's own, altered on the way.
+    let mut altered = sealed(2, 1, &two);
+    altered.neighbours[0].cost = 9;
+    assert_eq!(
+        r.handle_link_state(2, altered, &checks),
+        Err(RoutingError::BadSignature { origin: 2 })
+    );
+    // Another bus's authority, and certificates that are not a junction's.
+    let stranger = Authority::new().certify(Role::Junction { id: 2 });
+    assert!(matches!(
+        r.handle_link_state(2, sealed(2, 1, &stranger), &checks),
+        Err(RoutingError::Certificate {
+            origin: 2,
+            source: IdentityError::Untrusted { .. }
+        })
+    ));
+    for role in [Role::Client, Role::Authority] {
+        assert_eq!(
+            r.handle_link_state(2, sealed(2, 1, &ca.certify(role.clone())), &checks),
+            Err(RoutingError::NotAJunction {
+                origin: 2,
+                role: role.to_string()
+            })
+        );
+    }
+    assert_eq!(r.known(), 1, "nothing refused was taken");
+    assert_eq!(r.poll_transmit().map(|(to, _)| to), Some(2));
+    assert_eq!(r.poll_transmit(), None, "nor passed on");
+
+    // The real one is taken, and routes use it.
+    r.handle_link_state(2, sealed(2, 2, &two), &checks).unwrap();
+    assert_eq!(r.route(2).map(|r| r.path.clone()), Some(vec![2]));
+}
+
+#[test]
+fn a_replayed_older_link_state_changes_nothing_and_costs_no_check() {
+    let ca = Authority::new();
+    let checks = ca.checks();
+    let mut r = ca.router(1, 1, 64);
+    r.link_up(2, 1);
+    r.link_up(3, 1);
+    while r.poll_transmit().is_some() {}
+    let two = ca.certify(Role::Junction { id: 2 });
+    let mut old = describing(2, 1, &[1, 3]);
+    old.seal(&two.0, two.1.clone()).unwrap();
+    let mut new = describing(2, 2, &[1]);
+    new.seal(&two.0, two.1.clone()).unwrap();
+    r.handle_link_state(2, new.clone(), &checks).unwrap();
+    while r.poll_transmit().is_some() {}
+    let before = r.route(3).cloned();
+
+    // Replayed by neighbour 3: the newer copy goes back to it, and nothing
+    // else moves. With a broken signature too: older ones are not checked.
+    let mut broken = old.clone();
+    broken.seal.as_mut().unwrap().signature.0[0] ^= 1;
+    for replay in [old, broken, new.clone()] {
+        r.handle_link_state(3, replay, &checks).unwrap();
+    }
+    assert_eq!(r.db[&2], new);
+    assert_eq!(r.route(3).cloned(), before);
+    assert_eq!(r.poll_transmit(), Some((3, new.clone())));
+    assert_eq!(r.poll_transmit(), Some((3, new)));
+    assert_eq!(r.poll_transmit(), None, "the equal one is dropped");
+    assert!(r.refused.is_empty(), "no check failed: none was made");
+}
+
+#[test]
+fn revoked_junctions_are_refused_and_refusals_are_bounded_per_neighbour() {
+    let ca = Authority::new();
+    let two = ca.certify(Role::Junction { id: 2 });
+    let list = RevocationList::issue(
+        junction_identity::RevocationBody {
+            issuer: ca.key.public(),
+            number: 1,
+            issued_at: NOW,
+            serials: vec![two.1[0].body.serial],
+            keys: vec![],
+        },
+        &ca.key,
+    )
+    .unwrap()
+    .verify(&ca.trust)
+    .unwrap();
+    let mut checks = ca.checks();
+    checks.revocations = Some(&list);
+    let mut r = ca.router(1, 1, 64);
+    r.link_up(2, 1);
+    let mut ls = describing(2, 1, &[1]);
+    ls.seal(&two.0, two.1.clone()).unwrap();
+    assert_eq!(
+        r.handle_link_state(2, ls, &checks),
+        Err(RoutingError::Revoked {
+            origin: 2,
+            serial: two.1[0].body.serial
+        })
+    );
+
+    // A neighbour flooding forgeries: each costs a check, up to the budget;
+    // past it, even a good one is dropped unchecked until the next second.
+    let checks = ca.checks();
+    let three = ca.certify(Role::Junction { id: 3 });
+    // The revoked one was the first refusal this second.
+    for seq in 2..MAX_REFUSED_PER_SECOND as u64 {
+        let mut ls = describing(2, seq, &[1]);
+        ls.seal(&three.0, three.1.clone()).unwrap();
+        assert!(matches!(
+            r.handle_link_state(2, ls, &checks),
+            Err(RoutingError::WrongJunction { .. })
+        ));
+    }
+    let two = ca.certify(Role::Junction { id: 2 });
+    let mut good = describing(2, 100, &[1]);
+    good.seal(&two.0, two.1.clone()).unwrap();
+    let mut forged = good.clone();
+    forged.seal.as_mut().unwrap().signature.0[0] ^= 1;
+    assert_eq!(
+        r.handle_link_state(2, forged, &checks),
+        Err(RoutingError::BadSignature { origin: 2 })
+    );
+    assert_eq!(
+        r.handle_link_state(2, good.clone(), &checks),
+        Err(RoutingError::TooManyRefused { from: 2 })
+    );
+    let later = Checks {
+        now: NOW + 1,
+        ..checks
+    };
+    r.handle_link_state(2, good, &later).unwrap();
+    assert_eq!(r.known(), 2);
+}
+
+/// What checking a seal costs, and what a seal weighs (the figures in
+/// docs/protocol.md 14.1): `cargo test -p junction-core --release
+/// seal_costs -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement"]
+fn seal_costs() {
+    let ca = Authority::new();
+    let checks = ca.checks();
+    let two = ca.certify(Role::Junction { id: 2 });
+    let mut ls = describing(2, 1, &[1, 3]);
+    ls.seal(&two.0, two.1.clone()).unwrap();
+    let seal = postcard::to_allocvec(&ls.seal).unwrap().len();
+    let cert = postcard::to_allocvec(&two.1[0]).unwrap().len();
+    let n = 2_000;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        verify_seal(&ls, &checks).unwrap();
+    }
+    let each = start.elapsed() / n;
+    println!("certificate {cert} B, seal {seal} B, check {each:?}");
 }

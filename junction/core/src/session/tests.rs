@@ -1070,6 +1070,14 @@ fn a_cut_link_fails_over_to_another_path_with_nothing_lost() {
         t: Transmit,
     }
     let mut routers: BTreeMap<u16, Router> = (1..=3).map(|j| (j, Router::new(j, 1, 8))).collect();
+    // Sessions are under test, not seals (routing's tests check those).
+    let trust = junction_identity::TrustStore::new();
+    let checks = crate::routing::Checks {
+        trust: &trust,
+        revocations: None,
+        trust_unsigned: true,
+        now: 0,
+    };
     let link = |routers: &mut BTreeMap<u16, Router>, a: u16, b: u16, up: bool| {
         for (x, y) in [(a, b), (b, a)] {
             let r = routers.get_mut(&x).unwrap();
@@ -1089,7 +1097,10 @@ fn a_cut_link_fails_over_to_another_path_with_nothing_lost() {
             }
         }
         for (to, from, ls) in wire {
-            let _ = routers.get_mut(&to).unwrap().handle_link_state(from, ls);
+            let _ = routers
+                .get_mut(&to)
+                .unwrap()
+                .handle_link_state(from, ls, &checks);
         }
     };
     link(&mut routers, 1, 2, true);
