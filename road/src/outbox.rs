@@ -27,6 +27,10 @@ use crate::frame::Header;
 /// Payloads at least this large are queued by reference, not copied.
 pub const COPY_LIMIT: usize = 16 * 1024;
 
+/// The most one write hands the link before the writer lets the other tasks
+/// on its thread run.
+const WRITE_TURN: usize = 64 * 1024;
+
 /// Encoded frames waiting for a writer.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -292,7 +296,12 @@ pub async fn drain_within<S: SharedOutbox, W: AsyncWrite + Unpin>(
         }
         while let Some(mut chunk) = batch.pop_front() {
             while !chunk.is_empty() {
-                let n = within(limit, io.write(&chunk)).await?;
+                // One write copies at most a turn's worth, and the writer
+                // lets the other tasks on the thread run between turns: a
+                // peer that reads as fast as this writes never makes it
+                // wait, and a 4 MiB payload must not hold the thread.
+                let piece = chunk.len().min(WRITE_TURN);
+                let n = within(limit, io.write(&chunk[..piece])).await?;
                 if n == 0 {
                     return Err(io::ErrorKind::WriteZero.into());
                 }
@@ -300,6 +309,9 @@ pub async fn drain_within<S: SharedOutbox, W: AsyncWrite + Unpin>(
                 // Counted per write, not per batch: waiters for room hear
                 // as soon as there is some.
                 outbox.with(|o| o.wrote(n));
+                if n == piece && !chunk.is_empty() {
+                    tokio::task::yield_now().await;
+                }
             }
         }
         within(limit, io.flush()).await?;

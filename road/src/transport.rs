@@ -47,7 +47,7 @@ const READ_CHUNK: usize = 64 * 1024;
 const FIRST_READ: usize = 512;
 
 /// Bytes of one large frame a reader takes before letting other tasks run.
-const LARGE_READ_TURN: usize = 256 * 1024;
+const LARGE_READ_TURN: usize = 64 * 1024;
 
 /// Why a Road failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +135,9 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
         self.buf.clear();
         let mut since_yield = 0;
         while body.len() < len {
-            let want = len - body.len();
+            // One read copies at most a turn's worth: a read syscall is a
+            // stretch nothing else on the thread can interrupt.
+            let want = (len - body.len()).min(LARGE_READ_TURN);
             let n = self.io.read_buf(&mut (&mut body).limit(want)).await?;
             if n == 0 {
                 return Err(FrameError::Truncated {
