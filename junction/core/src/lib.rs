@@ -165,6 +165,29 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// What is wrong with this junction's own identity, if anything: a key
+    /// its certificate does not name, a certificate for another junction id
+    /// or role, or no certificate at all.
+    pub fn identity_problem(&self) -> Option<String> {
+        let (key, chain) = self.junction_identity.as_ref()?;
+        let Some(leaf) = chain.first() else {
+            return Some("this junction has a key but no certificate chain".into());
+        };
+        if leaf.body.subject != key.public() {
+            return Some("this junction's key is not the one its certificate names".into());
+        }
+        let wanted = junction_identity::Role::Junction { id: self.junction };
+        if leaf.body.role != wanted {
+            return Some(format!(
+                "this junction's certificate is for {}, but it is configured as junction {}",
+                leaf.body.role, self.junction
+            ));
+        }
+        None
+    }
+}
+
 /// A connection's id, unique for the life of the core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
@@ -375,6 +398,11 @@ impl Core {
             config.max_junctions,
         );
         if let Some((key, chain)) = &config.junction_identity {
+            // Misconfigured, every other junction would refuse this one's
+            // link states in silence: say so at start.
+            if let Some(problem) = config.identity_problem() {
+                tracing::error!("{problem}: other junctions will refuse its routes");
+            }
             router.sign_with(key.clone(), chain.clone());
         }
         Self {

@@ -690,3 +690,28 @@ fn seal_costs() {
     let each = start.elapsed() / n;
     println!("certificate {cert} B, seal {seal} B, check {each:?}");
 }
+
+/// A junction whose own key or certificate would make every other junction
+/// refuse its routes is told so at start, in words.
+#[test]
+fn a_misconfigured_identity_is_named() {
+    let ca = Authority::new();
+    let config = |junction, identity| crate::Config {
+        junction,
+        junction_identity: Some(identity),
+        ..crate::Config::default()
+    };
+    let (key, chain) = ca.certify(Role::Junction { id: 5 });
+    assert_eq!(
+        config(5, (key.clone(), chain.clone())).identity_problem(),
+        None
+    );
+    let wrong_id = config(7, (key.clone(), chain.clone())).identity_problem();
+    assert!(wrong_id.is_some_and(|p| p.contains("junction 7")));
+    let (other, _) = ca.certify(Role::Junction { id: 5 });
+    let wrong_key = config(5, (other, chain)).identity_problem();
+    assert!(wrong_key.is_some_and(|p| p.contains("key")));
+    let no_chain = config(5, (key, Vec::new())).identity_problem();
+    assert!(no_chain.is_some_and(|p| p.contains("no certificate")));
+    assert_eq!(crate::Config::default().identity_problem(), None);
+}
