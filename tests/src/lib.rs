@@ -286,12 +286,7 @@ impl RawClient {
     /// Connects and completes the handshake; returns the Welcome.
     pub fn hello(socket: &Path) -> (Self, junction_road::Welcome) {
         let mut c = Self::connect(socket);
-        c.send(Header::Hello(Hello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            max_frame: junction_road::DEFAULT_MAX_FRAME,
-            label: "raw".into(),
-        }));
+        c.send(hello("raw"));
         match c.recv().map(|f| f.header) {
             Some(Header::Welcome(w)) => (c, w),
             other => panic!("expected a Welcome, got {other:?}"),
@@ -323,6 +318,23 @@ impl RawClient {
         let (reply, _) = self.control_with(&request, vec![handle]);
         assert_eq!(reply, ControlReply::Registered, "registering {name}");
         (address, handle)
+    }
+
+    /// What the junction lists for port `address`; panics if it lists none.
+    pub fn port_info(
+        &mut self,
+        address: junction_road::Address,
+    ) -> junction_road::control::PortInfo {
+        use junction_road::control::{ControlReply, ControlRequest};
+        let (reply, _) = self.control(&ControlRequest::List);
+        let ControlReply::Listing(listing) = reply else {
+            panic!("expected a listing, got {reply:?}")
+        };
+        listing
+            .ports
+            .into_iter()
+            .find(|p| p.address == address)
+            .unwrap_or_else(|| panic!("port {address} is not listed"))
     }
 
     /// The socket, for what the helpers here do not do (half-closing it,
@@ -535,4 +547,15 @@ pub async fn lookup_eventually(
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
+}
+
+/// A driver's Hello, labelled `label`: for raw clients that shake hands,
+/// dribble it, or send it without waiting.
+pub fn hello(label: &str) -> Header {
+    Header::Hello(Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        max_frame: junction_road::DEFAULT_MAX_FRAME,
+        label: label.into(),
+    })
 }

@@ -514,15 +514,7 @@ fn a_hello_that_never_completes_is_refused_at_the_deadline() {
     let j = TestJunction::start(&["--config", config.to_str().unwrap()]);
 
     let mut hello = bytes::BytesMut::new();
-    junction_road::codec::encode(
-        &Frame::bare(Header::Hello(junction_road::Hello {
-            magic: junction_road::MAGIC,
-            version: junction_road::PROTOCOL_VERSION,
-            max_frame: junction_road::DEFAULT_MAX_FRAME,
-            label: "dribbler".into(),
-        })),
-        &mut hello,
-    );
+    junction_road::codec::encode(&Frame::bare(junction_tests::hello("dribbler")), &mut hello);
     let mut dribbler = RawClient::connect(&j.socket);
     // The length and a few bytes more, one at a time, each well inside the
     // deadline; then nothing (bytes written after the junction hung up
@@ -673,15 +665,7 @@ fn watchers_leave_with_their_capabilities() {
             raw.send(Header::Drop { handle });
         }
     }
-    let (reply, _) = raw.control(&ControlRequest::List);
-    let ControlReply::Listing(listing) = reply else {
-        panic!("expected a listing, got {reply:?}")
-    };
-    let port = listing
-        .ports
-        .iter()
-        .find(|p| p.address == address)
-        .expect("the port is listed");
+    let port = raw.port_info(address);
     assert_eq!(port.senders, 1, "one capability is left");
     assert_eq!(port.watchers, 1, "only the live capability still watches");
 }
@@ -725,15 +709,7 @@ fn credit_windows_do_not_multiply_with_handles() {
         // share either.
         raw.send(Header::Drop { handle });
     }
-    let (reply, _) = raw.control(&ControlRequest::List);
-    let ControlReply::Listing(listing) = reply else {
-        panic!("expected a listing, got {reply:?}")
-    };
-    let port = listing
-        .ports
-        .iter()
-        .find(|p| p.address == address)
-        .expect("the port is listed");
+    let port = raw.port_info(address);
     assert_eq!(
         port.queued, window,
         "one window in flight however many handles sent"

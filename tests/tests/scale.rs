@@ -32,15 +32,7 @@ fn cpu_ms(pid: u32) -> u64 {
 fn connect_and_hello(j: &TestJunction) -> RawClient {
     let mut c = RawClient::connect(&j.socket);
     let mut hello = bytes::BytesMut::new();
-    junction_road::codec::encode(
-        &Frame::bare(Header::Hello(junction_road::Hello {
-            magic: junction_road::MAGIC,
-            version: junction_road::PROTOCOL_VERSION,
-            max_frame: junction_road::DEFAULT_MAX_FRAME,
-            label: "scale".into(),
-        })),
-        &mut hello,
-    );
+    junction_road::codec::encode(&Frame::bare(junction_tests::hello("scale")), &mut hello);
     // A junction that turns the client away may hang up before the Hello
     // is through; its answer is still there to read.
     let _ = c.try_write_raw(&hello);

@@ -56,7 +56,7 @@ impl Core {
     pub fn junction_send(&mut self, to: u16, lane: u32, payload: Bytes) -> Result<u64, SendError> {
         let now = self.now.instant;
         let seq = self.peer(to).session.send(now, lane, payload)?;
-        self.pump_peers();
+        self.pump_peer(to);
         Ok(seq)
     }
 
@@ -95,7 +95,7 @@ impl Core {
                 quiet::more(unlogged)
             );
         }
-        self.pump_peers();
+        self.pump_peer(from);
     }
 
     /// Traffic to junction `to` could not be passed on: the next route
@@ -130,46 +130,52 @@ impl Core {
         self.pump_peers();
     }
 
-    /// Sends what the sessions have to send, over their current routes,
-    /// and hands their events out.
+    /// Sends what every session has to send, and hands its events out:
+    /// after what may concern them all (time, routes).
     pub(crate) fn pump_peers(&mut self) {
-        let now = self.now.instant;
-        let me = self.config.junction;
         let ids: Vec<u16> = self.peers.peers.keys().copied().collect();
         for id in ids {
-            let route = self
-                .router
-                .route(id)
-                .and_then(|r| Hops::new(&r.path).map(|hops| (r.path[0], hops)));
-            let Some(p) = self.peers.peers.get_mut(&id) else {
-                continue;
-            };
-            if let Some((next, hops)) = route {
-                if p.route != Some(hops) {
-                    p.route = Some(hops);
-                    p.session.route_changed(now);
-                }
-                while let Some(t) = p.session.poll_transmit(now) {
-                    let mut buf = BytesMut::new();
-                    wire::encode(&t.frame, &t.payload, &mut buf);
-                    self.out.push_back(Output::Highway {
-                        to: next,
-                        frame: HighwayFrame::Forward {
-                            from: me,
-                            to: id,
-                            route: hops,
-                        },
-                        payload: buf.freeze(),
-                    });
-                }
-            } else {
-                // No way there now: nothing goes out, so nothing is lost
-                // that might have arrived.
-                p.route = None;
+            self.pump_peer(id);
+        }
+    }
+
+    /// Sends what the session with junction `id` has to send, over its
+    /// current route, and hands its events out.
+    fn pump_peer(&mut self, id: u16) {
+        let now = self.now.instant;
+        let me = self.config.junction;
+        let route = self
+            .router
+            .route(id)
+            .and_then(|r| Hops::new(&r.path).map(|hops| (r.path[0], hops)));
+        let Some(p) = self.peers.peers.get_mut(&id) else {
+            return;
+        };
+        if let Some((next, hops)) = route {
+            if p.route != Some(hops) {
+                p.route = Some(hops);
+                p.session.route_changed(now);
             }
-            while let Some(event) = p.session.poll_event() {
-                self.out.push_back(Output::Session { peer: id, event });
+            while let Some(t) = p.session.poll_transmit(now) {
+                let mut buf = BytesMut::new();
+                wire::encode(&t.frame, &t.payload, &mut buf);
+                self.out.push_back(Output::Highway {
+                    to: next,
+                    frame: HighwayFrame::Forward {
+                        from: me,
+                        to: id,
+                        route: hops,
+                    },
+                    payload: buf.freeze(),
+                });
             }
+        } else {
+            // No way there now: nothing goes out, so nothing is lost
+            // that might have arrived.
+            p.route = None;
+        }
+        while let Some(event) = p.session.poll_event() {
+            self.out.push_back(Output::Session { peer: id, event });
         }
     }
 }

@@ -20,19 +20,7 @@ pub(crate) struct Authority {
 impl Authority {
     pub(crate) fn new() -> Self {
         let key = SecretKey::generate().unwrap();
-        let own = Certificate::issue(
-            CertBody {
-                version: 1,
-                serial: 1,
-                subject: key.public(),
-                role: Role::Authority,
-                not_before: 0,
-                not_after: u64::MAX,
-                issuer: key.public(),
-            },
-            &key,
-        )
-        .unwrap();
+        let own = Certificate::authority(&key, 1, 0, u64::MAX).unwrap();
         let mut trust = TrustStore::new();
         trust.add_authority(&own).unwrap();
         Self { key, trust }
