@@ -462,6 +462,12 @@ pub enum Reason {
     Exhausted,
     /// The caller gave up on the call (`Cancel`).
     Cancelled,
+    /// The port's junction restarted: the port is gone with its earlier
+    /// life, and nothing in flight to it was consumed.
+    JunctionRestarted,
+    /// The port's junction could not be reached for too long: a message
+    /// reported with this reason may or may not have been consumed.
+    JunctionUnreachable,
 }
 
 impl std::fmt::Display for Reason {
@@ -475,6 +481,12 @@ impl std::fmt::Display for Reason {
             Reason::Shutdown => "the junction is shutting down",
             Reason::Exhausted => "the capability used up its message budget",
             Reason::Cancelled => "the caller gave up on the call",
+            Reason::JunctionRestarted => {
+                "the port's junction restarted; nothing in flight to it was consumed"
+            }
+            Reason::JunctionUnreachable => {
+                "the port's junction could not be reached; a message in flight may or may not have been consumed"
+            }
         })
     }
 }

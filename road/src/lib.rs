@@ -12,6 +12,7 @@
 //! - [`control`]: the requests the control port (port 0) answers;
 //! - [`highway`]: what junctions say to each other (routing, for now);
 //! - [`session`]: the frames of end-to-end sessions between junctions;
+//! - [`remote`]: what junctions say to each other about capabilities;
 //! - `outbox`: encoded frames waiting for a link, drained by one writer;
 //! - `transport`: async readers and writers over any byte stream, and the two
 //!   local transports.
@@ -32,6 +33,7 @@ pub mod frame;
 pub mod highway;
 #[cfg(feature = "transport")]
 pub mod outbox;
+pub mod remote;
 pub mod session;
 #[cfg(feature = "transport")]
 mod sys;

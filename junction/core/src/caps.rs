@@ -27,8 +27,7 @@ pub(crate) enum Target {
 }
 
 /// Where the reply to a call goes. A call made on this junction is answered
-/// on its caller's home port; calls from other junctions will be another
-/// variant.
+/// on its caller's home port; a call from another junction goes back to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ReplyRoute {
     /// A caller connected here, and the tag it chose.
@@ -37,6 +36,28 @@ pub(crate) enum ReplyRoute {
         caller: ConnId,
         /// Its tag for the call.
         tag: u64,
+    },
+    /// A caller on another junction, by that junction's id for the call.
+    Remote {
+        /// The caller's junction.
+        junction: u16,
+        /// Its id for the call.
+        call: u64,
+    },
+}
+
+/// Where a call this junction's connection made is answered from: the
+/// reply capability here, or a junction it went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CallAt {
+    /// The reply capability, in its holder's table.
+    Local(CapRef),
+    /// The call went to another junction, which knows it by `call`.
+    Remote {
+        /// The callee's junction.
+        junction: u16,
+        /// This junction's id for the call.
+        call: u64,
     },
 }
 

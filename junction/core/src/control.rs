@@ -11,15 +11,29 @@ use crate::registry::Registration;
 impl Core {
     /// A call to the control port: answer it on the caller's home port.
     pub(super) fn control_call(&mut self, conn: ConnId, tag: u64, caps: &[u32], payload: &Bytes) {
-        let (reply, granted) = match postcard::from_bytes::<ControlRequest>(payload) {
-            Ok(request) => self.control_request(conn, request, caps),
-            Err(e) => (
+        let answer = match postcard::from_bytes::<ControlRequest>(payload) {
+            Ok(request) => self.control_request(conn, tag, request, caps),
+            Err(e) => Some((
                 refused(Refusal::BadControlRequest {
                     reason: e.to_string(),
                 }),
                 None,
-            ),
+            )),
         };
+        if let Some((reply, granted)) = answer {
+            self.control_answer(conn, tag, reply, granted);
+        }
+    }
+
+    /// Answers `conn`'s control call `tag`, now or once another junction
+    /// answered it.
+    pub(crate) fn control_answer(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        reply: ControlReply,
+        granted: Option<Granted>,
+    ) {
         let payload = postcard::to_allocvec(&reply).expect("control replies always serialize");
         let Some(c) = self.conns.get_mut(conn.key()) else {
             return;
@@ -36,6 +50,8 @@ impl Core {
                 seq: 0,
                 reply: None,
                 is_reply: true,
+                junction: 0,
+                n: 0,
             });
         }
         let deliver = Deliver {
@@ -53,14 +69,21 @@ impl Core {
         });
     }
 
+    /// The answer to a control request, or `None` when it comes later
+    /// (from another junction, see [`Core::control_answer`]).
     fn control_request(
         &mut self,
         conn: ConnId,
+        tag: u64,
         request: ControlRequest,
         caps: &[u32],
-    ) -> (ControlReply, Option<Granted>) {
-        match request {
-            ControlRequest::Register { name } => (self.register(conn, name, caps), None),
+    ) -> Option<(ControlReply, Option<Granted>)> {
+        Some(match request {
+            ControlRequest::Register { name } => {
+                let reply = self.register(conn, name, caps);
+                self.announce_names();
+                (reply, None)
+            }
             ControlRequest::Unregister { name } => {
                 let owned = self.registry.get(&name).is_some_and(|reg| {
                     self.ports
@@ -69,25 +92,25 @@ impl Core {
                 });
                 if !owned {
                     let what = format!("{name} is not registered by this connection");
-                    return (refused(Refusal::NameNotFound { what }), None);
+                    return Some((refused(Refusal::NameNotFound { what }), None));
                 }
                 if let Some(reg) = self.registry.remove(&name)
                     && let Some(p) = self.ports.get_mut(reg.port)
                 {
                     p.names.retain(|n| n != &name);
                 }
+                self.announce_names();
                 (ControlReply::Unregistered, None)
             }
             ControlRequest::Lookup { name } => {
-                let Some(reg) = self.registry.get(&name).cloned() else {
-                    let what = format!("no service is registered as {name}");
-                    return (refused(Refusal::NameNotFound { what }), None);
-                };
                 let limit = self.config.max_handles;
-                let full = || (refused(Refusal::TooManyHandles { limit }), None);
+                let full = || Some((refused(Refusal::TooManyHandles { limit }), None));
                 if !self.has_room(conn, 1) {
                     return full();
                 }
+                let Some(reg) = self.registry.get(&name).cloned() else {
+                    return self.lookup_elsewhere(conn, tag, name);
+                };
                 let Some(handle) = self.new_cap(conn, reg.port, reg.rights, None) else {
                     return full();
                 };
@@ -106,7 +129,7 @@ impl Core {
             ControlRequest::Authenticate { chain, proof } => {
                 (self.authenticate(conn, chain, &proof), None)
             }
-        }
+        })
     }
 
     fn register(

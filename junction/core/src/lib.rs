@@ -63,6 +63,7 @@ mod ports;
 mod quiet;
 mod refusal;
 mod registry;
+mod remote;
 pub mod routing;
 pub mod session;
 mod slab;
@@ -85,7 +86,7 @@ use junction_road::{
 };
 
 use crate::books::Books;
-use crate::caps::{Cap, CapRef, CapTable, FlowId, ReplyRoute, Target};
+use crate::caps::{CallAt, Cap, CapRef, CapTable, FlowId, ReplyRoute, Target};
 use crate::lanes::Lanes;
 use crate::path::Orphans;
 #[cfg(test)]
@@ -141,6 +142,10 @@ pub struct Config {
     /// development). Off by default: any neighbour could then describe any
     /// junction's links.
     pub trust_unsigned_routing: bool,
+    /// How long a junction that holds capabilities to ports here may stay
+    /// unreachable before they are released (and a port's no-senders
+    /// notice may fire): long enough to ride out a partition.
+    pub export_lease: Duration,
 }
 
 impl Default for Config {
@@ -161,6 +166,7 @@ impl Default for Config {
             max_junctions: 4096,
             junction_identity: None,
             trust_unsigned_routing: false,
+            export_lease: Duration::from_secs(600),
         }
     }
 }
@@ -319,6 +325,9 @@ pub struct Footprint {
     pub lanes: usize,
     /// Other junctions it keeps an end-to-end session with.
     pub peers: usize,
+    /// Imports, exports, calls and lookups between junctions, and remote
+    /// frames waiting for room in a session.
+    pub remote: usize,
 }
 
 /// The junction's state machine. See the module documentation.
@@ -348,6 +357,12 @@ pub struct Core {
     router: routing::Router,
     /// The other junctions this one exchanges traffic with.
     peers: peers::Peers,
+    /// Ports this junction exports and imports, and calls between
+    /// junctions.
+    remote: remote::Remote,
+    /// The port of a send-once capability just used, counted one sender
+    /// fewer once its message is delivered.
+    used_once: Option<Key>,
 }
 
 #[derive(Debug)]
@@ -365,7 +380,7 @@ struct Conn {
     pending_calls: u32,
     /// Its calls whose reply capability is still out, by tag: where that
     /// capability is, so that cancelling the call can kill it.
-    calls: HashMap<u64, CapRef>,
+    calls: HashMap<u64, CallAt>,
     serial: u64,
     /// What a proof of possession on this connection must sign.
     nonce: [u8; 32],
@@ -421,6 +436,8 @@ impl Core {
             quiet: quiet::Warnings::default(),
             router,
             peers: peers::Peers::default(),
+            remote: remote::Remote::default(),
+            used_once: None,
             config,
         }
     }
@@ -445,10 +462,16 @@ impl Core {
             .flatten()
             .min()
             .map(|at| now.instant_of(at));
-        [self.hello_deadlines.next(), wall, self.peers.next_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        let lease = self.remote.next_lease(self.config.export_lease);
+        [
+            self.hello_deadlines.next(),
+            wall,
+            self.peers.next_timeout(),
+            lease,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Time passed: connections that did not say Hello in time are closed,
@@ -457,6 +480,7 @@ impl Core {
     pub fn handle_timeout(&mut self, now: Now) {
         self.now = now;
         self.peers_timeout();
+        self.remote_timeout();
         while let Some(conn) = self.hello_deadlines.pop_due(now.instant) {
             if self.conns.get(conn.key()).is_some_and(|c| !c.ready) {
                 let timeout = self.config.hello_timeout;
@@ -514,6 +538,9 @@ impl Core {
                 ));
             }
             for (&tag, at) in &c.calls {
+                let CallAt::Local(at) = at else {
+                    continue;
+                };
                 let answers = self
                     .conns
                     .get(at.conn.key())
@@ -552,6 +579,7 @@ impl Core {
             }
             match port.owner {
                 Some(owner) if self.conns.get(owner.key()).is_some() => {}
+                None if port.proxy.is_some() => {}
                 _ => return Err(format!("port {} outlived its owner", key.index)),
             }
             for at in &port.watchers {
@@ -654,6 +682,7 @@ impl Core {
             names: self.registry.iter().count(),
             lanes: self.conns.iter().map(|(_, c)| c.lanes.len()).sum(),
             peers: self.peers.len(),
+            remote: self.remote.len(),
         }
     }
 
@@ -1221,6 +1250,10 @@ impl Core {
             return;
         };
         p.senders = p.senders.saturating_sub(1);
+        if p.senders == 0 && p.proxy.is_some() {
+            self.proxy_idle(port);
+            return;
+        }
         if p.senders == 0
             && p.watch_senders
             && let Some(owner) = p.owner
@@ -1263,7 +1296,12 @@ impl Core {
     /// The call `route` answers ends without a reply, unless its caller
     /// cancelled it already.
     fn call_failed(&mut self, route: ReplyRoute, reason: Reason) {
-        let ReplyRoute::Local { caller, tag } = route;
+        let (caller, tag) = match route {
+            ReplyRoute::Local { caller, tag } => (caller, tag),
+            ReplyRoute::Remote { junction, call } => {
+                return self.remote_call_failed(junction, call, reason);
+            }
+        };
         let Some(c) = self.conns.get_mut(caller.key()) else {
             return;
         };
@@ -1283,13 +1321,18 @@ impl Core {
         let Some(c) = self.conns.get_mut(conn.key()) else {
             return;
         };
-        let Some(reply) = c.calls.remove(&tag) else {
+        let Some(at) = c.calls.remove(&tag) else {
             return;
         };
         c.pending_calls = c.pending_calls.saturating_sub(1);
-        self.cap_died(reply.conn, reply.handle, Reason::Cancelled, |cap| {
-            cap.flow == reply.flow
-        });
+        match at {
+            CallAt::Local(reply) => {
+                self.cap_died(reply.conn, reply.handle, Reason::Cancelled, |cap| {
+                    cap.flow == reply.flow
+                });
+            }
+            CallAt::Remote { junction, call } => self.remote_cancel(junction, call),
+        }
         self.frame(
             conn,
             Header::CallFailed {
@@ -1355,10 +1398,14 @@ impl Core {
     /// flows they came on, reply capabilities they carried fail their
     /// calls, watchers are told.
     fn kill_port(&mut self, key: Key, reason: Reason) {
+        let number = key.index as u16;
+        if self.ports.get(key).is_some_and(|p| p.proxy.is_some()) {
+            self.remote.dying = Some((number, self.lane_address(number)));
+        }
         let Some(port) = self.ports.remove(key, reason) else {
             return;
         };
-        let number = key.index as u16;
+        self.remote_port_died(key, port.proxy.as_ref(), reason);
         if let Some(owner) = port.owner {
             if let Some(c) = self.conns.get_mut(owner.key()) {
                 c.ports.retain(|&p| p != number);
@@ -1421,9 +1468,13 @@ impl Core {
                 );
             }
         }
-        for name in port.names {
-            self.registry.remove(&name);
+        if !port.names.is_empty() {
+            for name in port.names {
+                self.registry.remove(&name);
+            }
+            self.announce_names();
         }
+        self.remote.dying = None;
     }
 
     /// Removes a connection and everything it held. It is taken out first,
@@ -1432,6 +1483,7 @@ impl Core {
         let Some(c) = self.conns.remove(conn.key()) else {
             return;
         };
+        self.remote_caller_gone(conn, &c.calls);
         for &number in &c.ports {
             if let Some(key) = self.ports.key(number) {
                 self.kill_port(key, reason);

@@ -14,7 +14,7 @@ use junction_road::{Address, Deliver, Frame, Granted, Header, Reason, Rights};
 
 use junction_road::control::CONTROL_HANDLE;
 
-use crate::caps::{Cap, CapRef, FlowId, ReplyRoute, Target};
+use crate::caps::{CallAt, Cap, CapRef, FlowId, ReplyRoute, Target};
 use crate::ports::{CONTROL_PORT, InFlight};
 use crate::slab::Key;
 use crate::{ConnId, Core, NO_HANDLE, Output, Refusal};
@@ -24,28 +24,28 @@ use crate::{ConnId, Core, NO_HANDLE, Output, Refusal};
 #[derive(Debug)]
 pub(crate) struct Envelope {
     /// The sending connection.
-    from: ConnId,
+    pub(crate) from: ConnId,
     /// Its home port: what the receiver sees as the origin.
-    origin: Address,
+    pub(crate) origin: Address,
     /// The handle it was sent on, in the sender's table.
-    via: u32,
+    pub(crate) via: u32,
     /// The metered flow it is recorded against; `None` for replies and
     /// control requests, which credit does not hold back.
-    flow: Option<CapRef>,
-    target: Target,
-    rights: Rights,
-    seq: u64,
-    cost: u32,
+    pub(crate) flow: Option<CapRef>,
+    pub(crate) target: Target,
+    pub(crate) rights: Rights,
+    pub(crate) seq: u64,
+    pub(crate) cost: u32,
     /// The tag, for a call.
-    call: Option<u64>,
+    pub(crate) call: Option<u64>,
     /// Where it goes as a reply, when sent on a reply capability.
-    reply_to: Option<ReplyRoute>,
+    pub(crate) reply_to: Option<ReplyRoute>,
     /// Capabilities to pass on, as handles in the sender's table; they move
     /// or copy when the envelope is delivered.
-    caps: Vec<u32>,
-    payload: Bytes,
+    pub(crate) caps: Vec<u32>,
+    pub(crate) payload: Bytes,
     /// The flow is below half its window: the receiver should report soon.
-    low_credit: bool,
+    pub(crate) low_credit: bool,
 }
 
 /// Why a message was not admitted.
@@ -118,6 +118,9 @@ impl Core {
             Ok(mut envelope) => {
                 envelope.caps = caps;
                 self.deliver(envelope);
+                if let Some(port) = self.used_once.take() {
+                    self.sender_gone(port);
+                }
             }
             Err(NotAdmitted::Dead {
                 reason,
@@ -147,7 +150,7 @@ impl Core {
     /// take it for.
     fn refund(&mut self, conn: ConnId, refund: Option<(u16, u32)>) {
         if let Some((port, count)) = refund {
-            let port = Address::new(self.config.junction, port);
+            let port = self.lane_address(port);
             self.frame(conn, Header::SendCredit { port, count });
         }
     }
@@ -166,7 +169,7 @@ impl Core {
     /// A message that was not delivered takes its moving attachments with
     /// it: they leave the sender's table, and a reply capability among them
     /// fails its call.
-    fn release_moving(&mut self, conn: ConnId, caps: &[u32]) {
+    pub(crate) fn release_moving(&mut self, conn: ConnId, caps: &[u32]) {
         for (i, &handle) in caps.iter().enumerate() {
             if !caps[..i].contains(&handle)
                 && handle != CONTROL_HANDLE
@@ -295,7 +298,10 @@ impl Core {
         if envelope.rights.contains(Rights::SEND_ONCE)
             && let Some(cap) = self.take_cap(conn, handle)
         {
-            self.sender_gone(cap.port());
+            // Counted gone once the message is on its way (see `send`), so
+            // that a port's last sender's message is not overtaken by the
+            // no-senders notice, and a stand-in port outlives its use.
+            self.used_once = Some(cap.port());
         }
         Ok(envelope)
     }
@@ -336,6 +342,25 @@ impl Core {
             return;
         }
         let Some(owner) = self.ports.get(port).and_then(|p| p.owner) else {
+            if self.ports.get(port).is_some_and(|p| p.proxy.is_some()) {
+                // A stand-in: the port is on another junction.
+                let envelope = Envelope {
+                    from,
+                    origin,
+                    via,
+                    flow,
+                    target: Target::Local(port),
+                    rights,
+                    seq,
+                    cost,
+                    call,
+                    reply_to,
+                    caps,
+                    payload,
+                    low_credit,
+                };
+                return self.deliver_remote(envelope, port);
+            }
             let reason = self.ports.death_reason(port);
             if let Some(at) = flow {
                 self.settle(at, 1, cost, port.index as u16);
@@ -388,7 +413,9 @@ impl Core {
                 }
                 (tag, true)
             }
-            None => (0, false),
+            // Reply capabilities for remote callers reach a stand-in port,
+            // never a local one.
+            Some(ReplyRoute::Remote { .. }) | None => (0, false),
         };
         // Ask for a prompt report when the sender would soon stall: for a
         // send, its credit; for a reply, its caller's pending calls.
@@ -405,6 +432,8 @@ impl Core {
                 seq,
                 reply,
                 is_reply,
+                junction: 0,
+                n: 0,
             });
         }
         let identity = self
@@ -462,7 +491,9 @@ impl Core {
             return false;
         };
         if c.lanes.give_back(port, units, window) {
-            let port = Address::new(self.config.junction, port);
+            let port = self
+                .remote
+                .lane_address(&self.ports, self.config.junction, port);
             self.out.push_back(Output::Frame {
                 conn: at.conn,
                 frame: Frame::bare(Header::SendCredit { port, count: units }),
@@ -522,12 +553,8 @@ impl Core {
     /// A call's reply capability is now `handle` in `holder`'s table: a
     /// `new` call counts as pending; a moved one's caller learns where it
     /// went, unless it cancelled the call already.
-    fn track_call(&mut self, route: ReplyRoute, holder: ConnId, handle: u32, new: bool) {
-        let ReplyRoute::Local { caller, tag } = route;
+    pub(crate) fn track_call(&mut self, route: ReplyRoute, holder: ConnId, handle: u32, new: bool) {
         let Some(flow) = self.cap(holder, handle).map(|cap| cap.flow) else {
-            return;
-        };
-        let Some(c) = self.conns.get_mut(caller.key()) else {
             return;
         };
         let at = CapRef {
@@ -535,11 +562,21 @@ impl Core {
             handle,
             flow,
         };
+        let (caller, tag) = match route {
+            ReplyRoute::Local { caller, tag } => (caller, tag),
+            ReplyRoute::Remote { junction, call } => {
+                self.remote.reply_is_at(junction, call, at);
+                return;
+            }
+        };
+        let Some(c) = self.conns.get_mut(caller.key()) else {
+            return;
+        };
         if new {
-            c.calls.insert(tag, at);
+            c.calls.insert(tag, CallAt::Local(at));
             c.pending_calls += 1;
         } else if let Some(entry) = c.calls.get_mut(&tag) {
-            *entry = at;
+            *entry = CallAt::Local(at);
         }
     }
 
@@ -582,7 +619,7 @@ impl Core {
                 handle,
                 rights,
                 credits,
-                address: Address::new(self.config.junction, port.index as u16),
+                address: self.lane_address(port.index as u16),
                 moves,
             });
         }
@@ -598,12 +635,16 @@ impl Core {
         };
         let number = key.index as u16;
         let mut returns = std::mem::take(&mut self.credit_scratch);
+        let mut settled = Vec::new();
         let mut replies = 0u32;
         if let Some(p) = self.ports.get_mut(key) {
             let n = (count as usize).min(p.in_flight.len());
             for entry in p.in_flight.drain(..n) {
                 if entry.is_reply {
                     replies += 1;
+                }
+                if entry.junction != 0 {
+                    settled.push((entry.junction, entry.n, entry.cost));
                 }
                 if let Some(at) = entry.flow {
                     match returns.last_mut() {
@@ -626,5 +667,8 @@ impl Core {
         }
         returns.clear();
         self.credit_scratch = returns;
+        if !settled.is_empty() {
+            self.remote_settled(key, &settled);
+        }
     }
 }

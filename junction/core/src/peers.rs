@@ -54,9 +54,23 @@ impl Core {
     /// ([`crate::session::SessionEvent::Ended`]). Refused when the lane's
     /// window is full (wait for [`crate::session::SessionEvent::Acked`]).
     pub fn junction_send(&mut self, to: u16, lane: u32, payload: Bytes) -> Result<u64, SendError> {
+        let seq = self.session_send(to, lane, payload)?;
+        self.pump_peer(to);
+        Ok(seq)
+    }
+
+    /// Sends `payload` on `lane` to junction `to` and transmits what can
+    /// go now, without handing out the session's events (the caller may be
+    /// handling one).
+    pub(crate) fn session_send(
+        &mut self,
+        to: u16,
+        lane: u32,
+        payload: Bytes,
+    ) -> Result<u64, SendError> {
         let now = self.now.instant;
         let seq = self.peer(to).session.send(now, lane, payload)?;
-        self.pump_peer(to);
+        self.transmit_peer(to);
         Ok(seq)
     }
 
@@ -85,6 +99,7 @@ impl Core {
         };
         if let Some(incarnation) = self.router.incarnation_of(from) {
             self.peer(from).session.handle_incarnation(now, incarnation);
+            self.remote_incarnation(from, incarnation);
         }
         if let Err(e) = self.peer(from).session.handle_frame(now, frame, payload)
             && let Some(unlogged) = self.quiet.routing.admit(now)
@@ -125,6 +140,7 @@ impl Core {
                 && let Some(p) = self.peers.peers.get_mut(&id)
             {
                 p.session.handle_incarnation(now, incarnation);
+                self.remote_incarnation(id, incarnation);
             }
         }
         self.pump_peers();
@@ -140,8 +156,23 @@ impl Core {
     }
 
     /// Sends what the session with junction `id` has to send, over its
-    /// current route, and hands its events out.
+    /// current route, and hands its events out: those of remote
+    /// capabilities' lanes to [`crate::remote`], the others to the shell.
     fn pump_peer(&mut self, id: u16) {
+        self.transmit_peer(id);
+        while let Some(event) = self
+            .peers
+            .peers
+            .get_mut(&id)
+            .and_then(|p| p.session.poll_event())
+        {
+            self.session_event(id, event);
+        }
+    }
+
+    /// Sends what the session with junction `id` has to send, over its
+    /// current route.
+    fn transmit_peer(&mut self, id: u16) {
         let now = self.now.instant;
         let me = self.config.junction;
         let route = self
@@ -173,9 +204,6 @@ impl Core {
             // No way there now: nothing goes out, so nothing is lost
             // that might have arrived.
             p.route = None;
-        }
-        while let Some(event) = p.session.poll_event() {
-            self.out.push_back(Output::Session { peer: id, event });
         }
     }
 }

@@ -9,6 +9,7 @@ use junction_road::Reason;
 
 use crate::ConnId;
 use crate::caps::CapRef;
+use crate::remote::Proxy;
 use crate::slab::{Key, Slab};
 
 /// Port 0: the junction's control port.
@@ -33,6 +34,9 @@ pub(crate) struct Port {
     pub(crate) home: bool,
     /// Whether the owner asked to hear when `senders` reaches zero.
     pub(crate) watch_senders: bool,
+    /// For a stand-in for something on another junction (no owner here):
+    /// what it stands for.
+    pub(crate) proxy: Option<Proxy>,
 }
 
 /// A message delivered to a port's owner and not yet consumed.
@@ -47,6 +51,11 @@ pub(crate) struct InFlight {
     pub(crate) reply: Option<u32>,
     /// Whether it is a reply to one of the owner's calls.
     pub(crate) is_reply: bool,
+    /// The junction it came from, for a message from another junction
+    /// (0 otherwise), and that junction's number for it; in a stand-in
+    /// port, this junction's number for it.
+    pub(crate) junction: u16,
+    pub(crate) n: u64,
 }
 
 /// Every port, by number. Numbers are one 16-bit space shared by all
@@ -90,6 +99,14 @@ impl PortTable {
         self.slab.get_mut(key)
     }
 
+    /// A stand-in port for `proxy`, owned by no connection; `None` when
+    /// every number is taken.
+    pub(crate) fn open_proxy(&mut self, proxy: Proxy) -> Option<Key> {
+        let mut port = Port::new(None, false);
+        port.proxy = Some(proxy);
+        self.slab.insert(port)
+    }
+
     /// The key of the live port numbered `number`.
     pub(crate) fn key(&self, number: u16) -> Option<Key> {
         let generation = self.slab.generation_of(u32::from(number))?;
@@ -116,12 +133,12 @@ impl PortTable {
         self.slab.iter()
     }
 
-    /// Its own invariants: only the control port is ownerless, and the
+    /// Its own invariants: only the control port and stand-ins are ownerless, and the
     /// death book holds at most one entry per number.
     pub(crate) fn check(&self) -> Result<(), String> {
         for (key, port) in self.slab.iter() {
             let control = key.index == u32::from(CONTROL_PORT);
-            if control == port.owner.is_some() {
+            if port.proxy.is_none() && control == port.owner.is_some() {
                 return Err(format!("port {} has the wrong kind of owner", key.index));
             }
             if control && !port.in_flight.is_empty() {
@@ -145,6 +162,7 @@ impl Port {
             names: Vec::new(),
             home,
             watch_senders: false,
+            proxy: None,
         }
     }
 }

@@ -247,6 +247,15 @@ pub enum Refusal {
         /// The limit.
         limit: usize,
     },
+    /// A capability in the message cannot travel to the junction the
+    /// message goes to.
+    #[error("handle {handle} cannot go to another junction: {why}")]
+    CannotCross {
+        /// The handle.
+        handle: u32,
+        /// Why not.
+        why: String,
+    },
 }
 
 impl Refusal {
@@ -260,7 +269,7 @@ impl Refusal {
             Self::UnexpectedFrame { .. } | Self::CallOnReply { .. } => ErrorCode::UnexpectedFrame,
             Self::UnknownHandle { .. } | Self::UnknownAttachment { .. } => ErrorCode::UnknownHandle,
             Self::UnknownPort { .. } | Self::HomePort { .. } => ErrorCode::UnknownPort,
-            Self::NotGrantable { .. } => ErrorCode::MissingRight,
+            Self::NotGrantable { .. } | Self::CannotCross { .. } => ErrorCode::MissingRight,
             Self::BadRights { .. } => ErrorCode::BadRights,
             Self::NoCredit { .. } => ErrorCode::NoCredit,
             Self::TooManyHandles { .. } | Self::ReceiverFull => ErrorCode::TooManyHandles,

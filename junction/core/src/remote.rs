@@ -1,0 +1,1342 @@
+//! Capabilities between junctions: imports, exports, names, and calls,
+//! carried by the end-to-end sessions of [`crate::peers`] as the frames of
+//! [`junction_road::remote`].
+//!
+//! - **Imports are stand-in ports.** A capability to a port on junction C
+//!   is, on junction A, an ordinary capability to a local port that stands
+//!   in for it ([`Proxy::Import`], owned by no connection). So everything the
+//!   core does for a local port holds for a remote one unchanged: rights,
+//!   lanes and credit, budgets, expiry, revocation, watching, and the
+//!   messages in flight, which the stand-in keeps until C says they were
+//!   consumed ([`RemoteFrame::Settled`]) — so a slow receiver on C slows its
+//!   senders on A exactly as a local one would, and a flow to another port
+//!   is not held up. When C says the port died, the stand-in dies with the
+//!   same reason, and its watchers and the senders of what was in flight
+//!   hear as they do locally.
+//! - **Exports are counted grants.** C keeps, per port and holder junction,
+//!   how many grants it made (a lookup answered, a capability passed in a
+//!   message) and the holder gives them back when its last capability to the
+//!   stand-in is gone ([`RemoteFrame::Release`]). The holder counts as one
+//!   sender of the port meanwhile, so a port's no-senders notice waits for
+//!   every junction. C checks every message against its exports: a junction
+//!   it never granted the port to reaches nothing.
+//! - **Calls** are answered through a stand-in per calling junction
+//!   ([`Proxy::Replies`]): the callee's reply capability reaches it, and a
+//!   reply, or the capability's death, goes back as [`RemoteFrame::Reply`]
+//!   or [`RemoteFrame::CallFailed`] under the caller junction's id for the
+//!   call.
+//! - **Junctions restart and vanish.** When the session reports a peer's
+//!   new incarnation, everything shared with its earlier life ends: imports
+//!   die with `JunctionRestarted`, its exports are released, calls fail.
+//!   When a session gives up on a lane (unreachable past its deadline),
+//!   imports from the peer die with `JunctionUnreachable`, which says the
+//!   fate of what was in flight is unknown. A holder that stays unreachable
+//!   keeps its exports for [`crate::Config::export_lease`], so that a
+//!   partition does not fire a no-senders notice early.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use junction_identity::ServiceName;
+use junction_road::control::ControlReply;
+use junction_road::frame::credit_cost;
+use junction_road::remote::{
+    self as wire, CALL_LANE, Carried, REMOTE_LANE_BASE, RemoteFrame, RemotePort, RemoteSend,
+    port_lane,
+};
+use junction_road::{
+    Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Reason, Rights,
+};
+
+use crate::caps::{CallAt, CapRef, ReplyRoute};
+use crate::control::refused;
+use crate::path::Envelope;
+use crate::ports::{InFlight, PortTable, port_key};
+use crate::session::{Ending, SendError, SessionEvent};
+use crate::slab::Key;
+use crate::{ConnId, Core, Output, Refusal, quiet};
+
+/// What a stand-in port stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proxy {
+    /// A port on another junction, imported.
+    Import {
+        /// The junction that owns it.
+        owner: u16,
+        /// The port there.
+        port: RemotePort,
+        /// Grants received and not released.
+        grants: u32,
+        /// This junction's number for the next message to it.
+        next_n: u64,
+        /// Credit units of the messages in flight to it.
+        units: u32,
+    },
+    /// Reply capabilities for calls from junction `caller` reach it.
+    Replies {
+        /// The calling junction.
+        caller: u16,
+    },
+}
+
+/// What this junction exports of one port to one holder junction.
+#[derive(Debug, Clone, Copy)]
+struct Export {
+    /// The port's generation.
+    generation: u32,
+    /// Grants made and not released.
+    grants: u32,
+    /// The widest rights granted.
+    rights: Rights,
+    /// Credit units of the holder's messages delivered and not consumed.
+    units: u32,
+}
+
+/// How many messages' worth of credit units one import may have in flight,
+/// in windows: what several drivers of one junction share toward one
+/// remote port, and what the owner holds for one holder at most.
+const IMPORT_WINDOWS: u32 = 4;
+
+/// Lookups waiting for another junction's answer, at most.
+const MAX_PENDING_LOOKUPS: usize = 1024;
+
+/// The remote state of the core.
+#[derive(Debug, Default)]
+pub(crate) struct Remote {
+    /// Stand-ins for imported ports, by owner and port.
+    imports: HashMap<(u16, RemotePort), Key>,
+    /// Stand-ins for calls from each junction.
+    replies: HashMap<u16, Key>,
+    /// Exports by (port number, holder junction).
+    exports: BTreeMap<(u16, u16), Export>,
+    /// Calls made from here to another junction: (callee junction, call id)
+    /// to the caller and its tag.
+    calls_out: HashMap<(u16, u64), (ConnId, u64)>,
+    next_call: u64,
+    /// Calls from other junctions answered here: (caller junction, its
+    /// call id) to the reply capability.
+    calls_in: HashMap<(u16, u64), CapRef>,
+    /// Lookups asked of other junctions: (owner, request) to the caller
+    /// and its tag, and the name.
+    lookups: HashMap<(u16, u32), (ConnId, u64, ServiceName)>,
+    next_req: u32,
+    /// Frames a session lane had no room for yet, in order, per (peer,
+    /// lane).
+    backlog: HashMap<(u16, u32), VecDeque<Bytes>>,
+    /// The incarnation each peer was last known by.
+    incarnations: HashMap<u16, u64>,
+    /// Holder junctions with no route, since when.
+    unreachable: HashMap<u16, Instant>,
+    /// The stand-in being killed, and the address its lane is known by:
+    /// credit given back as it dies still names that lane.
+    pub(crate) dying: Option<(u16, Address)>,
+}
+
+impl Remote {
+    /// The reply capability for call `call` from `junction` is now at `at`.
+    pub(crate) fn reply_is_at(&mut self, junction: u16, call: u64, at: CapRef) {
+        self.calls_in.insert((junction, call), at);
+    }
+
+    /// The address a driver knows port number `number`'s lane by: the
+    /// remote port's, for a stand-in.
+    pub(crate) fn lane_address(&self, ports: &PortTable, me: u16, number: u16) -> Address {
+        if let Some((dying, address)) = self.dying
+            && dying == number
+        {
+            return address;
+        }
+        match ports
+            .key(number)
+            .and_then(|k| ports.get(k))
+            .and_then(|p| p.proxy)
+        {
+            Some(Proxy::Import { owner, port, .. }) => Address::new(owner, port.port),
+            Some(Proxy::Replies { caller }) => Address::new(caller, 0),
+            None => Address::new(me, number),
+        }
+    }
+
+    /// Entries held, for the footprint: imports, exports, calls, lookups,
+    /// frames waiting for session room.
+    pub(crate) fn len(&self) -> usize {
+        self.imports.len()
+            + self.replies.len()
+            + self.exports.len()
+            + self.calls_out.len()
+            + self.calls_in.len()
+            + self.lookups.len()
+            + self.backlog.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// When the soonest export lease runs out.
+    pub(crate) fn next_lease(&self, lease: std::time::Duration) -> Option<Instant> {
+        self.unreachable.values().min().map(|&since| since + lease)
+    }
+}
+
+impl Core {
+    /// The address a driver knows the lane to port number `number` by.
+    pub(crate) fn lane_address(&self, number: u16) -> Address {
+        self.remote
+            .lane_address(&self.ports, self.config.junction, number)
+    }
+
+    /// Sends a remote frame to junction `to` on `lane`, after whatever
+    /// waits for room on that lane.
+    fn ship(&mut self, to: u16, lane: u32, frame: &RemoteFrame, payload: &[u8]) {
+        let bytes = wire::to_bytes(frame, payload);
+        if let Some(waiting) = self.remote.backlog.get_mut(&(to, lane)) {
+            waiting.push_back(bytes);
+            return;
+        }
+        match self.session_send(to, lane, bytes.clone()) {
+            Ok(_) => {}
+            Err(SendError::NoCredit { .. }) => {
+                self.remote
+                    .backlog
+                    .entry((to, lane))
+                    .or_default()
+                    .push_back(bytes);
+            }
+            Err(e) => {
+                // Frames are bounded by the largest driver frame, and the
+                // window holds two of those; a session has room for the
+                // remote lanes. Neither can happen; say so if it does.
+                tracing::error!(junction = to, "a remote frame could not be sent: {e}");
+            }
+        }
+    }
+
+    /// A session lane to `to` got room: what waited for it goes.
+    fn ship_backlog(&mut self, to: u16, lane: u32) {
+        while let Some(bytes) = self
+            .remote
+            .backlog
+            .get_mut(&(to, lane))
+            .and_then(|w| w.front().cloned())
+        {
+            match self.session_send(to, lane, bytes) {
+                Ok(_) => {
+                    if let Some(w) = self.remote.backlog.get_mut(&(to, lane)) {
+                        w.pop_front();
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        self.remote.backlog.remove(&(to, lane));
+    }
+
+    /// An event of the session with junction `peer`.
+    pub(crate) fn session_event(&mut self, peer: u16, event: SessionEvent) {
+        match event {
+            SessionEvent::Delivered { lane, payload, .. } if lane >= REMOTE_LANE_BASE => {
+                self.remote_arrived(peer, payload);
+            }
+            SessionEvent::Acked { lane, .. } if lane >= REMOTE_LANE_BASE => {
+                self.ship_backlog(peer, lane);
+            }
+            SessionEvent::Ended { lane, why, .. } if lane >= REMOTE_LANE_BASE => {
+                self.ship_backlog(peer, lane);
+                let reason = match why {
+                    Ending::PeerRestarted => Reason::JunctionRestarted,
+                    Ending::Unreachable => Reason::JunctionUnreachable,
+                };
+                self.junction_lost(peer, reason);
+            }
+            event => self.out.push_back(Output::Session { peer, event }),
+        }
+    }
+
+    /// Junction `peer` is known by `incarnation`: if it restarted,
+    /// everything shared with its earlier life ends.
+    pub(crate) fn remote_incarnation(&mut self, peer: u16, incarnation: u64) {
+        let known = self.remote.incarnations.insert(peer, incarnation);
+        if known.is_some_and(|k| k < incarnation) {
+            self.junction_lost(peer, Reason::JunctionRestarted);
+        }
+    }
+
+    /// Junction `peer` restarted (`JunctionRestarted`), or could not be
+    /// reached past the session's deadline (`JunctionUnreachable`).
+    fn junction_lost(&mut self, peer: u16, reason: Reason) {
+        let imports: Vec<Key> = self
+            .remote
+            .imports
+            .iter()
+            .filter(|((owner, _), _)| *owner == peer)
+            .map(|(_, &k)| k)
+            .collect();
+        for key in imports {
+            self.kill_port(key, reason);
+        }
+        let calls: Vec<(u64, (ConnId, u64))> = self
+            .remote
+            .calls_out
+            .iter()
+            .filter(|((j, _), _)| *j == peer)
+            .map(|(&(_, call), &to)| (call, to))
+            .collect();
+        for (call, _) in calls {
+            self.remote_call_ended(peer, call, reason);
+        }
+        let lookups: Vec<u32> = self
+            .remote
+            .lookups
+            .keys()
+            .filter(|(j, _)| *j == peer)
+            .map(|&(_, req)| req)
+            .collect();
+        for req in lookups {
+            if let Some((conn, tag, name)) = self.remote.lookups.remove(&(peer, req)) {
+                let what = format!(
+                    "{name} is registered on junction {peer}, which did not answer: {reason}"
+                );
+                self.control_answer(conn, tag, refused(Refusal::NameNotFound { what }), None);
+            }
+        }
+        if reason == Reason::JunctionRestarted {
+            // Its earlier life held nothing it can still use or release.
+            self.drop_exports_of(peer);
+            self.remote.calls_in.retain(|(j, _), _| *j != peer);
+            if let Some(key) = self.remote.replies.remove(&peer) {
+                self.kill_port(key, reason);
+            }
+            self.remote.backlog.retain(|(j, _), _| *j != peer);
+        }
+    }
+
+    /// Every export to `holder` ends: it no longer counts as a sender.
+    fn drop_exports_of(&mut self, holder: u16) {
+        let gone: Vec<(u16, u16)> = self
+            .remote
+            .exports
+            .keys()
+            .filter(|(_, h)| *h == holder)
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(e) = self.remote.exports.remove(&k) {
+                self.sender_gone(port_key(k.0, e.generation));
+            }
+        }
+        self.remote.unreachable.remove(&holder);
+    }
+
+    /// Leases: a holder junction that stayed unreachable for
+    /// `export_lease` gives up its exports.
+    pub(crate) fn remote_timeout(&mut self) {
+        let now = self.now.instant;
+        let lease = self.config.export_lease;
+        let holders: Vec<u16> = {
+            let mut h: Vec<u16> = self.remote.exports.keys().map(|&(_, h)| h).collect();
+            h.dedup();
+            h.sort_unstable();
+            h.dedup();
+            h
+        };
+        for holder in holders {
+            if self.router.route(holder).is_some() {
+                self.remote.unreachable.remove(&holder);
+                continue;
+            }
+            let since = *self.remote.unreachable.entry(holder).or_insert(now);
+            if now >= since + lease {
+                tracing::info!(
+                    junction = holder,
+                    "junction unreachable for {lease:?}: its capabilities to ports here are released"
+                );
+                self.drop_exports_of(holder);
+            }
+        }
+    }
+
+    /// `name` is not registered here: ask the junction that announces it.
+    pub(crate) fn lookup_elsewhere(
+        &mut self,
+        conn: ConnId,
+        tag: u64,
+        name: ServiceName,
+    ) -> Option<(ControlReply, Option<Granted>)> {
+        let owner = self
+            .name_owner(&name)
+            .filter(|&o| o != self.config.junction);
+        let Some(owner) = owner else {
+            let what = format!("no service is registered as {name}");
+            return Some((refused(Refusal::NameNotFound { what }), None));
+        };
+        if self.remote.lookups.len() >= MAX_PENDING_LOOKUPS {
+            let what = format!(
+                "{name} is on junction {owner}, and {MAX_PENDING_LOOKUPS} lookups wait for other junctions already; try again"
+            );
+            return Some((refused(Refusal::NameNotFound { what }), None));
+        }
+        self.remote.next_req = self.remote.next_req.wrapping_add(1).max(1);
+        let req = self.remote.next_req;
+        self.remote
+            .lookups
+            .insert((owner, req), (conn, tag, name.clone()));
+        self.ship(owner, CALL_LANE, &RemoteFrame::Lookup { req, name }, &[]);
+        None
+    }
+
+    /// Tells routing the names registered here, for other junctions.
+    pub(crate) fn announce_names(&mut self) {
+        let names: Vec<ServiceName> = self.registry.iter().map(|(n, _)| n.clone()).collect();
+        self.router_names(names);
+        self.pump_router();
+    }
+
+    /// The reachable junction that announces `name`.
+    fn name_owner(&mut self, name: &ServiceName) -> Option<u16> {
+        let _ = name;
+        None
+    }
+
+    /// Routing announces these names for this junction.
+    fn router_names(&mut self, names: Vec<ServiceName>) {
+        let _ = names;
+    }
+
+    /// A message admitted on a capability to stand-in `key`: it goes to
+    /// the junction the stand-in is for.
+    pub(crate) fn deliver_remote(&mut self, envelope: Envelope, key: Key) {
+        let Some(proxy) = self.ports.get(key).and_then(|p| p.proxy) else {
+            return;
+        };
+        let (to, lane) = match proxy {
+            Proxy::Import { owner, port, .. } => (owner, port_lane(port.port)),
+            Proxy::Replies { caller } => (caller, CALL_LANE),
+        };
+        let carried = match self.carry(&envelope, to) {
+            Ok(carried) => carried,
+            Err(refusal) => {
+                let Envelope {
+                    from,
+                    via,
+                    flow,
+                    cost,
+                    call,
+                    reply_to,
+                    caps,
+                    ..
+                } = envelope;
+                if let Some(at) = flow {
+                    self.settle(at, 1, cost, key.index as u16);
+                }
+                if let Some(route) = reply_to {
+                    // The reply capability was used by a refused reply.
+                    self.call_failed(route, Reason::ReplyDropped);
+                }
+                self.release_moving(from, &caps);
+                self.refuse_call(from, 0, via, call.unwrap_or(0), refusal);
+                return;
+            }
+        };
+        match proxy {
+            Proxy::Import { owner, port, .. } => {
+                self.send_to_import(envelope, key, owner, port, carried)
+            }
+            Proxy::Replies { .. } => {
+                let Some(ReplyRoute::Remote { junction, call }) = envelope.reply_to else {
+                    return;
+                };
+                self.remote.calls_in.remove(&(junction, call));
+                let frame = RemoteFrame::Reply {
+                    call,
+                    caps: carried,
+                };
+                self.ship(junction, lane, &frame, &envelope.payload);
+                self.carried_away(envelope.from, &envelope.caps);
+            }
+        }
+    }
+
+    fn send_to_import(
+        &mut self,
+        envelope: Envelope,
+        key: Key,
+        owner: u16,
+        port: RemotePort,
+        caps: Vec<Carried>,
+    ) {
+        let window = self.config.window.saturating_mul(IMPORT_WINDOWS);
+        let Envelope {
+            from,
+            origin,
+            via,
+            flow,
+            seq,
+            cost,
+            call,
+            payload,
+            low_credit,
+            caps: handles,
+            ..
+        } = envelope;
+        let n = match self.ports.get_mut(key).and_then(|p| p.proxy.as_mut()) {
+            Some(Proxy::Import { next_n, units, .. }) if *units + cost <= window || *units == 0 => {
+                *units += cost;
+                *next_n += 1;
+                *next_n - 1
+            }
+            _ => {
+                if let Some(at) = flow {
+                    self.settle(at, 1, cost, key.index as u16);
+                }
+                self.release_moving(from, &handles);
+                let refusal = Refusal::NoCredit { handle: via, cost };
+                self.refuse_call(from, 0, via, call.unwrap_or(0), refusal);
+                return;
+            }
+        };
+        let call = match call {
+            Some(tag) => {
+                self.remote.next_call += 1;
+                let id = self.remote.next_call;
+                self.remote.calls_out.insert((owner, id), (from, tag));
+                if let Some(c) = self.conns.get_mut(from.key()) {
+                    c.calls.insert(
+                        tag,
+                        CallAt::Remote {
+                            junction: owner,
+                            call: id,
+                        },
+                    );
+                    c.pending_calls += 1;
+                }
+                id
+            }
+            None => 0,
+        };
+        if let Some(p) = self.ports.get_mut(key) {
+            p.in_flight.push_back(InFlight {
+                flow,
+                cost,
+                seq,
+                reply: None,
+                is_reply: false,
+                junction: 0,
+                n,
+            });
+        }
+        let identity = self
+            .conns
+            .get(from.key())
+            .and_then(|c| c.identity.as_ref().map(|(id, _)| id.as_ref().clone()));
+        let frame = RemoteFrame::Send(RemoteSend {
+            port,
+            n,
+            origin,
+            identity,
+            call,
+            ack: low_credit,
+            caps,
+        });
+        self.ship(owner, port_lane(port.port), &frame, &payload);
+        self.carried_away(from, &handles);
+    }
+
+    /// The capabilities a message to junction `to` carries, as they travel;
+    /// checked first, so that a refusal changes nothing. Exports are
+    /// counted here.
+    fn carry(&mut self, envelope: &Envelope, to: u16) -> Result<Vec<Carried>, Refusal> {
+        let caps = &envelope.caps;
+        if caps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(c) = self.conns.get(envelope.from.key()) else {
+            return Err(Refusal::UnknownHandle {
+                handle: envelope.via,
+            });
+        };
+        let mut carried = Vec::with_capacity(caps.len());
+        for (i, &handle) in caps.iter().enumerate() {
+            if caps[..i].contains(&handle) || handle == envelope.via {
+                return Err(Refusal::RepeatedAttachment { handle });
+            }
+            let Some(cap) = c.caps.get(handle) else {
+                return Err(Refusal::UnknownAttachment { handle });
+            };
+            let rights = cap.rights;
+            if !rights.contains(Rights::GRANT) {
+                return Err(Refusal::NotGrantable { handle, rights });
+            }
+            if cap.reply_to.is_some() {
+                return Err(Refusal::CannotCross {
+                    handle,
+                    why: "it is a reply capability, which answers its call on this junction".into(),
+                });
+            }
+            let key = cap.port();
+            let remote_port = RemotePort {
+                port: key.index as u16,
+                generation: key.generation,
+            };
+            carried.push(match self.ports.get(key).and_then(|p| p.proxy) {
+                None => Carried::Grant {
+                    port: remote_port,
+                    rights,
+                },
+                Some(Proxy::Import { owner, port, .. }) if owner == to => {
+                    Carried::Home { port, rights }
+                }
+                Some(Proxy::Import { owner, .. }) => {
+                    return Err(Refusal::CannotCross {
+                        handle,
+                        why: format!(
+                            "it reaches a port on junction {owner}, and a capability passes only between the junction that owns its port and another"
+                        ),
+                    });
+                }
+                Some(Proxy::Replies { .. }) => {
+                    return Err(Refusal::CannotCross {
+                        handle,
+                        why: "it answers a call from another junction".into(),
+                    });
+                }
+            });
+        }
+        for item in &carried {
+            if let Carried::Grant { port, rights } = *item {
+                self.export(to, port, rights);
+            }
+        }
+        Ok(carried)
+    }
+
+    /// The attachments of a message that left for another junction: moving
+    /// ones leave the sender's table.
+    fn carried_away(&mut self, from: ConnId, caps: &[u32]) {
+        for &handle in caps {
+            if self.cap(from, handle).is_some_and(|cap| cap.moves())
+                && let Some(cap) = self.take_cap(from, handle)
+            {
+                self.sender_gone(cap.port());
+            }
+        }
+    }
+
+    /// One grant more of local `port` to junction `holder`.
+    fn export(&mut self, holder: u16, port: RemotePort, rights: Rights) {
+        let key = port_key(port.port, port.generation);
+        if self.ports.get(key).is_none_or(|p| p.owner.is_none()) {
+            // Dead already: the holder hears so when it uses it.
+            return;
+        }
+        let entry = self.remote.exports.entry((port.port, holder));
+        match entry {
+            std::collections::btree_map::Entry::Occupied(mut e)
+                if e.get().generation == port.generation =>
+            {
+                let e = e.get_mut();
+                e.grants += 1;
+                e.rights = e.rights | rights;
+            }
+            entry => {
+                let fresh = Export {
+                    generation: port.generation,
+                    grants: 1,
+                    rights,
+                    units: 0,
+                };
+                match entry {
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        *e.get_mut() = fresh;
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(fresh);
+                    }
+                }
+                if let Some(p) = self.ports.get_mut(key) {
+                    p.senders += 1;
+                }
+            }
+        }
+    }
+
+    /// One grant more of `port` on junction `owner`: the stand-in for it,
+    /// made on first use. `None` when no port number is free.
+    fn import(&mut self, owner: u16, port: RemotePort) -> Option<Key> {
+        if let Some(&key) = self.remote.imports.get(&(owner, port))
+            && let Some(Proxy::Import { grants, .. }) =
+                self.ports.get_mut(key).and_then(|p| p.proxy.as_mut())
+        {
+            *grants += 1;
+            return Some(key);
+        }
+        let key = self.ports.open_proxy(Proxy::Import {
+            owner,
+            port,
+            grants: 1,
+            next_n: 0,
+            units: 0,
+        });
+        match key {
+            Some(key) => {
+                self.remote.imports.insert((owner, port), key);
+            }
+            None => {
+                // Nothing can hold it: the grant goes back at once.
+                self.ship(
+                    owner,
+                    port_lane(port.port),
+                    &RemoteFrame::Release { port, grants: 1 },
+                    &[],
+                );
+            }
+        }
+        key
+    }
+
+    /// The stand-in reply capabilities for calls from `caller` reach.
+    fn replies_port(&mut self, caller: u16) -> Option<Key> {
+        if let Some(&key) = self.remote.replies.get(&caller)
+            && self.ports.get(key).is_some()
+        {
+            return Some(key);
+        }
+        let key = self.ports.open_proxy(Proxy::Replies { caller })?;
+        self.remote.replies.insert(caller, key);
+        Some(key)
+    }
+
+    /// A stand-in has no capabilities left: an import with nothing in
+    /// flight gives its grants back and goes. Stand-ins for replies live as
+    /// long as their junction's session.
+    pub(crate) fn proxy_idle(&mut self, key: Key) {
+        let Some(p) = self.ports.get(key) else {
+            return;
+        };
+        let Some(Proxy::Import {
+            owner,
+            port,
+            grants,
+            ..
+        }) = p.proxy
+        else {
+            return;
+        };
+        if p.senders > 0 || !p.in_flight.is_empty() {
+            return;
+        }
+        self.ports.remove(key, Reason::PortClosed);
+        self.remote.imports.remove(&(owner, port));
+        self.ship(
+            owner,
+            port_lane(port.port),
+            &RemoteFrame::Release { port, grants },
+            &[],
+        );
+    }
+
+    /// Port `key` died here (with stand-in `proxy`, if it was one): holders
+    /// of an export hear, and a stand-in's books go.
+    pub(crate) fn remote_port_died(&mut self, key: Key, proxy: Option<&Proxy>, reason: Reason) {
+        match proxy {
+            Some(Proxy::Import { owner, port, .. }) => {
+                self.remote.imports.remove(&(*owner, *port));
+                return;
+            }
+            Some(Proxy::Replies { caller }) => {
+                self.remote.replies.remove(caller);
+                return;
+            }
+            None => {}
+        }
+        let number = key.index as u16;
+        let holders: Vec<(u16, Export)> = self
+            .remote
+            .exports
+            .range((number, 0)..=(number, u16::MAX))
+            .map(|(&(_, h), &e)| (h, e))
+            .collect();
+        for (holder, e) in holders {
+            self.remote.exports.remove(&(number, holder));
+            if e.generation != key.generation {
+                continue;
+            }
+            let port = RemotePort {
+                port: number,
+                generation: e.generation,
+            };
+            self.ship(
+                holder,
+                port_lane(number),
+                &RemoteFrame::Dead { port, reason },
+                &[],
+            );
+        }
+    }
+
+    /// Consumption of messages from other junctions, reported by the owner
+    /// of port `key`: (junction, number) per message, oldest first.
+    pub(crate) fn remote_settled(&mut self, key: Key, settled: &[(u16, u64, u32)]) {
+        let port = RemotePort {
+            port: key.index as u16,
+            generation: key.generation,
+        };
+        let mut i = 0;
+        while i < settled.len() {
+            let (junction, first, cost) = settled[i];
+            let mut count = 1u32;
+            let mut units = cost;
+            while let Some(&(j, n, cost)) = settled.get(i + count as usize)
+                && j == junction
+                && n == first + u64::from(count)
+            {
+                count += 1;
+                units += cost;
+            }
+            i += count as usize;
+            if let Some(e) = self.remote.exports.get_mut(&(port.port, junction)) {
+                e.units = e.units.saturating_sub(units);
+            }
+            self.ship(
+                junction,
+                port_lane(port.port),
+                &RemoteFrame::Settled { port, first, count },
+                &[],
+            );
+        }
+    }
+
+    /// The call `call` from junction `junction` ends without a reply: its
+    /// caller's junction hears.
+    pub(crate) fn remote_call_failed(&mut self, junction: u16, call: u64, reason: Reason) {
+        if self.remote.calls_in.remove(&(junction, call)).is_some() {
+            self.ship(
+                junction,
+                CALL_LANE,
+                &RemoteFrame::CallFailed { call, reason },
+                &[],
+            );
+        }
+    }
+
+    /// A caller here gave up on its call `call` to `junction`.
+    pub(crate) fn remote_cancel(&mut self, junction: u16, call: u64) {
+        if self.remote.calls_out.remove(&(junction, call)).is_some() {
+            self.ship(junction, CALL_LANE, &RemoteFrame::Cancel { call }, &[]);
+        }
+    }
+
+    /// Connection `conn` left with these calls: those to other junctions
+    /// are cancelled there; lookups it waited for are forgotten.
+    pub(crate) fn remote_caller_gone(&mut self, conn: ConnId, calls: &HashMap<u64, CallAt>) {
+        for at in calls.values() {
+            if let CallAt::Remote { junction, call } = *at {
+                self.remote_cancel(junction, call);
+            }
+        }
+        self.remote.lookups.retain(|_, (c, _, _)| *c != conn);
+    }
+
+    /// Call `call` to `junction` ends without a reply, for `reason`.
+    fn remote_call_ended(&mut self, junction: u16, call: u64, reason: Reason) {
+        let Some((caller, tag)) = self.remote.calls_out.remove(&(junction, call)) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(caller.key()) else {
+            return;
+        };
+        if c.calls.remove(&tag).is_some() {
+            c.pending_calls = c.pending_calls.saturating_sub(1);
+            self.frame(caller, Header::CallFailed { tag, reason });
+        }
+    }
+
+    /// Logs, rate-limited, a remote frame that junction `from` should not
+    /// have sent.
+    fn refuse_remote(&mut self, from: u16, why: &str) {
+        if let Some(unlogged) = self.quiet.routing.admit(self.now.instant) {
+            tracing::warn!(
+                junction = from,
+                "refused a remote frame: {why}{}",
+                quiet::more(unlogged)
+            );
+        }
+    }
+
+    /// A remote frame arrived from junction `from` over their session.
+    fn remote_arrived(&mut self, from: u16, bytes: Bytes) {
+        let (frame, payload) = match wire::decode(&bytes) {
+            Ok(decoded) => decoded,
+            Err(e) => return self.refuse_remote(from, &e.to_string()),
+        };
+        match frame {
+            RemoteFrame::Lookup { req, name } => self.answer_lookup(from, req, name),
+            RemoteFrame::Found {
+                req,
+                port,
+                rights,
+                chain,
+            } => self.found(from, req, port, rights, chain),
+            RemoteFrame::NotFound { req, message } => {
+                if let Some((conn, tag, _)) = self.remote.lookups.remove(&(from, req)) {
+                    let what = format!("junction {from}: {message}");
+                    self.control_answer(conn, tag, refused(Refusal::NameNotFound { what }), None);
+                }
+            }
+            RemoteFrame::Send(send) => self.remote_send(from, send, payload),
+            RemoteFrame::Settled { port, first, count } => {
+                self.import_settled(from, port, first, u64::from(count), None);
+            }
+            RemoteFrame::Refused {
+                port,
+                n,
+                call,
+                code,
+                message,
+            } => {
+                if call != 0 {
+                    self.forget_remote_call(from, call);
+                }
+                self.import_settled(from, port, n, 1, Some((code, message)));
+            }
+            RemoteFrame::Dead { port, reason } => {
+                if let Some(&key) = self.remote.imports.get(&(from, port)) {
+                    self.kill_port(key, reason);
+                }
+            }
+            RemoteFrame::Release { port, grants } => {
+                let k = (port.port, from);
+                if let Some(e) = self.remote.exports.get_mut(&k)
+                    && e.generation == port.generation
+                {
+                    e.grants = e.grants.saturating_sub(grants);
+                    if e.grants == 0 {
+                        self.remote.exports.remove(&k);
+                        self.sender_gone(port_key(port.port, port.generation));
+                    }
+                }
+            }
+            RemoteFrame::Reply { call, caps } => self.remote_reply(from, call, caps, payload),
+            RemoteFrame::CallFailed { call, reason } => self.remote_call_ended(from, call, reason),
+            RemoteFrame::Cancel { call } => {
+                if let Some(at) = self.remote.calls_in.get(&(from, call)).copied() {
+                    self.cap_died(at.conn, at.handle, Reason::Cancelled, |cap| {
+                        cap.flow == at.flow
+                    });
+                }
+            }
+        }
+    }
+
+    /// A call to `junction` is over without a reply to deliver (refused
+    /// there): it stops counting as pending.
+    fn forget_remote_call(&mut self, junction: u16, call: u64) {
+        if let Some((caller, tag)) = self.remote.calls_out.remove(&(junction, call))
+            && let Some(c) = self.conns.get_mut(caller.key())
+            && c.calls.remove(&tag).is_some()
+        {
+            c.pending_calls = c.pending_calls.saturating_sub(1);
+        }
+    }
+
+    /// Junction `from` asks for a capability to the service `name`.
+    fn answer_lookup(&mut self, from: u16, req: u32, name: ServiceName) {
+        let Some(reg) = self.registry.get(&name).cloned() else {
+            let message = format!("no service is registered as {name}");
+            self.ship(
+                from,
+                CALL_LANE,
+                &RemoteFrame::NotFound { req, message },
+                &[],
+            );
+            return;
+        };
+        let port = RemotePort {
+            port: reg.port.index as u16,
+            generation: reg.port.generation,
+        };
+        self.export(from, port, reg.rights);
+        let frame = RemoteFrame::Found {
+            req,
+            port,
+            rights: reg.rights,
+            chain: reg.chain.map(|c| c.as_ref().clone()),
+        };
+        self.ship(from, port_lane(port.port), &frame, &[]);
+    }
+
+    /// Junction `from` answered lookup `req`: the asker gets a capability
+    /// to the stand-in, once the certificate chain is shown to grant the
+    /// name.
+    fn found(
+        &mut self,
+        from: u16,
+        req: u32,
+        port: RemotePort,
+        rights: Rights,
+        chain: Option<Vec<junction_identity::Certificate>>,
+    ) {
+        let lookup = self.remote.lookups.remove(&(from, req));
+        let Some(key) = self.import(from, port) else {
+            if let Some((conn, tag, _)) = lookup {
+                let reply = refused(Refusal::NoFreePort);
+                self.control_answer(conn, tag, reply, None);
+            }
+            return;
+        };
+        let Some((conn, tag, name)) = lookup else {
+            // Nobody waits (the asker left): the grant goes back.
+            self.proxy_idle(key);
+            return;
+        };
+        if let Err(what) = self.check_found(&name, chain.as_deref(), rights) {
+            self.proxy_idle(key);
+            let what = format!("junction {from} answered for {name} with {what}");
+            self.refuse_remote(from, &what);
+            self.control_answer(conn, tag, refused(Refusal::NameNotFound { what }), None);
+            return;
+        }
+        let limit = self.config.max_handles;
+        let handle = if self.has_room(conn, 1) {
+            self.new_cap(conn, key, rights, None)
+        } else {
+            None
+        };
+        let Some(handle) = handle else {
+            self.proxy_idle(key);
+            self.control_answer(conn, tag, refused(Refusal::TooManyHandles { limit }), None);
+            return;
+        };
+        let address = Address::new(from, port.port);
+        let granted = Granted {
+            handle,
+            rights,
+            credits: self.initial_credits(rights),
+            address,
+            moves: rights.contains(Rights::SEND_ONCE),
+        };
+        self.control_answer(
+            conn,
+            tag,
+            ControlReply::Found { address, chain },
+            Some(granted),
+        );
+    }
+
+    /// What a looker-up checks of another junction's answer: rights a
+    /// capability can have, and a chain that this junction trusts and that
+    /// grants the name (or a name in the development namespace, with none).
+    fn check_found(
+        &self,
+        name: &ServiceName,
+        chain: Option<&[junction_identity::Certificate]>,
+        rights: Rights,
+    ) -> Result<(), String> {
+        if !rights.is_valid() {
+            return Err(format!("rights {rights}, which no capability has"));
+        }
+        match chain {
+            Some(chain) => {
+                let leaf = self
+                    .config
+                    .trust
+                    .verify_chain(chain, self.now.unix, self.config.revocations.as_ref())
+                    .map_err(|e| format!("a certificate chain this junction refuses: {e}"))?;
+                if leaf.grants(name) {
+                    Ok(())
+                } else {
+                    Err("a certificate that does not grant the name".into())
+                }
+            }
+            None if self.config.dev_namespace.iter().any(|p| p.matches(name)) => Ok(()),
+            None => Err("no certificate, outside the development namespace".into()),
+        }
+    }
+
+    /// Messages `first..first + count` to the import of `port` from `from`
+    /// are settled; `refused` says why they were turned away, if they were.
+    fn import_settled(
+        &mut self,
+        from: u16,
+        port: RemotePort,
+        first: u64,
+        count: u64,
+        refused: Option<(ErrorCode, String)>,
+    ) {
+        let Some(&key) = self.remote.imports.get(&(from, port)) else {
+            return;
+        };
+        let number = key.index as u16;
+        let mut done = Vec::new();
+        if let Some(p) = self.ports.get_mut(key) {
+            let end = first.saturating_add(count);
+            let start = p.in_flight.partition_point(|e| e.n < first);
+            let stop = p.in_flight.partition_point(|e| e.n < end);
+            done.extend(p.in_flight.drain(start..stop));
+            let units: u32 = done.iter().map(|e| e.cost).sum();
+            if let Some(Proxy::Import { units: held, .. }) = p.proxy.as_mut() {
+                *held = held.saturating_sub(units);
+            }
+        }
+        for entry in &done {
+            if let Some(at) = entry.flow {
+                let told = self.settle(at, 1, entry.cost, number);
+                if told && let Some((code, message)) = &refused {
+                    self.out.push_back(Output::Frame {
+                        conn: at.conn,
+                        frame: Frame::bare(Header::Error(ErrorFrame {
+                            req: 0,
+                            handle: at.handle,
+                            tag: 0,
+                            code: *code,
+                            message: format!("junction {from} refused the message: {message}"),
+                        })),
+                    });
+                }
+            }
+        }
+        if self.ports.get(key).is_some_and(|p| p.senders == 0) {
+            self.proxy_idle(key);
+        }
+    }
+
+    /// A message from a driver on junction `from` to a port here.
+    fn remote_send(&mut self, from: u16, send: RemoteSend, payload: Bytes) {
+        let RemoteSend {
+            port,
+            n,
+            origin,
+            identity,
+            call,
+            ack,
+            caps,
+        } = send;
+        let key = port_key(port.port, port.generation);
+        let lane = port_lane(port.port);
+        let refuse = |code: ErrorCode, message: String| RemoteFrame::Refused {
+            port,
+            n,
+            call,
+            code,
+            message,
+        };
+        if origin.junction != from {
+            let why = format!("a message from junction {from} claims origin {origin}");
+            self.refuse_remote(from, &why);
+            self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+            return;
+        }
+        let owner = self.ports.get(key).and_then(|p| p.owner);
+        let export = self
+            .remote
+            .exports
+            .get(&(port.port, from))
+            .filter(|e| e.generation == port.generation)
+            .copied();
+        let (Some(owner), Some(export)) = (owner, export) else {
+            if owner.is_none() {
+                let reason = self.ports.death_reason(key);
+                self.ship(from, lane, &RemoteFrame::Dead { port, reason }, &[]);
+            } else {
+                let why = format!(
+                    "junction {from} holds no capability to port {}",
+                    Address::new(self.config.junction, port.port)
+                );
+                self.refuse_remote(from, &why);
+                self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+            }
+            return;
+        };
+        let cost = credit_cost(payload.len());
+        let limit = self.config.window.saturating_mul(IMPORT_WINDOWS);
+        if export.units > 0 && export.units + cost > limit {
+            let why = format!(
+                "junction {from} has {} credit units in flight to this port, the most is {limit}",
+                export.units
+            );
+            self.refuse_remote(from, &why);
+            self.ship(from, lane, &refuse(ErrorCode::NoCredit, why), &[]);
+            return;
+        }
+        let slot = call == 0
+            || self
+                .conns
+                .get(owner.key())
+                .is_some_and(|c| c.caps.has_slot());
+        if !slot || !self.has_room(owner, caps.len()) {
+            let why = Refusal::ReceiverFull.to_string();
+            self.ship(from, lane, &refuse(ErrorCode::TooManyHandles, why), &[]);
+            return;
+        }
+        // A capability coming home must be one this junction gave `from`.
+        for item in &caps {
+            if let Carried::Home { port: home, rights } = *item {
+                let given = self
+                    .remote
+                    .exports
+                    .get(&(home.port, from))
+                    .is_some_and(|e| e.generation == home.generation && e.rights.contains(rights));
+                if !given {
+                    let why = format!(
+                        "junction {from} passed on a capability to port {} it was never given",
+                        Address::new(self.config.junction, home.port)
+                    );
+                    self.refuse_remote(from, &why);
+                    self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+                    return;
+                }
+            }
+        }
+        let granted = self.receive_carried(from, owner, &caps);
+        let reply = if call != 0 {
+            let route = ReplyRoute::Remote {
+                junction: from,
+                call,
+            };
+            let handle = self
+                .replies_port(from)
+                .and_then(|k| self.new_cap(owner, k, Rights::SEND_ONCE, Some(route)));
+            if let Some(handle) = handle {
+                self.track_call(route, owner, handle, true);
+            }
+            handle
+        } else {
+            None
+        };
+        if let Some(e) = self.remote.exports.get_mut(&(port.port, from)) {
+            e.units += cost;
+        }
+        if let Some(p) = self.ports.get_mut(key) {
+            p.in_flight.push_back(InFlight {
+                flow: None,
+                cost,
+                seq: 0,
+                reply,
+                is_reply: false,
+                junction: from,
+                n,
+            });
+        }
+        let deliver = Deliver {
+            port: port.port,
+            origin,
+            tag: 0,
+            reply,
+            caps: granted,
+            ack,
+            identity: identity.map(Arc::new),
+        };
+        self.out.push_back(Output::Frame {
+            conn: owner,
+            frame: Frame::with_payload(Header::Deliver(deliver), payload),
+        });
+    }
+
+    /// Capabilities that came from junction `from`, into `to`'s table.
+    fn receive_carried(&mut self, from: u16, to: ConnId, caps: &[Carried]) -> Vec<Granted> {
+        let mut granted = Vec::with_capacity(caps.len());
+        for item in caps {
+            let (key, rights, address) = match *item {
+                Carried::Grant { port, rights } => {
+                    let Some(key) = self.import(from, port) else {
+                        continue;
+                    };
+                    (key, rights, Address::new(from, port.port))
+                }
+                Carried::Home { port, rights } => (
+                    port_key(port.port, port.generation),
+                    rights,
+                    Address::new(self.config.junction, port.port),
+                ),
+            };
+            let Some(handle) = self.new_cap(to, key, rights, None) else {
+                if matches!(item, Carried::Grant { .. }) {
+                    self.proxy_idle(key);
+                }
+                continue;
+            };
+            granted.push(Granted {
+                handle,
+                rights,
+                credits: self.initial_credits(rights),
+                address,
+                moves: rights.contains(Rights::SEND_ONCE),
+            });
+        }
+        granted
+    }
+
+    /// The reply to call `call` came from junction `from`.
+    fn remote_reply(&mut self, from: u16, call: u64, caps: Vec<Carried>, payload: Bytes) {
+        let Some((caller, tag)) = self.remote.calls_out.remove(&(from, call)) else {
+            // Cancelled, or its caller left: grants it carried go back.
+            self.release_grants(from, &caps);
+            return;
+        };
+        let home = self.conns.get(caller.key()).map(|c| c.home);
+        let Some(home) = home.and_then(|h| self.ports.key(h)) else {
+            self.release_grants(from, &caps);
+            return;
+        };
+        if !self.has_room(caller, caps.len()) {
+            self.release_grants(from, &caps);
+            self.remote_call_ended_here(caller, tag, Reason::ReplyDropped);
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(caller.key()) {
+            c.calls.remove(&tag);
+        }
+        let granted = self.receive_carried(from, caller, &caps);
+        if let Some(p) = self.ports.get_mut(home) {
+            p.in_flight.push_back(InFlight {
+                flow: None,
+                cost: 0,
+                seq: 0,
+                reply: None,
+                is_reply: true,
+                junction: 0,
+                n: 0,
+            });
+        }
+        let ack = self
+            .conns
+            .get(caller.key())
+            .is_some_and(|c| c.pending_calls >= self.config.max_pending_calls / 2);
+        let deliver = Deliver {
+            port: home.index as u16,
+            origin: Address::new(from, 0),
+            tag,
+            reply: None,
+            caps: granted,
+            ack,
+            identity: None,
+        };
+        self.out.push_back(Output::Frame {
+            conn: caller,
+            frame: Frame::with_payload(Header::Deliver(deliver), payload),
+        });
+    }
+
+    /// The call `tag` of `caller` ends here, for `reason`.
+    fn remote_call_ended_here(&mut self, caller: ConnId, tag: u64, reason: Reason) {
+        if let Some(c) = self.conns.get_mut(caller.key())
+            && c.calls.remove(&tag).is_some()
+        {
+            c.pending_calls = c.pending_calls.saturating_sub(1);
+            self.frame(caller, Header::CallFailed { tag, reason });
+        }
+    }
+
+    /// Grants that came from junction `from` with nobody to take them go
+    /// back at once.
+    fn release_grants(&mut self, from: u16, caps: &[Carried]) {
+        for item in caps {
+            if let Carried::Grant { port, .. } = *item {
+                self.ship(
+                    from,
+                    port_lane(port.port),
+                    &RemoteFrame::Release { port, grants: 1 },
+                    &[],
+                );
+            }
+        }
+    }
+}
