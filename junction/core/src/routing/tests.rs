@@ -332,6 +332,7 @@ fn bad_link_states_are_refused_with_reasons() {
             .iter()
             .map(|&(junction, cost)| Neighbour { junction, cost })
             .collect(),
+        names: Vec::new(),
         seal: None,
     };
     // What is checked here comes before seals: unsealed ones are taken.
@@ -479,6 +480,7 @@ fn describing(origin: u16, seq: u64, neighbours: &[u16]) -> LinkState {
             .iter()
             .map(|&junction| Neighbour { junction, cost: 1 })
             .collect(),
+        names: Vec::new(),
         seal: None,
     }
 }
