@@ -7,7 +7,7 @@
 //! `junction-core`'s routing module). docs/protocol.md, part 2, gives the
 //! bytes.
 
-use junction_identity::{Certificate, IdentityError, Purpose, SecretKey, Signature};
+use junction_identity::{Certificate, IdentityError, Purpose, SecretKey, ServiceName, Signature};
 use serde::{Deserialize, Serialize};
 
 /// A frame between two junctions over a Highway, with a payload the frame
@@ -121,6 +121,18 @@ impl<'de> Deserialize<'de> for Hops {
 /// one junction cannot make every other hold an unbounded description.
 pub const MAX_NEIGHBOURS: usize = 256;
 
+/// The most service names one [`LinkState`] may announce: more is refused,
+/// when decoded and by the junction that receives it. Link states flood to
+/// every junction on every change and each carries all its origin's names,
+/// so the names' size is paid on every Highway at every link change and
+/// held by every junction for every origin (docs/protocol.md 14.1).
+pub const MAX_ANNOUNCED_NAMES: usize = 1024;
+
+/// The most bytes of names (the sum of their lengths) one [`LinkState`] may
+/// announce: with [`MAX_ANNOUNCED_NAMES`], names of 32 bytes on average.
+/// Without it, 1024 names of 255 bytes would make a link state of 260 KB.
+pub const MAX_ANNOUNCED_NAME_BYTES: usize = 32 * 1024;
+
 /// One junction's description of its live links, flooded to every junction.
 ///
 /// A newer description replaces an older one: newer means a greater
@@ -144,6 +156,12 @@ pub struct LinkState {
     pub seq: u64,
     /// Its neighbours over live Highways, each once, in increasing id order.
     pub neighbours: Vec<Neighbour>,
+    /// The service names registered on it, each once, in increasing byte
+    /// order; at most [`MAX_ANNOUNCED_NAMES`] of them and
+    /// [`MAX_ANNOUNCED_NAME_BYTES`] in all, or the link state does not
+    /// decode. Another junction finds a name's owner by them, then asks it.
+    #[serde(deserialize_with = "bounded_names")]
+    pub names: Vec<ServiceName>,
     /// The origin's signature and certificate chain; `None` from a junction
     /// with no key, which only junctions configured to trust unsigned
     /// routing take.
@@ -180,8 +198,14 @@ impl LinkState {
     /// What the seal's signature covers: the postcard bytes of every field
     /// but the seal, exactly as they start the link state on the wire.
     pub fn signed_bytes(&self) -> Result<Vec<u8>, IdentityError> {
-        postcard::to_allocvec(&(self.origin, self.incarnation, self.seq, &self.neighbours))
-            .map_err(|e| IdentityError::Encoding(e.to_string()))
+        postcard::to_allocvec(&(
+            self.origin,
+            self.incarnation,
+            self.seq,
+            &self.neighbours,
+            &self.names,
+        ))
+        .map_err(|e| IdentityError::Encoding(e.to_string()))
     }
 
     /// Seals it as its origin, with the origin's junction `key` and the
@@ -191,6 +215,39 @@ impl LinkState {
         self.seal = Some(Seal { signature, chain });
         Ok(())
     }
+}
+
+/// Decodes [`LinkState::names`], refusing more than the bounds as soon as
+/// they are passed, so that a peer cannot make a junction allocate without
+/// end. Each name is checked as a [`ServiceName`] as it is decoded; order
+/// and repeats are the receiver's to check (`junction-core`'s routing).
+fn bounded_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ServiceName>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Vec<ServiceName>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "at most {MAX_ANNOUNCED_NAMES} service names, {MAX_ANNOUNCED_NAME_BYTES} bytes in all"
+            )
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<ServiceName>, A::Error> {
+            let mut names = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(name) = seq.next_element::<ServiceName>()? {
+                bytes += name.as_str().len();
+                if names.len() == MAX_ANNOUNCED_NAMES || bytes > MAX_ANNOUNCED_NAME_BYTES {
+                    return Err(serde::de::Error::invalid_length(names.len() + 1, &self));
+                }
+                names.push(name);
+            }
+            Ok(names)
+        }
+    }
+    d.deserialize_seq(Visit)
 }
 
 #[cfg(test)]
@@ -243,11 +300,20 @@ mod tests {
                     cost: 5,
                 },
             ],
+            names: vec![
+                ServiceName::new("echo").unwrap(),
+                ServiceName::new("org.acme.db").unwrap(),
+            ],
             seal: None,
         };
-        let unsigned = [
+        let mut unsigned = vec![
             0x02, 0x80, 0xE2, 0xCF, 0xAA, 0x06, 0x03, 0x02, 0x01, 0x01, 0x03, 0x05,
         ];
+        unsigned.extend([0x02, 0x04]); // two names; "echo", four bytes
+        unsigned.extend(b"echo");
+        unsigned.push(0x0B); // "org.acme.db", eleven bytes
+        unsigned.extend(b"org.acme.db");
+        assert_eq!(unsigned.len(), 30);
         let bytes = postcard::to_allocvec(&ls).unwrap();
         assert_eq!(bytes[..unsigned.len()], unsigned);
         assert_eq!(bytes[unsigned.len()..], [0x00], "no seal");
@@ -284,7 +350,7 @@ mod tests {
         .unwrap();
         ls.seal(&key, vec![cert.clone()]).unwrap();
         let bytes = postcard::to_allocvec(&ls).unwrap();
-        let mut expected = unsigned.to_vec();
+        let mut expected = unsigned.clone();
         expected.extend([0x01, 0x40]); // a seal; 64 signature bytes
         let signature = key.sign(Purpose::LinkState, &unsigned);
         expected.extend(signature.0);
@@ -295,5 +361,31 @@ mod tests {
             .verify(Purpose::LinkState, &unsigned, &signature)
             .unwrap();
         assert_eq!(postcard::from_bytes::<LinkState>(&bytes).unwrap(), ls);
+    }
+
+    /// Names that are not service names, or more than the bounds, do not
+    /// decode.
+    #[test]
+    fn announced_names_are_checked_when_decoded() {
+        let ls = |names: Vec<String>| {
+            let mut bytes = vec![0x02, 0x01, 0x01, 0x00];
+            bytes.extend(postcard::to_allocvec(&names).unwrap());
+            bytes.push(0x00);
+            postcard::from_bytes::<LinkState>(&bytes)
+        };
+        assert_eq!(ls(vec!["echo".into()]).unwrap().names[0].as_str(), "echo");
+        assert!(ls(vec!["Echo".into()]).is_err(), "not a service name");
+        assert!(ls(vec![String::new()]).is_err(), "not a service name");
+        // (Order and repeats are routing's to check, not the decoder's.)
+        let short = || "x".to_string();
+        assert!(ls(vec![short(); MAX_ANNOUNCED_NAMES]).is_ok());
+        assert!(
+            ls(vec![short(); MAX_ANNOUNCED_NAMES + 1]).is_err(),
+            "too many"
+        );
+        let long = format!("{}.{}", "a".repeat(31), "b".repeat(32));
+        let fit = MAX_ANNOUNCED_NAME_BYTES / long.len();
+        assert!(ls(vec![long.clone(); fit]).is_ok());
+        assert!(ls(vec![long; fit + 1]).is_err(), "too many bytes");
     }
 }

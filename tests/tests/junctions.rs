@@ -658,6 +658,7 @@ fn link_states_for_another_junction_are_refused_and_routing_holds() {
         incarnation: 1,
         seq,
         neighbours: vec![],
+        names: vec![],
         seal: None,
     };
     let (two, three) = (&ids[1], &ids[2]);
@@ -699,6 +700,7 @@ fn link_states_for_another_junction_are_refused_and_routing_holds() {
             junction: 2,
             cost: 1,
         }],
+        names: vec![],
         seal: None,
     };
     old.seal(&three.0, three.1.clone()).unwrap();

@@ -30,15 +30,27 @@
 //! checks, so each neighbour may cause at most [`MAX_REFUSED_PER_SECOND`]
 //! of them a second: past that, its link states are dropped unchecked
 //! until the next second.
+//!
+//! A link state also announces the service names registered on its origin
+//! ([`Router::announce_names`]), so that any junction can find a name's
+//! owner ([`Router::owner_of`]) and then ask it: the owner's answer, with
+//! the service's certificate chain, is what proves the name, not the
+//! announcement. A change of names is not flooded at once but marks this
+//! junction's description due; it goes out at the next
+//! [`Router::poll_transmit`], so a burst of registrations between two polls
+//! costs one link state.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use junction_identity::{
-    Certificate, IdentityError, Purpose, RevocationList, Role, SecretKey, TrustStore, Verified,
+    Certificate, IdentityError, Purpose, RevocationList, Role, SecretKey, ServiceName, TrustStore,
+    Verified,
 };
-use junction_road::highway::{LinkState, MAX_NEIGHBOURS, Neighbour};
+use junction_road::highway::{
+    LinkState, MAX_ANNOUNCED_NAME_BYTES, MAX_ANNOUNCED_NAMES, MAX_NEIGHBOURS, Neighbour,
+};
 
 /// The most link states one neighbour may have refused for their seal in
 /// one second; more are dropped without a check until the next second.
@@ -101,6 +113,29 @@ pub enum RoutingError {
         origin: u16,
         /// How many it listed.
         count: usize,
+    },
+    /// It announces more names, or more bytes of names, than a junction
+    /// may ([`MAX_ANNOUNCED_NAMES`], [`MAX_ANNOUNCED_NAME_BYTES`]).
+    #[error(
+        "the link state of junction {origin} announces {count} names, {bytes} bytes in all; at most {MAX_ANNOUNCED_NAMES} names and {MAX_ANNOUNCED_NAME_BYTES} bytes are taken"
+    )]
+    TooManyNames {
+        /// Its origin.
+        origin: u16,
+        /// How many names it announced.
+        count: usize,
+        /// Their lengths, summed.
+        bytes: usize,
+    },
+    /// It announces names out of order, or one twice.
+    #[error(
+        "the link state of junction {origin} announces {name} out of order or twice; names go each once, in increasing byte order"
+    )]
+    BadNames {
+        /// Its origin.
+        origin: u16,
+        /// The first name out of place.
+        name: ServiceName,
     },
     /// It has no seal, and this junction takes only sealed link states.
     #[error(
@@ -206,6 +241,15 @@ pub struct Router {
     /// Per neighbour: the second it last had a link state refused for its
     /// seal, and how many it had refused in that second.
     refused: BTreeMap<u16, (u64, u32)>,
+    /// The names this junction announces, sorted, each once: what its next
+    /// description carries.
+    names: Vec<ServiceName>,
+    /// Whether the names changed since this junction last described itself.
+    describe_due: bool,
+    /// For each name other junctions announce, the junctions whose link
+    /// state in `db` announces it: kept as link states enter the database,
+    /// so that finding an owner is no scan of it.
+    owners: BTreeMap<ServiceName, BTreeSet<u16>>,
 }
 
 impl Router {
@@ -217,6 +261,7 @@ impl Router {
             incarnation,
             seq: 0,
             neighbours: Vec::new(),
+            names: Vec::new(),
             seal: None,
         };
         Self {
@@ -229,6 +274,9 @@ impl Router {
             dirty: true,
             signer: None,
             refused: BTreeMap::new(),
+            names: Vec::new(),
+            describe_due: false,
+            owners: BTreeMap::new(),
         }
     }
 
@@ -311,9 +359,85 @@ impl Router {
                 self.out.push_back((n, ls.clone()));
             }
         }
-        self.db.insert(ls.origin, ls);
+        let origin = ls.origin;
+        let old = self.db.insert(origin, ls).map(|old| old.names);
+        let new = &self.db[&origin].names;
+        reindex(
+            &mut self.owners,
+            origin,
+            old.as_deref().unwrap_or_default(),
+            new,
+        );
         self.dirty = true;
         Ok(())
+    }
+
+    /// This junction announces `names` (all the names registered on it, in
+    /// any order, repeats ignored) from now on, in place of those it
+    /// announced before. Whether they differ from those: if so, a new
+    /// description of this junction goes out at the next
+    /// [`Router::poll_transmit`], however many times they change before.
+    /// More than [`MAX_ANNOUNCED_NAMES`] names, or
+    /// [`MAX_ANNOUNCED_NAME_BYTES`] of them, are refused
+    /// ([`RoutingError::TooManyNames`]), and the names announced before
+    /// stay.
+    pub fn announce_names(
+        &mut self,
+        names: impl IntoIterator<Item = ServiceName>,
+    ) -> Result<bool, RoutingError> {
+        let names: Vec<ServiceName> = names
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let bytes = name_bytes(&names);
+        if names.len() > MAX_ANNOUNCED_NAMES || bytes > MAX_ANNOUNCED_NAME_BYTES {
+            return Err(RoutingError::TooManyNames {
+                origin: self.me,
+                count: names.len(),
+                bytes,
+            });
+        }
+        if names == self.names {
+            return Ok(false);
+        }
+        self.names = names;
+        self.describe_due = true;
+        Ok(true)
+    }
+
+    /// The names this junction announces.
+    pub fn announced(&self) -> &[ServiceName] {
+        &self.names
+    }
+
+    /// The junction to ask for service `name`: this one if it announces
+    /// it, else, of the junctions it has a route to whose link state
+    /// announces it, the one with the cheapest route, the lowest id among
+    /// equals. `None` if no junction it reaches announces it.
+    ///
+    /// Nearest first, because the answer and every message after it
+    /// travel that route; the lowest id among equals, so that the choice
+    /// depends on the database alone, as routes do. An announcement is
+    /// the origin's word, sealed, and proves nothing about the name: the
+    /// owner's answer carries the service's certificate chain, and that is
+    /// what the junction asking checks.
+    pub fn owner_of(&mut self, name: &ServiceName) -> Option<u16> {
+        if self.names.binary_search(name).is_ok() {
+            return Some(self.me);
+        }
+        if !self.owners.contains_key(name) {
+            return None;
+        }
+        if self.dirty {
+            self.compute();
+        }
+        self.owners
+            .get(name)?
+            .iter()
+            .filter_map(|&origin| Some((self.routes.get(&origin)?.cost, origin)))
+            .min()
+            .map(|(_, origin)| origin)
     }
 
     /// Checks the seal of a link state from neighbour `from`, within the
@@ -336,8 +460,13 @@ impl Router {
         checked
     }
 
-    /// The next link state to send, and the neighbour to send it to.
+    /// The next link state to send, and the neighbour to send it to. A
+    /// change of names since the last poll makes a new description of this
+    /// junction first.
     pub fn poll_transmit(&mut self) -> Option<(u16, LinkState)> {
+        if self.describe_due {
+            self.describe();
+        }
         self.out.pop_front()
     }
 
@@ -381,8 +510,10 @@ impl Router {
         self.db.len()
     }
 
-    /// This junction's own description, new after every link change.
+    /// This junction's own description, new after every link change, and
+    /// at the first poll after a change of names.
     fn describe(&mut self) {
+        self.describe_due = false;
         let neighbours = self
             .links
             .iter()
@@ -396,6 +527,7 @@ impl Router {
         // (2^64 descriptions is not a life a junction lives).
         own.seq = own.seq.saturating_add(1);
         own.neighbours = neighbours;
+        own.names.clone_from(&self.names);
         own.seal = None;
         if let Some((key, chain)) = &self.signer
             && let Err(e) = own.seal(key, chain.clone())
@@ -538,6 +670,49 @@ fn verify_seal(ls: &LinkState, checks: &Checks<'_>) -> Result<(), RoutingError> 
         .map_err(|_| RoutingError::BadSignature { origin })
 }
 
+/// Moves `origin` from the owners of the names it announced (`old`) to
+/// those of the names it announces (`new`), both sorted and each once:
+/// one pass over both, touching only the names that changed.
+fn reindex(
+    owners: &mut BTreeMap<ServiceName, BTreeSet<u16>>,
+    origin: u16,
+    old: &[ServiceName],
+    new: &[ServiceName],
+) {
+    let (mut i, mut j) = (0, 0);
+    loop {
+        // Whether the next change is a name announced (else one withdrawn).
+        let announced = match (old.get(i), new.get(j)) {
+            (None, None) => break,
+            (Some(was), Some(is)) if was == is => {
+                i += 1;
+                j += 1;
+                continue;
+            }
+            (Some(was), Some(is)) => was > is,
+            (None, Some(_)) => true,
+            (Some(_), None) => false,
+        };
+        if announced {
+            owners.entry(new[j].clone()).or_default().insert(origin);
+            j += 1;
+        } else {
+            if let Some(set) = owners.get_mut(&old[i]) {
+                set.remove(&origin);
+                if set.is_empty() {
+                    owners.remove(&old[i]);
+                }
+            }
+            i += 1;
+        }
+    }
+}
+
+/// The bytes of `names`, their lengths summed.
+fn name_bytes(names: &[ServiceName]) -> usize {
+    names.iter().map(|n| n.as_str().len()).sum()
+}
+
 /// A link state's own consistency.
 fn check(ls: &LinkState) -> Result<(), RoutingError> {
     let origin = ls.origin;
@@ -562,6 +737,19 @@ fn check(ls: &LinkState) -> Result<(), RoutingError> {
         if i > 0 && ls.neighbours[i - 1].junction >= n.junction {
             return bad("not in increasing order, or one twice");
         }
+    }
+    let bytes = name_bytes(&ls.names);
+    if ls.names.len() > MAX_ANNOUNCED_NAMES || bytes > MAX_ANNOUNCED_NAME_BYTES {
+        let count = ls.names.len();
+        return Err(RoutingError::TooManyNames {
+            origin,
+            count,
+            bytes,
+        });
+    }
+    if let Some(pair) = ls.names.windows(2).find(|pair| pair[0] >= pair[1]) {
+        let name = pair[1].clone();
+        return Err(RoutingError::BadNames { origin, name });
     }
     Ok(())
 }

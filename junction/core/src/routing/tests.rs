@@ -1,7 +1,7 @@
 //! Routing proven in a simulated network: real routers, links cut and
 //! healed, link states delivered in rounds (one round = one hop's latency).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use junction_identity::CertBody;
 use proptest::prelude::*;
@@ -332,6 +332,7 @@ fn bad_link_states_are_refused_with_reasons() {
             .iter()
             .map(|&(junction, cost)| Neighbour { junction, cost })
             .collect(),
+        names: Vec::new(),
         seal: None,
     };
     // What is checked here comes before seals: unsealed ones are taken.
@@ -479,6 +480,7 @@ fn describing(origin: u16, seq: u64, neighbours: &[u16]) -> LinkState {
             .iter()
             .map(|&junction| Neighbour { junction, cost: 1 })
             .collect(),
+        names: Vec::new(),
         seal: None,
     }
 }
@@ -702,4 +704,345 @@ fn a_misconfigured_identity_is_named() {
     let no_chain = config(5, (key, Vec::new())).identity_problem();
     assert!(no_chain.is_some_and(|p| p.contains("no certificate")));
     assert_eq!(crate::Config::default().identity_problem(), None);
+}
+
+fn name(s: &str) -> ServiceName {
+    ServiceName::new(s).unwrap()
+}
+
+impl Net {
+    /// Junction `at` announces `names`.
+    fn announce(&mut self, at: u16, names: &[&str]) {
+        let names = names.iter().map(|s| name(s));
+        self.routers
+            .get_mut(&at)
+            .unwrap()
+            .announce_names(names)
+            .unwrap();
+    }
+
+    /// Who each junction, in id order, finds owns `name`.
+    fn owners_of(&mut self, of: &str) -> Vec<Option<u16>> {
+        let of = name(of);
+        self.routers.values_mut().map(|r| r.owner_of(&of)).collect()
+    }
+
+    /// Every router's name index is exactly what its database announces,
+    /// its own description apart.
+    fn indexes_match_databases(&self) {
+        for (&id, r) in &self.routers {
+            let mut owners: BTreeMap<ServiceName, BTreeSet<u16>> = BTreeMap::new();
+            for ls in r.db.values().filter(|ls| ls.origin != id) {
+                for n in &ls.names {
+                    owners.entry(n.clone()).or_default().insert(ls.origin);
+                }
+            }
+            assert_eq!(r.owners, owners, "junction {id}'s index");
+        }
+    }
+}
+
+#[test]
+fn names_propagate_over_a_line_and_a_triangle() {
+    let mut net = Net::new([1, 2, 3]);
+    net.heal(1, 2, 1);
+    net.heal(2, 3, 1);
+    net.settle();
+    net.announce(3, &["org.acme.echo", "echo"]);
+    net.settle();
+    assert_eq!(net.owners_of("org.acme.echo"), [Some(3); 3]);
+    assert_eq!(net.owners_of("echo"), [Some(3); 3]);
+    assert_eq!(net.owners_of("org.acme"), [None; 3], "names, not prefixes");
+    assert_eq!(
+        net.routers[&1].db[&3].names,
+        [name("echo"), name("org.acme.echo")]
+    );
+
+    // A triangle: 1 and 3 both announce "shared". 2 is one hop from each
+    // and takes the lower id; each of them takes itself.
+    net.heal(1, 3, 5);
+    net.announce(1, &["shared"]);
+    net.announce(3, &["org.acme.echo", "shared"]);
+    net.settle();
+    assert_eq!(net.owners_of("shared"), [Some(1), Some(1), Some(3)]);
+    assert_eq!(net.owners_of("org.acme.echo"), [Some(3); 3]);
+    assert_eq!(net.owners_of("echo"), [None; 3], "withdrawn by 3");
+    // The cheaper route wins over the lower id: with 1-2 dearer, 2 asks 3.
+    net.cut(1, 2);
+    net.heal(1, 2, 9);
+    net.settle();
+    assert_eq!(net.owners_of("shared"), [Some(1), Some(3), Some(3)]);
+    net.indexes_match_databases();
+}
+
+#[test]
+fn a_burst_of_name_changes_makes_one_description() {
+    let mut r = Router::new(1, 1, 8);
+    r.link_up(2, 1);
+    while r.poll_transmit().is_some() {}
+    let seq = r.db[&1].seq;
+    assert_eq!(r.announce_names([name("a")]), Ok(true));
+    assert_eq!(
+        r.announce_names([name("b"), name("a"), name("b")]),
+        Ok(true)
+    );
+    assert_eq!(
+        r.announce_names([name("a"), name("b")]),
+        Ok(false),
+        "no change"
+    );
+    assert_eq!(r.announced(), [name("a"), name("b")]);
+    assert_eq!(r.owner_of(&name("b")), Some(1), "its own, at once");
+    let (to, ls) = r.poll_transmit().unwrap();
+    assert_eq!(
+        (to, ls.seq, ls.names.clone()),
+        (2, seq + 1, r.announced().to_vec())
+    );
+    assert_eq!(r.poll_transmit(), None, "one description for the burst");
+    // Announced and withdrawn between two polls: back where it was, but
+    // described once more (it changed, then changed back).
+    r.announce_names([name("c")]).unwrap();
+    r.announce_names([name("a"), name("b")]).unwrap();
+    assert_eq!(r.poll_transmit().map(|(_, ls)| ls.seq), Some(seq + 2));
+    assert_eq!(r.poll_transmit(), None);
+    // A link change before the poll carries the names too, and the poll
+    // adds nothing.
+    r.announce_names([]).unwrap();
+    r.link_down(2);
+    r.link_up(3, 1);
+    let sent: Vec<_> = std::iter::from_fn(|| r.poll_transmit()).collect();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].1.names.is_empty());
+}
+
+#[test]
+fn a_withdrawn_name_disappears_everywhere() {
+    let mut net = Net::new([1, 2, 3, 4]);
+    net.heal(1, 2, 1);
+    net.heal(2, 3, 1);
+    net.heal(3, 4, 1);
+    net.heal(4, 1, 1);
+    net.announce(2, &["org.acme.echo", "org.acme.db"]);
+    net.settle();
+    assert_eq!(net.owners_of("org.acme.db"), [Some(2); 4]);
+    net.announce(2, &["org.acme.echo"]);
+    net.settle();
+    assert_eq!(net.owners_of("org.acme.db"), [None; 4]);
+    assert_eq!(net.owners_of("org.acme.echo"), [Some(2); 4]);
+    net.announce(2, &[]);
+    net.settle();
+    assert_eq!(net.owners_of("org.acme.echo"), [None; 4]);
+    net.indexes_match_databases();
+    assert!(net.routers.values().all(|r| r.owners.is_empty()));
+}
+
+#[test]
+fn a_junction_out_of_reach_owns_nothing() {
+    let mut net = Net::new([1, 2, 3]);
+    net.heal(1, 2, 1);
+    net.heal(2, 3, 1);
+    net.announce(3, &["echo"]);
+    net.announce(1, &["shared"]);
+    net.announce(3, &["echo", "shared"]);
+    net.settle();
+    assert_eq!(net.owners_of("echo"), [Some(3); 3]);
+    assert_eq!(net.owners_of("shared"), [Some(1), Some(1), Some(3)]);
+    // 3 is cut off: 1 and 2 still hold its link state, with its names,
+    // but have no route to it.
+    net.cut(2, 3);
+    net.settle();
+    assert_eq!(net.routers[&1].db[&3].names, [name("echo"), name("shared")]);
+    assert_eq!(net.owners_of("echo"), [None, None, Some(3)]);
+    assert_eq!(net.owners_of("shared"), [Some(1), Some(1), Some(3)]);
+    // 1 is cut off too: 2 is alone, and finds no owner.
+    net.cut(1, 2);
+    net.settle();
+    assert_eq!(net.owners_of("shared"), [Some(1), None, Some(3)]);
+    // Healed the other way round, 2 reaches 3 first.
+    net.heal(2, 3, 1);
+    net.settle();
+    assert_eq!(net.owners_of("echo"), [None, Some(3), Some(3)]);
+    assert_eq!(net.owners_of("shared"), [Some(1), Some(3), Some(3)]);
+}
+
+#[test]
+fn announced_names_are_bounded_and_in_order() {
+    let mut r = Router::new(1, 1, 8);
+    let trust = TrustStore::new();
+    let checks = Checks {
+        trust: &trust,
+        revocations: None,
+        trust_unsigned: true,
+        now: NOW,
+    };
+    r.link_up(2, 1);
+    let announcing = |names: Vec<ServiceName>| LinkState {
+        names,
+        ..describing(2, 1, &[1])
+    };
+    let numbered = |n: usize| {
+        (0..n)
+            .map(|i| name(&format!("n{i:04}")))
+            .collect::<Vec<_>>()
+    };
+    let over = numbered(MAX_ANNOUNCED_NAMES + 1);
+    assert_eq!(
+        r.handle_link_state(2, announcing(over.clone()), &checks),
+        Err(RoutingError::TooManyNames {
+            origin: 2,
+            count: MAX_ANNOUNCED_NAMES + 1,
+            bytes: 5 * (MAX_ANNOUNCED_NAMES + 1)
+        })
+    );
+    let err = r
+        .handle_link_state(2, announcing(over.clone()), &checks)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("1025 names") && err.contains("at most 1024"),
+        "{err}"
+    );
+    // Fewer names, but too many bytes.
+    let long = |i: usize| name(&format!("{}.{i:063}", "a".repeat(63)));
+    let heavy: Vec<_> = (0..MAX_ANNOUNCED_NAME_BYTES / 127 + 1).map(long).collect();
+    assert!(matches!(
+        r.handle_link_state(2, announcing(heavy), &checks),
+        Err(RoutingError::TooManyNames { origin: 2, .. })
+    ));
+    for names in [vec![name("b"), name("a")], vec![name("a"), name("a")]] {
+        assert_eq!(
+            r.handle_link_state(2, announcing(names.clone()), &checks),
+            Err(RoutingError::BadNames {
+                origin: 2,
+                name: names[1].clone()
+            })
+        );
+    }
+    assert_eq!(r.known(), 1, "nothing refused was taken");
+    assert!(r.owners.is_empty());
+    // At the bound, taken.
+    let full = numbered(MAX_ANNOUNCED_NAMES);
+    r.handle_link_state(2, announcing(full.clone()), &checks)
+        .unwrap();
+    assert_eq!(r.owner_of(&full[MAX_ANNOUNCED_NAMES - 1]), Some(2));
+    // And this junction announces no more than it takes: the names before
+    // stay.
+    r.announce_names([name("mine")]).unwrap();
+    assert!(matches!(
+        r.announce_names(over),
+        Err(RoutingError::TooManyNames {
+            origin: 1,
+            count: 1025,
+            ..
+        })
+    ));
+    assert_eq!(r.announced(), [name("mine")]);
+}
+
+#[test]
+fn a_forged_change_of_names_breaks_the_seal() {
+    let ca = Authority::new();
+    let checks = ca.checks();
+    let mut r = ca.router(1, 1, 64);
+    r.link_up(2, 1);
+    let two = ca.certify(Role::Junction { id: 2 });
+    let mut ls = LinkState {
+        names: vec![name("org.acme.db"), name("org.acme.echo")],
+        ..describing(2, 1, &[1])
+    };
+    ls.seal(&two.0, two.1.clone()).unwrap();
+    let mut added = ls.clone();
+    added.names.push(name("org.acme.pay"));
+    let mut removed = ls.clone();
+    removed.names.remove(0);
+    let mut renamed = ls.clone();
+    renamed.names[1] = name("org.acme.evil");
+    for forged in [added, removed, renamed] {
+        assert_eq!(
+            r.handle_link_state(2, forged, &checks),
+            Err(RoutingError::BadSignature { origin: 2 })
+        );
+    }
+    assert_eq!(r.owner_of(&name("org.acme.echo")), None);
+    r.handle_link_state(2, ls, &checks).unwrap();
+    assert_eq!(r.owner_of(&name("org.acme.echo")), Some(2));
+    assert_eq!(r.owner_of(&name("org.acme.pay")), None);
+}
+
+/// One change to the network or to what a junction announces.
+#[derive(Debug, Clone)]
+enum Event {
+    Link(Change),
+    /// Junction, name: announced if it was not, withdrawn if it was.
+    Toggle(u16, usize),
+}
+
+/// The names the property test announces.
+const NAMES: [&str; 4] = ["echo", "org.acme.db", "org.acme.echo", "shared"];
+
+fn announcing() -> impl Strategy<Value = (Scenario, Vec<(Event, usize)>)> {
+    network().prop_flat_map(|(n, links, _)| {
+        let id = 1..=n;
+        let event = prop_oneof![
+            1 => (id.clone(), id.clone()).prop_map(|(a, b)| Event::Link(Change::Cut(a, b))),
+            1 => (id.clone(), id.clone(), 1u32..10)
+                .prop_map(|(a, b, c)| Event::Link(Change::Heal(a, b, c))),
+            2 => (id.clone(), 0..NAMES.len()).prop_map(|(j, i)| Event::Toggle(j, i)),
+        ];
+        (
+            Just((n, links, Vec::new())),
+            prop::collection::vec((event, 0usize..3), 0..32),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Over random networks of up to 8 junctions, with random cuts, heals,
+    /// announcements and withdrawals while link states are on their way:
+    /// once settled, every junction finds as the owner of every name the
+    /// junction it reaches that announces it, cheapest then lowest id (or
+    /// itself), and its name index is exactly what its database announces.
+    #[test]
+    fn owners_converge_to_the_truth(((n, links, _), events) in announcing()) {
+        let mut net = Net::new(1..=n);
+        let mut truth: BTreeMap<u16, BTreeSet<usize>> = BTreeMap::new();
+        for (a, b, c) in links {
+            net.heal(a, b, c);
+        }
+        for (event, rounds) in events {
+            match event {
+                Event::Link(Change::Cut(a, b)) => net.cut(a, b),
+                Event::Link(Change::Heal(a, b, c)) => net.heal(a, b, c),
+                Event::Toggle(j, i) => {
+                    let names = truth.entry(j).or_default();
+                    if !names.remove(&i) {
+                        names.insert(i);
+                    }
+                    let names: Vec<&str> = names.iter().map(|&i| NAMES[i]).collect();
+                    net.announce(j, &names);
+                }
+            }
+            for _ in 0..rounds {
+                net.round();
+            }
+        }
+        net.settle();
+        net.indexes_match_databases();
+        for (i, of) in NAMES.iter().enumerate() {
+            let found = net.owners_of(of);
+            for (k, &from) in net.routers.keys().enumerate() {
+                let mut reach = net.truth(from);
+                reach.insert(from, 0);
+                let owner = reach
+                    .iter()
+                    .filter(|(j, _)| truth.get(j).is_some_and(|names| names.contains(&i)))
+                    .map(|(&j, &cost)| (cost, j))
+                    .min()
+                    .map(|(_, j)| j);
+                prop_assert_eq!(found[k], owner, "{} from junction {}", of, from);
+            }
+        }
+    }
 }
