@@ -39,15 +39,20 @@ pub fn port_lane(port: u16) -> u32 {
 /// The lane of lookups, replies and call outcomes.
 pub const CALL_LANE: u32 = REMOTE_LANE_BASE + REMOTE_LANES - 1;
 
-/// A port of the owner junction, as holders name it: its number and the
-/// generation of that number, so a message for a dead port never reaches a
-/// newer one that reuses the number.
+/// A port of the owner junction as one holder junction reaches it: the
+/// port's number and the generation of that number, so a message for a dead
+/// port never reaches a newer one that reuses the number, and the export:
+/// the owner's record of what it granted that holder, with the limits it
+/// granted (expiry, revocable lineages, budget), which it checks on every
+/// use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RemotePort {
     /// Its number on the owner junction.
     pub port: u16,
     /// The generation of that number.
     pub generation: u32,
+    /// The export, chosen by the owner.
+    pub export: u32,
 }
 
 /// A capability travelling with a message between two junctions.
@@ -274,7 +279,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn port(port: u16, generation: u32) -> RemotePort {
-        RemotePort { port, generation }
+        RemotePort {
+            port,
+            generation,
+            export: 2,
+        }
     }
 
     /// The examples in docs/protocol.md, section 16, byte for byte.
@@ -296,8 +305,8 @@ mod tests {
         assert_eq!(
             &bytes[..],
             [
-                0x03, 0x05, 0x01, 0xAC, 0x02, 0x01, 0x07, 0x00, 0x09, 0x00, 0x01, 0x00, 0x08, 0x00,
-                0x05, b'h', b'i'
+                0x03, 0x05, 0x01, 0x02, 0xAC, 0x02, 0x01, 0x07, 0x00, 0x09, 0x00, 0x01, 0x00, 0x08,
+                0x00, 0x02, 0x05, b'h', b'i'
             ]
         );
         assert_eq!(decode(&bytes).unwrap(), (send, Bytes::from_static(b"hi")));
@@ -308,7 +317,7 @@ mod tests {
             count: 2,
         };
         let bytes = to_bytes(&settled, b"");
-        assert_eq!(&bytes[..], [0x04, 0x05, 0x01, 0xAC, 0x02, 0x02]);
+        assert_eq!(&bytes[..], [0x04, 0x05, 0x01, 0x02, 0xAC, 0x02, 0x02]);
         assert_eq!(decode(&bytes).unwrap(), (settled, Bytes::new()));
 
         let lookup = RemoteFrame::Lookup {
@@ -322,12 +331,12 @@ mod tests {
             port: port(5, 1),
             reason: Reason::PortClosed,
         };
-        assert_eq!(&to_bytes(&dead, b"")[..], [0x06, 0x05, 0x01, 0x00]);
+        assert_eq!(&to_bytes(&dead, b"")[..], [0x06, 0x05, 0x01, 0x02, 0x00]);
         let release = RemoteFrame::Release {
             port: port(5, 1),
             grants: 3,
         };
-        assert_eq!(&to_bytes(&release, b"")[..], [0x07, 0x05, 0x01, 0x03]);
+        assert_eq!(&to_bytes(&release, b"")[..], [0x07, 0x05, 0x01, 0x02, 0x03]);
     }
 
     #[test]
@@ -337,7 +346,7 @@ mod tests {
             Err(RemoteFrameError::BadHeader(_))
         ));
         assert_eq!(
-            decode(&Bytes::from_static(&[0x06, 0x05, 0x01, 0x00, 0xFF])),
+            decode(&Bytes::from_static(&[0x06, 0x05, 0x01, 0x02, 0x00, 0xFF])),
             Err(RemoteFrameError::TrailingBytes { len: 1 })
         );
         assert_eq!(

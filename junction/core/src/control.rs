@@ -51,6 +51,7 @@ impl Core {
                 reply: None,
                 is_reply: true,
                 junction: 0,
+                export: 0,
                 n: 0,
             });
         }

@@ -857,6 +857,35 @@ impl Core {
         self.out.pop_front()
     }
 
+    /// The table of what this junction exports to junction `holder`: a
+    /// party that holds capabilities and sends nothing, never a driver
+    /// connection; its handle limit is `max_handles`.
+    fn new_party(&mut self, holder: u16) -> ConnId {
+        let conn = Conn {
+            peer: Peer::default(),
+            label: format!("exports to junction {holder}"),
+            ready: false,
+            home: 0,
+            ports: Vec::new(),
+            caps: CapTable::new(self.config.max_handles),
+            lanes: Lanes::default(),
+            pending_calls: 0,
+            calls: HashMap::new(),
+            serial: self.next_serial,
+            nonce: [0; 32],
+            identity: None,
+            identity_until: 0,
+            authentication_failed: false,
+        };
+        self.next_serial += 1;
+        let serial = conn.serial;
+        let key = self
+            .conns
+            .insert(conn)
+            .expect("connection slots are 32-bit; the OS runs out of sockets first");
+        ConnId { key, serial }
+    }
+
     /// A new connection arrived; it must deliver a whole Hello frame within
     /// the configured `hello_timeout`, or be closed.
     pub fn handle_connected(&mut self, peer: Peer, now: Now) -> ConnId {
@@ -927,6 +956,9 @@ impl Core {
             })
             .collect();
         for conn in conns {
+            if self.remote.is_party(conn) {
+                continue;
+            }
             self.frame(
                 conn,
                 Header::Goodbye {
@@ -1190,6 +1222,9 @@ impl Core {
         cap.dead = Some(reason);
         if cap.watched {
             self.frame(conn, Header::Dead { handle, reason });
+        }
+        if self.remote.is_party(conn) {
+            self.export_died(conn, handle, reason);
         }
     }
 

@@ -433,6 +433,7 @@ impl Core {
                 reply,
                 is_reply,
                 junction: 0,
+                export: 0,
                 n: 0,
             });
         }
@@ -644,7 +645,7 @@ impl Core {
                     replies += 1;
                 }
                 if entry.junction != 0 {
-                    settled.push((entry.junction, entry.n, entry.cost));
+                    settled.push((entry.junction, entry.export, entry.n, entry.cost));
                 }
                 if let Some(at) = entry.flow {
                     match returns.last_mut() {

@@ -56,6 +56,8 @@ pub(crate) struct InFlight {
     /// port, this junction's number for it.
     pub(crate) junction: u16,
     pub(crate) n: u64,
+    /// For a message from another junction: the export it came by.
+    pub(crate) export: u32,
 }
 
 /// Every port, by number. Numbers are one 16-bit space shared by all

@@ -13,13 +13,19 @@
 //!   is not held up. When C says the port died, the stand-in dies with the
 //!   same reason, and its watchers and the senders of what was in flight
 //!   hear as they do locally.
-//! - **Exports are counted grants.** C keeps, per port and holder junction,
-//!   how many grants it made (a lookup answered, a capability passed in a
-//!   message) and the holder gives them back when its last capability to the
-//!   stand-in is gone ([`RemoteFrame::Release`]). The holder counts as one
+//! - **Exports are anchored capabilities.** What C grants junction A is a
+//!   capability C itself keeps for A, in a table of A's exports (a party
+//!   keyed by junction id, not a driver connection: it sends nothing and
+//!   its limits are A's alone), holding exactly what was granted: rights,
+//!   expiry, revocable lineages, budget. Every message from A names its
+//!   export and C checks it there, so revocation, expiry and budgets hold
+//!   across junctions as they do locally, whatever A does; when one ends
+//!   the export, A hears ([`RemoteFrame::Dead`]). C counts the grants it
+//!   made of each export (a lookup answered, a capability passed in a
+//!   message), and A gives them back when its last capability to the
+//!   stand-in is gone ([`RemoteFrame::Release`]); the anchor counts as a
 //!   sender of the port meanwhile, so a port's no-senders notice waits for
-//!   every junction. C checks every message against its exports: a junction
-//!   it never granted the port to reaches nothing.
+//!   every junction. A junction C never granted a port reaches nothing.
 //! - **Calls** are answered through a stand-in per calling junction
 //!   ([`Proxy::Replies`]): the callee's reply capability reaches it, and a
 //!   reply, or the capability's death, goes back as [`RemoteFrame::Reply`]
@@ -50,7 +56,7 @@ use junction_road::{
     Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Reason, Rights,
 };
 
-use crate::caps::{CallAt, CapRef, ReplyRoute};
+use crate::caps::{CallAt, Cap, CapRef, ReplyRoute, Target};
 use crate::control::refused;
 use crate::path::Envelope;
 use crate::ports::{InFlight, PortTable, port_key};
@@ -81,15 +87,12 @@ pub(crate) enum Proxy {
     },
 }
 
-/// What this junction exports of one port to one holder junction.
+/// What this junction exports to one holder junction: the grants of one
+/// anchor capability in the holder's export table.
 #[derive(Debug, Clone, Copy)]
 struct Export {
-    /// The port's generation.
-    generation: u32,
     /// Grants made and not released.
     grants: u32,
-    /// The widest rights granted.
-    rights: Rights,
     /// Credit units of the holder's messages delivered and not consumed.
     units: u32,
 }
@@ -109,8 +112,10 @@ pub(crate) struct Remote {
     imports: HashMap<(u16, RemotePort), Key>,
     /// Stand-ins for calls from each junction.
     replies: HashMap<u16, Key>,
-    /// Exports by (port number, holder junction).
-    exports: BTreeMap<(u16, u16), Export>,
+    /// Exports by (port number, holder junction, anchor handle).
+    exports: BTreeMap<(u16, u16, u32), Export>,
+    /// Each holder junction's table of anchors.
+    parties: HashMap<u16, ConnId>,
     /// Calls made from here to another junction: (callee junction, call id)
     /// to the caller and its tag.
     calls_out: HashMap<(u16, u64), (ConnId, u64)>,
@@ -157,6 +162,11 @@ impl Remote {
             Some(Proxy::Replies { caller }) => Address::new(caller, 0),
             None => Address::new(me, number),
         }
+    }
+
+    /// Whether `conn` is a holder junction's table of exports.
+    pub(crate) fn is_party(&self, conn: ConnId) -> bool {
+        self.parties.values().any(|&p| p == conn)
     }
 
     /// Entries held, for the footprint: imports, exports, calls, lookups,
@@ -309,21 +319,136 @@ impl Core {
         }
     }
 
-    /// Every export to `holder` ends: it no longer counts as a sender.
+    /// Every export to `holder` ends: its anchors leave their table, and
+    /// it no longer counts as a sender.
     fn drop_exports_of(&mut self, holder: u16) {
-        let gone: Vec<(u16, u16)> = self
+        self.remote.exports.retain(|&(_, h, _), _| h != holder);
+        self.remote.unreachable.remove(&holder);
+        if let Some(party) = self.remote.parties.remove(&holder) {
+            self.forget(party, Reason::JunctionRestarted);
+        }
+    }
+
+    /// Holder junction `holder`'s table of exports, made on first use.
+    fn party(&mut self, holder: u16) -> Option<ConnId> {
+        if let Some(&party) = self.remote.parties.get(&holder) {
+            return Some(party);
+        }
+        let party = self.new_party(holder);
+        self.remote.parties.insert(holder, party);
+        Some(party)
+    }
+
+    /// A capability like `source` (same port, rights, expiry, lineages and
+    /// budgets) exported to `holder`: an anchor already made for it gets
+    /// one grant more, else a new anchor. `None` when the holder's table of
+    /// exports is full.
+    fn export(&mut self, holder: u16, source: &Cap) -> Option<RemotePort> {
+        let key = source.port();
+        let number = key.index as u16;
+        let party = self.party(holder)?;
+        let same = |a: &Cap| {
+            a.port() == key
+                && a.rights == source.rights
+                && a.expires_at == source.expires_at
+                && a.lineages == source.lineages
+                && a.budgets == source.budgets
+                && a.dead.is_none()
+        };
+        let found = self
             .remote
             .exports
-            .keys()
-            .filter(|(_, h)| *h == holder)
-            .copied()
-            .collect();
-        for k in gone {
-            if let Some(e) = self.remote.exports.remove(&k) {
-                self.sender_gone(port_key(k.0, e.generation));
+            .range((number, holder, 0)..=(number, holder, u32::MAX))
+            .map(|(&(_, _, anchor), _)| anchor)
+            .find(|&anchor| self.cap(party, anchor).is_some_and(same));
+        let anchor = match found {
+            Some(anchor) => {
+                if let Some(e) = self.remote.exports.get_mut(&(number, holder, anchor)) {
+                    e.grants += 1;
+                }
+                anchor
+            }
+            None => {
+                let flow = self.new_flow();
+                let mut copy = source.copy(flow);
+                copy.reply_to = None;
+                let anchor = self.insert_cap(party, copy)?;
+                self.remote.exports.insert(
+                    (number, holder, anchor),
+                    Export {
+                        grants: 1,
+                        units: 0,
+                    },
+                );
+                anchor
+            }
+        };
+        Some(RemotePort {
+            port: number,
+            generation: key.generation,
+            export: anchor,
+        })
+    }
+
+    /// The table and anchor of `port`'s export to `from`, if it is one.
+    fn anchor(&self, from: u16, port: RemotePort) -> Option<(ConnId, &Cap)> {
+        let party = *self.remote.parties.get(&from)?;
+        if !self
+            .remote
+            .exports
+            .contains_key(&(port.port, from, port.export))
+        {
+            return None;
+        }
+        let cap = self.cap(party, port.export)?;
+        (cap.port() == port_key(port.port, port.generation)).then_some((party, cap))
+    }
+
+    /// An anchor died on its own (revoked, expired, budget spent): its
+    /// holder junction hears, and the export ends.
+    pub(crate) fn export_died(&mut self, party: ConnId, anchor: u32, reason: Reason) {
+        let Some(holder) = self
+            .remote
+            .parties
+            .iter()
+            .find(|&(_, &p)| p == party)
+            .map(|(&h, _)| h)
+        else {
+            return;
+        };
+        let Some(key) = self.cap(party, anchor).map(|c| c.port()) else {
+            return;
+        };
+        let port = RemotePort {
+            port: key.index as u16,
+            generation: key.generation,
+            export: anchor,
+        };
+        self.remote.exports.remove(&(port.port, holder, anchor));
+        if let Some(cap) = self.take_cap(party, anchor) {
+            self.sender_gone(cap.port());
+        }
+        self.ship(
+            holder,
+            port_lane(port.port),
+            &RemoteFrame::Dead { port, reason },
+            &[],
+        );
+    }
+
+    /// Junction `from` gives back `grants` grants of an export.
+    fn released(&mut self, from: u16, port: RemotePort, grants: u32) {
+        let k = (port.port, from, port.export);
+        let Some(party) = self.anchor(from, port).map(|(p, _)| p) else {
+            return;
+        };
+        if let Some(e) = self.remote.exports.get_mut(&k) {
+            e.grants = e.grants.saturating_sub(grants);
+            if e.grants == 0 {
+                self.remote.exports.remove(&k);
+                self.remove_cap(party, port.export, Reason::ReplyDropped);
             }
         }
-        self.remote.unreachable.remove(&holder);
     }
 
     /// Leases: a holder junction that stayed unreachable for
@@ -331,13 +456,7 @@ impl Core {
     pub(crate) fn remote_timeout(&mut self) {
         let now = self.now.instant;
         let lease = self.config.export_lease;
-        let holders: Vec<u16> = {
-            let mut h: Vec<u16> = self.remote.exports.keys().map(|&(_, h)| h).collect();
-            h.dedup();
-            h.sort_unstable();
-            h.dedup();
-            h
-        };
+        let holders: Vec<u16> = self.remote.parties.keys().copied().collect();
         for holder in holders {
             if self.router.route(holder).is_some() {
                 self.remote.unreachable.remove(&holder);
@@ -392,13 +511,21 @@ impl Core {
 
     /// The reachable junction that announces `name`.
     fn name_owner(&mut self, name: &ServiceName) -> Option<u16> {
-        let _ = name;
-        None
+        self.router.owner_of(name)
     }
 
-    /// Routing announces these names for this junction.
+    /// Routing announces these names for this junction; past its bound,
+    /// the names announced before stay, and other junctions do not find
+    /// the new ones.
     fn router_names(&mut self, names: Vec<ServiceName>) {
-        let _ = names;
+        if let Err(e) = self.router.announce_names(names)
+            && let Some(unlogged) = self.quiet.routing.admit(self.now.instant)
+        {
+            tracing::warn!(
+                "names registered here are not announced to other junctions: {e}{}",
+                quiet::more(unlogged)
+            );
+        }
     }
 
     /// A message admitted on a capability to stand-in `key`: it goes to
@@ -520,6 +647,7 @@ impl Core {
                 reply: None,
                 is_reply: false,
                 junction: 0,
+                export: 0,
                 n,
             });
         }
@@ -541,19 +669,21 @@ impl Core {
     }
 
     /// The capabilities a message to junction `to` carries, as they travel;
-    /// checked first, so that a refusal changes nothing. Exports are
-    /// counted here.
+    /// checked first, so that a refusal changes nothing but the exports it
+    /// made. A capability to a port here is exported to `to`; one to a
+    /// port of `to` goes home; one to a port of a third junction cannot go.
     fn carry(&mut self, envelope: &Envelope, to: u16) -> Result<Vec<Carried>, Refusal> {
         let caps = &envelope.caps;
         if caps.is_empty() {
             return Ok(Vec::new());
         }
-        let Some(c) = self.conns.get(envelope.from.key()) else {
+        let from = envelope.from;
+        let Some(c) = self.conns.get(from.key()) else {
             return Err(Refusal::UnknownHandle {
                 handle: envelope.via,
             });
         };
-        let mut carried = Vec::with_capacity(caps.len());
+        let mut sources = Vec::with_capacity(caps.len());
         for (i, &handle) in caps.iter().enumerate() {
             if caps[..i].contains(&handle) || handle == envelope.via {
                 return Err(Refusal::RepeatedAttachment { handle });
@@ -571,19 +701,9 @@ impl Core {
                     why: "it is a reply capability, which answers its call on this junction".into(),
                 });
             }
-            let key = cap.port();
-            let remote_port = RemotePort {
-                port: key.index as u16,
-                generation: key.generation,
-            };
-            carried.push(match self.ports.get(key).and_then(|p| p.proxy) {
-                None => Carried::Grant {
-                    port: remote_port,
-                    rights,
-                },
-                Some(Proxy::Import { owner, port, .. }) if owner == to => {
-                    Carried::Home { port, rights }
-                }
+            match self.ports.get(cap.port()).and_then(|p| p.proxy) {
+                None => {}
+                Some(Proxy::Import { owner, .. }) if owner == to => {}
                 Some(Proxy::Import { owner, .. }) => {
                     return Err(Refusal::CannotCross {
                         handle,
@@ -598,11 +718,26 @@ impl Core {
                         why: "it answers a call from another junction".into(),
                     });
                 }
-            });
+            }
+            sources.push(cap.clone());
         }
-        for item in &carried {
-            if let Carried::Grant { port, rights } = *item {
-                self.export(to, port, rights);
+        let mut carried = Vec::with_capacity(sources.len());
+        for (source, &handle) in sources.iter().zip(caps) {
+            let rights = source.rights;
+            match self.ports.get(source.port()).and_then(|p| p.proxy) {
+                Some(Proxy::Import { port, .. }) => carried.push(Carried::Home { port, rights }),
+                _ => match self.export(to, source) {
+                    Some(port) => carried.push(Carried::Grant { port, rights }),
+                    None => {
+                        let limit = self.config.max_handles;
+                        return Err(Refusal::CannotCross {
+                            handle,
+                            why: format!(
+                                "this junction exports {limit} capabilities to junction {to} already, the most it keeps"
+                            ),
+                        });
+                    }
+                },
             }
         }
         Ok(carried)
@@ -616,44 +751,6 @@ impl Core {
                 && let Some(cap) = self.take_cap(from, handle)
             {
                 self.sender_gone(cap.port());
-            }
-        }
-    }
-
-    /// One grant more of local `port` to junction `holder`.
-    fn export(&mut self, holder: u16, port: RemotePort, rights: Rights) {
-        let key = port_key(port.port, port.generation);
-        if self.ports.get(key).is_none_or(|p| p.owner.is_none()) {
-            // Dead already: the holder hears so when it uses it.
-            return;
-        }
-        let entry = self.remote.exports.entry((port.port, holder));
-        match entry {
-            std::collections::btree_map::Entry::Occupied(mut e)
-                if e.get().generation == port.generation =>
-            {
-                let e = e.get_mut();
-                e.grants += 1;
-                e.rights = e.rights | rights;
-            }
-            entry => {
-                let fresh = Export {
-                    generation: port.generation,
-                    grants: 1,
-                    rights,
-                    units: 0,
-                };
-                match entry {
-                    std::collections::btree_map::Entry::Occupied(mut e) => {
-                        *e.get_mut() = fresh;
-                    }
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(fresh);
-                    }
-                }
-                if let Some(p) = self.ports.get_mut(key) {
-                    p.senders += 1;
-                }
             }
         }
     }
@@ -748,20 +845,27 @@ impl Core {
             None => {}
         }
         let number = key.index as u16;
-        let holders: Vec<(u16, Export)> = self
+        let exports: Vec<(u16, u32)> = self
             .remote
             .exports
-            .range((number, 0)..=(number, u16::MAX))
-            .map(|(&(_, h), &e)| (h, e))
+            .range((number, 0, 0)..=(number, u16::MAX, u32::MAX))
+            .map(|(&(_, h, a), _)| (h, a))
             .collect();
-        for (holder, e) in holders {
-            self.remote.exports.remove(&(number, holder));
-            if e.generation != key.generation {
+        for (holder, anchor) in exports {
+            self.remote.exports.remove(&(number, holder, anchor));
+            let Some(&party) = self.remote.parties.get(&holder) else {
+                continue;
+            };
+            // The anchor goes with its port.
+            let generation = self.cap(party, anchor).map(|c| c.port().generation);
+            self.take_cap(party, anchor);
+            if generation != Some(key.generation) {
                 continue;
             }
             let port = RemotePort {
                 port: number,
-                generation: e.generation,
+                generation: key.generation,
+                export: anchor,
             };
             self.ship(
                 holder,
@@ -773,26 +877,28 @@ impl Core {
     }
 
     /// Consumption of messages from other junctions, reported by the owner
-    /// of port `key`: (junction, number) per message, oldest first.
-    pub(crate) fn remote_settled(&mut self, key: Key, settled: &[(u16, u64, u32)]) {
-        let port = RemotePort {
-            port: key.index as u16,
-            generation: key.generation,
-        };
+    /// of port `key`: (junction, export, number, cost) per message, oldest
+    /// first.
+    pub(crate) fn remote_settled(&mut self, key: Key, settled: &[(u16, u32, u64, u32)]) {
         let mut i = 0;
         while i < settled.len() {
-            let (junction, first, cost) = settled[i];
+            let (junction, export, first, cost) = settled[i];
             let mut count = 1u32;
             let mut units = cost;
-            while let Some(&(j, n, cost)) = settled.get(i + count as usize)
-                && j == junction
+            while let Some(&(j, e, n, cost)) = settled.get(i + count as usize)
+                && (j, e) == (junction, export)
                 && n == first + u64::from(count)
             {
                 count += 1;
                 units += cost;
             }
             i += count as usize;
-            if let Some(e) = self.remote.exports.get_mut(&(port.port, junction)) {
+            let port = RemotePort {
+                port: key.index as u16,
+                generation: key.generation,
+                export,
+            };
+            if let Some(e) = self.remote.exports.get_mut(&(port.port, junction, export)) {
                 e.units = e.units.saturating_sub(units);
             }
             self.ship(
@@ -902,18 +1008,7 @@ impl Core {
                     self.kill_port(key, reason);
                 }
             }
-            RemoteFrame::Release { port, grants } => {
-                let k = (port.port, from);
-                if let Some(e) = self.remote.exports.get_mut(&k)
-                    && e.generation == port.generation
-                {
-                    e.grants = e.grants.saturating_sub(grants);
-                    if e.grants == 0 {
-                        self.remote.exports.remove(&k);
-                        self.sender_gone(port_key(port.port, port.generation));
-                    }
-                }
-            }
+            RemoteFrame::Release { port, grants } => self.released(from, port, grants),
             RemoteFrame::Reply { call, caps } => self.remote_reply(from, call, caps, payload),
             RemoteFrame::CallFailed { call, reason } => self.remote_call_ended(from, call, reason),
             RemoteFrame::Cancel { call } => {
@@ -949,11 +1044,22 @@ impl Core {
             );
             return;
         };
-        let port = RemotePort {
-            port: reg.port.index as u16,
-            generation: reg.port.generation,
+        let flow = self.new_flow();
+        let source = Cap::new(Target::Local(reg.port), reg.rights, None, flow);
+        let Some(port) = self.export(from, &source) else {
+            let limit = self.config.max_handles;
+            let message = format!(
+                "junction {} exports {limit} capabilities to junction {from} already, the most it keeps",
+                self.config.junction
+            );
+            self.ship(
+                from,
+                CALL_LANE,
+                &RemoteFrame::NotFound { req, message },
+                &[],
+            );
+            return;
         };
-        self.export(from, port, reg.rights);
         let frame = RemoteFrame::Found {
             req,
             port,
@@ -1098,7 +1204,9 @@ impl Core {
         }
     }
 
-    /// A message from a driver on junction `from` to a port here.
+    /// A message from a driver on junction `from` to a port here, by the
+    /// export it names; checked there as a local send is checked on its
+    /// capability.
     fn remote_send(&mut self, from: u16, send: RemoteSend, payload: Bytes) {
         let RemoteSend {
             port,
@@ -1125,32 +1233,56 @@ impl Core {
             return;
         }
         let owner = self.ports.get(key).and_then(|p| p.owner);
-        let export = self
-            .remote
-            .exports
-            .get(&(port.port, from))
-            .filter(|e| e.generation == port.generation)
-            .copied();
-        let (Some(owner), Some(export)) = (owner, export) else {
-            if owner.is_none() {
+        let now = self.now.unix;
+        let anchor = self.anchor(from, port).map(|(party, cap)| {
+            let dead = cap
+                .dead
+                .or(cap
+                    .expires_at
+                    .is_some_and(|at| now >= at)
+                    .then_some(Reason::Expired))
+                .or(self
+                    .books
+                    .exhausted(&cap.budgets)
+                    .then_some(Reason::Exhausted));
+            (party, dead, cap.budgets.clone())
+        });
+        let (party, budgets) = match (owner, anchor) {
+            (Some(_), Some((party, None, budgets))) => (party, budgets),
+            (_, Some((party, Some(reason), _))) => {
+                // Dead on its own; the holder hears now if it has not.
+                self.cap_died(party, port.export, reason, |_| true);
+                self.ship(from, lane, &RemoteFrame::Dead { port, reason }, &[]);
+                return;
+            }
+            (None, _) => {
                 let reason = self.ports.death_reason(key);
                 self.ship(from, lane, &RemoteFrame::Dead { port, reason }, &[]);
-            } else {
+                return;
+            }
+            (Some(_), None) => {
                 let why = format!(
                     "junction {from} holds no capability to port {}",
                     Address::new(self.config.junction, port.port)
                 );
                 self.refuse_remote(from, &why);
                 self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+                return;
             }
+        };
+        let Some(owner) = owner else {
             return;
         };
         let cost = credit_cost(payload.len());
         let limit = self.config.window.saturating_mul(IMPORT_WINDOWS);
-        if export.units > 0 && export.units + cost > limit {
+        let units = self
+            .remote
+            .exports
+            .get(&(port.port, from, port.export))
+            .map_or(0, |e| e.units);
+        if units > 0 && units + cost > limit {
             let why = format!(
-                "junction {from} has {} credit units in flight to this port, the most is {limit}",
-                export.units
+                "junction {from} has {units} credit units in flight to this port, the most is {limit}"
             );
             self.refuse_remote(from, &why);
             self.ship(from, lane, &refuse(ErrorCode::NoCredit, why), &[]);
@@ -1166,17 +1298,16 @@ impl Core {
             self.ship(from, lane, &refuse(ErrorCode::TooManyHandles, why), &[]);
             return;
         }
-        // A capability coming home must be one this junction gave `from`.
+        // A capability coming home must be one this junction gave `from`,
+        // alive, with at least the rights it comes with.
         for item in &caps {
             if let Carried::Home { port: home, rights } = *item {
                 let given = self
-                    .remote
-                    .exports
-                    .get(&(home.port, from))
-                    .is_some_and(|e| e.generation == home.generation && e.rights.contains(rights));
+                    .anchor(from, home)
+                    .is_some_and(|(_, a)| a.dead.is_none() && a.rights.contains(rights));
                 if !given {
                     let why = format!(
-                        "junction {from} passed on a capability to port {} it was never given",
+                        "junction {from} passed on a capability to port {} it does not hold",
                         Address::new(self.config.junction, home.port)
                     );
                     self.refuse_remote(from, &why);
@@ -1185,6 +1316,8 @@ impl Core {
                 }
             }
         }
+        // One message from each budget the export draws from, as locally.
+        let exhausted = !budgets.is_empty() && self.books.spend(&budgets);
         let granted = self.receive_carried(from, owner, &caps);
         let reply = if call != 0 {
             let route = ReplyRoute::Remote {
@@ -1201,7 +1334,7 @@ impl Core {
         } else {
             None
         };
-        if let Some(e) = self.remote.exports.get_mut(&(port.port, from)) {
+        if let Some(e) = self.remote.exports.get_mut(&(port.port, from, port.export)) {
             e.units += cost;
         }
         if let Some(p) = self.ports.get_mut(key) {
@@ -1212,6 +1345,7 @@ impl Core {
                 reply,
                 is_reply: false,
                 junction: from,
+                export: port.export,
                 n,
             });
         }
@@ -1228,6 +1362,9 @@ impl Core {
             conn: owner,
             frame: Frame::with_payload(Header::Deliver(deliver), payload),
         });
+        if exhausted {
+            self.budget_spent(party, port.export);
+        }
     }
 
     /// Capabilities that came from junction `from`, into `to`'s table.
@@ -1293,6 +1430,7 @@ impl Core {
                 reply: None,
                 is_reply: true,
                 junction: 0,
+                export: 0,
                 n: 0,
             });
         }
