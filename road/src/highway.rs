@@ -1,9 +1,10 @@
 //! What junctions say to each other over a Highway: the junction-to-junction
 //! protocol, apart from the driver protocol in [`crate::frame`].
 //!
-//! This first part is routing. Each junction describes its own live links in
-//! a [`LinkState`] and floods it to the whole bus; every junction keeps the
-//! newest description from each, and computes routes from them (see
+//! This first part is routing. Each junction describes its own live links,
+//! and the service names registered on it, in a [`LinkState`] and floods it
+//! to the whole bus; every junction keeps the newest description from each,
+//! computes routes from them, and finds names' owners by them (see
 //! `junction-core`'s routing module). docs/protocol.md, part 2, gives the
 //! bytes.
 
@@ -133,7 +134,8 @@ pub const MAX_ANNOUNCED_NAMES: usize = 1024;
 /// Without it, 1024 names of 255 bytes would make a link state of 260 KB.
 pub const MAX_ANNOUNCED_NAME_BYTES: usize = 32 * 1024;
 
-/// One junction's description of its live links, flooded to every junction.
+/// One junction's description of its live links and of the service names
+/// registered on it, flooded to every junction.
 ///
 /// A newer description replaces an older one: newer means a greater
 /// `incarnation`, or the same incarnation and a greater `seq`.

@@ -1046,3 +1046,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_restarted_junction_announces_afresh() {
+    let mut net = Net::new([1, 2, 3]);
+    net.heal(1, 2, 1);
+    net.heal(2, 3, 1);
+    net.announce(3, &["echo", "old"]);
+    net.settle();
+    assert_eq!(net.owners_of("old"), [Some(3); 3]);
+    // 3 restarts with other names: its new life's first description
+    // replaces the old one's names everywhere.
+    net.cut(2, 3);
+    net.routers.insert(3, net.authority.router(3, 2, 64));
+    net.announce(3, &["echo", "new"]);
+    net.heal(2, 3, 1);
+    net.settle();
+    assert_eq!(net.owners_of("old"), [None; 3]);
+    assert_eq!(net.owners_of("new"), [Some(3); 3]);
+    assert_eq!(net.owners_of("echo"), [Some(3); 3]);
+    net.indexes_match_databases();
+}
