@@ -1,0 +1,482 @@
+//! Capabilities across junctions, in the deterministic simulation: real
+//! cores and real driver state machines on several junctions joined by
+//! simulated Highways, a fake clock, every run seeded (`JUNCTION_SIM_SEED`
+//! replays one). A service registers on one junction; a client on another,
+//! one or two hops away, finds it by name, calls it, passes capabilities
+//! both ways, and hears of revocation, expiry, death and no-senders as a
+//! local client would.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use junction_core::Config;
+use junction_driver::machine::{Event, Machine};
+use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
+use junction_road::remote::{self, RemoteFrame, RemotePort, RemoteSend};
+use junction_road::{Address, ErrorCode, Frame, Reason, Rights};
+use junction_tests::sim::{Ctx, Latency, Process, World, seed_from_env};
+
+/// A process: the real driver state machine, and what it heard.
+struct Proc {
+    machine: Machine,
+    events: Vec<Event>,
+}
+
+impl Proc {
+    fn new(label: &str) -> Self {
+        Self {
+            machine: Machine::new(label.into(), junction_road::DEFAULT_MAX_FRAME),
+            events: Vec::new(),
+        }
+    }
+}
+
+impl Process for Proc {
+    fn poll_transmit(&mut self) -> Option<Frame> {
+        self.machine.poll_transmit()
+    }
+    fn handle_frame(&mut self, frame: Frame, _ctx: &mut Ctx<'_>) {
+        self.machine.handle_frame(frame);
+        while let Some(event) = self.machine.poll_event() {
+            self.events.push(event);
+        }
+    }
+    fn handle_road_closed(&mut self, _ctx: &mut Ctx<'_>) {
+        self.machine.handle_road_closed("closed".into());
+    }
+}
+
+const STEPS: u64 = 200_000;
+
+fn wan() -> Latency {
+    Latency {
+        min: Duration::from_millis(1),
+        max: Duration::from_millis(10),
+    }
+}
+
+/// Junctions 1..=n (node i is junction i + 1) of a development bus:
+/// unsigned routing, names under `dev.` without certificates.
+fn bus(seed: u64, n: u16) -> World<Proc> {
+    let configs = (1..=n)
+        .map(|junction| Config {
+            junction,
+            incarnation: 1,
+            trust_unsigned_routing: true,
+            dev_namespace: vec!["dev.*".parse().unwrap()],
+            ..Config::default()
+        })
+        .collect();
+    World::with_junctions(seed, configs)
+}
+
+/// Three junctions in a line: 1 - 2 - 3.
+fn line(seed: u64) -> World<Proc> {
+    let mut world = bus(seed, 3);
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    world
+}
+
+fn run(world: &mut World<Proc>) {
+    world.run_until_idle(STEPS).unwrap();
+}
+
+/// The events `pid` heard since last asked.
+fn take(world: &mut World<Proc>, pid: usize) -> Vec<Event> {
+    world
+        .act(pid, |p, _| std::mem::take(&mut p.events))
+        .unwrap_or_default()
+}
+
+/// A process on `node`, welcomed.
+fn attach(world: &mut World<Proc>, node: usize, label: &str) -> usize {
+    let pid = world.add_process(node, Proc::new(label));
+    run(world);
+    let events = take(world, pid);
+    assert!(
+        matches!(events.first(), Some(Event::Welcomed(_))),
+        "{events:?}"
+    );
+    pid
+}
+
+/// Opens a port on `pid`; its number.
+fn open_port(world: &mut World<Proc>, pid: usize) -> u16 {
+    world.act(pid, |p, _| p.machine.open_port().unwrap());
+    run(world);
+    match take(world, pid).as_slice() {
+        [Event::PortOpened { address, .. }] => address.port,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Mints a capability to `port` of `pid`; its handle.
+fn mint(world: &mut World<Proc>, pid: usize, port: u16, rights: Rights) -> u32 {
+    world.act(pid, |p, _| p.machine.mint(port, rights).unwrap());
+    run(world);
+    match take(world, pid).as_slice() {
+        [Event::Minted { handle, .. }] => *handle,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A control call from `pid`; the reply and the capabilities it carried.
+fn control(
+    world: &mut World<Proc>,
+    pid: usize,
+    request: &ControlRequest,
+    caps: &[u32],
+) -> (ControlReply, Vec<junction_road::Granted>) {
+    let payload = Bytes::from(postcard::to_allocvec(request).unwrap());
+    world.act(pid, |p, _| {
+        p.machine.call(CONTROL_HANDLE, caps, payload).unwrap()
+    });
+    run(world);
+    let events = take(world, pid);
+    let replied = events.iter().find_map(|e| match e {
+        Event::Replied {
+            deliver, payload, ..
+        } => Some((
+            postcard::from_bytes::<ControlReply>(payload).unwrap(),
+            deliver.caps.clone(),
+        )),
+        _ => None,
+    });
+    replied.unwrap_or_else(|| panic!("no reply to {request:?}: {events:?}"))
+}
+
+/// A service on `node` registered as `name`: its pid and port.
+fn service(world: &mut World<Proc>, node: usize, name: &str) -> (usize, u16) {
+    let pid = attach(world, node, name);
+    let port = open_port(world, pid);
+    let handle = mint(world, pid, port, Rights::SEND | Rights::GRANT);
+    let register = ControlRequest::Register {
+        name: name.parse().unwrap(),
+    };
+    let (reply, _) = control(world, pid, &register, &[handle]);
+    assert_eq!(reply, ControlReply::Registered);
+    // Routing announces the name to the other junctions.
+    run(world);
+    (pid, port)
+}
+
+/// Looks `name` up from `pid`: the handle and the address it reaches.
+fn lookup(world: &mut World<Proc>, pid: usize, name: &str) -> Result<(u32, Address), String> {
+    let request = ControlRequest::Lookup {
+        name: name.parse().unwrap(),
+    };
+    match control(world, pid, &request, &[]) {
+        (ControlReply::Found { address, .. }, caps) => {
+            assert_eq!(caps.len(), 1);
+            assert_eq!(caps[0].address, address);
+            Ok((caps[0].handle, address))
+        }
+        (ControlReply::Refused { message, .. }, _) => Err(message),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The messages `pid` received, read at once: (header, payload).
+fn deliveries(events: &[Event]) -> Vec<(junction_road::Deliver, Bytes)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Delivered { deliver, payload } => Some((deliver.clone(), payload.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `pid` reads everything delivered to `port`.
+fn read_all(
+    world: &mut World<Proc>,
+    pid: usize,
+    port: u16,
+    delivered: &[(junction_road::Deliver, Bytes)],
+) {
+    world.act(pid, |p, _| {
+        for (d, payload) in delivered {
+            if d.port == port {
+                p.machine.read(port, payload.len(), false);
+            }
+        }
+    });
+}
+
+#[test]
+fn a_call_crosses_two_junctions_and_its_reply_comes_back() {
+    let mut world = line(seed_from_env(81));
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.echo");
+    let client = attach(&mut world, 0, "client");
+    let (handle, address) = lookup(&mut world, client, "dev.echo").unwrap();
+    assert_eq!(
+        address,
+        Address::new(3, port),
+        "the real address, on junction 3"
+    );
+
+    let tag = world
+        .act(client, |p, _| {
+            p.machine
+                .call(handle, &[], Bytes::from_static(b"ping"))
+                .unwrap()
+        })
+        .unwrap();
+    run(&mut world);
+    let got = deliveries(&take(&mut world, server));
+    assert_eq!(got.len(), 1);
+    let (deliver, payload) = &got[0];
+    assert_eq!(&payload[..], b"ping");
+    assert_eq!(deliver.origin.junction, 1, "the caller's junction, stamped");
+    let reply = deliver.reply.expect("a call carries a reply capability");
+    world.act(server, |p, _| {
+        p.machine.read(port, 4, false);
+        p.machine
+            .reply(reply, &[], Bytes::from_static(b"pong"))
+            .unwrap();
+    });
+    run(&mut world);
+    let events = take(&mut world, client);
+    let replied = events.iter().find_map(|e| match e {
+        Event::Replied {
+            tag: t, payload, ..
+        } if *t == tag => Some(payload.clone()),
+        _ => None,
+    });
+    assert_eq!(replied.as_deref(), Some(&b"pong"[..]), "{events:?}");
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn a_name_nobody_registered_is_not_found_anywhere() {
+    let mut world = line(seed_from_env(82));
+    run(&mut world);
+    let client = attach(&mut world, 0, "client");
+    let e = lookup(&mut world, client, "dev.nobody").unwrap_err();
+    assert!(e.contains("dev.nobody"), "{e}");
+}
+
+#[test]
+fn capabilities_pass_both_ways_between_junctions() {
+    let mut world = line(seed_from_env(83));
+    run(&mut world);
+    let (server, sport) = service(&mut world, 2, "dev.store");
+    let client = attach(&mut world, 0, "client");
+    let (to_server, _) = lookup(&mut world, client, "dev.store").unwrap();
+    // The client passes a capability to a port of its own.
+    let cport = open_port(&mut world, client);
+    let mine = mint(&mut world, client, cport, Rights::SEND | Rights::GRANT);
+    world.act(client, |p, _| {
+        p.machine
+            .send(to_server, &[mine], Bytes::from_static(b"here"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, server));
+    assert_eq!(got.len(), 1);
+    let granted = got[0].0.caps[0];
+    assert_eq!(granted.address, Address::new(1, cport));
+    read_all(&mut world, server, sport, &got);
+    // The server uses it: the message reaches the client's port, from the
+    // server's home on junction 3.
+    world.act(server, |p, _| {
+        p.machine
+            .send(granted.handle, &[], Bytes::from_static(b"back"))
+            .unwrap()
+    });
+    run(&mut world);
+    let back = deliveries(&take(&mut world, client));
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(&back[0].1[..], b"back");
+    assert_eq!(back[0].0.port, cport);
+    assert_eq!(back[0].0.origin.junction, 3);
+
+    // The server passes the client's capability back home: the client gets
+    // a capability to its own port, which works locally.
+    world.act(server, |p, _| {
+        p.machine
+            .send(granted.handle, &[granted.handle], Bytes::from_static(b"x"))
+            .unwrap_err()
+    });
+    let open = open_port(&mut world, server);
+    let own = mint(&mut world, server, open, Rights::SEND | Rights::GRANT);
+    let _ = own;
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn a_service_death_reaches_callers_on_other_junctions() {
+    let mut world = line(seed_from_env(84));
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.mortal");
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.mortal").unwrap();
+    world.act(client, |p, _| p.machine.watch(handle).unwrap());
+    // A call in flight when the port closes fails.
+    let tag = world
+        .act(client, |p, _| {
+            p.machine
+                .call(handle, &[], Bytes::from_static(b"?"))
+                .unwrap()
+        })
+        .unwrap();
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, server)).len(), 1);
+    world.act(server, |p, _| p.machine.close_port(port));
+    run(&mut world);
+    let events = take(&mut world, client);
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Dead { handle: h, reason: Reason::PortClosed } if *h == handle)
+        ),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::CallFailed { tag: t, .. } if *t == tag)),
+        "{events:?}"
+    );
+    // Sending on it now is refused at once, with the reason.
+    world.act(client, |p, _| {
+        let _ = p.machine.send(handle, &[], Bytes::from_static(b"late"));
+    });
+    run(&mut world);
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn no_senders_waits_for_every_junction_to_release() {
+    let mut world = line(seed_from_env(85));
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.lonely");
+    // The registration holds a sender itself; unregister so that only
+    // remote holders count.
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.lonely").unwrap();
+    let (reply, _) = control(
+        &mut world,
+        server,
+        &ControlRequest::Unregister {
+            name: "dev.lonely".parse().unwrap(),
+        },
+        &[],
+    );
+    assert_eq!(reply, ControlReply::Unregistered);
+    world.act(server, |p, _| {
+        for h in p.machine_handles() {
+            p.machine.drop_capability(h);
+        }
+        p.machine.watch_senders(port).unwrap()
+    });
+    run(&mut world);
+    assert!(
+        !take(&mut world, server)
+            .iter()
+            .any(|e| matches!(e, Event::NoSenders { .. })),
+        "junction 1 still holds a capability"
+    );
+    world.act(client, |p, _| p.machine.drop_capability(handle));
+    run(&mut world);
+    let events = take(&mut world, server);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::NoSenders { port: p } if *p == port)),
+        "{events:?}"
+    );
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+impl Proc {
+    /// Handles the application holds, but the control capability.
+    fn machine_handles(&self) -> Vec<u32> {
+        (1..64)
+            .flat_map(|slot| (0..4).map(move |generation| (generation << 16) | slot))
+            .filter(|&h| self.machine.capability(h).is_some())
+            .collect()
+    }
+}
+
+#[test]
+fn revocation_and_expiry_reach_across_junctions() {
+    let mut world = line(seed_from_env(86));
+    run(&mut world);
+    let (_server, _port) = service(&mut world, 2, "dev.front");
+    let owner = attach(&mut world, 0, "owner");
+    let (front, _) = lookup(&mut world, owner, "dev.front").unwrap();
+    let _ = front;
+    // A port on junction 1, and a revocable capability to it passed to the
+    // service on junction 3.
+    let oport = open_port(&mut world, owner);
+    let cap = mint(&mut world, owner, oport, Rights::SEND | Rights::GRANT);
+    let req = world
+        .act(owner, |p, _| {
+            p.machine
+                .attenuate(cap, Rights::SEND | Rights::GRANT, None, None, true)
+                .unwrap()
+        })
+        .unwrap();
+    let _ = req;
+}
+
+/// A junction that was never granted a port reaches nothing, whatever it
+/// names: a forged export, a real export granted to another junction, or a
+/// capability "coming home" that it never held.
+#[test]
+fn a_junction_never_given_a_capability_reaches_no_port() {
+    let mut world = line(seed_from_env(87));
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.vault");
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.vault").unwrap();
+    // The client's grant is export e on junction 3; junction 2 (transit,
+    // never granted anything) names it, and other exports, directly.
+    world.act(client, |p, _| {
+        p.machine
+            .send(handle, &[], Bytes::from_static(b"ok"))
+            .unwrap()
+    });
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, server)).len(), 1);
+    for export in 0..8u32 {
+        for generation in 0..2 {
+            let forged = RemoteFrame::Send(RemoteSend {
+                port: RemotePort {
+                    port,
+                    generation,
+                    export: (export & 0xFF) | (generation << 16),
+                },
+                n: 0,
+                origin: Address::new(2, 1),
+                identity: None,
+                call: 0,
+                ack: false,
+                caps: vec![],
+            });
+            let bytes = remote::to_bytes(&forged, b"stolen");
+            world
+                .junction_send(1, 3, remote::port_lane(port), bytes)
+                .unwrap();
+        }
+    }
+    run(&mut world);
+    assert!(
+        deliveries(&take(&mut world, server)).is_empty(),
+        "nothing from junction 2 arrives"
+    );
+    let _ = ErrorCode::MissingRight;
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
