@@ -46,8 +46,6 @@ impl Process for Proc {
     }
 }
 
-const STEPS: u64 = 200_000;
-
 fn wan() -> Latency {
     Latency {
         min: Duration::from_millis(1),
@@ -78,8 +76,11 @@ fn line(seed: u64) -> World<Proc> {
     world
 }
 
+/// Runs the world for five simulated seconds: long enough for anything in
+/// flight to arrive, short of expiries and of the sessions' deadlines.
 fn run(world: &mut World<Proc>) {
-    world.run_until_idle(STEPS).unwrap();
+    let until = world.elapsed() + Duration::from_secs(5);
+    world.run_until(until).unwrap();
 }
 
 /// The events `pid` heard since last asked.
@@ -295,16 +296,62 @@ fn capabilities_pass_both_ways_between_junctions() {
     assert_eq!(back[0].0.port, cport);
     assert_eq!(back[0].0.origin.junction, 3);
 
-    // The server passes the client's capability back home: the client gets
-    // a capability to its own port, which works locally.
+    // The client passes two capabilities to its port; the server sends
+    // on one carrying the other: it comes home, and the client holds a
+    // capability to its own port again, which works here.
+    let second = mint(&mut world, client, cport, Rights::SEND | Rights::GRANT);
+    world.act(client, |p, _| {
+        p.machine
+            .send(to_server, &[second], Bytes::from_static(b"another"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, server));
+    let other = got[0].0.caps[0];
+    read_all(&mut world, server, sport, &got);
     world.act(server, |p, _| {
         p.machine
-            .send(granted.handle, &[granted.handle], Bytes::from_static(b"x"))
-            .unwrap_err()
+            .send(
+                granted.handle,
+                &[other.handle],
+                Bytes::from_static(b"yours"),
+            )
+            .unwrap()
     });
-    let open = open_port(&mut world, server);
-    let own = mint(&mut world, server, open, Rights::SEND | Rights::GRANT);
-    let _ = own;
+    run(&mut world);
+    let back = deliveries(&take(&mut world, client));
+    assert_eq!(back.len(), 1);
+    let home = back[0].0.caps[0];
+    assert_eq!(home.address, Address::new(1, cport), "home again");
+    read_all(&mut world, client, cport, &back);
+    world.act(client, |p, _| {
+        p.machine
+            .send(home.handle, &[], Bytes::from_static(b"local"))
+            .unwrap()
+    });
+    run(&mut world);
+    let local = deliveries(&take(&mut world, client));
+    assert_eq!(local.len(), 1);
+    assert_eq!(local[0].0.origin.junction, 1);
+    read_all(&mut world, client, cport, &local);
+
+    // A capability to a port on junction 3 cannot go on to junction 2:
+    // refused with a reason, and nothing else changes.
+    let (_, _) = service(&mut world, 1, "dev.middle");
+    let (to_middle, _) = lookup(&mut world, client, "dev.middle").unwrap();
+    world.act(client, |p, _| {
+        p.machine
+            .send(to_middle, &[to_server], Bytes::from_static(b"third"))
+            .unwrap()
+    });
+    run(&mut world);
+    let events = take(&mut world, client);
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::Notice { code: ErrorCode::MissingRight, message, .. }
+                if message.contains("junction 3"))),
+        "{events:?}"
+    );
     for node in 0..3 {
         world.core_mut(node).check_invariants().unwrap();
     }
@@ -408,26 +455,132 @@ impl Proc {
     }
 }
 
+/// Attenuates `handle` of `pid`; the new handle.
+fn attenuate(
+    world: &mut World<Proc>,
+    pid: usize,
+    handle: u32,
+    expires_at: Option<u64>,
+    max_messages: Option<u32>,
+    revocable: bool,
+) -> u32 {
+    world.act(pid, |p, _| {
+        p.machine
+            .attenuate(
+                handle,
+                Rights::SEND | Rights::GRANT,
+                expires_at,
+                max_messages,
+                revocable,
+            )
+            .unwrap()
+    });
+    run(world);
+    match take(world, pid).as_slice() {
+        [Event::Minted { handle, .. }] => *handle,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Whether `events` say `handle` died of `reason`.
+fn died(events: &[Event], handle: u32, reason: Reason) -> bool {
+    events.iter().any(|e| {
+        matches!(e, Event::Dead { handle: h, reason: r } if *h == handle && *r == reason)
+            || matches!(e, Event::Undeliverable { handle: h, reason: r, .. } if *h == handle && *r == reason)
+    })
+}
+
+/// Capabilities that junction 1 grants junction 3 keep every limit they
+/// were granted with: junction 1 checks each use, so revoking, expiring
+/// or spending a capability on junction 1 ends it on junction 3, and
+/// nothing gets through after.
 #[test]
-fn revocation_and_expiry_reach_across_junctions() {
+fn revocation_expiry_and_budgets_reach_across_junctions() {
     let mut world = line(seed_from_env(86));
     run(&mut world);
-    let (_server, _port) = service(&mut world, 2, "dev.front");
+    let (server, sport) = service(&mut world, 2, "dev.front");
     let owner = attach(&mut world, 0, "owner");
     let (front, _) = lookup(&mut world, owner, "dev.front").unwrap();
-    let _ = front;
-    // A port on junction 1, and a revocable capability to it passed to the
-    // service on junction 3.
     let oport = open_port(&mut world, owner);
     let cap = mint(&mut world, owner, oport, Rights::SEND | Rights::GRANT);
-    let req = world
-        .act(owner, |p, _| {
+    let revocable = attenuate(&mut world, owner, cap, None, None, true);
+    let soon = world.now().unix + 3600;
+    let expiring = attenuate(&mut world, owner, cap, Some(soon), None, false);
+    let budgeted = attenuate(&mut world, owner, cap, None, Some(2), false);
+    world.act(owner, |p, _| {
+        p.machine
+            .send(
+                front,
+                &[revocable, expiring, budgeted],
+                Bytes::from_static(b"three"),
+            )
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, server));
+    let [r, e, b] = got[0].0.caps[..] else {
+        panic!("{got:?}");
+    };
+    read_all(&mut world, server, sport, &got);
+    world.act(server, |p, _| {
+        for g in [r, e, b] {
+            p.machine.watch(g.handle).unwrap();
             p.machine
-                .attenuate(cap, Rights::SEND | Rights::GRANT, None, None, true)
-                .unwrap()
-        })
-        .unwrap();
-    let _ = req;
+                .send(g.handle, &[], Bytes::from_static(b"works"))
+                .unwrap();
+        }
+    });
+    run(&mut world);
+    let arrived = deliveries(&take(&mut world, owner));
+    assert_eq!(
+        arrived.len(),
+        3,
+        "each works before: {:?}",
+        take(&mut world, server)
+    );
+    read_all(&mut world, owner, oport, &arrived);
+
+    // Revoked on junction 1: dead on junction 3.
+    world.act(owner, |p, _| p.machine.revoke(revocable).unwrap());
+    run(&mut world);
+    let events = take(&mut world, server);
+    assert!(died(&events, r.handle, Reason::Revoked), "{events:?}");
+    world.act(server, |p, _| {
+        let _ = p.machine.send(r.handle, &[], Bytes::from_static(b"late"));
+    });
+    run(&mut world);
+    assert!(deliveries(&take(&mut world, owner)).is_empty());
+
+    // The budget of 2: one more message, then it is spent.
+    world.act(server, |p, _| {
+        let _ = p.machine.send(b.handle, &[], Bytes::from_static(b"last"));
+    });
+    run(&mut world);
+    let events = take(&mut world, server);
+    assert!(died(&events, b.handle, Reason::Exhausted), "{events:?}");
+    let arrived = deliveries(&take(&mut world, owner));
+    assert_eq!(arrived.len(), 1, "the last of the budget arrives");
+    read_all(&mut world, owner, oport, &arrived);
+    world.act(server, |p, _| {
+        let _ = p.machine.send(b.handle, &[], Bytes::from_static(b"over"));
+    });
+    run(&mut world);
+    assert!(deliveries(&take(&mut world, owner)).is_empty());
+
+    // Expired after its hour, junction 1's clock deciding.
+    let later = world.elapsed() + Duration::from_secs(3601);
+    world.run_until(later).unwrap();
+    run(&mut world);
+    let events = take(&mut world, server);
+    assert!(died(&events, e.handle, Reason::Expired), "{events:?}");
+    world.act(server, |p, _| {
+        let _ = p.machine.send(e.handle, &[], Bytes::from_static(b"stale"));
+    });
+    run(&mut world);
+    assert!(deliveries(&take(&mut world, owner)).is_empty());
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
 }
 
 /// A junction that was never granted a port reaches nothing, whatever it

@@ -1409,6 +1409,9 @@ impl Core {
         self.books.watch_budgets(&cap.budgets, at);
         let port = cap.port();
         match self.ports.get_mut(port) {
+            Some(p) if let Some(reason) = p.proxy.and_then(|x| x.dead()) => {
+                self.cap_died(conn, handle, reason, |_| true);
+            }
             Some(p) => {
                 p.watchers.insert(at);
             }

@@ -457,7 +457,7 @@ impl Core {
     }
 
     /// A message to a dead port: the sender is told, and a call fails.
-    fn refuse_message(
+    pub(crate) fn refuse_message(
         &mut self,
         conn: ConnId,
         handle: u32,

@@ -79,12 +79,24 @@ pub(crate) enum Proxy {
         next_n: u64,
         /// Credit units of the messages in flight to it.
         units: u32,
+        /// Why every capability to it is dead, when the owner said so.
+        dead: Option<Reason>,
     },
     /// Reply capabilities for calls from junction `caller` reach it.
     Replies {
         /// The calling junction.
         caller: u16,
     },
+}
+
+impl Proxy {
+    /// Why every capability to it is dead, if the owner said so.
+    pub(crate) fn dead(self) -> Option<Reason> {
+        match self {
+            Proxy::Import { dead, .. } => dead,
+            Proxy::Replies { .. } => None,
+        }
+    }
 }
 
 /// What this junction exports to one holder junction: the grants of one
@@ -405,7 +417,9 @@ impl Core {
     }
 
     /// An anchor died on its own (revoked, expired, budget spent): its
-    /// holder junction hears, and the export ends.
+    /// holder junction hears. The dead anchor stays until the holder
+    /// releases it, so that what the holder sends meanwhile is refused
+    /// with the reason, and what it sent before is still settled.
     pub(crate) fn export_died(&mut self, party: ConnId, anchor: u32, reason: Reason) {
         let Some(holder) = self
             .remote
@@ -424,10 +438,6 @@ impl Core {
             generation: key.generation,
             export: anchor,
         };
-        self.remote.exports.remove(&(port.port, holder, anchor));
-        if let Some(cap) = self.take_cap(party, anchor) {
-            self.sender_gone(cap.port());
-        }
         self.ship(
             holder,
             port_lane(port.port),
@@ -535,6 +545,28 @@ impl Core {
             return;
         };
         let (to, lane) = match proxy {
+            Proxy::Import {
+                dead: Some(reason), ..
+            } => {
+                // Every capability to it died with its export: as a send
+                // on a dead local capability.
+                let Envelope {
+                    from,
+                    via,
+                    flow,
+                    seq,
+                    cost,
+                    call,
+                    caps,
+                    ..
+                } = envelope;
+                if let Some(at) = flow {
+                    self.settle(at, 1, cost, key.index as u16);
+                }
+                self.release_moving(from, &caps);
+                self.refuse_message(from, via, seq, call, reason);
+                return;
+            }
             Proxy::Import { owner, port, .. } => (owner, port_lane(port.port)),
             Proxy::Replies { caller } => (caller, CALL_LANE),
         };
@@ -771,6 +803,7 @@ impl Core {
             grants: 1,
             next_n: 0,
             units: 0,
+            dead: None,
         });
         match key {
             Some(key) => {
@@ -799,6 +832,34 @@ impl Core {
         let key = self.ports.open_proxy(Proxy::Replies { caller })?;
         self.remote.replies.insert(caller, key);
         Some(key)
+    }
+
+    /// The owner says an import died. A port's death (closed, owner gone,
+    /// restart) ends the stand-in and reports what was in flight
+    /// undeliverable, as locally; a capability's own death (revoked,
+    /// expired, spent) makes every capability to the stand-in dead, while
+    /// what was in flight is still settled as the owner reports it.
+    fn import_died(&mut self, from: u16, port: RemotePort, reason: Reason) {
+        let Some(&key) = self.remote.imports.get(&(from, port)) else {
+            return;
+        };
+        if !matches!(
+            reason,
+            Reason::Revoked | Reason::Expired | Reason::Exhausted
+        ) {
+            self.kill_port(key, reason);
+            return;
+        }
+        let Some(p) = self.ports.get_mut(key) else {
+            return;
+        };
+        if let Some(Proxy::Import { dead, .. }) = p.proxy.as_mut() {
+            dead.get_or_insert(reason);
+        }
+        let watchers = std::mem::take(&mut p.watchers);
+        for at in watchers {
+            self.cap_died(at.conn, at.handle, reason, |c| c.flow == at.flow);
+        }
     }
 
     /// A stand-in has no capabilities left: an import with nothing in
@@ -998,16 +1059,14 @@ impl Core {
                 code,
                 message,
             } => {
-                if call != 0 {
-                    self.forget_remote_call(from, call);
-                }
-                self.import_settled(from, port, n, 1, Some((code, message)));
+                let tag = if call != 0 {
+                    self.forget_remote_call(from, call)
+                } else {
+                    0
+                };
+                self.import_settled(from, port, n, 1, Some((code, message, tag)));
             }
-            RemoteFrame::Dead { port, reason } => {
-                if let Some(&key) = self.remote.imports.get(&(from, port)) {
-                    self.kill_port(key, reason);
-                }
-            }
+            RemoteFrame::Dead { port, reason } => self.import_died(from, port, reason),
             RemoteFrame::Release { port, grants } => self.released(from, port, grants),
             RemoteFrame::Reply { call, caps } => self.remote_reply(from, call, caps, payload),
             RemoteFrame::CallFailed { call, reason } => self.remote_call_ended(from, call, reason),
@@ -1023,13 +1082,16 @@ impl Core {
 
     /// A call to `junction` is over without a reply to deliver (refused
     /// there): it stops counting as pending.
-    fn forget_remote_call(&mut self, junction: u16, call: u64) {
+    /// Its tag, for the refusal (0 if the caller is gone).
+    fn forget_remote_call(&mut self, junction: u16, call: u64) -> u64 {
         if let Some((caller, tag)) = self.remote.calls_out.remove(&(junction, call))
             && let Some(c) = self.conns.get_mut(caller.key())
             && c.calls.remove(&tag).is_some()
         {
             c.pending_calls = c.pending_calls.saturating_sub(1);
+            return tag;
         }
+        0
     }
 
     /// Junction `from` asks for a capability to the service `name`.
@@ -1165,12 +1227,16 @@ impl Core {
         port: RemotePort,
         first: u64,
         count: u64,
-        refused: Option<(ErrorCode, String)>,
+        refused: Option<(ErrorCode, String, u64)>,
     ) {
         let Some(&key) = self.remote.imports.get(&(from, port)) else {
             return;
         };
         let number = key.index as u16;
+        let dead = match self.ports.get(key).and_then(|p| p.proxy) {
+            Some(Proxy::Import { dead, .. }) => dead,
+            _ => None,
+        };
         let mut done = Vec::new();
         if let Some(p) = self.ports.get_mut(key) {
             let end = first.saturating_add(count);
@@ -1185,17 +1251,26 @@ impl Core {
         for entry in &done {
             if let Some(at) = entry.flow {
                 let told = self.settle(at, 1, entry.cost, number);
-                if told && let Some((code, message)) = &refused {
-                    self.out.push_back(Output::Frame {
-                        conn: at.conn,
-                        frame: Frame::bare(Header::Error(ErrorFrame {
-                            req: 0,
-                            handle: at.handle,
-                            tag: 0,
-                            code: *code,
-                            message: format!("junction {from} refused the message: {message}"),
-                        })),
-                    });
+                match (&refused, dead) {
+                    (Some((_, _, tag)), Some(reason)) if told => {
+                        // Sent on a capability that died meanwhile: as a
+                        // local send on a dead capability is told.
+                        let call = (*tag != 0).then_some(*tag);
+                        self.refuse_message(at.conn, at.handle, entry.seq, call, reason);
+                    }
+                    (Some((code, message, tag)), _) if told => {
+                        self.out.push_back(Output::Frame {
+                            conn: at.conn,
+                            frame: Frame::bare(Header::Error(ErrorFrame {
+                                req: 0,
+                                handle: at.handle,
+                                tag: *tag,
+                                code: *code,
+                                message: format!("junction {from} refused the message: {message}"),
+                            })),
+                        });
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1249,10 +1324,12 @@ impl Core {
         });
         let (party, budgets) = match (owner, anchor) {
             (Some(_), Some((party, None, budgets))) => (party, budgets),
-            (_, Some((party, Some(reason), _))) => {
-                // Dead on its own; the holder hears now if it has not.
+            (Some(_), Some((party, Some(reason), _))) => {
+                // Dead on its own (the holder hears now if it has not), and
+                // so is this message.
                 self.cap_died(party, port.export, reason, |_| true);
-                self.ship(from, lane, &RemoteFrame::Dead { port, reason }, &[]);
+                let why = format!("the capability is dead: {reason}");
+                self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
                 return;
             }
             (None, _) => {
