@@ -633,3 +633,188 @@ fn a_junction_never_given_a_capability_reaches_no_port() {
         world.core_mut(node).check_invariants().unwrap();
     }
 }
+
+/// A slow receiver on junction 3 holds back its sender on junction 1 by
+/// credit, end to end, and nothing else: the same sender's flow to another
+/// port on junction 3 goes on, and credit comes back as the slow receiver
+/// reads.
+#[test]
+fn a_slow_receiver_slows_its_remote_sender_and_nothing_else() {
+    let mut world = line(seed_from_env(88));
+    run(&mut world);
+    let (slow, slow_port) = service(&mut world, 2, "dev.slow");
+    let (fast, fast_port) = service(&mut world, 2, "dev.fast");
+    let client = attach(&mut world, 0, "client");
+    let (to_slow, _) = lookup(&mut world, client, "dev.slow").unwrap();
+    let (to_fast, _) = lookup(&mut world, client, "dev.fast").unwrap();
+    // Send until the driver has no credit left for the slow port.
+    let mut sent = 0u32;
+    loop {
+        let r = world
+            .act(client, |p, _| {
+                p.machine.send(to_slow, &[], Bytes::from_static(b"m"))
+            })
+            .unwrap();
+        match r {
+            Ok(_) => sent += 1,
+            Err(e) => {
+                assert!(e.to_string().contains("credit"), "{e}");
+                break;
+            }
+        }
+        assert!(sent <= 100_000, "credit never ran out");
+        if sent.is_multiple_of(256) {
+            run(&mut world);
+        }
+    }
+    run(&mut world);
+    let held = deliveries(&take(&mut world, slow));
+    assert_eq!(held.len() as u32, sent, "everything sent arrives, unread");
+    // The other flow is not held up.
+    world.act(client, |p, _| {
+        p.machine
+            .send(to_fast, &[], Bytes::from_static(b"f"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, fast));
+    assert_eq!(got.len(), 1);
+    read_all(&mut world, fast, fast_port, &got);
+    // The slow receiver reads: credit comes back across the junctions.
+    read_all(&mut world, slow, slow_port, &held);
+    run(&mut world);
+    let events = take(&mut world, client);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::SendCredit { .. })),
+        "{events:?}"
+    );
+    world.act(client, |p, _| {
+        p.machine
+            .send(to_slow, &[], Bytes::from_static(b"again"))
+            .unwrap()
+    });
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, slow)).len(), 1);
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+/// Numbered messages from junction 1 to a service on junction 3 while the
+/// Highway they travel is cut: the session resends them over the other
+/// way, and every one arrives once, in order.
+#[test]
+fn a_cut_link_mid_stream_loses_and_repeats_nothing() {
+    let mut world = bus(seed_from_env(89), 3);
+    world.add_link(0, 1, 1, wan());
+    let bc = world.add_link(1, 2, 1, wan());
+    world.add_link(0, 2, 5, wan());
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.sink");
+    let client = attach(&mut world, 0, "client");
+    let (to_server, _) = lookup(&mut world, client, "dev.sink").unwrap();
+    let mut received = Vec::new();
+    for i in 0u32..600 {
+        world.act(client, |p, _| {
+            p.machine
+                .send(to_server, &[], Bytes::from(i.to_be_bytes().to_vec()))
+                .unwrap()
+        });
+        if i == 300 {
+            world.cut_link(bc);
+        }
+        if i.is_multiple_of(50) {
+            let until = world.elapsed() + Duration::from_millis(3);
+            world.run_until(until).unwrap();
+            let got = deliveries(&take(&mut world, server));
+            read_all(&mut world, server, port, &got);
+            received.extend(got);
+        }
+    }
+    for _ in 0..4 {
+        run(&mut world);
+        let got = deliveries(&take(&mut world, server));
+        read_all(&mut world, server, port, &got);
+        received.extend(got);
+    }
+    let numbers: Vec<u32> = received
+        .iter()
+        .map(|(_, p)| u32::from_be_bytes(p[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(numbers, (0..600).collect::<Vec<_>>());
+    let events = take(&mut world, client);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::Undeliverable { .. })),
+        "{events:?}"
+    );
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+/// Junction 3 cut off from the bus: a call in flight to it fails, once
+/// the session's deadline passes, with a reason that says its fate is
+/// unknown; junction 3 keeps what it exported to junction 1 through the
+/// partition (the lease), so its no-senders notice does not fire early.
+#[test]
+fn a_partition_fails_calls_as_unknown_and_keeps_exports_for_the_lease() {
+    let mut world = line(seed_from_env(90));
+    let bc = 1;
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.far");
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.far").unwrap();
+    let (reply, _) = control(
+        &mut world,
+        server,
+        &ControlRequest::Unregister {
+            name: "dev.far".parse().unwrap(),
+        },
+        &[],
+    );
+    assert_eq!(reply, ControlReply::Unregistered);
+    world.act(server, |p, _| {
+        for h in p.machine_handles() {
+            p.machine.drop_capability(h);
+        }
+        p.machine.watch_senders(port).unwrap()
+    });
+    world.cut_link(bc);
+    run(&mut world);
+    let tag = world
+        .act(client, |p, _| {
+            p.machine
+                .call(handle, &[], Bytes::from_static(b"?"))
+                .unwrap()
+        })
+        .unwrap();
+    let until = world.elapsed() + Duration::from_secs(40);
+    world.run_until(until).unwrap();
+    let events = take(&mut world, client);
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::CallFailed { tag: t, reason: Reason::JunctionUnreachable } if *t == tag)),
+        "{events:?}"
+    );
+    assert!(
+        !take(&mut world, server)
+            .iter()
+            .any(|e| matches!(e, Event::NoSenders { .. })),
+        "junction 1's capability still counts during the partition"
+    );
+    // Past the lease, junction 1's grant is released.
+    let until = world.elapsed() + Duration::from_secs(700);
+    world.run_until(until).unwrap();
+    let events = take(&mut world, server);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::NoSenders { port: p } if *p == port)),
+        "{events:?}"
+    );
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}

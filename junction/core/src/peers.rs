@@ -143,6 +143,8 @@ impl Core {
                 self.remote_incarnation(id, incarnation);
             }
         }
+        // A holder junction that lost its route starts its lease now.
+        self.remote_timeout();
         self.pump_peers();
     }
 
