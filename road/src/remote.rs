@@ -15,7 +15,7 @@
 //! it, as a local stand-in port its drivers' capabilities reach.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use junction_identity::{Certificate, ServiceName};
+use junction_identity::{Certificate, ServiceName, Signature};
 use serde::{Deserialize, Serialize};
 
 use crate::Address;
@@ -53,6 +53,19 @@ pub struct RemotePort {
     pub generation: u32,
     /// The export, chosen by the owner.
     pub export: u32,
+}
+
+/// A service's proof, made when it authenticated to its junction, that it
+/// holds its certificate's key: its signature over the junction's nonce
+/// for that connection and the junction's id (docs/protocol.md 9.3). It
+/// names the junction it was made for, so no other junction can pass it
+/// off as made for itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Possession {
+    /// The junction's nonce for the service's connection.
+    pub nonce: [u8; 32],
+    /// The service's signature.
+    pub signature: Signature,
 }
 
 /// A capability travelling with a message between two junctions.
@@ -124,6 +137,9 @@ pub enum RemoteFrame {
         /// The certificate chain its registrant proved, leaf first; `None`
         /// in the development namespace.
         chain: Option<Vec<Certificate>>,
+        /// The registrant's proof that it holds the chain's key, made for
+        /// the owner junction (with the chain; `None` without).
+        proof: Option<Possession>,
     },
     /// The lookup found nothing (tag 2).
     NotFound {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use junction_core::Config;
 use junction_driver::machine::{Event, Machine};
+use junction_identity::{CertBody, Certificate, Role, SecretKey, TrustStore, prove_possession};
 use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
 use junction_road::remote::{self, RemoteFrame, RemotePort, RemoteSend};
 use junction_road::{Address, ErrorCode, Frame, Reason, Rights};
@@ -814,6 +815,136 @@ fn a_partition_fails_calls_as_unknown_and_keeps_exports_for_the_lease() {
             .any(|e| matches!(e, Event::NoSenders { port: p } if *p == port)),
         "{events:?}"
     );
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+/// A bus whose authority certifies services: junctions 1..=3 in a line,
+/// each trusting it, junction 2 run by an operator who lets anyone
+/// register any `org.` name without a certificate.
+fn signed_line(seed: u64) -> (World<Proc>, SecretKey) {
+    let authority = SecretKey::generate().unwrap();
+    let own = Certificate::authority(&authority, 1, 0, u64::MAX).unwrap();
+    let mut trust = TrustStore::new();
+    trust.add_authority(&own).unwrap();
+    let configs = (1..=3)
+        .map(|junction| Config {
+            junction,
+            incarnation: 1,
+            trust: trust.clone(),
+            trust_unsigned_routing: true,
+            dev_namespace: if junction == 2 {
+                vec!["org.*".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            ..Config::default()
+        })
+        .collect();
+    let mut world = World::with_junctions(seed, configs);
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    (world, authority)
+}
+
+/// A service's key and chain for `names`, from `authority`.
+fn service_identity(authority: &SecretKey, names: &[&str]) -> (SecretKey, Vec<Certificate>) {
+    let key = SecretKey::generate().unwrap();
+    let cert = Certificate::issue(
+        CertBody {
+            version: 1,
+            serial: 77,
+            subject: key.public(),
+            role: Role::Service {
+                names: names.iter().map(|n| n.parse().unwrap()).collect(),
+            },
+            not_before: 0,
+            not_after: u64::MAX,
+            issuer: authority.public(),
+        },
+        authority,
+    )
+    .unwrap();
+    (key, vec![cert])
+}
+
+/// A name proven on junction 3 is found from junction 1 with its chain,
+/// which junction 1 checks: it grants the name, and the service proved
+/// its key to junction 3. A junction that lets anyone register the name
+/// without a certificate (junction 2, nearer) cannot serve it to others.
+#[test]
+fn a_lookup_across_junctions_checks_the_chain_and_the_proof() {
+    let (mut world, authority) = signed_line(seed_from_env(91));
+    run(&mut world);
+    let (key, chain) = service_identity(&authority, &["org.acme.echo"]);
+    let server = attach(&mut world, 2, "echo");
+    let proof = prove_possession(&key, &[0; 32], 3);
+    let (reply, _) = control(
+        &mut world,
+        server,
+        &ControlRequest::Authenticate {
+            chain: chain.clone(),
+            proof,
+        },
+        &[],
+    );
+    assert!(matches!(reply, ControlReply::Authenticated(_)), "{reply:?}");
+    let port = open_port(&mut world, server);
+    let handle = mint(&mut world, server, port, Rights::SEND | Rights::GRANT);
+    let (reply, _) = control(
+        &mut world,
+        server,
+        &ControlRequest::Register {
+            name: "org.acme.echo".parse().unwrap(),
+        },
+        &[handle],
+    );
+    assert_eq!(reply, ControlReply::Registered);
+    run(&mut world);
+    let client = attach(&mut world, 0, "client");
+    let request = ControlRequest::Lookup {
+        name: "org.acme.echo".parse().unwrap(),
+    };
+    match control(&mut world, client, &request, &[]) {
+        (
+            ControlReply::Found {
+                address,
+                chain: got,
+            },
+            caps,
+        ) => {
+            assert_eq!(address, Address::new(3, port));
+            assert_eq!(got, Some(chain));
+            assert_eq!(caps.len(), 1);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // An impostor registers the same name on junction 2, which allows it
+    // without a certificate; junction 1 now asks junction 2 (nearer) and
+    // refuses its answer.
+    let impostor = attach(&mut world, 1, "impostor");
+    let iport = open_port(&mut world, impostor);
+    let ihandle = mint(&mut world, impostor, iport, Rights::SEND | Rights::GRANT);
+    let (reply, _) = control(
+        &mut world,
+        impostor,
+        &ControlRequest::Register {
+            name: "org.acme.echo".parse().unwrap(),
+        },
+        &[ihandle],
+    );
+    assert_eq!(reply, ControlReply::Registered);
+    run(&mut world);
+    match control(&mut world, client, &request, &[]) {
+        (ControlReply::Refused { code, message }, caps) => {
+            assert_eq!(code, ErrorCode::NameNotFound);
+            assert!(message.contains("junction 2"), "{message}");
+            assert!(caps.is_empty());
+        }
+        other => panic!("the impostor was believed: {other:?}"),
+    }
     for node in 0..3 {
         world.core_mut(node).check_invariants().unwrap();
     }

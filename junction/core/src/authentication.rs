@@ -43,7 +43,12 @@ impl Core {
         }
         let nonce = c.nonce;
         match self.prove(chain, &nonce, proof) {
-            Ok((identity, chain)) => self.proven(conn, identity, chain),
+            Ok((identity, chain)) => {
+                if let Some(c) = self.conns.get_mut(conn.key()) {
+                    c.proof = Some(proof.clone());
+                }
+                self.proven(conn, identity, chain)
+            }
             Err(refusal) => {
                 if let Some(c) = self.conns.get_mut(conn.key()) {
                     c.authentication_failed = true;
@@ -222,6 +227,7 @@ impl Core {
             }
             tracing::warn!(%conn, "{name} unregistered: {why}");
         }
+        self.announce_names();
     }
 
     /// Logs a refused attempt with where it came from.

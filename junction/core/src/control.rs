@@ -80,11 +80,7 @@ impl Core {
         caps: &[u32],
     ) -> Option<(ControlReply, Option<Granted>)> {
         Some(match request {
-            ControlRequest::Register { name } => {
-                let reply = self.register(conn, name, caps);
-                self.announce_names();
-                (reply, None)
-            }
+            ControlRequest::Register { name } => (self.register(conn, name, caps), None),
             ControlRequest::Unregister { name } => {
                 let owned = self.registry.get(&name).is_some_and(|reg| {
                     self.ports
@@ -207,16 +203,22 @@ impl Core {
                 return refused(Refusal::NameNotGranted { what });
             }
         };
+        let proof = chain.as_ref().and_then(|_| {
+            let c = self.conns.get(conn.key())?;
+            Some((c.nonce, c.proof.clone()?))
+        });
         let registration = Registration {
             port,
             rights,
             chain,
+            proof,
         };
         if let Err(existing) = self.registry.insert(name.clone(), registration) {
             let by = Address::new(self.config.junction, existing.port.index as u16);
             self.log_refusal(conn, &format!("{name} is taken"));
             return refused(Refusal::NameTaken { name, by });
         }
+        self.announce_names();
         if let Some(p) = self.ports.get_mut(port) {
             p.names.push(name);
         }

@@ -76,7 +76,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use junction_identity::{Certificate, NamePattern, RevocationList, TrustStore, Verified};
+use junction_identity::{
+    Certificate, NamePattern, RevocationList, Signature, TrustStore, Verified,
+};
 use junction_road::codec::FrameError;
 use junction_road::control::CONTROL_HANDLE;
 pub use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
@@ -390,6 +392,8 @@ struct Conn {
     identity_until: u64,
     /// Its one attempt to prove an identity failed (see `authenticate`).
     authentication_failed: bool,
+    /// The proof of possession it proved its identity with, over `nonce`.
+    proof: Option<Signature>,
 }
 
 /// No handle, in an [`ErrorFrame`].
@@ -757,7 +761,7 @@ impl Core {
     }
 
     /// Queues what routing has to say to neighbours.
-    fn pump_router(&mut self) {
+    pub(crate) fn pump_router(&mut self) {
         while let Some((to, ls)) = self.router.poll_transmit() {
             self.out.push_back(Output::Highway {
                 to,
@@ -876,6 +880,7 @@ impl Core {
             identity: None,
             identity_until: 0,
             authentication_failed: false,
+            proof: None,
         };
         self.next_serial += 1;
         let serial = conn.serial;
@@ -906,6 +911,7 @@ impl Core {
             identity: None,
             identity_until: 0,
             authentication_failed: false,
+            proof: None,
         };
         self.next_serial += 1;
         let serial = conn.serial;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use junction_identity::{Certificate, ServiceName};
+use junction_identity::{Certificate, ServiceName, Signature};
 use junction_road::Rights;
 
 use crate::slab::Key;
@@ -16,6 +16,9 @@ pub(crate) struct Registration {
     pub(crate) rights: Rights,
     /// The chain the registrant proved; `None` in the development namespace.
     pub(crate) chain: Option<Arc<Vec<Certificate>>>,
+    /// With the chain: the nonce and the registrant's proof of possession
+    /// over it, which other junctions check (docs/protocol.md 16.3).
+    pub(crate) proof: Option<([u8; 32], Signature)>,
 }
 
 /// Every registered name. A name is held by one port at a time; it dies
@@ -71,6 +74,7 @@ mod tests {
             },
             rights: Rights::SEND | Rights::GRANT,
             chain: None,
+            proof: None,
         };
         let second = Registration {
             port: Key {

@@ -48,9 +48,10 @@ use bytes::Bytes;
 use junction_identity::ServiceName;
 use junction_road::control::ControlReply;
 use junction_road::frame::credit_cost;
+use junction_road::highway::{MAX_ANNOUNCED_NAME_BYTES, MAX_ANNOUNCED_NAMES};
 use junction_road::remote::{
-    self as wire, CALL_LANE, Carried, REMOTE_LANE_BASE, RemoteFrame, RemotePort, RemoteSend,
-    port_lane,
+    self as wire, CALL_LANE, Carried, Possession, REMOTE_LANE_BASE, RemoteFrame, RemotePort,
+    RemoteSend, port_lane,
 };
 use junction_road::{
     Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Reason, Rights,
@@ -524,15 +525,31 @@ impl Core {
         self.router.owner_of(name)
     }
 
-    /// Routing announces these names for this junction; past its bound,
-    /// the names announced before stay, and other junctions do not find
-    /// the new ones.
-    fn router_names(&mut self, names: Vec<ServiceName>) {
-        if let Err(e) = self.router.announce_names(names)
+    /// Routing announces these names for this junction. Past the
+    /// announcement's bounds, the first names in order that fit are
+    /// announced, and the others can be looked up here only (said in the
+    /// log): a local registration never fails for the bus's sake.
+    fn router_names(&mut self, mut names: Vec<ServiceName>) {
+        names.sort_unstable();
+        let mut bytes = 0;
+        let fit = names
+            .iter()
+            .take(MAX_ANNOUNCED_NAMES)
+            .take_while(|n| {
+                bytes += n.as_str().len();
+                bytes <= MAX_ANNOUNCED_NAME_BYTES
+            })
+            .count();
+        let left_out = names.len() - fit;
+        names.truncate(fit);
+        if let Err(e) = self.router.announce_names(names) {
+            tracing::error!("the names registered here could not be announced: {e}");
+        }
+        if left_out > 0
             && let Some(unlogged) = self.quiet.routing.admit(self.now.instant)
         {
             tracing::warn!(
-                "names registered here are not announced to other junctions: {e}{}",
+                "{left_out} names registered here are past what a junction announces ({MAX_ANNOUNCED_NAMES} names, {MAX_ANNOUNCED_NAME_BYTES} bytes): other junctions cannot look them up{}",
                 quiet::more(unlogged)
             );
         }
@@ -1041,7 +1058,8 @@ impl Core {
                 port,
                 rights,
                 chain,
-            } => self.found(from, req, port, rights, chain),
+                proof,
+            } => self.found(from, req, port, rights, chain, proof),
             RemoteFrame::NotFound { req, message } => {
                 if let Some((conn, tag, _)) = self.remote.lookups.remove(&(from, req)) {
                     let what = format!("junction {from}: {message}");
@@ -1127,6 +1145,9 @@ impl Core {
             port,
             rights: reg.rights,
             chain: reg.chain.map(|c| c.as_ref().clone()),
+            proof: reg
+                .proof
+                .map(|(nonce, signature)| Possession { nonce, signature }),
         };
         self.ship(from, port_lane(port.port), &frame, &[]);
     }
@@ -1141,6 +1162,7 @@ impl Core {
         port: RemotePort,
         rights: Rights,
         chain: Option<Vec<junction_identity::Certificate>>,
+        proof: Option<Possession>,
     ) {
         let lookup = self.remote.lookups.remove(&(from, req));
         let Some(key) = self.import(from, port) else {
@@ -1155,7 +1177,7 @@ impl Core {
             self.proxy_idle(key);
             return;
         };
-        if let Err(what) = self.check_found(&name, chain.as_deref(), rights) {
+        if let Err(what) = self.check_found(from, &name, chain.as_deref(), proof.as_ref(), rights) {
             self.proxy_idle(key);
             let what = format!("junction {from} answered for {name} with {what}");
             self.refuse_remote(from, &what);
@@ -1189,13 +1211,16 @@ impl Core {
         );
     }
 
-    /// What a looker-up checks of another junction's answer: rights a
-    /// capability can have, and a chain that this junction trusts and that
-    /// grants the name (or a name in the development namespace, with none).
+    /// What a looker-up checks of junction `from`'s answer: rights a
+    /// capability can have, and a chain that this junction trusts, that
+    /// grants the name, and whose key the service proved it holds to
+    /// `from` (or a name in the development namespace, with none).
     fn check_found(
         &self,
+        from: u16,
         name: &ServiceName,
         chain: Option<&[junction_identity::Certificate]>,
+        proof: Option<&Possession>,
         rights: Rights,
     ) -> Result<(), String> {
         if !rights.is_valid() {
@@ -1208,11 +1233,16 @@ impl Core {
                     .trust
                     .verify_chain(chain, self.now.unix, self.config.revocations.as_ref())
                     .map_err(|e| format!("a certificate chain this junction refuses: {e}"))?;
-                if leaf.grants(name) {
-                    Ok(())
-                } else {
-                    Err("a certificate that does not grant the name".into())
+                if !leaf.grants(name) {
+                    return Err("a certificate that does not grant the name".into());
                 }
+                let proof =
+                    proof.ok_or("a certificate but no proof that the service holds its key")?;
+                junction_identity::verify_possession(leaf, &proof.nonce, from, &proof.signature)
+                    .map_err(|e| {
+                        format!("a proof of possession not made for junction {from}: {e}")
+                    })?;
+                Ok(())
             }
             None if self.config.dev_namespace.iter().any(|p| p.matches(name)) => Ok(()),
             None => Err("no certificate, outside the development namespace".into()),

@@ -34,8 +34,13 @@ impl Now {
     /// When wall-clock second `at` comes, on the monotonic clock, as far as
     /// the two clocks agree now. A wall clock that jumps only makes the
     /// core wake early or late; it checks the wall clock again when it does.
+    /// A second too far for the monotonic clock (a certificate valid
+    /// "forever", `u64::MAX`) is a century away: the core wakes then, and
+    /// finds it still far.
     pub(crate) fn instant_of(self, at: u64) -> Instant {
-        self.instant + Duration::from_secs(at.saturating_sub(self.unix))
+        const CENTURY: u64 = 100 * 365 * 24 * 3600;
+        let wait = Duration::from_secs(at.saturating_sub(self.unix).min(CENTURY));
+        self.instant.checked_add(wait).unwrap_or(self.instant)
     }
 }
 
@@ -118,6 +123,17 @@ impl<T: Ord + Copy> WallTimers<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_past_any_clock_is_far_but_no_overflow() {
+        let now = Now::new(Instant::now(), 1_800_000_000);
+        assert!(now.instant_of(u64::MAX) > now.instant + Duration::from_secs(3600 * 24 * 365));
+        assert_eq!(
+            now.instant_of(now.unix + 5),
+            now.instant + Duration::from_secs(5)
+        );
+        assert_eq!(now.instant_of(0), now.instant);
+    }
 
     #[test]
     fn fifo_timers_pop_only_what_is_due() {
