@@ -949,3 +949,261 @@ fn a_lookup_across_junctions_checks_the_chain_and_the_proof() {
         world.core_mut(node).check_invariants().unwrap();
     }
 }
+
+/// What one client sent on one capability: the numbers, in order, and
+/// which of them its junction reported undeliverable, and why.
+#[derive(Default)]
+struct Flow {
+    sent: Vec<u32>,
+    /// Sequence number of each sent message, as the driver numbered it.
+    seqs: Vec<u64>,
+    told: Vec<(u64, u32, Reason)>,
+}
+
+/// Random buses of 2 to 8 junctions, services on some, clients on others
+/// finding them by name and sending numbered messages, while Highways are
+/// cut and healed at random. Once healed and quiet: every message arrived
+/// at most once, in order per capability, and every one that did not
+/// arrive was reported to its sender; a report that says a message was not
+/// consumed is never wrong; and when every client has dropped what it
+/// held, no junction keeps anything of it.
+#[test]
+fn capabilities_keep_the_delivery_contract_over_random_buses() {
+    let first = seed_from_env(2_000);
+    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
+        1
+    } else {
+        24
+    };
+    for seed in first..first + runs {
+        if let Err(e) = std::panic::catch_unwind(|| random_bus(seed)) {
+            panic!(
+                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
+                e.downcast_ref::<String>()
+            );
+        }
+    }
+}
+
+fn random_bus(seed: u64) {
+    let mut rng = junction_tests::sim::Rng::new(seed ^ 0xCAFE);
+    let n = 2 + rng.below(7) as usize;
+    let mut world = bus(seed, n as u16);
+    let mut links = Vec::new();
+    // A spanning tree, so that everyone starts connected, and a few more.
+    for node in 1..n {
+        let other = rng.index(node);
+        links.push(world.add_link(node, other, 1 + rng.below(3) as u32, wan()));
+    }
+    for _ in 0..rng.below(n as u64) {
+        let (a, b) = (rng.index(n), rng.index(n));
+        if a != b {
+            links.push(world.add_link(a, b, 1 + rng.below(3) as u32, wan()));
+        }
+    }
+    run(&mut world);
+    let services: Vec<(usize, u16, String)> = (0..1 + rng.below(3))
+        .map(|i| {
+            let name = format!("dev.s{i}");
+            let (pid, port) = service(&mut world, rng.index(n), &name);
+            (pid, port, name)
+        })
+        .collect();
+    let clients: Vec<usize> = (0..1 + rng.below(4))
+        .map(|i| attach(&mut world, rng.index(n), &format!("c{i}")))
+        .collect();
+    // Each client's capability: its handle and flow record, by client.
+    let mut held: Vec<Option<(u32, usize)>> = vec![None; clients.len()];
+    let mut flows: Vec<(usize, u32, Flow)> = Vec::new();
+    let mut received: Vec<Vec<(u16, u32)>> = vec![Vec::new(); services.len()];
+    let mut counter = 0u32;
+    let mut cut = Vec::new();
+    for round in 0..120 {
+        let c = rng.index(clients.len());
+        let pid = clients[c];
+        if held[c].is_none() {
+            let s = rng.index(services.len());
+            if let Ok((handle, _)) = lookup(&mut world, pid, &services[s].2) {
+                flows.push((c, handle, Flow::default()));
+                held[c] = Some((handle, flows.len() - 1));
+            }
+        }
+        if let Some((handle, f)) = held[c] {
+            for _ in 0..1 + rng.below(8) {
+                counter += 1;
+                let mut payload = (c as u16).to_be_bytes().to_vec();
+                payload.extend(counter.to_be_bytes());
+                let sent = world
+                    .act(pid, |p, _| {
+                        p.machine.send(handle, &[], Bytes::from(payload))
+                    })
+                    .unwrap();
+                match sent {
+                    Ok(seq) => {
+                        flows[f].2.sent.push(counter);
+                        flows[f].2.seqs.push(seq);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if rng.chance(15) && !links.is_empty() {
+            let l = links[rng.index(links.len())];
+            if cut.contains(&l) {
+                world.heal_link(l);
+                cut.retain(|&x| x != l);
+            } else {
+                world.cut_link(l);
+                cut.push(l);
+            }
+        }
+        let until = world.elapsed() + Duration::from_millis(1 + rng.below(400));
+        world.run_until(until).unwrap();
+        if round % 7 == 0 {
+            // Now and then a long partition outlasts the sessions' deadline.
+            let until = world.elapsed() + Duration::from_secs(rng.below(45));
+            world.run_until(until).unwrap();
+        }
+        drain(&mut world, &services, &mut received);
+        record_reports(&mut world, &clients, &mut held, &mut flows);
+    }
+    for l in cut {
+        world.heal_link(l);
+    }
+    for _ in 0..20 {
+        run(&mut world);
+        drain(&mut world, &services, &mut received);
+        record_reports(&mut world, &clients, &mut held, &mut flows);
+    }
+
+    // The contract.
+    let mut arrived: std::collections::BTreeMap<u32, usize> = Default::default();
+    for list in &received {
+        for &(_, number) in list {
+            *arrived.entry(number).or_default() += 1;
+        }
+    }
+    for (number, times) in &arrived {
+        assert_eq!(*times, 1, "message {number} arrived {times} times");
+    }
+    for (c, _, flow) in &flows {
+        let got: Vec<u32> = received
+            .iter()
+            .flatten()
+            .filter(|&&(client, number)| usize::from(client) == *c && flow.sent.contains(&number))
+            .map(|&(_, number)| number)
+            .collect();
+        // Within one service's stream order holds; a flow goes to one.
+        for list in &received {
+            let in_this: Vec<u32> = list
+                .iter()
+                .filter(|&&(client, number)| {
+                    usize::from(client) == *c && flow.sent.contains(&number)
+                })
+                .map(|&(_, number)| number)
+                .collect();
+            assert!(
+                in_this.windows(2).all(|w| w[0] < w[1]),
+                "client {c}'s flow arrived out of order: {in_this:?}"
+            );
+        }
+        for (i, &number) in flow.sent.iter().enumerate() {
+            let seq = flow.seqs[i];
+            let report = flow
+                .told
+                .iter()
+                .find(|&&(first, count, _)| seq >= first && seq < first + u64::from(count));
+            match (arrived.contains_key(&number), report) {
+                (true, None) | (false, Some(_)) => {}
+                (true, Some(&(_, _, reason))) => assert_eq!(
+                    reason,
+                    Reason::JunctionUnreachable,
+                    "message {number} arrived but was reported {reason:?}"
+                ),
+                (false, None) => panic!("message {number} of client {c} vanished untold"),
+            }
+        }
+        let _ = got;
+    }
+
+    // Everyone lets go: nothing stays behind on any junction.
+    for &pid in &clients {
+        world.act(pid, |p, _| {
+            for h in p.machine_handles() {
+                p.machine.drop_capability(h);
+            }
+        });
+    }
+    for _ in 0..4 {
+        run(&mut world);
+        drain(&mut world, &services, &mut received);
+    }
+    for node in 0..n {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+    for node in 0..n {
+        let remote = world.core_mut(node).footprint().remote;
+        // What stays: each service's junction may keep a stand-in for the
+        // replies of each junction that called it (none here), and the
+        // tables of exports, empty.
+        assert!(
+            remote <= n,
+            "junction {} keeps {remote} remote entries",
+            node + 1
+        );
+    }
+}
+
+/// Services read everything delivered to them, and note it.
+fn drain(
+    world: &mut World<Proc>,
+    services: &[(usize, u16, String)],
+    received: &mut [Vec<(u16, u32)>],
+) {
+    for (i, &(pid, port, _)) in services.iter().enumerate() {
+        let got = deliveries(&take(world, pid));
+        for (_, payload) in &got {
+            let client = u16::from_be_bytes(payload[..2].try_into().unwrap());
+            let number = u32::from_be_bytes(payload[2..6].try_into().unwrap());
+            received[i].push((client, number));
+        }
+        read_all(world, pid, port, &got);
+    }
+}
+
+/// Clients note what their junction reported undeliverable, and drop a
+/// capability that died (to look the name up again).
+fn record_reports(
+    world: &mut World<Proc>,
+    clients: &[usize],
+    held: &mut [Option<(u32, usize)>],
+    flows: &mut [(usize, u32, Flow)],
+) {
+    for (c, &pid) in clients.iter().enumerate() {
+        for event in take(world, pid) {
+            match event {
+                Event::Undeliverable {
+                    handle,
+                    first_seq,
+                    count,
+                    reason,
+                    ..
+                } => {
+                    // The newest flow of this client on that handle.
+                    if let Some((_, _, flow)) = flows
+                        .iter_mut()
+                        .rev()
+                        .find(|(client, h, _)| *client == c && *h == handle)
+                    {
+                        flow.told.push((first_seq, count, reason));
+                    }
+                }
+                Event::Dead { handle, .. } if held[c].is_some_and(|(h, _)| h == handle) => {
+                    world.act(pid, |p, _| p.machine.drop_capability(handle));
+                    held[c] = None;
+                }
+                _ => {}
+            }
+        }
+    }
+}
