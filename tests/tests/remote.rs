@@ -1207,3 +1207,57 @@ fn record_reports(
         }
     }
 }
+
+/// Junction 3 restarts (a new incarnation): junction 1 ends what it shared
+/// with the earlier life: the capability dies, the message in flight is
+/// reported not consumed, the call fails, each with `JunctionRestarted`.
+#[test]
+fn a_restarted_junction_ends_what_others_held_of_it() {
+    let mut world = line(seed_from_env(92));
+    run(&mut world);
+    let (server, _) = service(&mut world, 2, "dev.phoenix");
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.phoenix").unwrap();
+    world.act(client, |p, _| {
+        p.machine.watch(handle).unwrap();
+        p.machine
+            .send(handle, &[], Bytes::from_static(b"unread"))
+            .unwrap()
+    });
+    let tag = world
+        .act(client, |p, _| {
+            p.machine.call(handle, &[], Bytes::from_static(b"?")).unwrap()
+        })
+        .unwrap();
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, server)).len(), 2);
+    // Junction 3 dies with its service and comes back as a new life.
+    world.crash(server);
+    world.cut_link(1);
+    let mut config = world.core_mut(2).config().clone();
+    config.incarnation += 1;
+    let now = world.now();
+    *world.core_mut(2) = junction_core::Core::new(config, now);
+    world.heal_link(1);
+    run(&mut world);
+    let events = take(&mut world, client);
+    assert!(
+        died(&events, handle, Reason::JunctionRestarted),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::Undeliverable { handle: h, reason: Reason::JunctionRestarted, .. } if *h == handle)),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::CallFailed { tag: t, reason: Reason::JunctionRestarted } if *t == tag)),
+        "{events:?}"
+    );
+    // The name is gone with it.
+    assert!(lookup(&mut world, client, "dev.phoenix").is_err());
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
