@@ -28,7 +28,7 @@ pub use keys::{PublicKey, Purpose, SecretKey, Signature};
 pub use name::{MAX_NAME_LEN, NameError, NamePattern, ServiceName};
 pub use proof::{Proven, prove_possession, verify_possession};
 pub use revocation::{RevocationBody, RevocationList};
-pub use token::{CapabilityToken, Delegation, TokenBody};
+pub use token::{CapabilityToken, Delegation, MAX_DELEGATIONS, TokenBody};
 
 /// A value that passed its checks. Only this crate constructs one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +174,15 @@ pub enum IdentityError {
     TokenExpired {
         /// Its expiry.
         expires_at: u64,
+    },
+    /// A token passed on more times than any may be.
+    #[error(
+        "the token carries {len} delegations; at most {} are taken",
+        token::MAX_DELEGATIONS
+    )]
+    TooManyDelegations {
+        /// How many it carries (or would).
+        len: usize,
     },
     /// A junction id whose key is unknown.
     #[error("no verified key is known for junction {id}")]

@@ -316,10 +316,12 @@ fn tokens_delegate_narrowly_and_verify_per_holder() {
             owner: 1,
             port: 7,
             generation: 0,
+            export: 3,
             rights: 0b101,
             holder: 2,
             expires_at: NOW + 60,
             serial: 99,
+            budget: None,
         },
         &j1,
     );
@@ -347,10 +349,12 @@ fn tokens_delegate_narrowly_and_verify_per_holder() {
             owner: 1,
             port: 7,
             generation: 0,
+            export: 4,
             rights: 1,
             holder: 3,
             expires_at: NOW + 60,
             serial: 5,
+            budget: Some(2),
         },
         &j3,
     );
@@ -368,9 +372,27 @@ fn tokens_delegate_narrowly_and_verify_per_holder() {
         own.verify(3, NOW, key_of).is_ok(),
         "it can grant its own ports only"
     );
-    let mut tampered = passed;
+    let mut tampered = passed.clone();
     tampered.delegations[0].rights = 0b101;
     assert!(tampered.verify(3, NOW, key_of).is_err());
+    // Passed on and on: the chain is bounded.
+    let mut long = passed;
+    let keys_by_id = [(2u16, &j2), (3, &j3)];
+    for i in 1..MAX_DELEGATIONS {
+        let holder = long.current().0;
+        let key = keys_by_id.iter().find(|(id, _)| *id == holder).unwrap().1;
+        long = long
+            .delegate(key, if holder == 2 { 3 } else { 2 }, 0b001, NOW + 30)
+            .unwrap();
+        assert_eq!(long.delegations.len(), i + 1);
+    }
+    let holder = long.current().0;
+    long.clone().verify(holder, NOW, key_of).unwrap();
+    let key = keys_by_id.iter().find(|(id, _)| *id == holder).unwrap().1;
+    assert!(matches!(
+        long.delegate(key, 2, 0b001, NOW + 30),
+        Err(IdentityError::TooManyDelegations { len }) if len == MAX_DELEGATIONS + 1
+    ));
 }
 
 proptest! {

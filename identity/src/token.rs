@@ -1,7 +1,10 @@
-//! Capability tokens: how a capability will travel between junctions over
-//! Highways. The junction that owns a port signs a token naming the
-//! junction that may use it; passing it to a third junction appends a
-//! delegation signed by the current holder, which may only narrow it.
+//! Capability tokens: how a capability travels on from the junction that
+//! holds it to a third one. The junction that owns a port signs a token
+//! naming the junction it granted the port to, and the export that grant
+//! is (which carries the grant's lineages and budget on the owner);
+//! passing it on appends a delegation signed by the current holder, which
+//! may only narrow it, at most [`MAX_DELEGATIONS`] times. The owner
+//! verifies the whole chain once, when the last holder opens its flow.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +20,10 @@ pub struct TokenBody {
     pub port: u16,
     /// The port's generation, so a token dies with its port.
     pub generation: u32,
+    /// The export the owner made for `holder`: the owner's record of the
+    /// grant, whose revocable lineages and budget everything opened from
+    /// this token inherits.
+    pub export: u32,
     /// Rights bits (send 1, send-once 2, grant 4).
     pub rights: u8,
     /// The junction that may use it.
@@ -25,7 +32,14 @@ pub struct TokenBody {
     pub expires_at: u64,
     /// A random serial, for revocation.
     pub serial: u64,
+    /// Messages left in the grant's budget when the token was issued, if
+    /// it has one (the owner's count is the one that holds).
+    pub budget: Option<u32>,
 }
+
+/// The most delegations a token may carry: each is checked with a
+/// signature, once, when the flow opens.
+pub const MAX_DELEGATIONS: usize = 8;
 
 /// A link passing the token on to another junction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +105,11 @@ impl CapabilityToken {
         if rights & !held != 0 || expires_at > expiry {
             return Err(IdentityError::TokenWidened);
         }
+        if self.delegations.len() >= MAX_DELEGATIONS {
+            return Err(IdentityError::TooManyDelegations {
+                len: self.delegations.len() + 1,
+            });
+        }
         let bytes = postcard::to_allocvec(&LinkSigned {
             body: &self.body,
             earlier: &self.delegations,
@@ -119,6 +138,11 @@ impl CapabilityToken {
         now: u64,
         key_of: impl Fn(u16) -> Option<PublicKey>,
     ) -> Result<Verified<CapabilityToken>, IdentityError> {
+        if self.delegations.len() > MAX_DELEGATIONS {
+            return Err(IdentityError::TooManyDelegations {
+                len: self.delegations.len(),
+            });
+        }
         let owner = key_of(self.body.owner).ok_or(IdentityError::UnknownJunction {
             id: self.body.owner,
         })?;

@@ -15,7 +15,7 @@
 //! it, as a local stand-in port its drivers' capabilities reach.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use junction_identity::{Certificate, ServiceName, Signature};
+use junction_identity::{CapabilityToken, Certificate, ServiceName, Signature};
 use serde::{Deserialize, Serialize};
 
 use crate::Address;
@@ -69,7 +69,7 @@ pub struct Possession {
 }
 
 /// A capability travelling with a message between two junctions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Carried {
     /// To a port of the sending junction, which now exports it to the
     /// receiving junction one grant more (tag 0).
@@ -78,6 +78,10 @@ pub enum Carried {
         port: RemotePort,
         /// Its rights.
         rights: Rights,
+        /// The sending junction's signed token for the grant, which lets
+        /// the receiving junction pass it on to a third; `None` from a
+        /// junction with no key.
+        token: Option<CapabilityToken>,
     },
     /// To a port of the receiving junction, coming home: the sender held
     /// it as an import, and one of its grants comes back with it (tag 1).
@@ -86,6 +90,14 @@ pub enum Carried {
         port: RemotePort,
         /// Its rights.
         rights: Rights,
+    },
+    /// To a port of a third junction (the token's owner), passed on by the
+    /// sending junction, which holds it: the token with the sender's
+    /// delegation to the receiving junction last (tag 2). The receiving
+    /// junction opens it with the owner ([`RemoteFrame::Open`]).
+    Token {
+        /// The delegated token.
+        token: CapabilityToken,
     },
 }
 
@@ -140,6 +152,8 @@ pub enum RemoteFrame {
         /// The registrant's proof that it holds the chain's key, made for
         /// the owner junction (with the chain; `None` without).
         proof: Option<Possession>,
+        /// The owner's signed token for the grant (see [`Carried::Grant`]).
+        token: Option<CapabilityToken>,
     },
     /// The lookup found nothing (tag 2).
     NotFound {
@@ -209,6 +223,32 @@ pub enum RemoteFrame {
     Cancel {
         /// The caller junction's id for the call.
         call: u64,
+    },
+    /// A junction that was passed a token asks its owner for an export of
+    /// its own (tag 11); answered by [`RemoteFrame::Opened`] or
+    /// [`RemoteFrame::OpenRefused`] with the same `open`.
+    Open {
+        /// Chosen by the asker.
+        open: u32,
+        /// The token, delegated to the asker last.
+        token: CapabilityToken,
+    },
+    /// The token holds: the asker's export (tag 12).
+    Opened {
+        /// The request it answers.
+        open: u32,
+        /// The asker's export, one grant of it.
+        port: RemotePort,
+    },
+    /// The token does not hold, or what it was issued for is gone (tag
+    /// 13).
+    OpenRefused {
+        /// The request it answers.
+        open: u32,
+        /// Why, as a capability's death.
+        reason: Reason,
+        /// Why, for people.
+        message: String,
     },
 }
 
@@ -315,6 +355,7 @@ mod tests {
             caps: vec![Carried::Grant {
                 port: port(8, 0),
                 rights: Rights::SEND | Rights::GRANT,
+                token: None,
             }],
         });
         let bytes = to_bytes(&send, b"hi");
@@ -322,7 +363,7 @@ mod tests {
             &bytes[..],
             [
                 0x03, 0x05, 0x01, 0x02, 0xAC, 0x02, 0x01, 0x07, 0x00, 0x09, 0x00, 0x01, 0x00, 0x08,
-                0x00, 0x02, 0x05, b'h', b'i'
+                0x00, 0x02, 0x05, 0x00, b'h', b'i'
             ]
         );
         assert_eq!(decode(&bytes).unwrap(), (send, Bytes::from_static(b"hi")));

@@ -1226,7 +1226,9 @@ fn a_restarted_junction_ends_what_others_held_of_it() {
     });
     let tag = world
         .act(client, |p, _| {
-            p.machine.call(handle, &[], Bytes::from_static(b"?")).unwrap()
+            p.machine
+                .call(handle, &[], Bytes::from_static(b"?"))
+                .unwrap()
         })
         .unwrap();
     run(&mut world);

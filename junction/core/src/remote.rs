@@ -64,6 +64,7 @@ use crate::ports::{InFlight, PortTable, port_key};
 use crate::session::{Ending, SendError, SessionEvent};
 use crate::slab::Key;
 use crate::{ConnId, Core, Output, Refusal, quiet};
+use junction_identity::CapabilityToken;
 
 /// What a stand-in port stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +83,10 @@ pub(crate) enum Proxy {
         units: u32,
         /// Why every capability to it is dead, when the owner said so.
         dead: Option<Reason>,
+        /// While the owner has not yet answered the token this junction
+        /// was passed it with: the `Open` request (its `port.export` is
+        /// not known until then).
+        opening: Option<u32>,
     },
     /// Reply capabilities for calls from junction `caller` reach it.
     Replies {
@@ -115,6 +120,11 @@ struct Export {
 /// remote port, and what the owner holds for one holder at most.
 const IMPORT_WINDOWS: u32 = 4;
 
+/// How long an import is kept after its token was passed on to a third
+/// junction (which opens it with the owner promptly), though nothing here
+/// uses it any more.
+const DELEGATION_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Lookups waiting for another junction's answer, at most.
 const MAX_PENDING_LOOKUPS: usize = 1024;
 
@@ -147,6 +157,18 @@ pub(crate) struct Remote {
     incarnations: HashMap<u16, u64>,
     /// Holder junctions with no route, since when.
     unreachable: HashMap<u16, Instant>,
+    /// Tokens for the imports it holds (by stand-in), to pass them on.
+    tokens: HashMap<Key, CapabilityToken>,
+    /// Stand-ins waiting for their owner to open a token: (owner, open)
+    /// to the stand-in.
+    opening: HashMap<(u16, u32), Key>,
+    next_open: u32,
+    /// Messages to stand-ins still opening, in order.
+    waiting: HashMap<Key, VecDeque<Envelope>>,
+    /// Imports kept after their token was passed on, until then, so that
+    /// the owner still has the grant the token names when the third
+    /// junction opens it.
+    holds: BTreeMap<(Instant, Key), ()>,
     /// The stand-in being killed, and the address its lane is known by:
     /// credit given back as it dies still names that lane.
     pub(crate) dying: Option<(u16, Address)>,
@@ -192,11 +214,17 @@ impl Remote {
             + self.calls_in.len()
             + self.lookups.len()
             + self.backlog.values().map(VecDeque::len).sum::<usize>()
+            + self.tokens.len()
+            + self.opening.len()
+            + self.waiting.values().map(VecDeque::len).sum::<usize>()
+            + self.holds.len()
     }
 
-    /// When the soonest export lease runs out.
+    /// When the soonest export lease or import hold runs out.
     pub(crate) fn next_lease(&self, lease: std::time::Duration) -> Option<Instant> {
-        self.unreachable.values().min().map(|&since| since + lease)
+        let lease = self.unreachable.values().min().map(|&since| since + lease);
+        let hold = self.holds.keys().next().map(|&(at, _)| at);
+        lease.into_iter().chain(hold).min()
     }
 }
 
@@ -292,8 +320,16 @@ impl Core {
             .iter()
             .filter(|((owner, _), _)| *owner == peer)
             .map(|(_, &k)| k)
+            .chain(
+                self.remote
+                    .opening
+                    .iter()
+                    .filter(|((owner, _), _)| *owner == peer)
+                    .map(|(_, &k)| k),
+            )
             .collect();
         for key in imports {
+            self.fail_waiting(key, reason);
             self.kill_port(key, reason);
         }
         let calls: Vec<(u64, (ConnId, u64))> = self
@@ -466,6 +502,14 @@ impl Core {
     /// `export_lease` gives up its exports.
     pub(crate) fn remote_timeout(&mut self) {
         let now = self.now.instant;
+        while let Some((&(at, key), _)) = self.remote.holds.first_key_value()
+            && at <= now
+        {
+            self.remote.holds.remove(&(at, key));
+            if self.ports.get(key).is_some_and(|p| p.senders == 0) {
+                self.proxy_idle(key);
+            }
+        }
         let lease = self.config.export_lease;
         let holders: Vec<u16> = self.remote.parties.keys().copied().collect();
         for holder in holders {
@@ -582,6 +626,17 @@ impl Core {
                 }
                 self.release_moving(from, &caps);
                 self.refuse_message(from, via, seq, call, reason);
+                return;
+            }
+            Proxy::Import {
+                opening: Some(_), ..
+            } => {
+                // Sent once the owner opens the token, in order.
+                self.remote
+                    .waiting
+                    .entry(key)
+                    .or_default()
+                    .push_back(envelope);
                 return;
             }
             Proxy::Import { owner, port, .. } => (owner, port_lane(port.port)),
@@ -754,12 +809,10 @@ impl Core {
                 None => {}
                 Some(Proxy::Import { owner, .. }) if owner == to => {}
                 Some(Proxy::Import { owner, .. }) => {
-                    return Err(Refusal::CannotCross {
-                        handle,
-                        why: format!(
-                            "it reaches a port on junction {owner}, and a capability passes only between the junction that owns its port and another"
-                        ),
-                    });
+                    if let Err(why) = self.delegation(cap.port(), to, rights, cap.expires_at) {
+                        let _ = owner;
+                        return Err(Refusal::CannotCross { handle, why });
+                    }
                 }
                 Some(Proxy::Replies { .. }) => {
                     return Err(Refusal::CannotCross {
@@ -774,9 +827,28 @@ impl Core {
         for (source, &handle) in sources.iter().zip(caps) {
             let rights = source.rights;
             match self.ports.get(source.port()).and_then(|p| p.proxy) {
-                Some(Proxy::Import { port, .. }) => carried.push(Carried::Home { port, rights }),
+                Some(Proxy::Import { owner, port, .. }) if owner == to => {
+                    carried.push(Carried::Home { port, rights });
+                }
+                Some(Proxy::Import { .. }) => {
+                    let key = source.port();
+                    let token = self
+                        .delegation(key, to, rights, source.expires_at)
+                        .map_err(|why| Refusal::CannotCross { handle, why })?;
+                    // The grant the token names must outlive its journey.
+                    let until = self.now.instant + DELEGATION_HOLD;
+                    self.remote.holds.insert((until, key), ());
+                    carried.push(Carried::Token { token });
+                }
                 _ => match self.export(to, source) {
-                    Some(port) => carried.push(Carried::Grant { port, rights }),
+                    Some(port) => {
+                        let token = self.issue_token(to, port, source);
+                        carried.push(Carried::Grant {
+                            port,
+                            rights,
+                            token,
+                        });
+                    }
                     None => {
                         let limit = self.config.max_handles;
                         return Err(Refusal::CannotCross {
@@ -806,12 +878,20 @@ impl Core {
 
     /// One grant more of `port` on junction `owner`: the stand-in for it,
     /// made on first use. `None` when no port number is free.
-    fn import(&mut self, owner: u16, port: RemotePort) -> Option<Key> {
+    fn import(
+        &mut self,
+        owner: u16,
+        port: RemotePort,
+        token: Option<CapabilityToken>,
+    ) -> Option<Key> {
         if let Some(&key) = self.remote.imports.get(&(owner, port))
             && let Some(Proxy::Import { grants, .. }) =
                 self.ports.get_mut(key).and_then(|p| p.proxy.as_mut())
         {
             *grants += 1;
+            if let Some(token) = token {
+                self.remote.tokens.insert(key, token);
+            }
             return Some(key);
         }
         let key = self.ports.open_proxy(Proxy::Import {
@@ -821,10 +901,14 @@ impl Core {
             next_n: 0,
             units: 0,
             dead: None,
+            opening: None,
         });
         match key {
             Some(key) => {
                 self.remote.imports.insert((owner, port), key);
+                if let Some(token) = token {
+                    self.remote.tokens.insert(key, token);
+                }
             }
             None => {
                 // Nothing can hold it: the grant goes back at once.
@@ -890,16 +974,19 @@ impl Core {
             owner,
             port,
             grants,
+            opening,
             ..
         }) = p.proxy
         else {
             return;
         };
-        if p.senders > 0 || !p.in_flight.is_empty() {
+        let held = self.remote.holds.keys().any(|&(_, k)| k == key);
+        if p.senders > 0 || !p.in_flight.is_empty() || opening.is_some() || held {
             return;
         }
         self.ports.remove(key, Reason::PortClosed);
         self.remote.imports.remove(&(owner, port));
+        self.remote.tokens.remove(&key);
         self.ship(
             owner,
             port_lane(port.port),
@@ -912,8 +999,17 @@ impl Core {
     /// of an export hear, and a stand-in's books go.
     pub(crate) fn remote_port_died(&mut self, key: Key, proxy: Option<&Proxy>, reason: Reason) {
         match proxy {
-            Some(Proxy::Import { owner, port, .. }) => {
+            Some(Proxy::Import {
+                owner,
+                port,
+                opening,
+                ..
+            }) => {
                 self.remote.imports.remove(&(*owner, *port));
+                self.remote.tokens.remove(&key);
+                if let Some(open) = opening {
+                    self.remote.opening.remove(&(*owner, *open));
+                }
                 return;
             }
             Some(Proxy::Replies { caller }) => {
@@ -1059,7 +1155,8 @@ impl Core {
                 rights,
                 chain,
                 proof,
-            } => self.found(from, req, port, rights, chain, proof),
+                token,
+            } => self.found(from, req, port, rights, chain, proof, token),
             RemoteFrame::NotFound { req, message } => {
                 if let Some((conn, tag, _)) = self.remote.lookups.remove(&(from, req)) {
                     let what = format!("junction {from}: {message}");
@@ -1088,6 +1185,22 @@ impl Core {
             RemoteFrame::Release { port, grants } => self.released(from, port, grants),
             RemoteFrame::Reply { call, caps } => self.remote_reply(from, call, caps, payload),
             RemoteFrame::CallFailed { call, reason } => self.remote_call_ended(from, call, reason),
+            RemoteFrame::Open { open, token } => self.open(from, open, token),
+            RemoteFrame::Opened { open, port } => self.opened(from, open, port),
+            RemoteFrame::OpenRefused {
+                open,
+                reason,
+                message,
+            } => {
+                if let Some(key) = self.remote.opening.remove(&(from, open)) {
+                    let why = format!(
+                        "junction {from} refused a capability passed on to here: {message}"
+                    );
+                    self.refuse_remote(from, &why);
+                    self.fail_waiting(key, reason);
+                    self.kill_port(key, reason);
+                }
+            }
             RemoteFrame::Cancel { call } => {
                 if let Some(at) = self.remote.calls_in.get(&(from, call)).copied() {
                     self.cap_died(at.conn, at.handle, Reason::Cancelled, |cap| {
@@ -1148,6 +1261,7 @@ impl Core {
             proof: reg
                 .proof
                 .map(|(nonce, signature)| Possession { nonce, signature }),
+            token: self.issue_token(from, port, &source),
         };
         self.ship(from, port_lane(port.port), &frame, &[]);
     }
@@ -1163,9 +1277,10 @@ impl Core {
         rights: Rights,
         chain: Option<Vec<junction_identity::Certificate>>,
         proof: Option<Possession>,
+        token: Option<CapabilityToken>,
     ) {
         let lookup = self.remote.lookups.remove(&(from, req));
-        let Some(key) = self.import(from, port) else {
+        let Some(key) = self.import(from, port, token) else {
             if let Some((conn, tag, _)) = lookup {
                 let reply = refused(Refusal::NoFreePort);
                 self.control_answer(conn, tag, reply, None);
@@ -1474,25 +1589,46 @@ impl Core {
         }
     }
 
-    /// Capabilities that came from junction `from`, into `to`'s table.
+    /// Capabilities that came from junction `from`, into `to`'s table: a
+    /// grant becomes a capability to a stand-in; one coming home, a copy of
+    /// its anchor, with every limit it was granted with; a token passed on
+    /// from a third junction, a capability to a stand-in that opens it with
+    /// its owner.
     fn receive_carried(&mut self, from: u16, to: ConnId, caps: &[Carried]) -> Vec<Granted> {
         let mut granted = Vec::with_capacity(caps.len());
         for item in caps {
-            let (key, rights, address) = match *item {
-                Carried::Grant { port, rights } => {
-                    let Some(key) = self.import(from, port) else {
+            let flow = self.new_flow();
+            let (cap, address) = match item {
+                Carried::Grant {
+                    port,
+                    rights,
+                    token,
+                } => {
+                    let (port, rights) = (*port, *rights);
+                    let Some(key) = self.import(from, port, token.clone()) else {
                         continue;
                     };
-                    (key, rights, Address::new(from, port.port))
+                    let cap = Cap::new(Target::Local(key), rights, None, flow);
+                    (cap, Address::new(from, port.port))
                 }
-                Carried::Home { port, rights } => (
-                    port_key(port.port, port.generation),
-                    rights,
-                    Address::new(self.config.junction, port.port),
-                ),
+                Carried::Token { token } => {
+                    let Some((key, rights)) = self.open_token(from, token.clone()) else {
+                        continue;
+                    };
+                    let cap = Cap::new(Target::Local(key), rights, None, flow);
+                    (cap, Address::new(token.body.owner, token.body.port))
+                }
+                &Carried::Home { port, rights } => {
+                    let Some(mut cap) = self.anchor(from, port).map(|(_, a)| a.copy(flow)) else {
+                        continue;
+                    };
+                    cap.rights = rights;
+                    (cap, Address::new(self.config.junction, port.port))
+                }
             };
-            let Some(handle) = self.new_cap(to, key, rights, None) else {
-                if matches!(item, Carried::Grant { .. }) {
+            let (rights, moves, key) = (cap.rights, cap.moves(), cap.port());
+            let Some(handle) = self.insert_cap(to, cap) else {
+                if !matches!(item, Carried::Home { .. }) {
                     self.proxy_idle(key);
                 }
                 continue;
@@ -1502,7 +1638,7 @@ impl Core {
                 rights,
                 credits: self.initial_credits(rights),
                 address,
-                moves: rights.contains(Rights::SEND_ONCE),
+                moves,
             });
         }
         granted
@@ -1582,6 +1718,237 @@ impl Core {
                     &[],
                 );
             }
+        }
+    }
+
+    /// A token for a grant of `port` to `holder`, signed with this
+    /// junction's key, describing `anchor` (the exported capability);
+    /// `None` for a junction without a key.
+    fn issue_token(&self, holder: u16, port: RemotePort, anchor: &Cap) -> Option<CapabilityToken> {
+        let (key, _) = self.config.junction_identity.as_ref()?;
+        let body = junction_identity::TokenBody {
+            owner: self.config.junction,
+            port: port.port,
+            generation: port.generation,
+            export: port.export,
+            rights: anchor.rights.bits(),
+            holder,
+            expires_at: anchor.expires_at.unwrap_or(u64::MAX),
+            serial: anchor.flow.0,
+            budget: self.books.left(&anchor.budgets),
+        };
+        Some(CapabilityToken::issue(body, key))
+    }
+
+    /// The token for stand-in `key`, delegated to junction `to` with
+    /// `rights` until `expires_at` (the capability's own limits), or why
+    /// it cannot be passed on.
+    fn delegation(
+        &self,
+        key: Key,
+        to: u16,
+        rights: Rights,
+        expires_at: Option<u64>,
+    ) -> Result<CapabilityToken, String> {
+        let owner = match self.ports.get(key).and_then(|p| p.proxy) {
+            Some(Proxy::Import { owner, .. }) => owner,
+            _ => return Err("it is not held from another junction".into()),
+        };
+        let Some((my_key, _)) = self.config.junction_identity.as_ref() else {
+            return Err(format!(
+                "it reaches a port on junction {owner}, and passing it on to junction {to} needs a token signed by junction keys, which this junction has none of"
+            ));
+        };
+        let Some(token) = self.remote.tokens.get(&key) else {
+            return Err(format!(
+                "it reaches a port on junction {owner}, which gave no token for it (a junction without a key)"
+            ));
+        };
+        let (_, held, expiry) = token.current();
+        let expiry = expires_at.map_or(expiry, |e| e.min(expiry));
+        token
+            .delegate(my_key, to, rights.bits() & held, expiry)
+            .map_err(|e| format!("its token cannot be passed on: {e}"))
+    }
+
+    /// A token junction `from` passed on to here: a stand-in that opens it
+    /// with the owner, and the rights it carries. `None` (the capability is
+    /// left out of the message) when the token is not for this junction or
+    /// names no rights a capability can have.
+    fn open_token(&mut self, from: u16, token: CapabilityToken) -> Option<(Key, Rights)> {
+        let (holder, bits, _) = token.current();
+        let rights = Rights::from_bits(bits).filter(|r| r.is_valid());
+        let owner = token.body.owner;
+        let (true, Some(rights)) = (
+            holder == self.config.junction && owner != self.config.junction,
+            rights,
+        ) else {
+            self.refuse_remote(from, "a token passed on to here is not for this junction");
+            return None;
+        };
+        self.remote.next_open = self.remote.next_open.wrapping_add(1);
+        let open = self.remote.next_open;
+        let port = RemotePort {
+            port: token.body.port,
+            generation: token.body.generation,
+            export: u32::MAX,
+        };
+        let key = self.ports.open_proxy(Proxy::Import {
+            owner,
+            port,
+            grants: 0,
+            next_n: 0,
+            units: 0,
+            dead: None,
+            opening: Some(open),
+        })?;
+        self.remote.opening.insert((owner, open), key);
+        self.ship(
+            owner,
+            port_lane(port.port),
+            &RemoteFrame::Open { open, token },
+            &[],
+        );
+        Some((key, rights))
+    }
+
+    /// Junction `from` presents a token to open: verified once, here; if it
+    /// holds, `from` gets an export of its own, inheriting everything the
+    /// grant the token names has (lineages, budget, expiry), narrowed to
+    /// the token's rights and expiry.
+    fn open(&mut self, from: u16, open: u32, token: CapabilityToken) {
+        let port = RemotePort {
+            port: token.body.port,
+            generation: token.body.generation,
+            export: token.body.export,
+        };
+        let lane = port_lane(port.port);
+        let refuse = |reason: Reason, message: String| RemoteFrame::OpenRefused {
+            open,
+            reason,
+            message,
+        };
+        let me = self.config.junction;
+        let grantee = token.body.holder;
+        let verified = token.verify(from, self.now.unix, |id| self.router.junction_key(id));
+        let token = match verified {
+            Ok(token) if token.body.owner == me => token.into_inner(),
+            Ok(_) => {
+                let why = "the token is not for a port of this junction".to_string();
+                self.refuse_remote(from, &why);
+                return self.ship(from, lane, &refuse(Reason::Revoked, why), &[]);
+            }
+            Err(e) => {
+                let reason = match e {
+                    junction_identity::IdentityError::TokenExpired { .. } => Reason::Expired,
+                    _ => Reason::Revoked,
+                };
+                let why = format!("the token does not hold: {e}");
+                self.refuse_remote(from, &why);
+                return self.ship(from, lane, &refuse(reason, why), &[]);
+            }
+        };
+        let Some(source) = self.anchor(grantee, port).map(|(_, a)| a.clone()) else {
+            let why = format!(
+                "junction {grantee}'s capability it was passed on from is gone (released, or its port closed)"
+            );
+            return self.ship(
+                from,
+                lane,
+                &refuse(
+                    self.ports
+                        .death_reason(port_key(port.port, port.generation)),
+                    why,
+                ),
+                &[],
+            );
+        };
+        if let Some(reason) = source.dead {
+            let why = format!("the capability it was passed on from is dead: {reason}");
+            return self.ship(from, lane, &refuse(reason, why), &[]);
+        }
+        let (_, bits, expiry) = token.current();
+        let flow = self.new_flow();
+        let mut cap = source.copy(flow);
+        cap.rights = Rights::from_bits(bits & source.rights.bits()).unwrap_or(Rights::NONE);
+        if expiry != u64::MAX {
+            cap.expires_at = Some(cap.expires_at.map_or(expiry, |e| e.min(expiry)));
+        }
+        let anchor = self
+            .party(from)
+            .and_then(|party| self.insert_cap(party, cap));
+        let Some(anchor) = anchor else {
+            let limit = self.config.max_handles;
+            let why = format!(
+                "junction {me} exports {limit} capabilities to junction {from} already, the most it keeps"
+            );
+            return self.ship(from, lane, &refuse(Reason::Revoked, why), &[]);
+        };
+        self.remote.exports.insert(
+            (port.port, from, anchor),
+            Export {
+                grants: 1,
+                units: 0,
+            },
+        );
+        let port = RemotePort {
+            export: anchor,
+            ..port
+        };
+        self.ship(from, lane, &RemoteFrame::Opened { open, port }, &[]);
+    }
+
+    /// The owner opened the token a stand-in waited for: it is an import
+    /// like any other now, and what waited for it goes.
+    fn opened(&mut self, from: u16, open: u32, port: RemotePort) {
+        let Some(key) = self.remote.opening.remove(&(from, open)) else {
+            // Its stand-in died meanwhile: the grant goes back.
+            return self.ship(
+                from,
+                port_lane(port.port),
+                &RemoteFrame::Release { port, grants: 1 },
+                &[],
+            );
+        };
+        if let Some(Proxy::Import {
+            port: p,
+            grants,
+            opening,
+            ..
+        }) = self.ports.get_mut(key).and_then(|p| p.proxy.as_mut())
+        {
+            *p = port;
+            *grants = 1;
+            *opening = None;
+        }
+        self.remote.imports.insert((from, port), key);
+        for envelope in self.remote.waiting.remove(&key).unwrap_or_default() {
+            self.deliver_remote(envelope, key);
+        }
+        if self.ports.get(key).is_some_and(|p| p.senders == 0) {
+            self.proxy_idle(key);
+        }
+    }
+
+    /// Messages that waited for stand-in `key` to open will never go: their
+    /// senders hear, as for a dead capability.
+    fn fail_waiting(&mut self, key: Key, reason: Reason) {
+        for envelope in self.remote.waiting.remove(&key).unwrap_or_default() {
+            let Envelope {
+                from,
+                via,
+                flow,
+                seq,
+                cost,
+                call,
+                caps,
+                ..
+            } = envelope;
+            if let Some(at) = flow {
+                self.settle(at, 1, cost, key.index as u16);
+            }
+            self.release_moving(from, &caps);
+            self.refuse_message(from, via, seq, call, reason);
         }
     }
 }

@@ -45,8 +45,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use junction_identity::{
-    Certificate, IdentityError, Purpose, RevocationList, Role, SecretKey, ServiceName, TrustStore,
-    Verified,
+    Certificate, IdentityError, PublicKey, Purpose, RevocationList, Role, SecretKey, ServiceName,
+    TrustStore, Verified,
 };
 use junction_road::highway::{
     LinkState, MAX_ANNOUNCED_NAME_BYTES, MAX_ANNOUNCED_NAMES, MAX_NEIGHBOURS, Neighbour,
@@ -503,6 +503,18 @@ impl Router {
     /// The incarnation junction `junction` last described itself in.
     pub fn incarnation_of(&self, junction: u16) -> Option<u64> {
         self.db.get(&junction).map(|ls| ls.incarnation)
+    }
+
+    /// Junction `junction`'s key, as the certificate chain of the link
+    /// state it last described itself in certifies it (checked when that
+    /// link state was taken); `None` for a junction heard of only unsealed,
+    /// or not at all. This junction's own comes from its signer.
+    pub fn junction_key(&self, junction: u16) -> Option<PublicKey> {
+        if junction == self.me {
+            return self.signer.as_ref().map(|(key, _)| key.public());
+        }
+        let seal = self.db.get(&junction)?.seal.as_ref()?;
+        Some(seal.chain.first()?.body.subject)
     }
 
     /// How many junctions' descriptions it holds, its own included.
