@@ -1149,14 +1149,7 @@ impl Core {
         };
         match frame {
             RemoteFrame::Lookup { req, name } => self.answer_lookup(from, req, name),
-            RemoteFrame::Found {
-                req,
-                port,
-                rights,
-                chain,
-                proof,
-                token,
-            } => self.found(from, req, port, rights, chain, proof, token),
+            found @ RemoteFrame::Found { .. } => self.found(from, found),
             RemoteFrame::NotFound { req, message } => {
                 if let Some((conn, tag, _)) = self.remote.lookups.remove(&(from, req)) {
                     let what = format!("junction {from}: {message}");
@@ -1269,16 +1262,18 @@ impl Core {
     /// Junction `from` answered lookup `req`: the asker gets a capability
     /// to the stand-in, once the certificate chain is shown to grant the
     /// name.
-    fn found(
-        &mut self,
-        from: u16,
-        req: u32,
-        port: RemotePort,
-        rights: Rights,
-        chain: Option<Vec<junction_identity::Certificate>>,
-        proof: Option<Possession>,
-        token: Option<CapabilityToken>,
-    ) {
+    fn found(&mut self, from: u16, found: RemoteFrame) {
+        let RemoteFrame::Found {
+            req,
+            port,
+            rights,
+            chain,
+            proof,
+            token,
+        } = found
+        else {
+            return;
+        };
         let lookup = self.remote.lookups.remove(&(from, req));
         let Some(key) = self.import(from, port, token) else {
             if let Some((conn, tag, _)) = lookup {
