@@ -11,7 +11,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use junction_core::Config;
 use junction_driver::machine::{Event, Machine};
-use junction_identity::{CertBody, Certificate, Role, SecretKey, TrustStore, prove_possession};
+use std::sync::Arc;
+
+use junction_identity::{
+    CapabilityToken, CertBody, Certificate, Role, SecretKey, TokenBody, TrustStore,
+    prove_possession,
+};
 use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
 use junction_road::remote::{self, RemoteFrame, RemotePort, RemoteSend};
 use junction_road::{Address, ErrorCode, Frame, Reason, Rights};
@@ -603,6 +608,7 @@ fn a_junction_never_given_a_capability_reaches_no_port() {
     });
     run(&mut world);
     assert_eq!(deliveries(&take(&mut world, server)).len(), 1);
+    let refused = world.core_mut(2).remote_refusals();
     for export in 0..8u32 {
         for generation in 0..2 {
             let forged = RemoteFrame::Send(RemoteSend {
@@ -628,6 +634,13 @@ fn a_junction_never_given_a_capability_reaches_no_port() {
     assert!(
         deliveries(&take(&mut world, server)).is_empty(),
         "nothing from junction 2 arrives"
+    );
+    // Those naming the live port are refused; the others name a port
+    // generation that never lived, and are answered that it is dead.
+    assert_eq!(
+        world.core_mut(2).remote_refusals(),
+        refused + 8,
+        "each refused"
     );
     let _ = ErrorCode::MissingRight;
     for node in 0..3 {
@@ -1259,6 +1272,220 @@ fn a_restarted_junction_ends_what_others_held_of_it() {
     );
     // The name is gone with it.
     assert!(lookup(&mut world, client, "dev.phoenix").is_err());
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+/// Junctions 1..=3 in a line, each with a key its bus's authority
+/// certified for its id (so they seal their routes and sign tokens), and
+/// the development namespace `dev.`; and the keys, by junction id - 1.
+fn keyed_line(seed: u64) -> (World<Proc>, Vec<Arc<SecretKey>>) {
+    let authority = SecretKey::generate().unwrap();
+    let own = Certificate::authority(&authority, 1, 0, u64::MAX).unwrap();
+    let mut trust = TrustStore::new();
+    trust.add_authority(&own).unwrap();
+    let mut keys = Vec::new();
+    let configs = (1..=3u16)
+        .map(|junction| {
+            let key = SecretKey::generate().unwrap();
+            let cert = Certificate::issue(
+                CertBody {
+                    version: 1,
+                    serial: u64::from(junction),
+                    subject: key.public(),
+                    role: Role::Junction { id: junction },
+                    not_before: 0,
+                    not_after: u64::MAX,
+                    issuer: authority.public(),
+                },
+                &authority,
+            )
+            .unwrap();
+            let key = Arc::new(key);
+            keys.push(key.clone());
+            Config {
+                junction,
+                incarnation: 1,
+                trust: trust.clone(),
+                junction_identity: Some((key, vec![cert])),
+                dev_namespace: vec!["dev.*".parse().unwrap()],
+                ..Config::default()
+            }
+        })
+        .collect();
+    let mut world = World::with_junctions(seed, configs);
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    (world, keys)
+}
+
+/// Junction 1 holds a capability to a port on junction 3 and passes it to
+/// a service on junction 2: it travels as junction 3's token, delegated
+/// by junction 1, which junction 2 opens with junction 3. The service on
+/// junction 2 then reaches junction 3's port in its own name, and keeps
+/// it after junction 1 has let go; when junction 3's service revokes what
+/// it granted, the capability dies on junction 2 too.
+#[test]
+fn a_capability_passes_on_to_a_third_junction_as_a_delegated_token() {
+    let (mut world, _keys) = keyed_line(seed_from_env(93));
+    run(&mut world);
+    let (c_pid, c_port) = service(&mut world, 2, "dev.c");
+    let (b_pid, b_port) = service(&mut world, 1, "dev.b");
+    let client = attach(&mut world, 0, "client");
+    let (to_c, _) = lookup(&mut world, client, "dev.c").unwrap();
+    let (to_b, _) = lookup(&mut world, client, "dev.b").unwrap();
+
+    // Junction 3's service hands the client a revocable capability to a
+    // port of its own.
+    let inbox = open_port(&mut world, client);
+    let to_inbox = mint(&mut world, client, inbox, Rights::SEND | Rights::GRANT);
+    world.act(client, |p, _| {
+        p.machine
+            .send(to_c, &[to_inbox], Bytes::from_static(b"inbox"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, c_pid));
+    let back = got[0].0.caps[0];
+    read_all(&mut world, c_pid, c_port, &got);
+    let granted_port = open_port(&mut world, c_pid);
+    let root = mint(
+        &mut world,
+        c_pid,
+        granted_port,
+        Rights::SEND | Rights::GRANT,
+    );
+    let revocable = attenuate(&mut world, c_pid, root, None, None, true);
+    world.act(c_pid, |p, _| {
+        p.machine
+            .send(back.handle, &[revocable], Bytes::from_static(b"for you"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, client));
+    let from_c = got[0].0.caps[0];
+    assert_eq!(from_c.address, Address::new(3, granted_port));
+    read_all(&mut world, client, inbox, &got);
+
+    // The client passes it on to junction 2's service.
+    world.act(client, |p, _| {
+        p.machine
+            .send(to_b, &[from_c.handle], Bytes::from_static(b"use this"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, b_pid));
+    assert_eq!(got.len(), 1);
+    let passed = got[0].0.caps[0];
+    assert_eq!(passed.address, Address::new(3, granted_port));
+    read_all(&mut world, b_pid, b_port, &got);
+    world.act(b_pid, |p, _| {
+        p.machine.watch(passed.handle).unwrap();
+        p.machine
+            .send(passed.handle, &[], Bytes::from_static(b"from b"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, c_pid));
+    assert_eq!(got.len(), 1, "junction 2 reaches junction 3's port");
+    assert_eq!(got[0].0.origin.junction, 2, "in its own name");
+    read_all(&mut world, c_pid, granted_port, &got);
+
+    // The client lets go of everything; junction 2 keeps its own export.
+    world.act(client, |p, _| {
+        for h in p.machine_handles() {
+            p.machine.drop_capability(h);
+        }
+    });
+    let until = world.elapsed() + Duration::from_secs(90);
+    world.run_until(until).unwrap();
+    world.act(b_pid, |p, _| {
+        p.machine
+            .send(passed.handle, &[], Bytes::from_static(b"still"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, c_pid));
+    assert_eq!(
+        got.len(),
+        1,
+        "junction 2's capability outlives junction 1's"
+    );
+    read_all(&mut world, c_pid, granted_port, &got);
+
+    // Junction 3's service revokes what it granted: dead on junction 2.
+    world.act(c_pid, |p, _| p.machine.revoke(revocable).unwrap());
+    run(&mut world);
+    let events = take(&mut world, b_pid);
+    assert!(died(&events, passed.handle, Reason::Revoked), "{events:?}");
+    world.act(b_pid, |p, _| {
+        let _ = p
+            .machine
+            .send(passed.handle, &[], Bytes::from_static(b"after"));
+    });
+    run(&mut world);
+    assert!(deliveries(&take(&mut world, c_pid)).is_empty());
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+/// A token is good only for the junction it was delegated to: another
+/// junction presenting it (one that saw it, say) gets nothing.
+#[test]
+fn a_token_presented_by_another_junction_opens_nothing() {
+    let (mut world, keys) = keyed_line(seed_from_env(94));
+    run(&mut world);
+    let (_c_pid, c_port) = service(&mut world, 2, "dev.c");
+    let client = attach(&mut world, 0, "client");
+    let (_to_c, _) = lookup(&mut world, client, "dev.c").unwrap();
+    // Junction 3's token for junction 1, delegated by junction 1 to 2;
+    // junction 1 presents it itself.
+    let token = CapabilityToken::issue(
+        TokenBody {
+            owner: 3,
+            port: c_port,
+            generation: 0,
+            export: 0,
+            rights: (Rights::SEND | Rights::GRANT).bits(),
+            holder: 1,
+            expires_at: u64::MAX,
+            serial: 1,
+            budget: None,
+        },
+        &keys[2],
+    )
+    .delegate(&keys[0], 2, Rights::SEND.bits(), u64::MAX)
+    .unwrap();
+    let refused = world.core_mut(2).remote_refusals();
+    let open = RemoteFrame::Open {
+        open: 7,
+        token: token.clone(),
+    };
+    world
+        .junction_send(
+            0,
+            3,
+            remote::port_lane(c_port),
+            remote::to_bytes(&open, b""),
+        )
+        .unwrap();
+    run(&mut world);
+    assert_eq!(world.core_mut(2).remote_refusals(), refused + 1, "refused");
+    // The junction it was delegated to opens it (and, not having asked,
+    // gives the grant back at once).
+    let open = RemoteFrame::Open { open: 8, token };
+    world
+        .junction_send(
+            1,
+            3,
+            remote::port_lane(c_port),
+            remote::to_bytes(&open, b""),
+        )
+        .unwrap();
+    run(&mut world);
+    assert_eq!(world.core_mut(2).remote_refusals(), refused + 1, "taken");
     for node in 0..3 {
         world.core_mut(node).check_invariants().unwrap();
     }

@@ -157,6 +157,8 @@ pub(crate) struct Remote {
     incarnations: HashMap<u16, u64>,
     /// Holder junctions with no route, since when.
     unreachable: HashMap<u16, Instant>,
+    /// Remote frames refused since start.
+    refused: u64,
     /// Tokens for the imports it holds (by stand-in), to pass them on.
     tokens: HashMap<Key, CapabilityToken>,
     /// Stand-ins waiting for their owner to open a token: (owner, open)
@@ -229,6 +231,13 @@ impl Remote {
 }
 
 impl Core {
+    /// How many frames about capabilities other junctions sent were
+    /// refused since this junction started (each is logged, at most once a
+    /// second): forged exports, tokens that do not hold, bad bytes.
+    pub fn remote_refusals(&self) -> u64 {
+        self.remote.refused
+    }
+
     /// The address a driver knows the lane to port number `number` by.
     pub(crate) fn lane_address(&self, number: u16) -> Address {
         self.remote
@@ -1132,6 +1141,7 @@ impl Core {
     /// Logs, rate-limited, a remote frame that junction `from` should not
     /// have sent.
     fn refuse_remote(&mut self, from: u16, why: &str) {
+        self.remote.refused += 1;
         if let Some(unlogged) = self.quiet.routing.admit(self.now.instant) {
             tracing::warn!(
                 junction = from,
