@@ -21,23 +21,35 @@ use serde::{Deserialize, Serialize};
 use crate::Address;
 use crate::frame::{ErrorCode, Identity, MAX_CAPS_PER_MESSAGE, Reason, Rights};
 
-/// The session lanes remote frames travel on: [`REMOTE_LANES`] lanes from
-/// [`REMOTE_LANE_BASE`]. Everything about one port goes on one lane (see
-/// [`port_lane`]), so it arrives in the order it was said; lanes below the
-/// base are left for other uses.
+/// The first session lane remote frames travel on; lanes below it are left
+/// for other uses. Messages to ports (`Send`) go on [`data_lane`]s, which
+/// the session gives up on when the peer stays out of reach (and the
+/// senders are told); everything else goes on control lanes, from
+/// [`CONTROL_LANE_BASE`], which it never gives up on: they carry state
+/// both junctions must come to agree on (grants, releases, settlements,
+/// deaths, replies), which a partition may delay but must not lose.
 pub const REMOTE_LANE_BASE: u32 = 0x8000_0000;
 
-/// How many lanes remote frames spread over, the last for lookups and calls.
-pub const REMOTE_LANES: u32 = 33;
+/// The first control lane.
+pub const CONTROL_LANE_BASE: u32 = 0xC000_0000;
 
-/// The lane of everything about port number `port` of its owner: messages
-/// to it, what became of them, its grants, releases and death.
-pub fn port_lane(port: u16) -> u32 {
-    REMOTE_LANE_BASE + u32::from(port) % (REMOTE_LANES - 1)
+/// How many lanes ports spread over, each way.
+pub const PORT_LANES: u32 = 32;
+
+/// The lane of messages to port number `port` of their owner.
+pub fn data_lane(port: u16) -> u32 {
+    REMOTE_LANE_BASE + u32::from(port) % PORT_LANES
+}
+
+/// The lane of everything else about port number `port` of its owner, in
+/// the order it was said: grants, opens, settlements, refusals, releases,
+/// death.
+pub fn control_lane(port: u16) -> u32 {
+    CONTROL_LANE_BASE + u32::from(port) % PORT_LANES
 }
 
 /// The lane of lookups, replies and call outcomes.
-pub const CALL_LANE: u32 = REMOTE_LANE_BASE + REMOTE_LANES - 1;
+pub const CALL_LANE: u32 = CONTROL_LANE_BASE + PORT_LANES;
 
 /// A port of the owner junction as one holder junction reaches it: the
 /// port's number and the generation of that number, so a message for a dead
@@ -430,10 +442,11 @@ mod tests {
 
     #[test]
     fn lanes_keep_a_port_on_one_lane_and_calls_apart() {
-        assert_eq!(port_lane(5), port_lane(5 + 32));
-        assert_ne!(port_lane(5), port_lane(6));
+        assert_eq!(data_lane(5), data_lane(5 + 32));
+        assert_ne!(data_lane(5), data_lane(6));
         for p in [0, 1, 31, 32, u16::MAX] {
-            assert!((REMOTE_LANE_BASE..CALL_LANE).contains(&port_lane(p)));
+            assert!((REMOTE_LANE_BASE..CONTROL_LANE_BASE).contains(&data_lane(p)));
+            assert!((CONTROL_LANE_BASE..CALL_LANE).contains(&control_lane(p)));
         }
     }
 

@@ -83,6 +83,7 @@ impl Core {
                 incarnation,
                 SessionConfig {
                     window,
+                    persistent_from: junction_road::remote::CONTROL_LANE_BASE,
                     ..SessionConfig::default()
                 },
             ),

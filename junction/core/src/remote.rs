@@ -34,11 +34,15 @@
 //! - **Junctions restart and vanish.** When the session reports a peer's
 //!   new incarnation, everything shared with its earlier life ends: imports
 //!   die with `JunctionRestarted`, its exports are released, calls fail.
-//!   When a session gives up on a lane (unreachable past its deadline),
-//!   imports from the peer die with `JunctionUnreachable`, which says the
-//!   fate of what was in flight is unknown. A holder that stays unreachable
-//!   keeps its exports for [`crate::Config::export_lease`], so that a
-//!   partition does not fire a no-senders notice early.
+//!   Messages to ports travel on data lanes, which the session gives up on
+//!   when the owner stays out of reach: each given-up message is reported
+//!   to its sender, and its call failed, with `JunctionUnreachable` (its
+//!   fate is unknown), and the import lives on. Everything else travels on
+//!   control lanes the session never gives up on, so a partition delays
+//!   grants, releases, settlements and deaths but loses none, and both
+//!   ends agree again once it heals. An owner keeps the exports of a
+//!   holder that stays unreachable for [`crate::Config::export_lease`], so
+//!   that a partition does not fire a no-senders notice early.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -51,7 +55,7 @@ use junction_road::frame::credit_cost;
 use junction_road::highway::{MAX_ANNOUNCED_NAME_BYTES, MAX_ANNOUNCED_NAMES};
 use junction_road::remote::{
     self as wire, CALL_LANE, Carried, Possession, REMOTE_LANE_BASE, RemoteFrame, RemotePort,
-    RemoteSend, port_lane,
+    RemoteSend, control_lane, data_lane,
 };
 use junction_road::{
     Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Reason, Rights,
@@ -105,6 +109,15 @@ impl Proxy {
     }
 }
 
+/// A message to an import, as the session carries it: its stand-in, its
+/// number there, and the call it makes (0 for none).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SentMessage {
+    key: Key,
+    n: u64,
+    call: u64,
+}
+
 /// What this junction exports to one holder junction: the grants of one
 /// anchor capability in the holder's export table.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +165,10 @@ pub(crate) struct Remote {
     next_req: u32,
     /// Frames a session lane had no room for yet, in order, per (peer,
     /// lane).
-    backlog: HashMap<(u16, u32), VecDeque<Bytes>>,
+    backlog: HashMap<(u16, u32), VecDeque<(Bytes, Option<SentMessage>)>>,
+    /// Messages to imports the session has not yet handed up at their
+    /// owner, by (owner, lane, session number).
+    sent: BTreeMap<(u16, u32, u64), SentMessage>,
     /// The incarnation each peer was last known by.
     incarnations: HashMap<u16, u64>,
     /// Holder junctions with no route, since when.
@@ -216,6 +232,7 @@ impl Remote {
             + self.calls_in.len()
             + self.lookups.len()
             + self.backlog.values().map(VecDeque::len).sum::<usize>()
+            + self.sent.len()
             + self.tokens.len()
             + self.opening.len()
             + self.waiting.values().map(VecDeque::len).sum::<usize>()
@@ -247,19 +264,37 @@ impl Core {
     /// Sends a remote frame to junction `to` on `lane`, after whatever
     /// waits for room on that lane.
     fn ship(&mut self, to: u16, lane: u32, frame: &RemoteFrame, payload: &[u8]) {
+        self.ship_noted(to, lane, frame, payload, None);
+    }
+
+    /// [`Core::ship`] for a message to an import: the session's number
+    /// for it is noted, so that if the session gives it up, its sender is
+    /// told which message.
+    fn ship_noted(
+        &mut self,
+        to: u16,
+        lane: u32,
+        frame: &RemoteFrame,
+        payload: &[u8],
+        noted: Option<SentMessage>,
+    ) {
         let bytes = wire::to_bytes(frame, payload);
         if let Some(waiting) = self.remote.backlog.get_mut(&(to, lane)) {
-            waiting.push_back(bytes);
+            waiting.push_back((bytes, noted));
             return;
         }
         match self.session_send(to, lane, bytes.clone()) {
-            Ok(_) => {}
+            Ok(seq) => {
+                if let Some(message) = noted {
+                    self.remote.sent.insert((to, lane, seq), message);
+                }
+            }
             Err(SendError::NoCredit { .. }) => {
                 self.remote
                     .backlog
                     .entry((to, lane))
                     .or_default()
-                    .push_back(bytes);
+                    .push_back((bytes, noted));
             }
             Err(e) => {
                 // Frames are bounded by the largest driver frame, and the
@@ -272,14 +307,17 @@ impl Core {
 
     /// A session lane to `to` got room: what waited for it goes.
     fn ship_backlog(&mut self, to: u16, lane: u32) {
-        while let Some(bytes) = self
+        while let Some((bytes, noted)) = self
             .remote
             .backlog
             .get_mut(&(to, lane))
             .and_then(|w| w.front().cloned())
         {
             match self.session_send(to, lane, bytes) {
-                Ok(_) => {
+                Ok(seq) => {
+                    if let Some(message) = noted {
+                        self.remote.sent.insert((to, lane, seq), message);
+                    }
                     if let Some(w) = self.remote.backlog.get_mut(&(to, lane)) {
                         w.pop_front();
                     }
@@ -296,18 +334,88 @@ impl Core {
             SessionEvent::Delivered { lane, payload, .. } if lane >= REMOTE_LANE_BASE => {
                 self.remote_arrived(peer, payload);
             }
-            SessionEvent::Acked { lane, .. } if lane >= REMOTE_LANE_BASE => {
+            SessionEvent::Acked { lane, upto, .. } if lane >= REMOTE_LANE_BASE => {
+                // Handed up there: what becomes of them is the owner's to
+                // say now.
+                let arrived: Vec<_> = self
+                    .remote
+                    .sent
+                    .range((peer, lane, 0)..(peer, lane, upto))
+                    .map(|(&k, _)| k)
+                    .collect();
+                for k in arrived {
+                    self.remote.sent.remove(&k);
+                }
                 self.ship_backlog(peer, lane);
             }
-            SessionEvent::Ended { lane, why, .. } if lane >= REMOTE_LANE_BASE => {
+            SessionEvent::Ended {
+                lane,
+                first_seq,
+                count,
+                why,
+                ..
+            } if lane >= REMOTE_LANE_BASE => {
+                match why {
+                    Ending::PeerRestarted => self.junction_lost(peer, Reason::JunctionRestarted),
+                    Ending::Unreachable => {
+                        // Only messages to ports are given up (control
+                        // lanes persist): their senders hear, one by one.
+                        let end = first_seq.saturating_add(count);
+                        let lost: Vec<_> = self
+                            .remote
+                            .sent
+                            .range((peer, lane, first_seq)..(peer, lane, end))
+                            .map(|(&k, &m)| (k, m))
+                            .collect();
+                        for (k, message) in lost {
+                            self.remote.sent.remove(&k);
+                            self.message_lost(peer, message);
+                        }
+                    }
+                }
                 self.ship_backlog(peer, lane);
-                let reason = match why {
-                    Ending::PeerRestarted => Reason::JunctionRestarted,
-                    Ending::Unreachable => Reason::JunctionUnreachable,
-                };
-                self.junction_lost(peer, reason);
             }
             event => self.out.push_back(Output::Session { peer, event }),
+        }
+    }
+
+    /// The session gave up on a message to an import of `owner`'s: it may
+    /// or may not have arrived. Its sender is told so, and a call it made
+    /// fails so.
+    fn message_lost(&mut self, owner: u16, message: SentMessage) {
+        let SentMessage { key, n, call } = message;
+        let reason = Reason::JunctionUnreachable;
+        let tag = if call != 0 {
+            self.remote
+                .calls_out
+                .remove(&(owner, call))
+                .and_then(|(caller, tag)| {
+                    let c = self.conns.get_mut(caller.key())?;
+                    c.calls.remove(&tag)?;
+                    c.pending_calls = c.pending_calls.saturating_sub(1);
+                    Some(tag)
+                })
+        } else {
+            None
+        };
+        let number = key.index as u16;
+        let Some(p) = self.ports.get_mut(key) else {
+            return;
+        };
+        let Some(i) = p.in_flight.iter().position(|e| e.n == n) else {
+            return;
+        };
+        let entry = p.in_flight.remove(i).unwrap_or_else(|| unreachable!());
+        if let Some(Proxy::Import { units, .. }) = p.proxy.as_mut() {
+            *units = units.saturating_sub(entry.cost);
+        }
+        if let Some(at) = entry.flow
+            && self.settle(at, 1, entry.cost, number)
+        {
+            self.refuse_message(at.conn, at.handle, entry.seq, tag, reason);
+        }
+        if self.ports.get(key).is_some_and(|p| p.senders == 0) {
+            self.proxy_idle(key);
         }
     }
 
@@ -320,8 +428,8 @@ impl Core {
         }
     }
 
-    /// Junction `peer` restarted (`JunctionRestarted`), or could not be
-    /// reached past the session's deadline (`JunctionUnreachable`).
+    /// Junction `peer` restarted: everything shared with its earlier life
+    /// ends, with `reason`.
     fn junction_lost(&mut self, peer: u16, reason: Reason) {
         let imports: Vec<Key> = self
             .remote
@@ -374,6 +482,7 @@ impl Core {
                 self.kill_port(key, reason);
             }
             self.remote.backlog.retain(|(j, _), _| *j != peer);
+            self.remote.sent.retain(|(j, _, _), _| *j != peer);
         }
     }
 
@@ -486,7 +595,7 @@ impl Core {
         };
         self.ship(
             holder,
-            port_lane(port.port),
+            control_lane(port.port),
             &RemoteFrame::Dead { port, reason },
             &[],
         );
@@ -648,7 +757,7 @@ impl Core {
                     .push_back(envelope);
                 return;
             }
-            Proxy::Import { owner, port, .. } => (owner, port_lane(port.port)),
+            Proxy::Import { owner, port, .. } => (owner, data_lane(port.port)),
             Proxy::Replies { caller } => (caller, CALL_LANE),
         };
         let carried = match self.carry(&envelope, to) {
@@ -777,7 +886,8 @@ impl Core {
             ack: low_credit,
             caps,
         });
-        self.ship(owner, port_lane(port.port), &frame, &payload);
+        let noted = SentMessage { key, n, call };
+        self.ship_noted(owner, data_lane(port.port), &frame, &payload, Some(noted));
         self.carried_away(from, &handles);
     }
 
@@ -923,7 +1033,7 @@ impl Core {
                 // Nothing can hold it: the grant goes back at once.
                 self.ship(
                     owner,
-                    port_lane(port.port),
+                    control_lane(port.port),
                     &RemoteFrame::Release { port, grants: 1 },
                     &[],
                 );
@@ -998,7 +1108,7 @@ impl Core {
         self.remote.tokens.remove(&key);
         self.ship(
             owner,
-            port_lane(port.port),
+            control_lane(port.port),
             &RemoteFrame::Release { port, grants },
             &[],
         );
@@ -1052,7 +1162,7 @@ impl Core {
             };
             self.ship(
                 holder,
-                port_lane(number),
+                control_lane(number),
                 &RemoteFrame::Dead { port, reason },
                 &[],
             );
@@ -1086,7 +1196,7 @@ impl Core {
             }
             self.ship(
                 junction,
-                port_lane(port.port),
+                control_lane(port.port),
                 &RemoteFrame::Settled { port, first, count },
                 &[],
             );
@@ -1266,7 +1376,7 @@ impl Core {
                 .map(|(nonce, signature)| Possession { nonce, signature }),
             token: self.issue_token(from, port, &source),
         };
-        self.ship(from, port_lane(port.port), &frame, &[]);
+        self.ship(from, control_lane(port.port), &frame, &[]);
     }
 
     /// Junction `from` answered lookup `req`: the asker gets a capability
@@ -1443,7 +1553,7 @@ impl Core {
             caps,
         } = send;
         let key = port_key(port.port, port.generation);
-        let lane = port_lane(port.port);
+        let lane = control_lane(port.port);
         let refuse = |code: ErrorCode, message: String| RemoteFrame::Refused {
             port,
             n,
@@ -1718,7 +1828,7 @@ impl Core {
             if let Carried::Grant { port, .. } = *item {
                 self.ship(
                     from,
-                    port_lane(port.port),
+                    control_lane(port.port),
                     &RemoteFrame::Release { port, grants: 1 },
                     &[],
                 );
@@ -1810,7 +1920,7 @@ impl Core {
         self.remote.opening.insert((owner, open), key);
         self.ship(
             owner,
-            port_lane(port.port),
+            control_lane(port.port),
             &RemoteFrame::Open { open, token },
             &[],
         );
@@ -1827,7 +1937,7 @@ impl Core {
             generation: token.body.generation,
             export: token.body.export,
         };
-        let lane = port_lane(port.port);
+        let lane = control_lane(port.port);
         let refuse = |reason: Reason, message: String| RemoteFrame::OpenRefused {
             open,
             reason,
@@ -1910,7 +2020,7 @@ impl Core {
             // Its stand-in died meanwhile: the grant goes back.
             return self.ship(
                 from,
-                port_lane(port.port),
+                control_lane(port.port),
                 &RemoteFrame::Release { port, grants: 1 },
                 &[],
             );

@@ -73,6 +73,11 @@ pub struct SessionConfig {
     /// How long a lane with unacknowledged messages may go without progress
     /// before they are given up, with their outcomes.
     pub give_up: Duration,
+    /// Lanes from this one on are never given up for want of progress:
+    /// what is sent on them is kept until it is acknowledged or the peer
+    /// restarts (state both ends must agree on, which a partition delays
+    /// but must not lose). Their messages still count against the window.
+    pub persistent_from: u32,
 }
 
 impl Default for SessionConfig {
@@ -83,6 +88,7 @@ impl Default for SessionConfig {
             rto: Duration::from_millis(200),
             max_rto: Duration::from_secs(5),
             give_up: Duration::from_secs(30),
+            persistent_from: u32::MAX,
         }
     }
 }
@@ -489,12 +495,15 @@ impl Session {
     /// When to call [`Session::handle_timeout`] next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let give_up = self.config.give_up;
+        let persistent = self.config.persistent_from;
         self.sending
-            .values()
-            .flat_map(|l| {
+            .iter()
+            .flat_map(|(&lane, l)| {
                 [
                     l.resend_at,
-                    l.stalled_since.and_then(|t| t.checked_add(give_up)),
+                    l.stalled_since
+                        .filter(|_| lane < persistent)
+                        .and_then(|t| t.checked_add(give_up)),
                 ]
             })
             .flatten()
@@ -506,7 +515,10 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         let config = self.config;
         for (&lane, l) in self.sending.iter_mut() {
-            let give_up_at = l.stalled_since.and_then(|t| t.checked_add(config.give_up));
+            let give_up_at = l
+                .stalled_since
+                .filter(|_| lane < config.persistent_from)
+                .and_then(|t| t.checked_add(config.give_up));
             if give_up_at.is_some_and(|t| t <= now) {
                 give_up_lane(&mut self.events, lane, l, Ending::Unreachable);
                 continue;
