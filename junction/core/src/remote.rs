@@ -109,6 +109,10 @@ impl Proxy {
     }
 }
 
+/// A frame waiting for room on a session lane, and the message it is, if
+/// it is one to an import.
+type Waiting = (Bytes, Option<SentMessage>);
+
 /// A message to an import, as the session carries it: its stand-in, its
 /// number there, and the call it makes (0 for none).
 #[derive(Debug, Clone, Copy)]
@@ -165,7 +169,7 @@ pub(crate) struct Remote {
     next_req: u32,
     /// Frames a session lane had no room for yet, in order, per (peer,
     /// lane).
-    backlog: HashMap<(u16, u32), VecDeque<(Bytes, Option<SentMessage>)>>,
+    backlog: HashMap<(u16, u32), VecDeque<Waiting>>,
     /// Messages to imports the session has not yet handed up at their
     /// owner, by (owner, lane, session number).
     sent: BTreeMap<(u16, u32, u64), SentMessage>,

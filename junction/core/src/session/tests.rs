@@ -19,6 +19,7 @@ fn small() -> SessionConfig {
         rto: Duration::from_millis(50),
         max_rto: Duration::from_millis(400),
         give_up: Duration::from_secs(2),
+        persistent_from: 100,
     }
 }
 
@@ -309,6 +310,61 @@ fn an_unreachable_peer_ends_messages_with_honest_outcomes() {
         delivered(&events(&mut b)),
         [(5, 3, Bytes::from_static(b"on"))]
     );
+}
+
+/// A lane from `persistent_from` on keeps what it sends through any
+/// partition, resending on its timer, and delivers it once the peer is
+/// back; a lane below is given up meanwhile.
+#[test]
+fn persistent_lanes_are_never_given_up() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(small(), now);
+    // First contact, so both know each other.
+    a.send(now, 5, Bytes::new()).unwrap();
+    for _ in 0..3 {
+        flush(&mut a, &mut b, now);
+        flush(&mut b, &mut a, now);
+    }
+    let _ = (events(&mut a), events(&mut b));
+    a.send(now, 5, Bytes::from_static(b"data")).unwrap();
+    a.send(now, 100, Bytes::from_static(b"state")).unwrap();
+    let _ = transmits(&mut a, now);
+    // A minute with no way through.
+    let mut at = now;
+    let mut ended = Vec::new();
+    while let Some(due) = a
+        .poll_timeout()
+        .filter(|&t| t <= now + Duration::from_secs(60))
+    {
+        a.handle_timeout(due);
+        at = due;
+        let _ = transmits(&mut a, at);
+        ended.extend(events(&mut a));
+    }
+    assert!(
+        ended
+            .iter()
+            .all(|e| matches!(e, SessionEvent::Ended { lane: 5, .. })),
+        "{ended:?}"
+    );
+    assert_eq!(ended.len(), 1, "the data lane gave up");
+    assert!(
+        a.poll_timeout().is_some(),
+        "the persistent lane still resends"
+    );
+    // The way back: the state arrives, once.
+    let later = at + Duration::from_secs(10);
+    a.route_changed(later);
+    flush(&mut a, &mut b, later);
+    assert_eq!(
+        delivered(&events(&mut b)),
+        [(100, 0, Bytes::from_static(b"state"))]
+    );
+    flush(&mut b, &mut a, later);
+    assert!(matches!(
+        events(&mut a).as_slice(),
+        [SessionEvent::Acked { lane: 100, .. }]
+    ));
 }
 
 #[test]
@@ -655,6 +711,7 @@ impl Sim {
             rto: Duration::from_millis(40),
             max_rto: Duration::from_millis(320),
             give_up: Duration::from_millis(1_000 + 500 * rng.below(6)),
+            persistent_from: u32::MAX,
         };
         let drop = rng.below(300);
         let dup = rng.below(100);
