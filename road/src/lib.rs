@@ -12,6 +12,8 @@
 //! - [`control`]: the requests the control port (port 0) answers;
 //! - [`highway`]: what junctions say to each other (routing, for now);
 //! - [`session`]: the frames of end-to-end sessions between junctions;
+//! - [`secure`]: what a forwarded payload is: a session hello, a sealed
+//!   session frame, or (keyless development) one in clear;
 //! - `outbox`: encoded frames waiting for a link, drained by one writer;
 //! - `transport`: async readers and writers over any byte stream, and the two
 //!   local transports.
@@ -32,6 +34,7 @@ pub mod frame;
 pub mod highway;
 #[cfg(feature = "transport")]
 pub mod outbox;
+pub mod secure;
 pub mod session;
 #[cfg(feature = "transport")]
 mod sys;

@@ -64,6 +64,7 @@ mod quiet;
 mod refusal;
 mod registry;
 pub mod routing;
+pub mod secure;
 pub mod session;
 mod slab;
 #[cfg(test)]
