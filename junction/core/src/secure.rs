@@ -3,7 +3,7 @@
 //! `Forward` payloads on, and can neither read, alter, forge nor replay
 //! them undetected.
 //!
-//! - **Keys.** Per peer junction, a [`Channel`] holds the session's keys,
+//! - **Keys.** Per peer junction, a channel holds the session's keys,
 //!   agreed by X25519 between ephemeral keys that each junction signs with
 //!   its junction key (its hello, checked against the bus's trust store as
 //!   routing checks link-state seals), and derived by HKDF over both ids,
