@@ -763,7 +763,100 @@ impl Channel {
 
 #[cfg(test)]
 mod tests {
+    use junction_identity::{CertBody, Certificate, Role, SecretKey, TrustStore};
+
     use super::*;
+
+    /// A key certified by `authority` for junction `id`.
+    fn junction(authority: &SecretKey, id: u16) -> (SecretKey, Vec<Certificate>) {
+        let key = SecretKey::generate().unwrap();
+        let body = CertBody {
+            version: 1,
+            serial: u64::from(id),
+            subject: key.public(),
+            role: Role::Junction { id },
+            not_before: 0,
+            not_after: u64::MAX,
+            issuer: authority.public(),
+        };
+        let cert = Certificate::issue(body, authority).unwrap();
+        (key, vec![cert])
+    }
+
+    /// Hellos claiming junction 1 but signed with another key are checked
+    /// at most [`MAX_HELLO_CHECKS_PER_SECOND`] times a second; the next
+    /// second, junction 1's own hello is checked, taken and answered.
+    #[test]
+    fn hello_checks_are_budgeted_per_peer_and_second() {
+        let authority = SecretKey::generate().unwrap();
+        let mut trust = TrustStore::new();
+        trust
+            .add_authority(&Certificate::authority(&authority, 99, 0, u64::MAX).unwrap())
+            .unwrap();
+        let (one_key, one_chain) = junction(&authority, 1);
+        let (three_key, three_chain) = junction(&authority, 3);
+        let me = Me {
+            junction: 3,
+            incarnation: 7,
+            key: &three_key,
+            chain: &three_chain,
+        };
+        let mut checks = routing::Checks {
+            trust: &trust,
+            revocations: None,
+            trust_unsigned: false,
+            now: 100,
+        };
+        let mut channel = Channel::default();
+        let now = Instant::now();
+        let forger = SecretKey::generate().unwrap();
+        let forged = Me {
+            junction: 1,
+            incarnation: 5,
+            key: &forger,
+            chain: &one_chain,
+        };
+        let mut refusals = Vec::new();
+        for i in 0..20u8 {
+            let hello = forged.hello(3, [i + 1; 32], None);
+            let got = channel.receive(now, Some(&me), 1, 5, &checks, &hello);
+            refusals.push(got.unwrap_err());
+        }
+        let bad = refusals
+            .iter()
+            .filter(|e| **e == ChannelError::BadSignature)
+            .count();
+        let unchecked = refusals
+            .iter()
+            .filter(|e| **e == ChannelError::TooManyHellos)
+            .count();
+        assert_eq!((bad, unchecked), (16, 4));
+        assert_eq!(channel.stats().hellos_refused, 20);
+        assert!(channel.take_outgoing().is_none());
+        checks.now = 101;
+        let real = Me {
+            junction: 1,
+            incarnation: 5,
+            key: &one_key,
+            chain: &one_chain,
+        };
+        let hello = real.hello(3, Ephemeral::generate().unwrap().public(), None);
+        let got = channel.receive(now, Some(&me), 1, 5, &checks, &hello);
+        assert!(matches!(got, Ok(Received::Hello { incarnation: 5 })));
+        assert!(channel.take_outgoing().is_some(), "answered");
+        assert!(
+            !channel.ready(),
+            "keys wait for the initiator's first frame"
+        );
+        // A hello from an earlier life is refused unchecked.
+        let old = Me {
+            incarnation: 4,
+            ..real
+        };
+        let hello = old.hello(3, Ephemeral::generate().unwrap().public(), None);
+        let got = channel.receive(now, Some(&me), 1, 5, &checks, &hello);
+        assert!(matches!(got, Err(ChannelError::Stale { .. })));
+    }
 
     #[test]
     fn the_replay_window_takes_each_counter_once_within_64() {
