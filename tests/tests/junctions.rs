@@ -515,7 +515,89 @@ fn the_delivery_contract_holds_across_random_networks_cuts_and_heals() {
     }
 }
 
+/// The same, while every transit junction tampers with what it carries:
+/// flips bits, duplicates, drops, and replays frames it saw earlier. Its
+/// tampering is caught where the frames arrive: what is handed up was sent,
+/// once, in order, and never after an "undelivered".
+#[test]
+fn the_delivery_contract_holds_when_transit_junctions_tamper() {
+    let first = seed_from_env(9_500);
+    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
+        1
+    } else {
+        20
+    };
+    let mut caught_total = (0, 0);
+    for seed in first..first + runs {
+        let run = std::panic::catch_unwind(|| {
+            let mut world = one_contract_world(seed);
+            let mut rng = Rng::new(seed ^ 0xbad);
+            let mut seen: VecDeque<Bytes> = VecDeque::new();
+            world.danger_tamper_forwards(Box::new(move |_, _, _, payload| {
+                let roll = rng.below(100);
+                let out = match roll {
+                    0..5 => {
+                        let mut bad = payload.to_vec();
+                        let at = rng.index(bad.len());
+                        bad[at] ^= 1 << rng.below(8);
+                        Forwarded::Instead(vec![Bytes::from(bad)])
+                    }
+                    5..10 => Forwarded::Instead(vec![payload.clone(), payload.clone()]),
+                    10..13 => Forwarded::Instead(vec![]),
+                    13..16 if !seen.is_empty() => {
+                        let old = seen[rng.index(seen.len())].clone();
+                        Forwarded::Instead(vec![payload.clone(), old])
+                    }
+                    _ => Forwarded::Pass,
+                };
+                seen.push_back(payload.clone());
+                if seen.len() > 32 {
+                    seen.pop_front();
+                }
+                out
+            }));
+            let mut world = one_contract_check(seed, world);
+            caught(&mut world)
+        });
+        match run {
+            Ok((unsealed, replayed)) => {
+                caught_total.0 += unsealed;
+                caught_total.1 += replayed;
+            }
+            Err(e) => panic!(
+                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
+                e.downcast_ref::<String>()
+            ),
+        }
+    }
+    assert!(
+        caught_total.0 > 0 && caught_total.1 > 0,
+        "tampering was caught: {caught_total:?}"
+    );
+}
+
 fn one_contract_run(seed: u64) {
+    one_contract_check(seed, one_contract_world(seed));
+}
+
+/// What every junction's channels caught: frames that did not open, and
+/// replays.
+fn caught(world: &mut World<Nobody>) -> (u64, u64) {
+    let n = world.nodes().len();
+    let mut total = (0, 0);
+    for node in 0..n {
+        for peer in 1..=n as u16 {
+            if let Some(s) = world.core_mut(node).session_security(peer) {
+                total.0 += s.unsealed;
+                total.1 += s.replayed;
+            }
+        }
+    }
+    total
+}
+
+/// A random network of 2 to 8 junctions, routes settled.
+fn one_contract_world(seed: u64) -> World<Nobody> {
     let mut rng = Rng::new(seed ^ 0xc0de);
     let n = 2 + rng.below(7) as u16;
     let mut world = junctions(seed, n);
@@ -529,6 +611,24 @@ fn one_contract_run(seed: u64) {
         }
     }
     world.run_until_idle(100_000).unwrap();
+    world
+}
+
+/// Random traffic, cuts and heals over `world`, then the contract's checks.
+fn one_contract_check(seed: u64, mut world: World<Nobody>) -> World<Nobody> {
+    // The same draws as `one_contract_world`, so that the links (and each
+    // seed's run) are what they were.
+    let mut rng = Rng::new(seed ^ 0xc0de);
+    let n = 2 + rng.below(7) as u16;
+    let mut links = Vec::new();
+    for _ in 0..rng.below(14) + 1 {
+        let (a, b) = (rng.index(n as usize), rng.index(n as usize));
+        let (a, b) = (a.min(b), a.max(b));
+        if a != b && !links.contains(&(a, b)) {
+            links.push((a, b));
+            rng.below(9);
+        }
+    }
     // (from node, to junction, lane) -> sequence numbers sent.
     let mut sent: BTreeMap<(usize, u16, u32), Vec<u64>> = BTreeMap::new();
     for _ in 0..300 {
@@ -556,7 +656,12 @@ fn one_contract_run(seed: u64) {
 
     // Handed up at most once, in order per lane.
     let mut handed: BTreeMap<(usize, u16, u32), Vec<u64>> = BTreeMap::new();
-    for (node, from, lane, seq, _) in delivered(&world) {
+    for (node, from, lane, seq, payload) in delivered(&world) {
+        assert_eq!(
+            payload,
+            format!("{}>{}/{lane}", from - 1, node + 1).into_bytes(),
+            "handed up what was sent"
+        );
         // Keyed as the sender sees it: (its node, the receiver's id, lane).
         handed
             .entry((from as usize - 1, node as u16 + 1, lane))
@@ -599,6 +704,7 @@ fn one_contract_run(seed: u64) {
             );
         }
     }
+    world
 }
 
 /// A junction whose certificate says junction 7, calling itself junction 5:
