@@ -28,6 +28,9 @@ pub enum Purpose {
     /// A junction's description of its links (routing), so that no other
     /// junction can describe them for it.
     LinkState,
+    /// A junction's hello opening an end-to-end session with another
+    /// (its ephemeral key), so that no transit junction can make one.
+    SessionHello,
 }
 
 impl Purpose {
@@ -39,6 +42,7 @@ impl Purpose {
             Purpose::CapabilityToken => b"junction/v1/capability-token\0",
             Purpose::Delegation => b"junction/v1/delegation\0",
             Purpose::LinkState => b"junction/v1/link-state\0",
+            Purpose::SessionHello => b"junction/v1/session-hello\0",
         }
     }
 }

@@ -8,6 +8,8 @@
 //! - [`revocation`]: signed revocation lists;
 //! - [`proof`]: proof of possession over a junction's nonce;
 //! - [`token`]: capability tokens for Highways, with delegation;
+//! - [`secure`]: end-to-end session keys between junctions (X25519,
+//!   HKDF-SHA256, ChaCha20-Poly1305, all `ring`'s);
 //! - [`ServiceName`] and [`NamePattern`]: the names services register.
 //!
 //! Checks return [`Verified`] values, which only this crate can make: code
@@ -21,6 +23,7 @@ pub mod keys;
 mod name;
 pub mod proof;
 pub mod revocation;
+pub mod secure;
 pub mod token;
 
 pub use cert::{CertBody, Certificate, Role, TrustStore};
@@ -184,6 +187,15 @@ pub enum IdentityError {
         /// How many it carries (or would).
         len: usize,
     },
+    /// An X25519 agreement or key derivation failed: the peer's
+    /// ephemeral key is not a usable one.
+    #[error(
+        "the session key agreement failed: the peer's ephemeral key is not a usable X25519 key"
+    )]
+    KeyAgreement,
+    /// A sealed session frame did not open.
+    #[error("a sealed session frame does not open: altered, forged, or sealed under other keys")]
+    Unsealed,
     /// A junction id whose key is unknown.
     #[error("no verified key is known for junction {id}")]
     UnknownJunction {

@@ -13,6 +13,8 @@
 //! - [`highway`]: what junctions say to each other (routing, for now);
 //! - [`session`]: the frames of end-to-end sessions between junctions;
 //! - [`remote`]: what junctions say to each other about capabilities;
+//! - [`secure`]: what a forwarded payload is: a session hello, a sealed
+//!   session frame, or (keyless development) one in clear;
 //! - `outbox`: encoded frames waiting for a link, drained by one writer;
 //! - `transport`: async readers and writers over any byte stream, and the two
 //!   local transports.
@@ -34,6 +36,7 @@ pub mod highway;
 #[cfg(feature = "transport")]
 pub mod outbox;
 pub mod remote;
+pub mod secure;
 pub mod session;
 #[cfg(feature = "transport")]
 mod sys;

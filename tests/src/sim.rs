@@ -421,12 +421,29 @@ pub struct World<P> {
     /// The latency new Roads get.
     pub road_latency: Latency,
     tamper: Option<Box<Tamper>>,
+    forwards: Option<Box<TamperForward>>,
 }
 
 /// A fault injected between a core and its outputs, to check that oracles
 /// catch a junction that misbehaves: given the node, the connection and a
 /// frame the core wrote, what becomes of it.
 pub type Tamper = dyn FnMut(NodeId, u64, &Frame) -> Tampered;
+
+/// A rogue junction on the way, for tests: given the node, and the `from`
+/// and `to` of a `Forward` frame its core passes on to another junction
+/// (traffic it only carries, not its own), and the payload, what it sends
+/// instead.
+pub type TamperForward = dyn FnMut(NodeId, u16, u16, &bytes::Bytes) -> Forwarded;
+
+/// What a [`TamperForward`] does to one forwarded payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forwarded {
+    /// It goes on unchanged.
+    Pass,
+    /// These go on instead, in order (none: it is lost; two copies: a
+    /// replay; other bytes: an alteration).
+    Instead(Vec<bytes::Bytes>),
+}
 
 /// What a [`Tamper`] does to one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -477,6 +494,7 @@ impl<P: Process> World<P> {
             trace: Vec::new(),
             road_latency: Latency::default(),
             tamper: None,
+            forwards: None,
         }
     }
 
@@ -582,6 +600,26 @@ impl<P: Process> World<P> {
     /// runs.
     pub fn danger_tamper_outputs(&mut self, tamper: Box<Tamper>) {
         self.tamper = Some(tamper);
+    }
+
+    /// Makes every `Forward` payload a junction passes on for others go
+    /// through `tamper`: a rogue transit junction, for testing end-to-end
+    /// protection. Never for real runs.
+    pub fn danger_tamper_forwards(&mut self, tamper: Box<TamperForward>) {
+        self.forwards = Some(tamper);
+    }
+
+    /// Node `node` sends `frame` and `payload` to its neighbour junction
+    /// `to` over their Highway (if up), as a rogue junction would: whatever
+    /// its core says.
+    pub fn danger_send_highway(
+        &mut self,
+        node: NodeId,
+        to: u16,
+        frame: HighwayFrame,
+        payload: bytes::Bytes,
+    ) {
+        self.send_over_link(node, to, frame, payload);
     }
 
     /// The seed the world runs from.
@@ -969,7 +1007,26 @@ impl<P: Process> World<P> {
                     self.schedule(at, Event::RoadClosed { pid });
                 }
                 Output::Highway { to, frame, payload } => {
-                    self.send_over_link(node, to, frame, payload)
+                    let passing = match &frame {
+                        HighwayFrame::Forward { from, to, .. }
+                            if *from != self.nodes[node].junction =>
+                        {
+                            Some((*from, *to))
+                        }
+                        _ => None,
+                    };
+                    let tampered = match (passing, self.forwards.as_mut()) {
+                        (Some((from, dest)), Some(t)) => t(node, from, dest, &payload),
+                        _ => Forwarded::Pass,
+                    };
+                    match tampered {
+                        Forwarded::Pass => self.send_over_link(node, to, frame, payload),
+                        Forwarded::Instead(payloads) => {
+                            for p in payloads {
+                                self.send_over_link(node, to, frame.clone(), p);
+                            }
+                        }
+                    }
                 }
                 Output::Session { peer, event } => {
                     self.record(Traced::Session { node, peer, event });

@@ -3,18 +3,22 @@
 //! (`JUNCTION_SIM_SEED` replays one). Issue 8 grows this file with remote
 //! capabilities, sessions and end-to-end delivery; it starts with routing.
 
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use junction_core::session::{Outcome, SessionEvent};
+use bytes::{Bytes, BytesMut};
+use junction_core::session::{Outcome, SessionData, SessionEvent, SessionFrame};
 use junction_core::{Config, Output};
+use junction_identity::secure::{Ephemeral, HelloTranscript};
 use junction_identity::{CertBody, Certificate, Role, SecretKey, TrustStore};
 use junction_road::Frame;
 use junction_road::highway::{HighwayFrame, Hops, LinkState, Neighbour};
-use junction_tests::sim::{Ctx, Latency, Process, Rng, Traced, World, seed_from_env};
+use junction_road::secure::{self as envelope, Envelope, SessionHello};
+use junction_tests::sim::{Ctx, Forwarded, Latency, Process, Rng, Traced, World, seed_from_env};
 
 /// No processes in these worlds yet: junctions only.
 struct Nobody;
@@ -511,7 +515,89 @@ fn the_delivery_contract_holds_across_random_networks_cuts_and_heals() {
     }
 }
 
+/// The same, while every transit junction tampers with what it carries:
+/// flips bits, duplicates, drops, and replays frames it saw earlier. Its
+/// tampering is caught where the frames arrive: what is handed up was sent,
+/// once, in order, and never after an "undelivered".
+#[test]
+fn the_delivery_contract_holds_when_transit_junctions_tamper() {
+    let first = seed_from_env(9_500);
+    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
+        1
+    } else {
+        20
+    };
+    let mut caught_total = (0, 0);
+    for seed in first..first + runs {
+        let run = std::panic::catch_unwind(|| {
+            let mut world = one_contract_world(seed);
+            let mut rng = Rng::new(seed ^ 0xbad);
+            let mut seen: VecDeque<Bytes> = VecDeque::new();
+            world.danger_tamper_forwards(Box::new(move |_, _, _, payload| {
+                let roll = rng.below(100);
+                let out = match roll {
+                    0..5 => {
+                        let mut bad = payload.to_vec();
+                        let at = rng.index(bad.len());
+                        bad[at] ^= 1 << rng.below(8);
+                        Forwarded::Instead(vec![Bytes::from(bad)])
+                    }
+                    5..10 => Forwarded::Instead(vec![payload.clone(), payload.clone()]),
+                    10..13 => Forwarded::Instead(vec![]),
+                    13..16 if !seen.is_empty() => {
+                        let old = seen[rng.index(seen.len())].clone();
+                        Forwarded::Instead(vec![payload.clone(), old])
+                    }
+                    _ => Forwarded::Pass,
+                };
+                seen.push_back(payload.clone());
+                if seen.len() > 32 {
+                    seen.pop_front();
+                }
+                out
+            }));
+            let mut world = one_contract_check(seed, world);
+            caught(&mut world)
+        });
+        match run {
+            Ok((unsealed, replayed)) => {
+                caught_total.0 += unsealed;
+                caught_total.1 += replayed;
+            }
+            Err(e) => panic!(
+                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
+                e.downcast_ref::<String>()
+            ),
+        }
+    }
+    assert!(
+        caught_total.0 > 0 && caught_total.1 > 0,
+        "tampering was caught: {caught_total:?}"
+    );
+}
+
 fn one_contract_run(seed: u64) {
+    one_contract_check(seed, one_contract_world(seed));
+}
+
+/// What every junction's channels caught: frames that did not open, and
+/// replays.
+fn caught(world: &mut World<Nobody>) -> (u64, u64) {
+    let n = world.nodes().len();
+    let mut total = (0, 0);
+    for node in 0..n {
+        for peer in 1..=n as u16 {
+            if let Some(s) = world.core_mut(node).session_security(peer) {
+                total.0 += s.unsealed;
+                total.1 += s.replayed;
+            }
+        }
+    }
+    total
+}
+
+/// A random network of 2 to 8 junctions, routes settled.
+fn one_contract_world(seed: u64) -> World<Nobody> {
     let mut rng = Rng::new(seed ^ 0xc0de);
     let n = 2 + rng.below(7) as u16;
     let mut world = junctions(seed, n);
@@ -525,6 +611,24 @@ fn one_contract_run(seed: u64) {
         }
     }
     world.run_until_idle(100_000).unwrap();
+    world
+}
+
+/// Random traffic, cuts and heals over `world`, then the contract's checks.
+fn one_contract_check(seed: u64, mut world: World<Nobody>) -> World<Nobody> {
+    // The same draws as `one_contract_world`, so that the links (and each
+    // seed's run) are what they were.
+    let mut rng = Rng::new(seed ^ 0xc0de);
+    let n = 2 + rng.below(7) as u16;
+    let mut links = Vec::new();
+    for _ in 0..rng.below(14) + 1 {
+        let (a, b) = (rng.index(n as usize), rng.index(n as usize));
+        let (a, b) = (a.min(b), a.max(b));
+        if a != b && !links.contains(&(a, b)) {
+            links.push((a, b));
+            rng.below(9);
+        }
+    }
     // (from node, to junction, lane) -> sequence numbers sent.
     let mut sent: BTreeMap<(usize, u16, u32), Vec<u64>> = BTreeMap::new();
     for _ in 0..300 {
@@ -552,7 +656,12 @@ fn one_contract_run(seed: u64) {
 
     // Handed up at most once, in order per lane.
     let mut handed: BTreeMap<(usize, u16, u32), Vec<u64>> = BTreeMap::new();
-    for (node, from, lane, seq, _) in delivered(&world) {
+    for (node, from, lane, seq, payload) in delivered(&world) {
+        assert_eq!(
+            payload,
+            format!("{}>{}/{lane}", from - 1, node + 1).into_bytes(),
+            "handed up what was sent"
+        );
         // Keyed as the sender sees it: (its node, the receiver's id, lane).
         handed
             .entry((from as usize - 1, node as u16 + 1, lane))
@@ -595,6 +704,7 @@ fn one_contract_run(seed: u64) {
             );
         }
     }
+    world
 }
 
 /// A junction whose certificate says junction 7, calling itself junction 5:
@@ -741,5 +851,364 @@ fn unsigned_routing_is_taken_only_where_trusted() {
         path(&mut world, 0, 3),
         Some(vec![2, 3]),
         "1 and 2 take 3's unsigned description"
+    );
+}
+
+// End-to-end protection of sessions (issue 8, item 4): junction 2 carries
+// the traffic between 1 and 3, and tries everything a transit junction can.
+
+/// Whether `hay` contains `needle`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The envelope of a forwarded payload, if it decodes.
+fn envelope_of(payload: &Bytes) -> Option<Envelope> {
+    envelope::decode(payload).ok().map(|(e, _)| e)
+}
+
+/// Junctions 1, 2, 3 of `bus` in a line, routes settled.
+fn line_of(bus: &Bus, seed: u64) -> (World<Nobody>, Vec<JunctionIdentity>) {
+    let (mut world, ids) = junctions_of(bus, seed, 3);
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    world.run_until_idle(10_000).unwrap();
+    (world, ids)
+}
+
+/// What junction 2 (node 1) passes on from 1 to 3, as it would: a
+/// `Forward` along the route 2, 3.
+fn pass_on(world: &mut World<Nobody>, payload: Bytes) {
+    let route = Hops::new(&[2, 3]).unwrap();
+    let frame = HighwayFrame::Forward {
+        from: 1,
+        to: 3,
+        route,
+    };
+    world.danger_send_highway(1, 3, frame, payload);
+}
+
+/// Payloads handed up at node `node` from junction `from`, on lane `lane`.
+fn handed_up(world: &World<Nobody>, node: usize, from: u16, lane: u32) -> Vec<(u64, Vec<u8>)> {
+    delivered(world)
+        .into_iter()
+        .filter(|d| d.0 == node && d.1 == from && d.2 == lane)
+        .map(|d| (d.3, d.4))
+        .collect()
+}
+
+#[test]
+fn a_session_through_a_transit_junction_is_sealed_end_to_end() {
+    let (mut world, _) = line_of(&Bus::new(), seed_from_env(8_300));
+    let seen = Rc::new(RefCell::new(Vec::<Bytes>::new()));
+    let record = seen.clone();
+    world.danger_tamper_forwards(Box::new(move |node, _, _, payload| {
+        if node == 1 {
+            record.borrow_mut().push(payload.clone());
+        }
+        Forwarded::Pass
+    }));
+    let secret = b"a secret only junction 3 may read";
+    world
+        .junction_send(0, 3, 1, Bytes::from_static(secret))
+        .unwrap();
+    world
+        .junction_send(2, 1, 2, Bytes::from_static(b"and one back"))
+        .unwrap();
+    world.run_until_idle(100_000).unwrap();
+    assert_eq!(handed_up(&world, 2, 1, 1), vec![(0, secret.to_vec())]);
+    assert_eq!(
+        handed_up(&world, 0, 3, 2),
+        vec![(0, b"and one back".to_vec())]
+    );
+    let seen = seen.borrow();
+    let sealed = seen
+        .iter()
+        .filter(|p| matches!(envelope_of(p), Some(Envelope::Sealed { .. })))
+        .count();
+    let hellos = seen
+        .iter()
+        .filter(|p| matches!(envelope_of(p), Some(Envelope::Hello(_))))
+        .count();
+    assert!(sealed >= 4, "data and acknowledgements both ways: {sealed}");
+    assert!(hellos >= 2, "a hello and its answer: {hellos}");
+    assert_eq!(sealed + hellos, seen.len(), "nothing in clear");
+    for p in seen.iter() {
+        assert!(!contains(p, secret) && !contains(p, b"and one back"));
+    }
+    let stats = world.core_mut(2).session_security(1).unwrap();
+    assert_eq!(stats.handshakes, 1);
+    assert_eq!(stats.unsealed + stats.replayed + stats.hellos_refused, 0);
+}
+
+/// Junction 2 flips a bit in the first sealed frames it carries: each is
+/// caught and dropped where it arrives, and the session's retransmissions
+/// get every message through once, in order, when it stops.
+#[test]
+fn an_altered_frame_is_caught_and_the_message_still_arrives_once_in_order() {
+    for seed in seed_from_env(8_400)..seed_from_env(8_400) + 5 {
+        let (mut world, _) = line_of(&Bus::new(), seed);
+        let altered = Rc::new(Cell::new(0u64));
+        let count = altered.clone();
+        world.danger_tamper_forwards(Box::new(move |_, _, _, payload| {
+            if count.get() >= 12 || !matches!(envelope_of(payload), Some(Envelope::Sealed { .. })) {
+                return Forwarded::Pass;
+            }
+            count.set(count.get() + 1);
+            let mut bad = payload.to_vec();
+            let at = bad.len() / 2 + count.get() as usize % 3;
+            bad[at] ^= 0x10;
+            Forwarded::Instead(vec![Bytes::from(bad)])
+        }));
+        for i in 0..10u64 {
+            world
+                .junction_send(0, 3, 1, Bytes::from(format!("message {i}")))
+                .unwrap();
+            let next = world.elapsed() + Duration::from_millis(3);
+            world.run_until(next).unwrap();
+        }
+        world.run_until_idle(1_000_000).unwrap();
+        let got = handed_up(&world, 2, 1, 1);
+        let expected: Vec<_> = (0..10u64)
+            .map(|i| (i, format!("message {i}").into_bytes()))
+            .collect();
+        assert_eq!(got, expected, "seed {seed}");
+        let caught = world.core_mut(2).session_security(1).unwrap().unsealed
+            + world.core_mut(0).session_security(3).unwrap().unsealed;
+        assert_eq!(
+            caught,
+            altered.get(),
+            "seed {seed}: every altered frame caught"
+        );
+        assert_eq!(altered.get(), 12);
+        assert!(
+            !session_events(&world)
+                .iter()
+                .any(|(_, _, e)| matches!(e, SessionEvent::Ended { .. })),
+            "seed {seed}: nothing given up"
+        );
+    }
+}
+
+/// Junction 2 sends every sealed frame twice, and later replays them all:
+/// the replay window drops every copy, and each message is handed up once.
+#[test]
+fn replayed_frames_are_dropped_and_nothing_is_handed_up_twice() {
+    let (mut world, _) = line_of(&Bus::new(), seed_from_env(8_500));
+    let kept = Rc::new(RefCell::new(Vec::<Bytes>::new()));
+    let keep = kept.clone();
+    world.danger_tamper_forwards(Box::new(move |_, from, _, payload| {
+        if from != 1 || !matches!(envelope_of(payload), Some(Envelope::Sealed { .. })) {
+            return Forwarded::Pass;
+        }
+        keep.borrow_mut().push(payload.clone());
+        Forwarded::Instead(vec![payload.clone(), payload.clone()])
+    }));
+    for i in 0..5u64 {
+        world
+            .junction_send(0, 3, 1, Bytes::from(format!("once {i}")))
+            .unwrap();
+    }
+    world.run_until_idle(1_000_000).unwrap();
+    let once: Vec<_> = (0..5u64)
+        .map(|i| (i, format!("once {i}").into_bytes()))
+        .collect();
+    assert_eq!(handed_up(&world, 2, 1, 1), once);
+    let copies = kept.borrow().len() as u64;
+    let replayed = world.core_mut(2).session_security(1).unwrap().replayed;
+    assert_eq!(replayed, copies, "every second copy dropped as a replay");
+    // Much later, all of it again.
+    for p in kept.borrow().iter() {
+        pass_on(&mut world, p.clone());
+    }
+    world.run_until_idle(1_000_000).unwrap();
+    assert_eq!(handed_up(&world, 2, 1, 1), once);
+    let replayed = world.core_mut(2).session_security(1).unwrap().replayed;
+    assert_eq!(replayed, 2 * copies);
+}
+
+/// Junction 2 makes up traffic from junction 1 for junction 3: a sealed
+/// frame under keys it does not have, and a session frame in clear.
+/// Junction 3 takes neither, and the real session goes on.
+#[test]
+fn frames_forged_by_a_transit_junction_are_refused() {
+    let (mut world, _) = line_of(&Bus::new(), seed_from_env(8_600));
+    world
+        .junction_send(0, 3, 1, Bytes::from_static(b"real"))
+        .unwrap();
+    world.run_until_idle(100_000).unwrap();
+    let data = SessionFrame::Data(SessionData {
+        from_incarnation: 1,
+        to_incarnation: 1,
+        lane: 1,
+        seq: 1,
+        base: 0,
+    });
+    let mut sealed = BytesMut::new();
+    envelope::encode(&Envelope::Sealed { counter: 1_000 }, &mut sealed);
+    junction_road::session::encode(&data, b"forged", &mut sealed);
+    sealed.extend_from_slice(&[0; 16]);
+    pass_on(&mut world, sealed.freeze());
+    pass_on(&mut world, envelope::plain(&data, b"forged"));
+    world.run_until_idle(100_000).unwrap();
+    assert_eq!(handed_up(&world, 2, 1, 1), vec![(0, b"real".to_vec())]);
+    let stats = world.core_mut(2).session_security(1).unwrap();
+    assert_eq!((stats.unsealed, stats.malformed), (1, 1));
+    world
+        .junction_send(0, 3, 1, Bytes::from_static(b"still real"))
+        .unwrap();
+    world.run_until_idle(100_000).unwrap();
+    assert_eq!(
+        handed_up(&world, 2, 1, 1),
+        vec![(0, b"real".to_vec()), (1, b"still real".to_vec())]
+    );
+}
+
+/// A hello from junction 1 to 3 (1 starts handshakes: the lower id),
+/// signed with `key` and carrying `chain`.
+fn hello_as_one(key: &SecretKey, chain: &[Certificate]) -> Bytes {
+    let ephemeral = Ephemeral::generate().unwrap().public();
+    let transcript = HelloTranscript {
+        from: 1,
+        to: 3,
+        incarnation: 1,
+        ephemeral,
+        echo: None,
+    };
+    let hello = Envelope::Hello(SessionHello {
+        incarnation: 1,
+        ephemeral,
+        echo: None,
+        chain: chain.to_vec(),
+        signature: transcript.sign(key),
+    });
+    let mut buf = BytesMut::new();
+    envelope::encode(&hello, &mut buf);
+    buf.freeze()
+}
+
+/// Junction 2 opens a session with junction 3 in junction 1's name: with
+/// its own key and certificate, with its key and 1's certificate, with a
+/// certificate for another junction id, and with one from another bus's
+/// authority. Junction 3 refuses every hello, makes no keys, and the real
+/// session with junction 1 goes on.
+#[test]
+fn hellos_in_another_junctions_name_are_refused() {
+    let bus = Bus::new();
+    let (mut world, ids) = line_of(&bus, seed_from_env(8_700));
+    world
+        .junction_send(0, 3, 1, Bytes::from_static(b"real"))
+        .unwrap();
+    world.run_until_idle(100_000).unwrap();
+    let (one, two) = (&ids[0], &ids[1]);
+    let seven = bus.certify(Role::Junction { id: 7 });
+    let stranger = Bus::new().certify(Role::Junction { id: 1 });
+    let forged = [
+        hello_as_one(&two.0, &two.1),
+        hello_as_one(&two.0, &one.1),
+        hello_as_one(&seven.0, &seven.1),
+        hello_as_one(&stranger.0, &stranger.1),
+    ];
+    for hello in forged {
+        pass_on(&mut world, hello);
+    }
+    world.run_until_idle(100_000).unwrap();
+    let stats = world.core_mut(2).session_security(1).unwrap();
+    assert_eq!(stats.hellos_refused, 4);
+    assert_eq!(stats.handshakes, 1, "no keys made with a forger");
+    world
+        .junction_send(0, 3, 1, Bytes::from_static(b"still real"))
+        .unwrap();
+    world
+        .junction_send(2, 1, 1, Bytes::from_static(b"and back"))
+        .unwrap();
+    world.run_until_idle(100_000).unwrap();
+    assert_eq!(
+        handed_up(&world, 2, 1, 1),
+        vec![(0, b"real".to_vec()), (1, b"still real".to_vec())]
+    );
+    assert_eq!(handed_up(&world, 0, 3, 1), vec![(0, b"and back".to_vec())]);
+}
+
+/// A junction that restarts (a new incarnation, no keys) gets new keys
+/// with its peer, whichever end it is, and traffic goes on.
+#[test]
+fn a_restarted_junction_gets_new_keys() {
+    for restarted in [0usize, 2] {
+        let bus = Bus::new();
+        let (mut world, ids) = line_of(&bus, seed_from_env(8_800));
+        world
+            .junction_send(0, 3, 1, Bytes::from_static(b"before"))
+            .unwrap();
+        world.run_until_idle(100_000).unwrap();
+        let junction = restarted as u16 + 1;
+        let mut config = bus.config(junction, ids[restarted].clone());
+        config.incarnation = 2;
+        let now = world.now();
+        *world.core_mut(restarted) = junction_core::Core::new(config, now);
+        let neighbour = 2;
+        world
+            .core_mut(restarted)
+            .handle_highway_up(neighbour, 1, now);
+        world.core_mut(1).handle_highway_down(junction, now);
+        world.core_mut(1).handle_highway_up(junction, 1, now);
+        while world.core_mut(restarted).poll_output().is_some() {}
+        while world.core_mut(1).poll_output().is_some() {}
+        // Routing settles again through the normal flood.
+        world.cut_link(if restarted == 0 { 0 } else { 1 });
+        world.run_until_idle(100_000).unwrap();
+        world.heal_link(if restarted == 0 { 0 } else { 1 });
+        world.run_until_idle(100_000).unwrap();
+        let (from_node, to) = if restarted == 0 { (2, 1) } else { (0, 3) };
+        world
+            .junction_send(from_node, to, 1, Bytes::from_static(b"after"))
+            .unwrap();
+        world.run_until_idle(1_000_000).unwrap();
+        let at = if restarted == 0 { 0 } else { 2 };
+        let from = if restarted == 0 { 3 } else { 1 };
+        assert!(
+            handed_up(&world, at, from, 1).contains(&(0, b"after".to_vec())),
+            "restarted node {restarted}: {:?}",
+            delivered(&world)
+        );
+        let (other, peer) = if restarted == 0 { (2, 1) } else { (0, 3) };
+        let stats = world.core_mut(other).session_security(peer).unwrap();
+        assert_eq!(stats.handshakes, 2, "restarted node {restarted}: new keys");
+    }
+}
+
+/// Junctions with no keys, trusting unsigned routing (development), carry
+/// sessions in clear: unauthenticated, readable on the way.
+#[test]
+fn keyless_junctions_carry_sessions_in_clear() {
+    let unsigned = |junction| Config {
+        junction,
+        incarnation: 1,
+        trust_unsigned_routing: true,
+        ..Config::default()
+    };
+    let mut world = World::<Nobody>::with_junctions(
+        seed_from_env(8_900),
+        vec![unsigned(1), unsigned(2), unsigned(3)],
+    );
+    world.add_link(0, 1, 1, wan());
+    world.add_link(1, 2, 1, wan());
+    world.run_until_idle(10_000).unwrap();
+    let seen = Rc::new(RefCell::new(Vec::<Bytes>::new()));
+    let record = seen.clone();
+    world.danger_tamper_forwards(Box::new(move |_, _, _, payload| {
+        record.borrow_mut().push(payload.clone());
+        Forwarded::Pass
+    }));
+    world
+        .junction_send(0, 3, 1, Bytes::from_static(b"in clear"))
+        .unwrap();
+    world.run_until_idle(100_000).unwrap();
+    assert_eq!(handed_up(&world, 2, 1, 1), vec![(0, b"in clear".to_vec())]);
+    assert!(seen.borrow().iter().any(|p| contains(p, b"in clear")));
+    assert!(
+        seen.borrow()
+            .iter()
+            .all(|p| envelope_of(p) == Some(Envelope::Plain))
     );
 }

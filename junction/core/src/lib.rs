@@ -26,6 +26,9 @@
 //! - the revocation, budget and expiry books (`books`): lineages and
 //!   budgets hold exactly the capabilities in tables, and end with them;
 //! - the name registry (`registry`);
+//! - routes to other junctions ([`routing`]), and per other junction an
+//!   end-to-end [`session`] (`peers`) sealed by its channel's keys
+//!   ([`secure`]);
 //! - the message path (`path`): a `Send` or `Call` is *admitted* (rights,
 //!   credit, budget, expiry, attachments) into an envelope, a value that
 //!   could be written to a wire, then *delivered* to its target.
@@ -65,6 +68,7 @@ mod refusal;
 mod registry;
 mod remote;
 pub mod routing;
+pub mod secure;
 pub mod session;
 mod slab;
 #[cfg(test)]

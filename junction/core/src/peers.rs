@@ -2,6 +2,10 @@
 //! session each ([`crate::session`]), carried as the payload of `Forward`
 //! frames along the route routing chose ([`crate::routing`]).
 //!
+//! Between junctions with junction keys, every session frame is sealed end
+//! to end and every hello checked ([`crate::secure`]); the session sends
+//! only once its channel has keys.
+//!
 //! The session sends only while a route exists (a frame it hands out and
 //! nobody carries would later be reported undelivered when it may have
 //! arrived), and is told when its route changes, so that it sends again at
@@ -10,17 +14,21 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use junction_road::highway::{HighwayFrame, Hops};
+use junction_road::secure as envelope;
 use junction_road::session as wire;
 
+use crate::secure::{Channel, ChannelStats, Me, Received};
 use crate::session::{SendError, Session, SessionConfig};
-use crate::{Core, Output, quiet};
+use crate::{Core, Output, quiet, routing};
 
 /// One other junction this one exchanges traffic with.
 #[derive(Debug)]
 pub(crate) struct Peer {
     session: Session,
+    /// Its keys and handshake.
+    channel: Channel,
     /// The route its traffic last went by.
     route: Option<Hops>,
 }
@@ -36,7 +44,11 @@ impl Peers {
     pub(crate) fn next_timeout(&self) -> Option<Instant> {
         self.peers
             .values()
-            .filter_map(|p| p.session.poll_timeout())
+            .flat_map(|p| {
+                let session = p.session.poll_timeout();
+                [session, p.channel.poll_timeout(p.session.is_busy())]
+            })
+            .flatten()
             .min()
     }
 
@@ -87,29 +99,79 @@ impl Core {
                     ..SessionConfig::default()
                 },
             ),
+            channel: Channel::default(),
             route: None,
         })
     }
 
-    /// Session traffic from junction `from` arrived.
+    /// What the channel with junction `peer` refused so far, if there is
+    /// one: altered, forged or replayed frames, refused hellos.
+    pub fn session_security(&self, peer: u16) -> Option<ChannelStats> {
+        self.peers.peers.get(&peer).map(|p| p.channel.stats())
+    }
+
+    /// Session traffic from junction `from` arrived: a hello, a sealed
+    /// frame, or (with no junction key) a frame in clear.
     pub(crate) fn session_arrived(&mut self, from: u16, bytes: Bytes) {
         let now = self.now.instant;
-        let (frame, payload) = match wire::decode(&bytes) {
-            Ok(decoded) => decoded,
-            Err(e) => return self.refuse_traffic(from, &e.to_string()),
-        };
-        if let Some(incarnation) = self.router.incarnation_of(from) {
-            self.peer(from).session.handle_incarnation(now, incarnation);
-            self.remote_incarnation(from, incarnation);
+        let known = self.router.incarnation_of(from);
+        if self.config.junction_identity.is_some() && known.is_none() {
+            // Its hellos could not be answered; and peers stay bounded by
+            // the junctions routing knows.
+            return self.refuse_traffic(from, "routing knows no junction of its origin");
         }
-        if let Err(e) = self.peer(from).session.handle_frame(now, frame, payload)
-            && let Some(unlogged) = self.quiet.routing.admit(now)
+        self.peer(from);
+        let me = self
+            .config
+            .junction_identity
+            .as_ref()
+            .map(|(key, chain)| Me {
+                junction: self.config.junction,
+                incarnation: self.router.incarnation(),
+                key,
+                chain,
+            });
+        let checks = routing::Checks {
+            trust: &self.config.trust,
+            revocations: self.config.revocations.as_ref(),
+            trust_unsigned: self.config.trust_unsigned_routing,
+            now: self.now.unix,
+        };
+        let Some(p) = self.peers.peers.get_mut(&from) else {
+            return;
+        };
+        let received =
+            p.channel
+                .receive(now, me.as_ref(), from, known.unwrap_or(0), &checks, &bytes);
+        let mut learned = None;
+        let result = match received {
+            Ok(Received::Frame(bytes)) => match wire::decode(&bytes) {
+                Ok((frame, payload)) => {
+                    if let Some(incarnation) = known {
+                        p.session.handle_incarnation(now, incarnation);
+                        learned = Some(incarnation);
+                    }
+                    p.session
+                        .handle_frame(now, frame, payload)
+                        .map_err(|e| format!("refused a session frame: {e}"))
+                }
+                Err(e) => Err(format!("refused a session frame: {e}")),
+            },
+            Ok(Received::Hello { incarnation }) => {
+                p.session.handle_incarnation(now, incarnation);
+                learned = Some(incarnation);
+                Ok(())
+            }
+            Ok(Received::Nothing) => Ok(()),
+            Err(e) => Err(format!("dropped session traffic: {e}")),
+        };
+        if let Err(e) = result
+            && let Some(unlogged) = self.quiet.sessions.admit(now)
         {
-            tracing::warn!(
-                junction = from,
-                "refused a session frame: {e}{}",
-                quiet::more(unlogged)
-            );
+            tracing::warn!(junction = from, "{e}{}", quiet::more(unlogged));
+        }
+        if let Some(incarnation) = learned {
+            self.remote_incarnation(from, incarnation);
         }
         self.pump_peer(from);
     }
@@ -127,6 +189,7 @@ impl Core {
         let now = self.now.instant;
         for p in self.peers.peers.values_mut() {
             p.session.handle_timeout(now);
+            p.channel.handle_timeout(now);
         }
         self.pump_peers();
     }
@@ -190,18 +253,48 @@ impl Core {
                 p.route = Some(hops);
                 p.session.route_changed(now);
             }
-            while let Some(t) = p.session.poll_transmit(now) {
-                let mut buf = BytesMut::new();
-                wire::encode(&t.frame, &t.payload, &mut buf);
-                self.out.push_back(Output::Highway {
-                    to: next,
-                    frame: HighwayFrame::Forward {
-                        from: me,
-                        to: id,
-                        route: hops,
-                    },
-                    payload: buf.freeze(),
-                });
+            let forward = |payload| Output::Highway {
+                to: next,
+                frame: HighwayFrame::Forward {
+                    from: me,
+                    to: id,
+                    route: hops,
+                },
+                payload,
+            };
+            if let Some((key, chain)) = &self.config.junction_identity {
+                let own = Me {
+                    junction: me,
+                    incarnation: self.router.incarnation(),
+                    key,
+                    chain,
+                };
+                self.out.extend(p.channel.take_outgoing().map(forward));
+                self.out.extend(p.channel.poll_confirmation().map(forward));
+                if p.channel.take_fresh_keys() {
+                    p.session.route_changed(now);
+                }
+                if !p.channel.ready() {
+                    // No keys yet: the session holds its frames (as with no
+                    // route) while the handshake runs.
+                    let busy = p.session.is_busy();
+                    match p.channel.poll_hello(now, &own, id, busy) {
+                        Ok(hello) => self.out.extend(hello.map(forward)),
+                        Err(e) => tracing::error!("no session hello for junction {id}: {e}"),
+                    }
+                } else {
+                    while let Some(t) = p.session.poll_transmit(now) {
+                        let Some(sealed) = p.channel.seal(&t.frame, &t.payload) else {
+                            break;
+                        };
+                        self.out.push_back(forward(sealed));
+                    }
+                }
+            } else {
+                while let Some(t) = p.session.poll_transmit(now) {
+                    self.out
+                        .push_back(forward(envelope::plain(&t.frame, &t.payload)));
+                }
             }
         } else {
             // No way there now: nothing goes out, so nothing is lost

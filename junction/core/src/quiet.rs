@@ -52,6 +52,9 @@ pub(crate) struct Warnings {
     pub(crate) dev_names: Quiet,
     /// Link states refused from neighbours.
     pub(crate) routing: Quiet,
+    /// Session frames and hellos refused from other junctions: altered,
+    /// forged, replayed, or in clear where keys are required.
+    pub(crate) sessions: Quiet,
 }
 
 #[cfg(test)]

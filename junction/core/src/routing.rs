@@ -651,34 +651,18 @@ fn verify_seal(ls: &LinkState, checks: &Checks<'_>) -> Result<(), RoutingError> 
             Err(RoutingError::Unsigned { origin })
         };
     };
-    let leaf = checks
-        .trust
-        .verify_chain(&seal.chain, checks.now, checks.revocations)
-        .map_err(|source| match source {
-            IdentityError::Revoked { serial } => RoutingError::Revoked { origin, serial },
-            source => RoutingError::Certificate { origin, source },
-        })?;
-    match leaf.body.role {
-        Role::Junction { id } if id == origin => {}
-        Role::Junction { id } => {
-            return Err(RoutingError::WrongJunction {
-                origin,
-                certified: id,
-            });
+    let key = certified_junction(&seal.chain, origin, checks).map_err(|e| match e {
+        ChainRefused::Certificate(source) => RoutingError::Certificate { origin, source },
+        ChainRefused::Revoked { serial } => RoutingError::Revoked { origin, serial },
+        ChainRefused::WrongJunction { certified } => {
+            RoutingError::WrongJunction { origin, certified }
         }
-        ref role => {
-            return Err(RoutingError::NotAJunction {
-                origin,
-                role: role.to_string(),
-            });
-        }
-    }
+        ChainRefused::NotAJunction { role } => RoutingError::NotAJunction { origin, role },
+    })?;
     let bytes = ls
         .signed_bytes()
         .map_err(|source| RoutingError::Certificate { origin, source })?;
-    leaf.body
-        .subject
-        .verify(Purpose::LinkState, &bytes, &seal.signature)
+    key.verify(Purpose::LinkState, &bytes, &seal.signature)
         .map_err(|_| RoutingError::BadSignature { origin })
 }
 
@@ -723,6 +707,57 @@ fn reindex(
 /// The bytes of `names`, their lengths summed.
 fn name_bytes(names: &[ServiceName]) -> usize {
     names.iter().map(|n| n.as_str().len()).sum()
+}
+
+/// Why a certificate chain does not certify a junction's key for its id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainRefused {
+    /// The chain does not hold: untrusted authority, broken, expired or not
+    /// yet valid.
+    #[error("its certificate chain is refused: {0}")]
+    Certificate(IdentityError),
+    /// A certificate of the chain was revoked.
+    #[error("its certificate {serial:#x} is revoked")]
+    Revoked {
+        /// The revoked certificate's serial.
+        serial: u64,
+    },
+    /// The leaf is a junction certificate for another id.
+    #[error("its certificate is junction {certified}'s")]
+    WrongJunction {
+        /// The id the certificate carries.
+        certified: u16,
+    },
+    /// The leaf is not a junction certificate.
+    #[error("its certificate is a {role} certificate, not a junction's")]
+    NotAJunction {
+        /// The certificate's role.
+        role: String,
+    },
+}
+
+/// The key `chain` (leaf first) certifies for junction `id`, if it is
+/// trusted, unrevoked and a junction certificate for that id: the one check
+/// of junction identities, for link-state seals and session hellos alike.
+pub(crate) fn certified_junction(
+    chain: &[Certificate],
+    id: u16,
+    checks: &Checks<'_>,
+) -> Result<PublicKey, ChainRefused> {
+    let leaf = checks
+        .trust
+        .verify_chain(chain, checks.now, checks.revocations)
+        .map_err(|source| match source {
+            IdentityError::Revoked { serial } => ChainRefused::Revoked { serial },
+            source => ChainRefused::Certificate(source),
+        })?;
+    match leaf.body.role {
+        Role::Junction { id: certified } if certified == id => Ok(leaf.body.subject),
+        Role::Junction { id: certified } => Err(ChainRefused::WrongJunction { certified }),
+        ref role => Err(ChainRefused::NotAJunction {
+            role: role.to_string(),
+        }),
+    }
 }
 
 /// A link state's own consistency.

@@ -40,9 +40,10 @@
 //!   lane moves its `base` past what was given up, which tells the
 //!   destination not to wait for it, and traffic goes on.
 //!
-//! Authentication of sessions between the two junctions' keys (issue 8,
-//! item 4) will wrap these frames; nothing here trusts a peer beyond
-//! bounding what it can make this junction hold.
+//! Between junctions with keys, these frames travel sealed end to end
+//! ([`crate::secure`]): what reaches a session was sent by its peer, once.
+//! Nothing here relies on it beyond bounding what a peer can make this
+//! junction hold.
 //!
 //! Driven like the core: `send` and `handle_*` with the time, drained with
 //! [`Session::poll_transmit`] (frames for the peer, over the current route)
@@ -490,6 +491,13 @@ impl Session {
                 enqueue(&mut self.ready, l, lane);
             }
         }
+    }
+
+    /// Whether it keeps messages not yet acknowledged, on any lane: it has
+    /// something to deliver (which a persistent lane may keep with no
+    /// deadline, so [`Session::poll_timeout`] does not tell).
+    pub fn is_busy(&self) -> bool {
+        self.sending.values().any(|l| !l.unacked.is_empty())
     }
 
     /// When to call [`Session::handle_timeout`] next, if ever.
