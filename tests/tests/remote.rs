@@ -1520,3 +1520,164 @@ fn a_token_presented_by_another_junction_opens_nothing() {
         world.core_mut(node).check_invariants().unwrap();
     }
 }
+
+/// Random buses where a service on one junction grants clients on others
+/// revocable and expiring capabilities to its port, and revokes them at
+/// random moments while the clients keep sending and Highways are cut and
+/// healed: once the service's junction has taken the revocation, or the
+/// expiry has come by its clock, not one more message on that capability
+/// is delivered, wherever it was sent from.
+#[test]
+fn no_capability_works_after_revocation_or_expiry_over_random_buses() {
+    let first = seed_from_env(3_000);
+    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
+        1
+    } else {
+        16
+    };
+    for seed in first..first + runs {
+        if let Err(e) = std::panic::catch_unwind(|| revoking_bus(seed)) {
+            panic!(
+                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
+                e.downcast_ref::<String>()
+            );
+        }
+    }
+}
+
+fn revoking_bus(seed: u64) {
+    let mut rng = junction_tests::sim::Rng::new(seed ^ 0xDEAD);
+    let n = 2 + rng.below(5) as usize;
+    let mut world = bus(seed, n as u16);
+    let mut links = Vec::new();
+    for node in 1..n {
+        let other = rng.index(node);
+        links.push(world.add_link(node, other, 1, wan()));
+    }
+    run(&mut world);
+    let owner_node = rng.index(n);
+    let (owner, port) = service(&mut world, owner_node, "dev.owner");
+    let root = mint(&mut world, owner, port, Rights::SEND | Rights::GRANT);
+    // Each client registers a port of its own; the owner finds it and
+    // sends it a revocable and an expiring capability to its port.
+    struct Client {
+        pid: usize,
+        /// (handle, kind): 0 revocable, 1 expiring.
+        caps: Vec<(u32, u8)>,
+    }
+    let mut clients = Vec::new();
+    // (client, kind) -> (owner's handle to revoke, expiry)
+    let mut granted: Vec<(usize, u8, u32, Option<u64>)> = Vec::new();
+    for i in 0..1 + rng.below(3) as usize {
+        let node = rng.index(n);
+        let name = format!("dev.client{i}");
+        let (pid, inbox) = service(&mut world, node, &name);
+        let (to_client, _) = lookup(&mut world, owner, &name).unwrap();
+        let revocable = attenuate(&mut world, owner, root, None, None, true);
+        let at = world.now().unix + 5 + rng.below(60);
+        let expiring = attenuate(&mut world, owner, root, Some(at), None, false);
+        world.act(owner, |p, _| {
+            p.machine
+                .send(
+                    to_client,
+                    &[revocable, expiring],
+                    Bytes::from_static(b"caps"),
+                )
+                .unwrap()
+        });
+        run(&mut world);
+        let got = deliveries(&take(&mut world, pid));
+        let caps = vec![(got[0].0.caps[0].handle, 0), (got[0].0.caps[1].handle, 1)];
+        read_all(&mut world, pid, inbox, &got);
+        granted.push((i, 0, revocable, None));
+        granted.push((i, 1, expiring, Some(at)));
+        clients.push(Client { pid, caps });
+    }
+    let start = world.trace().len();
+    let mut revoked_at: Vec<Option<usize>> = vec![None; clients.len()];
+    let mut cut = Vec::new();
+    for round in 0..150u32 {
+        for (i, c) in clients.iter().enumerate() {
+            for &(handle, kind) in &c.caps {
+                let mut payload = vec![i as u8, kind];
+                payload.extend(round.to_be_bytes());
+                world.act(c.pid, |p, _| {
+                    let _ = p.machine.send(handle, &[], Bytes::from(payload));
+                });
+            }
+        }
+        if rng.chance(4) {
+            let i = rng.index(clients.len());
+            if revoked_at[i].is_none() {
+                let &(_, _, handle, _) = granted.iter().find(|g| g.0 == i && g.1 == 0).unwrap();
+                world.act(owner, |p, _| p.machine.revoke(handle).unwrap());
+                revoked_at[i] = Some(i);
+            }
+        }
+        if rng.chance(10) && !links.is_empty() {
+            let l = links[rng.index(links.len())];
+            if cut.contains(&l) {
+                world.heal_link(l);
+                cut.retain(|&x| x != l);
+            } else {
+                world.cut_link(l);
+                cut.push(l);
+            }
+        }
+        let until = world.elapsed() + Duration::from_millis(50 + rng.below(900));
+        world.run_until(until).unwrap();
+        let got = deliveries(&take(&mut world, owner));
+        read_all(&mut world, owner, port, &got);
+        for c in &clients {
+            let _ = take(&mut world, c.pid);
+        }
+    }
+    // The owner's junction's record: when it took each revocation, and
+    // every message it delivered after.
+    let trace = &world.trace()[start..];
+    let mut revoked: Vec<Option<usize>> = vec![None; clients.len()];
+    let mut delivered = 0;
+    for (index, entry) in trace.iter().enumerate() {
+        match &entry.what {
+            junction_tests::sim::Traced::CoreIn { node, frame, .. } if *node == owner_node => {
+                if let junction_road::Header::Revoke { handle } = frame.header
+                    && let Some(g) = granted.iter().find(|g| g.2 == handle)
+                {
+                    revoked[g.0].get_or_insert(index);
+                }
+            }
+            junction_tests::sim::Traced::CoreOut { node, frame, .. } if *node == owner_node => {
+                let junction_road::Header::Deliver(d) = &frame.header else {
+                    continue;
+                };
+                if d.port != port || frame.payload.len() != 6 {
+                    continue;
+                }
+                delivered += 1;
+                let (client, kind) = (usize::from(frame.payload[0]), frame.payload[1]);
+                if kind == 0 {
+                    assert!(
+                        revoked[client].is_none_or(|at| index < at),
+                        "a message on client {client}'s revoked capability was delivered after the revocation"
+                    );
+                } else {
+                    let expiry = granted
+                        .iter()
+                        .find(|g| g.0 == client && g.1 == 1)
+                        .and_then(|g| g.3)
+                        .unwrap();
+                    assert!(
+                        entry.unix < expiry,
+                        "a message on client {client}'s expired capability was delivered at {} (expiry {expiry})",
+                        entry.unix
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(delivered > 0, "the capabilities worked before");
+    for node in 0..n {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
