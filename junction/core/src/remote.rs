@@ -138,8 +138,8 @@ struct Export {
 const IMPORT_WINDOWS: u32 = 4;
 
 /// How long an import is kept after its token was passed on to a third
-/// junction (which opens it with the owner promptly), though nothing here
-/// uses it any more.
+/// junction (which opens it with the owner promptly), or a capability to
+/// it was sent home, though nothing here uses it any more.
 const DELEGATION_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Lookups waiting for another junction's answer, at most.
@@ -951,6 +951,11 @@ impl Core {
             let rights = source.rights;
             match self.ports.get(source.port()).and_then(|p| p.proxy) {
                 Some(Proxy::Import { owner, port, .. }) if owner == to => {
+                    // The import's grants go back only after this message
+                    // has been taken (messages and releases travel on
+                    // different lanes): kept a while, as for a token.
+                    let until = self.now.instant + DELEGATION_HOLD;
+                    self.remote.holds.insert((until, source.port()), ());
                     carried.push(Carried::Home { port, rights });
                 }
                 Some(Proxy::Import { .. }) => {
