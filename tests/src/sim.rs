@@ -85,6 +85,24 @@ pub fn seed_from_env(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Runs `run` for `runs` seeds from `first` (just the one from [`SEED_VAR`]
+/// if it is set), and fails naming the seed that replays a failure.
+pub fn for_seeds(first: u64, runs: u64, run: impl Fn(u64) + std::panic::RefUnwindSafe) {
+    let (first, runs) = match std::env::var(SEED_VAR).ok().and_then(|s| parse_seed(&s)) {
+        Some(seed) => (seed, 1),
+        None => (first, runs),
+    };
+    for seed in first..first + runs {
+        if let Err(e) = std::panic::catch_unwind(|| run(seed)) {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+            panic!("seed {seed} failed (replay with {SEED_VAR}={seed}): {why:?}");
+        }
+    }
+}
+
 fn parse_seed(s: &str) -> Option<u64> {
     let s = s.trim();
     match s.strip_prefix("0x") {

@@ -178,20 +178,7 @@ fn truth(links: &[(usize, usize, u32)], from: usize) -> BTreeMap<usize, u64> {
 /// junctions it reaches, at the shortest cost, over live Highways.
 #[test]
 fn routes_converge_over_random_cuts_and_heals() {
-    let first = seed_from_env(1_000);
-    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
-        1
-    } else {
-        200
-    };
-    for seed in first..first + runs {
-        if let Err(e) = std::panic::catch_unwind(|| one_network(seed)) {
-            panic!(
-                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
-                e.downcast_ref::<String>()
-            );
-        }
-    }
+    junction_tests::sim::for_seeds(1_000, 200, one_network);
 }
 
 fn one_network(seed: u64) {
@@ -499,20 +486,7 @@ fn traffic_reaches_every_reachable_junction_once_and_the_rest_is_told() {
 /// told (`Ended`); none told undelivered was handed up.
 #[test]
 fn the_delivery_contract_holds_across_random_networks_cuts_and_heals() {
-    let first = seed_from_env(9_000);
-    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
-        1
-    } else {
-        40
-    };
-    for seed in first..first + runs {
-        if let Err(e) = std::panic::catch_unwind(|| one_contract_run(seed)) {
-            panic!(
-                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
-                e.downcast_ref::<String>()
-            );
-        }
-    }
+    junction_tests::sim::for_seeds(9_000, 40, one_contract_run);
 }
 
 /// The same, while every transit junction tampers with what it carries:

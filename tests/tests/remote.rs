@@ -982,20 +982,7 @@ struct Flow {
 /// held, no junction keeps anything of it.
 #[test]
 fn capabilities_keep_the_delivery_contract_over_random_buses() {
-    let first = seed_from_env(2_000);
-    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
-        1
-    } else {
-        24
-    };
-    for seed in first..first + runs {
-        if let Err(e) = std::panic::catch_unwind(|| random_bus(seed)) {
-            panic!(
-                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
-                e.downcast_ref::<String>()
-            );
-        }
-    }
+    junction_tests::sim::for_seeds(2_000, 24, random_bus);
 }
 
 fn random_bus(seed: u64) {
@@ -1529,20 +1516,7 @@ fn a_token_presented_by_another_junction_opens_nothing() {
 /// is delivered, wherever it was sent from.
 #[test]
 fn no_capability_works_after_revocation_or_expiry_over_random_buses() {
-    let first = seed_from_env(3_000);
-    let runs = if std::env::var(junction_tests::sim::SEED_VAR).is_ok() {
-        1
-    } else {
-        16
-    };
-    for seed in first..first + runs {
-        if let Err(e) = std::panic::catch_unwind(|| revoking_bus(seed)) {
-            panic!(
-                "seed {seed} failed (replay with JUNCTION_SIM_SEED={seed}): {:?}",
-                e.downcast_ref::<String>()
-            );
-        }
-    }
+    junction_tests::sim::for_seeds(3_000, 16, revoking_bus);
 }
 
 fn revoking_bus(seed: u64) {

@@ -869,40 +869,26 @@ impl Core {
     /// party that holds capabilities and sends nothing, never a driver
     /// connection; its handle limit is `max_handles`.
     fn new_party(&mut self, holder: u16) -> ConnId {
-        let conn = Conn {
-            peer: Peer::default(),
-            label: format!("exports to junction {holder}"),
-            ready: false,
-            home: 0,
-            ports: Vec::new(),
-            caps: CapTable::new(self.config.max_handles),
-            lanes: Lanes::default(),
-            pending_calls: 0,
-            calls: HashMap::new(),
-            serial: self.next_serial,
-            nonce: [0; 32],
-            identity: None,
-            identity_until: 0,
-            authentication_failed: false,
-            proof: None,
-        };
-        self.next_serial += 1;
-        let serial = conn.serial;
-        let key = self
-            .conns
-            .insert(conn)
-            .expect("connection slots are 32-bit; the OS runs out of sockets first");
-        ConnId { key, serial }
+        let peer = Peer::default();
+        self.insert_conn(peer, format!("exports to junction {holder}"))
     }
 
     /// A new connection arrived; it must deliver a whole Hello frame within
     /// the configured `hello_timeout`, or be closed.
     pub fn handle_connected(&mut self, peer: Peer, now: Now) -> ConnId {
         self.now = now;
+        let id = self.insert_conn(peer, String::new());
+        self.hello_deadlines
+            .push(now.instant + self.config.hello_timeout, id);
+        id
+    }
+
+    /// A fresh entry in the connection table, with the next serial.
+    fn insert_conn(&mut self, peer: Peer, label: String) -> ConnId {
         let nonce = peer.nonce;
         let conn = Conn {
             peer,
-            label: String::new(),
+            label,
             ready: false,
             home: 0,
             ports: Vec::new(),
@@ -923,10 +909,7 @@ impl Core {
             .conns
             .insert(conn)
             .expect("connection slots are 32-bit; the OS runs out of sockets first");
-        let id = ConnId { key, serial };
-        self.hello_deadlines
-            .push(now.instant + self.config.hello_timeout, id);
-        id
+        ConnId { key, serial }
     }
 
     /// The connection's reader could not make a frame out of its bytes.

@@ -733,22 +733,7 @@ impl Core {
             } => {
                 // Every capability to it died with its export: as a send
                 // on a dead local capability.
-                let Envelope {
-                    from,
-                    via,
-                    flow,
-                    seq,
-                    cost,
-                    call,
-                    caps,
-                    ..
-                } = envelope;
-                if let Some(at) = flow {
-                    self.settle(at, 1, cost, key.index as u16);
-                }
-                self.release_moving(from, &caps);
-                self.refuse_message(from, via, seq, call, reason);
-                return;
+                return self.undeliverable(envelope, key, reason);
             }
             Proxy::Import {
                 opening: Some(_), ..
@@ -2058,21 +2043,28 @@ impl Core {
     /// senders hear, as for a dead capability.
     fn fail_waiting(&mut self, key: Key, reason: Reason) {
         for envelope in self.remote.waiting.remove(&key).unwrap_or_default() {
-            let Envelope {
-                from,
-                via,
-                flow,
-                seq,
-                cost,
-                call,
-                caps,
-                ..
-            } = envelope;
-            if let Some(at) = flow {
-                self.settle(at, 1, cost, key.index as u16);
-            }
-            self.release_moving(from, &caps);
-            self.refuse_message(from, via, seq, call, reason);
+            self.undeliverable(envelope, key, reason);
         }
+    }
+
+    /// A message for stand-in `key` that will never go: its credit comes
+    /// back, its moving attachments leave, and its sender hears it is
+    /// undeliverable for `reason` (its call fails), as for a dead port.
+    fn undeliverable(&mut self, envelope: Envelope, key: Key, reason: Reason) {
+        let Envelope {
+            from,
+            via,
+            flow,
+            seq,
+            cost,
+            call,
+            caps,
+            ..
+        } = envelope;
+        if let Some(at) = flow {
+            self.settle(at, 1, cost, key.index as u16);
+        }
+        self.release_moving(from, &caps);
+        self.refuse_message(from, via, seq, call, reason);
     }
 }
