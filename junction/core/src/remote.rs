@@ -881,9 +881,10 @@ impl Core {
     }
 
     /// The capabilities a message to junction `to` carries, as they travel;
-    /// checked first, so that a refusal changes nothing but the exports it
-    /// made. A capability to a port here is exported to `to`; one to a
-    /// port of `to` goes home; one to a port of a third junction cannot go.
+    /// checked first, so that a refusal changes nothing (exports made for
+    /// the message are given back). A capability to a port here is exported
+    /// to `to`; one to a port of `to` goes home; one to a port of a third
+    /// junction goes as its token, delegated to `to`.
     fn carry(&mut self, envelope: &Envelope, to: u16) -> Result<Vec<Carried>, Refusal> {
         let caps = &envelope.caps;
         if caps.is_empty() {
@@ -896,6 +897,7 @@ impl Core {
             });
         };
         let mut sources = Vec::with_capacity(caps.len());
+        let mut tokens = Vec::new();
         for (i, &handle) in caps.iter().enumerate() {
             if caps[..i].contains(&handle) || handle == envelope.via {
                 return Err(Refusal::RepeatedAttachment { handle });
@@ -916,11 +918,12 @@ impl Core {
             match self.ports.get(cap.port()).and_then(|p| p.proxy) {
                 None => {}
                 Some(Proxy::Import { owner, .. }) if owner == to => {}
-                Some(Proxy::Import { owner, .. }) => {
-                    if let Err(why) = self.delegation(cap.port(), to, rights, cap.expires_at) {
-                        let _ = owner;
-                        return Err(Refusal::CannotCross { handle, why });
-                    }
+                Some(Proxy::Import { .. }) => {
+                    // Signed here, once: nothing after can refuse it.
+                    let token = self
+                        .delegation(cap.port(), to, rights, cap.expires_at)
+                        .map_err(|why| Refusal::CannotCross { handle, why })?;
+                    tokens.push((handle, token));
                 }
                 Some(Proxy::Replies { .. }) => {
                     return Err(Refusal::CannotCross {
@@ -932,6 +935,7 @@ impl Core {
             sources.push(cap.clone());
         }
         let mut carried = Vec::with_capacity(sources.len());
+        let mut tokens = tokens.into_iter();
         for (source, &handle) in sources.iter().zip(caps) {
             let rights = source.rights;
             match self.ports.get(source.port()).and_then(|p| p.proxy) {
@@ -944,13 +948,12 @@ impl Core {
                     carried.push(Carried::Home { port, rights });
                 }
                 Some(Proxy::Import { .. }) => {
-                    let key = source.port();
-                    let token = self
-                        .delegation(key, to, rights, source.expires_at)
-                        .map_err(|why| Refusal::CannotCross { handle, why })?;
+                    let Some((_, token)) = tokens.find(|(h, _)| *h == handle) else {
+                        continue;
+                    };
                     // The grant the token names must outlive its journey.
                     let until = self.now.instant + DELEGATION_HOLD;
-                    self.remote.holds.insert((until, key), ());
+                    self.remote.holds.insert((until, source.port()), ());
                     carried.push(Carried::Token { token });
                 }
                 _ => match self.export(to, source) {
@@ -963,6 +966,12 @@ impl Core {
                         });
                     }
                     None => {
+                        // The grants made for this message go back.
+                        for item in &carried {
+                            if let Carried::Grant { port, .. } = item {
+                                self.released(to, *port, 1);
+                            }
+                        }
                         let limit = self.config.max_handles;
                         return Err(Refusal::CannotCross {
                             handle,
