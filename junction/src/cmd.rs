@@ -119,6 +119,22 @@ pub(crate) struct ServeArgs {
     /// before it is cut off [default: 30000].
     #[arg(long)]
     write_timeout_ms: Option<u64>,
+    /// Accept Highways (QUIC) from other junctions on this UDP address,
+    /// e.g. 0.0.0.0:4433 [default: accept none].
+    #[arg(long)]
+    quic_listen: Option<std::net::SocketAddr>,
+    /// Keep a Highway to this junction, as ID@HOST:PORT (repeatable), e.g.
+    /// --peer 2@198.51.100.2:4433.
+    #[arg(long)]
+    peer: Vec<String>,
+    /// This junction's key (PKCS#8 PEM, from `junction keygen`): its
+    /// identity on Highways; it also seals its routes and sessions.
+    #[arg(long)]
+    junction_key: Option<PathBuf>,
+    /// This junction's certificate chain (PEM, leaf first), from
+    /// `junction cert issue --role junction --junction-id ID`.
+    #[arg(long)]
+    junction_cert: Option<PathBuf>,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -195,6 +211,43 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .or(file.max_connections_per_uid);
     junction::config::check_connection_limits(max_connections, max_connections_per_uid)?;
     let max_connections = max_connections.unwrap_or(junction::admit::DEFAULT_MAX_CONNECTIONS);
+    let junction_key = args.junction_key.or(file.junction_key.clone());
+    let junction_cert = args.junction_cert.or(file.junction_cert.clone());
+    let junction_identity = match (&junction_key, &junction_cert) {
+        (Some(key), Some(cert)) => {
+            let key = crate::pki::read_key(key)?;
+            let chain = crate::pki::read_chain(cert)?;
+            Some((std::sync::Arc::new(key), chain))
+        }
+        (None, None) => None,
+        _ => bail!("give both --junction-key and --junction-cert, or neither"),
+    };
+    let quic_listen = args.quic_listen.or(file.quic_listen);
+    let mut peer_texts = file.peers.clone();
+    peer_texts.extend(args.peer);
+    let peers = peer_texts
+        .iter()
+        .map(|p| p.parse::<junction::config::PeerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(p) = peers.iter().find(|p| p.junction == junction) {
+        bail!("--peer {p} names this junction itself (junction {junction})");
+    }
+    let highways = (quic_listen.is_some() || !peers.is_empty()).then_some(shell::Highways {
+        listen: quic_listen,
+        peers,
+    });
+    if highways.is_some() && junction_identity.is_none() {
+        bail!(
+            "Highways need this junction's identity: give --junction-key and --junction-cert \
+             (a junction certificate for id {junction} from the bus authority)"
+        );
+    }
+    if highways.is_some() && authority.is_none() {
+        bail!("Highways need the bus authority (--authority), to check the junctions they reach");
+    }
+    if highways.is_some() {
+        bail!("this build of the junction does not run Highways yet (--quic-listen, --peer)");
+    }
     let max_connections_per_uid = max_connections_per_uid
         .unwrap_or_else(|| junction::admit::default_per_uid(max_connections));
     let config = ServeConfig {
@@ -216,8 +269,10 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map_or(defaults.hello_timeout, Duration::from_millis),
             // The start time: each life outranks the ones before.
             incarnation: junction::unix_now(),
+            junction_identity,
             ..defaults
         },
+        highways,
         spawn,
         revocations_path,
         allow_uids,

@@ -21,6 +21,11 @@
 //! revocations = "/etc/junction/revoked.crl"
 //! dev_namespace = ["dev.*"]
 //! allow_uids = [1000]
+//! # Highways to other junctions (QUIC):
+//! quic_listen = "0.0.0.0:4433"
+//! peers = ["2@198.51.100.2:4433", "3@bus-c.example:4433"]
+//! junction_key = "/etc/junction/junction.key"
+//! junction_cert = "/etc/junction/junction.cert"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -80,6 +85,68 @@ pub struct FileConfig {
     /// who can open the socket (which is created 0600).
     #[serde(default)]
     pub allow_uids: Vec<u32>,
+    /// The UDP address to accept Highways (QUIC) from other junctions on;
+    /// none: this junction accepts none (it may still dial `peers`).
+    pub quic_listen: Option<std::net::SocketAddr>,
+    /// Junctions to dial and keep a Highway to, as `ID@HOST:PORT`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// This junction's key (PKCS#8 PEM): its identity on Highways, and the
+    /// key that seals its routes and sessions.
+    pub junction_key: Option<PathBuf>,
+    /// This junction's certificate chain (PEM, leaf first): a junction
+    /// certificate for `junction_id` from the bus authority.
+    pub junction_cert: Option<PathBuf>,
+}
+
+/// A junction to dial: its id and where it listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// The junction's id, which its certificate must carry.
+    pub junction: u16,
+    /// Its host (a name or an address) and UDP port.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+}
+
+impl std::str::FromStr for PeerAddr {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            ConfigError::Invalid(format!(
+                "peer {s:?} is not ID@HOST:PORT (say 2@198.51.100.2:4433): {why}"
+            ))
+        };
+        let (id, addr) = s.split_once('@').ok_or_else(|| bad("no '@'"))?;
+        let junction: u16 = id
+            .trim()
+            .parse()
+            .map_err(|_| bad("the id is not a number from 1 to 65534"))?;
+        let junction = check_junction_id(junction)?;
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no ':PORT'"))?;
+        let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        Ok(Self {
+            junction,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "{}@[{}]:{}", self.junction, self.host, self.port)
+        } else {
+            write!(f, "{}@{}:{}", self.junction, self.host, self.port)
+        }
+    }
 }
 
 /// Why the configuration file could not be used.
@@ -155,6 +222,9 @@ impl FileConfig {
             return Err(ConfigError::Invalid(
                 "window = 0 would let nobody send; use at least 1".into(),
             ));
+        }
+        for peer in &config.peers {
+            peer.parse::<PeerAddr>()?;
         }
         Ok(config)
     }
@@ -266,5 +336,31 @@ mod tests {
         assert_eq!(c.write_timeout_ms, Some(500));
         let e = FileConfig::parse("write_timeout_ms = 0").unwrap_err();
         assert!(e.to_string().contains("write_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn highway_settings_parse_and_bad_peers_say_why() {
+        let c = FileConfig::parse(
+            "quic_listen = \"0.0.0.0:4433\"\npeers = [\"2@198.51.100.2:4433\", \"3@[::1]:5000\"]",
+        )
+        .unwrap();
+        assert_eq!(c.quic_listen, Some("0.0.0.0:4433".parse().unwrap()));
+        let peers: Vec<PeerAddr> = c.peers.iter().map(|p| p.parse().unwrap()).collect();
+        assert_eq!(peers[0].junction, 2);
+        assert_eq!(peers[0].host, "198.51.100.2");
+        assert_eq!(peers[1].to_string(), "3@[::1]:5000");
+        for (bad, says) in [
+            ("198.51.100.2:4433", "no '@'"),
+            ("x@h:1", "1 to 65534"),
+            ("0@h:1", "reserved"),
+            ("2@h", "':PORT'"),
+            ("2@h:port", "port"),
+            ("2@:1", "no host"),
+        ] {
+            let e = FileConfig::parse(&format!("peers = [\"{bad}\"]")).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+        let e = FileConfig::parse("quic_listen = \"nowhere\"").unwrap_err();
+        assert!(e.to_string().contains("quic_listen"), "{e}");
     }
 }

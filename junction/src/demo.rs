@@ -88,6 +88,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         max_connections_per_uid: 64,
         max_unread: 64 << 20,
         write_timeout: Duration::from_secs(30),
+        highways: None,
     };
     step(
         2,

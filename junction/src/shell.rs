@@ -60,6 +60,17 @@ pub struct ServeConfig {
     /// How long a connection's writer may make no progress while bytes wait
     /// for it before the connection is cut off and what it holds is freed.
     pub write_timeout: Duration,
+    /// Highways to other junctions, if any are configured.
+    pub highways: Option<Highways>,
+}
+
+/// Where this junction's Highways go.
+#[derive(Debug, Clone, Default)]
+pub struct Highways {
+    /// The UDP address to accept Highways on, if any.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The junctions to dial and keep a Highway to.
+    pub peers: Vec<crate::config::PeerAddr>,
 }
 
 /// Why the junction could not start or keep running.
