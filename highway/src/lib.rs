@@ -1,10 +1,88 @@
 //! Highways: QUIC links between Junctions on different machines.
 //!
-//! Nothing is implemented yet. This crate holds the place DESIGN.md gives
-//! it in the workspace (between `road` and `junction`), so that the
-//! dependency order is fixed from the start; the Highways issue fills it
-//! with the QUIC endpoint, peer authentication with bus identities, link
-//! framing and reconnection. Until then a junction has no Highways and
-//! this crate exports nothing.
+//! What exists so far is the Highway's identity and its admission:
+//!
+//! - [`cert`]: the junction's TLS certificate ([`TlsIdentity`]), made with
+//!   rcgen from its bus key, self-signed, carrying its bus certificate chain
+//!   in a non-critical extension ([`cert::BUS_CHAIN_OID`]), with the server
+//!   name `junction-<id>` ([`cert::server_name`]);
+//! - [`tls`]: the rustls verifiers of both sides ([`JunctionVerifier`],
+//!   applying [`PeerPolicy::check`], which is junction-identity's
+//!   `certify_junction` plus the TLS checks), the revocation list in force
+//!   ([`Revocations`], swappable at run time), and the quinn configurations
+//!   ([`server_config`], [`client_config`]): TLS 1.3, ed25519, mutual
+//!   authentication, ALPN [`ALPN`].
+//!
+//! A shell makes one endpoint with both configurations, dials a neighbour
+//! with server name `cert::server_name(id)`, and reads the id of a peer that
+//! dialled it with [`connection_peer_junction`]. A client the server refused
+//! still sees its QUIC connect succeed (the refusal shows on its first
+//! stream use), so a link counts as up only after the peer's first frame.
+//!
+//! The link protocol, the endpoint driver and reconnection arrive with the
+//! rest of the Highways issue.
 
 #![forbid(unsafe_code)]
+
+pub mod cert;
+pub mod tls;
+
+pub use cert::TlsIdentity;
+pub use tls::{
+    ALPN, JunctionVerifier, PeerJunction, PeerPolicy, PeerRefused, Revocations, TransportSettings,
+    client_config, connection_peer_junction, peer_junction, server_config,
+};
+
+use std::time::Duration;
+
+use junction_identity::{IdentityError, PublicKey};
+
+/// Why a Highway's TLS identity or configuration could not be made: the
+/// caller's inputs, not a peer's doing (peers' refusals are [`PeerRefused`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HighwayError {
+    /// The junction's key could not be exported.
+    #[error("the junction's bus key cannot be used: {0}")]
+    Key(#[from] IdentityError),
+    /// No bus chain was given.
+    #[error("no bus certificate chain was given for this junction")]
+    NoChain,
+    /// The chain's leaf is not a junction certificate.
+    #[error("the junction's bus certificate is a {role} certificate, not a junction's")]
+    NotAJunctionCertificate {
+        /// Its role.
+        role: String,
+    },
+    /// The chain's leaf certifies another key than the junction's.
+    #[error(
+        "the junction's bus certificate is for key {certified}, not for its key {key}: wrong key or certificate file"
+    )]
+    ChainForAnotherKey {
+        /// The key the leaf certifies.
+        certified: PublicKey,
+        /// The junction's key.
+        key: PublicKey,
+    },
+    /// The certificate's contents could not be encoded.
+    #[error("the TLS certificate could not be encoded: {0}")]
+    Encoding(String),
+    /// rcgen could not make the certificate.
+    #[error("the TLS certificate could not be made: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("the TLS configuration is refused: {0}")]
+    Tls(#[from] rustls::Error),
+    /// quinn cannot use the rustls configuration.
+    #[error("QUIC cannot use the TLS configuration: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// The idle timeout does not fit QUIC's.
+    #[error("an idle timeout of {timeout:?} is longer than QUIC can carry")]
+    IdleTimeout {
+        /// The timeout asked for.
+        timeout: Duration,
+    },
+}
+
+#[cfg(test)]
+mod tests;

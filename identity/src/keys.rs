@@ -85,6 +85,19 @@ impl SecretKey {
             .map_err(|e| IdentityError::KeyFormat(e.to_string()))
     }
 
+    /// The key as PKCS#8 v1 DER, for TLS stacks (rustls, ring) that sign
+    /// with it themselves; [`SecretKey::to_pem`] is the same in armour.
+    pub fn to_pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, IdentityError> {
+        let bytes = KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        };
+        bytes
+            .to_pkcs8_der()
+            .map(|doc| Zeroizing::new(doc.as_bytes().to_vec()))
+            .map_err(|e| IdentityError::KeyFormat(e.to_string()))
+    }
+
     /// The public half.
     pub fn public(&self) -> PublicKey {
         PublicKey(self.0.verifying_key().to_bytes())

@@ -6,6 +6,8 @@
 //!   postcard, and [`TrustStore::verify_chain`] with name constraints at
 //!   every link;
 //! - [`revocation`]: signed revocation lists;
+//! - [`junction`]: the one check of junction identities
+//!   ([`certify_junction`]), for routing, sessions and Highways alike;
 //! - [`proof`]: proof of possession over a junction's nonce;
 //! - [`token`]: capability tokens for Highways, with delegation;
 //! - [`secure`]: end-to-end session keys between junctions (X25519,
@@ -19,6 +21,7 @@
 
 mod armour;
 pub mod cert;
+pub mod junction;
 pub mod keys;
 mod name;
 pub mod proof;
@@ -27,6 +30,7 @@ pub mod secure;
 pub mod token;
 
 pub use cert::{CertBody, Certificate, Role, TrustStore};
+pub use junction::{JunctionCertError, certify_junction};
 pub use keys::{PublicKey, Purpose, SecretKey, Signature};
 pub use name::{MAX_NAME_LEN, NameError, NamePattern, ServiceName};
 pub use proof::{Proven, prove_possession, verify_possession};

@@ -281,6 +281,68 @@ fn revocation_by_serial_and_by_key() {
 }
 
 #[test]
+fn certify_junction_is_the_one_junction_check() {
+    let b = bus();
+    let key = SecretKey::generate().unwrap();
+    let chain = vec![
+        Certificate::issue(
+            body(9, &key, Role::Junction { id: 3 }, &b.authority),
+            &b.authority,
+        )
+        .unwrap(),
+    ];
+    assert_eq!(
+        certify_junction(&chain, Some(3), &b.trust, None, NOW),
+        Ok((3, key.public()))
+    );
+    assert_eq!(
+        certify_junction(&chain, None, &b.trust, None, NOW),
+        Ok((3, key.public()))
+    );
+    assert_eq!(
+        certify_junction(&chain, Some(7), &b.trust, None, NOW),
+        Err(JunctionCertError::WrongJunction {
+            expected: 7,
+            certified: 3
+        })
+    );
+    let revoked = RevocationList::issue(
+        RevocationBody {
+            issuer: b.authority.public(),
+            number: 1,
+            issued_at: NOW,
+            serials: vec![9],
+            keys: vec![],
+        },
+        &b.authority,
+    )
+    .unwrap()
+    .verify(&b.trust)
+    .unwrap();
+    assert_eq!(
+        certify_junction(&chain, Some(3), &b.trust, Some(&revoked), NOW),
+        Err(JunctionCertError::Revoked { serial: 9 })
+    );
+    let svc = vec![
+        Certificate::issue(
+            body(10, &key, service(&["org.acme.x"]), &b.authority),
+            &b.authority,
+        )
+        .unwrap(),
+    ];
+    assert!(matches!(
+        certify_junction(&svc, None, &b.trust, None, NOW),
+        Err(JunctionCertError::NotAJunction { .. })
+    ));
+    assert!(matches!(
+        certify_junction(&chain, None, &TrustStore::new(), None, NOW),
+        Err(JunctionCertError::Certificate(
+            IdentityError::Untrusted { .. }
+        ))
+    ));
+}
+
+#[test]
 fn proofs_bind_the_key_the_nonce_and_the_junction() {
     let b = bus();
     let key = SecretKey::generate().unwrap();

@@ -45,8 +45,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use junction_identity::{
-    Certificate, IdentityError, PublicKey, Purpose, RevocationList, Role, SecretKey, ServiceName,
-    TrustStore, Verified,
+    Certificate, IdentityError, JunctionCertError, PublicKey, Purpose, RevocationList, SecretKey,
+    ServiceName, TrustStore, Verified,
 };
 use junction_road::highway::{
     LinkState, MAX_ANNOUNCED_NAME_BYTES, MAX_ANNOUNCED_NAMES, MAX_NEIGHBOURS, Neighbour,
@@ -738,26 +738,31 @@ pub enum ChainRefused {
 
 /// The key `chain` (leaf first) certifies for junction `id`, if it is
 /// trusted, unrevoked and a junction certificate for that id: the one check
-/// of junction identities, for link-state seals and session hellos alike.
+/// of junction identities ([`junction_identity::certify_junction`]), for
+/// link-state seals, session hellos and Highways alike.
 pub(crate) fn certified_junction(
     chain: &[Certificate],
     id: u16,
     checks: &Checks<'_>,
 ) -> Result<PublicKey, ChainRefused> {
-    let leaf = checks
-        .trust
-        .verify_chain(chain, checks.now, checks.revocations)
-        .map_err(|source| match source {
-            IdentityError::Revoked { serial } => ChainRefused::Revoked { serial },
-            source => ChainRefused::Certificate(source),
-        })?;
-    match leaf.body.role {
-        Role::Junction { id: certified } if certified == id => Ok(leaf.body.subject),
-        Role::Junction { id: certified } => Err(ChainRefused::WrongJunction { certified }),
-        ref role => Err(ChainRefused::NotAJunction {
-            role: role.to_string(),
-        }),
-    }
+    junction_identity::certify_junction(
+        chain,
+        Some(id),
+        checks.trust,
+        checks.revocations,
+        checks.now,
+    )
+    .map(|(_, key)| key)
+    .map_err(|e| match e {
+        JunctionCertError::Revoked { serial } => ChainRefused::Revoked { serial },
+        JunctionCertError::WrongJunction { certified, .. } => {
+            ChainRefused::WrongJunction { certified }
+        }
+        JunctionCertError::NotAJunction { role } => ChainRefused::NotAJunction { role },
+        JunctionCertError::Certificate(source) => ChainRefused::Certificate(source),
+        // Future refusals read as chain refusals.
+        other => ChainRefused::Certificate(IdentityError::CertificateFormat(other.to_string())),
+    })
 }
 
 /// A link state's own consistency.

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use junction_identity::CertBody;
+use junction_identity::{CertBody, Role};
 use proptest::prelude::*;
 
 use super::*;
