@@ -1,10 +1,17 @@
 //! Highways: QUIC links between Junctions on different machines.
 //!
-//! Nothing is implemented yet. This crate holds the place DESIGN.md gives
-//! it in the workspace (between `road` and `junction`), so that the
-//! dependency order is fixed from the start; the Highways issue fills it
-//! with the QUIC endpoint, peer authentication with bus identities, link
-//! framing and reconnection. Until then a junction has no Highways and
-//! this crate exports nothing.
+//! The protocol logic is sans-IO, as quinn-proto is: pure Rust, no tokio,
+//! no clock of its own, driven by a shell that owns the QUIC endpoint.
+//!
+//! - [`wire`]: what junctions exchange over a Highway, byte by byte: the
+//!   control stream's frames, the data streams' frames, their framing, an
+//!   incremental decoder and a batching encoder (docs/protocol.md,
+//!   section 18).
+//! - [`link`]: the link state machine, one per junction: hellos,
+//!   admission, keep-alives and liveness, round-trip times, the redial
+//!   schedule with backoff and the tie-break that keeps one connection per
+//!   pair of junctions.
 
 #![forbid(unsafe_code)]
+
+pub mod wire;
