@@ -14,4 +14,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod link;
+
 pub mod wire;
