@@ -1,7 +1,17 @@
 //! Highways: QUIC links between Junctions on different machines.
 //!
-//! What exists so far is the Highway's identity and its admission:
+//! Highways are QUIC connections between junctions. The protocol logic is
+//! sans-IO, as quinn-proto is: pure Rust, no tokio, no clock of its own,
+//! driven by a shell (the junction's) that owns the QUIC endpoint.
 //!
+//! - [`wire`]: what junctions exchange over a Highway, byte by byte: the
+//!   control stream's frames, the data streams' frames, their framing, an
+//!   incremental decoder and a batching encoder (docs/protocol.md,
+//!   section 18).
+//! - [`link`]: the link state machine, one per junction: hellos,
+//!   admission, keep-alives and liveness, round-trip times, the redial
+//!   schedule with backoff and the tie-break that keeps one connection per
+//!   pair of junctions.
 //! - [`cert`]: the junction's TLS certificate ([`TlsIdentity`]), made with
 //!   rcgen from its bus key, self-signed, carrying its bus certificate chain
 //!   in a non-critical extension ([`cert::BUS_CHAIN_OID`]), with the server
@@ -18,14 +28,13 @@
 //! dialled it with [`connection_peer_junction`]. A client the server refused
 //! still sees its QUIC connect succeed (the refusal shows on its first
 //! stream use), so a link counts as up only after the peer's first frame.
-//!
-//! The link protocol, the endpoint driver and reconnection arrive with the
-//! rest of the Highways issue.
 
 #![forbid(unsafe_code)]
 
 pub mod cert;
+pub mod link;
 pub mod tls;
+pub mod wire;
 
 pub use cert::TlsIdentity;
 pub use tls::{
