@@ -321,6 +321,7 @@ async fn refused_both_ways(b: &Bus, rogue: &TlsIdentity, as_id: u16, why: &str) 
         .server
         .as_ref()
         .expect_err("the server must not admit the rogue client");
+    println!("listener refused: {server}");
     assert!(
         server.contains(why),
         "server said {server:?}, expected {why:?}"
@@ -331,6 +332,7 @@ async fn refused_both_ways(b: &Bus, rogue: &TlsIdentity, as_id: u16, why: &str) 
         .client
         .as_ref()
         .expect_err("the client must not admit the rogue server");
+    println!("dialer refused: {client}");
     assert!(
         client.contains(why),
         "client said {client:?}, expected {why:?}"
