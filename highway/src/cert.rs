@@ -94,9 +94,19 @@ impl TlsIdentity {
     }
 
     /// A certificate signed by `key` carrying `chain` (if any) for server
-    /// name `junction-<id>`, with no consistency check: for [`Self::new`],
-    /// and for tests that need rogue certificates.
-    pub(crate) fn build(
+    /// name `junction-<id>`, with none of [`Self::new`]'s checks: the rogue
+    /// peers of tests (no chain, another key's chain, a service's chain).
+    /// Peers refuse what it makes unless [`Self::new`] would have made it.
+    pub fn danger_unchecked(
+        key: &SecretKey,
+        chain: Option<&[Certificate]>,
+        id: u16,
+    ) -> Result<Self, HighwayError> {
+        Self::build(key, chain, id)
+    }
+
+    /// What [`Self::new`] and [`Self::danger_unchecked`] make.
+    fn build(
         key: &SecretKey,
         chain: Option<&[Certificate]>,
         id: u16,
@@ -316,7 +326,7 @@ fn der_octet_string_content(der: &[u8]) -> Option<&[u8]> {
 /// The calendar day (UTC) of `secs` (seconds since the Unix epoch), the next
 /// day when `up` and `secs` is not midnight; clamped to 1970..=9999, what an
 /// X.509 date holds and a bus certificate means ("forever" is `u64::MAX`).
-fn day_of(secs: u64, up: bool) -> (i32, u8, u8) {
+pub(crate) fn day_of(secs: u64, up: bool) -> (i32, u8, u8) {
     let days = secs / 86_400 + u64::from(up && !secs.is_multiple_of(86_400));
     // 9999-12-31 is day 2_932_896 after 1970-01-01.
     let days = days.min(2_932_896) as i64;

@@ -9,7 +9,7 @@ use junction_identity::{
 };
 
 use super::*;
-use crate::cert::{BUS_CHAIN_OID_STR, junction_of_server_name, parse_peer, server_name};
+use crate::cert::{BUS_CHAIN_OID_STR, day_of, junction_of_server_name, parse_peer, server_name};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -193,6 +193,16 @@ fn server_names_name_junctions() {
 }
 
 #[test]
+fn x509_dates_are_the_bus_leaf_days() {
+    assert_eq!(day_of(0, false), (1970, 1, 1));
+    assert_eq!(day_of(0, true), (1970, 1, 1));
+    assert_eq!(day_of(1_700_000_000, false), (2023, 11, 14));
+    assert_eq!(day_of(1_700_000_000, true), (2023, 11, 15));
+    assert_eq!(day_of(951_782_400, false), (2000, 2, 29));
+    assert_eq!(day_of(u64::MAX, true), (9999, 12, 31));
+}
+
+#[test]
 fn a_large_chain_survives_the_der_length_form() {
     // Chains over 127 and 255 bytes take the long DER length forms.
     let b = bus();
@@ -200,7 +210,7 @@ fn a_large_chain_survives_the_der_length_form() {
     let mut chain = b.certify(&key, Role::Junction { id: 9 }, 9);
     chain.extend(b.certify(&key, Role::Client, 10));
     chain.extend(b.certify(&key, Role::Client, 11));
-    let tls = TlsIdentity::build(&key, Some(&chain), 9).unwrap();
+    let tls = TlsIdentity::danger_unchecked(&key, Some(&chain), 9).unwrap();
     assert_eq!(
         parse_peer(tls.certificate()).unwrap().chain.as_deref(),
         Some(chain.as_slice())
@@ -311,6 +321,7 @@ async fn refused_both_ways(b: &Bus, rogue: &TlsIdentity, as_id: u16, why: &str) 
         .server
         .as_ref()
         .expect_err("the server must not admit the rogue client");
+    println!("listener refused: {server}");
     assert!(
         server.contains(why),
         "server said {server:?}, expected {why:?}"
@@ -321,6 +332,7 @@ async fn refused_both_ways(b: &Bus, rogue: &TlsIdentity, as_id: u16, why: &str) 
         .client
         .as_ref()
         .expect_err("the client must not admit the rogue server");
+    println!("dialer refused: {client}");
     assert!(
         client.contains(why),
         "client said {client:?}, expected {why:?}"
@@ -332,7 +344,7 @@ async fn refused_both_ways(b: &Bus, rogue: &TlsIdentity, as_id: u16, why: &str) 
 async fn a_self_signed_key_with_no_chain_is_refused() {
     let b = bus();
     let key = SecretKey::generate().unwrap();
-    let rogue = TlsIdentity::build(&key, None, 5).unwrap();
+    let rogue = TlsIdentity::danger_unchecked(&key, None, 5).unwrap();
     refused_both_ways(&b, &rogue, 5, "a self-signed key with no bus chain").await;
 }
 
@@ -349,7 +361,7 @@ async fn a_service_certificate_is_refused() {
     let key = SecretKey::generate().unwrap();
     let names = vec!["org.acme.echo".parse().unwrap()];
     let chain = b.certify(&key, Role::Service { names }, 77);
-    let rogue = TlsIdentity::build(&key, Some(&chain), 5).unwrap();
+    let rogue = TlsIdentity::danger_unchecked(&key, Some(&chain), 5).unwrap();
     refused_both_ways(
         &b,
         &rogue,
@@ -365,7 +377,7 @@ async fn a_tls_key_that_is_not_the_bus_key_is_refused() {
     // Junction 5's genuine chain, shown by a machine with another key.
     let (_, chain, _) = b.junction(5);
     let thief = SecretKey::generate().unwrap();
-    let rogue = TlsIdentity::build(&thief, Some(&chain), 5).unwrap();
+    let rogue = TlsIdentity::danger_unchecked(&thief, Some(&chain), 5).unwrap();
     refused_both_ways(
         &b,
         &rogue,
