@@ -245,9 +245,6 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if highways.is_some() && authority.is_none() {
         bail!("Highways need the bus authority (--authority), to check the junctions they reach");
     }
-    if highways.is_some() {
-        bail!("this build of the junction does not run Highways yet (--quic-listen, --peer)");
-    }
     let max_connections_per_uid = max_connections_per_uid
         .unwrap_or_else(|| junction::admit::default_per_uid(max_connections));
     let config = ServeConfig {

@@ -9,12 +9,14 @@
 //! - [`admit`]: who may take a connection slot (global and per-user limits,
 //!   and the slot kept for the junction's own user).
 //! - [`authority`]: a bus authority made on the spot, for demos and tests.
+//! - [`highway`]: the QUIC endpoint of the junction's Highways to others.
 
 pub mod admit;
 pub mod authority;
 pub mod children;
 pub mod config;
 pub use junction_core as core;
+pub mod highway;
 mod ratelog;
 pub mod shell;
 

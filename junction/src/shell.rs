@@ -94,6 +94,9 @@ pub enum ServeError {
     /// A `--spawn` command could not be started.
     #[error(transparent)]
     Spawn(#[from] children::SpawnError),
+    /// The Highways could not be set up.
+    #[error("{0}")]
+    Highways(String),
 }
 
 /// Cheap handle for controlling a running junction from inside its thread.
@@ -121,6 +124,36 @@ struct Shell {
     timer: tokio::sync::Notify,
     /// The deadline the main loop sleeps until.
     armed: Cell<Option<Instant>>,
+    /// Highways to other junctions, when configured.
+    highways: RefCell<Option<Rc<crate::highway::Highways>>>,
+}
+
+impl crate::highway::Junction for Shell {
+    fn highway_changed(&self, peer: u16, up: bool) {
+        {
+            let mut core = self.core.borrow_mut();
+            if up {
+                core.handle_highway_up(peer, 1, now());
+            } else {
+                core.handle_highway_down(peer, now());
+            }
+        }
+        self.pump();
+        self.flush();
+    }
+
+    fn highway_frame(
+        &self,
+        peer: u16,
+        frame: junction_road::highway::HighwayFrame,
+        payload: bytes::Bytes,
+    ) {
+        self.core
+            .borrow_mut()
+            .handle_highway_frame(peer, frame, payload, now());
+        self.pump();
+        self.flush();
+    }
 }
 
 /// The warnings a peer can trigger once per connection, each logged at most
@@ -348,7 +381,31 @@ pub async fn serve(
         dirty: RefCell::new(Vec::new()),
         timer: tokio::sync::Notify::new(),
         armed: Cell::new(None),
+        highways: RefCell::new(None),
     });
+    if let (Some(settings), Some((key, chain))) = (&config.highways, &config.core.junction_identity)
+    {
+        let setup = crate::highway::setup(
+            config.core.junction,
+            config.core.incarnation,
+            key,
+            chain,
+            config.core.trust.clone(),
+            config.core.revocations.clone(),
+            settings,
+        )
+        .map_err(|e| ServeError::Highways(e.to_string()))?;
+        let highways = crate::highway::Highways::new(setup)
+            .map_err(|e| ServeError::Highways(e.to_string()))?;
+        if let Some(addr) = highways.local_addr()
+            && settings.listen.is_some()
+        {
+            tracing::info!(%addr, "accepting Highways");
+        }
+        *shell.highways.borrow_mut() = Some(highways.clone());
+        let junction: Rc<dyn crate::highway::Junction> = shell.clone();
+        tokio::task::spawn_local(highways.run(junction));
+    }
     check_fd_limit(config.max_connections);
     // Kept open to be given up when accept finds no descriptor left, so the
     // waiting client can be accepted and told why (see `shed`).
@@ -708,11 +765,10 @@ impl Shell {
                         }
                     }
                 }
-                // This shell has no Highways yet (issue 9): the core is told
-                // of none, so it has nothing to send over one, and no
-                // traffic from other junctions.
-                Output::Highway { to, .. } => {
-                    tracing::debug!(to, "no Highway to send a frame over");
+                Output::Highway { to, frame, payload } => {
+                    if let Some(highways) = self.highways.borrow().as_ref() {
+                        highways.send(to, &frame, &payload);
+                    }
                 }
                 Output::Session { .. } | Output::Unroutable { .. } => {}
             }

@@ -1,0 +1,619 @@
+//! The junction's Highways: the QUIC endpoint that carries what the core
+//! says to other junctions, driven on the junction's own current-thread
+//! runtime. The protocol is sans-IO in `junction-highway` (the link state
+//! machine, the wire, TLS with bus identities); this module only moves
+//! bytes and events between quinn, [`Links`] and the core.
+//!
+//! - One endpoint: it accepts Highways (with `--quic-listen`) and dials the
+//!   configured peers. A connection counts as a link only once [`Links`]
+//!   admits it, after the peer's `Hello` on the control stream: a client the
+//!   server refused still sees its QUIC connect succeed.
+//! - The **control stream** (bidirectional, opened by the dialer) carries
+//!   hellos, keep-alives and link states, which bulk traffic never delays;
+//!   **data streams** (unidirectional) carry forwarded traffic, one per
+//!   destination junction, so unrelated flows never block each other.
+//! - Each stream has a writer task fed by a queue; the core's output is
+//!   encoded into it at once, and the task writes what has gathered in one
+//!   call.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use junction_highway::link::{ConnId, LinkConfig, LinkOutput, Links, PeerInfo};
+use junction_highway::wire::{ControlFrame, Decoder, Encoder};
+use junction_highway::{PeerPolicy, Revocations, TlsIdentity, TransportSettings};
+use junction_road::highway::HighwayFrame;
+use tokio::sync::mpsc;
+
+/// What a junction needs to run its Highways.
+pub struct HighwaySetup {
+    /// This junction's id.
+    pub junction: u16,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Its TLS identity, made from its bus key and chain.
+    pub identity: TlsIdentity,
+    /// Who it admits: the bus authority and the revocation list in force.
+    pub policy: PeerPolicy,
+    /// Where to accept Highways, if anywhere.
+    pub listen: Option<SocketAddr>,
+    /// The junctions to dial.
+    pub peers: Vec<(u16, SocketAddr)>,
+}
+
+/// Why the Highways could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HighwayStartError {
+    /// The TLS configuration could not be made.
+    #[error("cannot set up Highways: {0}")]
+    Config(#[from] junction_highway::HighwayError),
+    /// The link configuration was refused.
+    #[error("cannot set up Highways: {0}")]
+    Links(#[from] junction_highway::link::ConfigError),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen for Highways on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// One QUIC connection to another junction.
+struct Link {
+    conn: quinn::Connection,
+    /// The control stream's queue, once the stream is open.
+    control: RefCell<Option<mpsc::UnboundedSender<Bytes>>>,
+    /// Data streams' queues, by destination junction.
+    data: RefCell<HashMap<u16, mpsc::UnboundedSender<Bytes>>>,
+    /// Where it goes.
+    remote: SocketAddr,
+    bytes_out: Cell<u64>,
+    bytes_in: Cell<u64>,
+}
+
+/// A neighbour as `junction ls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HighwayInfo {
+    /// Its junction id.
+    pub junction: u16,
+    /// Its address, when known.
+    pub address: Option<String>,
+    /// `up`, `connecting`, `dialing` or `waiting`.
+    pub state: &'static str,
+    /// The smoothed round trip, in microseconds, once measured.
+    pub rtt_us: Option<u64>,
+    /// Bytes sent and received on its current connection.
+    pub bytes_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+}
+
+/// The Highways of one junction.
+pub struct Highways {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    links: RefCell<Links>,
+    conns: RefCell<HashMap<u64, Rc<Link>>>,
+    /// The admitted connection of each neighbour.
+    up: RefCell<HashMap<u16, u64>>,
+    next: Cell<u64>,
+    encoder: Encoder,
+    /// Wakes the driver when the links' deadline may have moved.
+    wake: tokio::sync::Notify,
+    revocations: Revocations,
+}
+
+/// What the driver asks of the junction around it: the core's side.
+pub trait Junction: 'static {
+    /// Neighbour `peer` is linked (or no longer is).
+    fn highway_changed(&self, peer: u16, up: bool);
+    /// A frame came from neighbour `peer`.
+    fn highway_frame(&self, peer: u16, frame: HighwayFrame, payload: Bytes);
+}
+
+impl Highways {
+    /// Binds the endpoint. Must be called inside the junction's runtime.
+    pub fn new(setup: HighwaySetup) -> Result<Rc<Self>, HighwayStartError> {
+        let transport = TransportSettings::default();
+        let server = junction_highway::server_config(&setup.identity, &setup.policy, &transport)?;
+        let client = junction_highway::client_config(&setup.identity, &setup.policy, &transport)?;
+        let bind = setup
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let endpoint = if setup.listen.is_some() {
+            quinn::Endpoint::server(server, bind)
+        } else {
+            quinn::Endpoint::client(bind)
+        }
+        .map_err(|source| HighwayStartError::Bind { addr: bind, source })?;
+        let mut config = LinkConfig::new(setup.junction, setup.incarnation);
+        config.peers = setup.peers;
+        config.seed = setup.incarnation ^ u64::from(setup.junction);
+        let links = Links::new(config, Instant::now())?;
+        Ok(Rc::new(Self {
+            endpoint,
+            client,
+            links: RefCell::new(links),
+            conns: RefCell::new(HashMap::new()),
+            up: RefCell::new(HashMap::new()),
+            next: Cell::new(1),
+            encoder: Encoder::default(),
+            wake: tokio::sync::Notify::new(),
+            revocations: setup.policy.revocations().clone(),
+        }))
+    }
+
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// The revocation list Highways are admitted under, to replace on
+    /// SIGHUP.
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    /// Runs the Highways until the endpoint closes: accepts, dials, and
+    /// keeps the links' timers.
+    pub async fn run(self: Rc<Self>, junction: Rc<dyn Junction>) {
+        self.drain(&junction);
+        loop {
+            let deadline = self.links.borrow().poll_timeout();
+            let timer = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = timer => {
+                    self.links.borrow_mut().handle_timeout(Instant::now());
+                }
+                () = self.wake.notified() => {}
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let this = self.clone();
+                        let junction = junction.clone();
+                        tokio::task::spawn_local(async move {
+                            this.accepted(incoming, junction).await;
+                        });
+                    }
+                    None => return,
+                },
+            }
+            self.drain(&junction);
+        }
+    }
+
+    /// Closes every Highway, saying why.
+    pub fn close(&self, reason: &str) {
+        self.endpoint.close(0u32.into(), reason.as_bytes());
+    }
+
+    /// What `junction ls` shows of the neighbours.
+    pub fn info(&self) -> Vec<HighwayInfo> {
+        let links = self.links.borrow();
+        let conns = self.conns.borrow();
+        links
+            .peers()
+            .map(|p: PeerInfo| {
+                use junction_highway::link::PeerState;
+                let (state, conn, rtt) = match p.state {
+                    PeerState::Up { conn, rtt, .. } => ("up", Some(conn), rtt),
+                    PeerState::Connecting { conn } => ("connecting", Some(conn), None),
+                    PeerState::Dialing => ("dialing", None, None),
+                    PeerState::Waiting { .. } => ("waiting", None, None),
+                    _ => ("unknown", None, None),
+                };
+                let link = conn.and_then(|c| conns.get(&c.0));
+                HighwayInfo {
+                    junction: p.junction,
+                    address: p
+                        .addr
+                        .map(|a| a.to_string())
+                        .or_else(|| link.map(|l| l.remote.to_string())),
+                    state,
+                    rtt_us: rtt.map(|r| r.as_micros() as u64),
+                    bytes_out: link.map_or(0, |l| l.bytes_out.get()),
+                    bytes_in: link.map_or(0, |l| l.bytes_in.get()),
+                }
+            })
+            .collect()
+    }
+
+    /// Sends what the core has for neighbour `to`: link states on the
+    /// control stream, forwarded traffic on the data stream of its final
+    /// destination. Dropped if `to` is not linked (routing will route
+    /// around it, and sessions resend).
+    pub fn send(&self, to: u16, frame: &HighwayFrame, payload: &[u8]) {
+        let Some(link) = self
+            .up
+            .borrow()
+            .get(&to)
+            .and_then(|c| self.conns.borrow().get(c).cloned())
+        else {
+            tracing::debug!(to, "no Highway to junction {to}: frame dropped");
+            return;
+        };
+        let mut buf = BytesMut::new();
+        let destination = match frame {
+            HighwayFrame::LinkState(ls) => {
+                let control = ControlFrame::LinkState(ls.clone());
+                if let Err(e) = self.encoder.control(&control, &mut buf) {
+                    tracing::error!(to, "a link state could not be encoded: {e}");
+                    return;
+                }
+                let queue = link.control.borrow().clone();
+                if let Some(queue) = queue {
+                    link.bytes_out.set(link.bytes_out.get() + buf.len() as u64);
+                    let _ = queue.send(buf.freeze());
+                }
+                return;
+            }
+            HighwayFrame::Forward { to: dest, .. } => *dest,
+            HighwayFrame::Unroutable { from, .. } => *from,
+        };
+        if let Err(e) = self.encoder.data(frame, payload, &mut buf) {
+            tracing::warn!(to, "traffic could not be encoded for junction {to}: {e}");
+            return;
+        }
+        link.bytes_out.set(link.bytes_out.get() + buf.len() as u64);
+        let queue = link.data.borrow().get(&destination).cloned();
+        let queue = match queue {
+            Some(q) if !q.is_closed() => q,
+            _ => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                link.data.borrow_mut().insert(destination, tx.clone());
+                let conn = link.conn.clone();
+                tokio::task::spawn_local(async move {
+                    if let Ok(stream) = conn.open_uni().await {
+                        write_all(stream, rx).await;
+                    }
+                });
+                tx
+            }
+        };
+        let _ = queue.send(buf.freeze());
+    }
+
+    /// Does what the link state machine asks, and tells the junction of
+    /// links that came up or went down.
+    fn drain(self: &Rc<Self>, junction: &Rc<dyn Junction>) {
+        loop {
+            let output = self.links.borrow_mut().poll_output();
+            let Some(output) = output else {
+                return;
+            };
+            match output {
+                LinkOutput::Dial { peer, addr } => {
+                    let this = self.clone();
+                    let junction = junction.clone();
+                    tokio::task::spawn_local(async move {
+                        this.dial(peer, addr, junction).await;
+                    });
+                }
+                LinkOutput::Send { conn, frame } => {
+                    let mut buf = BytesMut::new();
+                    if self.encoder.control(&frame, &mut buf).is_ok()
+                        && let Some(link) = self.conns.borrow().get(&conn.0)
+                        && let Some(queue) = link.control.borrow().as_ref()
+                    {
+                        link.bytes_out.set(link.bytes_out.get() + buf.len() as u64);
+                        let _ = queue.send(buf.freeze());
+                    }
+                }
+                LinkOutput::Close { conn, reason } => {
+                    let link = self.conns.borrow_mut().remove(&conn.0);
+                    if let Some(link) = link {
+                        tracing::info!(remote = %link.remote, "closing a Highway: {reason}");
+                        let text = reason.to_string();
+                        let goodbye = ControlFrame::Goodbye {
+                            reason: text.clone(),
+                        };
+                        let mut buf = BytesMut::new();
+                        if self.encoder.control(&goodbye, &mut buf).is_ok()
+                            && let Some(queue) = link.control.borrow().as_ref()
+                        {
+                            let _ = queue.send(buf.freeze());
+                        }
+                        link.conn.close(1u32.into(), text.as_bytes());
+                    }
+                }
+                LinkOutput::Up {
+                    peer, conn, rtt, ..
+                } => {
+                    tracing::info!(junction = peer, ?rtt, "Highway up");
+                    self.up.borrow_mut().insert(peer, conn.0);
+                    junction.highway_changed(peer, true);
+                }
+                LinkOutput::Down { peer } => {
+                    tracing::info!(junction = peer, "Highway down");
+                    self.up.borrow_mut().remove(&peer);
+                    junction.highway_changed(peer, false);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn register(&self, conn: quinn::Connection) -> (u64, Rc<Link>) {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let link = Rc::new(Link {
+            remote: conn.remote_address(),
+            conn,
+            control: RefCell::new(None),
+            data: RefCell::new(HashMap::new()),
+            bytes_out: Cell::new(0),
+            bytes_in: Cell::new(0),
+        });
+        self.conns.borrow_mut().insert(id, link.clone());
+        (id, link)
+    }
+
+    /// Dials `peer` at `addr` and keeps the connection.
+    async fn dial(self: Rc<Self>, peer: u16, addr: SocketAddr, junction: Rc<dyn Junction>) {
+        let name = junction_highway::cert::server_name(peer);
+        let connecting = match self.endpoint.connect_with(self.client.clone(), addr, &name) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(junction = peer, %addr, "cannot dial: {e}");
+                return self.failed(peer, &junction);
+            }
+        };
+        let conn = match connecting.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(junction = peer, %addr, "Highway refused: {e}");
+                return self.failed(peer, &junction);
+            }
+        };
+        // A server that refused us shows it here, on the first stream.
+        let (send, recv) = match conn.open_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::warn!(junction = peer, %addr, "Highway refused: {e}");
+                return self.failed(peer, &junction);
+            }
+        };
+        let (id, link) = self.register(conn);
+        self.start(&link, id, send, recv, junction.clone());
+        let now = Instant::now();
+        {
+            let mut links = self.links.borrow_mut();
+            links.handle_dialed(ConnId(id), peer, now);
+            links.handle_certificate(ConnId(id), peer, now);
+        }
+        self.drain(&junction);
+        self.wake.notify_one();
+    }
+
+    fn failed(&self, peer: u16, _junction: &Rc<dyn Junction>) {
+        self.links
+            .borrow_mut()
+            .handle_dial_failed(peer, Instant::now());
+        self.wake.notify_one();
+    }
+
+    /// A peer dialled this junction.
+    async fn accepted(self: Rc<Self>, incoming: quinn::Incoming, junction: Rc<dyn Junction>) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(%remote, "refused a Highway: {e}");
+                return;
+            }
+        };
+        let Some(peer) = junction_highway::connection_peer_junction(&conn) else {
+            conn.close(1u32.into(), b"no junction certificate");
+            return;
+        };
+        // The dialer opens the control stream first; nothing is said
+        // before it exists.
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!(%remote, "a Highway ended before its control stream: {e}");
+                return;
+            }
+        };
+        let (id, link) = self.register(conn);
+        self.start(&link, id, send, recv, junction.clone());
+        {
+            let now = Instant::now();
+            let mut links = self.links.borrow_mut();
+            links.handle_accepted(ConnId(id), now);
+            links.handle_certificate(ConnId(id), peer, now);
+        }
+        self.drain(&junction);
+        self.wake.notify_one();
+    }
+
+    /// Starts the control stream's writer and reader and the acceptor of
+    /// data streams of a connection.
+    fn start(
+        self: &Rc<Self>,
+        link: &Rc<Link>,
+        id: u64,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        junction: Rc<dyn Junction>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *link.control.borrow_mut() = Some(tx);
+        tokio::task::spawn_local(write_all(send, rx));
+        let this = self.clone();
+        let j = junction.clone();
+        let l = link.clone();
+        tokio::task::spawn_local(async move {
+            this.read_control(id, l, recv, j).await;
+        });
+        let this = self.clone();
+        let l = link.clone();
+        tokio::task::spawn_local(async move {
+            while let Ok(stream) = l.conn.accept_uni().await {
+                let this = this.clone();
+                let junction = junction.clone();
+                let l = l.clone();
+                tokio::task::spawn_local(async move {
+                    this.read_data(id, l, stream, junction).await;
+                });
+            }
+        });
+    }
+
+    async fn read_control(
+        self: Rc<Self>,
+        id: u64,
+        link: Rc<Link>,
+        mut recv: quinn::RecvStream,
+        junction: Rc<dyn Junction>,
+    ) {
+        let mut decoder = Decoder::default();
+        loop {
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => {
+                    link.bytes_in
+                        .set(link.bytes_in.get() + chunk.bytes.len() as u64);
+                    decoder.feed(&chunk.bytes);
+                }
+                Ok(None) | Err(_) => break,
+            }
+            loop {
+                match decoder.next_control() {
+                    Ok(Some(frame)) => {
+                        let routed = self.links.borrow_mut().handle_control(
+                            ConnId(id),
+                            frame,
+                            Instant::now(),
+                        );
+                        if let Some((peer, ls)) = routed {
+                            junction.highway_frame(peer, HighwayFrame::LinkState(ls), Bytes::new());
+                        }
+                        self.drain(&junction);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(remote = %link.remote, "bad control frame on a Highway: {e}");
+                        if e.is_fatal() {
+                            link.conn.close(2u32.into(), b"bad control frame");
+                            self.closed(id, &junction);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        self.closed(id, &junction);
+    }
+
+    async fn read_data(
+        self: Rc<Self>,
+        id: u64,
+        link: Rc<Link>,
+        mut recv: quinn::RecvStream,
+        junction: Rc<dyn Junction>,
+    ) {
+        let mut decoder = Decoder::default();
+        loop {
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => {
+                    link.bytes_in
+                        .set(link.bytes_in.get() + chunk.bytes.len() as u64);
+                    decoder.feed(&chunk.bytes);
+                }
+                Ok(None) | Err(_) => return,
+            }
+            loop {
+                match decoder.next_data() {
+                    Ok(Some(frame)) => {
+                        let peer = self
+                            .links
+                            .borrow_mut()
+                            .handle_traffic(ConnId(id), Instant::now());
+                        // Data may overtake the Hello on another stream;
+                        // before admission it is dropped (sessions resend).
+                        if let Some(peer) = peer {
+                            junction.highway_frame(peer, frame.header, frame.payload);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(remote = %link.remote, "bad data frame on a Highway: {e}");
+                        if e.is_fatal() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn closed(self: &Rc<Self>, id: u64, junction: &Rc<dyn Junction>) {
+        self.conns.borrow_mut().remove(&id);
+        self.links
+            .borrow_mut()
+            .handle_closed(ConnId(id), Instant::now());
+        self.drain(junction);
+        self.wake.notify_one();
+    }
+}
+
+/// Writes what is queued for a stream, everything gathered so far in one
+/// write, until the queue or the stream ends.
+async fn write_all(mut stream: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut batch = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        batch.extend_from_slice(&first);
+        while batch.len() < 256 * 1024
+            && let Ok(more) = rx.try_recv()
+        {
+            batch.extend_from_slice(&more);
+        }
+        if stream.write_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+    let _ = stream.finish();
+}
+
+/// The driver's configuration from the junction's own: its TLS identity
+/// from its bus key and chain, and the peers' addresses resolved.
+pub fn setup(
+    junction: u16,
+    incarnation: u64,
+    key: &junction_identity::SecretKey,
+    chain: &[junction_identity::Certificate],
+    trust: junction_identity::TrustStore,
+    revocations: Option<junction_identity::Verified<junction_identity::RevocationList>>,
+    settings: &crate::shell::Highways,
+) -> anyhow::Result<HighwaySetup> {
+    use anyhow::Context;
+    let identity = TlsIdentity::new(key, chain).context("this junction's Highway identity")?;
+    let policy = PeerPolicy::new(trust, Revocations::new(revocations));
+    let mut peers = Vec::new();
+    for p in &settings.peers {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(p.host.as_str(), p.port))
+            .with_context(|| format!("cannot resolve peer {p}"))?
+            .next()
+            .with_context(|| format!("peer {p} resolves to no address"))?;
+        peers.push((p.junction, addr));
+    }
+    Ok(HighwaySetup {
+        junction,
+        incarnation,
+        identity,
+        policy,
+        listen: settings.listen,
+        peers,
+    })
+}
