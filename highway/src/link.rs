@@ -257,7 +257,9 @@ pub enum LinkOutput {
         /// The round trip measured so far on the connection, if any.
         rtt: Option<Duration>,
     },
-    /// `peer`, up before, is down: route around it.
+    /// `peer`, up before, is down: route around it. When this junction
+    /// closed the connection, the [`LinkOutput::Close`] comes first; when a
+    /// new connection replaces it, a [`LinkOutput::Up`] follows at once.
     Down {
         /// The neighbour.
         peer: u16,
@@ -785,7 +787,19 @@ impl Links {
             return self.close(conn, reason, now);
         }
         let new_dialer = self.dialer(c, peer);
-        if let Some((old, _)) = self.peers.get(&peer).and_then(|p| p.up) {
+        // A replacement is not a failure: the backoff stays as it was (or
+        // starts again, if the old link was up long enough).
+        let mut backoff = None;
+        if let Some(p) = self.peers.get(&peer)
+            && let Some((old, since)) = p.up
+        {
+            backoff = Some(
+                if now.saturating_duration_since(since) < self.timers.backoff_reset {
+                    p.backoff
+                } else {
+                    self.timers.backoff_initial
+                },
+            );
             let (old_incarnation, old_dialer) = match self.conns.get(&old) {
                 Some(o) => (o.hello.map_or(0, |h| h.incarnation), self.dialer(o, peer)),
                 None => (0, new_dialer),
@@ -823,6 +837,9 @@ impl Links {
         });
         p.up = Some((conn, now));
         p.redial = Redial::Idle;
+        if let Some(backoff) = backoff {
+            p.backoff = backoff;
+        }
         self.out.push_back(LinkOutput::Up {
             peer,
             conn,
