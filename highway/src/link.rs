@@ -33,6 +33,59 @@
 //! `handle_*` and the time, then drain [`Links::poll_output`] until it
 //! gives `None`, and call [`Links::handle_timeout`] at
 //! [`Links::poll_timeout`]. It reads no clock and does no I/O.
+//!
+//! Two junctions wired by hand, as a shell would after the QUIC and TLS
+//! handshakes (junction 1 dialed junction 2; each side's verifier found the
+//! other's certificate good):
+//!
+//! ```
+//! use std::time::Instant;
+//! use junction_highway::link::{ConnId, LinkConfig, LinkOutput, Links};
+//! use junction_highway::wire::ControlFrame;
+//!
+//! let now = Instant::now();
+//! let mut one = LinkConfig::new(1, 1_700_000_000);
+//! one.peers = vec![(2, "198.51.100.2:4433".parse().unwrap())];
+//! let mut one = Links::new(one, now).unwrap();
+//! let mut two = Links::new(LinkConfig::new(2, 1_700_000_100), now).unwrap();
+//!
+//! one.handle_timeout(now);
+//! assert!(matches!(one.poll_output(), Some(LinkOutput::Dial { peer: 2, .. })));
+//! // The shell dials; the connection is ConnId(7) at junction 1 and
+//! // ConnId(3) at junction 2 (each shell names its own).
+//! one.handle_dialed(ConnId(7), 2, now);
+//! one.handle_certificate(ConnId(7), 2, now);
+//! two.handle_accepted(ConnId(3), now);
+//! two.handle_certificate(ConnId(3), 1, now);
+//!
+//! // Carry the control frames across until both are quiet.
+//! fn carry(from: &mut Links, to: &mut Links, conn: ConnId, now: Instant) -> (bool, u32) {
+//!     let (mut moved, mut ups) = (false, 0);
+//!     while let Some(out) = from.poll_output() {
+//!         moved = true;
+//!         match out {
+//!             LinkOutput::Send { frame, .. } => {
+//!                 let _link_state = to.handle_control(conn, frame, now);
+//!             }
+//!             LinkOutput::Up { .. } => ups += 1,
+//!             other => panic!("{other:?}"),
+//!         }
+//!     }
+//!     (moved, ups)
+//! }
+//! let mut ups = 0;
+//! loop {
+//!     let (a, up_one) = carry(&mut one, &mut two, ConnId(3), now);
+//!     let (b, up_two) = carry(&mut two, &mut one, ConnId(7), now);
+//!     ups += up_one + up_two;
+//!     if !a && !b {
+//!         break;
+//!     }
+//! }
+//! assert_eq!(ups, 2);
+//! assert_eq!(one.conn(2), Some(ConnId(7)));
+//! assert_eq!(two.peer(ConnId(3)), Some(1));
+//! ```
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -216,6 +269,9 @@ pub enum CloseReason {
     /// Too many accepted connections wait for their `Hello` already.
     #[error("too many connections wait for their Hello (at most {0})")]
     TooManyPending(usize),
+    /// This junction is stopping.
+    #[error("the junction is stopping")]
+    Shutdown,
 }
 
 /// What [`Links`] asks the shell to do, or tells it.
@@ -698,6 +754,20 @@ impl Links {
         for (conn, reason) in closing {
             self.close(conn, reason, now);
         }
+    }
+
+    /// Closes every connection ([`CloseReason::Shutdown`]), each peer up
+    /// going down, and dials no more: the junction is stopping.
+    pub fn close_all(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            p.addr = None;
+            p.redial = Redial::Idle;
+        }
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.close(conn, CloseReason::Shutdown, now);
+        }
+        self.peers.clear();
     }
 
     // Output.

@@ -651,6 +651,32 @@ fn link_states_are_passed_up_only_from_admitted_connections() {
     );
 }
 
+#[test]
+fn a_stopping_junction_closes_everything_and_dials_no_more() {
+    let mut h = Harness::new(&[2, 3]);
+    h.advance(Duration::ZERO);
+    h.dialed(1, 2, 1);
+    h.accept(2, 9, 1);
+    let now = h.now;
+    h.links.handle_accepted(ConnId(3), now);
+    h.drain();
+    h.links.close_all(now);
+    let mut out = ups_and_downs(&h.drain());
+    out.sort();
+    assert_eq!(
+        out,
+        [
+            "close 1: the junction is stopping",
+            "close 2: the junction is stopping",
+            "close 3: the junction is stopping",
+            "down 2",
+            "down 9"
+        ]
+    );
+    assert_eq!(h.links.poll_timeout(), None);
+    assert_eq!(h.links.peers().count(), 0);
+}
+
 mod ops {
     //! Arbitrary sequences of events, well-formed or not, in any order:
     //! nothing panics, Up and Down alternate per peer, a peer is up on one
