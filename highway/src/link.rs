@@ -756,6 +756,47 @@ impl Links {
         }
     }
 
+    /// Adds a peer to dial and keep linked (a configuration reload), or
+    /// changes its address; it is dialed at once unless it is up or a dial
+    /// is under way.
+    pub fn add_peer(
+        &mut self,
+        peer: u16,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Result<(), ConfigError> {
+        if reserved(peer) {
+            return Err(ConfigError::ReservedPeer(peer));
+        }
+        if peer == self.junction {
+            return Err(ConfigError::PeerIsSelf(peer));
+        }
+        let p = self.peers.entry(peer).or_insert(Peer {
+            addr: None,
+            up: None,
+            redial: Redial::Idle,
+            backoff: self.timers.backoff_initial,
+        });
+        p.addr = Some(addr);
+        if p.up.is_none() && matches!(p.redial, Redial::Idle | Redial::At(_)) {
+            p.redial = Redial::At(now);
+        }
+        Ok(())
+    }
+
+    /// Stops dialing a peer (a configuration reload). A link to it that is
+    /// up stays up, as for a peer that dialed in unasked, until it ends.
+    pub fn remove_peer(&mut self, peer: u16) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.addr = None;
+        p.redial = Redial::Idle;
+        if p.up.is_none() {
+            self.peers.remove(&peer);
+        }
+    }
+
     /// Closes every connection ([`CloseReason::Shutdown`]), each peer up
     /// going down, and dials no more: the junction is stopping.
     pub fn close_all(&mut self, now: Instant) {

@@ -677,6 +677,47 @@ fn a_stopping_junction_closes_everything_and_dials_no_more() {
     assert_eq!(h.links.peers().count(), 0);
 }
 
+#[test]
+fn peers_can_be_added_and_removed_while_running() {
+    let mut h = Harness::new(&[]);
+    let now = h.now;
+    assert_eq!(
+        h.links.add_peer(0, addr(0), now),
+        Err(ConfigError::ReservedPeer(0))
+    );
+    assert_eq!(
+        h.links.add_peer(5, addr(5), now),
+        Err(ConfigError::PeerIsSelf(5))
+    );
+    h.links.add_peer(2, addr(2), now).unwrap();
+    assert_eq!(
+        h.advance(Duration::ZERO),
+        [LinkOutput::Dial {
+            peer: 2,
+            addr: addr(2)
+        }]
+    );
+    h.links.add_peer(2, addr(2), now).unwrap();
+    assert_eq!(h.advance(Duration::ZERO), [], "a dial is under way");
+    h.dialed(1, 2, 1);
+    // Removed while up: it stays up, and is not redialled when it goes.
+    h.links.remove_peer(2);
+    assert_eq!(h.links.conn(2), Some(ConnId(1)));
+    let now = h.now;
+    h.links.handle_closed(ConnId(1), now);
+    assert_eq!(ups_and_downs(&h.drain()), ["down 2"]);
+    assert!(h.run(Duration::from_secs(30)).is_empty());
+    // Removed while down: no more dials.
+    let now = h.now;
+    h.links.add_peer(3, addr(3), now).unwrap();
+    h.next_dial();
+    let now = h.now;
+    h.links.handle_dial_failed(3, now);
+    h.links.remove_peer(3);
+    assert!(h.run(Duration::from_secs(30)).is_empty());
+    assert_eq!(h.links.peers().count(), 0);
+}
+
 mod ops {
     //! Arbitrary sequences of events, well-formed or not, in any order:
     //! nothing panics, Up and Down alternate per peer, a peer is up on one
