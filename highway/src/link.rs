@@ -33,6 +33,59 @@
 //! `handle_*` and the time, then drain [`Links::poll_output`] until it
 //! gives `None`, and call [`Links::handle_timeout`] at
 //! [`Links::poll_timeout`]. It reads no clock and does no I/O.
+//!
+//! Two junctions wired by hand, as a shell would after the QUIC and TLS
+//! handshakes (junction 1 dialed junction 2; each side's verifier found the
+//! other's certificate good):
+//!
+//! ```
+//! use std::time::Instant;
+//! use junction_highway::link::{ConnId, LinkConfig, LinkOutput, Links};
+//! use junction_highway::wire::ControlFrame;
+//!
+//! let now = Instant::now();
+//! let mut one = LinkConfig::new(1, 1_700_000_000);
+//! one.peers = vec![(2, "198.51.100.2:4433".parse().unwrap())];
+//! let mut one = Links::new(one, now).unwrap();
+//! let mut two = Links::new(LinkConfig::new(2, 1_700_000_100), now).unwrap();
+//!
+//! one.handle_timeout(now);
+//! assert!(matches!(one.poll_output(), Some(LinkOutput::Dial { peer: 2, .. })));
+//! // The shell dials; the connection is ConnId(7) at junction 1 and
+//! // ConnId(3) at junction 2 (each shell names its own).
+//! one.handle_dialed(ConnId(7), 2, now);
+//! one.handle_certificate(ConnId(7), 2, now);
+//! two.handle_accepted(ConnId(3), now);
+//! two.handle_certificate(ConnId(3), 1, now);
+//!
+//! // Carry the control frames across until both are quiet.
+//! fn carry(from: &mut Links, to: &mut Links, conn: ConnId, now: Instant) -> (bool, u32) {
+//!     let (mut moved, mut ups) = (false, 0);
+//!     while let Some(out) = from.poll_output() {
+//!         moved = true;
+//!         match out {
+//!             LinkOutput::Send { frame, .. } => {
+//!                 let _link_state = to.handle_control(conn, frame, now);
+//!             }
+//!             LinkOutput::Up { .. } => ups += 1,
+//!             other => panic!("{other:?}"),
+//!         }
+//!     }
+//!     (moved, ups)
+//! }
+//! let mut ups = 0;
+//! loop {
+//!     let (a, up_one) = carry(&mut one, &mut two, ConnId(3), now);
+//!     let (b, up_two) = carry(&mut two, &mut one, ConnId(7), now);
+//!     ups += up_one + up_two;
+//!     if !a && !b {
+//!         break;
+//!     }
+//! }
+//! assert_eq!(ups, 2);
+//! assert_eq!(one.conn(2), Some(ConnId(7)));
+//! assert_eq!(two.peer(ConnId(3)), Some(1));
+//! ```
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -216,6 +269,9 @@ pub enum CloseReason {
     /// Too many accepted connections wait for their `Hello` already.
     #[error("too many connections wait for their Hello (at most {0})")]
     TooManyPending(usize),
+    /// This junction is stopping.
+    #[error("the junction is stopping")]
+    Shutdown,
 }
 
 /// What [`Links`] asks the shell to do, or tells it.
@@ -257,7 +313,9 @@ pub enum LinkOutput {
         /// The round trip measured so far on the connection, if any.
         rtt: Option<Duration>,
     },
-    /// `peer`, up before, is down: route around it.
+    /// `peer`, up before, is down: route around it. When this junction
+    /// closed the connection, the [`LinkOutput::Close`] comes first; when a
+    /// new connection replaces it, a [`LinkOutput::Up`] follows at once.
     Down {
         /// The neighbour.
         peer: u16,
@@ -698,6 +756,61 @@ impl Links {
         }
     }
 
+    /// Adds a peer to dial and keep linked (a configuration reload), or
+    /// changes its address; it is dialed at once unless it is up or a dial
+    /// is under way.
+    pub fn add_peer(
+        &mut self,
+        peer: u16,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Result<(), ConfigError> {
+        if reserved(peer) {
+            return Err(ConfigError::ReservedPeer(peer));
+        }
+        if peer == self.junction {
+            return Err(ConfigError::PeerIsSelf(peer));
+        }
+        let p = self.peers.entry(peer).or_insert(Peer {
+            addr: None,
+            up: None,
+            redial: Redial::Idle,
+            backoff: self.timers.backoff_initial,
+        });
+        p.addr = Some(addr);
+        if p.up.is_none() && matches!(p.redial, Redial::Idle | Redial::At(_)) {
+            p.redial = Redial::At(now);
+        }
+        Ok(())
+    }
+
+    /// Stops dialing a peer (a configuration reload). A link to it that is
+    /// up stays up, as for a peer that dialed in unasked, until it ends.
+    pub fn remove_peer(&mut self, peer: u16) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.addr = None;
+        p.redial = Redial::Idle;
+        if p.up.is_none() {
+            self.peers.remove(&peer);
+        }
+    }
+
+    /// Closes every connection ([`CloseReason::Shutdown`]), each peer up
+    /// going down, and dials no more: the junction is stopping.
+    pub fn close_all(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            p.addr = None;
+            p.redial = Redial::Idle;
+        }
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.close(conn, CloseReason::Shutdown, now);
+        }
+        self.peers.clear();
+    }
+
     // Output.
 
     /// What to do next; call until `None` after every input.
@@ -785,7 +898,19 @@ impl Links {
             return self.close(conn, reason, now);
         }
         let new_dialer = self.dialer(c, peer);
-        if let Some((old, _)) = self.peers.get(&peer).and_then(|p| p.up) {
+        // A replacement is not a failure: the backoff stays as it was (or
+        // starts again, if the old link was up long enough).
+        let mut backoff = None;
+        if let Some(p) = self.peers.get(&peer)
+            && let Some((old, since)) = p.up
+        {
+            backoff = Some(
+                if now.saturating_duration_since(since) < self.timers.backoff_reset {
+                    p.backoff
+                } else {
+                    self.timers.backoff_initial
+                },
+            );
             let (old_incarnation, old_dialer) = match self.conns.get(&old) {
                 Some(o) => (o.hello.map_or(0, |h| h.incarnation), self.dialer(o, peer)),
                 None => (0, new_dialer),
@@ -823,6 +948,9 @@ impl Links {
         });
         p.up = Some((conn, now));
         p.redial = Redial::Idle;
+        if let Some(backoff) = backoff {
+            p.backoff = backoff;
+        }
         self.out.push_back(LinkOutput::Up {
             peer,
             conn,

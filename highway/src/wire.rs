@@ -107,9 +107,9 @@ pub enum WireError {
         /// What postcard said.
         detail: String,
     },
-    /// A control frame carried bytes after its header; control frames have
-    /// none.
-    #[error("a control frame carried {len} payload bytes; control frames carry none")]
+    /// A control frame, or an `Unroutable`, carried bytes after its
+    /// header; those carry none.
+    #[error("a frame carried {len} payload bytes where none belong (control frames, Unroutable)")]
     UnexpectedPayload {
         /// The bytes after the header.
         len: usize,
@@ -299,8 +299,12 @@ impl Decoder {
         let Some((header, payload)) = self.next_frame::<HighwayFrame>()? else {
             return Ok(None);
         };
-        if matches!(header, HighwayFrame::LinkState(_)) {
-            return Err(WireError::WrongStream { tag: 0 });
+        match header {
+            HighwayFrame::LinkState(_) => return Err(WireError::WrongStream { tag: 0 }),
+            HighwayFrame::Unroutable { .. } if !payload.is_empty() => {
+                return Err(WireError::UnexpectedPayload { len: payload.len() });
+            }
+            _ => {}
         }
         Ok(Some(DataFrame { header, payload }))
     }
@@ -525,6 +529,18 @@ mod tests {
         buf[LENGTH_BYTES] = 0;
         rx.feed(&buf);
         assert_eq!(rx.next_data(), Err(WireError::WrongStream { tag: 0 }));
+
+        let mut rx = Decoder::new(64);
+        let back = HighwayFrame::Unroutable {
+            from: 1,
+            to: 3,
+            at: 2,
+            route: Hops::new(&[1]).unwrap(),
+        };
+        let mut buf = BytesMut::new();
+        Encoder::new(64).data(&back, b"x", &mut buf).unwrap();
+        rx.feed(&buf);
+        assert_eq!(rx.next_data(), Err(WireError::UnexpectedPayload { len: 1 }));
 
         let mut rx = Decoder::new(16);
         rx.feed(&[0, 0, 0, 10, 1, 2]);

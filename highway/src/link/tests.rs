@@ -288,6 +288,12 @@ fn a_new_incarnation_on_a_new_connection_replaces_the_old() {
             .iter()
             .any(|(_, o)| matches!(o, LinkOutput::Dial { .. }))
     );
+    // A replacement is no failure: the backoff did not grow.
+    let now = h.now;
+    h.links.handle_traffic(ConnId(2), now);
+    h.links.handle_closed(ConnId(2), now);
+    assert_eq!(ups_and_downs(&h.drain()), ["down 2"]);
+    assert!(h.next_dial() <= Duration::from_millis(100));
 }
 
 #[test]
@@ -643,4 +649,170 @@ fn link_states_are_passed_up_only_from_admitted_connections() {
             .handle_control(ConnId(1), ControlFrame::LinkState(ls.clone()), now),
         Some((2, ls))
     );
+}
+
+#[test]
+fn a_stopping_junction_closes_everything_and_dials_no_more() {
+    let mut h = Harness::new(&[2, 3]);
+    h.advance(Duration::ZERO);
+    h.dialed(1, 2, 1);
+    h.accept(2, 9, 1);
+    let now = h.now;
+    h.links.handle_accepted(ConnId(3), now);
+    h.drain();
+    h.links.close_all(now);
+    let mut out = ups_and_downs(&h.drain());
+    out.sort();
+    assert_eq!(
+        out,
+        [
+            "close 1: the junction is stopping",
+            "close 2: the junction is stopping",
+            "close 3: the junction is stopping",
+            "down 2",
+            "down 9"
+        ]
+    );
+    assert_eq!(h.links.poll_timeout(), None);
+    assert_eq!(h.links.peers().count(), 0);
+}
+
+#[test]
+fn peers_can_be_added_and_removed_while_running() {
+    let mut h = Harness::new(&[]);
+    let now = h.now;
+    assert_eq!(
+        h.links.add_peer(0, addr(0), now),
+        Err(ConfigError::ReservedPeer(0))
+    );
+    assert_eq!(
+        h.links.add_peer(5, addr(5), now),
+        Err(ConfigError::PeerIsSelf(5))
+    );
+    h.links.add_peer(2, addr(2), now).unwrap();
+    assert_eq!(
+        h.advance(Duration::ZERO),
+        [LinkOutput::Dial {
+            peer: 2,
+            addr: addr(2)
+        }]
+    );
+    h.links.add_peer(2, addr(2), now).unwrap();
+    assert_eq!(h.advance(Duration::ZERO), [], "a dial is under way");
+    h.dialed(1, 2, 1);
+    // Removed while up: it stays up, and is not redialled when it goes.
+    h.links.remove_peer(2);
+    assert_eq!(h.links.conn(2), Some(ConnId(1)));
+    let now = h.now;
+    h.links.handle_closed(ConnId(1), now);
+    assert_eq!(ups_and_downs(&h.drain()), ["down 2"]);
+    assert!(h.run(Duration::from_secs(30)).is_empty());
+    // Removed while down: no more dials.
+    let now = h.now;
+    h.links.add_peer(3, addr(3), now).unwrap();
+    h.next_dial();
+    let now = h.now;
+    h.links.handle_dial_failed(3, now);
+    h.links.remove_peer(3);
+    assert!(h.run(Duration::from_secs(30)).is_empty());
+    assert_eq!(h.links.peers().count(), 0);
+}
+
+mod ops {
+    //! Arbitrary sequences of events, well-formed or not, in any order:
+    //! nothing panics, Up and Down alternate per peer, a peer is up on one
+    //! connection, and few connections wait for a Hello.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Dialed(u64, u16),
+        DialFailed(u16),
+        Accepted(u64),
+        Certificate(u64, u16),
+        Hello(u64, u16, u64, bool),
+        KeepAlive(u64, u64),
+        Ack(u64, u64),
+        Traffic(u64),
+        Closed(u64),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let conn = 0u64..6;
+        let peer = prop_oneof![Just(0u16), Just(2), Just(3), Just(5), Just(65535)];
+        prop_oneof![
+            (conn.clone(), peer.clone()).prop_map(|(c, p)| Op::Dialed(c, p)),
+            peer.clone().prop_map(Op::DialFailed),
+            conn.clone().prop_map(Op::Accepted),
+            (conn.clone(), peer.clone()).prop_map(|(c, p)| Op::Certificate(c, p)),
+            (conn.clone(), peer, 0u64..3, any::<bool>())
+                .prop_map(|(c, p, i, v)| Op::Hello(c, p, i, v)),
+            (conn.clone(), 0u64..4).prop_map(|(c, n)| Op::KeepAlive(c, n)),
+            (conn.clone(), 0u64..4).prop_map(|(c, n)| Op::Ack(c, n)),
+            conn.clone().prop_map(Op::Traffic),
+            conn.prop_map(Op::Closed),
+            (0u64..4000).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_sequence_of_events_keeps_the_invariants(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut h = Harness::new(&[2, 3]);
+            let mut config = LinkConfig::new(5, 100);
+            config.peers = vec![(2, addr(2)), (3, addr(3))];
+            config.max_pending = 2;
+            h.links = Links::new(config, h.now).unwrap();
+            let mut up: BTreeMap<u16, ConnId> = BTreeMap::new();
+            for op in ops {
+                let now = h.now;
+                match op {
+                    Op::Dialed(c, p) => h.links.handle_dialed(ConnId(c), p, now),
+                    Op::DialFailed(p) => h.links.handle_dial_failed(p, now),
+                    Op::Accepted(c) => h.links.handle_accepted(ConnId(c), now),
+                    Op::Certificate(c, p) => h.links.handle_certificate(ConnId(c), p, now),
+                    Op::Hello(c, p, i, v) => {
+                        let hello = Hello { version: if v { VERSION } else { 9 }, junction: p, incarnation: i };
+                        h.links.handle_hello(ConnId(c), hello, now)
+                    }
+                    Op::KeepAlive(c, n) => h.links.handle_keepalive(ConnId(c), n, now),
+                    Op::Ack(c, n) => h.links.handle_keepalive_ack(ConnId(c), n, now),
+                    Op::Traffic(c) => { let _ = h.links.handle_traffic(ConnId(c), now); }
+                    Op::Closed(c) => h.links.handle_closed(ConnId(c), now),
+                    Op::Advance(ms) => {
+                        h.now += Duration::from_millis(ms);
+                        let now = h.now;
+                        h.links.handle_timeout(now);
+                    }
+                }
+                let mut closed = Vec::new();
+                for out in h.drain() {
+                    match out {
+                        LinkOutput::Up { peer, conn, .. } => {
+                            prop_assert!(up.insert(peer, conn).is_none(), "up twice");
+                            prop_assert!(![0, 5, 65535].contains(&peer));
+                        }
+                        LinkOutput::Down { peer } => {
+                            prop_assert!(up.remove(&peer).is_some(), "down while not up");
+                        }
+                        LinkOutput::Close { conn, .. } => closed.push(conn),
+                        _ => {}
+                    }
+                }
+                prop_assert!(!up.values().any(|c| closed.contains(c)), "closed but up");
+                for (&peer, &conn) in &up {
+                    prop_assert_eq!(h.links.conn(peer), Some(conn));
+                    prop_assert_eq!(h.links.peer(conn), Some(peer));
+                }
+                let pending = h.links.conns.values().filter(|c| !c.admitted && c.dialed.is_none()).count();
+                prop_assert!(pending <= 2);
+                if let Some(at) = h.links.poll_timeout() {
+                    prop_assert!(at + Duration::from_secs(11) >= h.now, "a deadline long past is not left behind");
+                }
+            }
+        }
+    }
 }
