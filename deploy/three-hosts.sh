@@ -40,7 +40,7 @@ link a 198.51.100.1 b 198.51.100.2
 link b 198.51.100.5 c 198.51.100.6
 link c 198.51.100.10 a 198.51.100.9
 
-JUNCTION=$JUNCTION "$here/make-pki.sh" "$work/pki" >/dev/null
+JUNCTION=$JUNCTION "$here/make-pki.sh" "$work/pki" >/dev/null 2>&1
 
 start() { # host id peer
   local dir="$work/$1"
