@@ -29,6 +29,10 @@ use junction_highway::{PeerPolicy, Revocations, TlsIdentity, TransportSettings};
 use junction_road::highway::HighwayFrame;
 use tokio::sync::mpsc;
 
+/// How often a link's control stream carries a keep-alive; three missed
+/// end the link.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What a junction needs to run its Highways.
 pub struct HighwaySetup {
     /// This junction's id.
@@ -134,6 +138,9 @@ impl Highways {
         .map_err(|source| HighwayStartError::Bind { addr: bind, source })?;
         let mut config = LinkConfig::new(setup.junction, setup.incarnation);
         config.peers = setup.peers;
+        // Three missed keep-alives end a link: a cut is noticed, and
+        // traffic rerouted, within a second.
+        config.timers.keepalive = KEEPALIVE;
         config.seed = setup.incarnation ^ u64::from(setup.junction);
         let links = Links::new(config, Instant::now())?;
         Ok(Rc::new(Self {
