@@ -696,9 +696,14 @@ impl Shell {
         match crate::config::load_revocations(path, &config.core.trust) {
             Ok(list) => {
                 let revoked = list.body.serials.len() + list.body.keys.len();
+                let for_highways = list.clone();
                 let mut core = self.core.borrow_mut();
                 match core.set_revocations(Some(list), now()) {
                     Ok(()) => {
+                        // New Highways are admitted under it too.
+                        if let Some(highways) = self.highways.borrow().as_ref() {
+                            highways.revocations().replace(Some(for_highways));
+                        }
                         tracing::info!(path = %path.display(), revoked, "SIGHUP: revocation list reloaded")
                     }
                     Err(e) => tracing::error!("SIGHUP: keeping the old revocation list: {e}"),
