@@ -22,6 +22,7 @@ use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 
 mod floods;
+mod highway;
 mod hostile;
 mod raw;
 
@@ -46,6 +47,12 @@ pub(crate) struct BenchArgs {
     /// the figures are under the "hostile" key.
     #[arg(long)]
     hostile: bool,
+    /// Measure the bus across a Highway instead (issue 9): process →
+    /// junction → QUIC → junction → process, against raw quinn with the
+    /// same TLS, framing and batching, as ratios; with --json the figures
+    /// are under the "highway" key.
+    #[arg(long, conflicts_with = "hostile")]
+    highway: bool,
     /// With --hostile: run only these floods (repeatable), and skip the
     /// idle connections.
     #[arg(long, value_enum, requires = "hostile")]
@@ -199,6 +206,15 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Private whatever the umask: the sockets go in it, and a directory
     // others may write in is refused.
     std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir)?;
+    if args.highway {
+        let task_dir = dir.clone();
+        let (quick, no_pin, json) = (args.quick, args.no_pin, args.json);
+        let result = crate::cmd::block_on(async move {
+            tokio::spawn(highway::run(task_dir, quick, no_pin, json)).await?
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
+    }
     if args.hostile {
         let task_dir = dir.clone();
         let (quick, only) = (args.quick, args.only);

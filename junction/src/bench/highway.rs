@@ -1,0 +1,406 @@
+//! `junction bench --highway`: the bus across a Highway, against raw quinn
+//! with the same TLS, the same framing (the Highway wire) and the same
+//! write batching, in one run, as ratios.
+//!
+//! - **Raw quinn**: an echo and a sink on their own thread and runtime
+//!   (as a second process would be), a client on the bench's: a 64-byte
+//!   round trip on one bidirectional stream, 64-byte one-way frames batched
+//!   into writes of up to 64 KiB on one unidirectional stream, and 1 MiB
+//!   frames.
+//! - **The bus**: process → junction 1 → Highway → junction 2 → process:
+//!   two `junction serve` processes on loopback, an echo and a sink driver
+//!   on junction 2, the bench's driver on junction 1.
+//!
+//! Round trips are measured unpinned and with every process pinned to one
+//! CPU (judge them pinned); throughput is measured unpinned.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use junction_driver::Driver;
+use junction_highway::wire::{Decoder, Encoder};
+use junction_highway::{PeerPolicy, Revocations, TlsIdentity, TransportSettings};
+use junction_identity::Role;
+use junction_road::highway::{HighwayFrame, Hops};
+use tokio::process::{Child, Command};
+
+use super::{LARGE, Rtt, SMALL, TIMEOUT, lookup, percentiles, pin_to_cpu0, spawn_peer};
+
+/// What one side measured.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub(crate) struct Figures {
+    rtt_p50_us: f64,
+    rtt_p99_us: f64,
+    rtt_pinned_p50_us: Option<f64>,
+    rtt_pinned_p99_us: Option<f64>,
+    small_msgs_per_sec: f64,
+    large_gb_per_sec: f64,
+}
+
+/// The work of one run.
+struct Work {
+    round_trips: usize,
+    small: u64,
+    large: u64,
+}
+
+/// Runs the Highway benchmark and prints its report.
+pub(crate) async fn run(dir: PathBuf, quick: bool, no_pin: bool, json: bool) -> anyhow::Result<()> {
+    let work = if quick {
+        Work {
+            round_trips: 1_000,
+            small: 50_000,
+            large: 50,
+        }
+    } else {
+        Work {
+            round_trips: 10_000,
+            small: 500_000,
+            large: 300,
+        }
+    };
+    let authority = junction::authority::LocalAuthority::new()?;
+    let authority_path = authority.write_certificate(&dir)?;
+    let mut raw = Figures::default();
+    let mut bus = Figures::default();
+    measure(
+        &dir,
+        &authority,
+        &authority_path,
+        &work,
+        &mut raw,
+        &mut bus,
+        false,
+    )
+    .await?;
+    if !no_pin {
+        pin_to_cpu0()?;
+        measure(
+            &dir,
+            &authority,
+            &authority_path,
+            &work,
+            &mut raw,
+            &mut bus,
+            true,
+        )
+        .await?;
+    }
+    report(&raw, &bus, json);
+    Ok(())
+}
+
+async fn measure(
+    dir: &Path,
+    authority: &junction::authority::LocalAuthority,
+    authority_path: &Path,
+    work: &Work,
+    raw: &mut Figures,
+    bus: &mut Figures,
+    pinned: bool,
+) -> anyhow::Result<()> {
+    // Raw quinn, with the junctions' own TLS identities.
+    let (k1, c1) = authority.issue(11, Role::Junction { id: 1 })?;
+    let (k2, c2) = authority.issue(12, Role::Junction { id: 2 })?;
+    let trust = junction::config::load_trust(authority_path)?;
+    let policy = PeerPolicy::new(trust, Revocations::new(None));
+    let transport = TransportSettings::default();
+    let server =
+        junction_highway::server_config(&TlsIdentity::new(&k2, &c2)?, &policy, &transport)?;
+    let client =
+        junction_highway::client_config(&TlsIdentity::new(&k1, &c1)?, &policy, &transport)?;
+    let (addr, stop) = raw_server(server, pinned)?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let conn = endpoint
+        .connect_with(client, addr, &junction_highway::cert::server_name(2))?
+        .await
+        .context("raw quinn: connect")?;
+    let rtt = raw_round_trips(&conn, work.round_trips).await?;
+    set_rtt(raw, &rtt, pinned);
+    if !pinned {
+        raw.small_msgs_per_sec = work.small as f64 / raw_stream(&conn, SMALL, work.small).await?;
+        raw.large_gb_per_sec =
+            (LARGE as u64 * work.large) as f64 / 1e9 / raw_stream(&conn, LARGE, work.large).await?;
+    }
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    let _ = stop.send(());
+
+    // The bus: two junctions, a Highway between them.
+    let (p1, p2) = (free_udp_port()?, free_udp_port()?);
+    let j1 = start_junction(dir, authority, authority_path, 1, p1, None).await?;
+    let j2 = start_junction(dir, authority, authority_path, 2, p2, Some((1, p1))).await?;
+    let result = async {
+        let echo = spawn_peer(super::Role::Echo, &j2.1, 0, false)?;
+        let sink = spawn_peer(super::Role::Sink, &j2.1, 0, false)?;
+        let driver = Driver::connect(&j1.1).await?;
+        let echo_cap = lookup(&driver, "bench.echo").await?;
+        let sink_cap = lookup(&driver, "bench.sink").await?;
+        let rtt = super::junction_round_trips(&driver, &echo_cap, work.round_trips).await?;
+        set_rtt(bus, &rtt, pinned);
+        if !pinned {
+            bus.small_msgs_per_sec = work.small as f64
+                / super::junction_stream(&driver, &sink_cap, SMALL, work.small).await?;
+            bus.large_gb_per_sec = (LARGE as u64 * work.large) as f64
+                / 1e9
+                / super::junction_stream(&driver, &sink_cap, LARGE, work.large).await?;
+        }
+        drop(driver);
+        for mut p in [echo, sink] {
+            let _ = p.kill().await;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    for (mut child, _) in [j1, j2] {
+        let _ = child.kill().await;
+    }
+    result
+}
+
+fn set_rtt(figures: &mut Figures, rtt: &Rtt, pinned: bool) {
+    if pinned {
+        figures.rtt_pinned_p50_us = Some(rtt.p50_us);
+        figures.rtt_pinned_p99_us = Some(rtt.p99_us);
+    } else {
+        figures.rtt_p50_us = rtt.p50_us;
+        figures.rtt_p99_us = rtt.p99_us;
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A `junction serve` with a Highway identity, listening on `port`, and
+/// dialling `peer`; its socket.
+async fn start_junction(
+    dir: &Path,
+    authority: &junction::authority::LocalAuthority,
+    authority_path: &Path,
+    id: u16,
+    port: u16,
+    peer: Option<(u16, u16)>,
+) -> anyhow::Result<(Child, PathBuf)> {
+    let name = format!("hw{id}");
+    let (key, cert) =
+        authority.issue_files(dir, &name, 100 + u64::from(id), Role::Junction { id })?;
+    let socket = dir.join(format!("{name}.sock"));
+    let mut command = Command::new(crate::self_exe()?);
+    command
+        .args(["serve", "--dev-namespace", "bench.*", "--junction-id"])
+        .arg(id.to_string())
+        .arg("--authority")
+        .arg(authority_path)
+        .arg("--junction-key")
+        .arg(&key)
+        .arg("--junction-cert")
+        .arg(&cert)
+        .arg("--quic-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some((peer, port)) = peer {
+        command
+            .arg("--peer")
+            .arg(format!("{peer}@127.0.0.1:{port}"));
+    }
+    let child = command.spawn().context("cannot start a junction")?;
+    let deadline = Instant::now() + TIMEOUT;
+    while tokio::net::UnixStream::connect(&socket).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("junction {id} did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((child, socket))
+}
+
+/// A frame of the Highway wire carrying `payload`, as a junction forwards
+/// one.
+fn frame(payload: &[u8], buf: &mut BytesMut) {
+    let header = HighwayFrame::Forward {
+        from: 1,
+        to: 2,
+        route: Hops::new(&[2]).unwrap_or_else(|| unreachable!("one hop")),
+    };
+    let _ = Encoder::default().data(&header, payload, buf);
+}
+
+async fn raw_round_trips(conn: &quinn::Connection, n: usize) -> anyhow::Result<Rtt> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut out = BytesMut::new();
+    frame(&[7u8; SMALL], &mut out);
+    let out = out.freeze();
+    let mut decoder = Decoder::default();
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let start = Instant::now();
+        send.write_all(&out).await?;
+        loop {
+            if decoder.next_data()?.is_some() {
+                break;
+            }
+            let chunk = recv
+                .read_chunk(64 * 1024, true)
+                .await?
+                .context("raw quinn: the echo ended")?;
+            decoder.feed(&chunk.bytes);
+        }
+        if i >= n / 10 {
+            samples.push(start.elapsed());
+        }
+    }
+    Ok(percentiles(samples))
+}
+
+/// Sends `count` frames of `size` bytes one way, batched, and waits for
+/// the sink's count; seconds taken.
+async fn raw_stream(conn: &quinn::Connection, size: usize, count: u64) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut send = conn.open_uni().await?;
+    let payload = vec![7u8; size];
+    let mut batch = BytesMut::new();
+    for _ in 0..count {
+        frame(&payload, &mut batch);
+        if batch.len() >= 64 * 1024 {
+            send.write_all(&batch).await?;
+            batch.clear();
+        }
+    }
+    send.write_all(&batch).await?;
+    send.finish()?;
+    let mut answer = conn.accept_uni().await?;
+    let seen = answer.read_to_end(16).await?;
+    let seen = u64::from_be_bytes(seen.try_into().unwrap_or([0; 8]));
+    if seen < count {
+        bail!("raw quinn: the sink saw {seen} of {count} frames");
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The raw quinn echo and sink, on a thread of their own; its address, and
+/// a sender that stops it.
+fn raw_server(
+    config: quinn::ServerConfig,
+    pinned: bool,
+) -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        if pinned {
+            let _ = pin_to_cpu0();
+        }
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            let Ok(endpoint) = quinn::Endpoint::server(
+                config,
+                "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+            ) else {
+                return;
+            };
+            let _ = addr_tx.send(endpoint.local_addr().ok());
+            let serve = async {
+                while let Some(incoming) = endpoint.accept().await {
+                    let Ok(conn) = incoming.await else { continue };
+                    tokio::spawn(serve_conn(conn));
+                }
+            };
+            tokio::select! {
+                () = serve => {}
+                _ = stop_rx => {}
+            }
+        });
+    });
+    let addr = addr_rx
+        .recv()
+        .ok()
+        .flatten()
+        .context("raw quinn: the server did not start")?;
+    Ok((addr, stop_tx))
+}
+
+async fn serve_conn(conn: quinn::Connection) {
+    let echo_conn = conn.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = echo_conn.accept_bi().await {
+            tokio::spawn(async move {
+                let mut decoder = Decoder::default();
+                while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
+                    decoder.feed(&chunk.bytes);
+                    let mut out = BytesMut::new();
+                    while let Ok(Some(f)) = decoder.next_data() {
+                        let _ = Encoder::default().data(&f.header, &f.payload, &mut out);
+                    }
+                    if !out.is_empty() && send.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut decoder = Decoder::default();
+            let mut seen = 0u64;
+            while let Ok(Some(chunk)) = recv.read_chunk(1 << 20, true).await {
+                decoder.feed(&chunk.bytes);
+                while let Ok(Some(_)) = decoder.next_data() {
+                    seen += 1;
+                }
+            }
+            if let Ok(mut send) = conn.open_uni().await {
+                let _ = send.write_all(&seen.to_be_bytes()).await;
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+fn report(raw: &Figures, bus: &Figures, json: bool) {
+    if json {
+        let value = serde_json::json!({ "highway": { "raw_quinn": raw, "bus": bus } });
+        println!("{value}");
+        return;
+    }
+    let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 0.0 };
+    println!(
+        "{:<40} {:>12} {:>12} {:>8}",
+        "measure (across one Highway)", "raw quinn", "bus", "ratio"
+    );
+    let row = |what: &str, a: f64, b: f64| {
+        println!("{what:<40} {a:>12.2} {b:>12.2} {:>7.2}x", ratio(a, b));
+    };
+    row("call round trip p50 (µs)", raw.rtt_p50_us, bus.rtt_p50_us);
+    row("call round trip p99 (µs)", raw.rtt_p99_us, bus.rtt_p99_us);
+    if let (Some(a), Some(b)) = (raw.rtt_pinned_p50_us, bus.rtt_pinned_p50_us) {
+        row("pinned round trip p50 (µs)", a, b);
+    }
+    if let (Some(a), Some(b)) = (raw.rtt_pinned_p99_us, bus.rtt_pinned_p99_us) {
+        row("pinned round trip p99 (µs)", a, b);
+    }
+    row(
+        "64 B one-way (M msg/s)",
+        raw.small_msgs_per_sec / 1e6,
+        bus.small_msgs_per_sec / 1e6,
+    );
+    row(
+        "1 MiB one-way (GB/s)",
+        raw.large_gb_per_sec,
+        bus.large_gb_per_sec,
+    );
+}
