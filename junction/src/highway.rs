@@ -119,6 +119,8 @@ pub trait Junction: 'static {
     fn highway_changed(&self, peer: u16, up: bool);
     /// A frame came from neighbour `peer`.
     fn highway_frame(&self, peer: u16, frame: HighwayFrame, payload: Bytes);
+    /// Frames that came together from neighbour `peer` (one read).
+    fn highway_frames(&self, peer: u16, frames: Vec<(HighwayFrame, Bytes)>);
 }
 
 impl Highways {
@@ -551,27 +553,34 @@ impl Highways {
                 }
                 Ok(None) | Err(_) => return,
             }
+            let mut frames = Vec::new();
+            let mut fatal = false;
             loop {
                 match decoder.next_data() {
-                    Ok(Some(frame)) => {
-                        let peer = self
-                            .links
-                            .borrow_mut()
-                            .handle_traffic(ConnId(id), Instant::now());
-                        // Data may overtake the Hello on another stream;
-                        // before admission it is dropped (sessions resend).
-                        if let Some(peer) = peer {
-                            junction.highway_frame(peer, frame.header, frame.payload);
-                        }
-                    }
+                    Ok(Some(frame)) => frames.push((frame.header, frame.payload)),
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(remote = %link.remote, "bad data frame on a Highway: {e}");
                         if e.is_fatal() {
-                            return;
+                            fatal = true;
+                            break;
                         }
                     }
                 }
+            }
+            if !frames.is_empty() {
+                let peer = self
+                    .links
+                    .borrow_mut()
+                    .handle_traffic(ConnId(id), Instant::now());
+                // Data may overtake the Hello on another stream; before
+                // admission it is dropped (sessions resend).
+                if let Some(peer) = peer {
+                    junction.highway_frames(peer, frames);
+                }
+            }
+            if fatal {
+                return;
             }
         }
     }

@@ -142,6 +142,18 @@ impl crate::highway::Junction for Shell {
         self.flush();
     }
 
+    fn highway_frames(
+        &self,
+        peer: u16,
+        frames: Vec<(junction_road::highway::HighwayFrame, bytes::Bytes)>,
+    ) {
+        self.core
+            .borrow_mut()
+            .handle_highway_frames(peer, frames, now());
+        self.pump();
+        self.flush();
+    }
+
     fn highway_frame(
         &self,
         peer: u16,

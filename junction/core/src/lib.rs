@@ -711,6 +711,24 @@ impl Core {
         self.peers_rerouted();
     }
 
+    /// Frames that arrived together from neighbour junction `neighbour`
+    /// (one read of a Highway stream): as [`Core::handle_highway_frame`]
+    /// for each, except that the sessions they concern are pumped once, at
+    /// the end, so that one acknowledgement answers the batch and what it
+    /// delivers is written together.
+    pub fn handle_highway_frames(
+        &mut self,
+        neighbour: u16,
+        frames: impl IntoIterator<Item = (HighwayFrame, Bytes)>,
+        now: Now,
+    ) {
+        self.peers.batch.get_or_insert_with(Vec::new);
+        for (frame, payload) in frames {
+            self.handle_highway_frame(neighbour, frame, payload, now);
+        }
+        self.end_batch();
+    }
+
     /// A frame arrived from neighbour junction `neighbour` over their
     /// Highway.
     pub fn handle_highway_frame(

@@ -37,6 +37,8 @@ pub(crate) struct Peer {
 #[derive(Debug, Default)]
 pub(crate) struct Peers {
     peers: BTreeMap<u16, Peer>,
+    /// While a batch of frames is handled: the peers to pump at its end.
+    pub(crate) batch: Option<Vec<u16>>,
 }
 
 impl Peers {
@@ -173,7 +175,24 @@ impl Core {
         if let Some(incarnation) = learned {
             self.remote_incarnation(from, incarnation);
         }
-        self.pump_peer(from);
+        match self.peers.batch.as_mut() {
+            // Within a batch of frames: one pump per peer at its end, so
+            // that what they deliver goes up together and one
+            // acknowledgement answers them all.
+            Some(batch) => {
+                if !batch.contains(&from) {
+                    batch.push(from);
+                }
+            }
+            None => self.pump_peer(from),
+        }
+    }
+
+    /// Ends a batch of Highway frames: the peers they came from are pumped.
+    pub(crate) fn end_batch(&mut self) {
+        for peer in self.peers.batch.take().unwrap_or_default() {
+            self.pump_peer(peer);
+        }
     }
 
     /// Traffic to junction `to` could not be passed on: the next route
