@@ -2577,3 +2577,53 @@ fn a_listing_shows_highways_routes_and_sessions_within_one_frame() {
     h1.check_invariants();
     h2.check_invariants();
 }
+
+#[test]
+fn routes_past_their_share_of_the_frame_are_cut_and_counted() {
+    use junction_road::highway::{HighwayFrame, LinkState, Neighbour};
+    let max_frame = 4096;
+    let mut h = Harness::with(Config {
+        max_frame,
+        trust_unsigned_routing: true,
+        ..Harness::config()
+    });
+    let now = h.now;
+    h.core.handle_highway_up(2, 1, now);
+    // Junction 2 is linked to junction 1 and to 3..=102, each of which
+    // describes its link back: 101 routes, more than an eighth of the room.
+    let far: Vec<u16> = (3..=102).collect();
+    let describe = |origin: u16, neighbours: &[u16]| {
+        let neighbours = neighbours
+            .iter()
+            .map(|&junction| Neighbour { junction, cost: 1 })
+            .collect();
+        HighwayFrame::LinkState(LinkState {
+            origin,
+            incarnation: 1,
+            seq: 1,
+            neighbours,
+            names: vec![],
+            seal: None,
+        })
+    };
+    let hub: Vec<u16> = std::iter::once(1).chain(far.iter().copied()).collect();
+    let mut frames = vec![describe(2, &hub)];
+    frames.extend(far.iter().map(|&j| describe(j, &[2])));
+    for frame in frames {
+        h.core.handle_highway_frame(2, frame, Bytes::new(), now);
+    }
+    while h.core.poll_output().is_some() {}
+
+    let listing = h.core.listing();
+    let bytes = postcard::to_allocvec(&ControlReply::Listing(listing.clone()))
+        .unwrap()
+        .len();
+    assert!(bytes <= max_frame as usize, "{bytes} bytes");
+    assert!(listing.more_routes > 0, "{listing:?}");
+    assert_eq!(listing.routes.len() + listing.more_routes as usize, 101);
+    assert_eq!(listing.routes[0].path, vec![2]);
+    assert_eq!(listing.routes[1].junction, 3);
+    assert_eq!(listing.routes[1].path, vec![2, 3]);
+    assert_eq!(listing.routes[1].cost, 2);
+    assert_eq!(listing.ports.len(), 1, "the control port is still listed");
+}
