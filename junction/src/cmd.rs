@@ -432,7 +432,102 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
             listing.more_connections
         );
     }
+    print!("{}", junctions_tables(&listing));
     Ok(())
+}
+
+/// The HIGHWAYS, ROUTES and SESSIONS tables of `junction ls`, each only
+/// when it has rows (or rows left out), each after a blank line.
+fn junctions_tables(listing: &junction_road::control::Listing) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let more = |out: &mut String, n: u32, what: &str| {
+        if n > 0 {
+            let _ = writeln!(
+                out,
+                "… and {n} more {what} (the listing is cut to fit one frame)"
+            );
+        }
+    };
+    if !listing.highways.is_empty() || listing.more_highways > 0 {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<8} {:<10} {:>10} {:>12} {:>12}  ADDRESS",
+            "HIGHWAY", "STATE", "RTT", "BYTES OUT", "BYTES IN"
+        );
+        for h in &listing.highways {
+            let rtt = h
+                .rtt_us
+                .map_or("-".to_string(), |us| format!("{:.1}ms", us as f64 / 1000.0));
+            let address = h.address.as_deref().map_or("-".to_string(), escape);
+            let _ = writeln!(
+                out,
+                "{:<8} {:<10} {:>10} {:>12} {:>12}  {}",
+                format!("j{}", h.junction),
+                h.state.as_str(),
+                rtt,
+                h.bytes_out,
+                h.bytes_in,
+                address
+            );
+        }
+        more(&mut out, listing.more_highways, "highways");
+    }
+    if !listing.routes.is_empty() || listing.more_routes > 0 {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<8} {:<8} {:>8} {:>20}  PATH",
+            "ROUTE", "NEXT", "COST", "INCARNATION"
+        );
+        for r in &listing.routes {
+            let path: Vec<String> = r.path.iter().map(|j| format!("j{j}")).collect();
+            let _ = writeln!(
+                out,
+                "{:<8} {:<8} {:>8} {:>20}  {}",
+                format!("j{}", r.junction),
+                format!("j{}", r.next_hop),
+                r.cost,
+                r.incarnation,
+                path.join(" > ")
+            );
+        }
+        more(&mut out, listing.more_routes, "routes");
+    }
+    if !listing.sessions.is_empty() || listing.more_sessions > 0 {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<8} {:<7} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>20}",
+            "SESSION",
+            "SEALING",
+            "LANES OUT",
+            "LANES IN",
+            "UNACKED",
+            "REFUSED",
+            "IMPORTS",
+            "EXPORTS",
+            "INCARNATION"
+        );
+        for s in &listing.sessions {
+            let _ = writeln!(
+                out,
+                "{:<8} {:<7} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>20}",
+                format!("j{}", s.junction),
+                s.sealing.as_str(),
+                s.lanes_out,
+                s.lanes_in,
+                s.unacked,
+                s.refused,
+                s.imports,
+                s.exports,
+                s.incarnation
+            );
+        }
+        more(&mut out, listing.more_sessions, "sessions");
+    }
+    out
 }
 
 /// The last column of a connection in `junction ls`: the proven identity,
@@ -502,6 +597,36 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
         })).collect::<Vec<_>>(),
         "more_ports": listing.more_ports,
         "more_connections": listing.more_connections,
+        "highways": listing.highways.iter().map(|h| serde_json::json!({
+            "junction": h.junction,
+            "address": h.address,
+            "state": h.state.as_str(),
+            "rtt_us": h.rtt_us,
+            "bytes_out": h.bytes_out,
+            "bytes_in": h.bytes_in,
+        })).collect::<Vec<_>>(),
+        "routes": listing.routes.iter().map(|r| serde_json::json!({
+            "junction": r.junction,
+            "next_hop": r.next_hop,
+            "cost": r.cost,
+            "path": r.path,
+            "incarnation": r.incarnation,
+        })).collect::<Vec<_>>(),
+        "sessions": listing.sessions.iter().map(|s| serde_json::json!({
+            "junction": s.junction,
+            "incarnation": s.incarnation,
+            "lanes_out": s.lanes_out,
+            "lanes_in": s.lanes_in,
+            "unacked": s.unacked,
+            "sealing": s.sealing.as_str(),
+            "handshakes": s.handshakes,
+            "refused": s.refused,
+            "imports": s.imports,
+            "exports": s.exports,
+        })).collect::<Vec<_>>(),
+        "more_highways": listing.more_highways,
+        "more_routes": listing.more_routes,
+        "more_sessions": listing.more_sessions,
     })
 }
 
@@ -647,7 +772,10 @@ pub(crate) async fn attach() -> anyhow::Result<Driver> {
 
 #[cfg(test)]
 mod tests {
-    use super::{escape, who};
+    use super::{escape, junctions_tables, listing_json, who};
+    use junction_road::control::{
+        HighwayInfo, HighwayState, Listing, RouteInfo, Sealing, SessionInfo,
+    };
 
     #[test]
     fn labels_are_claims_and_are_escaped() {
@@ -666,5 +794,76 @@ mod tests {
         );
         // Ordinary text, accents included, is left alone.
         assert_eq!(escape("junction échо"), "junction échо");
+    }
+
+    fn listing() -> Listing {
+        Listing {
+            junction: 1,
+            ports: vec![],
+            connections: vec![],
+            more_ports: 0,
+            more_connections: 0,
+            highways: vec![],
+            routes: vec![],
+            sessions: vec![],
+            more_highways: 0,
+            more_routes: 0,
+            more_sessions: 0,
+        }
+    }
+
+    #[test]
+    fn junctions_tables_show_only_what_there_is_escaped() {
+        assert_eq!(
+            junctions_tables(&listing()),
+            "",
+            "no tables for a lone junction"
+        );
+        let mut l = listing();
+        l.highways.push(HighwayInfo {
+            junction: 2,
+            address: Some("bus-b\u{202e}:4433".into()),
+            state: HighwayState::Up,
+            rtt_us: Some(1_500),
+            bytes_out: 10,
+            bytes_in: 20,
+        });
+        l.routes.push(RouteInfo {
+            junction: 3,
+            next_hop: 2,
+            cost: 2,
+            path: vec![2, 3],
+            incarnation: 7,
+        });
+        l.sessions.push(SessionInfo {
+            junction: 3,
+            incarnation: 7,
+            lanes_out: 1,
+            lanes_in: 2,
+            unacked: 3,
+            sealing: Sealing::Sealed,
+            handshakes: 1,
+            refused: 4,
+            imports: 5,
+            exports: 6,
+        });
+        l.more_routes = 9;
+        let text = junctions_tables(&l);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("HIGHWAY "), "{text}");
+        assert!(lines[2].starts_with("j2 "), "{text}");
+        assert!(lines[2].contains(" up "), "{text}");
+        assert!(lines[2].contains("1.5ms"), "{text}");
+        assert!(lines[2].ends_with(r"bus-b\u{202e}:4433"), "{text}");
+        assert!(text.contains("j2 > j3"), "{text}");
+        assert!(text.contains("… and 9 more routes"), "{text}");
+        assert!(lines.iter().any(|l| l.starts_with("SESSION ")), "{text}");
+        assert!(text.contains(" sealed "), "{text}");
+        assert!(!text.contains('\u{202e}'), "{text}");
+        let json = listing_json(&l);
+        assert_eq!(json["highways"][0]["state"], "up");
+        assert_eq!(json["routes"][0]["path"], serde_json::json!([2, 3]));
+        assert_eq!(json["sessions"][0]["sealing"], "sealed");
+        assert_eq!(json["more_routes"], 9);
     }
 }

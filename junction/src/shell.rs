@@ -727,6 +727,16 @@ impl Shell {
         self.flush();
     }
 
+    /// Tells the core how the Highways stand (addresses, states, round
+    /// trips, bytes), for the listing it is about to make.
+    fn report_highways(&self) {
+        let Some(highways) = self.highways.borrow().clone() else {
+            return;
+        };
+        let infos = highways.info().into_iter().map(highway_info).collect();
+        self.core.borrow_mut().set_highways(infos);
+    }
+
     /// Carries out everything the core asked for. Frames are queued; the
     /// end of the batch ([`Shell::flush`]) sends them.
     fn pump(&self) {
@@ -914,6 +924,36 @@ impl Shell {
     }
 }
 
+/// `ControlRequest::List`, postcard-encoded: the single byte `03`
+/// (docs/protocol.md 8.4).
+const LIST_REQUEST: &[u8] = &[3];
+
+/// Whether `frame` asks the control port for a listing: a `Call` on the
+/// control handle whose payload is `List`. Two comparisons, so the
+/// Highways are read only for the listings that show them.
+fn is_list_request(frame: &junction_road::Frame) -> bool {
+    matches!(&frame.header, Header::Call(c) if c.handle == junction_road::control::CONTROL_HANDLE)
+        && frame.payload.as_ref() == LIST_REQUEST
+}
+
+/// A Highway as the control port's `Listing` carries it.
+fn highway_info(h: crate::highway::HighwayInfo) -> junction_road::control::HighwayInfo {
+    use junction_road::control::HighwayState;
+    junction_road::control::HighwayInfo {
+        junction: h.junction,
+        address: h.address,
+        state: match h.state {
+            "up" => HighwayState::Up,
+            "connecting" => HighwayState::Connecting,
+            "dialing" => HighwayState::Dialing,
+            _ => HighwayState::Waiting,
+        },
+        rtt_us: h.rtt_us,
+        bytes_out: h.bytes_out,
+        bytes_in: h.bytes_in,
+    }
+}
+
 /// Frames one reader handles in a turn before it lets the other tasks run,
 /// so that a connection that floods the junction gets its turn, not the
 /// whole thread.
@@ -949,6 +989,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 frames += 1;
                 bytes += frame.payload.len();
+                if is_list_request(&frame) {
+                    shell.report_highways();
+                }
                 shell.core.borrow_mut().handle_frame(conn, frame, at);
                 shell.pump_noting(Some(&mut congested));
                 // The batch ends when no whole frame is left buffered.
@@ -1044,4 +1087,30 @@ fn refuse_stream(stream: UnixStream, message: String) {
     let mut bytes = bytes::BytesMut::new();
     junction_road::codec::encode(&frame, &mut bytes);
     let _ = stream.try_write(&bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_list_call_on_the_control_handle_is_a_list_request() {
+        use junction_road::control::{CONTROL_HANDLE, ControlRequest};
+        use junction_road::{Call, Frame};
+        let list = postcard::to_allocvec(&ControlRequest::List).unwrap();
+        assert_eq!(list, LIST_REQUEST);
+        let call = |handle, payload: &[u8]| {
+            Frame::with_payload(
+                Header::Call(Call {
+                    handle,
+                    tag: 1,
+                    caps: vec![],
+                }),
+                bytes::Bytes::copy_from_slice(payload),
+            )
+        };
+        assert!(is_list_request(&call(CONTROL_HANDLE, &list)));
+        assert!(!is_list_request(&call(CONTROL_HANDLE, &[2, 1, b'x'])));
+        assert!(!is_list_request(&call(7, &list)));
+    }
 }

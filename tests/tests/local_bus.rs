@@ -7,7 +7,7 @@ use bytes::Bytes;
 use junction_driver::{Driver, Error, Notice, Reason, Rights};
 use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
 use junction_road::{Call, ErrorCode, Frame, Header, Send};
-use junction_tests::{RawClient, TestJunction};
+use junction_tests::{RawClient, TestJunction, TestPki};
 
 const PEER: &str = env!("CARGO_BIN_EXE_junction-test-peer");
 const T: Duration = Duration::from_secs(10);
@@ -785,4 +785,105 @@ async fn a_service_that_holds_its_replies_pins_nobody() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(attackers);
+}
+
+/// `junction ls` on a junction linked to another by a Highway (QUIC on
+/// loopback) shows the HIGHWAY, ROUTE and SESSION tables, and `--json`
+/// their arrays; a lone junction shows none of the three.
+#[tokio::test]
+async fn ls_shows_highways_routes_and_sessions() {
+    let lone = TestJunction::start(&[]);
+    let out = lone.command(&["ls"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for table in ["HIGHWAY", "ROUTE", "SESSION"] {
+        assert!(!text.contains(table), "{text}");
+    }
+
+    let pki = TestPki::new();
+    for id in ["1", "2"] {
+        let name = format!("junction-{id}");
+        pki.issue(
+            &name,
+            &name,
+            "authority",
+            &["--role", "junction", "--junction-id", id],
+        );
+    }
+    let path = |file: &str| pki.path(file).to_str().unwrap().to_string();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let (authority, key2, cert2) = (
+        path("authority.cert"),
+        path("junction-2.key"),
+        path("junction-2.cert"),
+    );
+    let j2 = TestJunction::start(&[
+        "--junction-id",
+        "2",
+        "--authority",
+        &authority,
+        "--junction-key",
+        &key2,
+        "--junction-cert",
+        &cert2,
+        "--quic-listen",
+        &listen,
+    ]);
+    let (key1, cert1, peer) = (
+        path("junction-1.key"),
+        path("junction-1.cert"),
+        format!("2@{listen}"),
+    );
+    let j1 = TestJunction::start(&[
+        "--junction-id",
+        "1",
+        "--authority",
+        &authority,
+        "--junction-key",
+        &key1,
+        "--junction-cert",
+        &cert1,
+        "--peer",
+        &peer,
+    ]);
+    let _echo = junction_tests::Proc::spawn(&mut j2.command(&["echo", "--name", "t.echo"]));
+    // A call from junction 1 to the echo on junction 2 makes a session.
+    let me = Driver::connect(&j1.socket).await.unwrap();
+    let echo = lookup_eventually(&me, "t.echo").await;
+    let reply = me.call(&echo, "ping", T).await.unwrap();
+    assert_eq!(&reply.payload[..], b"ping");
+
+    let out = j1.command(&["ls"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let row = |table: &str| -> Vec<String> {
+        let mut lines = text.lines().skip_while(|l| !l.starts_with(table));
+        assert!(lines.next().is_some(), "no {table} table: {text}");
+        let row = lines.next().unwrap_or_default();
+        row.split_whitespace().map(str::to_string).collect()
+    };
+    let highway = row("HIGHWAY ");
+    assert_eq!(highway[..2], ["j2", "up"], "{text}");
+    assert_eq!(highway.last().unwrap(), &listen, "{text}");
+    let route = row("ROUTE ");
+    assert_eq!(route[..3], ["j2", "j2", "1"], "{text}");
+    let session = row("SESSION ");
+    assert_eq!(session[..2], ["j2", "sealed"], "{text}");
+    assert_eq!(session[6], "1", "one import: {text}");
+
+    let out = j1.command(&["ls", "--json"]).output().unwrap();
+    let json = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        r#""highways":[{"#,
+        r#""state":"up""#,
+        r#""path":[2]"#,
+        r#""sealing":"sealed""#,
+    ] {
+        assert!(json.contains(want), "{want} in {json}");
+    }
 }

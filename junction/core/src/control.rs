@@ -1,7 +1,9 @@
 //! The control port (port 0): name registration, lookup and listings.
 
 use bytes::Bytes;
-use junction_road::control::{ConnectionInfo, ControlReply, ControlRequest, Listing, PortInfo};
+use junction_road::control::{
+    ConnectionInfo, ControlReply, ControlRequest, Listing, PortInfo, RouteInfo,
+};
 use junction_road::{Address, Deliver, Frame, Granted, Header, Rights};
 
 use super::{ConnId, Core, Output, Refusal};
@@ -225,14 +227,40 @@ impl Core {
         ControlReply::Registered
     }
 
-    /// A snapshot of ports, connections and names, cut to fit one frame:
-    /// past `max_frame` it holds the first ports and connections that fit
-    /// (each side may take at least half the room) and counts the rest in
-    /// `more_ports` and `more_connections`. Entries left out are never
-    /// built.
-    pub fn listing(&self) -> Listing {
+    /// A snapshot of ports, connections, names, Highways, routes and
+    /// sessions, cut to fit one frame: Highways, routes and sessions may
+    /// each take up to an eighth of the room, then ports and connections
+    /// share what is left as before (ports up to half, then connections,
+    /// then ports again). Each list is a prefix; what is left out is
+    /// counted in its `more_*` field, and never built.
+    pub fn listing(&mut self) -> Listing {
         let junction = self.config.junction;
         let room = (self.config.max_frame as usize).saturating_sub(LISTING_ALLOWANCE);
+        let mut left = room;
+        let share = room / 8;
+        let highways = take_within(self.highways.iter().cloned(), &mut left, share, |h| {
+            postcard::to_allocvec(h).ok().map(|b| b.len())
+        });
+        let more_highways = self.highways.len() - highways.len();
+        let routes = self.router.routes();
+        let total_routes = routes.len();
+        let routes = routes.map(|(to, route, incarnation)| RouteInfo {
+            junction: to,
+            next_hop: route.path.first().copied().unwrap_or(to),
+            cost: route.cost,
+            path: route.path.clone(),
+            incarnation,
+        });
+        let routes = take_within(routes, &mut left, share, |r| {
+            postcard::to_allocvec(r).ok().map(|b| b.len())
+        });
+        let more_routes = total_routes - routes.len();
+        let total_sessions = self.peers.len();
+        let sessions = take_within(self.session_infos(), &mut left, share, |s| {
+            postcard::to_allocvec(s).ok().map(|b| b.len())
+        });
+        let more_sessions = total_sessions - sessions.len();
+        let room = left;
         let port_info = |(key, p): (crate::slab::Key, &crate::ports::Port)| PortInfo {
             address: Address::new(junction, key.index as u16),
             owner: p.owner.map(ConnId::get),
@@ -292,6 +320,12 @@ impl Core {
             more_connections: (total_connections - connections.len()) as u32,
             ports,
             connections,
+            highways,
+            routes,
+            sessions,
+            more_highways: more_highways as u32,
+            more_routes: more_routes as u32,
+            more_sessions: more_sessions as u32,
         }
     }
 }
@@ -299,6 +333,22 @@ impl Core {
 /// Room kept in a listing's frame for the `Deliver` header, the lists'
 /// lengths and the counts of what was left out.
 const LISTING_ALLOWANCE: usize = 1024;
+
+/// The first entries of `from` that fit in `share` bytes (and in `left`),
+/// each `size` bytes encoded, taking their size from `left`.
+fn take_within<T>(
+    from: impl Iterator<Item = T>,
+    left: &mut usize,
+    share: usize,
+    size: impl Fn(&T) -> Option<usize>,
+) -> Vec<T> {
+    let mut budget = share.min(*left);
+    let start = budget;
+    let mut into = Vec::new();
+    fill(&mut from.peekable(), &mut into, &mut budget, 0, size);
+    *left -= start - budget;
+    into
+}
 
 /// Moves entries from `from` to `into` while each fits in `left` bytes and
 /// at least `keep` bytes stay free; stops at the first that does not, so a

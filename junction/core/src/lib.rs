@@ -369,6 +369,9 @@ pub struct Core {
     /// The port of a send-once capability just used, counted one sender
     /// fewer once its message is delivered.
     used_once: Option<Key>,
+    /// The Highways as the shell last reported them, for listings: at most
+    /// `max_junctions` ([`Core::set_highways`]).
+    highways: Vec<junction_road::control::HighwayInfo>,
 }
 
 #[derive(Debug)]
@@ -446,6 +449,7 @@ impl Core {
             peers: peers::Peers::default(),
             remote: remote::Remote::default(),
             used_once: None,
+            highways: Vec::new(),
             config,
         }
     }
@@ -692,6 +696,15 @@ impl Core {
             peers: self.peers.len(),
             remote: self.remote.len(),
         }
+    }
+
+    /// The shell's Highways as they stand, for the next listings: the core
+    /// does not see the links' addresses, round trips or bytes, so the
+    /// shell reports them before a listing is made. Kept until the next
+    /// report; past `max_junctions` entries the rest are dropped.
+    pub fn set_highways(&mut self, mut highways: Vec<junction_road::control::HighwayInfo>) {
+        highways.truncate(self.config.max_junctions);
+        self.highways = highways;
     }
 
     /// A Highway to neighbour junction `neighbour` is up (authenticated by

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use bytes::Bytes;
+use junction_road::control::{Sealing, SessionInfo};
 use junction_road::highway::{HighwayFrame, Hops};
 use junction_road::secure as envelope;
 use junction_road::session as wire;
@@ -110,6 +111,42 @@ impl Core {
     /// one: altered, forged or replayed frames, refused hellos.
     pub fn session_security(&self, peer: u16) -> Option<ChannelStats> {
         self.peers.peers.get(&peer).map(|p| p.channel.stats())
+    }
+
+    /// Every session with another junction, by junction, as a listing
+    /// shows it.
+    pub(crate) fn session_infos(&self) -> impl Iterator<Item = SessionInfo> + '_ {
+        let counts = if self.peers.len() == 0 {
+            Default::default()
+        } else {
+            self.remote.counts_by_junction()
+        };
+        let keyed = self.config.junction_identity.is_some();
+        self.peers.peers.iter().map(move |(&junction, p)| {
+            let footprint = p.session.footprint();
+            let stats = p.channel.stats();
+            let (imports, exports) = counts.get(&junction).copied().unwrap_or_default();
+            SessionInfo {
+                junction,
+                incarnation: p.session.peer_incarnation(),
+                lanes_out: saturate(footprint.lanes_out),
+                lanes_in: saturate(footprint.lanes_in),
+                unacked: saturate(footprint.unacked),
+                sealing: match (keyed, p.channel.ready()) {
+                    (false, _) => Sealing::Clear,
+                    (true, false) => Sealing::Keying,
+                    (true, true) => Sealing::Sealed,
+                },
+                handshakes: stats.handshakes,
+                refused: stats
+                    .unsealed
+                    .saturating_add(stats.replayed)
+                    .saturating_add(stats.hellos_refused)
+                    .saturating_add(stats.malformed),
+                imports,
+                exports,
+            }
+        })
     }
 
     /// Session traffic from junction `from` arrived: a hello, a sealed
@@ -321,4 +358,9 @@ impl Core {
             p.route = None;
         }
     }
+}
+
+/// A count as a listing's `u32`, saturating.
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }

@@ -226,6 +226,20 @@ impl Remote {
         self.parties.values().any(|&p| p == conn)
     }
 
+    /// For each junction, how many of its ports this one imports and how
+    /// many exports it holds here (one per anchor), for listings: one pass
+    /// over both tables.
+    pub(crate) fn counts_by_junction(&self) -> BTreeMap<u16, (u32, u32)> {
+        let mut counts: BTreeMap<u16, (u32, u32)> = BTreeMap::new();
+        for &(owner, _) in self.imports.keys() {
+            counts.entry(owner).or_default().0 += 1;
+        }
+        for &(_, holder, _) in self.exports.keys() {
+            counts.entry(holder).or_default().1 += 1;
+        }
+        counts
+    }
+
     /// Entries held, for the footprint: imports, exports, calls, lookups,
     /// frames waiting for session room.
     pub(crate) fn len(&self) -> usize {

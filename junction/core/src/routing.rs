@@ -478,6 +478,20 @@ impl Router {
         self.routes.get(&to)
     }
 
+    /// Every route, by destination: one per junction it reaches (at most
+    /// `max_junctions`, this one not included), with the incarnation the
+    /// destination last described itself in.
+    pub fn routes(&mut self) -> impl ExactSizeIterator<Item = (u16, &Route, u64)> {
+        if self.dirty {
+            self.compute();
+        }
+        let db = &self.db;
+        self.routes.iter().map(move |(&to, route)| {
+            let incarnation = db.get(&to).map_or(0, |ls| ls.incarnation);
+            (to, route, incarnation)
+        })
+    }
+
     /// For a message on `path` (the junctions after its first, destination
     /// last) that reached this junction: the live neighbour to pass it to,
     /// `Ok(None)` if it is for this junction, or why not.

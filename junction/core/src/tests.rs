@@ -686,7 +686,7 @@ fn watchers_leave_with_their_capabilities() {
         .unwrap();
     h.feed(b, Header::Watch { handle: theirs });
     h.check_invariants();
-    let watching = |h: &Harness| {
+    let watching = |h: &mut Harness| {
         h.core
             .listing()
             .ports
@@ -694,10 +694,14 @@ fn watchers_leave_with_their_capabilities() {
             .find(|p| p.address.port == port)
             .map(|p| p.watchers)
     };
-    assert_eq!(watching(&h), Some(1), "only b's capability still watches");
+    assert_eq!(
+        watching(&mut h),
+        Some(1),
+        "only b's capability still watches"
+    );
     h.core.handle_disconnected(b);
     h.drain();
-    assert_eq!(watching(&h), Some(0));
+    assert_eq!(watching(&mut h), Some(0));
     h.check_invariants();
 }
 
@@ -2460,4 +2464,166 @@ fn held_replies_do_not_fill_the_callee_table() {
     h.call(attacker, cap, 5, b"again");
     assert_eq!(error_code(&h.take(attacker)), Some(ErrorCode::BadTag));
     h.check_invariants();
+}
+
+/// Passes the Highway frames `cores` (junctions `ids`) send each other
+/// until none is left, dropping what is for the shell.
+fn exchange(cores: [&mut Core; 2], ids: [u16; 2], now: Now) {
+    loop {
+        let mut quiet = true;
+        for i in 0..2 {
+            let mut frames = Vec::new();
+            while let Some(out) = cores[i].poll_output() {
+                match out {
+                    Output::Highway { to, frame, payload } => frames.push((to, frame, payload)),
+                    Output::Session { .. } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            for (to, frame, payload) in frames {
+                quiet = false;
+                let j = ids.iter().position(|&id| id == to).expect("a neighbour");
+                cores[j].handle_highway_frame(ids[i], frame, payload, now);
+            }
+        }
+        if quiet {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_listing_shows_highways_routes_and_sessions_within_one_frame() {
+    let max_frame = 64 * 1024;
+    let config = |junction, incarnation| Config {
+        junction,
+        incarnation,
+        max_frame,
+        trust_unsigned_routing: true,
+        ..Harness::config()
+    };
+    let mut h1 = Harness::with(config(1, 11));
+    let mut h2 = Harness::with(config(2, 22));
+    let now = h1.now;
+    h1.core.handle_highway_up(2, 3, now);
+    h2.core.handle_highway_up(1, 3, now);
+    exchange([&mut h1.core, &mut h2.core], [1, 2], now);
+    h1.core
+        .junction_send(2, 5, Bytes::from_static(b"hello"))
+        .unwrap();
+    exchange([&mut h1.core, &mut h2.core], [1, 2], now);
+
+    let (conn, _) = h1.connect();
+    let (reply, _) = h1.control(conn, ControlRequest::List, vec![]);
+    let ControlReply::Listing(listing) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(
+        listing.routes,
+        vec![junction_road::control::RouteInfo {
+            junction: 2,
+            next_hop: 2,
+            cost: 3,
+            path: vec![2],
+            incarnation: 22,
+        }]
+    );
+    assert_eq!(listing.sessions.len(), 1, "{listing:?}");
+    let session = &listing.sessions[0];
+    assert_eq!(session.junction, 2);
+    assert_eq!(session.incarnation, 22);
+    assert_eq!(session.lanes_out, 1);
+    assert_eq!(session.sealing, junction_road::control::Sealing::Clear);
+    assert_eq!(
+        (session.refused, session.imports, session.exports),
+        (0, 0, 0)
+    );
+    assert!(listing.highways.is_empty(), "the shell reported none");
+    assert_eq!(
+        (
+            listing.more_routes,
+            listing.more_sessions,
+            listing.more_highways
+        ),
+        (0, 0, 0)
+    );
+
+    // The shell's report shows as it is; more Highways than fit are cut
+    // and counted, and the listing still fits one frame.
+    let highway = |junction: u16| junction_road::control::HighwayInfo {
+        junction,
+        address: Some(format!("{}:4433", "h".repeat(200))),
+        state: junction_road::control::HighwayState::Waiting,
+        rtt_us: None,
+        bytes_out: u64::MAX,
+        bytes_in: u64::MAX,
+    };
+    h1.core.set_highways((2..2000).map(highway).collect());
+    let listing = h1.core.listing();
+    let bytes = postcard::to_allocvec(&ControlReply::Listing(listing.clone()))
+        .unwrap()
+        .len();
+    assert!(bytes <= max_frame as usize, "{bytes} bytes");
+    assert!(!listing.highways.is_empty());
+    assert_eq!(listing.highways[0], highway(2));
+    assert!(listing.more_highways > 0);
+    assert_eq!(
+        listing.highways.len() + listing.more_highways as usize,
+        1998
+    );
+    assert_eq!(listing.routes.len(), 1, "routes keep their share");
+    assert_eq!(listing.sessions.len(), 1, "sessions keep their share");
+    assert_eq!(listing.more_ports, 0, "ports and connections keep the rest");
+    h1.check_invariants();
+    h2.check_invariants();
+}
+
+#[test]
+fn routes_past_their_share_of_the_frame_are_cut_and_counted() {
+    use junction_road::highway::{HighwayFrame, LinkState, Neighbour};
+    let max_frame = 4096;
+    let mut h = Harness::with(Config {
+        max_frame,
+        trust_unsigned_routing: true,
+        ..Harness::config()
+    });
+    let now = h.now;
+    h.core.handle_highway_up(2, 1, now);
+    // Junction 2 is linked to junction 1 and to 3..=102, each of which
+    // describes its link back: 101 routes, more than an eighth of the room.
+    let far: Vec<u16> = (3..=102).collect();
+    let describe = |origin: u16, neighbours: &[u16]| {
+        let neighbours = neighbours
+            .iter()
+            .map(|&junction| Neighbour { junction, cost: 1 })
+            .collect();
+        HighwayFrame::LinkState(LinkState {
+            origin,
+            incarnation: 1,
+            seq: 1,
+            neighbours,
+            names: vec![],
+            seal: None,
+        })
+    };
+    let hub: Vec<u16> = std::iter::once(1).chain(far.iter().copied()).collect();
+    let mut frames = vec![describe(2, &hub)];
+    frames.extend(far.iter().map(|&j| describe(j, &[2])));
+    for frame in frames {
+        h.core.handle_highway_frame(2, frame, Bytes::new(), now);
+    }
+    while h.core.poll_output().is_some() {}
+
+    let listing = h.core.listing();
+    let bytes = postcard::to_allocvec(&ControlReply::Listing(listing.clone()))
+        .unwrap()
+        .len();
+    assert!(bytes <= max_frame as usize, "{bytes} bytes");
+    assert!(listing.more_routes > 0, "{listing:?}");
+    assert_eq!(listing.routes.len() + listing.more_routes as usize, 101);
+    assert_eq!(listing.routes[0].path, vec![2]);
+    assert_eq!(listing.routes[1].junction, 3);
+    assert_eq!(listing.routes[1].path, vec![2, 3]);
+    assert_eq!(listing.routes[1].cost, 2);
+    assert_eq!(listing.ports.len(), 1, "the control port is still listed");
 }
