@@ -485,6 +485,9 @@ pub async fn serve(
     }
 
     tracing::info!("shutting down: telling drivers, ending children");
+    if let Some(highways) = shell.highways.borrow().as_ref() {
+        highways.close("the junction is shutting down");
+    }
     drop(listener);
     drop(guard);
     shell.core.borrow_mut().handle_shutdown();
