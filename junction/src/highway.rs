@@ -499,15 +499,7 @@ impl Highways {
         junction: Rc<dyn Junction>,
     ) {
         let mut decoder = Decoder::default();
-        loop {
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => {
-                    link.bytes_in
-                        .set(link.bytes_in.get() + chunk.bytes.len() as u64);
-                    decoder.feed(&chunk.bytes);
-                }
-                Ok(None) | Err(_) => break,
-            }
+        while read_more(&mut recv, &link, &mut decoder).await {
             loop {
                 match decoder.next_control() {
                     Ok(Some(frame)) => {
@@ -544,15 +536,7 @@ impl Highways {
         junction: Rc<dyn Junction>,
     ) {
         let mut decoder = Decoder::default();
-        loop {
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => {
-                    link.bytes_in
-                        .set(link.bytes_in.get() + chunk.bytes.len() as u64);
-                    decoder.feed(&chunk.bytes);
-                }
-                Ok(None) | Err(_) => return,
-            }
+        while read_more(&mut recv, &link, &mut decoder).await {
             let mut frames = Vec::new();
             let mut fatal = false;
             loop {
@@ -592,6 +576,20 @@ impl Highways {
             .handle_closed(ConnId(id), Instant::now());
         self.drain(junction);
         self.wake.notify_one();
+    }
+}
+
+/// Reads what has arrived on `recv` into `decoder`, counting it on `link`;
+/// false when the stream has ended (or failed).
+async fn read_more(recv: &mut quinn::RecvStream, link: &Link, decoder: &mut Decoder) -> bool {
+    match recv.read_chunk(64 * 1024, true).await {
+        Ok(Some(chunk)) => {
+            link.bytes_in
+                .set(link.bytes_in.get() + chunk.bytes.len() as u64);
+            decoder.feed(&chunk.bytes);
+            true
+        }
+        Ok(None) | Err(_) => false,
     }
 }
 
