@@ -39,7 +39,7 @@ pub mod wire;
 pub use cert::TlsIdentity;
 pub use tls::{
     ALPN, JunctionVerifier, PeerJunction, PeerPolicy, PeerRefused, Revocations, TransportSettings,
-    client_config, connection_peer_junction, peer_junction, server_config,
+    check_connection, client_config, connection_peer_junction, peer_junction, server_config,
 };
 
 use std::time::Duration;

@@ -386,6 +386,21 @@ pub fn connection_peer_junction(conn: &quinn::Connection) -> Option<u16> {
     peer_junction(&certs)
 }
 
+/// Checks the peer of an established connection again with `policy` (the
+/// revocation list changed, say): its junction, or why it no longer passes.
+pub fn check_connection(
+    policy: &PeerPolicy,
+    conn: &quinn::Connection,
+    now: u64,
+) -> Result<PeerJunction, PeerRefused> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(PeerRefused::NoChain)?;
+    let (leaf, rest) = certs.split_first().ok_or(PeerRefused::NoChain)?;
+    policy.check(leaf, rest, None, now)
+}
+
 /// QUIC transport settings of Highways.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportSettings {

@@ -111,6 +111,8 @@ pub struct Highways {
     /// Wakes the driver when the links' deadline may have moved.
     wake: tokio::sync::Notify,
     revocations: Revocations,
+    /// Who is admitted, to check the links up again when it changes.
+    policy: PeerPolicy,
 }
 
 /// What the driver asks of the junction around it: the core's side.
@@ -155,6 +157,7 @@ impl Highways {
             encoder: Encoder::default(),
             wake: tokio::sync::Notify::new(),
             revocations: setup.policy.revocations().clone(),
+            policy: setup.policy,
         }))
     }
 
@@ -199,6 +202,32 @@ impl Highways {
             }
             self.drain(&junction);
         }
+    }
+
+    /// Checks every connection's peer again (the revocation list changed):
+    /// one whose certificate no longer passes is closed, with the reason.
+    pub fn recheck(&self) {
+        let now = crate::unix_now();
+        let refused: Vec<(u64, String)> = self
+            .conns
+            .borrow()
+            .iter()
+            .filter_map(|(&id, link)| {
+                junction_highway::check_connection(&self.policy, &link.conn, now)
+                    .err()
+                    .map(|e| (id, e.to_string()))
+            })
+            .collect();
+        for (id, why) in refused {
+            if let Some(link) = self.conns.borrow_mut().remove(&id) {
+                tracing::warn!(remote = %link.remote, "closing a Highway: {why}");
+                link.conn.close(1u32.into(), why.as_bytes());
+            }
+            self.links
+                .borrow_mut()
+                .handle_closed(ConnId(id), Instant::now());
+        }
+        self.wake.notify_one();
     }
 
     /// Closes every Highway, saying why.

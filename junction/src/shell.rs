@@ -718,6 +718,7 @@ impl Shell {
                         // New Highways are admitted under it too.
                         if let Some(highways) = self.highways.borrow().as_ref() {
                             highways.revocations().replace(Some(for_highways));
+                            highways.recheck();
                         }
                         tracing::info!(path = %path.display(), revoked, "SIGHUP: revocation list reloaded")
                     }

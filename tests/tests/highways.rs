@@ -400,3 +400,68 @@ fn a_cut_highway_reroutes_and_loses_or_repeats_nothing() {
     relay.cut(false);
     drop((j1, j2, j3));
 }
+
+/// A junction revoked while its Highway is up: on SIGHUP the junction that
+/// reloads the list closes the Highway, saying why, and refuses the
+/// redial.
+#[test]
+fn revoking_a_linked_junction_closes_its_highway() {
+    let bus = Bus::new();
+    let (_k9, c9) = bus.junction(9);
+    let crl = bus.pki.path("revoked.crl");
+    let revoke = |cert: &std::path::Path| {
+        bus.pki.run(&[
+            "cert",
+            "revoke",
+            "--authority-key",
+            "authority.key",
+            "--cert",
+            &cert.to_string_lossy(),
+            "-o",
+            "revoked.crl",
+        ]);
+    };
+    revoke(&c9);
+    let port1 = free_port();
+    let (k1, c1) = bus.junction(1);
+    let listen = format!("127.0.0.1:{port1}");
+    let j1 = TestJunction::start(&[
+        "--junction-id",
+        "1",
+        "--authority",
+        &bus.pki.path("authority.cert").to_string_lossy(),
+        "--revocations",
+        &crl.to_string_lossy(),
+        "--junction-key",
+        &k1.to_string_lossy(),
+        "--junction-cert",
+        &c1.to_string_lossy(),
+        "--quic-listen",
+        &listen,
+    ]);
+    let j3 = bus.start(3, free_port(), &[(1, port1)]);
+    let rt = runtime();
+    rt.block_on(async {
+        let server = Driver::connect(&j3.socket).await.unwrap();
+        let mut port = server.open_port().await.unwrap();
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        server.register("t.soon-revoked", &cap).await.unwrap();
+        let client = Driver::connect(&j1.socket).await.unwrap();
+        lookup_eventually(&client, "t.soon-revoked", Duration::from_secs(20)).await;
+    });
+    // The certificate junction 3 runs with (not a new one).
+    revoke(&bus.pki.path("j3.cert"));
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &j1.process.pid().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = j1.log();
+        if log.contains("closing a Highway") && log.contains("revoked") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Highway stayed up:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop((j1, j3));
+}
