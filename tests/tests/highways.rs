@@ -443,7 +443,7 @@ fn revoking_a_linked_junction_closes_its_highway() {
     let rt = runtime();
     rt.block_on(async {
         let server = Driver::connect(&j3.socket).await.unwrap();
-        let mut port = server.open_port().await.unwrap();
+        let port = server.open_port().await.unwrap();
         let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
         server.register("t.soon-revoked", &cap).await.unwrap();
         let client = Driver::connect(&j1.socket).await.unwrap();
