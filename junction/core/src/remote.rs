@@ -1525,7 +1525,27 @@ impl Core {
                 *held = held.saturating_sub(units);
             }
         }
-        for entry in &done {
+        if refused.is_none() {
+            // Consumed: their credit goes back once per run of one flow, as
+            // a local port's consumption is reported, not once a message.
+            let mut i = 0;
+            while i < done.len() {
+                let Some(at) = done[i].flow else {
+                    i += 1;
+                    continue;
+                };
+                let (mut count, mut units) = (0u32, 0u32);
+                while let Some(e) = done.get(i)
+                    && e.flow == Some(at)
+                {
+                    count += 1;
+                    units += e.cost;
+                    i += 1;
+                }
+                self.settle(at, count, units, number);
+            }
+        }
+        for entry in done.iter().filter(|_| refused.is_some()) {
             if let Some(at) = entry.flow {
                 let told = self.settle(at, 1, entry.cost, number);
                 match (&refused, dead) {
