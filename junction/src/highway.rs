@@ -26,6 +26,7 @@ use bytes::{Bytes, BytesMut};
 use junction_highway::link::{ConnId, LinkConfig, LinkOutput, Links, PeerInfo};
 use junction_highway::wire::{ControlFrame, Decoder, Encoder};
 use junction_highway::{PeerPolicy, Revocations, TlsIdentity, TransportSettings};
+use junction_road::control::{HighwayInfo, HighwayState};
 use junction_road::highway::HighwayFrame;
 use tokio::sync::mpsc;
 
@@ -79,23 +80,6 @@ struct Link {
     remote: SocketAddr,
     bytes_out: Cell<u64>,
     bytes_in: Cell<u64>,
-}
-
-/// A neighbour as `junction ls` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct HighwayInfo {
-    /// Its junction id.
-    pub junction: u16,
-    /// Its address, when known.
-    pub address: Option<String>,
-    /// `up`, `connecting`, `dialing` or `waiting`.
-    pub state: &'static str,
-    /// The smoothed round trip, in microseconds, once measured.
-    pub rtt_us: Option<u64>,
-    /// Bytes sent and received on its current connection.
-    pub bytes_out: u64,
-    /// Bytes received.
-    pub bytes_in: u64,
 }
 
 /// The Highways of one junction.
@@ -235,7 +219,8 @@ impl Highways {
         self.endpoint.close(0u32.into(), reason.as_bytes());
     }
 
-    /// What `junction ls` shows of the neighbours.
+    /// What `junction ls` shows of the neighbours (the control port's
+    /// `Listing` carries it).
     pub fn info(&self) -> Vec<HighwayInfo> {
         let links = self.links.borrow();
         let conns = self.conns.borrow();
@@ -244,11 +229,10 @@ impl Highways {
             .map(|p: PeerInfo| {
                 use junction_highway::link::PeerState;
                 let (state, conn, rtt) = match p.state {
-                    PeerState::Up { conn, rtt, .. } => ("up", Some(conn), rtt),
-                    PeerState::Connecting { conn } => ("connecting", Some(conn), None),
-                    PeerState::Dialing => ("dialing", None, None),
-                    PeerState::Waiting { .. } => ("waiting", None, None),
-                    _ => ("unknown", None, None),
+                    PeerState::Up { conn, rtt, .. } => (HighwayState::Up, Some(conn), rtt),
+                    PeerState::Connecting { conn } => (HighwayState::Connecting, Some(conn), None),
+                    PeerState::Dialing => (HighwayState::Dialing, None, None),
+                    _ => (HighwayState::Waiting, None, None),
                 };
                 let link = conn.and_then(|c| conns.get(&c.0));
                 HighwayInfo {

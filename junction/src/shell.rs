@@ -737,7 +737,7 @@ impl Shell {
         let Some(highways) = self.highways.borrow().clone() else {
             return;
         };
-        let infos = highways.info().into_iter().map(highway_info).collect();
+        let infos = highways.info();
         self.core.borrow_mut().set_highways(infos);
     }
 
@@ -938,24 +938,6 @@ const LIST_REQUEST: &[u8] = &[3];
 fn is_list_request(frame: &junction_road::Frame) -> bool {
     matches!(&frame.header, Header::Call(c) if c.handle == junction_road::control::CONTROL_HANDLE)
         && frame.payload.as_ref() == LIST_REQUEST
-}
-
-/// A Highway as the control port's `Listing` carries it.
-fn highway_info(h: crate::highway::HighwayInfo) -> junction_road::control::HighwayInfo {
-    use junction_road::control::HighwayState;
-    junction_road::control::HighwayInfo {
-        junction: h.junction,
-        address: h.address,
-        state: match h.state {
-            "up" => HighwayState::Up,
-            "connecting" => HighwayState::Connecting,
-            "dialing" => HighwayState::Dialing,
-            _ => HighwayState::Waiting,
-        },
-        rtt_us: h.rtt_us,
-        bytes_out: h.bytes_out,
-        bytes_in: h.bytes_in,
-    }
 }
 
 /// Frames one reader handles in a turn before it lets the other tasks run,
