@@ -301,9 +301,11 @@ impl RemoteFrame {
 /// Appends `frame` and, for `Send` and `Reply`, `payload` to `buf`. Other
 /// frames have no payload: pass an empty one.
 pub fn encode(frame: &RemoteFrame, payload: &[u8], buf: &mut BytesMut) {
-    let head = postcard::to_allocvec(frame).expect("remote frames always serialize");
-    buf.reserve(head.len() + payload.len());
-    buf.put_slice(&head);
+    // The header goes straight into the buffer: no allocation of its own
+    // on the message path.
+    buf.reserve(64 + payload.len());
+    let mut writer = (&mut *buf).writer();
+    postcard::to_io(frame, &mut writer).expect("remote frames always serialize");
     buf.put_slice(payload);
 }
 

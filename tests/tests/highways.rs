@@ -40,9 +40,11 @@ impl Bus {
     /// `port` and dialling `peers` (id, port) on loopback.
     fn start(&self, id: u16, port: u16, peers: &[(u16, u16)]) -> TestJunction {
         let (key, cert) = self.junction(id);
-        self.start_as(id, port, peers, &key, &cert)
+        self.start_as(id, port, peers, &key, &cert, &[])
     }
 
+    /// Starts junction `id` as [`Bus::start`] does, with `key` and `cert`
+    /// (whoever's they are) and `extra` arguments.
     fn start_as(
         &self,
         id: u16,
@@ -50,6 +52,7 @@ impl Bus {
         peers: &[(u16, u16)],
         key: &std::path::Path,
         cert: &std::path::Path,
+        extra: &[&str],
     ) -> TestJunction {
         let id = id.to_string();
         let listen = format!("127.0.0.1:{port}");
@@ -73,8 +76,25 @@ impl Bus {
             args.push("--peer".into());
             args.push(format!("{peer}@127.0.0.1:{port}"));
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         TestJunction::start(&args)
+    }
+
+    /// Adds `cert`'s certificate to the bus's revocation list
+    /// (`revoked.crl`, made on first use); the list's path.
+    fn revoke(&self, cert: &std::path::Path) -> PathBuf {
+        self.pki.run(&[
+            "cert",
+            "revoke",
+            "--authority-key",
+            "authority.key",
+            "--cert",
+            &cert.to_string_lossy(),
+            "-o",
+            "revoked.crl",
+        ]);
+        self.pki.path("revoked.crl")
     }
 }
 
@@ -182,45 +202,26 @@ fn rogue_peers_are_refused_with_reasons() {
     let bus = Bus::new();
     // Junction 3's certificate is revoked before junction 1 starts.
     let (k3, c3) = bus.junction(3);
-    let crl = bus.pki.path("revoked.crl");
-    bus.pki.run(&[
-        "cert",
-        "revoke",
-        "--authority-key",
-        "authority.key",
-        "--cert",
-        &c3.to_string_lossy(),
-        "-o",
-        "revoked.crl",
-    ]);
+    let crl = bus.revoke(&c3);
     let port1 = free_port();
     let (k1, c1) = bus.junction(1);
-    let j1 = {
-        let listen = format!("127.0.0.1:{port1}");
-        TestJunction::start(&[
-            "--junction-id",
-            "1",
-            "--authority",
-            &bus.pki.path("authority.cert").to_string_lossy(),
-            "--revocations",
-            &crl.to_string_lossy(),
-            "--junction-key",
-            &k1.to_string_lossy(),
-            "--junction-cert",
-            &c1.to_string_lossy(),
-            "--quic-listen",
-            &listen,
-        ])
-    };
+    let j1 = bus.start_as(
+        1,
+        port1,
+        &[],
+        &k1,
+        &c1,
+        &["--revocations", &crl.to_string_lossy()],
+    );
 
     // Certified by another bus's authority (and trusting only that one).
     let other = Bus::new();
     let foreign = other.start(2, free_port(), &[(1, port1)]);
     // A junction of this bus whose certificate says 5, started as 6.
     let (k5, c5) = bus.junction(5);
-    let liar = bus.start_as(6, free_port(), &[(1, port1)], &k5, &c5);
+    let liar = bus.start_as(6, free_port(), &[(1, port1)], &k5, &c5, &[]);
     // Revoked.
-    let revoked = bus.start_as(3, free_port(), &[(1, port1)], &k3, &c3);
+    let revoked = bus.start_as(3, free_port(), &[(1, port1)], &k3, &c3, &[]);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -357,7 +358,7 @@ fn a_cut_highway_reroutes_and_loses_or_repeats_nothing() {
     // Junction 1 reaches 3 directly, through the relay.
     let (k1, c1) = bus.junction(1);
     drop(j1);
-    let j1 = bus.start_as(1, ports[0], &[(3, relay.port)], &k1, &c1);
+    let j1 = bus.start_as(1, ports[0], &[(3, relay.port)], &k1, &c1, &[]);
     let rt = runtime();
     rt.block_on(async {
         let server = Driver::connect(&j3.socket).await.unwrap();
@@ -408,37 +409,17 @@ fn a_cut_highway_reroutes_and_loses_or_repeats_nothing() {
 fn revoking_a_linked_junction_closes_its_highway() {
     let bus = Bus::new();
     let (_k9, c9) = bus.junction(9);
-    let crl = bus.pki.path("revoked.crl");
-    let revoke = |cert: &std::path::Path| {
-        bus.pki.run(&[
-            "cert",
-            "revoke",
-            "--authority-key",
-            "authority.key",
-            "--cert",
-            &cert.to_string_lossy(),
-            "-o",
-            "revoked.crl",
-        ]);
-    };
-    revoke(&c9);
+    let crl = bus.revoke(&c9);
     let port1 = free_port();
     let (k1, c1) = bus.junction(1);
-    let listen = format!("127.0.0.1:{port1}");
-    let j1 = TestJunction::start(&[
-        "--junction-id",
-        "1",
-        "--authority",
-        &bus.pki.path("authority.cert").to_string_lossy(),
-        "--revocations",
-        &crl.to_string_lossy(),
-        "--junction-key",
-        &k1.to_string_lossy(),
-        "--junction-cert",
-        &c1.to_string_lossy(),
-        "--quic-listen",
-        &listen,
-    ]);
+    let j1 = bus.start_as(
+        1,
+        port1,
+        &[],
+        &k1,
+        &c1,
+        &["--revocations", &crl.to_string_lossy()],
+    );
     let j3 = bus.start(3, free_port(), &[(1, port1)]);
     let rt = runtime();
     rt.block_on(async {
@@ -450,7 +431,7 @@ fn revoking_a_linked_junction_closes_its_highway() {
         lookup_eventually(&client, "t.soon-revoked", Duration::from_secs(20)).await;
     });
     // The certificate junction 3 runs with (not a new one).
-    revoke(&bus.pki.path("j3.cert"));
+    bus.revoke(&bus.pki.path("j3.cert"));
     let _ = std::process::Command::new("kill")
         .args(["-HUP", &j1.process.pid().to_string()])
         .status();

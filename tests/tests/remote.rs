@@ -415,21 +415,7 @@ fn no_senders_waits_for_every_junction_to_release() {
     // remote holders count.
     let client = attach(&mut world, 0, "client");
     let (handle, _) = lookup(&mut world, client, "dev.lonely").unwrap();
-    let (reply, _) = control(
-        &mut world,
-        server,
-        &ControlRequest::Unregister {
-            name: "dev.lonely".parse().unwrap(),
-        },
-        &[],
-    );
-    assert_eq!(reply, ControlReply::Unregistered);
-    world.act(server, |p, _| {
-        for h in p.machine_handles() {
-            p.machine.drop_capability(h);
-        }
-        p.machine.watch_senders(port).unwrap()
-    });
+    watch_remote_senders(&mut world, server, port, "dev.lonely");
     run(&mut world);
     assert!(
         !take(&mut world, server)
@@ -449,6 +435,22 @@ fn no_senders_waits_for_every_junction_to_release() {
     for node in 0..3 {
         world.core_mut(node).check_invariants().unwrap();
     }
+}
+
+/// `server` gives up its own hold on `port` (its name and its handles) and
+/// watches for the moment no capability to it is left anywhere.
+fn watch_remote_senders(world: &mut World<Proc>, server: usize, port: u16, name: &str) {
+    let unregister = ControlRequest::Unregister {
+        name: name.parse().unwrap(),
+    };
+    let (reply, _) = control(world, server, &unregister, &[]);
+    assert_eq!(reply, ControlReply::Unregistered);
+    world.act(server, |p, _| {
+        for h in p.machine_handles() {
+            p.machine.drop_capability(h);
+        }
+        p.machine.watch_senders(port).unwrap()
+    });
 }
 
 impl Proc {
@@ -780,21 +782,7 @@ fn a_partition_fails_calls_as_unknown_and_keeps_exports_for_the_lease() {
     let (server, port) = service(&mut world, 2, "dev.far");
     let client = attach(&mut world, 0, "client");
     let (handle, _) = lookup(&mut world, client, "dev.far").unwrap();
-    let (reply, _) = control(
-        &mut world,
-        server,
-        &ControlRequest::Unregister {
-            name: "dev.far".parse().unwrap(),
-        },
-        &[],
-    );
-    assert_eq!(reply, ControlReply::Unregistered);
-    world.act(server, |p, _| {
-        for h in p.machine_handles() {
-            p.machine.drop_capability(h);
-        }
-        p.machine.watch_senders(port).unwrap()
-    });
+    watch_remote_senders(&mut world, server, port, "dev.far");
     world.cut_link(bc);
     run(&mut world);
     let tag = world
