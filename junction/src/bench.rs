@@ -84,6 +84,11 @@ pub(crate) enum Role {
     /// Hostile bench: connect `--count` idle drivers on "go" (stdin), hold
     /// them until stdin closes.
     IdleDrivers,
+    /// Highway bench: raw quinn, an echo and a sink on a QUIC endpoint with
+    /// the TLS identity in `--key`/`--cert`, trusting `--socket` as the
+    /// authority's certificate; prints its address, serves until stdin
+    /// closes.
+    RawQuinn,
 }
 
 /// `junction bench-peer` options.
@@ -107,6 +112,12 @@ pub(crate) struct PeerArgs {
     /// For flood: how long to attack, in seconds.
     #[arg(long, default_value_t = 2.5)]
     secs: f64,
+    /// For raw-quinn: the endpoint's key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// For raw-quinn: the endpoint's certificate chain.
+    #[arg(long)]
+    cert: Option<PathBuf>,
 }
 
 const SMALL: usize = 64;
@@ -880,6 +891,11 @@ async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
             }
             Role::IdleDrivers => {
                 hostile::idle_drivers(&args.socket, usize::try_from(args.count)?).await?;
+            }
+            Role::RawQuinn => {
+                let key = args.key.context("--role raw-quinn needs --key")?;
+                let cert = args.cert.context("--role raw-quinn needs --cert")?;
+                highway::raw_quinn_peer(&key, &cert, &args.socket).await?;
             }
             Role::RawEcho => {
                 let stream = tokio::net::UnixStream::connect(&args.socket).await?;

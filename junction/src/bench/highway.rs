@@ -2,8 +2,8 @@
 //! with the same TLS, the same framing (the Highway wire) and the same
 //! write batching, in one run, as ratios.
 //!
-//! - **Raw quinn**: an echo and a sink on their own thread and runtime
-//!   (as a second process would be), a client on the bench's: a 64-byte
+//! - **Raw quinn**: an echo and a sink in a second process, a client in
+//!   the bench's: a 64-byte
 //!   round trip on one bidirectional stream, 64-byte one-way frames batched
 //!   into writes of up to 64 KiB on one unidirectional stream, and 1 MiB
 //!   frames.
@@ -102,17 +102,16 @@ async fn measure(
     bus: &mut Figures,
     pinned: bool,
 ) -> anyhow::Result<()> {
-    // Raw quinn, with the junctions' own TLS identities.
+    // Raw quinn, with the junctions' own TLS identities: the echo and the
+    // sink in a process of their own, as the far junction would be.
     let (k1, c1) = authority.issue(11, Role::Junction { id: 1 })?;
-    let (k2, c2) = authority.issue(12, Role::Junction { id: 2 })?;
+    let (k2, c2) = authority.issue_files(dir, "raw2", 12, Role::Junction { id: 2 })?;
     let trust = junction::config::load_trust(authority_path)?;
     let policy = PeerPolicy::new(trust, Revocations::new(None));
     let transport = TransportSettings::default();
-    let server =
-        junction_highway::server_config(&TlsIdentity::new(&k2, &c2)?, &policy, &transport)?;
     let client =
         junction_highway::client_config(&TlsIdentity::new(&k1, &c1)?, &policy, &transport)?;
-    let (addr, stop) = raw_server(server, pinned)?;
+    let (mut server, addr) = spawn_raw_quinn(&k2, &c2, authority_path).await?;
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let conn = endpoint
         .connect_with(client, addr, &junction_highway::cert::server_name(2))?
@@ -127,7 +126,7 @@ async fn measure(
     }
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
-    let _ = stop.send(());
+    let _ = server.kill().await;
 
     // The bus: two junctions, a Highway between them.
     let (p1, p2) = (free_udp_port()?, free_udp_port()?);
@@ -287,50 +286,77 @@ async fn raw_stream(conn: &quinn::Connection, size: usize, count: u64) -> anyhow
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// The raw quinn echo and sink, on a thread of their own; its address, and
-/// a sender that stops it.
-fn raw_server(
-    config: quinn::ServerConfig,
-    pinned: bool,
-) -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        if pinned {
-            let _ = pin_to_cpu0();
+/// Starts the raw quinn echo and sink in a process of their own (`bench-peer
+/// --role raw-quinn`); the process, and the address it listens on.
+async fn spawn_raw_quinn(
+    key: &Path,
+    cert: &Path,
+    authority: &Path,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = Command::new(crate::self_exe()?)
+        .args(["bench-peer", "--role", "raw-quinn", "--socket"])
+        .arg(authority)
+        .arg("--key")
+        .arg(key)
+        .arg("--cert")
+        .arg(cert)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the raw quinn process")?;
+    let stdout = child.stdout.take().context("raw quinn: no stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        TIMEOUT,
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("raw quinn: the server did not start")??;
+    let addr = line
+        .trim()
+        .parse()
+        .with_context(|| format!("raw quinn: the server said {line:?}, not its address"))?;
+    Ok((child, addr))
+}
+
+/// The raw quinn process: an echo and a sink on a QUIC endpoint with the
+/// identity in `key` and `cert`, trusting the authority certificate in
+/// `authority`. Prints its address, then serves until stdin closes.
+pub(crate) async fn raw_quinn_peer(
+    key: &Path,
+    cert: &Path,
+    authority: &Path,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let key = crate::pki::read_key(key)?;
+    let chain = crate::pki::read_chain(cert)?;
+    let policy = PeerPolicy::new(
+        junction::config::load_trust(authority)?,
+        Revocations::new(None),
+    );
+    let config = junction_highway::server_config(
+        &TlsIdentity::new(&key, &chain)?,
+        &policy,
+        &TransportSettings::default(),
+    )?;
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+    println!("{}", endpoint.local_addr()?);
+    let serve = async {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            tokio::spawn(serve_conn(conn));
         }
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        runtime.block_on(async move {
-            let Ok(endpoint) = quinn::Endpoint::server(
-                config,
-                "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
-            ) else {
-                return;
-            };
-            let _ = addr_tx.send(endpoint.local_addr().ok());
-            let serve = async {
-                while let Some(incoming) = endpoint.accept().await {
-                    let Ok(conn) = incoming.await else { continue };
-                    tokio::spawn(serve_conn(conn));
-                }
-            };
-            tokio::select! {
-                () = serve => {}
-                _ = stop_rx => {}
-            }
-        });
-    });
-    let addr = addr_rx
-        .recv()
-        .ok()
-        .flatten()
-        .context("raw quinn: the server did not start")?;
-    Ok((addr, stop_tx))
+    };
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    let until_closed = async { while stdin.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
+    tokio::select! {
+        () = serve => {}
+        () = until_closed => {}
+    }
+    Ok(())
 }
 
 async fn serve_conn(conn: quinn::Connection) {
