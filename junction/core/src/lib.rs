@@ -893,6 +893,9 @@ impl Core {
 
     /// The next thing the shell must do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if self.has_dirty() {
+            self.transmit_dirty();
+        }
         self.out.pop_front()
     }
 

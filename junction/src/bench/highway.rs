@@ -38,6 +38,19 @@ pub(crate) struct Figures {
     rtt_pinned_p99_us: Option<f64>,
     small_msgs_per_sec: f64,
     large_gb_per_sec: f64,
+    /// CPU per 64-byte message, in nanoseconds, by process (the bus only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_per_small_ns: Option<CpuAcross>,
+}
+
+/// CPU time per message of each process on the bus's path, in
+/// nanoseconds.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct CpuAcross {
+    sender: f64,
+    junction_1: f64,
+    junction_2: f64,
+    receiver: f64,
 }
 
 /// The work of one run.
@@ -141,8 +154,23 @@ async fn measure(
         let rtt = super::junction_round_trips(&driver, &echo_cap, work.round_trips).await?;
         set_rtt(bus, &rtt, pinned);
         if !pinned {
+            let pids = [
+                std::process::id(),
+                j1.0.id().unwrap_or(0),
+                j2.0.id().unwrap_or(0),
+                sink.id().unwrap_or(0),
+            ];
+            let before = pids.map(super::cpu_ns);
             bus.small_msgs_per_sec = work.small as f64
                 / super::junction_stream(&driver, &sink_cap, SMALL, work.small).await?;
+            let after = pids.map(super::cpu_ns);
+            let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / work.small as f64;
+            bus.cpu_per_small_ns = Some(CpuAcross {
+                sender: per(0),
+                junction_1: per(1),
+                junction_2: per(2),
+                receiver: per(3),
+            });
             bus.large_gb_per_sec = (LARGE as u64 * work.large) as f64
                 / 1e9
                 / super::junction_stream(&driver, &sink_cap, LARGE, work.large).await?;
@@ -429,4 +457,10 @@ fn report(raw: &Figures, bus: &Figures, json: bool) {
         raw.large_gb_per_sec,
         bus.large_gb_per_sec,
     );
+    if let Some(cpu) = bus.cpu_per_small_ns {
+        println!(
+            "CPU per 64 B message across the Highway: sender {:.0} ns, junction 1 {:.0} ns, junction 2 {:.0} ns, receiver {:.0} ns",
+            cpu.sender, cpu.junction_1, cpu.junction_2, cpu.receiver
+        );
+    }
 }
