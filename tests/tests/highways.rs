@@ -575,6 +575,7 @@ fn a_valid_junction_never_given_a_capability_reaches_no_port() {
             policy,
             listen: None,
             peers: vec![(3, format!("127.0.0.1:{}", ports[1]).parse().unwrap())],
+            names: Default::default(),
         })
         .unwrap();
         *rogue.highways.borrow_mut() = Some(highways.clone());
@@ -659,4 +660,45 @@ fn a_valid_junction_never_given_a_capability_reaches_no_port() {
         highways.close("the test is over");
     });
     drop((j1, j3));
+}
+
+/// Peers may be named by host: the name is resolved at each dial, so a
+/// junction starts even when a peer's name does not resolve yet, says so,
+/// and keeps trying, while peers whose names resolve link as usual.
+#[test]
+fn peers_named_by_host_are_resolved_at_each_dial() {
+    let bus = Bus::new();
+    let ports = [free_port(), free_port()];
+    let j1 = bus.start(1, ports[0], &[]);
+    let (key, cert) = bus.junction(2);
+    let by_name = format!("1@localhost:{}", ports[0]);
+    let nowhere = format!("9@nowhere.invalid:{}", ports[1]);
+    let j2 = bus.start_as(
+        2,
+        ports[1],
+        &[],
+        &key,
+        &cert,
+        &["--peer", &by_name, "--peer", &nowhere],
+    );
+    let listing = || {
+        let out = j2.command(&["ls", "--json"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let named = format!("\"localhost:{}\"", ports[0]);
+    eventually(Duration::from_secs(20), "a Highway to localhost", || {
+        let listing = listing();
+        listing.contains(&named) && listing.contains("\"up\"")
+    });
+    eventually(
+        Duration::from_secs(20),
+        "a log line for the name that does not resolve",
+        || j2.log().contains("cannot resolve nowhere.invalid"),
+    );
+    let log = j2.log();
+    assert!(
+        log.contains("peer 9@nowhere.invalid") && log.contains("does not resolve now"),
+        "{log}"
+    );
+    drop((j1, j2));
 }
