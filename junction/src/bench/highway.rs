@@ -36,6 +36,11 @@ pub(crate) struct Figures {
     rtt_p99_us: f64,
     rtt_pinned_p50_us: Option<f64>,
     rtt_pinned_p99_us: Option<f64>,
+    /// The bus only: a call to the same echo from a process on its own
+    /// junction (no Highway), pinned: the two local legs every call across
+    /// a Highway also makes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_rtt_pinned_p50_us: Option<f64>,
     small_msgs_per_sec: f64,
     large_gb_per_sec: f64,
     /// CPU per 64-byte message, in nanoseconds, by process (the bus only).
@@ -153,6 +158,12 @@ async fn measure(
         let sink_cap = lookup(&driver, "bench.sink").await?;
         let rtt = super::junction_round_trips(&driver, &echo_cap, work.round_trips).await?;
         set_rtt(bus, &rtt, pinned);
+        if pinned {
+            let near = Driver::connect(&j2.1).await?;
+            let echo_near = lookup(&near, "bench.echo").await?;
+            let local = super::junction_round_trips(&near, &echo_near, work.round_trips).await?;
+            bus.local_rtt_pinned_p50_us = Some(local.p50_us);
+        }
         if !pinned {
             let pids = [
                 std::process::id(),
@@ -446,6 +457,15 @@ fn report(raw: &Figures, bus: &Figures, json: bool) {
     }
     if let (Some(a), Some(b)) = (raw.rtt_pinned_p99_us, bus.rtt_pinned_p99_us) {
         row("pinned round trip p99 (µs)", a, b);
+    }
+    if let (Some(a), Some(b), Some(local)) = (
+        raw.rtt_pinned_p50_us,
+        bus.rtt_pinned_p50_us,
+        bus.local_rtt_pinned_p50_us,
+    ) {
+        // A call across a Highway also makes the two local legs of a call
+        // on one junction; their sum with raw quinn is its floor here.
+        row("pinned p50: raw quinn + local call (µs)", a + local, b);
     }
     row(
         "64 B one-way (M msg/s)",
