@@ -1630,5 +1630,6 @@ fn frame_name(header: &Header) -> &'static str {
         Header::WatchSenders { .. } => "WatchSenders",
         Header::NoSenders { .. } => "NoSenders",
         Header::Cancel { .. } => "Cancel",
+        Header::IdentityWithdrawn { .. } => "IdentityWithdrawn",
     }
 }
