@@ -423,9 +423,9 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
             return;
         }
         println!();
-        println!("{title:<40} {a:>12} {b:>12} {:>8}", format!("{b}/{a}").to_uppercase());
+        println!("{title:<40} {a:>12} {b:>12} {:>22}", format!("RATIO {b}/{a}"));
         for (name, x, y) in rows {
-            println!("{name:<40} {x:>12.2} {y:>12.2} {:>7.2}x", ratio(*y, *x));
+            println!("{name:<40} {x:>12.2} {y:>12.2} {:>21.2}x", ratio(*y, *x));
         }
     };
     let mut rows = vec![

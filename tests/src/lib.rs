@@ -120,6 +120,11 @@ impl Proc {
         self.child.stdout.take()
     }
 
+    /// The child's stderr, to read what it says.
+    pub fn stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
     /// The child's stdin, to write to it (dropping it closes the pipe).
     pub fn stdin(&mut self) -> Option<std::process::ChildStdin> {
         self.child.stdin.take()
