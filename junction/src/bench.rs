@@ -54,7 +54,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, conflicts_with = "hostile")]
     highway: bool,
     /// With --hostile: run only these floods (repeatable), and skip the
-    /// idle connections.
+    /// idle connections [default: every flood, then the idle connections].
     #[arg(long, value_enum, requires = "hostile")]
     only: Vec<floods::Flood>,
 }
