@@ -55,8 +55,8 @@ impl IdentityArgs {
                 let key = crate::pki::read_key(key_path)?;
                 let chain = crate::pki::read_chain(cert_path)?;
                 driver.authenticate(&key, chain).await.map_err(|e| {
-                    let hint = match &e {
-                        junction_driver::Error::Refused { code, .. } => match code {
+                    let hint = match refusal_code(&e) {
+                        Some(code) => match code {
                             junction_driver::ErrorCode::BadCertificate => {
                                 "; check that it was issued under the authority this junction                                  trusts (its --authority) and is valid now (junction cert inspect)"
                             }
@@ -68,7 +68,7 @@ impl IdentityArgs {
                             }
                             _ => "",
                         },
-                        _ => "",
+                        None => "",
                     };
                     anyhow::anyhow!(
                         "cannot prove the identity in {} (key {}): {e}{hint}",
@@ -674,6 +674,14 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
     })
 }
 
+/// The code of a refusal, to say what to do about it.
+fn refusal_code(e: &junction_driver::Error) -> Option<junction_driver::ErrorCode> {
+    match e {
+        junction_driver::Error::Refused { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
 /// Connects, proves `identity` if given, and looks `name` up.
 async fn lookup_as(
     socket: &Path,
@@ -685,7 +693,15 @@ async fn lookup_as(
     let cap = driver
         .lookup(name)
         .await
-        .with_context(|| format!("cannot look up {name}"))?;
+        .map_err(|e| {
+            let hint = match refusal_code(&e) {
+                Some(junction_driver::ErrorCode::NameNotFound) => {
+                    "; is the service running? `junction ls` shows the names registered"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!("cannot look up {name}: {e}{hint}")
+        })?;
     Ok((driver, cap))
 }
 
@@ -749,7 +765,21 @@ pub(crate) async fn listen(
     driver
         .register(&name, &cap)
         .await
-        .with_context(|| format!("cannot register {name}"))?;
+        .map_err(|e| {
+            let hint = match refusal_code(&e) {
+                Some(junction_driver::ErrorCode::NameNotGranted) => format!(
+                    "; give --key and --cert of a service certificate that grants {name} \
+                     (junction cert issue --role service --name {name}), or use a name in the \
+                     junction's development namespace (serve --dev-namespace)"
+                ),
+                Some(junction_driver::ErrorCode::NameTaken) => {
+                    "; pick another name, or stop the program that holds it (junction ls)"
+                        .to_string()
+                }
+                _ => String::new(),
+            };
+            anyhow::anyhow!("cannot register {name}: {e}{hint}")
+        })?;
     eprintln!("listening as {name} on port {}", port.address());
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {

@@ -136,6 +136,16 @@ pub(crate) struct RevokeArgs {
     out: PathBuf,
 }
 
+/// A public key given on the command line, as 64 hex digits.
+fn parse_public_key(option: &str, hex: &str) -> anyhow::Result<PublicKey> {
+    PublicKey::from_hex(hex).map_err(|_| {
+        anyhow::anyhow!(
+            "{option} {hex:?} is not a public key: give 64 hex digits, as `junction keygen` \
+             prints (or `junction cert inspect` shows as subject)"
+        )
+    })
+}
+
 fn random_serial() -> anyhow::Result<u64> {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -148,7 +158,7 @@ pub(crate) fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
         .map_err(|e| anyhow::anyhow!("cannot read the key {}: {e}", path.display()))?;
     SecretKey::from_pem(&text).map_err(|e| {
         anyhow::anyhow!(
-            "{} is not a usable key: {e}; make one with `junction keygen`",
+            "{} is {e}; give a key made by `junction keygen` (or openssl genpkey -algorithm ed25519)",
             path.display()
         )
     })
@@ -225,7 +235,7 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
     let subject_key = args.key.as_deref().map(read_key).transpose()?;
     let subject = match (&subject_key, &args.public_key) {
         (Some(k), _) => k.public(),
-        (None, Some(hex)) => PublicKey::from_hex(hex)?,
+        (None, Some(hex)) => parse_public_key("--public-key", hex)?,
         (None, None) => bail!("give the subject's --key file or its --public-key"),
     };
     let role = match args.role {
@@ -298,7 +308,11 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
                 .context("give the --issuer-cert (the issuer's certificate chain)")?,
         )?;
         if chain[0].body.subject != key.public() {
-            bail!("the --issuer-key does not belong to the first certificate of --issuer-cert");
+            bail!(
+                "the --issuer-key does not belong to the first certificate of --issuer-cert \
+                 (it was issued for key {}); give the key it was issued for",
+                chain[0].body.subject
+            );
         }
         (key, chain)
     };
@@ -519,7 +533,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         body.serials.push(serial);
     }
     for k in &args.public_key {
-        body.keys.push(PublicKey::from_hex(k)?);
+        body.keys.push(parse_public_key("--public-key", k)?);
     }
     body.serials.sort_unstable();
     body.serials.dedup();

@@ -129,6 +129,7 @@ pub(super) async fn run(dir: PathBuf, quick: bool, only: Vec<Flood>) -> anyhow::
         if !only.is_empty() && !only.contains(&kind) {
             continue;
         }
+        super::progress(&format!("flood {}", kind.label()));
         let row = match run_flood(&dir, &pki, &plan, kind, i).await {
             Ok(row) => row,
             Err(e) => {
@@ -141,6 +142,7 @@ pub(super) async fn run(dir: PathBuf, quick: bool, only: Vec<Flood>) -> anyhow::
     let idle = if !only.is_empty() {
         None
     } else {
+        super::progress(&format!("{} idle drivers connecting", plan.idle_drivers));
         match idle_connections(&dir, &pki, &plan).await {
             Ok(idle) => Some(idle),
             Err(e) => {
