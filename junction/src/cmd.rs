@@ -526,7 +526,7 @@ fn junctions_tables(listing: &junction_road::control::Listing) -> String {
                 format!("j{}", r.junction),
                 format!("j{}", r.next_hop),
                 r.cost,
-                junction_identity::when::utc(r.incarnation),
+                started(r.incarnation),
                 path.join(" > ")
             );
         }
@@ -559,12 +559,22 @@ fn junctions_tables(listing: &junction_road::control::Listing) -> String {
                 s.refused,
                 s.imports,
                 s.exports,
-                junction_identity::when::utc(s.incarnation)
+                started(s.incarnation)
             );
         }
         more(&mut out, listing.more_sessions, "sessions");
     }
     out
+}
+
+/// A junction's incarnation (its start time) as a date; `-` for 0, an
+/// incarnation not heard yet.
+fn started(incarnation: u64) -> String {
+    if incarnation == 0 {
+        "-".to_string()
+    } else {
+        junction_identity::when::utc(incarnation)
+    }
 }
 
 /// The last column of a connection in `junction ls`: the proven identity,
@@ -970,6 +980,7 @@ mod tests {
         assert!(lines[2].contains("1.5ms"), "{text}");
         assert!(lines[2].ends_with(r"bus-b\u{202e}:4433"), "{text}");
         assert!(text.contains("j2 > j3"), "{text}");
+        assert!(text.contains("1970-01-01 00:00:07 UTC"), "{text}");
         assert!(text.contains("… and 9 more routes"), "{text}");
         assert!(lines.iter().any(|l| l.starts_with("SESSION ")), "{text}");
         assert!(text.contains(" sealed "), "{text}");
