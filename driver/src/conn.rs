@@ -690,8 +690,13 @@ impl Shared {
                 });
             }
             Event::IdentityWithdrawn { names, reason } => {
-                tracing::info!(?names, "the junction withdrew this connection's identity: {reason}");
-                let _ = self.notices_tx.send(Notice::IdentityWithdrawn { names, reason });
+                tracing::info!(
+                    ?names,
+                    "the junction withdrew this connection's identity: {reason}"
+                );
+                let _ = self
+                    .notices_tx
+                    .send(Notice::IdentityWithdrawn { names, reason });
             }
             other => tracing::debug!(?other, "ignored a driver event"),
         }

@@ -226,8 +226,9 @@ pub(crate) fn undecodable(e: &postcard::Error) -> String {
         postcard::Error::DeserializeUnexpectedEnd => {
             "its contents end too early (the file is cut short)".to_string()
         }
-        _ => "its contents do not decode (the file is corrupt, or holds something else)"
-            .to_string(),
+        _ => {
+            "its contents do not decode (the file is corrupt, or holds something else)".to_string()
+        }
     }
 }
 

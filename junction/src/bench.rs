@@ -266,7 +266,11 @@ async fn measure(
     pinned: bool,
     rss: &mut u64,
 ) -> anyhow::Result<()> {
-    let how = if pinned { "pinned to CPU 0" } else { "unpinned" };
+    let how = if pinned {
+        "pinned to CPU 0"
+    } else {
+        "unpinned"
+    };
     progress(&format!("round trips over a raw socket, {how}"));
     let raw_rtt = raw_round_trips(dir, work.round_trips, true).await?;
     progress(&format!("round trips over the Road transport, {how}"));
@@ -290,7 +294,9 @@ async fn measure(
         let sink = lookup(&driver, "bench.sink").await?;
         progress(&format!("round trips through the junction, {how}"));
         let rtt = junction_round_trips(&driver, &echo, work.round_trips).await?;
-        progress(&format!("identities: registration, lookup, identified round trips, {how}"));
+        progress(&format!(
+            "identities: registration, lookup, identified round trips, {how}"
+        ));
         let ids = identity_figures(&jct.socket, &pki, work.round_trips).await?;
         if pinned {
             through.identity_rtt_pinned = Some(ids.rtt);
@@ -423,14 +429,25 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
             return;
         }
         println!();
-        println!("{title:<40} {a:>12} {b:>12} {:>22}", format!("RATIO {b}/{a}"));
+        println!(
+            "{title:<40} {a:>12} {b:>12} {:>22}",
+            format!("RATIO {b}/{a}")
+        );
         for (name, x, y) in rows {
             println!("{name:<40} {x:>12.2} {y:>12.2} {:>21.2}x", ratio(*y, *x));
         }
     };
     let mut rows = vec![
-        ("call round trip p50 (µs)", raw.rtt.p50_us, through.rtt.p50_us),
-        ("call round trip p99 (µs)", raw.rtt.p99_us, through.rtt.p99_us),
+        (
+            "call round trip p50 (µs)",
+            raw.rtt.p50_us,
+            through.rtt.p50_us,
+        ),
+        (
+            "call round trip p99 (µs)",
+            raw.rtt.p99_us,
+            through.rtt.p99_us,
+        ),
     ];
     if let (Some(r), Some(j)) = (raw.rtt_pinned, through.rtt_pinned) {
         rows.push(("pinned round trip p50 (µs)", r.p50_us, j.p50_us));
@@ -459,7 +476,11 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
             "ROAD",
             "THIS",
             &[
-                ("a minimal relay process (no decisions)", road.p50_us, relay.p50_us),
+                (
+                    "a minimal relay process (no decisions)",
+                    road.p50_us,
+                    relay.p50_us,
+                ),
                 ("the junction", road.p50_us, j.p50_us),
             ],
         );
@@ -469,7 +490,9 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
         );
     }
     let identified = match (through.rtt_pinned, through.identity_rtt_pinned) {
-        (Some(plain), Some(ids)) => Some(("pinned call round trip p50 (µs)", plain.p50_us, ids.p50_us)),
+        (Some(plain), Some(ids)) => {
+            Some(("pinned call round trip p50 (µs)", plain.p50_us, ids.p50_us))
+        }
         _ => through
             .identity_rtt
             .map(|ids| ("call round trip p50 (µs)", through.rtt.p50_us, ids.p50_us)),

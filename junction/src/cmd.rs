@@ -700,18 +700,15 @@ async fn lookup_as(
 ) -> anyhow::Result<(Driver, junction_driver::Capability)> {
     let driver = connect(socket).await?;
     identity.apply(&driver).await?;
-    let cap = driver
-        .lookup(name)
-        .await
-        .map_err(|e| {
-            let hint = match refusal_code(&e) {
-                Some(junction_driver::ErrorCode::NameNotFound) => {
-                    "; is the service running? `junction ls` shows the names registered"
-                }
-                _ => "",
-            };
-            anyhow::anyhow!("cannot look up {name}: {e}{hint}")
-        })?;
+    let cap = driver.lookup(name).await.map_err(|e| {
+        let hint = match refusal_code(&e) {
+            Some(junction_driver::ErrorCode::NameNotFound) => {
+                "; is the service running? `junction ls` shows the names registered"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!("cannot look up {name}: {e}{hint}")
+    })?;
     Ok((driver, cap))
 }
 
@@ -772,24 +769,20 @@ pub(crate) async fn listen(
     identity.apply(&driver).await?;
     let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
-    driver
-        .register(&name, &cap)
-        .await
-        .map_err(|e| {
-            let hint = match refusal_code(&e) {
-                Some(junction_driver::ErrorCode::NameNotGranted) => format!(
-                    "; give --key and --cert of a service certificate that grants {name} \
+    driver.register(&name, &cap).await.map_err(|e| {
+        let hint = match refusal_code(&e) {
+            Some(junction_driver::ErrorCode::NameNotGranted) => format!(
+                "; give --key and --cert of a service certificate that grants {name} \
                      (junction cert issue --role service --name {name}), or use a name in the \
                      junction's development namespace (serve --dev-namespace)"
-                ),
-                Some(junction_driver::ErrorCode::NameTaken) => {
-                    "; pick another name, or stop the program that holds it (junction ls)"
-                        .to_string()
-                }
-                _ => String::new(),
-            };
-            anyhow::anyhow!("cannot register {name}: {e}{hint}")
-        })?;
+            ),
+            Some(junction_driver::ErrorCode::NameTaken) => {
+                "; pick another name, or stop the program that holds it (junction ls)".to_string()
+            }
+            _ => String::new(),
+        };
+        anyhow::anyhow!("cannot register {name}: {e}{hint}")
+    })?;
     eprintln!("listening as {name} on port {}", port.address());
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {

@@ -249,7 +249,12 @@ fn main() -> ExitCode {
         Command::Cert(command) => pki::cert(command),
         Command::Echo { name, identity } => cmd::block_on(cmd::echo(name, identity)),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "junction", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "junction",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Command::Man { out_dir } => man(out_dir),

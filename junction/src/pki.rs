@@ -385,7 +385,9 @@ fn self_check(chain: &[Certificate], now: u64) -> Option<Result<(), String>> {
                 if chain.len() == 1 {
                     Ok(())
                 } else {
-                    trust.verify_chain(&chain[..chain.len() - 1], now, None).map(|_| ())
+                    trust
+                        .verify_chain(&chain[..chain.len() - 1], now, None)
+                        .map(|_| ())
                 }
             })
             .map_err(|e| e.to_string()),

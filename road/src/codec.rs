@@ -267,7 +267,9 @@ mod tests {
         encode(&frame, &mut buf);
         assert_eq!(
             &buf[..],
-            &[0, 0, 0, 0x0A, 0x1B, 1, 5, b'o', b'r', b'g', b'.', b'x', 1, b'r']
+            &[
+                0, 0, 0, 0x0A, 0x1B, 1, 5, b'o', b'r', b'g', b'.', b'x', 1, b'r'
+            ]
         );
         // Discriminant 27 is unknown to a version-3 decoder that stops at
         // Cancel: simulate one with a discriminant past every variant.

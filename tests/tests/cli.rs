@@ -156,7 +156,10 @@ fn a_listener_whose_certificate_is_revoked_says_so_and_exits() {
     revoke_svc(&pki, &j);
     let said = expect_line(&lines, "withdrew");
     assert!(said.contains("has been revoked"), "{said}");
-    assert!(said.contains("org.acme.svc is no longer registered"), "{said}");
+    assert!(
+        said.contains("org.acme.svc is no longer registered"),
+        "{said}"
+    );
     assert!(said.contains("get a new certificate"), "{said}");
     let status = listener
         .wait_timeout(PATIENCE)
@@ -165,7 +168,10 @@ fn a_listener_whose_certificate_is_revoked_says_so_and_exits() {
     // The loss is the junction's log too, and the name is free.
     let (ok, _, err) = run(&j, &["call", "org.acme.svc", "hi"]);
     assert!(!ok);
-    assert!(err.contains("no service is registered as org.acme.svc"), "{err}");
+    assert!(
+        err.contains("no service is registered as org.acme.svc"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -244,8 +250,14 @@ fn certificates_show_dates_and_take_them() {
     let out = run_in(&pki.path(""), &["cert", "inspect", "alice.cert"]);
     let shown = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(shown.contains("valid from: 2030-01-02 00:00 UTC (in "), "{shown}");
-    assert!(shown.contains("expires:    2030-02-01 12:30 UTC (in "), "{shown}");
+    assert!(
+        shown.contains("valid from: 2030-01-02 00:00 UTC (in "),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("expires:    2030-02-01 12:30 UTC (in "),
+        "{shown}"
+    );
     assert!(shown.contains("NOT YET VALID"), "{shown}");
     assert!(!shown.contains("epoch"), "{shown}");
     let out = run_in(&pki.path(""), &["cert", "inspect", "alice.cert", "--json"]);
@@ -289,7 +301,11 @@ fn certificates_show_dates_and_take_them() {
         ],
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("2026-12-01"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("2026-12-01"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -323,7 +339,11 @@ fn cert_issue_and_keygen_refuse_to_overwrite_without_force() {
     let key = std::fs::read(pki.path("authority.key")).unwrap();
     let out = run_in(&dir, &["keygen", "authority.key"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("--force"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--force"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(std::fs::read(pki.path("authority.key")).unwrap(), key);
     let out = run_in(&dir, &["keygen", "authority.key", "--force"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -356,7 +376,10 @@ fn errors_name_their_file_once_and_say_what_to_do() {
     assert!(err.contains("nope.cert"), "{err}");
     assert!(!err.contains("config file nope"), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
-    assert!(err.contains("junction cert issue --role authority"), "{err}");
+    assert!(
+        err.contains("junction cert issue --role authority"),
+        "{err}"
+    );
     let err = serve(&["--config", "nope.toml"]);
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     std::fs::write(pki.path("bad.toml"), "bogus = 1\n").unwrap();
@@ -489,7 +512,15 @@ fn call_takes_durations_and_writes_raw_replies() {
 fn help_lists_every_command_with_examples() {
     let dir = TempDir::new();
     let top = text(&run_in(dir.path(), &["--help"]).stdout);
-    for command in ["serve", "ls", "call", "listen", "echo", "completions", "man"] {
+    for command in [
+        "serve",
+        "ls",
+        "call",
+        "listen",
+        "echo",
+        "completions",
+        "man",
+    ] {
         assert!(top.contains(&format!("  {command}")), "{command}: {top}");
     }
     assert!(top.contains("EXAMPLES"), "{top}");
@@ -530,7 +561,10 @@ fn completions_and_man_pages_come_from_the_same_definitions() {
     }
     let out = run_in(dir.path(), &["man"]);
     let page = text(&out.stdout);
-    assert!(page.starts_with(".ie") || page.contains(".TH junction"), "{page}");
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH junction"),
+        "{page}"
+    );
     assert!(page.contains("completions"), "{page}");
     let out = run_in(dir.path(), &["man", "--out-dir", "."]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -549,7 +583,11 @@ fn bench_shows_progress_on_stderr_and_labels_its_tables() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let _: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is only the JSON");
-    assert!(text(&out.stderr).contains("bench: round trips"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("bench: round trips"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = run_in(dir.path(), &["bench", "--quick", "--no-pin", "--rtt-only"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = text(&out.stdout);
@@ -564,5 +602,8 @@ fn bench_shows_progress_on_stderr_and_labels_its_tables() {
             assert!(!next.trim().is_empty(), "empty heading {line:?}:\n{report}");
         }
     }
-    assert!(!report.contains("for scale"), "no heading without rows:\n{report}");
+    assert!(
+        !report.contains("for scale"),
+        "no heading without rows:\n{report}"
+    );
 }

@@ -118,8 +118,14 @@ async fn measure(
         .connect_with(client, addr, &junction_highway::cert::server_name(2))?
         .await
         .context("raw quinn: connect")?;
-    let how = if pinned { "pinned to CPU 0" } else { "unpinned" };
-    super::progress(&format!("raw quinn: round trips, then one-way streams, {how}"));
+    let how = if pinned {
+        "pinned to CPU 0"
+    } else {
+        "unpinned"
+    };
+    super::progress(&format!(
+        "raw quinn: round trips, then one-way streams, {how}"
+    ));
     let rtt = raw_round_trips(&conn, work.round_trips).await?;
     set_rtt(raw, &rtt, pinned);
     if !pinned {
