@@ -385,6 +385,19 @@ fn errors_name_their_file_once_and_say_what_to_do() {
     std::fs::write(pki.path("bad.toml"), "bogus = 1\n").unwrap();
     let err = serve(&["--config", "bad.toml"]);
     assert_eq!(err.matches("unknown field").count(), 1, "{err}");
+    // A Highway identity that is not a junction's keeps its cause.
+    let err = serve(&[
+        "--authority",
+        "authority.cert",
+        "--junction-key",
+        "authority.key",
+        "--junction-cert",
+        "authority.cert",
+        "--quic-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(err.contains("not for a junction"), "{err}");
+    assert!(err.contains("--role junction"), "{err}");
     // A revocation list is a revocation list.
     let err = serve(&[
         "--authority",
