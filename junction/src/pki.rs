@@ -180,8 +180,9 @@ fn not_a_certificate(path: &Path, e: &junction_identity::IdentityError) -> anyho
     )
 }
 
-/// Writes a file only its owner can read; an existing one only if `force`.
-fn write_private(path: &Path, text: &str, force: bool) -> anyhow::Result<()> {
+/// Writes a new file with `mode` (0600 for keys; certificates are public);
+/// replaces an existing one only if `force`.
+fn write_new(path: &Path, text: &str, force: bool, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if force {
@@ -196,7 +197,7 @@ fn write_private(path: &Path, text: &str, force: bool) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -216,7 +217,7 @@ fn write_private(path: &Path, text: &str, force: bool) -> anyhow::Result<()> {
 /// `junction keygen OUT`: a new ed25519 key, PKCS#8 PEM, mode 0600.
 pub(crate) fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     let key = SecretKey::generate()?;
-    write_private(out, &key.to_pem()?, force)?;
+    write_new(out, &key.to_pem()?, force, 0o600)?;
     println!("{}", key.public());
     eprintln!("wrote {} (public key above)", out.display());
     Ok(())
@@ -330,7 +331,7 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
     for c in &chain {
         text.push_str(&c.to_pem());
     }
-    write_private(&args.out, &text, args.force)?;
+    write_new(&args.out, &text, args.force, 0o644)?;
     eprintln!(
         "wrote {}: {} for {}, serial {:#x}, valid {} to {}",
         args.out.display(),
