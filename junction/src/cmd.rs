@@ -58,7 +58,8 @@ impl IdentityArgs {
                     let hint = match refusal_code(&e) {
                         Some(code) => match code {
                             junction_driver::ErrorCode::BadCertificate => {
-                                "; check that it was issued under the authority this junction                                  trusts (its --authority) and is valid now (junction cert inspect)"
+                                "; check that it was issued under the authority this junction \
+                                 trusts (its --authority) and is valid now (junction cert inspect)"
                             }
                             junction_driver::ErrorCode::CertificateRevoked => {
                                 "; the authority revoked it: get a new certificate"

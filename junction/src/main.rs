@@ -156,13 +156,16 @@ EXAMPLES:
         force: bool,
     },
     /// Issue, inspect and revoke certificates.
-    #[command(subcommand, after_help = "\
+    #[command(
+        subcommand,
+        after_help = "\
 EXAMPLES:
   junction cert issue --role authority --key authority.key -o authority.cert
   junction cert inspect authority.cert
   junction cert revoke --authority-key authority.key --cert stolen.cert -o revoked.crl
 
-Each has its own help: junction cert help issue.")]
+Each has its own help: junction cert help issue."
+    )]
     Cert(pki::CertCommand),
     /// A service that answers every call with its payload.
     ///
