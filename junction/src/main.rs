@@ -341,8 +341,23 @@ fn self_exe() -> anyhow::Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
+    use super::{Cli, report};
     use clap::CommandFactory;
+
+    /// A cause whose words the message already holds is not said again;
+    /// one it does not hold is.
+    #[test]
+    fn errors_are_reported_with_each_cause_once() {
+        let os = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let wrapped = anyhow::Error::new(junction::config::ConfigError::Read {
+            path: "x.toml".into(),
+            source: os,
+        });
+        let text = report(&wrapped);
+        assert_eq!(text.matches("entity not found").count(), 1, "{text}");
+        let chained = anyhow::anyhow!("inner cause").context("outer");
+        assert_eq!(report(&chained), "outer: inner cause");
+    }
 
     /// Every visible command has examples, and every option that may be
     /// left out says its default (clap's, or `[default: ...]` in its help).
