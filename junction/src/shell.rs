@@ -406,9 +406,9 @@ pub async fn serve(
             config.core.revocations.clone(),
             settings,
         )
-        .map_err(|e| ServeError::Highways(e.to_string()))?;
+        .map_err(|e| ServeError::Highways(format!("{e:#}")))?;
         let highways = crate::highway::Highways::new(setup)
-            .map_err(|e| ServeError::Highways(e.to_string()))?;
+            .map_err(|e| ServeError::Highways(format!("{e:#}")))?;
         if let Some(addr) = highways.local_addr()
             && settings.listen.is_some()
         {

@@ -1633,5 +1633,6 @@ fn frame_name(header: &Header) -> &'static str {
         Header::WatchSenders { .. } => "WatchSenders",
         Header::NoSenders { .. } => "NoSenders",
         Header::Cancel { .. } => "Cancel",
+        Header::IdentityWithdrawn { .. } => "IdentityWithdrawn",
     }
 }

@@ -135,6 +135,14 @@ async fn measure(
         .connect_with(client, addr, &junction_highway::cert::server_name(2))?
         .await
         .context("raw quinn: connect")?;
+    let how = if pinned {
+        "pinned to CPU 0"
+    } else {
+        "unpinned"
+    };
+    super::progress(&format!(
+        "raw quinn: round trips, then one-way streams, {how}"
+    ));
     let rtt = raw_round_trips(&conn, work.round_trips).await?;
     set_rtt(raw, &rtt, pinned);
     if !pinned {
@@ -147,6 +155,9 @@ async fn measure(
     let _ = server.kill().await;
 
     // The bus: two junctions, a Highway between them.
+    super::progress(&format!(
+        "two junctions and a Highway: round trips, then one-way streams, {how}"
+    ));
     let (p1, p2) = (free_udp_port()?, free_udp_port()?);
     let j1 = start_junction(dir, authority, authority_path, 1, p1, None).await?;
     let j2 = start_junction(dir, authority, authority_path, 2, p2, Some((1, p1))).await?;
