@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod ops;
 mod pki;
 
 use std::path::PathBuf;
@@ -23,6 +24,27 @@ struct Cli {
 enum Command {
     /// Run the junction daemon.
     Serve(cmd::ServeArgs),
+    /// Wait until a junction answers on its socket (after `junction serve &`).
+    ///
+    /// Example: junction serve & junction wait --timeout 10s
+    Wait {
+        #[command(flatten)]
+        socket: cmd::SocketArg,
+        /// How long to wait, e.g. 10s or 500ms.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Make the junction reload its revocation list and configuration file
+    /// (its own user and root only; as SIGHUP, without signalling by name).
+    ///
+    /// Example: junction reload
+    Reload {
+        #[command(flatten)]
+        socket: cmd::SocketArg,
+    },
+    /// Check configuration files.
+    #[command(subcommand)]
+    Config(ops::ConfigCommand),
     /// Start a private junction, spawn services, and show the bus at work.
     Demo,
     /// List the junction's ports and connections.
@@ -112,6 +134,9 @@ fn main() -> ExitCode {
     let _ = junction_road::transport::unix::raise_fd_limit();
     let result = match cli.command {
         Command::Serve(args) => cmd::serve(args),
+        Command::Wait { socket, timeout } => cmd::block_on(ops::wait(socket.path(), timeout)),
+        Command::Reload { socket } => cmd::block_on(ops::reload(socket.path())),
+        Command::Config(command) => ops::config(command),
         Command::Demo => demo::run(),
         Command::Ls { socket, json } => cmd::block_on(cmd::ls(socket.path(), json)),
         Command::Call {
