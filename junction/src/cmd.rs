@@ -308,7 +308,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
 
 /// Binds the socket and runs a junction on this thread until `shutdown`.
 pub(crate) fn run_junction(
-    config: ServeConfig,
+    mut config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -317,7 +317,7 @@ pub(crate) fn run_junction(
         .context("cannot start the async runtime")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let (listener, guard) = shell::listen(&config)?;
+        let (listener, guard) = shell::listen(&mut config)?;
         shell::serve(config, listener, guard, shutdown).await?;
         Ok(())
     })

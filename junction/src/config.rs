@@ -88,9 +88,10 @@ pub struct FileConfig {
     /// who can open the socket (which is created 0600).
     #[serde(default)]
     pub allow_uids: Vec<u32>,
-    /// Group ids that may connect: a peer whose primary gid (SO_PEERCRED)
-    /// is listed is let in, as is one whose uid is in `allow_uids`. Both
-    /// empty: anyone who can open the socket.
+    /// Group ids that may connect: a peer in one of them (its primary gid
+    /// from SO_PEERCRED, or a supplementary group from SO_PEERGROUPS, as of
+    /// its connect) is let in, as is one whose uid is in `allow_uids`.
+    /// Both empty: anyone who can open the socket.
     #[serde(default)]
     pub allow_gids: Vec<u32>,
     /// The socket's mode, in octal (default "0600"): "0660" lets the

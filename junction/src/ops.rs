@@ -25,8 +25,9 @@ pub(crate) struct ServiceArgs {
     /// The socket's group, by name or gid [default: the junction's own].
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
-    /// A group id allowed to connect (repeatable), checked against the
-    /// peer's primary group; with --allow-uid, either list lets a peer in
+    /// A group id allowed to connect (repeatable): the peer's primary or a
+    /// supplementary group, as of its connect; with --allow-uid, either
+    /// list lets a peer in
     /// [default: anyone who can open the socket].
     #[arg(long, value_name = "GID")]
     allow_gid: Vec<u32>,
@@ -56,6 +57,7 @@ impl ServiceArgs {
             socket_group,
             ready_fd: None,
             reload: None,
+            activated: false,
         })
     }
 }

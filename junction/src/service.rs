@@ -22,8 +22,8 @@ const LISTEN_FDS_START: RawFd = 3;
 /// How the junction runs as a service, beside its limits.
 #[derive(Clone, Default)]
 pub struct Service {
-    /// Group ids whose members (by their primary group, see
-    /// docs/security.md) may connect, beside `allow_uids`.
+    /// Group ids whose members (primary or supplementary group, as of
+    /// their connect) may connect, beside `allow_uids`.
     pub allow_gids: Vec<u32>,
     /// The socket's mode when the junction makes it [default: `0o600`].
     pub socket_mode: Option<u32>,
@@ -34,6 +34,8 @@ pub struct Service {
     /// Reads the configuration again, for a reload; `None` when there is
     /// nothing to read again (the demo).
     pub reload: Option<Reloader>,
+    /// The listening socket came from systemd (socket activation).
+    pub activated: bool,
 }
 
 impl std::fmt::Debug for Service {
@@ -44,6 +46,7 @@ impl std::fmt::Debug for Service {
             .field("socket_group", &self.socket_group)
             .field("ready_fd", &self.ready_fd)
             .field("reload", &self.reload.is_some())
+            .field("activated", &self.activated)
             .finish()
     }
 }
@@ -205,6 +208,42 @@ pub fn notify_stopping() {
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
+    }
+}
+
+/// The supplementary groups of the process at the other end of a Unix
+/// stream socket, as of its `connect()` (`SO_PEERGROUPS`, Linux 4.13 and
+/// later): the kernel's record, unlike `/proc/PID/status`, which may
+/// describe another process by the time it is read.
+pub fn peer_groups(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u32>> {
+    // Most processes are in few groups; the kernel says how many when
+    // the buffer is short (ERANGE), up to NGROUPS_MAX (65,536).
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * size_of::<libc::gid_t>())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ERANGE))?;
+        // SAFETY: the buffer is `len` bytes of gid_t, which the kernel
+        // fills, and it writes the size it used (or needs) into `len`.
+        #[allow(unsafe_code)]
+        let got = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / size_of::<libc::gid_t>();
+        if got == 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ERANGE) || count <= groups.len() || count > 65_536 {
+            return Err(error);
+        }
+        groups.resize(count, 0);
     }
 }
 

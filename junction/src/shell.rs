@@ -250,19 +250,26 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
 }
 
 /// The listening socket for `config`: the one systemd passed (socket
-/// activation; systemd owns its file, so there is no guard), or one bound
-/// at `config.socket` with the configured mode and group.
-pub fn listen(config: &ServeConfig) -> Result<(UnixListener, Option<SocketGuard>), ServeError> {
+/// activation; systemd owns its file, so there is no guard, and
+/// `config.socket` becomes its path, which children are told), or one
+/// bound at `config.socket` with the configured mode and group.
+pub fn listen(
+    config: &mut ServeConfig,
+) -> Result<(UnixListener, Option<SocketGuard>), ServeError> {
     if let Some(listener) = crate::service::activated_listener()? {
         let listener = UnixListener::from_std(listener).map_err(|source| ServeError::Listen {
             path: config.socket.clone(),
             source,
         })?;
-        let at = listener
+        if let Some(at) = listener
             .local_addr()
             .ok()
-            .and_then(|a| a.as_pathname().map(Path::to_path_buf));
-        tracing::info!(socket = ?at, "listening on the socket systemd passed (socket activation)");
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        {
+            config.socket = at;
+        }
+        config.service.activated = true;
+        tracing::info!(socket = %config.socket.display(), "listening on the socket systemd passed (socket activation)");
         return Ok((listener, None));
     }
     let (listener, guard) = bind_with(
@@ -634,7 +641,7 @@ impl Shell {
         let pid = cred.and_then(|c| c.pid());
         let who = Who { uid, pid };
         let gid = cred.map(|c| c.gid());
-        if !self.admits(uid, gid) {
+        if !self.admits(uid, gid, &stream) {
             self.refusals.allow_uids.warn(format_args!(
                 "{who}, gid {}",
                 gid.map_or("unknown".to_string(), |g| g.to_string())
@@ -772,13 +779,21 @@ impl Shell {
     }
 
     /// Whether a peer with `uid` and primary `gid` may connect: anyone when
-    /// both allow lists are empty, else one of them must name it.
-    fn admits(&self, uid: Option<u32>, gid: Option<u32>) -> bool {
+    /// both allow lists are empty, else `allow_uids` must name its uid or
+    /// `allow_gids` one of its groups, primary or supplementary (asked of
+    /// the kernel only when needed).
+    fn admits(&self, uid: Option<u32>, gid: Option<u32>, stream: &UnixStream) -> bool {
         let uids = self.allow_uids.borrow();
         let gids = self.allow_gids.borrow();
-        (uids.is_empty() && gids.is_empty())
+        if (uids.is_empty() && gids.is_empty())
             || uid.is_some_and(|u| uids.contains(&u))
             || gid.is_some_and(|g| gids.contains(&g))
+        {
+            return true;
+        }
+        !gids.is_empty()
+            && crate::service::peer_groups(stream)
+                .is_ok_and(|groups| groups.iter().any(|g| gids.contains(g)))
     }
 
     /// Reloads the configuration file and the revocation list (SIGHUP, or
@@ -791,7 +806,13 @@ impl Shell {
         let old = self.config.borrow().clone();
         let new = match &old.service.reload {
             Some(reload) => match reload() {
-                Ok(new) => Some(new),
+                Ok(mut new) => {
+                    // The socket systemd passed stays, whatever the file says.
+                    if old.service.activated {
+                        new.socket = old.socket.clone();
+                    }
+                    Some(new)
+                }
                 Err(e) => {
                     report.failed.push(format!(
                         "the configuration did not load, keeping the one in force: {e}"
