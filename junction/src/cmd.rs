@@ -153,9 +153,12 @@ pub(crate) fn block_on<T, F: std::future::Future<Output = anyhow::Result<T>>>(
 /// `junction serve`: runs until SIGINT or SIGTERM; SIGHUP and `junction
 /// reload` build the configuration again from the same arguments.
 pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Inherited descriptors first, before anything opens files of its own.
+    let activated = args.service.activated()?;
     let ready_fd = args.service.ready_fd()?;
     let mut config = serve_config(args.clone())?;
     config.service.ready_fd = ready_fd;
+    config.service.activated_listener = activated;
     config.service.reload = Some(std::sync::Arc::new(move || {
         serve_config(args.clone()).map_err(|e| format!("{e:#}"))
     }));

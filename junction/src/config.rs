@@ -341,9 +341,7 @@ pub fn check_file(path: &Path) -> Vec<String> {
                 );
             }
         }
-        _ => problems.push(
-            "junction_key, junction_cert: give both or neither".into(),
-        ),
+        _ => problems.push("junction_key, junction_cert: give both or neither".into()),
     }
     if (config.quic_listen.is_some() || !config.peers.is_empty()) && config.authority.is_none() {
         problems.push(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use junction::config::FileConfig;
-use junction::service::{ReadyFd, Service, parse_group, parse_mode};
+use junction::service::{Activated, ReadyFd, Service, parse_group, parse_mode};
 use junction_driver::Driver;
 
 /// `junction serve`'s options for running as a service.
@@ -39,6 +39,11 @@ impl ServiceArgs {
         Ok(self.ready_fd.map(ReadyFd::take).transpose()?)
     }
 
+    /// Takes over the socket systemd passed, if any.
+    pub(crate) fn activated(&self) -> anyhow::Result<Option<Activated>> {
+        Ok(Activated::take()?)
+    }
+
     /// The service settings from these flags over `file`'s.
     pub(crate) fn service(&self, file: &FileConfig) -> anyhow::Result<Service> {
         let socket_mode = match self.socket_mode.as_ref().or(file.socket_mode.as_ref()) {
@@ -58,6 +63,7 @@ impl ServiceArgs {
             ready_fd: None,
             reload: None,
             activated: false,
+            activated_listener: None,
         })
     }
 }

@@ -36,6 +36,28 @@ pub struct Service {
     pub reload: Option<Reloader>,
     /// The listening socket came from systemd (socket activation).
     pub activated: bool,
+    /// The socket systemd passed, taken over at start
+    /// ([`Activated::take`]) and used when the junction starts listening.
+    pub activated_listener: Option<Activated>,
+}
+
+/// The listening socket systemd passed as descriptor 3, taken over as the
+/// very first thing, before the runtime or anything else could be given
+/// that number should it not be open.
+#[derive(Clone, Debug)]
+pub struct Activated(Arc<Mutex<Option<std::os::unix::net::UnixListener>>>);
+
+impl Activated {
+    /// Takes over the socket systemd passed, if it passed one
+    /// ([`activated_listener`]).
+    pub fn take() -> Result<Option<Self>, ServiceError> {
+        Ok(activated_listener()?.map(|l| Self(Arc::new(Mutex::new(Some(l))))))
+    }
+
+    /// The listener, once.
+    pub fn listener(&self) -> Option<std::os::unix::net::UnixListener> {
+        self.0.lock().ok().and_then(|mut l| l.take())
+    }
 }
 
 impl std::fmt::Debug for Service {

@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use junction_road::control::{ControlReply, ControlRequest, ReloadReport};
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::transport::{child as child_road, unix as unix_road};
-use junction_road::control::{ControlReply, ControlRequest, ReloadReport};
 use junction_road::{DirectLink, Header, RoadError, RoadReader, RoadWriter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
@@ -253,10 +253,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
 /// activation; systemd owns its file, so there is no guard, and
 /// `config.socket` becomes its path, which children are told), or one
 /// bound at `config.socket` with the configured mode and group.
-pub fn listen(
-    config: &mut ServeConfig,
-) -> Result<(UnixListener, Option<SocketGuard>), ServeError> {
-    if let Some(listener) = crate::service::activated_listener()? {
+pub fn listen(config: &mut ServeConfig) -> Result<(UnixListener, Option<SocketGuard>), ServeError> {
+    let activated = config
+        .service
+        .activated_listener
+        .as_ref()
+        .and_then(|a| a.listener());
+    if let Some(listener) = activated {
         let listener = UnixListener::from_std(listener).map_err(|source| ServeError::Listen {
             path: config.socket.clone(),
             source,
@@ -1191,7 +1194,10 @@ fn restart_only(config: &ServeConfig) -> Vec<(&'static str, String)> {
         ("max_ports", core.max_ports.to_string()),
         ("max_pending_calls", core.max_pending_calls.to_string()),
         ("max_names", core.max_names.to_string()),
-        ("hello_timeout_ms", core.hello_timeout.as_millis().to_string()),
+        (
+            "hello_timeout_ms",
+            core.hello_timeout.as_millis().to_string(),
+        ),
         ("dev_namespace", format!("{patterns:?}")),
         ("authority", format!("{:?}", core.trust)),
         (
@@ -1201,7 +1207,10 @@ fn restart_only(config: &ServeConfig) -> Vec<(&'static str, String)> {
         ("spawn", format!("{:?}", config.spawn)),
         ("grace_ms", config.grace.as_millis().to_string()),
         ("max_unread", config.max_unread.to_string()),
-        ("write_timeout_ms", config.write_timeout.as_millis().to_string()),
+        (
+            "write_timeout_ms",
+            config.write_timeout.as_millis().to_string(),
+        ),
         ("quic_listen/peers", format!("{:?}", config.highways)),
         (
             "socket_mode",

@@ -132,7 +132,9 @@ impl Core {
                 Some((asker, reply)) if asker == conn => (reply, None),
                 _ => (
                     refused(Refusal::BadControlRequest {
-                        reason: "this junction does not reload over its control port; send it SIGHUP".into(),
+                        reason:
+                            "this junction does not reload over its control port; send it SIGHUP"
+                                .into(),
                     }),
                     None,
                 ),
