@@ -642,9 +642,8 @@ fn the_systemd_units_verify_and_the_system_unit_rates_ok() {
     );
     for unit in &units {
         let text = std::fs::read_to_string(unit).unwrap();
-        for needed in ["Documentation=man:junction(1) file:///usr/share/doc/junction/README.md"] {
-            assert!(text.contains(needed), "{}: no {needed}", unit.display());
-        }
+        let docs = "Documentation=man:junction(1) file:///usr/share/doc/junction/README.md";
+        assert!(text.contains(docs), "{}: no {docs}", unit.display());
         if unit.extension().is_some_and(|e| e == "service") {
             for needed in [
                 "Type=notify",
