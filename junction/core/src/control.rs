@@ -130,14 +130,7 @@ impl Core {
             }
             ControlRequest::Reload => match self.reload_answer.take() {
                 Some((asker, reply)) if asker == conn => (reply, None),
-                _ => (
-                    refused(Refusal::BadControlRequest {
-                        reason:
-                            "this junction does not reload over its control port; send it SIGHUP"
-                                .into(),
-                    }),
-                    None,
-                ),
+                _ => (refused(Refusal::ReloadUnavailable), None),
             },
         })
     }
