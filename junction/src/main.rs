@@ -36,8 +36,12 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Make the junction reload its revocation list and configuration file
-    /// (its own user and root only; as SIGHUP, without signalling by name).
+    /// Make the junction reload its revocation list and configuration file.
+    ///
+    /// Only the junction's own user and root may. It does what SIGHUP does,
+    /// on the one junction at --socket, and prints what changed; it fails
+    /// when something could not be applied (a file that does not load, a
+    /// setting that needs a restart).
     ///
     /// Example: junction reload
     Reload {
