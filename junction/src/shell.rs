@@ -828,13 +828,21 @@ impl Shell {
         if let Some(new) = &new {
             self.apply(&old, new, &mut report);
         }
-        let revocations_path = new
+        let mut revocations_path = new
             .as_ref()
             .map_or(&old.revocations_path, |n| &n.revocations_path);
+        if revocations_path.is_none() && old.revocations_path.is_some() {
+            // Revocations only move forward: taking the file out of the
+            // configuration un-revokes nothing while the junction runs.
+            report.failed.push(
+                "revocations was removed from the configuration; the list in force stays until a restart".into(),
+            );
+            revocations_path = &old.revocations_path;
+        }
         self.reload_revocations(revocations_path.as_deref(), &old, &mut report);
         if let Some(new) = &new {
             let mut config = self.config.borrow_mut();
-            config.revocations_path = new.revocations_path.clone();
+            config.revocations_path = revocations_path.clone();
             config.allow_uids = new.allow_uids.clone();
             config.service.allow_gids = new.service.allow_gids.clone();
             config.max_connections = new.max_connections;

@@ -348,6 +348,17 @@ async fn reload_puts_a_new_revocation_list_and_allow_lists_in_force() {
     assert!(err.contains("window changed (1024 -> 8)"), "{err}");
     assert!(err.contains("restart the junction"), "{err}");
     assert!(j.log().contains("window changed"), "{}", j.log());
+    // Taking the list out of the file un-revokes nothing.
+    std::fs::write(
+        &config,
+        format!("authority = {:?}\n", pki.path("authority.cert")),
+    )
+    .unwrap();
+    let out = j.command(&["reload"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("revocations was removed"), "{err}");
+    assert!(authenticate().await.is_err(), "still revoked");
     // A file that does not parse keeps everything in force.
     std::fs::write(&config, "window = \"many\"").unwrap();
     let out = j.command(&["reload"]).output().unwrap();
