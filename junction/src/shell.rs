@@ -108,7 +108,7 @@ pub enum ServeError {
 /// Cheap handle for controlling a running junction from inside its thread.
 struct Shell {
     core: RefCell<Core>,
-    /// Who may connect (reloadable): uids, and primary gids.
+    /// Who may connect (reloadable): uids, and groups.
     allow_uids: RefCell<Vec<u32>>,
     allow_gids: RefCell<Vec<u32>>,
     /// Connection limits (reloadable).
@@ -354,7 +354,14 @@ pub fn bind_with(
         let listener = std::os::unix::net::UnixListener::bind(&staged)?;
         use std::os::unix::fs::PermissionsExt;
         if let Some(gid) = group {
-            std::os::unix::fs::chown(&staged, None, Some(gid))?;
+            std::os::unix::fs::chown(&staged, None, Some(gid)).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give the socket group {gid} ({e}); the junction's user must be in that group, or give another --socket-group"
+                    ),
+                )
+            })?;
         }
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(&staged, path)?;
