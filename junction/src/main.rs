@@ -28,10 +28,16 @@ enum Command {
     Serve(cmd::ServeArgs),
     /// Wait until a junction answers on its socket (after `junction serve &`).
     ///
+    /// With --name, also until those names are registered (after starting
+    /// their services in the background).
+    ///
     /// Example: junction serve & junction wait --timeout 10s
     Wait {
         #[command(flatten)]
         socket: cmd::SocketArg,
+        /// Also wait until this name is registered (repeatable).
+        #[arg(long)]
+        name: Vec<String>,
         /// How long to wait, e.g. 10s or 500ms.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -140,7 +146,11 @@ fn main() -> ExitCode {
     let _ = junction_road::transport::unix::raise_fd_limit();
     let result = match cli.command {
         Command::Serve(args) => cmd::serve(args),
-        Command::Wait { socket, timeout } => cmd::block_on(ops::wait(socket.path(), timeout)),
+        Command::Wait {
+            socket,
+            name,
+            timeout,
+        } => cmd::block_on(ops::wait(socket.path(), name, timeout)),
         Command::Reload { socket } => cmd::block_on(ops::reload(socket.path())),
         Command::Config(command) => ops::config(command),
         Command::Demo => demo::run(),

@@ -72,23 +72,39 @@ impl ServiceArgs {
 const WAIT_RETRY: Duration = Duration::from_millis(50);
 
 /// `junction wait`: returns once a junction answers on `socket` (a driver
-/// connects and finishes the handshake), or fails after `timeout`.
-pub(crate) async fn wait(socket: PathBuf, timeout: Duration) -> anyhow::Result<()> {
+/// connects and finishes the handshake) and every name in `names` is
+/// registered, or fails after `timeout`.
+pub(crate) async fn wait(
+    socket: PathBuf,
+    names: Vec<String>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    loop {
+    let within = humantime::format_duration(timeout);
+    let driver = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let error = match Driver::connect_within(&socket, left.max(WAIT_RETRY)).await {
-            Ok(_) => return Ok(()),
+            Ok(driver) => break driver,
             Err(e) => e,
         };
         if Instant::now() + WAIT_RETRY >= deadline {
-            bail!(
-                "no junction answered within {}: {error}",
-                humantime::format_duration(timeout)
-            );
+            bail!("no junction answered within {within}: {error}");
         }
         tokio::time::sleep(WAIT_RETRY).await;
+    };
+    for name in &names {
+        loop {
+            let error = match driver.lookup(name).await {
+                Ok(_) => break,
+                Err(e) => e,
+            };
+            if Instant::now() + WAIT_RETRY >= deadline {
+                bail!("{name} was not registered within {within}: {error}");
+            }
+            tokio::time::sleep(WAIT_RETRY).await;
+        }
     }
+    Ok(())
 }
 
 /// `junction reload`: asks the junction on `socket` to reload its

@@ -135,9 +135,41 @@ fn wait_returns_once_a_junction_answers_and_fails_clearly_without_one() {
             .arg(&socket)
             .stdin(Stdio::null()),
     );
-    let _junction = Proc::spawn(&mut serve(dir.path(), &socket, &[]));
+    let _junction = Proc::spawn(&mut serve(dir.path(), &socket, &["--dev-namespace", "t.*"]));
     let status = wait.wait_timeout(T * 3).expect("wait returned");
     assert!(status.success(), "{status}");
+
+    // With --name, it also waits for a service started in the background.
+    let mut wait = Proc::spawn(
+        Command::new(junction_bin())
+            .args(["wait", "--name", "t.late", "--timeout", "60s", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null()),
+    );
+    let _listener = Proc::spawn(
+        Command::new(junction_bin())
+            .args(["listen", "t.late", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let status = wait.wait_timeout(T * 3).expect("wait returned");
+    assert!(status.success(), "{status}");
+    let out = run(&[
+        "wait",
+        "--name",
+        "t.never",
+        "--timeout",
+        "200ms",
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("t.never was not registered within 200ms"),
+        "{err}"
+    );
 
     let nowhere = dir.path().join("nobody-here.sock");
     let out = run(&[
