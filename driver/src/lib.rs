@@ -415,6 +415,16 @@ impl Driver {
         }
     }
 
+    /// Asks the Junction to reload its revocation list and configuration
+    /// (as SIGHUP does). Only the junction's own user and root may; others
+    /// get [`Error::Refused`] with `NotAllowed`.
+    pub async fn reload(&self) -> Result<junction_road::control::ReloadReport, Error> {
+        match self.control(ControlRequest::Reload, &[]).await? {
+            (ControlReply::Reloaded(report), _) => Ok(report),
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
     async fn control(
         &self,
         request: ControlRequest,

@@ -13,7 +13,7 @@ use junction::shell::{self, ServeConfig};
 use junction_driver::{Driver, Rights};
 
 /// Where to find the junction.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct SocketArg {
     /// The junction's socket [default: $JUNCTION_SOCKET, else
     /// $XDG_RUNTIME_DIR/junction.sock, else a temp dir].
@@ -88,7 +88,7 @@ impl IdentityArgs {
 }
 
 /// `junction serve`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     socket: SocketArg,
@@ -162,6 +162,8 @@ pub(crate) struct ServeArgs {
     /// `junction cert issue --role junction --junction-id ID` [default: none].
     #[arg(long)]
     junction_cert: Option<PathBuf>,
+    #[command(flatten)]
+    service: crate::ops::ServiceArgs,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -175,8 +177,23 @@ pub(crate) fn block_on<T, F: std::future::Future<Output = anyhow::Result<T>>>(
         .block_on(future)
 }
 
-/// `junction serve`: runs until SIGINT or SIGTERM.
+/// `junction serve`: runs until SIGINT or SIGTERM; SIGHUP and `junction
+/// reload` build the configuration again from the same arguments.
 pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Inherited descriptors first, before anything opens files of its own.
+    let activated = args.service.activated()?;
+    let ready_fd = args.service.ready_fd()?;
+    let mut config = serve_config(args.clone())?;
+    config.service.ready_fd = ready_fd;
+    config.service.activated_listener = activated;
+    config.service.reload = Some(std::sync::Arc::new(move || {
+        serve_config(args.clone()).map_err(|e| format!("{e:#}"))
+    }));
+    run_junction(config, shutdown_signal())
+}
+
+/// The configuration `args` and the file they name give.
+fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -274,6 +291,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let max_connections_per_uid = max_connections_per_uid
         .unwrap_or_else(|| junction::admit::default_per_uid(max_connections));
+    let service = args.service.service(&file)?;
     let config = ServeConfig {
         socket,
         core: core::Config {
@@ -313,13 +331,14 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .max(1),
         ),
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
+        service,
     };
-    run_junction(config, shutdown_signal())
+    Ok(config)
 }
 
 /// Binds the socket and runs a junction on this thread until `shutdown`.
 pub(crate) fn run_junction(
-    config: ServeConfig,
+    mut config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -328,7 +347,7 @@ pub(crate) fn run_junction(
         .context("cannot start the async runtime")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let (listener, guard) = shell::bind(&config.socket)?;
+        let (listener, guard) = shell::listen(&mut config)?;
         shell::serve(config, listener, guard, shutdown).await?;
         Ok(())
     })

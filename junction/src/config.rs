@@ -21,6 +21,9 @@
 //! revocations = "/etc/junction/revoked.crl"
 //! dev_namespace = ["dev.*"]
 //! allow_uids = [1000]
+//! allow_gids = [1001]
+//! socket_mode = "0660"
+//! socket_group = "junction"
 //! # Highways to other junctions (QUIC):
 //! quic_listen = "0.0.0.0:4433"
 //! peers = ["2@198.51.100.2:4433", "3@bus-c.example:4433"]
@@ -85,6 +88,19 @@ pub struct FileConfig {
     /// who can open the socket (which is created 0600).
     #[serde(default)]
     pub allow_uids: Vec<u32>,
+    /// Group ids that may connect: a peer in one of them (its primary gid
+    /// from SO_PEERCRED, or a supplementary group from SO_PEERGROUPS, as of
+    /// its connect) is let in, as is one whose uid is in `allow_uids`.
+    /// Both empty: anyone who can open the socket.
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+    /// The socket's mode, in octal (default "0600"): "0660" lets the
+    /// socket's group connect too. Unused under socket activation, where
+    /// the .socket unit sets it (SocketMode=).
+    pub socket_mode: Option<String>,
+    /// The group to give the socket, by name or gid (default: the
+    /// junction's own). Unused under socket activation (SocketGroup=).
+    pub socket_group: Option<String>,
     /// The UDP address to accept Highways (QUIC) from other junctions on;
     /// none: this junction accepts none (it may still dial `peers`).
     pub quic_listen: Option<std::net::SocketAddr>,
@@ -209,38 +225,163 @@ impl FileConfig {
             path: PathBuf::new(),
             source,
         })?;
-        if let Some(id) = config.junction_id {
-            check_junction_id(id)?;
+        match config.problems().into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(config),
         }
-        if let Some(max) = config.max_frame
+    }
+
+    /// Every value out of range or malformed, each naming its field; the
+    /// files the configuration names are checked by [`check_file`].
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut problems = Vec::new();
+        let mut invalid = |message: String| problems.push(ConfigError::Invalid(message));
+        if let Some(id) = self.junction_id
+            && let Err(e) = check_junction_id(id)
+        {
+            invalid(format!("junction_id: {e}"));
+        }
+        if let Some(max) = self.max_frame
             && max < junction_road::MIN_MAX_FRAME
         {
-            return Err(ConfigError::Invalid(format!(
+            invalid(format!(
                 "max_frame = {max} is below the minimum of {} bytes",
                 junction_road::MIN_MAX_FRAME
-            )));
+            ));
         }
-        check_connection_limits(config.max_connections, config.max_connections_per_uid)?;
-        if config.hello_timeout_ms == Some(0) {
-            return Err(ConfigError::Invalid(
+        if let Err(e) = check_connection_limits(self.max_connections, self.max_connections_per_uid)
+        {
+            invalid(e.to_string());
+        }
+        if self.hello_timeout_ms == Some(0) {
+            invalid(
                 "hello_timeout_ms = 0 would close every connection before its Hello; use at least 1".into(),
-            ));
+            );
         }
-        if config.write_timeout_ms == Some(0) {
-            return Err(ConfigError::Invalid(
+        if self.write_timeout_ms == Some(0) {
+            invalid(
                 "write_timeout_ms = 0 would cut off every connection that is sent anything".into(),
-            ));
+            );
         }
-        if config.window == Some(0) {
-            return Err(ConfigError::Invalid(
-                "window = 0 would let nobody send; use at least 1".into(),
-            ));
+        if self.window == Some(0) {
+            invalid("window = 0 would let nobody send; use at least 1".into());
         }
-        for peer in &config.peers {
-            peer.parse::<PeerAddr>()?;
+        for peer in &self.peers {
+            if let Err(e) = peer.parse::<PeerAddr>() {
+                invalid(format!("peers: {e}"));
+            }
         }
-        Ok(config)
+        if let Some(mode) = &self.socket_mode
+            && let Err(e) = crate::service::parse_mode(mode)
+        {
+            invalid(format!("socket_mode: {e}"));
+        }
+        problems
     }
+}
+
+/// Checks the configuration file at `path` as `junction serve` would use
+/// it, without starting anything: it parses, every value is in range, and
+/// every file it names (authority, revocations, junction key and
+/// certificate) exists and parses, and the groups and name patterns
+/// resolve. Returns every problem found, each naming its field; empty
+/// means the file is good.
+pub fn check_file(path: &Path) -> Vec<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(source) => {
+            return vec![
+                ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                }
+                .to_string(),
+            ];
+        }
+    };
+    let config: FileConfig = match toml::from_str(&text) {
+        Ok(config) => config,
+        // The TOML reader stops at the first error, with its line and
+        // column; nothing past it can be checked.
+        Err(e) => return vec![e.to_string().trim_end().to_string()],
+    };
+    let mut problems: Vec<String> = config.problems().iter().map(|e| e.to_string()).collect();
+    let trust = match &config.authority {
+        Some(path) => match load_trust(path) {
+            Ok(trust) => Some(trust),
+            Err(e) => {
+                problems.push(format!("authority: {e}"));
+                None
+            }
+        },
+        None => Some(junction_identity::TrustStore::new()),
+    };
+    if let Some(list) = &config.revocations {
+        match &trust {
+            Some(trust) if config.authority.is_some() => {
+                if let Err(e) = load_revocations(list, trust) {
+                    problems.push(format!("revocations: {e}"));
+                }
+            }
+            Some(_) => problems.push(format!(
+                "revocations: {} can only be checked against an authority; set authority too",
+                list.display()
+            )),
+            None => {}
+        }
+    }
+    match (&config.junction_key, &config.junction_cert) {
+        (Some(key), Some(cert)) => {
+            if let Err(e) = read_to_string(key).and_then(|text| {
+                junction_identity::SecretKey::from_pem(&text)
+                    .map(drop)
+                    .map_err(|e| format!("{} is not a usable key: {e}", key.display()))
+            }) {
+                problems.push(format!("junction_key: {e}"));
+            }
+            if let Err(e) = read_to_string(cert).and_then(|text| {
+                junction_identity::Certificate::chain_from_pem(&text)
+                    .map(drop)
+                    .map_err(|e| format!("{} holds no usable certificate: {e}", cert.display()))
+            }) {
+                problems.push(format!("junction_cert: {e}"));
+            }
+        }
+        (None, None) => {
+            if config.quic_listen.is_some() || !config.peers.is_empty() {
+                problems.push(
+                    "junction_key, junction_cert: Highways (quic_listen, peers) need this junction's key and certificate".into(),
+                );
+            }
+        }
+        _ => problems.push("junction_key, junction_cert: give both or neither".into()),
+    }
+    if (config.quic_listen.is_some() || !config.peers.is_empty()) && config.authority.is_none() {
+        problems.push(
+            "authority: Highways (quic_listen, peers) need the bus authority, to check the junctions they reach".into(),
+        );
+    }
+    if let Err(e) = parse_patterns(&config.dev_namespace) {
+        problems.push(format!("dev_namespace: {e}"));
+    }
+    if let Some(group) = &config.socket_group
+        && let Err(e) = crate::service::parse_group(group)
+    {
+        problems.push(format!("socket_group: {e}"));
+    }
+    for command in &config.spawn {
+        match shlex::split(command) {
+            Some(words) if !words.is_empty() => {}
+            _ => problems.push(format!(
+                "spawn: {command:?} is not a command line (empty, or unbalanced quotes)"
+            )),
+        }
+    }
+    problems
+}
+
+fn read_to_string(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Loads the trusted authorities from a PEM file of authority certificates.

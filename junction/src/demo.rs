@@ -89,6 +89,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         max_unread: 64 << 20,
         write_timeout: Duration::from_secs(30),
         highways: None,
+        service: Default::default(),
     };
     step(
         2,

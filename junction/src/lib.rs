@@ -10,6 +10,8 @@
 //!   and the slot kept for the junction's own user).
 //! - [`authority`]: a bus authority made on the spot, for demos and tests.
 //! - [`highway`]: the QUIC endpoint of the junction's Highways to others.
+//! - [`service`]: running under systemd (socket activation, readiness),
+//!   the socket's mode and group, and reloads.
 
 pub mod admit;
 pub mod authority;
@@ -18,6 +20,7 @@ pub mod config;
 pub use junction_core as core;
 pub mod highway;
 mod ratelog;
+pub mod service;
 pub mod shell;
 
 /// Seconds since the Unix epoch: the clock certificates and capability

@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod ops;
 mod pki;
 mod when;
 
@@ -35,6 +36,8 @@ EXAMPLES:
 
 Each command has its own help: junction help COMMAND.";
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a junction: the daemon every other command talks to.
@@ -45,8 +48,52 @@ EXAMPLES:
       --spawn 'junction echo --name org.acme.echo --key echo.key --cert echo.cert'
   junction serve --config /etc/junction/junction.toml
 
-SIGHUP reloads the revocation list; SIGINT or SIGTERM stop the junction.")]
+`junction reload` (or SIGHUP) reloads the revocation list and the
+configuration; SIGINT or SIGTERM stop the junction.")]
     Serve(cmd::ServeArgs),
+    /// Wait until a junction answers on its socket (after `junction serve &`).
+    ///
+    /// With --name, also until those names are registered (after starting
+    /// their services in the background).
+    #[command(after_help = "\
+EXAMPLES:
+  junction serve --dev-namespace 'dev.*' &
+  junction wait --timeout 10s
+  junction listen dev.greeter --reply hello &
+  junction wait --name dev.greeter")]
+    Wait {
+        #[command(flatten)]
+        socket: cmd::SocketArg,
+        /// Also wait until this name is registered (repeatable) [default:
+        /// none: the socket answering is enough].
+        #[arg(long)]
+        name: Vec<String>,
+        /// How long to wait, e.g. 10s or 500ms.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Make the junction reload its revocation list and configuration file.
+    ///
+    /// Only the junction's own user and root may. It does what SIGHUP does,
+    /// on the one junction at --socket, and prints what changed; it fails
+    /// when something could not be applied (a file that does not load, a
+    /// setting that needs a restart).
+    #[command(after_help = "\
+EXAMPLES:
+  junction reload
+  junction reload --socket /run/junction/junction.sock")]
+    Reload {
+        #[command(flatten)]
+        socket: cmd::SocketArg,
+    },
+    /// Check configuration files.
+    #[command(
+        subcommand,
+        after_help = "\
+EXAMPLES:
+  junction config check /etc/junction/junction.toml"
+    )]
+    Config(ops::ConfigCommand),
     /// Start a private junction, spawn services, and show the bus at work.
     #[command(after_help = "EXAMPLES:\n  junction demo")]
     Demo,
@@ -223,6 +270,13 @@ fn main() -> ExitCode {
     let _ = junction_road::transport::unix::raise_fd_limit();
     let result = match cli.command {
         Command::Serve(args) => cmd::serve(args),
+        Command::Wait {
+            socket,
+            name,
+            timeout,
+        } => cmd::block_on(ops::wait(socket.path(), name, timeout)),
+        Command::Reload { socket } => cmd::block_on(ops::reload(socket.path())),
+        Command::Config(command) => ops::config(command),
         Command::Demo => demo::run(),
         Command::Ls { socket, json } => cmd::block_on(cmd::ls(socket.path(), json)),
         Command::Call {

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use junction_road::control::{ControlReply, ControlRequest, ReloadReport};
 use junction_road::outbox::{self, Outbox, SharedOutbox};
 use junction_road::transport::{child as child_road, unix as unix_road};
 use junction_road::{DirectLink, Header, RoadError, RoadReader, RoadWriter};
@@ -62,6 +63,8 @@ pub struct ServeConfig {
     pub write_timeout: Duration,
     /// Highways to other junctions, if any are configured.
     pub highways: Option<Highways>,
+    /// Socket mode and group, group admission, readiness and reloads.
+    pub service: crate::service::Service,
 }
 
 /// Where this junction's Highways go.
@@ -97,13 +100,21 @@ pub enum ServeError {
     /// The Highways could not be set up.
     #[error("{0}")]
     Highways(String),
+    /// What systemd handed over (socket activation) cannot be used.
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
 }
 
 /// Cheap handle for controlling a running junction from inside its thread.
 struct Shell {
     core: RefCell<Core>,
-    allow_uids: Vec<u32>,
-    limits: admit::Limits,
+    /// Who may connect (reloadable): uids, and groups.
+    allow_uids: RefCell<Vec<u32>>,
+    allow_gids: RefCell<Vec<u32>>,
+    /// Connection limits (reloadable).
+    limits: Cell<admit::Limits>,
+    /// The configuration in force, what a reload compares with.
+    config: RefCell<ServeConfig>,
     /// Connections held per user.
     uids: UidCounts,
     refusals: Refusals,
@@ -174,6 +185,7 @@ struct Refusals {
     full: RateLimitedWarn,
     per_uid: RateLimitedWarn,
     allow_uids: RateLimitedWarn,
+    reload: RateLimitedWarn,
     descriptors: RateLimitedWarn,
     setup: RateLimitedWarn,
     bad_frame: RateLimitedWarn,
@@ -184,7 +196,10 @@ impl Refusals {
         Self {
             full: RateLimitedWarn::new("turned away a connection: connection limit"),
             per_uid: RateLimitedWarn::new("turned away a connection: per-user connection limit"),
-            allow_uids: RateLimitedWarn::new("turned away a connection: user not in allow_uids"),
+            allow_uids: RateLimitedWarn::new(
+                "turned away a connection: user not in allow_uids, group not in allow_gids",
+            ),
+            reload: RateLimitedWarn::new("refused a reload over the control port"),
             descriptors: RateLimitedWarn::new("turned away a connection: out of file descriptors"),
             setup: RateLimitedWarn::new("could not set up an accepted connection"),
             bad_frame: RateLimitedWarn::new("bad frame"),
@@ -194,6 +209,8 @@ impl Refusals {
 
 struct ConnSlot {
     id: ConnId,
+    /// The peer's uid (SO_PEERCRED), for requests only some users may make.
+    uid: Option<u32>,
     outbox: Rc<RefCell<Outbox>>,
     dirty: bool,
     reader: Option<tokio::task::AbortHandle>,
@@ -229,6 +246,53 @@ impl Drop for SocketGuard {
 /// ([`junction_driver::check_socket_path`]), so the lock file, made `0600`
 /// in it, is out of other users' reach.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
+    bind_with(path, 0o600, None)
+}
+
+/// The listening socket for `config`: the one systemd passed (socket
+/// activation; systemd owns its file, so there is no guard, and
+/// `config.socket` becomes its path, which children are told), or one
+/// bound at `config.socket` with the configured mode and group.
+pub fn listen(config: &mut ServeConfig) -> Result<(UnixListener, Option<SocketGuard>), ServeError> {
+    let activated = config
+        .service
+        .activated_listener
+        .as_ref()
+        .and_then(|a| a.listener());
+    if let Some(listener) = activated {
+        let listener = UnixListener::from_std(listener).map_err(|source| ServeError::Listen {
+            path: config.socket.clone(),
+            source,
+        })?;
+        if let Some(at) = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        {
+            config.socket = at;
+        }
+        config.service.activated = true;
+        tracing::info!(socket = %config.socket.display(), "listening on the socket systemd passed (socket activation)");
+        return Ok((listener, None));
+    }
+    let (listener, guard) = bind_with(
+        &config.socket,
+        config.service.socket_mode.unwrap_or(0o600),
+        config.service.socket_group,
+    )?;
+    Ok((listener, Some(guard)))
+}
+
+/// As [`bind`], with the socket's `mode` and `group` (its owner keeps
+/// read and write); both are set before the socket is reachable. The
+/// directory stays closed to others when the junction makes it: a socket
+/// shared with a group belongs in a directory they can enter and nobody
+/// else can write (root's `0755`, as a .socket unit makes).
+pub fn bind_with(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> Result<(UnixListener, SocketGuard), ServeError> {
     let listen_err = |source| ServeError::Listen {
         path: path.to_owned(),
         source,
@@ -289,7 +353,17 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
     let bound = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&staged)?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(&staged, None, Some(gid)).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give the socket group {gid} ({e}); the junction's user must be in that group, or give another --socket-group"
+                    ),
+                )
+            })?;
+        }
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(&staged, path)?;
         listener.set_nonblocking(true)?;
         UnixListener::from_std(listener)
@@ -369,7 +443,7 @@ fn take_lock(path: &Path) -> std::io::Result<Option<File>> {
 pub async fn serve(
     config: ServeConfig,
     listener: UnixListener,
-    guard: SocketGuard,
+    guard: Option<SocketGuard>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     // Two frames, so that one can be written while the next waits.
@@ -377,12 +451,14 @@ pub async fn serve(
     let shell = Rc::new(Shell {
         max_frame: config.core.max_frame,
         core: RefCell::new(Core::new(config.core.clone(), now())),
-        allow_uids: config.allow_uids.clone(),
-        limits: admit::Limits {
+        allow_uids: RefCell::new(config.allow_uids.clone()),
+        allow_gids: RefCell::new(config.service.allow_gids.clone()),
+        limits: Cell::new(admit::Limits {
             max_connections: config.max_connections,
             max_per_uid: config.max_connections_per_uid,
             own_uid: admit::own_uid().unwrap_or(0),
-        },
+        }),
+        config: RefCell::new(config.clone()),
         uids: UidCounts::default(),
         refusals: Refusals::new(),
         high_water,
@@ -442,6 +518,7 @@ pub async fn serve(
         children = kids.len(),
         "junction ready"
     );
+    crate::service::notify_ready(&config.service, &config.socket);
 
     tokio::pin!(shutdown);
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -464,7 +541,7 @@ pub async fn serve(
             }
             () = shell.timer.notified() => {}
             Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => None } } => {
-                shell.reload_revocations(&config);
+                shell.reload("SIGHUP");
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -485,6 +562,7 @@ pub async fn serve(
     }
 
     tracing::info!("shutting down: telling drivers, ending children");
+    crate::service::notify_stopping();
     if let Some(highways) = shell.highways.borrow().as_ref() {
         highways.close("the junction is shutting down");
     }
@@ -572,20 +650,25 @@ impl Shell {
         let uid = cred.map(|c| c.uid());
         let pid = cred.and_then(|c| c.pid());
         let who = Who { uid, pid };
-        if !self.allow_uids.is_empty() && !uid.is_some_and(|u| self.allow_uids.contains(&u)) {
-            self.refusals.allow_uids.warn(who);
+        let gid = cred.map(|c| c.gid());
+        if !self.admits(uid, gid, &stream) {
+            self.refusals.allow_uids.warn(format_args!(
+                "{who}, gid {}",
+                gid.map_or("unknown".to_string(), |g| g.to_string())
+            ));
             refuse_stream(
                 stream,
                 format!(
-                    "user {} may not use this junction (allow_uids)",
-                    uid.map_or("unknown".to_string(), |u| u.to_string())
+                    "user {} (group {}) may not use this junction (allow_uids, allow_gids)",
+                    uid.map_or("unknown".to_string(), |u| u.to_string()),
+                    gid.map_or("unknown".to_string(), |g| g.to_string()),
                 ),
             );
             return None;
         }
         let total = self.core.borrow().connections();
         let held = uid.map_or(0, |u| self.uids.held(u));
-        if let Err(refusal) = self.limits.admit(total, uid, held) {
+        if let Err(refusal) = self.limits.get().admit(total, uid, held) {
             let log = match refusal {
                 admit::Refusal::Full { .. } => &self.refusals.full,
                 admit::Refusal::PerUid { .. } => &self.refusals.per_uid,
@@ -667,6 +750,7 @@ impl Shell {
         W: AsyncWrite + DirectLink + Unpin + 'static,
     {
         tracing::debug!(road = peer.road, pid = ?peer.pid, uid = ?peer.uid, "connection");
+        let peer_uid = peer.uid;
         let id = self.core.borrow_mut().handle_connected(peer, now());
         let outbox = Rc::new(RefCell::new(match writer.direct() {
             Some(direct) => Outbox::with_direct(direct),
@@ -680,6 +764,7 @@ impl Shell {
             }
             conns[slot] = Some(ConnSlot {
                 id,
+                uid: peer_uid,
                 outbox: outbox.clone(),
                 dirty: false,
                 reader: None,
@@ -703,9 +788,138 @@ impl Shell {
         writer_task
     }
 
-    fn reload_revocations(&self, config: &ServeConfig) {
-        let Some(path) = &config.revocations_path else {
-            tracing::info!("SIGHUP: no revocation list configured, nothing to reload");
+    /// Whether a peer with `uid` and primary `gid` may connect: anyone when
+    /// both allow lists are empty, else `allow_uids` must name its uid or
+    /// `allow_gids` one of its groups, primary or supplementary (asked of
+    /// the kernel only when needed).
+    fn admits(&self, uid: Option<u32>, gid: Option<u32>, stream: &UnixStream) -> bool {
+        let uids = self.allow_uids.borrow();
+        let gids = self.allow_gids.borrow();
+        if (uids.is_empty() && gids.is_empty())
+            || uid.is_some_and(|u| uids.contains(&u))
+            || gid.is_some_and(|g| gids.contains(&g))
+        {
+            return true;
+        }
+        !gids.is_empty()
+            && crate::service::peer_groups(stream)
+                .is_ok_and(|groups| groups.iter().any(|g| gids.contains(g)))
+    }
+
+    /// Reloads the configuration file and the revocation list (SIGHUP, or
+    /// the control port's `Reload`), applying what can change while
+    /// connections are open; says in the log what changed and what needs
+    /// a restart, and returns the same for `junction reload`.
+    fn reload(&self, why: &str) -> ReloadReport {
+        crate::service::notify_reloading();
+        let mut report = ReloadReport::default();
+        let old = self.config.borrow().clone();
+        let new = match &old.service.reload {
+            Some(reload) => match reload() {
+                Ok(mut new) => {
+                    // The socket systemd passed stays, whatever the file says.
+                    if old.service.activated {
+                        new.socket = old.socket.clone();
+                    }
+                    Some(new)
+                }
+                Err(e) => {
+                    report.failed.push(format!(
+                        "the configuration did not load, keeping the one in force: {e}"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(new) = &new {
+            self.apply(&old, new, &mut report);
+        }
+        let mut revocations_path = new
+            .as_ref()
+            .map_or(&old.revocations_path, |n| &n.revocations_path);
+        if revocations_path.is_none() && old.revocations_path.is_some() {
+            // Revocations only move forward: taking the file out of the
+            // configuration un-revokes nothing while the junction runs.
+            report.failed.push(
+                "revocations was removed from the configuration; the list in force stays until a restart".into(),
+            );
+            revocations_path = &old.revocations_path;
+        }
+        self.reload_revocations(revocations_path.as_deref(), &old, &mut report);
+        if let Some(new) = &new {
+            let mut config = self.config.borrow_mut();
+            config.revocations_path = revocations_path.clone();
+            config.allow_uids = new.allow_uids.clone();
+            config.service.allow_gids = new.service.allow_gids.clone();
+            config.max_connections = new.max_connections;
+            config.max_connections_per_uid = new.max_connections_per_uid;
+        }
+        for line in &report.applied {
+            tracing::info!("{why}: {line}");
+        }
+        for line in &report.failed {
+            tracing::error!("{why}: {line}");
+        }
+        if report.applied.is_empty() && report.failed.is_empty() {
+            tracing::info!("{why}: reloaded; nothing changed");
+        }
+        self.pump();
+        self.flush();
+        crate::service::notify_reloaded();
+        report
+    }
+
+    /// Applies what may change live (who may connect, connection limits);
+    /// for every other setting that changed, says that it needs a restart.
+    fn apply(&self, old: &ServeConfig, new: &ServeConfig, report: &mut ReloadReport) {
+        if old.allow_uids != new.allow_uids {
+            *self.allow_uids.borrow_mut() = new.allow_uids.clone();
+            report.applied.push(format!(
+                "allow_uids is now {:?} (for new connections; open ones stay)",
+                new.allow_uids
+            ));
+        }
+        if old.service.allow_gids != new.service.allow_gids {
+            *self.allow_gids.borrow_mut() = new.service.allow_gids.clone();
+            report.applied.push(format!(
+                "allow_gids is now {:?} (for new connections; open ones stay)",
+                new.service.allow_gids
+            ));
+        }
+        if (old.max_connections, old.max_connections_per_uid)
+            != (new.max_connections, new.max_connections_per_uid)
+        {
+            let mut limits = self.limits.get();
+            limits.max_connections = new.max_connections;
+            limits.max_per_uid = new.max_connections_per_uid;
+            self.limits.set(limits);
+            report.applied.push(format!(
+                "max_connections is now {}, max_connections_per_uid {} (open connections over them stay)",
+                new.max_connections, new.max_connections_per_uid
+            ));
+        }
+        for (field, was, is) in restart_only(old)
+            .into_iter()
+            .zip(restart_only(new))
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((field, a), (_, b))| (field, a, b))
+        {
+            report.failed.push(format!(
+                "{field} changed ({was} -> {is}) but applies only at start: restart the junction to use it"
+            ));
+        }
+    }
+
+    /// Loads the revocation list at `path` (if any) and puts it in force
+    /// for connections and Highways.
+    fn reload_revocations(
+        &self,
+        path: Option<&Path>,
+        config: &ServeConfig,
+        report: &mut ReloadReport,
+    ) {
+        let Some(path) = path else {
             return;
         };
         match crate::config::load_revocations(path, &config.core.trust) {
@@ -720,15 +934,49 @@ impl Shell {
                             highways.revocations().replace(Some(for_highways));
                             highways.recheck();
                         }
-                        tracing::info!(path = %path.display(), revoked, "SIGHUP: revocation list reloaded")
+                        report.applied.push(format!(
+                            "revocation list {} reloaded ({revoked} revoked)",
+                            path.display()
+                        ));
                     }
-                    Err(e) => tracing::error!("SIGHUP: keeping the old revocation list: {e}"),
+                    Err(e) => report
+                        .failed
+                        .push(format!("keeping the old revocation list: {e}")),
                 }
             }
-            Err(e) => tracing::error!("SIGHUP: keeping the old revocation list: {e}"),
+            Err(e) => report
+                .failed
+                .push(format!("keeping the old revocation list: {e}")),
         }
-        self.pump();
-        self.flush();
+    }
+
+    /// Carries out a `Reload` control request from `conn`, or refuses it,
+    /// and leaves the answer for the core, which is about to handle it.
+    /// Only the junction's own user and root may reload: they could send
+    /// SIGHUP anyway.
+    fn reload_for(&self, conn: ConnId) {
+        let uid = match self.conns.borrow().get(conn.slot()) {
+            Some(Some(slot)) if slot.id == conn => slot.uid,
+            _ => return,
+        };
+        let own = self.limits.get().own_uid;
+        let reply = if uid.is_some_and(|u| u == own || u == 0) {
+            ControlReply::Reloaded(self.reload(&format!("reload asked by {conn}")))
+        } else {
+            let user = uid.map_or("a peer with no uid (a spawned child)".into(), |u| {
+                format!("user {u}")
+            });
+            self.refusals
+                .reload
+                .warn(format_args!("{conn}: {user} is not the junction's user"));
+            ControlReply::Refused {
+                code: junction_road::ErrorCode::NotAllowed,
+                message: format!(
+                    "{user} may not reload this junction: only its own user ({own}) and root may; ask its operator to run `junction reload` or `systemctl reload`"
+                ),
+            }
+        };
+        self.core.borrow_mut().set_reload_answer(conn, reply);
     }
 
     /// Tells the core how the Highways stand (addresses, states, round
@@ -939,6 +1187,58 @@ const LIST_REQUEST: &[u8] = &[3];
 /// Whether `frame` asks the control port for a listing: a `Call` on the
 /// control handle whose payload is `List`. Two comparisons, so the
 /// Highways are read only for the listings that show them.
+/// Whether `frame` asks the control port to reload: a `Call` on handle 0
+/// whose payload is the encoded `ControlRequest::Reload` (one byte; the
+/// comparison is all a frame pays).
+fn is_reload_request(frame: &junction_road::Frame) -> bool {
+    static RELOAD: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        postcard::to_allocvec(&ControlRequest::Reload).expect("a unit variant encodes")
+    });
+    matches!(&frame.header, Header::Call(c) if c.handle == junction_road::control::CONTROL_HANDLE)
+        && frame.payload.as_ref() == RELOAD.as_slice()
+}
+
+/// The settings a reload cannot change, by name, as text to compare and
+/// show: sockets, identities, limits told to drivers at the handshake,
+/// children and Highways are set up once.
+fn restart_only(config: &ServeConfig) -> Vec<(&'static str, String)> {
+    let core = &config.core;
+    let patterns: Vec<String> = core.dev_namespace.iter().map(|p| p.to_string()).collect();
+    vec![
+        ("socket", config.socket.display().to_string()),
+        ("junction_id", core.junction.to_string()),
+        ("max_frame", core.max_frame.to_string()),
+        ("window", core.window.to_string()),
+        ("max_handles", core.max_handles.to_string()),
+        ("max_ports", core.max_ports.to_string()),
+        ("max_pending_calls", core.max_pending_calls.to_string()),
+        ("max_names", core.max_names.to_string()),
+        (
+            "hello_timeout_ms",
+            core.hello_timeout.as_millis().to_string(),
+        ),
+        ("dev_namespace", format!("{patterns:?}")),
+        ("authority", format!("{:?}", core.trust)),
+        (
+            "junction_cert",
+            format!("{:?}", core.junction_identity.as_ref().map(|(_, c)| c)),
+        ),
+        ("spawn", format!("{:?}", config.spawn)),
+        ("grace_ms", config.grace.as_millis().to_string()),
+        ("max_unread", config.max_unread.to_string()),
+        (
+            "write_timeout_ms",
+            config.write_timeout.as_millis().to_string(),
+        ),
+        ("quic_listen/peers", format!("{:?}", config.highways)),
+        (
+            "socket_mode",
+            format!("{:04o}", config.service.socket_mode.unwrap_or(0o600)),
+        ),
+        ("socket_group", format!("{:?}", config.service.socket_group)),
+    ]
+}
+
 fn is_list_request(frame: &junction_road::Frame) -> bool {
     matches!(&frame.header, Header::Call(c) if c.handle == junction_road::control::CONTROL_HANDLE)
         && frame.payload.as_ref() == LIST_REQUEST
@@ -981,6 +1281,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 bytes += frame.payload.len();
                 if is_list_request(&frame) {
                     shell.report_highways();
+                } else if is_reload_request(&frame) {
+                    shell.reload_for(conn);
                 }
                 {
                     let mut core = shell.core.borrow_mut();

@@ -44,6 +44,10 @@ pub enum ControlRequest {
         /// The proof of possession.
         proof: Signature,
     },
+    /// Reload the revocation list and the configuration file (what
+    /// `junction reload` and SIGHUP do). Only a connection of the junction's
+    /// own user, or root, may ask.
+    Reload,
 }
 
 /// The control port's answer.
@@ -73,6 +77,19 @@ pub enum ControlReply {
         /// What went wrong, for people.
         message: String,
     },
+    /// What `Reload` did.
+    Reloaded(ReloadReport),
+}
+
+/// What a reload did: one line per change applied, one per problem (a file
+/// that did not load keeps what was in force; a setting that needs a
+/// restart stays as it was).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// What changed, for people.
+    pub applied: Vec<String>,
+    /// What could not be applied, and why, for people.
+    pub failed: Vec<String>,
 }
 
 /// A snapshot of a Junction, for `junction ls`. Fields are only ever

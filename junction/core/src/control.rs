@@ -128,6 +128,10 @@ impl Core {
             ControlRequest::Authenticate { chain, proof } => {
                 (self.authenticate(conn, chain, &proof), None)
             }
+            ControlRequest::Reload => match self.reload_answer.take() {
+                Some((asker, reply)) if asker == conn => (reply, None),
+                _ => (refused(Refusal::ReloadUnavailable), None),
+            },
         })
     }
 

@@ -372,6 +372,9 @@ pub struct Core {
     /// The Highways as the shell last reported them, for listings: at most
     /// `max_junctions` ([`Core::set_highways`]).
     highways: Vec<junction_road::control::HighwayInfo>,
+    /// The shell's answer to the `Reload` request a connection is about to
+    /// make ([`Core::set_reload_answer`]).
+    reload_answer: Option<(ConnId, junction_road::control::ControlReply)>,
 }
 
 #[derive(Debug)]
@@ -450,6 +453,7 @@ impl Core {
             remote: remote::Remote::default(),
             used_once: None,
             highways: Vec::new(),
+            reload_answer: None,
             config,
         }
     }
@@ -705,6 +709,14 @@ impl Core {
     pub fn set_highways(&mut self, mut highways: Vec<junction_road::control::HighwayInfo>) {
         highways.truncate(self.config.max_junctions);
         self.highways = highways;
+    }
+
+    /// The answer to `conn`'s `Reload` control request, which the shell
+    /// carried out (or refused) as the request arrived: reloading reads
+    /// files, which the core never does. Used by the next `Reload` from
+    /// `conn`; a `Reload` with no answer set is refused.
+    pub fn set_reload_answer(&mut self, conn: ConnId, reply: junction_road::control::ControlReply) {
+        self.reload_answer = Some((conn, reply));
     }
 
     /// A Highway to neighbour junction `neighbour` is up (authenticated by

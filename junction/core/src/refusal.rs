@@ -157,6 +157,10 @@ pub enum Refusal {
         /// What the decoder said.
         reason: String,
     },
+    /// A `Reload` came with no answer from the shell, which alone reads
+    /// files (a core driven without one).
+    #[error("this junction does not reload over its control port; send it SIGHUP")]
+    ReloadUnavailable,
     /// Attenuation may only narrow.
     #[error("{what}")]
     CannotWiden {
@@ -280,6 +284,7 @@ impl Refusal {
             }
             Self::BadTag | Self::TagInUse { .. } => ErrorCode::BadTag,
             Self::ControlSend | Self::BadControlRequest { .. } => ErrorCode::BadControlRequest,
+            Self::ReloadUnavailable => ErrorCode::NotAllowed,
             Self::CannotWiden { .. } => ErrorCode::CannotWiden,
             Self::NotRevocable { .. } => ErrorCode::NotRevocable,
             Self::NestedTooDeep { .. } => ErrorCode::CannotWiden,

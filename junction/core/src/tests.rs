@@ -2644,3 +2644,30 @@ fn routes_past_their_share_of_the_frame_are_cut_and_counted() {
     assert_eq!(listing.routes[1].cost, 2);
     assert_eq!(listing.ports.len(), 1, "the control port is still listed");
 }
+
+/// `Reload` is answered with what the shell left for that connection, and
+/// refused when it left nothing (or left it for another connection).
+#[test]
+fn reload_is_answered_by_the_shell_or_refused() {
+    let mut h = Harness::new();
+    let (a, _) = h.connect();
+    let (b, _) = h.connect();
+    let (reply, _) = h.control(a, ControlRequest::Reload, vec![]);
+    assert!(
+        matches!(&reply, ControlReply::Refused { code: ErrorCode::NotAllowed, message } if message.contains("SIGHUP")),
+        "{reply:?}"
+    );
+    let report = junction_road::control::ReloadReport {
+        applied: vec!["allow_uids is now [1]".into()],
+        failed: vec![],
+    };
+    h.core
+        .set_reload_answer(b, ControlReply::Reloaded(report.clone()));
+    let (reply, _) = h.control(a, ControlRequest::Reload, vec![]);
+    assert!(matches!(reply, ControlReply::Refused { .. }), "{reply:?}");
+    h.core
+        .set_reload_answer(a, ControlReply::Reloaded(report.clone()));
+    let (reply, _) = h.control(a, ControlRequest::Reload, vec![]);
+    assert_eq!(reply, ControlReply::Reloaded(report));
+    h.check_invariants();
+}
