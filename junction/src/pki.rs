@@ -44,7 +44,7 @@ EXAMPLES:
   junction cert revoke --authority-key authority.key --cert greeter.cert -o revoked.crl
   junction cert revoke --authority-key authority.key --serial 0x1f2e -o revoked.crl
 
-Then have the junction reload the list: send it SIGHUP.")]
+Then have the junction reload the list: junction reload (or SIGHUP).")]
     Revoke(RevokeArgs),
 }
 
@@ -555,7 +555,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, list.to_pem())
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
-        "wrote {}: revocation list number {}, {} certificates and {} keys revoked; send the junction SIGHUP to reload it",
+        "wrote {}: revocation list number {}, {} certificates and {} keys revoked; run `junction reload` to put it in force",
         args.out.display(),
         list.body.number,
         list.body.serials.len(),
