@@ -128,6 +128,12 @@ impl Core {
             ControlRequest::Authenticate { chain, proof } => {
                 (self.authenticate(conn, chain, &proof), None)
             }
+            ControlRequest::Monitor {
+                port,
+                filter,
+                payloads,
+            } => (self.start_monitor(conn, port, filter, payloads), None),
+            ControlRequest::Traffic => (ControlReply::Traffic(self.traffic()), None),
         })
     }
 

@@ -60,6 +60,7 @@ mod books;
 mod caps;
 mod control;
 mod lanes;
+mod monitor;
 mod path;
 mod peers;
 mod ports;
@@ -152,6 +153,9 @@ pub struct Config {
     /// unreachable before they are released (and a port's no-senders
     /// notice may fire): long enough to ride out a partition.
     pub export_lease: Duration,
+    /// The junction's own user id: it and root may monitor traffic,
+    /// payloads included (`None`: only root and certified monitors).
+    pub owner_uid: Option<u32>,
 }
 
 impl Default for Config {
@@ -173,6 +177,7 @@ impl Default for Config {
             junction_identity: None,
             trust_unsigned_routing: false,
             export_lease: Duration::from_secs(600),
+            owner_uid: None,
         }
     }
 }
@@ -372,6 +377,8 @@ pub struct Core {
     /// The Highways as the shell last reported them, for listings: at most
     /// `max_junctions` ([`Core::set_highways`]).
     highways: Vec<junction_road::control::HighwayInfo>,
+    /// Monitors, and the traffic counts not kept on connections and ports.
+    watch: monitor::Watch,
 }
 
 #[derive(Debug)]
@@ -401,6 +408,8 @@ struct Conn {
     authentication_failed: bool,
     /// The proof of possession it proved its identity with, over `nonce`.
     proof: Option<Signature>,
+    /// What it sent and received.
+    traffic: junction_road::monitor::Tally,
 }
 
 /// No handle, in an [`ErrorFrame`].
@@ -450,6 +459,7 @@ impl Core {
             remote: remote::Remote::default(),
             used_once: None,
             highways: Vec::new(),
+            watch: monitor::Watch::default(),
             config,
         }
     }
@@ -892,8 +902,13 @@ impl Core {
     }
 
     /// The next thing the shell must do, if any.
+    #[inline]
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        let output = self.out.pop_front()?;
+        if let Output::Frame { conn, frame } = &output {
+            self.observe(*conn, frame);
+        }
+        Some(output)
     }
 
     /// The table of what this junction exports to junction `holder`: a
@@ -933,6 +948,7 @@ impl Core {
             identity_until: 0,
             authentication_failed: false,
             proof: None,
+            traffic: Default::default(),
         };
         self.next_serial += 1;
         let serial = conn.serial;
@@ -1545,6 +1561,7 @@ impl Core {
         let Some(c) = self.conns.remove(conn.key()) else {
             return;
         };
+        self.traffic_departs(&c);
         self.remote_caller_gone(conn, &c.calls);
         for &number in &c.ports {
             if let Some(key) = self.ports.key(number) {
