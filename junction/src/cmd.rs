@@ -135,6 +135,14 @@ pub(crate) struct ServeArgs {
     /// `junction cert issue --role junction --junction-id ID`.
     #[arg(long)]
     junction_cert: Option<PathBuf>,
+    /// Serve the traffic counters as Prometheus text (GET /metrics) on this
+    /// loopback address, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Let --metrics listen on an address other than loopback: the
+    /// counters name identities and ports [default: refused].
+    #[arg(long)]
+    metrics_allow_remote: bool,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -247,6 +255,13 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let max_connections_per_uid = max_connections_per_uid
         .unwrap_or_else(|| junction::admit::default_per_uid(max_connections));
+    let metrics = match args.metrics.or(file.metrics) {
+        Some(addr) => {
+            let force = args.metrics_allow_remote || file.metrics_allow_remote;
+            Some((junction::metrics::bind(addr, force)?, socket.clone()))
+        }
+        None => None,
+    };
     let config = ServeConfig {
         socket,
         core: core::Config {
@@ -287,7 +302,10 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
     };
-    run_junction(config, shutdown_signal())
+    run_junction(
+        config,
+        junction::metrics::alongside(metrics, shutdown_signal()),
+    )
 }
 
 /// Binds the socket and runs a junction on this thread until `shutdown`.

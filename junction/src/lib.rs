@@ -10,6 +10,7 @@
 //!   and the slot kept for the junction's own user).
 //! - [`authority`]: a bus authority made on the spot, for demos and tests.
 //! - [`highway`]: the QUIC endpoint of the junction's Highways to others.
+//! - [`metrics`]: the opt-in Prometheus endpoint for the traffic counters.
 
 pub mod admit;
 pub mod authority;
@@ -17,6 +18,7 @@ pub mod children;
 pub mod config;
 pub use junction_core as core;
 pub mod highway;
+pub mod metrics;
 mod ratelog;
 pub mod shell;
 
