@@ -377,8 +377,13 @@ pub(crate) fn show(payload: &[u8]) -> String {
 pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
     let driver = connect(&socket).await?;
     let listing = driver.listing().await?;
+    let traffic = driver.traffic().await.ok();
     if json {
-        println!("{}", listing_json(&listing));
+        let mut v = listing_json(&listing);
+        if let Some(report) = &traffic {
+            v["traffic"] = crate::monitor::traffic_json(report);
+        }
+        println!("{v}");
         return Ok(());
     }
     println!(
@@ -451,6 +456,10 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         );
     }
     print!("{}", junctions_tables(&listing));
+    if let Some(report) = &traffic {
+        println!();
+        print!("{}", crate::monitor::traffic_tables(report, None, 20));
+    }
     Ok(())
 }
 

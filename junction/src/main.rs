@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod monitor;
 mod pki;
 
 use std::path::PathBuf;
@@ -73,6 +74,10 @@ enum Command {
         #[arg(long)]
         reply: Option<String>,
     },
+    /// Watch every message the junction sees, live (like dbus-monitor).
+    Monitor(monitor::MonitorArgs),
+    /// Traffic per identity, port and junction, refreshed every second.
+    Top(monitor::TopArgs),
     /// Measure the junction against a raw socket baseline.
     Bench(bench::BenchArgs),
     /// Make a new ed25519 key (PKCS#8 PEM, readable by openssl) and print its public half.
@@ -140,6 +145,8 @@ fn main() -> ExitCode {
             count,
             reply,
         } => cmd::block_on(cmd::listen(socket.path(), identity, name, count, reply)),
+        Command::Monitor(args) => cmd::block_on(monitor::monitor(args)),
+        Command::Top(args) => cmd::block_on(monitor::top(args)),
         Command::Bench(args) => bench::run(args),
         Command::Keygen { out } => pki::keygen(&out),
         Command::Cert(command) => pki::cert(command),

@@ -69,6 +69,23 @@ impl Watch {
         !self.monitors.is_empty()
     }
 
+    /// Now in Unix milliseconds. The wall clock comes in whole seconds:
+    /// the monotonic clock counts from the first moment seen in the latest
+    /// second, so stamps are late by at most the gap between events.
+    fn unix_ms(&mut self, now: crate::Now) -> u64 {
+        let since = |(at, unix): (std::time::Instant, u64)| {
+            unix.saturating_mul(1000)
+                .saturating_add(now.instant.saturating_duration_since(at).as_millis() as u64)
+        };
+        match self.epoch {
+            Some(epoch) if since(epoch) >= now.unix.saturating_mul(1000) => since(epoch),
+            _ => {
+                self.epoch = Some((now.instant, now.unix));
+                now.unix.saturating_mul(1000)
+            }
+        }
+    }
+
     /// The tally of junction `id`.
     #[inline]
     pub(crate) fn junction(&mut self, id: u16) -> &mut Tally {
@@ -288,11 +305,7 @@ impl Core {
     /// drop for those that have none. Monitors whose port is gone leave.
     fn emit(&mut self, seen: &Seen<'_>, payload: &Bytes) {
         let me = self.config.junction;
-        let now = self.now;
-        let (epoch, unix) = *self.watch.epoch.get_or_insert((now.instant, now.unix));
-        let unix_ms = unix
-            .saturating_mul(1000)
-            .saturating_add(now.instant.saturating_duration_since(epoch).as_millis() as u64);
+        let unix_ms = self.watch.unix_ms(self.now);
         let mut monitors = std::mem::take(&mut self.watch.monitors);
         monitors.retain(|m| {
             self.ports
