@@ -125,6 +125,9 @@ fn sender(event: &MonitorEvent) -> String {
             ),
             &id.key.to_hex()[..16]
         ),
+        (None, Some(uid)) if !event.origin_names.is_empty() => {
+            format!("{} uid {uid}", escape(&event.origin_names.join(",")))
+        }
         (None, Some(uid)) => format!("uid {uid}"),
         (None, None) if event.origin.port == 0 => "junction".into(),
         (None, None) => "anonymous".into(),
@@ -192,6 +195,7 @@ pub(crate) fn event_json(event: &MonitorEvent) -> serde_json::Value {
         "uid": event.uid,
         "target": event.target.to_string(),
         "names": event.names,
+        "origin_names": event.origin_names,
         "size": event.size,
         "caps": caps,
         "notice": event.notice,
@@ -446,6 +450,7 @@ mod tests {
             uid: Some(1000),
             target: Address::new(1, 3),
             names: vec!["echo".into()],
+            origin_names: vec![],
             size: 5,
             caps: vec![CapSeen {
                 address: Address::new(1, 6),

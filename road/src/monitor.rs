@@ -39,7 +39,7 @@ pub const MAX_TRAFFIC_ROWS: usize = 64;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonitorFilter {
     /// Service names: the target port's registered names, or the sender's
-    /// certified names.
+    /// (names registered for its connection's ports, or certified).
     pub names: Vec<String>,
     /// Senders: a prefix (at least 4 hex digits) of the proven key, a name
     /// its certificate grants, `uid:N` for a local sender's user id, or
@@ -112,6 +112,9 @@ pub struct MonitorEvent {
     pub target: Address,
     /// The names registered for the target port (on this junction).
     pub names: Vec<String>,
+    /// For a sender on this junction, the names registered for its
+    /// connection's ports: a service's replies come from its home port.
+    pub origin_names: Vec<String>,
     /// Its payload's size in bytes.
     pub size: u32,
     /// The capabilities it carries.
@@ -243,6 +246,7 @@ mod tests {
             uid: Some(1000),
             target: Address::new(2, 4),
             names: vec!["echo".into()],
+            origin_names: vec![],
             size: 5,
             caps: vec![CapSeen {
                 address: Address::new(1, 3),

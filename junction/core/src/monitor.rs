@@ -120,6 +120,7 @@ struct Seen<'a> {
     uid: Option<u32>,
     target: Address,
     names: Vec<String>,
+    origin_names: Vec<String>,
     size: usize,
     caps: Vec<CapSeen>,
     notice: Option<String>,
@@ -195,6 +196,7 @@ impl Core {
             uid,
             target: to,
             names: Vec::new(),
+            origin_names: self.conn_names(from),
             size: payload.len(),
             // What travels is tokens; their count is what is known here.
             caps: vec![
@@ -222,13 +224,15 @@ impl Core {
         } else {
             MessageKind::Send
         };
-        let uid = (d.origin.junction == me)
+        let sender = (d.origin.junction == me)
             .then(|| self.ports.key(d.origin.port))
             .flatten()
             .and_then(|k| self.ports.get(k))
-            .and_then(|p| p.owner)
+            .and_then(|p| p.owner);
+        let uid = sender
             .and_then(|owner| self.conns.get(owner.key()))
             .and_then(|c| c.peer.uid);
+        let origin_names = sender.map(|s| self.conn_names(s)).unwrap_or_default();
         let seen = Seen {
             kind,
             origin: d.origin,
@@ -236,6 +240,7 @@ impl Core {
             uid,
             target: Address::new(me, d.port),
             names: self.port_names(d.port),
+            origin_names,
             size: payload.len(),
             caps: d
                 .caps
@@ -279,6 +284,7 @@ impl Core {
             uid: None,
             target: Address::new(me, port),
             names: self.port_names(port),
+            origin_names: Vec::new(),
             size: 0,
             caps: Vec::new(),
             notice: Some(notice),
@@ -291,6 +297,17 @@ impl Core {
             .monitors
             .iter()
             .any(|m| m.port.index == u32::from(port))
+    }
+
+    /// The names registered for any of `conn`'s ports.
+    fn conn_names(&self, conn: ConnId) -> Vec<String> {
+        let Some(c) = self.conns.get(conn.key()) else {
+            return Vec::new();
+        };
+        c.ports
+            .iter()
+            .flat_map(|&n| self.port_names(n))
+            .collect()
     }
 
     fn port_names(&self, port: u16) -> Vec<String> {
@@ -343,6 +360,7 @@ impl Core {
                 uid: seen.uid,
                 target: seen.target,
                 names: seen.names.clone(),
+                origin_names: seen.origin_names.clone(),
                 size: u32::try_from(seen.size).unwrap_or(u32::MAX),
                 caps: seen.caps.clone(),
                 notice: seen.notice.clone(),
@@ -575,6 +593,7 @@ fn matches(filter: &MonitorFilter, seen: &Seen<'_>) -> bool {
     let names = filter.names.is_empty()
         || filter.names.iter().any(|want| {
             seen.names.iter().any(|n| n == want)
+                || seen.origin_names.iter().any(|n| n == want)
                 || seen
                     .identity
                     .is_some_and(|id| id.names.iter().any(|n| n.as_ref() == want.as_str()))
@@ -624,6 +643,7 @@ mod tests {
             uid,
             target: Address::new(2, 7),
             names: names.iter().map(|n| n.to_string()).collect(),
+            origin_names: Vec::new(),
             size: 3,
             caps: Vec::new(),
             notice: None,
