@@ -260,6 +260,52 @@ mod tests {
         assert_eq!(postcard::from_bytes::<MonitorEvent>(&bytes).unwrap(), event);
     }
 
+    /// The examples in docs/protocol.md section 19, byte for byte.
+    #[test]
+    fn requests_and_events_encode_as_documented() {
+        use crate::control::{ControlReply, ControlRequest};
+        let request = ControlRequest::Monitor {
+            port: 4,
+            filter: MonitorFilter {
+                names: vec!["echo".into()],
+                ..Default::default()
+            },
+            payloads: true,
+        };
+        assert_eq!(
+            postcard::to_allocvec(&request).unwrap(),
+            [0x05, 0x04, 0x01, 0x04, b'e', b'c', b'h', b'o', 0x00, 0x00, 0x00, 0x01]
+        );
+        assert_eq!(postcard::to_allocvec(&ControlRequest::Traffic).unwrap(), [0x06]);
+        let reply = ControlReply::Monitoring {
+            payloads: true,
+            queue: MONITOR_QUEUE,
+        };
+        assert_eq!(postcard::to_allocvec(&reply).unwrap(), [0x06, 0x01, 0x80, 0x08]);
+        let event = MonitorEvent {
+            unix_ms: 1000,
+            kind: MessageKind::Send,
+            origin: Address::new(1, 5),
+            identity: None,
+            uid: Some(1000),
+            target: Address::new(1, 2),
+            names: vec!["echo".into()],
+            origin_names: vec![],
+            size: 2,
+            caps: vec![],
+            notice: None,
+            dropped: 0,
+            payload: Some(b"hi".to_vec()),
+        };
+        #[rustfmt::skip]
+        let want = [
+            0xE8, 0x07, 0x00, 0x01, 0x05, 0x00, 0x01, 0xE8, 0x07, 0x01, 0x02,
+            0x01, 0x04, b'e', b'c', b'h', b'o', 0x00, 0x02, 0x00, 0x00, 0x00,
+            0x01, 0x02, b'h', b'i',
+        ];
+        assert_eq!(postcard::to_allocvec(&event).unwrap(), want);
+    }
+
     #[test]
     fn tallies_add_up() {
         let mut a = Tally::default();

@@ -359,8 +359,8 @@ impl Core {
                 identity: seen.identity.cloned(),
                 uid: seen.uid,
                 target: seen.target,
-                names: seen.names.clone(),
-                origin_names: seen.origin_names.clone(),
+                names: cut(&seen.names),
+                origin_names: cut(&seen.origin_names),
                 size: u32::try_from(seen.size).unwrap_or(u32::MAX),
                 caps: seen.caps.clone(),
                 notice: seen.notice.clone(),
@@ -519,7 +519,7 @@ impl Core {
             .filter(|(_, p)| p.owner.is_some() && p.traffic.messages() > 0)
             .map(|(key, p)| PortTraffic {
                 address: Address::new(me, key.index as u16),
-                names: p.names.iter().map(|n| n.to_string()).collect(),
+                names: some_names(&p.names),
                 tally: p.traffic,
             })
             .collect();
@@ -586,6 +586,29 @@ fn identity_label(id: &Identity) -> String {
         names.push('…');
     }
     format!("{key} {names}")
+}
+
+/// A port's names for a traffic row: those that fit in 80 bytes, then
+/// `…` if any are left out, so that every row stays small.
+fn some_names(names: &[junction_identity::ServiceName]) -> Vec<String> {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    cut(&names)
+}
+
+/// The names that fit in 80 bytes, then `…` if any are left out.
+fn cut(names: &[String]) -> Vec<String> {
+    let mut room = 80usize;
+    let mut out = Vec::new();
+    for name in names {
+        let name = name.clone();
+        if name.len() > room {
+            out.push("…".to_string());
+            break;
+        }
+        room -= name.len();
+        out.push(name);
+    }
+    out
 }
 
 /// Whether `seen` passes `filter`.
