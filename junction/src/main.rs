@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the junction daemon.
-    Serve(cmd::ServeArgs),
+    Serve(Box<cmd::ServeArgs>),
     /// Start a private junction, spawn services, and show the bus at work.
     Demo,
     /// List the junction's ports and connections.
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
     // the hard limit allows. `serve` checks the result against its limits.
     let _ = junction_road::transport::unix::raise_fd_limit();
     let result = match cli.command {
-        Command::Serve(args) => cmd::serve(args),
+        Command::Serve(args) => cmd::serve(*args),
         Command::Demo => demo::run(),
         Command::Ls { socket, json } => cmd::block_on(cmd::ls(socket.path(), json)),
         Command::Call {

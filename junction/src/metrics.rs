@@ -199,11 +199,14 @@ async fn route(state: &State, head: &[u8]) -> (u16, String) {
     }
 }
 
+/// A metric's name part, its help, and the figure of a tally it shows.
+type Direction = (&'static str, &'static str, fn(&Tally) -> u64);
+
 /// The counters in the Prometheus text exposition format (version 0.0.4).
 pub fn render(report: &TrafficReport) -> String {
     let mut out = String::new();
     let j = report.junction.to_string();
-    let directions: [(&str, &str, fn(&Tally) -> u64); 4] = [
+    let directions: [Direction; 4] = [
         ("messages_sent", "Messages sent", |t| t.sent_messages),
         ("bytes_sent", "Payload bytes sent", |t| t.sent_bytes),
         ("messages_received", "Messages received", |t| {
@@ -229,7 +232,10 @@ pub fn render(report: &TrafficReport) -> String {
             "counter",
         );
         for row in &report.identities {
-            let labels = [("junction", j.as_str()), ("identity", row.identity.as_str())];
+            let labels = [
+                ("junction", j.as_str()),
+                ("identity", row.identity.as_str()),
+            ];
             sample(&mut out, &metric, &labels, value(&row.tally));
         }
         if report.other_identities.messages() > 0 {
@@ -255,7 +261,12 @@ pub fn render(report: &TrafficReport) -> String {
     }
     for (name, help, value) in &directions[2..] {
         let metric = format!("junction_port_{name}_total");
-        family(&mut out, &metric, &format!("{help}, by open port"), "counter");
+        family(
+            &mut out,
+            &metric,
+            &format!("{help}, by open port"),
+            "counter",
+        );
         for row in &report.ports {
             let port = row.address.to_string();
             let names = row.names.join(",");
@@ -278,7 +289,10 @@ pub fn render(report: &TrafficReport) -> String {
         "gauge",
     );
     for row in &report.identities {
-        let labels = [("junction", j.as_str()), ("identity", row.identity.as_str())];
+        let labels = [
+            ("junction", j.as_str()),
+            ("identity", row.identity.as_str()),
+        ];
         sample(
             &mut out,
             "junction_identity_connections",
@@ -368,7 +382,9 @@ mod tests {
         assert!(text.contains(
             "junction_identity_messages_sent_total{junction=\"3\",identity=\"uid \\\"1\\\"\\n\"} 2\n"
         ));
-        assert!(text.contains("junction_port_messages_received_total{junction=\"3\",port=\"3.4\",names=\"echo\"} 0\n"));
+        assert!(text.contains(
+            "junction_port_messages_received_total{junction=\"3\",port=\"3.4\",names=\"echo\"} 0\n"
+        ));
         assert!(text.contains("# TYPE junction_monitors gauge\n"));
         // Every line is a comment or `name{labels} value`.
         for line in text.lines() {
@@ -382,7 +398,10 @@ mod tests {
     #[test]
     fn a_non_loopback_address_needs_forcing() {
         let addr: SocketAddr = "192.0.2.1:9464".parse().unwrap();
-        assert!(matches!(bind(addr, false), Err(MetricsError::NotLoopback(_))));
+        assert!(matches!(
+            bind(addr, false),
+            Err(MetricsError::NotLoopback(_))
+        ));
         assert!(bind("127.0.0.1:0".parse().unwrap(), false).is_ok());
     }
 }

@@ -102,12 +102,7 @@ pub(crate) async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
 fn clock(unix_ms: u64) -> String {
     let ms = unix_ms % 1000;
     let s = (unix_ms / 1000) % 86_400;
-    format!(
-        "{:02}:{:02}:{:02}.{ms:03}",
-        s / 3600,
-        (s / 60) % 60,
-        s % 60
-    )
+    format!("{:02}:{:02}:{:02}.{ms:03}", s / 3600, (s / 60) % 60, s % 60)
 }
 
 /// Who sent an event, for people.
@@ -236,7 +231,9 @@ pub(crate) async fn top(args: TopArgs) -> anyhow::Result<()> {
     loop {
         let report = driver.traffic().await?;
         let now = std::time::Instant::now();
-        let rates = last.as_ref().map(|(prev, at)| Rates::between(prev, &report, now - *at));
+        let rates = last
+            .as_ref()
+            .map(|(prev, at)| Rates::between(prev, &report, now - *at));
         let text = traffic_tables(&report, rates.as_ref(), args.rows);
         if args.once {
             print!("{text}");
@@ -433,7 +430,6 @@ pub(crate) fn traffic_json(report: &TrafficReport) -> serde_json::Value {
         "monitor_drops": report.monitor_drops,
     })
 }
-
 
 #[cfg(test)]
 mod tests {

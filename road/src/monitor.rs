@@ -274,14 +274,22 @@ mod tests {
         };
         assert_eq!(
             postcard::to_allocvec(&request).unwrap(),
-            [0x05, 0x04, 0x01, 0x04, b'e', b'c', b'h', b'o', 0x00, 0x00, 0x00, 0x01]
+            [
+                0x05, 0x04, 0x01, 0x04, b'e', b'c', b'h', b'o', 0x00, 0x00, 0x00, 0x01
+            ]
         );
-        assert_eq!(postcard::to_allocvec(&ControlRequest::Traffic).unwrap(), [0x06]);
+        assert_eq!(
+            postcard::to_allocvec(&ControlRequest::Traffic).unwrap(),
+            [0x06]
+        );
         let reply = ControlReply::Monitoring {
             payloads: true,
             queue: MONITOR_QUEUE,
         };
-        assert_eq!(postcard::to_allocvec(&reply).unwrap(), [0x06, 0x01, 0x80, 0x08]);
+        assert_eq!(
+            postcard::to_allocvec(&reply).unwrap(),
+            [0x06, 0x01, 0x80, 0x08]
+        );
         let event = MonitorEvent {
             unix_ms: 1000,
             kind: MessageKind::Send,

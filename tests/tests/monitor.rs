@@ -164,7 +164,10 @@ fn a_monitor_sees_sends_calls_and_replies() {
     assert!(line.contains(" send "), "{line}");
     assert!(line.contains("t.echo 4 B"), "{line}");
     assert!(line.contains("(uid 0)"), "{line}");
-    assert!(!line.contains("text"), "no payload without --payload: {line}");
+    assert!(
+        !line.contains("text"),
+        "no payload without --payload: {line}"
+    );
 }
 
 /// Filters by name, port, junction and sender pick what a monitor sees.
@@ -177,7 +180,8 @@ fn filters_pick_what_a_monitor_sees() {
     let elsewhere = Monitor::start(j.command(&["monitor", "--json", "--junction", "7"]));
     let anonymous = Monitor::start(j.command(&["monitor", "--json", "--from", "anonymous"]));
     let by_key = Monitor::start(j.command(&["monitor", "--json", "--from", "abcdef"]));
-    let by_uid = Monitor::start(j.command(&["monitor", "--json", "--from", "uid:0", "--name", "t.a"]));
+    let by_uid =
+        Monitor::start(j.command(&["monitor", "--json", "--from", "uid:0", "--name", "t.a"]));
     run(&j, &["send", "t.a", "to a"]);
     run(&j, &["send", "t.b", "to b"]);
     let seen = by_name.event();
@@ -239,7 +243,10 @@ fn only_those_allowed_may_monitor_and_see_payloads() {
     };
     let err = refused(as_nobody(&["monitor"]));
     assert!(err.contains("cannot monitor"), "{err}");
-    assert!(err.contains("junction.monitor"), "says what would do: {err}");
+    assert!(
+        err.contains("junction.monitor"),
+        "says what would do: {err}"
+    );
     let err = refused(as_nobody(&["monitor", "--payload"]));
     assert!(err.contains("cannot monitor"), "{err}");
 
@@ -452,9 +459,12 @@ fn traffic_counts_match_what_was_sent() {
     );
     // The connections are closed now: their counts stay.
     let later = traffic(&j.socket);
-    assert!(later.identities.iter().any(|r| r.identity == client_label
-        && r.connections == 0
-        && r.tally == client));
+    assert!(
+        later
+            .identities
+            .iter()
+            .any(|r| r.identity == client_label && r.connections == 0 && r.tally == client)
+    );
 
     let top = run(&j, &["top", "--once"]);
     assert!(top.contains(&client_label), "{top}");
@@ -509,7 +519,13 @@ fn traffic_counts_match_what_was_sent() {
 
     // A non-loopback address is refused unless forced.
     let out = j
-        .command(&["serve", "--socket", "/nonexistent/x", "--metrics", "192.0.2.1:9464"])
+        .command(&[
+            "serve",
+            "--socket",
+            "/nonexistent/x",
+            "--metrics",
+            "192.0.2.1:9464",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -553,7 +569,10 @@ fn a_monitor_sees_across_a_highway() {
     assert!(call["origin"].as_str().unwrap().starts_with("1."), "{call}");
     assert_eq!(call["payload_text"], "across");
     let reply = m1.event_where(Duration::from_secs(10), |v| v["kind"] == "reply");
-    assert!(reply["origin"].as_str().unwrap().starts_with("2."), "{reply}");
+    assert!(
+        reply["origin"].as_str().unwrap().starts_with("2."),
+        "{reply}"
+    );
     // On junction 2: the call coming from 1, to the service by name.
     let call = m2.event_where(Duration::from_secs(10), |v| v["kind"] == "call");
     assert!(call["origin"].as_str().unwrap().starts_with("1."), "{call}");

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use junction_road::control::ControlReply;
 use junction_road::monitor::{
     CapSeen, IdentityTraffic, JunctionTraffic, MAX_MONITORS, MAX_TRAFFIC_ROWS, MONITOR_NAME,
-    MONITOR_PAYLOAD_NAME, MONITOR_QUEUE, MONITOR_SNAPLEN, MessageKind, MonitorEvent,
-    MonitorFilter, PortTraffic, Tally, TrafficReport,
+    MONITOR_PAYLOAD_NAME, MONITOR_QUEUE, MONITOR_SNAPLEN, MessageKind, MonitorEvent, MonitorFilter,
+    PortTraffic, Tally, TrafficReport,
 };
 use junction_road::{Address, Deliver, Frame, Header, Identity};
 
@@ -304,10 +304,7 @@ impl Core {
         let Some(c) = self.conns.get(conn.key()) else {
             return Vec::new();
         };
-        c.ports
-            .iter()
-            .flat_map(|&n| self.port_names(n))
-            .collect()
+        c.ports.iter().flat_map(|&n| self.port_names(n)).collect()
     }
 
     fn port_names(&self, port: u16) -> Vec<String> {
@@ -446,7 +443,10 @@ impl Core {
     /// Whether `conn` may monitor: `Some(true)` with payloads.
     fn may_monitor(&self, conn: ConnId) -> Option<bool> {
         let c = self.conns.get(conn.key())?;
-        if c.peer.uid.is_some_and(|u| u == 0 || Some(u) == self.config.owner_uid) {
+        if c.peer
+            .uid
+            .is_some_and(|u| u == 0 || Some(u) == self.config.owner_uid)
+        {
             return Some(true);
         }
         let (identity, _) = c.identity.as_ref()?;

@@ -52,8 +52,8 @@ use bytes::Bytes;
 use junction_identity::ServiceName;
 use junction_road::control::ControlReply;
 use junction_road::frame::credit_cost;
-use junction_road::monitor::MessageKind;
 use junction_road::highway::{MAX_ANNOUNCED_NAME_BYTES, MAX_ANNOUNCED_NAMES};
+use junction_road::monitor::MessageKind;
 use junction_road::remote::{
     self as wire, CALL_LANE, Carried, Possession, REMOTE_LANE_BASE, RemoteFrame, RemotePort,
     RemoteSend, control_lane, data_lane,

@@ -2673,7 +2673,11 @@ mod monitoring {
         let port = h.open_port(svc);
         let cap = h.mint(svc, port, Rights::SEND | Rights::GRANT);
         let name: junction_identity::ServiceName = name.parse().unwrap();
-        let (reply, _) = h.control(svc, ControlRequest::Register { name: name.clone() }, vec![cap]);
+        let (reply, _) = h.control(
+            svc,
+            ControlRequest::Register { name: name.clone() },
+            vec![cap],
+        );
         assert_eq!(reply, ControlReply::Registered);
         let a = connect_as(h, Some(3000));
         let (_, granted) = h.control(a, ControlRequest::Lookup { name }, vec![]);
@@ -2710,7 +2714,10 @@ mod monitoring {
         let mut h = harness();
         let m = connect_as(&mut h, Some(OWNER));
         let (events_port, reply) = monitor(&mut h, m, true);
-        assert!(matches!(reply, ControlReply::Monitoring { payloads: true, .. }));
+        assert!(matches!(
+            reply,
+            ControlReply::Monitoring { payloads: true, .. }
+        ));
         let (svc, port, a, handle) = service(&mut h, "svc");
         h.send(a, handle, vec![], b"hi");
         let seen = events(&mut h, m);
