@@ -164,6 +164,9 @@ struct Side {
     /// with, back to back (msgs/s).
     unmonitored_small_msgs_per_sec: Option<f64>,
     monitored_small_msgs_per_sec: Option<f64>,
+    /// The junction's CPU time per message in those two runs (ns).
+    unmonitored_junction_cpu_ns: Option<f64>,
+    monitored_junction_cpu_ns: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -339,12 +342,19 @@ async fn measure(
             through.large_gb_per_sec = bytes / 1e9 / junction_secs;
             through.large_cpu_ns = Some(cpu);
             let n = work.small_messages / 4;
+            let junction_pid = jct.child.id().unwrap_or(0);
+            let before = cpu_ns(junction_pid);
             let plain = junction_stream(&driver, &sink, SMALL, n).await?;
+            let between = cpu_ns(junction_pid);
             let watcher = monitored::attach(&jct.socket).await?;
+            let start = cpu_ns(junction_pid);
             let watched = junction_stream(&driver, &sink, SMALL, n).await?;
+            let after = cpu_ns(junction_pid);
             drop(watcher);
             through.unmonitored_small_msgs_per_sec = Some(n as f64 / plain);
             through.monitored_small_msgs_per_sec = Some(n as f64 / watched);
+            through.unmonitored_junction_cpu_ns = Some((between - before) as f64 / n as f64);
+            through.monitored_junction_cpu_ns = Some((after - start) as f64 / n as f64);
         }
         *rss = (*rss).max(jct.peak_rss_kib());
         drop(driver);
@@ -416,6 +426,7 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
                 "monitor_vs_none_p50": through.monitored_rtt.map(|m| ratio(m.p50_us, through.rtt.p50_us)),
                 "monitor_vs_none_pinned_p50": through.monitored_rtt_pinned.zip(through.rtt_pinned).map(|(m, r)| ratio(m.p50_us, r.p50_us)),
                 "monitor_vs_none_small_msgs_per_sec": through.monitored_small_msgs_per_sec.zip(through.unmonitored_small_msgs_per_sec).map(|(m, r)| ratio(m, r)),
+                "monitor_vs_none_junction_cpu_per_msg": through.monitored_junction_cpu_ns.zip(through.unmonitored_junction_cpu_ns).map(|(m, r)| ratio(m, r)),
             },
             "junction_peak_rss_kib": rss_kib,
         });

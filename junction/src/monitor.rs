@@ -44,6 +44,10 @@ pub(crate) struct MonitorArgs {
     count: Option<u64>,
 }
 
+/// How long `junction monitor` keeps lines for a pipe or file before it
+/// writes them, when no more events come.
+const FLUSH_AFTER: Duration = Duration::from_millis(50);
+
 /// `junction monitor`: attaches a monitor and prints its events.
 pub(crate) async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let driver = Driver::connect(&args.socket.path()).await?;
@@ -65,17 +69,29 @@ pub(crate) async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     );
     let mut seen = 0u64;
     let mut dropped = 0u64;
+    // To a terminal, every line at once; to a pipe or file, in batches,
+    // flushed once no event came for a moment.
     let stdout = std::io::stdout();
+    let terminal = std::io::IsTerminal::is_terminal(&stdout);
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut unflushed = false;
+    let flush = tokio::time::sleep(Duration::ZERO);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(flush, ctrl_c);
     while args.count.is_none_or(|c| seen < c) {
         let msg = tokio::select! {
             msg = port.recv() => msg?,
-            _ = tokio::signal::ctrl_c() => break,
+            () = &mut flush, if unflushed => {
+                out.flush()?;
+                unflushed = false;
+                continue;
+            }
+            _ = &mut ctrl_c => break,
         };
         let Ok(event) = msg.decode::<MonitorEvent>() else {
             continue;
         };
         seen += 1;
-        let mut out = stdout.lock();
         if event.dropped > dropped && !args.json {
             writeln!(
                 out,
@@ -90,8 +106,16 @@ pub(crate) async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
         } else {
             writeln!(out, "{}", event_line(&event))?;
         }
-        out.flush()?;
+        if terminal {
+            out.flush()?;
+        } else if !unflushed {
+            unflushed = true;
+            flush
+                .as_mut()
+                .reset(tokio::time::Instant::now() + FLUSH_AFTER);
+        }
     }
+    out.flush()?;
     if dropped > 0 {
         eprintln!("{dropped} events dropped in all: this monitor did not keep up");
     }
@@ -219,6 +243,9 @@ pub(crate) struct TopArgs {
     /// Rows of each table shown at most.
     #[arg(long, default_value_t = 20)]
     rows: usize,
+    /// With --once: print the counters as JSON.
+    #[arg(long, requires = "once")]
+    json: bool,
 }
 
 /// `junction top`: the traffic counters, redrawn every `interval` until
@@ -235,6 +262,10 @@ pub(crate) async fn top(args: TopArgs) -> anyhow::Result<()> {
             .as_ref()
             .map(|(prev, at)| Rates::between(prev, &report, now - *at));
         let text = traffic_tables(&report, rates.as_ref(), args.rows);
+        if args.once && args.json {
+            println!("{}", traffic_json(&report));
+            return Ok(());
+        }
         if args.once {
             print!("{text}");
             return Ok(());

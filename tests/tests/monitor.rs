@@ -469,6 +469,14 @@ fn traffic_counts_match_what_was_sent() {
     let top = run(&j, &["top", "--once"]);
     assert!(top.contains(&client_label), "{top}");
     assert!(top.contains("IDENTITY"), "{top}");
+    let top: serde_json::Value =
+        serde_json::from_str(&run(&j, &["top", "--once", "--json"])).unwrap();
+    let rows = top["identities"].as_array().unwrap();
+    let mine = rows
+        .iter()
+        .find(|r| r["identity"] == client_label.as_str())
+        .unwrap();
+    assert_eq!(mine["tally"]["sent_messages"], 15);
     let ls = run(&j, &["ls"]);
     assert!(ls.contains(&service_label), "{ls}");
     let json: serde_json::Value = serde_json::from_str(&run(&j, &["ls", "--json"])).unwrap();

@@ -293,10 +293,9 @@ impl Core {
     }
 
     fn is_monitor_port(&self, port: u16) -> bool {
-        self.watch
-            .monitors
-            .iter()
-            .any(|m| m.port.index == u32::from(port))
+        self.ports
+            .key(port)
+            .is_some_and(|key| self.watch.monitors.iter().any(|m| m.port == key))
     }
 
     /// The names registered for any of `conn`'s ports.
@@ -366,7 +365,8 @@ impl Core {
                     .payloads
                     .then(|| payload[..payload.len().min(MONITOR_SNAPLEN)].to_vec()),
             };
-            let Ok(bytes) = postcard::to_allocvec(&event) else {
+            let room = 64 + event.payload.as_ref().map_or(0, Vec::len);
+            let Ok(bytes) = postcard::to_extend(&event, Vec::with_capacity(room)) else {
                 continue;
             };
             let deliver = Deliver {
@@ -384,7 +384,7 @@ impl Core {
                 frame: Frame::with_payload(Header::Deliver(deliver), Bytes::from(bytes)),
             });
         }
-        // Monitors added meanwhile (none can be: emit runs no requests).
+        // Nothing in the loop above adds a monitor: put the list back.
         self.watch.monitors = monitors;
     }
 

@@ -67,4 +67,13 @@ pub(super) fn report(through: &super::Side) {
             ratio(m, r)
         );
     }
+    if let (Some(m), Some(r)) = (
+        through.monitored_junction_cpu_ns,
+        through.unmonitored_junction_cpu_ns,
+    ) {
+        println!(
+            "  junction CPU per 64 B message {m:.0} ns vs {r:.0} ns ({:.2}x)",
+            ratio(m, r)
+        );
+    }
 }
