@@ -24,7 +24,7 @@ pub(crate) struct MonitorArgs {
     name: Vec<String>,
     /// Only messages from this sender: a key prefix (4+ hex digits), a
     /// certified name, uid:N, or anonymous (repeatable).
-    #[arg(long = "from")]
+    #[arg(long = "from", visible_alias = "identity")]
     from: Vec<String>,
     /// Only messages from or to this port, J.P (repeatable).
     #[arg(long)]

@@ -2769,6 +2769,27 @@ mod monitoring {
     }
 
     #[test]
+    fn notices_are_shown_too() {
+        let mut h = harness();
+        let m = connect_as(&mut h, Some(OWNER));
+        monitor(&mut h, m, false);
+        let (svc, port, a, handle) = service(&mut h, "svc");
+        h.feed(svc, Header::ClosePort { port });
+        h.take(svc);
+        h.send(a, handle, vec![], b"late");
+        let seen = events(&mut h, m);
+        let says = |what: &str| {
+            seen.iter().any(|e| {
+                e.kind == MessageKind::Notice
+                    && e.origin == Address::new(1, 0)
+                    && e.notice.as_deref().is_some_and(|n| n.contains(what))
+            })
+        };
+        assert!(says("port closed"), "{seen:?}");
+        assert!(says("undeliverable"), "{seen:?}");
+    }
+
+    #[test]
     fn only_the_owner_root_or_a_certificate_may_monitor() {
         let mut h = harness();
         for uid in [Some(OWNER + 1), None] {
