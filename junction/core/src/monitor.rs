@@ -421,9 +421,17 @@ impl Core {
                 .is_some_and(|p| p.owner == Some(m.conn))
                 && m.port != key
         });
-        if self.watch.monitors.len() >= MAX_MONITORS {
+        // The last place is kept for the junction's own user and root, so
+        // that certified monitors cannot lock the operator out.
+        let limit = if self.privileged(conn) {
+            MAX_MONITORS
+        } else {
+            MAX_MONITORS - 1
+        };
+        if self.watch.monitors.len() >= limit {
             return refuse(format!(
-                "{MAX_MONITORS} monitors are attached already; try again when one has left"
+                "{} monitors are attached already; try again when one has left",
+                self.watch.monitors.len()
             ));
         }
         tracing::info!(conn = %conn, port, payloads, "monitor attached");
@@ -440,15 +448,21 @@ impl Core {
         }
     }
 
+    /// Whether `conn` runs as the junction's own user or root.
+    fn privileged(&self, conn: ConnId) -> bool {
+        self.conns.get(conn.key()).is_some_and(|c| {
+            c.peer
+                .uid
+                .is_some_and(|u| u == 0 || Some(u) == self.config.owner_uid)
+        })
+    }
+
     /// Whether `conn` may monitor: `Some(true)` with payloads.
     fn may_monitor(&self, conn: ConnId) -> Option<bool> {
-        let c = self.conns.get(conn.key())?;
-        if c.peer
-            .uid
-            .is_some_and(|u| u == 0 || Some(u) == self.config.owner_uid)
-        {
+        if self.privileged(conn) {
             return Some(true);
         }
+        let c = self.conns.get(conn.key())?;
         let (identity, _) = c.identity.as_ref()?;
         let grants = |name: &str| identity.names.iter().any(|n| n.as_ref() == name);
         if grants(MONITOR_PAYLOAD_NAME) {

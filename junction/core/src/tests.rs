@@ -2630,7 +2630,9 @@ fn routes_past_their_share_of_the_frame_are_cut_and_counted() {
 
 /// Monitors and traffic counters (see `monitor`).
 mod monitoring {
-    use junction_road::monitor::{MONITOR_QUEUE, MessageKind, MonitorEvent, MonitorFilter};
+    use junction_road::monitor::{
+        MAX_MONITORS, MONITOR_QUEUE, MessageKind, MonitorEvent, MonitorFilter,
+    };
 
     use super::*;
 
@@ -2801,11 +2803,24 @@ mod monitoring {
             assert_eq!(code, ErrorCode::NotAllowed);
             assert!(message.contains("junction.monitor"), "{message}");
         }
+        // Root may take every place (certified monitors all but the last,
+        // which is not exercised here: it needs a certificate).
         let root = connect_as(&mut h, Some(0));
+        for _ in 0..MAX_MONITORS - 1 {
+            assert!(matches!(
+                monitor(&mut h, root, false).1,
+                ControlReply::Monitoring { .. }
+            ));
+        }
         assert!(matches!(
             monitor(&mut h, root, true).1,
             ControlReply::Monitoring { .. }
         ));
+        let (_, reply) = monitor(&mut h, root, false);
+        let ControlReply::Refused { message, .. } = reply else {
+            panic!("a ninth monitor: {reply:?}")
+        };
+        assert!(message.contains("8 monitors are attached"), "{message}");
         // Never on a home port: its replies would mix with the events.
         let home = h.core.conns.get(root.key()).unwrap().home;
         let request = ControlRequest::Monitor {
