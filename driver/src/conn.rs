@@ -177,6 +177,17 @@ pub enum Notice {
         /// What went wrong, for people.
         message: String,
     },
+    /// This connection's proven identity was taken away: its certificate
+    /// was revoked (the junction reloaded its revocation list) or expired.
+    /// The names it had registered are gone with it; the connection and
+    /// its ports live on, anonymous. A service should stop, or get a new
+    /// certificate and connect again.
+    IdentityWithdrawn {
+        /// The names lost with it.
+        names: Vec<junction_identity::ServiceName>,
+        /// Why, for people.
+        reason: String,
+    },
 }
 
 impl Shared {
@@ -677,6 +688,15 @@ impl Shared {
                     code,
                     message,
                 });
+            }
+            Event::IdentityWithdrawn { names, reason } => {
+                tracing::info!(
+                    ?names,
+                    "the junction withdrew this connection's identity: {reason}"
+                );
+                let _ = self
+                    .notices_tx
+                    .send(Notice::IdentityWithdrawn { names, reason });
             }
             other => tracing::debug!(?other, "ignored a driver event"),
         }

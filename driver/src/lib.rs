@@ -464,8 +464,9 @@ impl Driver {
     }
 
     /// The next notice about messages this Driver sent that were not
-    /// delivered, or about errors the Junction reported outside any request.
-    /// `None` once the connection is closed.
+    /// delivered, about errors the Junction reported outside any request,
+    /// or that this connection's identity was withdrawn
+    /// ([`Notice::IdentityWithdrawn`]). `None` once the connection is closed.
     pub async fn next_notice(&self) -> Option<Notice> {
         self.shared.next_notice().await
     }

@@ -352,6 +352,14 @@ pub enum Event {
         /// What happened, for people.
         reason: String,
     },
+    /// The Junction took this connection's proven identity away (its
+    /// certificate was revoked or expired), and the names it registered.
+    IdentityWithdrawn {
+        /// The names lost with it.
+        names: Vec<junction_identity::ServiceName>,
+        /// Why, for people.
+        reason: String,
+    },
 }
 
 /// Why a command was refused locally; nothing was queued.
@@ -698,6 +706,9 @@ impl Machine {
             Header::Goodbye { reason } => {
                 self.close(format!("the junction said goodbye: {reason}"))
             }
+            Header::IdentityWithdrawn { names, reason } => self
+                .events
+                .push_back(Event::IdentityWithdrawn { names, reason }),
             other => tracing::debug!(?other, "ignored an unexpected frame"),
         }
     }

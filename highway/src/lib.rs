@@ -58,7 +58,10 @@ pub enum HighwayError {
     #[error("no bus certificate chain was given for this junction")]
     NoChain,
     /// The chain's leaf is not a junction certificate.
-    #[error("the junction's bus certificate is a {role} certificate, not a junction's")]
+    #[error(
+        "the junction's bus certificate is for {role}, not for a junction; issue one with \
+         `junction cert issue --role junction --junction-id ID`"
+    )]
     NotAJunctionCertificate {
         /// Its role.
         role: String,

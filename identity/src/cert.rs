@@ -158,7 +158,8 @@ impl Certificate {
 
     /// Reads postcard bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
-        postcard::from_bytes(bytes).map_err(|e| IdentityError::CertificateFormat(e.to_string()))
+        postcard::from_bytes(bytes)
+            .map_err(|e| IdentityError::CertificateFormat(crate::undecodable(&e)))
     }
 
     /// The PEM armour.

@@ -12,6 +12,7 @@
 //! - [`token`]: capability tokens for Highways, with delegation;
 //! - [`secure`]: end-to-end session keys between junctions (X25519,
 //!   HKDF-SHA256, ChaCha20-Poly1305, all `ring`'s);
+//! - [`when`]: Unix times as dates for people;
 //! - [`ServiceName`] and [`NamePattern`]: the names services register.
 //!
 //! Checks return [`Verified`] values, which only this crate can make: code
@@ -28,6 +29,7 @@ pub mod proof;
 pub mod revocation;
 pub mod secure;
 pub mod token;
+pub mod when;
 
 pub use cert::{CertBody, Certificate, Role, TrustStore};
 pub use junction::{JunctionCertError, certify_junction};
@@ -69,7 +71,7 @@ pub enum IdentityError {
     /// A key file could not be read or written.
     #[error("not a usable ed25519 key (PKCS#8 PEM expected): {0}")]
     KeyFormat(String),
-    /// A certificate or list could not be decoded.
+    /// A certificate could not be decoded.
     #[error("not a valid junction certificate: {0}")]
     CertificateFormat(String),
     /// Encoding failed.
@@ -117,7 +119,10 @@ pub enum IdentityError {
         issuer: PublicKey,
     },
     /// A certificate has expired.
-    #[error("certificate {serial:#x} expired at {not_after} (now {now})")]
+    #[error(
+        "certificate {serial:#x} expired {}; issue a new one (junction cert issue)",
+        when::dated(*not_after, *now)
+    )]
     Expired {
         /// Its serial.
         serial: u64,
@@ -127,7 +132,10 @@ pub enum IdentityError {
         now: u64,
     },
     /// A certificate is not valid yet.
-    #[error("certificate {serial:#x} is not valid before {not_before} (now {now})")]
+    #[error(
+        "certificate {serial:#x} is not valid before {}",
+        when::dated(*not_before, *now)
+    )]
     NotYetValid {
         /// Its serial.
         serial: u64,
@@ -177,7 +185,7 @@ pub enum IdentityError {
         user: u16,
     },
     /// A token has expired.
-    #[error("the token expired at {expires_at}")]
+    #[error("the token expired at {}", when::utc(*expires_at))]
     TokenExpired {
         /// Its expiry.
         expires_at: u64,
@@ -206,6 +214,22 @@ pub enum IdentityError {
         /// The id.
         id: u16,
     },
+    /// A revocation list could not be decoded.
+    #[error("not a valid revocation list: {0}")]
+    RevocationListFormat(String),
+}
+
+/// What a postcard decoding error means for a file a person handed us,
+/// in words (postcard's own say "Serde Deserialization Error").
+pub(crate) fn undecodable(e: &postcard::Error) -> String {
+    match e {
+        postcard::Error::DeserializeUnexpectedEnd => {
+            "its contents end too early (the file is cut short)".to_string()
+        }
+        _ => {
+            "its contents do not decode (the file is corrupt, or holds something else)".to_string()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -79,14 +79,18 @@ impl RevocationList {
 
     /// Reads the armour.
     pub fn from_pem(text: &str) -> Result<Self, IdentityError> {
-        let blocks = crate::armour::decode_all(REVOCATION_LABEL, text)?;
+        let blocks = crate::armour::decode_all(REVOCATION_LABEL, text).map_err(|e| match e {
+            IdentityError::CertificateFormat(what) => IdentityError::RevocationListFormat(what),
+            other => other,
+        })?;
         let [bytes] = blocks.as_slice() else {
-            return Err(IdentityError::CertificateFormat(format!(
+            return Err(IdentityError::RevocationListFormat(format!(
                 "expected one {REVOCATION_LABEL} block, found {}",
                 blocks.len()
             )));
         };
-        postcard::from_bytes(bytes).map_err(|e| IdentityError::CertificateFormat(e.to_string()))
+        postcard::from_bytes(bytes)
+            .map_err(|e| IdentityError::RevocationListFormat(crate::undecodable(&e)))
     }
 }
 

@@ -55,7 +55,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, conflicts_with = "hostile")]
     highway: bool,
     /// With --hostile: run only these floods (repeatable), and skip the
-    /// idle connections.
+    /// idle connections [default: every flood, then the idle connections].
     #[arg(long, value_enum, requires = "hostile")]
     only: Vec<floods::Flood>,
 }
@@ -85,6 +85,11 @@ pub(crate) enum Role {
     /// Hostile bench: connect `--count` idle drivers on "go" (stdin), hold
     /// them until stdin closes.
     IdleDrivers,
+    /// Highway bench: raw quinn, an echo and a sink on a QUIC endpoint with
+    /// the TLS identity in `--key`/`--cert`, trusting `--socket` as the
+    /// authority's certificate; prints its address, serves until stdin
+    /// closes.
+    RawQuinn,
 }
 
 /// `junction bench-peer` options.
@@ -108,6 +113,12 @@ pub(crate) struct PeerArgs {
     /// For flood: how long to attack, in seconds.
     #[arg(long, default_value_t = 2.5)]
     secs: f64,
+    /// For raw-quinn: the endpoint's key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// For raw-quinn: the endpoint's certificate chain.
+    #[arg(long)]
+    cert: Option<PathBuf>,
 }
 
 const SMALL: usize = 64;
@@ -263,6 +274,12 @@ async fn measure_all(dir: PathBuf, work: Work, no_pin: bool) -> anyhow::Result<(
     Ok((raw, through, rss))
 }
 
+/// Says what the bench is doing, on stderr: the figures (and `--json`)
+/// go to stdout, and a run takes minutes.
+pub(crate) fn progress(what: &str) {
+    eprintln!("bench: {what}…");
+}
+
 async fn measure(
     dir: &Path,
     work: &Work,
@@ -271,8 +288,16 @@ async fn measure(
     pinned: bool,
     rss: &mut u64,
 ) -> anyhow::Result<()> {
+    let how = if pinned {
+        "pinned to CPU 0"
+    } else {
+        "unpinned"
+    };
+    progress(&format!("round trips over a raw socket, {how}"));
     let raw_rtt = raw_round_trips(dir, work.round_trips, true).await?;
+    progress(&format!("round trips over the Road transport, {how}"));
     let road_rtt = raw_round_trips(dir, work.round_trips, false).await?;
+    progress(&format!("round trips through a minimal relay, {how}"));
     let relay_rtt = relay_round_trips(dir, work.round_trips).await?;
     if pinned {
         raw.road_rtt_pinned = Some(road_rtt);
@@ -289,7 +314,9 @@ async fn measure(
         let sink_peer = spawn_peer(Role::Sink, &jct.socket, 0, false)?;
         let echo = lookup(&driver, "bench.echo").await?;
         let sink = lookup(&driver, "bench.sink").await?;
+        progress(&format!("round trips through the junction, {how}"));
         let rtt = junction_round_trips(&driver, &echo, work.round_trips).await?;
+        progress(&format!("round trips with a monitor attached, {how}"));
         let watcher = monitored::attach(&jct.socket).await?;
         let watched = junction_round_trips(&driver, &echo, work.round_trips).await?;
         drop(watcher);
@@ -298,6 +325,9 @@ async fn measure(
         } else {
             through.monitored_rtt = Some(watched);
         }
+        progress(&format!(
+            "identities: registration, lookup, identified round trips, {how}"
+        ));
         let ids = identity_figures(&jct.socket, &pki, work.round_trips).await?;
         if pinned {
             through.identity_rtt_pinned = Some(ids.rtt);
@@ -332,10 +362,18 @@ async fn measure(
                 pids,
                 tries: work.tries,
             };
+            progress(&format!(
+                "{} one-way 64 B messages, raw and through the junction, best of {}",
+                work.small_messages, work.tries
+            ));
             let (raw_secs, junction_secs, cpu) = stream.best(SMALL, work.small_messages).await?;
             raw.small_msgs_per_sec = work.small_messages as f64 / raw_secs;
             through.small_msgs_per_sec = work.small_messages as f64 / junction_secs;
             through.small_cpu_ns = Some(cpu);
+            progress(&format!(
+                "{} one-way 1 MiB messages, raw and through the junction, best of {}",
+                work.large_messages, work.tries
+            ));
             let (raw_secs, junction_secs, cpu) = stream.best(LARGE, work.large_messages).await?;
             let bytes = (LARGE as u64 * work.large_messages) as f64;
             raw.large_gb_per_sec = bytes / 1e9 / raw_secs;
@@ -433,81 +471,85 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
         println!("{value}");
         return;
     }
-    println!(
-        "{:<34} {:>14} {:>14} {:>8}",
-        "measure", "raw socket", "junction", "ratio"
-    );
-    let row = |name: &str, r: f64, j: f64, unit: &str| {
+    // Each table has its own heading, naming what its two columns
+    // compare, and is printed only when it has rows.
+    let table = |title: &str, a: &str, b: &str, rows: &[(&str, f64, f64)]| {
+        if rows.is_empty() {
+            return;
+        }
+        println!();
         println!(
-            "{:<34} {:>11.2} {unit:<2} {:>11.2} {unit:<2} {:>7.2}x",
-            name,
-            r,
-            j,
-            ratio(j, r)
+            "{title:<40} {a:>12} {b:>12} {:>22}",
+            format!("RATIO {b}/{a}")
         );
+        for (name, x, y) in rows {
+            println!("{name:<40} {x:>12.2} {y:>12.2} {:>21.2}x", ratio(*y, *x));
+        }
     };
-    row(
-        "call round trip p50 (µs)",
-        raw.rtt.p50_us,
-        through.rtt.p50_us,
-        "",
-    );
-    row(
-        "call round trip p99 (µs)",
-        raw.rtt.p99_us,
-        through.rtt.p99_us,
-        "",
-    );
+    let mut rows = vec![
+        (
+            "call round trip p50 (µs)",
+            raw.rtt.p50_us,
+            through.rtt.p50_us,
+        ),
+        (
+            "call round trip p99 (µs)",
+            raw.rtt.p99_us,
+            through.rtt.p99_us,
+        ),
+    ];
     if let (Some(r), Some(j)) = (raw.rtt_pinned, through.rtt_pinned) {
-        row("pinned round trip p50 (µs)", r.p50_us, j.p50_us, "");
-        row("pinned round trip p99 (µs)", r.p99_us, j.p99_us, "");
+        rows.push(("pinned round trip p50 (µs)", r.p50_us, j.p50_us));
+        rows.push(("pinned round trip p99 (µs)", r.p99_us, j.p99_us));
     }
-    println!("for scale, pinned p50, against the junction's own Road transport:");
+    if through.small_msgs_per_sec > 0.0 {
+        rows.push((
+            "64 B one-way (million messages/s)",
+            raw.small_msgs_per_sec / 1e6,
+            through.small_msgs_per_sec / 1e6,
+        ));
+        rows.push((
+            "1 MiB one-way (GB/s)",
+            raw.large_gb_per_sec,
+            through.large_gb_per_sec,
+        ));
+    }
+    table("MEASURE", "RAW", "JUNCTION", &rows);
     if let (Some(road), Some(relay), Some(j)) = (
         raw.road_rtt_pinned,
         raw.relay_rtt_pinned,
         through.rtt_pinned,
     ) {
-        row(
-            "  raw over the Road transport",
-            road.p50_us,
-            road.p50_us,
-            "",
+        table(
+            "PINNED ROUND TRIP p50 (µs), FOR SCALE",
+            "ROAD",
+            "THIS",
+            &[
+                (
+                    "a minimal relay process (no decisions)",
+                    road.p50_us,
+                    relay.p50_us,
+                ),
+                ("the junction", road.p50_us, j.p50_us),
+            ],
         );
-        row("  a minimal relay process", road.p50_us, relay.p50_us, "");
-        row("  the junction", road.p50_us, j.p50_us, "");
         println!(
-            "  the junction costs {:.2}x a relay that makes no decisions",
+            "the junction costs {:.2}x a relay that makes no decisions",
             ratio(j.p50_us, relay.p50_us)
         );
     }
-    row(
-        "64 B one-way (M msg/s)",
-        raw.small_msgs_per_sec / 1e6,
-        through.small_msgs_per_sec / 1e6,
-        "",
-    );
-    row(
-        "1 MiB one-way (GB/s)",
-        raw.large_gb_per_sec,
-        through.large_gb_per_sec,
-        "",
-    );
-    if let (Some(plain), Some(ids)) = (through.rtt_pinned, through.identity_rtt_pinned) {
-        row(
-            "pinned p50: anonymous vs identified",
-            plain.p50_us,
-            ids.p50_us,
-            "",
-        );
-    } else if let Some(ids) = through.identity_rtt {
-        row(
-            "p50: anonymous vs identified",
-            through.rtt.p50_us,
-            ids.p50_us,
-            "",
-        );
+    let identified = match (through.rtt_pinned, through.identity_rtt_pinned) {
+        (Some(plain), Some(ids)) => {
+            Some(("pinned call round trip p50 (µs)", plain.p50_us, ids.p50_us))
+        }
+        _ => through
+            .identity_rtt
+            .map(|ids| ("call round trip p50 (µs)", through.rtt.p50_us, ids.p50_us)),
+    };
+    if let Some(row) = identified {
+        table("IDENTITIES", "ANONYMOUS", "IDENTIFIED", &[row]);
     }
+    println!();
     if let (Some(r), Some(l), Some(a)) = (
         through.register_p50_us,
         through.lookup_p50_us,
@@ -918,6 +960,11 @@ async fn peer_role(args: PeerArgs) -> anyhow::Result<()> {
             }
             Role::IdleDrivers => {
                 hostile::idle_drivers(&args.socket, usize::try_from(args.count)?).await?;
+            }
+            Role::RawQuinn => {
+                let key = args.key.context("--role raw-quinn needs --key")?;
+                let cert = args.cert.context("--role raw-quinn needs --cert")?;
+                highway::raw_quinn_peer(&key, &cert, &args.socket).await?;
             }
             Role::RawEcho => {
                 let stream = tokio::net::UnixStream::connect(&args.socket).await?;

@@ -38,10 +38,11 @@ impl SocketArg {
 /// Who a command is, on the bus: a key and its certificate chain.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct IdentityArgs {
-    /// This program's key (PKCS#8 PEM).
+    /// This program's key (PKCS#8 PEM) [default: none: anonymous].
     #[arg(long, env = "JUNCTION_KEY")]
     key: Option<PathBuf>,
-    /// This program's certificate chain (PEM, leaf first).
+    /// This program's certificate chain (PEM, leaf first), from `junction
+    /// cert issue` [default: none: anonymous].
     #[arg(long, env = "JUNCTION_CERT")]
     cert: Option<PathBuf>,
 }
@@ -50,13 +51,32 @@ impl IdentityArgs {
     /// Proves the identity on `driver`, when one was given.
     pub(crate) async fn apply(&self, driver: &Driver) -> anyhow::Result<()> {
         match (&self.key, &self.cert) {
-            (Some(key), Some(cert)) => {
-                let key = crate::pki::read_key(key)?;
-                let chain = crate::pki::read_chain(cert)?;
-                driver
-                    .authenticate(&key, chain)
-                    .await
-                    .context("the junction refused this identity")?;
+            (Some(key_path), Some(cert_path)) => {
+                let key = crate::pki::read_key(key_path)?;
+                let chain = crate::pki::read_chain(cert_path)?;
+                driver.authenticate(&key, chain).await.map_err(|e| {
+                    let hint = match refusal_code(&e) {
+                        Some(code) => match code {
+                            junction_driver::ErrorCode::BadCertificate => {
+                                "; check that it was issued under the authority this junction \
+                                 trusts (its --authority) and is valid now (junction cert inspect)"
+                            }
+                            junction_driver::ErrorCode::CertificateRevoked => {
+                                "; the authority revoked it: get a new certificate"
+                            }
+                            junction_driver::ErrorCode::BadProof => {
+                                "; --key must be the key the certificate was issued for"
+                            }
+                            _ => "",
+                        },
+                        None => "",
+                    };
+                    anyhow::anyhow!(
+                        "cannot prove the identity in {} (key {}): {e}{hint}",
+                        cert_path.display(),
+                        key_path.display()
+                    )
+                })?;
                 Ok(())
             }
             (None, None) => Ok(()),
@@ -72,31 +92,37 @@ impl IdentityArgs {
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     socket: SocketArg,
-    /// A TOML config file; the flags here override it.
+    /// A TOML config file; the flags here override it [default: none].
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
     /// This junction's id, 1 to 65534 [default: 1].
     #[arg(long)]
     junction_id: Option<u16>,
-    /// Spawn this command with a stdio Road (repeatable), e.g. --spawn 'my-svc --flag'.
+    /// Spawn this command with a stdio Road (repeatable), e.g. --spawn
+    /// 'my-svc --flag' [default: none].
     #[arg(long)]
     spawn: Vec<String>,
-    /// Send credits per capability (the per-sender queue bound).
+    /// Credit units per sender and port: how much one connection may have
+    /// delivered to a port and not yet consumed [default: 1024].
     #[arg(long)]
     window: Option<u32>,
-    /// The largest frame accepted, in bytes.
+    /// The largest frame accepted, in bytes [default: 4194304].
     #[arg(long)]
     max_frame: Option<u32>,
-    /// The bus authority's certificate: services prove their names against it.
+    /// The bus authority's certificate: services prove their names against
+    /// it [default: none: only --dev-namespace names can be registered].
     #[arg(long)]
     authority: Option<PathBuf>,
-    /// The authority's revocation list (reloaded on SIGHUP).
+    /// The authority's revocation list, from `junction cert revoke`
+    /// (reloaded on SIGHUP) [default: none].
     #[arg(long)]
     revocations: Option<PathBuf>,
-    /// Names that need no certificate, for development only, e.g. 'dev.*' (repeatable).
+    /// Names that need no certificate, for development only, e.g. 'dev.*'
+    /// (repeatable) [default: none].
     #[arg(long)]
     dev_namespace: Vec<String>,
-    /// A user id allowed to connect (repeatable; default: anyone who can open the socket).
+    /// A user id allowed to connect (repeatable) [default: anyone who can
+    /// open the socket].
     #[arg(long)]
     allow_uid: Vec<u32>,
     /// Bytes queued for a connection above which the junction stops taking
@@ -124,15 +150,16 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     quic_listen: Option<std::net::SocketAddr>,
     /// Keep a Highway to this junction, as ID@HOST:PORT (repeatable), e.g.
-    /// --peer 2@198.51.100.2:4433.
+    /// --peer 2@198.51.100.2:4433 [default: none].
     #[arg(long)]
     peer: Vec<String>,
     /// This junction's key (PKCS#8 PEM, from `junction keygen`): its
-    /// identity on Highways; it also seals its routes and sessions.
+    /// identity on Highways; it also seals its routes and sessions
+    /// [default: none].
     #[arg(long)]
     junction_key: Option<PathBuf>,
     /// This junction's certificate chain (PEM, leaf first), from
-    /// `junction cert issue --role junction --junction-id ID`.
+    /// `junction cert issue --role junction --junction-id ID` [default: none].
     #[arg(long)]
     junction_cert: Option<PathBuf>,
     /// Serve the traffic counters as Prometheus text (GET /metrics) on this
@@ -392,15 +419,26 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         escape(&socket.to_string_lossy())
     );
     println!();
+    // UNCONSUMED, not QUEUED: the junction delivers at once, and counts
+    // what the owner has not yet reported consumed (see `junction ls
+    // --help`); it does not see the owner's own queue.
     println!(
-        "{:<10} {:<8} {:>7} {:>8}  NAMES",
-        "PORT", "OWNER", "QUEUED", "SENDERS"
+        "{:<10} {:<8} {:>10} {:>8}  NAMES",
+        "PORT", "OWNER", "UNCONSUMED", "SENDERS"
     );
     for p in &listing.ports {
         let owner = p
             .owner
             .map_or_else(|| "junction".to_string(), |o| format!("c{o}"));
-        let mut names = escape(&p.names.join(","));
+        let mut names: Vec<String> = p.names.iter().map(|n| escape(n)).collect();
+        names.extend(
+            listing
+                .withdrawn
+                .iter()
+                .filter(|w| w.port == p.address)
+                .map(|w| format!("{} (withdrawn: {})", escape(&w.name), escape(&w.reason))),
+        );
+        let mut names = names.join(",");
         if p.home {
             names = if names.is_empty() {
                 "(home)".into()
@@ -412,7 +450,7 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
             names = "(control)".into();
         }
         println!(
-            "{:<10} {:<8} {:>7} {:>8}  {}",
+            "{:<10} {:<8} {:>10} {:>8}  {}",
             p.address.to_string(),
             owner,
             p.queued,
@@ -505,18 +543,18 @@ fn junctions_tables(listing: &junction_road::control::Listing) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<8} {:<8} {:>8} {:>20}  PATH",
-            "ROUTE", "NEXT", "COST", "INCARNATION"
+            "{:<8} {:<8} {:>8} {:>23}  PATH",
+            "ROUTE", "NEXT", "COST", "STARTED (INCARNATION)"
         );
         for r in &listing.routes {
             let path: Vec<String> = r.path.iter().map(|j| format!("j{j}")).collect();
             let _ = writeln!(
                 out,
-                "{:<8} {:<8} {:>8} {:>20}  {}",
+                "{:<8} {:<8} {:>8} {:>23}  {}",
                 format!("j{}", r.junction),
                 format!("j{}", r.next_hop),
                 r.cost,
-                r.incarnation,
+                started(r.incarnation),
                 path.join(" > ")
             );
         }
@@ -526,7 +564,7 @@ fn junctions_tables(listing: &junction_road::control::Listing) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<8} {:<7} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>20}",
+            "{:<8} {:<7} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>23}",
             "SESSION",
             "SEALING",
             "LANES OUT",
@@ -535,12 +573,12 @@ fn junctions_tables(listing: &junction_road::control::Listing) -> String {
             "REFUSED",
             "IMPORTS",
             "EXPORTS",
-            "INCARNATION"
+            "STARTED (INCARNATION)"
         );
         for s in &listing.sessions {
             let _ = writeln!(
                 out,
-                "{:<8} {:<7} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>20}",
+                "{:<8} {:<7} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>23}",
                 format!("j{}", s.junction),
                 s.sealing.as_str(),
                 s.lanes_out,
@@ -549,12 +587,22 @@ fn junctions_tables(listing: &junction_road::control::Listing) -> String {
                 s.refused,
                 s.imports,
                 s.exports,
-                s.incarnation
+                started(s.incarnation)
             );
         }
         more(&mut out, listing.more_sessions, "sessions");
     }
     out
+}
+
+/// A junction's incarnation (its start time) as a date; `-` for 0, an
+/// incarnation not heard yet.
+fn started(incarnation: u64) -> String {
+    if incarnation == 0 {
+        "-".to_string()
+    } else {
+        junction_identity::when::utc(incarnation)
+    }
 }
 
 /// The last column of a connection in `junction ls`: the proven identity,
@@ -604,10 +652,16 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
         "ports": listing.ports.iter().map(|p| serde_json::json!({
             "address": p.address.to_string(),
             "owner": p.owner,
+            // "queued" is the old name of the same count, kept for scripts.
+            "unconsumed": p.queued,
             "queued": p.queued,
             "senders": p.senders,
             "watchers": p.watchers,
             "names": p.names,
+            "withdrawn_names": listing.withdrawn.iter().filter(|w| w.port == p.address).map(|w| serde_json::json!({
+                "name": w.name,
+                "reason": w.reason,
+            })).collect::<Vec<_>>(),
             "home": p.home,
         })).collect::<Vec<_>>(),
         "connections": listing.connections.iter().map(|c| serde_json::json!({
@@ -654,7 +708,16 @@ fn listing_json(listing: &junction_road::control::Listing) -> serde_json::Value 
         "more_highways": listing.more_highways,
         "more_routes": listing.more_routes,
         "more_sessions": listing.more_sessions,
+        "more_withdrawn": listing.more_withdrawn,
     })
+}
+
+/// The code of a refusal, to say what to do about it.
+fn refusal_code(e: &junction_driver::Error) -> Option<junction_driver::ErrorCode> {
+    match e {
+        junction_driver::Error::Refused { code, .. } => Some(*code),
+        _ => None,
+    }
 }
 
 /// Connects, proves `identity` if given, and looks `name` up.
@@ -665,10 +728,15 @@ async fn lookup_as(
 ) -> anyhow::Result<(Driver, junction_driver::Capability)> {
     let driver = connect(socket).await?;
     identity.apply(&driver).await?;
-    let cap = driver
-        .lookup(name)
-        .await
-        .with_context(|| format!("cannot look up {name}"))?;
+    let cap = driver.lookup(name).await.map_err(|e| {
+        let hint = match refusal_code(&e) {
+            Some(junction_driver::ErrorCode::NameNotFound) => {
+                "; is the service running? `junction ls` shows the names registered"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!("cannot look up {name}: {e}{hint}")
+    })?;
     Ok((driver, cap))
 }
 
@@ -679,14 +747,27 @@ pub(crate) async fn call(
     name: String,
     payload: String,
     timeout: Duration,
+    raw: bool,
 ) -> anyhow::Result<()> {
     let payload = read_payload(payload)?;
     let (driver, cap) = lookup_as(&socket, &identity, &name).await?;
-    let reply = driver
-        .call(&cap, payload, timeout)
-        .await
-        .with_context(|| format!("calling {name} failed"))?;
-    println!("{}", show(&reply.payload));
+    let reply = driver.call(&cap, payload, timeout).await.map_err(|e| {
+        let hint = if matches!(e, junction_driver::Error::Timeout(_)) {
+            "; give it longer with --timeout (e.g. --timeout 30s)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("calling {name} failed: {e}{hint}")
+    })?;
+    if raw {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(&reply.payload)
+            .and_then(|()| out.flush())
+            .context("cannot write the reply to stdout")?;
+    } else {
+        println!("{}", show(&reply.payload));
+    }
     Ok(())
 }
 
@@ -716,14 +797,35 @@ pub(crate) async fn listen(
     identity.apply(&driver).await?;
     let mut port = driver.open_port().await?;
     let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
-    driver
-        .register(&name, &cap)
-        .await
-        .with_context(|| format!("cannot register {name}"))?;
+    driver.register(&name, &cap).await.map_err(|e| {
+        let hint = match refusal_code(&e) {
+            Some(junction_driver::ErrorCode::NameNotGranted) => format!(
+                "; give --key and --cert of a service certificate that grants {name} \
+                     (junction cert issue --role service --name {name}), or use a name in the \
+                     junction's development namespace (serve --dev-namespace)"
+            ),
+            Some(junction_driver::ErrorCode::NameTaken) => {
+                "; pick another name, or stop the program that holds it (junction ls)".to_string()
+            }
+            _ => String::new(),
+        };
+        anyhow::anyhow!("cannot register {name}: {e}{hint}")
+    })?;
     eprintln!("listening as {name} on port {}", port.address());
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
-        let msg = port.recv().await?;
+        let msg = tokio::select! {
+            msg = port.recv() => msg?,
+            lost = identity_withdrawn(&driver) => {
+                // Exit rather than go on: nobody can look the name up any
+                // more, and a supervisor should see the listener stop.
+                bail!(
+                    "the junction withdrew this listener's identity: {}; {name} is no longer \
+                     registered (get a new certificate and listen again)",
+                    lost
+                );
+            }
+        };
         seen += 1;
         let kind = if msg.is_call() { "call" } else { "message" };
         let caps: Vec<String> = msg
@@ -764,6 +866,20 @@ pub(crate) async fn listen(
     }
     driver.sync().await?;
     Ok(())
+}
+
+/// Waits for the junction to withdraw `driver`'s identity; says why.
+/// Other notices are not the listener's business (they concern messages it
+/// sent, and it sends none but replies).
+async fn identity_withdrawn(driver: &Driver) -> String {
+    loop {
+        match driver.next_notice().await {
+            Some(junction_driver::Notice::IdentityWithdrawn { reason, .. }) => return reason,
+            Some(_) => {}
+            // The connection is over; `recv` will say so.
+            None => std::future::pending::<()>().await,
+        }
+    }
 }
 
 /// The echo service: registers `name` and answers every call with its
@@ -836,6 +952,8 @@ mod tests {
             more_highways: 0,
             more_routes: 0,
             more_sessions: 0,
+            withdrawn: vec![],
+            more_withdrawn: 0,
         }
     }
 
@@ -883,6 +1001,7 @@ mod tests {
         assert!(lines[2].contains("1.5ms"), "{text}");
         assert!(lines[2].ends_with(r"bus-b\u{202e}:4433"), "{text}");
         assert!(text.contains("j2 > j3"), "{text}");
+        assert!(text.contains("1970-01-01 00:00:07 UTC"), "{text}");
         assert!(text.contains("… and 9 more routes"), "{text}");
         assert!(lines.iter().any(|l| l.starts_with("SESSION ")), "{text}");
         assert!(text.contains(" sealed "), "{text}");

@@ -179,6 +179,19 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// A file the configuration names (not the configuration file itself)
+    /// could not be read.
+    #[error("cannot read {what} {}: {source}; {hint}", path.display())]
+    ReadNamed {
+        /// What the file is, e.g. "the authority certificate (--authority)".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
 }
 
 impl FileConfig {
@@ -239,17 +252,23 @@ impl FileConfig {
 
 /// Loads the trusted authorities from a PEM file of authority certificates.
 pub fn load_trust(path: &Path) -> Result<junction_identity::TrustStore, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadNamed {
+        what: "the authority certificate (--authority, or `authority` in the config file)",
         path: path.to_owned(),
         source,
+        hint: "give the file `junction cert issue --role authority` wrote",
     })?;
-    let certs = junction_identity::Certificate::chain_from_pem(&text)
-        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+    let invalid = |e: junction_identity::IdentityError| {
+        ConfigError::Invalid(format!(
+            "the authority certificate {} (--authority) is unusable: {e}; give the file \
+             `junction cert issue --role authority` wrote",
+            path.display()
+        ))
+    };
+    let certs = junction_identity::Certificate::chain_from_pem(&text).map_err(invalid)?;
     let mut trust = junction_identity::TrustStore::new();
     for cert in &certs {
-        trust
-            .add_authority(cert)
-            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        trust.add_authority(cert).map_err(invalid)?;
     }
     Ok(trust)
 }
@@ -259,13 +278,22 @@ pub fn load_revocations(
     path: &Path,
     trust: &junction_identity::TrustStore,
 ) -> Result<junction_identity::Verified<junction_identity::RevocationList>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadNamed {
+        what: "the revocation list (--revocations, or `revocations` in the config file)",
         path: path.to_owned(),
         source,
+        hint: "make one with `junction cert revoke --authority-key KEY -o FILE` (with nothing \
+               to revoke, it makes an empty list)",
     })?;
     junction_identity::RevocationList::from_pem(&text)
         .and_then(|list| list.verify(trust))
-        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))
+        .map_err(|e| {
+            ConfigError::Invalid(format!(
+                "the revocation list {} (--revocations) is unusable: {e}; make revocation \
+                 lists with `junction cert revoke`",
+                path.display()
+            ))
+        })
 }
 
 /// Parses development-namespace patterns.

@@ -48,6 +48,10 @@ pub struct HighwaySetup {
     pub listen: Option<SocketAddr>,
     /// The junctions to dial.
     pub peers: Vec<(u16, SocketAddr)>,
+    /// Of those, the ones configured by host name (`name`, port): resolved
+    /// again before each dial, so that a peer that moves, or whose name
+    /// did not resolve yet when this junction started, is still reached.
+    pub names: HashMap<u16, (String, u16)>,
 }
 
 /// Why the Highways could not start.
@@ -97,6 +101,8 @@ pub struct Highways {
     revocations: Revocations,
     /// Who is admitted, to check the links up again when it changes.
     policy: PeerPolicy,
+    /// Peers configured by host name, resolved before each dial.
+    names: HashMap<u16, (String, u16)>,
 }
 
 /// What the driver asks of the junction around it: the core's side.
@@ -142,6 +148,7 @@ impl Highways {
             wake: tokio::sync::Notify::new(),
             revocations: setup.policy.revocations().clone(),
             policy: setup.policy,
+            names: setup.names,
         }))
     }
 
@@ -235,11 +242,12 @@ impl Highways {
                     _ => (HighwayState::Waiting, None, None),
                 };
                 let link = conn.and_then(|c| conns.get(&c.0));
+                let named = self.names.get(&p.junction);
                 HighwayInfo {
                     junction: p.junction,
-                    address: p
-                        .addr
-                        .map(|a| a.to_string())
+                    address: named
+                        .map(|(host, port)| format!("{host}:{port}"))
+                        .or_else(|| p.addr.map(|a| a.to_string()))
                         .or_else(|| link.map(|l| l.remote.to_string())),
                     state,
                     rtt_us: rtt.map(|r| r.as_micros() as u64),
@@ -392,8 +400,19 @@ impl Highways {
         (id, link)
     }
 
-    /// Dials `peer` at `addr` and keeps the connection.
+    /// Dials `peer` at `addr` (its host name resolved again, if it has
+    /// one) and keeps the connection.
     async fn dial(self: Rc<Self>, peer: u16, addr: SocketAddr, junction: Rc<dyn Junction>) {
+        let addr = match self.names.get(&peer).cloned() {
+            None => addr,
+            Some((host, port)) => match resolve(&host, port, self.local_addr()).await {
+                Ok(addr) => addr,
+                Err(e) => {
+                    tracing::warn!(junction = peer, "cannot dial: {e}; trying again later");
+                    return self.failed(peer, &junction);
+                }
+            },
+        };
         let name = junction_highway::cert::server_name(peer);
         let connecting = match self.endpoint.connect_with(self.client.clone(), addr, &name) {
             Ok(c) => c,
@@ -625,8 +644,25 @@ async fn write_all(mut stream: quinn::SendStream, mut rx: mpsc::UnboundedReceive
     let _ = stream.finish();
 }
 
+/// The first address `host` resolves to, with `port`, of the family the
+/// endpoint at `local` can reach (an IPv4 socket cannot send to `::1`).
+async fn resolve(host: &str, port: u16, local: Option<SocketAddr>) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let reachable = |a: &&SocketAddr| local.is_none_or(|l| l.is_ipv4() == a.is_ipv4());
+    addrs
+        .iter()
+        .find(reachable)
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host} resolves to no address"))
+}
+
 /// The driver's configuration from the junction's own: its TLS identity
-/// from its bus key and chain, and the peers' addresses resolved.
+/// from its bus key and chain, and the peers' addresses (a host name that
+/// does not resolve yet is resolved again at each dial).
 pub fn setup(
     junction: u16,
     incarnation: u64,
@@ -640,12 +676,26 @@ pub fn setup(
     let identity = TlsIdentity::new(key, chain).context("this junction's Highway identity")?;
     let policy = PeerPolicy::new(trust, Revocations::new(revocations));
     let mut peers = Vec::new();
+    let mut names = HashMap::new();
     for p in &settings.peers {
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(p.host.as_str(), p.port))
-            .with_context(|| format!("cannot resolve peer {p}"))?
-            .next()
-            .with_context(|| format!("peer {p} resolves to no address"))?;
-        peers.push((p.junction, addr));
+        if let Ok(ip) = p.host.parse::<std::net::IpAddr>() {
+            peers.push((p.junction, SocketAddr::new(ip, p.port)));
+            continue;
+        }
+        names.insert(p.junction, (p.host.clone(), p.port));
+        // A name is resolved at each dial; this first answer is only what
+        // the link keeps until then.
+        let first = std::net::ToSocketAddrs::to_socket_addrs(&(p.host.as_str(), p.port))
+            .ok()
+            .and_then(|mut a| a.find(SocketAddr::is_ipv4));
+        if first.is_none() {
+            tracing::warn!(
+                junction = p.junction,
+                "peer {p} does not resolve now; it is tried again at each dial"
+            );
+        }
+        let unresolved = SocketAddr::from(([0, 0, 0, 0], p.port));
+        peers.push((p.junction, first.unwrap_or(unresolved)));
     }
     Ok(HighwaySetup {
         junction,
@@ -654,5 +704,6 @@ pub fn setup(
         policy,
         listen: settings.listen,
         peers,
+        names,
     })
 }

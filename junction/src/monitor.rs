@@ -19,17 +19,19 @@ pub(crate) struct MonitorArgs {
     socket: SocketArg,
     #[command(flatten)]
     identity: IdentityArgs,
-    /// Only messages to or from this service name (repeatable).
+    /// Only messages to or from this service name (repeatable) [default:
+    /// any].
     #[arg(long)]
     name: Vec<String>,
     /// Only messages from this sender: a key prefix (4+ hex digits), a
-    /// certified name, uid:N, or anonymous (repeatable).
+    /// certified name, uid:N, or anonymous (repeatable) [default: anyone].
     #[arg(long = "from", visible_alias = "identity")]
     from: Vec<String>,
-    /// Only messages from or to this port, J.P (repeatable).
+    /// Only messages from or to this port, J.P (repeatable) [default: any].
     #[arg(long)]
     port: Vec<Address>,
-    /// Only messages from or to this junction id (repeatable).
+    /// Only messages from or to this junction id (repeatable) [default:
+    /// any].
     #[arg(long)]
     junction: Vec<u16>,
     /// Print one JSON object per line.

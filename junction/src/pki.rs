@@ -13,13 +13,38 @@ use junction_identity::{
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum CertCommand {
     /// Issue a certificate (a self-issued one for an authority).
+    #[command(after_help = "\
+EXAMPLES:
+  junction cert issue --role authority --key authority.key -o authority.cert
+  junction cert issue --role service --name org.acme.echo --key echo.key \\
+      --issuer-key authority.key --issuer-cert authority.cert -o echo.cert
+  junction cert issue --role client --key alice.key --not-before 2026-12-01 --days 30 \\
+      --issuer-key authority.key --issuer-cert authority.cert -o alice.cert")]
     Issue(IssueArgs),
-    /// Print certificates or a revocation list for people.
+    /// Print certificates or a revocation list for people (or as JSON).
+    ///
+    /// For a chain that ends at a self-issued authority, it also says
+    /// whether the chain verifies against that authority now.
+    #[command(after_help = "\
+EXAMPLES:
+  junction cert inspect echo.cert
+  junction cert inspect revoked.crl
+  junction cert inspect echo.cert --json | jq '.[0].not_after'")]
     Inspect {
-        /// The PEM file.
+        /// The PEM file: certificates (a chain, leaf first) or a revocation list.
         file: PathBuf,
+        /// Print JSON instead of text: an array of certificates, or the list.
+        #[arg(long)]
+        json: bool,
     },
     /// Add certificates or keys to the authority's revocation list.
+    #[command(after_help = "\
+EXAMPLES:
+  junction cert revoke --authority-key authority.key -o revoked.crl     # an empty list
+  junction cert revoke --authority-key authority.key --cert greeter.cert -o revoked.crl
+  junction cert revoke --authority-key authority.key --serial 0x1f2e -o revoked.crl
+
+Then have the junction reload the list: send it SIGHUP.")]
     Revoke(RevokeArgs),
 }
 
@@ -44,36 +69,49 @@ pub(crate) struct IssueArgs {
     /// What the subject may be.
     #[arg(long, value_enum)]
     role: RoleArg,
-    /// The subject's key file (for an authority: its own key, which also signs).
+    /// The subject's key file (for an authority: its own key, which also
+    /// signs) [default: none: give --public-key].
     #[arg(long)]
     key: Option<PathBuf>,
-    /// The subject's public key, as 64 hex digits, when its key file is elsewhere.
+    /// The subject's public key, as 64 hex digits, when its key file is
+    /// elsewhere [default: none: give --key].
     #[arg(long, conflicts_with = "key")]
     public_key: Option<String>,
-    /// The issuer's key file (not for an authority).
+    /// The issuer's key file (not for an authority) [default: none].
     #[arg(long)]
     issuer_key: Option<PathBuf>,
-    /// The issuer's certificate chain, appended to the new certificate (not for an authority).
+    /// The issuer's certificate chain, appended to the new certificate
+    /// (not for an authority) [default: none].
     #[arg(long)]
     issuer_cert: Option<PathBuf>,
-    /// A name the service may register (repeatable).
+    /// A name the service may register (repeatable) [default: none].
     #[arg(long)]
     name: Vec<String>,
-    /// A name pattern the intermediate may grant, like 'org.acme.*' (repeatable).
+    /// A name pattern the intermediate may grant, like 'org.acme.*'
+    /// (repeatable) [default: none].
     #[arg(long)]
     pattern: Vec<String>,
-    /// The junction's id.
+    /// The junction's id, 1 to 65534 (for --role junction) [default: none].
     #[arg(long)]
     junction_id: Option<u16>,
-    /// Days of validity from now.
-    #[arg(long, default_value_t = 365)]
+    /// Days of validity from --not-before.
+    #[arg(long, default_value_t = 365, conflicts_with = "not_after")]
     days: u64,
-    /// Valid from this many seconds since the Unix epoch (default: now).
-    #[arg(long)]
+    /// Valid from: a date (2026-12-01), a UTC time (2026-12-01 10:00,
+    /// 2026-12-01T10:00:00Z), or seconds since the Unix epoch [default: a
+    /// minute ago, for clocks a little behind].
+    #[arg(long, value_parser = crate::when::instant)]
     not_before: Option<u64>,
+    /// Valid until, written as --not-before is [default: --days after
+    /// --not-before].
+    #[arg(long, value_parser = crate::when::instant)]
+    not_after: Option<u64>,
     /// Where to write the certificate (PEM); the chain follows it.
     #[arg(long, short = 'o')]
     out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 /// `junction cert revoke`.
@@ -82,18 +120,30 @@ pub(crate) struct RevokeArgs {
     /// The authority's key.
     #[arg(long)]
     authority_key: PathBuf,
-    /// A certificate file whose first certificate to revoke (repeatable).
+    /// A certificate file whose first certificate to revoke (repeatable)
+    /// [default: none].
     #[arg(long)]
     cert: Vec<PathBuf>,
-    /// A serial to revoke, in hex or decimal (repeatable).
+    /// A serial to revoke, in hex or decimal (repeatable) [default: none].
     #[arg(long)]
     serial: Vec<String>,
-    /// A public key (64 hex digits) to revoke outright, e.g. a stolen one (repeatable).
+    /// A public key (64 hex digits) to revoke outright, e.g. a stolen one
+    /// (repeatable) [default: none].
     #[arg(long)]
     public_key: Vec<String>,
     /// The list to extend; it is rewritten with the additions.
     #[arg(long, short = 'o')]
     out: PathBuf,
+}
+
+/// A public key given on the command line, as 64 hex digits.
+fn parse_public_key(option: &str, hex: &str) -> anyhow::Result<PublicKey> {
+    PublicKey::from_hex(hex).map_err(|_| {
+        anyhow::anyhow!(
+            "{option} {hex:?} is not a public key: give 64 hex digits, as `junction keygen` \
+             prints (or `junction cert inspect` shows as subject)"
+        )
+    })
 }
 
 fn random_serial() -> anyhow::Result<u64> {
@@ -105,36 +155,69 @@ fn random_serial() -> anyhow::Result<u64> {
 /// Reads a key file.
 pub(crate) fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the key {}", path.display()))?;
-    SecretKey::from_pem(&text).with_context(|| format!("{} is not a usable key", path.display()))
+        .map_err(|e| anyhow::anyhow!("cannot read the key {}: {e}", path.display()))?;
+    SecretKey::from_pem(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is {e}; give a key made by `junction keygen` (or openssl genpkey -algorithm ed25519)",
+            path.display()
+        )
+    })
 }
 
 /// Reads a certificate chain file.
 pub(crate) fn read_chain(path: &Path) -> anyhow::Result<Vec<Certificate>> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the certificate {}", path.display()))?;
-    Certificate::chain_from_pem(&text)
-        .with_context(|| format!("{} holds no usable certificate", path.display()))
+        .map_err(|e| anyhow::anyhow!("cannot read the certificate {}: {e}", path.display()))?;
+    Certificate::chain_from_pem(&text).map_err(|e| not_a_certificate(path, &e))
 }
 
-/// Writes a file only its owner can read.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+/// The error for a file that should hold certificates and does not.
+fn not_a_certificate(path: &Path, e: &junction_identity::IdentityError) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} is {e}; give a certificate file made by `junction cert issue`, \
+         or issue it again if it was damaged",
+        path.display()
+    )
+}
+
+/// Writes a new file with `mode` (0600 for keys; certificates are public);
+/// replaces an existing one only if `force`.
+fn write_new(path: &Path, text: &str, force: bool, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    if force {
+        // A new file rather than the old one rewritten: the old one may be
+        // readable by others, and the mode is only set at creation.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("cannot replace {}: {e}", path.display()),
+        }
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
-    file.write_all(text.as_bytes())?;
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::anyhow!(
+                    "{} exists already; give another file, or --force to replace it",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("cannot create {}: {e}", path.display())
+            }
+        })?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(())
 }
 
 /// `junction keygen OUT`: a new ed25519 key, PKCS#8 PEM, mode 0600.
-pub(crate) fn keygen(out: &Path) -> anyhow::Result<()> {
+pub(crate) fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     let key = SecretKey::generate()?;
-    write_private(out, &key.to_pem()?)?;
+    write_new(out, &key.to_pem()?, force, 0o600)?;
     println!("{}", key.public());
     eprintln!("wrote {} (public key above)", out.display());
     Ok(())
@@ -144,7 +227,7 @@ pub(crate) fn keygen(out: &Path) -> anyhow::Result<()> {
 pub(crate) fn cert(command: CertCommand) -> anyhow::Result<()> {
     match command {
         CertCommand::Issue(args) => issue(args),
-        CertCommand::Inspect { file } => inspect(&file),
+        CertCommand::Inspect { file, json } => inspect(&file, json),
         CertCommand::Revoke(args) => revoke(args),
     }
 }
@@ -153,7 +236,7 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
     let subject_key = args.key.as_deref().map(read_key).transpose()?;
     let subject = match (&subject_key, &args.public_key) {
         (Some(k), _) => k.public(),
-        (None, Some(hex)) => PublicKey::from_hex(hex)?,
+        (None, Some(hex)) => parse_public_key("--public-key", hex)?,
         (None, None) => bail!("give the subject's --key file or its --public-key"),
     };
     let role = match args.role {
@@ -193,7 +276,23 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
     let not_before = args
         .not_before
         .unwrap_or_else(|| junction::unix_now().saturating_sub(60));
-    let not_after = not_before.saturating_add(args.days.saturating_mul(86_400));
+    let not_after = args
+        .not_after
+        .unwrap_or_else(|| not_before.saturating_add(args.days.saturating_mul(86_400)));
+    if not_after <= not_before {
+        bail!(
+            "--not-after {} is not after --not-before {}; give a later --not-after",
+            junction_identity::when::utc(not_after),
+            junction_identity::when::utc(not_before)
+        );
+    }
+    // Refused before anything is signed, so a mistake costs nothing.
+    if args.out.exists() && !args.force {
+        bail!(
+            "{} exists already; give another file, or --force to replace it",
+            args.out.display()
+        );
+    }
     let (issuer, chain) = if args.role == RoleArg::Authority {
         let key =
             subject_key.context("an authority certificate needs the authority's own --key")?;
@@ -210,7 +309,11 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
                 .context("give the --issuer-cert (the issuer's certificate chain)")?,
         )?;
         if chain[0].body.subject != key.public() {
-            bail!("the --issuer-key does not belong to the first certificate of --issuer-cert");
+            bail!(
+                "the --issuer-key does not belong to the first certificate of --issuer-cert \
+                 (it was issued for key {}); give the key it was issued for",
+                chain[0].body.subject
+            );
         }
         (key, chain)
     };
@@ -228,51 +331,99 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
     for c in &chain {
         text.push_str(&c.to_pem());
     }
-    std::fs::write(&args.out, text)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    write_new(&args.out, &text, args.force, 0o644)?;
     eprintln!(
-        "wrote {}: {} for {}, serial {:#x}",
+        "wrote {}: {} for {}, serial {:#x}, valid {} to {}",
         args.out.display(),
         cert.body.role,
         cert.body.subject,
-        cert.body.serial
+        cert.body.serial,
+        junction_identity::when::utc(cert.body.not_before),
+        junction_identity::when::utc(cert.body.not_after),
     );
     Ok(())
 }
 
-fn describe(cert: &Certificate) -> String {
+fn describe(cert: &Certificate, now: u64) -> String {
+    use junction_identity::when::dated;
     let b = &cert.body;
     let issuer = if b.issuer == b.subject {
         "itself".to_string()
     } else {
         b.issuer.to_string()
     };
+    let state = if now >= b.not_after {
+        "  EXPIRED"
+    } else if now < b.not_before {
+        "  NOT YET VALID"
+    } else {
+        ""
+    };
     format!(
-        "certificate {:#x}\n  role:       {}\n  subject:    {}\n  issuer:     {}\n  valid:      {} .. {} (seconds since the epoch){}",
+        "certificate {:#x}\n  role:       {}\n  subject:    {}\n  issuer:     {}\n  valid from: {}\n  expires:    {}{state}",
         b.serial,
         b.role,
         b.subject,
         issuer,
-        b.not_before,
-        b.not_after,
-        if junction::unix_now() >= b.not_after {
-            "  EXPIRED"
-        } else if junction::unix_now() < b.not_before {
-            "  NOT YET VALID"
-        } else {
-            ""
-        }
+        dated(b.not_before, now),
+        dated(b.not_after, now),
     )
 }
 
-fn inspect(file: &Path) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+/// Whether `chain` verifies against its own last certificate, when that
+/// is a self-issued authority: `None` when there is no such authority to
+/// check against (a chain cut before its authority).
+fn self_check(chain: &[Certificate], now: u64) -> Option<Result<(), String>> {
+    let last = chain.last()?;
+    if last.body.role != Role::Authority || last.body.issuer != last.body.subject {
+        return None;
+    }
+    let mut trust = junction_identity::TrustStore::new();
+    Some(
+        trust
+            .add_authority(last)
+            .and_then(|()| {
+                if chain.len() == 1 {
+                    Ok(())
+                } else {
+                    trust
+                        .verify_chain(&chain[..chain.len() - 1], now, None)
+                        .map(|_| ())
+                }
+            })
+            .map_err(|e| e.to_string()),
+    )
+}
+
+fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
+    use junction_identity::when::utc;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let now = junction::unix_now();
     if text.contains(junction_identity::revocation::REVOCATION_LABEL) {
-        let list = RevocationList::from_pem(&text)?;
+        let list = RevocationList::from_pem(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is {e}; make revocation lists with `junction cert revoke`",
+                file.display()
+            )
+        })?;
+        if json {
+            let value = serde_json::json!({
+                "revocation_list": list.body.number,
+                "issuer": list.body.issuer.to_string(),
+                "issued_at": list.body.issued_at,
+                "issued_at_utc": utc(list.body.issued_at),
+                "serials": list.body.serials.iter().map(|s| format!("{s:#x}")).collect::<Vec<_>>(),
+                "keys": list.body.keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            });
+            println!("{value}");
+            return Ok(());
+        }
         println!(
             "revocation list number {} issued by {} at {}",
-            list.body.number, list.body.issuer, list.body.issued_at
+            list.body.number,
+            list.body.issuer,
+            junction_identity::when::dated(list.body.issued_at, now)
         );
         for s in &list.body.serials {
             println!("  revoked certificate {s:#x}");
@@ -282,12 +433,65 @@ fn inspect(file: &Path) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let chain = Certificate::chain_from_pem(&text)?;
+    let chain = Certificate::chain_from_pem(&text).map_err(|e| not_a_certificate(file, &e))?;
+    let check = self_check(&chain, now);
+    if json {
+        let certs: Vec<serde_json::Value> = chain
+            .iter()
+            .map(|c| {
+                let b = &c.body;
+                let (kind, names, patterns, junction_id) = match &b.role {
+                    Role::Authority => ("authority", vec![], vec![], None),
+                    Role::Intermediate { patterns } => (
+                        "intermediate",
+                        vec![],
+                        patterns.iter().map(|p| p.to_string()).collect(),
+                        None,
+                    ),
+                    Role::Junction { id } => ("junction", vec![], vec![], Some(*id)),
+                    Role::Service { names } => (
+                        "service",
+                        names.iter().map(|n| n.to_string()).collect(),
+                        vec![],
+                        None,
+                    ),
+                    Role::Client => ("client", vec![], vec![], None),
+                };
+                serde_json::json!({
+                    "serial": format!("{:#x}", b.serial),
+                    "role": kind,
+                    "names": names,
+                    "patterns": patterns,
+                    "junction_id": junction_id,
+                    "subject": b.subject.to_string(),
+                    "issuer": b.issuer.to_string(),
+                    "not_before": b.not_before,
+                    "not_after": b.not_after,
+                    "not_before_utc": utc(b.not_before),
+                    "not_after_utc": utc(b.not_after),
+                    "expired": now >= b.not_after,
+                    "not_yet_valid": now < b.not_before,
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "certificates": certs,
+            "verifies_against_its_authority": check.as_ref().map(|r| r.is_ok()),
+            "problem": check.as_ref().and_then(|r| r.as_ref().err()),
+        });
+        println!("{value}");
+        return Ok(());
+    }
     for (i, cert) in chain.iter().enumerate() {
         if i > 0 {
             println!("issued by:");
         }
-        println!("{}", describe(cert));
+        println!("{}", describe(cert, now));
+    }
+    match check {
+        Some(Ok(())) => println!("check: the chain verifies against its authority, now"),
+        Some(Err(e)) => println!("check: DOES NOT VERIFY against its authority: {e}"),
+        None => {}
     }
     Ok(())
 }
@@ -296,9 +500,18 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     let authority = read_key(&args.authority_key)?;
     let mut body = match std::fs::read_to_string(&args.out) {
         Ok(text) => {
-            let list = RevocationList::from_pem(&text)?;
+            let list = RevocationList::from_pem(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is {e}; -o names the revocation list to extend (or a new file)",
+                    args.out.display()
+                )
+            })?;
             if list.body.issuer != authority.public() {
-                bail!("{} was issued by another authority", args.out.display());
+                bail!(
+                    "{} was issued by another authority than --authority-key; give that \
+                     authority's key, or a new file",
+                    args.out.display()
+                );
             }
             list.body
         }
@@ -323,7 +536,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         body.serials.push(serial);
     }
     for k in &args.public_key {
-        body.keys.push(PublicKey::from_hex(k)?);
+        body.keys.push(parse_public_key("--public-key", k)?);
     }
     body.serials.sort_unstable();
     body.serials.dedup();
@@ -342,7 +555,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, list.to_pem())
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
-        "wrote {}: list number {}, {} certificates and {} keys revoked; send the junction SIGHUP to reload it",
+        "wrote {}: revocation list number {}, {} certificates and {} keys revoked; send the junction SIGHUP to reload it",
         args.out.display(),
         list.body.number,
         list.body.serials.len(),

@@ -413,9 +413,9 @@ pub async fn serve(
             config.core.revocations.clone(),
             settings,
         )
-        .map_err(|e| ServeError::Highways(e.to_string()))?;
+        .map_err(|e| ServeError::Highways(format!("{e:#}")))?;
         let highways = crate::highway::Highways::new(setup)
-            .map_err(|e| ServeError::Highways(e.to_string()))?;
+            .map_err(|e| ServeError::Highways(format!("{e:#}")))?;
         if let Some(addr) = highways.local_addr()
             && settings.listen.is_some()
         {
@@ -876,10 +876,14 @@ impl Shell {
         });
     }
 
-    /// Ends a batch: every link with queued frames writes them, directly if
+    /// Ends a batch: what the core held for other junctions goes out, and
+    /// every link with queued frames writes them, directly if
     /// its writer is idle; the main loop hears if the core needs waking
     /// sooner than it planned.
     fn flush(&self) {
+        if self.core.borrow_mut().release_transmits() {
+            self.pump();
+        }
         let next = self.core.borrow().poll_timeout();
         let sooner = match (next, self.armed.get()) {
             (Some(next), Some(armed)) => next < armed,
@@ -987,7 +991,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if is_list_request(&frame) {
                     shell.report_highways();
                 }
-                shell.core.borrow_mut().handle_frame(conn, frame, at);
+                {
+                    let mut core = shell.core.borrow_mut();
+                    // What the batch sends to other junctions goes out
+                    // together at its end (`flush`).
+                    core.hold_transmits();
+                    core.handle_frame(conn, frame, at);
+                }
                 shell.pump_noting(Some(&mut congested));
                 // The batch ends when no whole frame is left buffered.
                 new_batch = !reader.has_frame();

@@ -255,6 +255,36 @@ mod tests {
         ]
     }
 
+    /// docs/protocol.md 11.5; and a decoder from before the variant skips
+    /// it as a bad header and reads the next frame (3.2).
+    #[test]
+    fn identity_withdrawn_encodes_as_documented_and_old_decoders_skip_it() {
+        let frame = Frame::bare(Header::IdentityWithdrawn {
+            names: vec!["org.x".parse().unwrap()],
+            reason: "r".into(),
+        });
+        let mut buf = BytesMut::new();
+        encode(&frame, &mut buf);
+        assert_eq!(
+            &buf[..],
+            &[
+                0, 0, 0, 0x0A, 0x1B, 1, 5, b'o', b'r', b'g', b'.', b'x', 1, b'r'
+            ]
+        );
+        // Discriminant 27 is unknown to a version-3 decoder that stops at
+        // Cancel: simulate one with a discriminant past every variant.
+        let mut unknown = BytesMut::from(&[0u8, 0, 0, 2, 0x7F, 0][..]);
+        encode(&Frame::bare(Header::Ping { nonce: 1 }), &mut unknown);
+        assert!(matches!(
+            decode(&mut unknown, MAX),
+            Err(FrameError::BadHeader { .. })
+        ));
+        assert_eq!(
+            decode(&mut unknown, MAX).unwrap().unwrap().header,
+            Header::Ping { nonce: 1 }
+        );
+    }
+
     #[test]
     fn each_bad_input_has_its_own_error() {
         let mut zero = BytesMut::from(&[0u8, 0, 0, 0][..]);

@@ -130,6 +130,23 @@ pub struct Listing {
     pub more_routes: u32,
     /// Sessions left out to fit the frame.
     pub more_sessions: u32,
+    /// Names that listed ports lost while they lived, because the identity
+    /// that registered them was withdrawn (its certificate revoked or
+    /// expired): so `junction ls` can show the loss instead of a blank.
+    pub withdrawn: Vec<WithdrawnName>,
+    /// Withdrawn names left out to fit the frame.
+    pub more_withdrawn: u32,
+}
+
+/// A name a port lost with its registrant's identity, in a [`Listing`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WithdrawnName {
+    /// The port that had the name.
+    pub port: Address,
+    /// The name.
+    pub name: String,
+    /// Why it was withdrawn, for people.
+    pub reason: String,
 }
 
 /// One Highway (a QUIC link to a neighbour junction) in a [`Listing`].
@@ -343,6 +360,8 @@ mod tests {
             more_highways: 0,
             more_routes: 0,
             more_sessions: 0,
+            withdrawn: vec![],
+            more_withdrawn: 0,
         };
         let reply = ControlReply::Listing(listing.clone());
         let bytes = postcard::to_allocvec(&reply).unwrap();
@@ -352,7 +371,7 @@ mod tests {
             0x01, 0x02, 0x01, 0x03, b'b', b':', b'1', 0x00, 0x01, 0xAC, 0x02, 0x01, 0x02,
             0x01, 0x03, 0x02, 0x02, 0x02, 0x02, 0x03, 0x05,
             0x01, 0x03, 0x05, 0x01, 0x01, 0x00, 0x02, 0x01, 0x00, 0x01, 0x00,
-            0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00,
         ];
         assert_eq!(bytes, want);
         assert_eq!(postcard::from_bytes::<ControlReply>(&bytes).unwrap(), reply);

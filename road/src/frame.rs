@@ -225,6 +225,17 @@ pub enum Header {
         /// The call's tag.
         tag: u64,
     },
+    /// J→D: this connection's proven identity was taken away (its
+    /// certificate was revoked by a reloaded revocation list, or expired),
+    /// and with it every name it had registered. The connection and its
+    /// ports live on, anonymous. A driver that does not know this frame
+    /// skips it as a bad header, as for any frame it cannot decode.
+    IdentityWithdrawn {
+        /// The names the connection lost with it.
+        names: Vec<ServiceName>,
+        /// Why, for people (e.g. "certificate 0x1f has been revoked").
+        reason: String,
+    },
 }
 
 /// A request for a narrower capability.

@@ -32,7 +32,21 @@ pub enum Envelope {
     /// A session frame in clear (tag 2), which follows: only between
     /// junctions with no junction key, which trust unsigned routing.
     Plain,
+    /// Several session frames sealed together, as [`Envelope::Sealed`]
+    /// seals one (tag 3): what opens is a [batch](batch_frames).
+    SealedBatch {
+        /// As [`Envelope::Sealed`]'s.
+        counter: u64,
+    },
+    /// Several session frames in clear, as [`Envelope::Plain`] carries one
+    /// (tag 4): a [batch](batch_frames) follows.
+    PlainBatch,
 }
+
+/// The most bytes of session frames a sender gathers into one batch: small
+/// messages share one seal and one `Forward` frame, and a batch stays far
+/// below any frame limit. A frame this large or larger goes alone.
+pub const BATCH_BYTES: usize = 16 * 1024;
 
 /// A junction's hello: its ephemeral X25519 key, signed by its junction key,
 /// with the certificate chain that certifies that key for its id. The
@@ -76,6 +90,14 @@ pub enum EnvelopeError {
     /// A sealed frame did not open: altered, forged or under other keys.
     #[error("{0}")]
     Unsealed(IdentityError),
+    /// A batch's frame lengths do not add up to the batch.
+    #[error("a batch of session frames is cut short at byte {at} of {len}")]
+    BadBatch {
+        /// Where its next frame should have started.
+        at: usize,
+        /// The batch's length.
+        len: usize,
+    },
 }
 
 /// Appends an envelope's header (for a hello, the whole of it) to `buf`.
@@ -97,7 +119,7 @@ pub fn decode(bytes: &Bytes) -> Result<(Envelope, Bytes), EnvelopeError> {
         Envelope::Hello(_) if !body.is_empty() => {
             Err(EnvelopeError::TrailingBytes { len: body.len() })
         }
-        Envelope::Sealed { .. } if body.len() < TAG_LEN => {
+        Envelope::Sealed { .. } | Envelope::SealedBatch { .. } if body.len() < TAG_LEN => {
             Err(EnvelopeError::TooShort { len: body.len() })
         }
         _ => Ok((envelope, body)),
@@ -123,6 +145,78 @@ pub fn seal(
 ) -> Result<Bytes, IdentityError> {
     seal_with(keys, counter, 64 + payload.len(), |buf| {
         wire::encode(frame, payload, buf)
+    })
+}
+
+/// Session frames and their payloads in clear, as one `Forward` payload
+/// ([`Envelope::PlainBatch`]).
+pub fn plain_batch(frames: &[(SessionFrame, Bytes)]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(1 + batch_size(frames));
+    encode(&Envelope::PlainBatch, &mut buf);
+    put_batch(frames, &mut buf);
+    buf.freeze()
+}
+
+/// Session frames and their payloads sealed together under `keys` as the
+/// `counter`th frame, as one `Forward` payload ([`Envelope::SealedBatch`]):
+/// each payload is copied once, into the buffer it is encrypted in.
+pub fn seal_batch(
+    keys: &SessionKeys,
+    counter: u64,
+    frames: &[(SessionFrame, Bytes)],
+) -> Result<Bytes, IdentityError> {
+    let mut buf = BytesMut::with_capacity(1 + 10 + batch_size(frames) + TAG_LEN);
+    encode(&Envelope::SealedBatch { counter }, &mut buf);
+    let start = buf.len();
+    put_batch(frames, &mut buf);
+    let tag = keys.seal(counter, &mut buf[start..])?;
+    buf.put_slice(&tag);
+    Ok(buf.freeze())
+}
+
+/// Room for a batch of `frames`: each session header takes at most 64
+/// bytes, and its length 4.
+fn batch_size(frames: &[(SessionFrame, Bytes)]) -> usize {
+    frames.iter().map(|(_, p)| 4 + 64 + p.len()).sum()
+}
+
+/// Appends a batch: each session frame ([`crate::session::encode`])
+/// preceded by its length, a `u32` little-endian.
+fn put_batch(frames: &[(SessionFrame, Bytes)], buf: &mut BytesMut) {
+    for (frame, payload) in frames {
+        let at = buf.len();
+        buf.put_u32_le(0);
+        wire::encode(frame, payload, buf);
+        let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
+        buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+}
+
+/// The session frames of a batch (opened, or in clear), without copying;
+/// an error ends it where the lengths stop adding up.
+pub fn batch_frames(batch: &Bytes) -> impl Iterator<Item = Result<Bytes, EnvelopeError>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= batch.len() {
+            return None;
+        }
+        let len = batch.len();
+        let frame = batch
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .and_then(|n| Some(at + 4..(at + 4).checked_add(n)?))
+            .filter(|r| r.end <= len);
+        match frame {
+            Some(r) => {
+                at = r.end;
+                Some(Ok(batch.slice(r)))
+            }
+            None => {
+                let e = EnvelopeError::BadBatch { at, len };
+                at = len;
+                Some(Err(e))
+            }
+        }
     })
 }
 
@@ -282,6 +376,56 @@ mod tests {
             wire::decode(&body).unwrap(),
             (data, Bytes::from_static(b"hi"))
         );
+    }
+
+    /// Several frames sealed together open into the same frames, in order;
+    /// in clear, a batch is each frame after its length.
+    #[test]
+    fn batches_seal_and_split_into_their_frames() {
+        let party = |junction, byte| Party {
+            junction,
+            incarnation: 7,
+            ephemeral: [byte; 32],
+        };
+        let keys = SessionKeys::derive(&[0x42; 32], party(1, 0x11), party(3, 0x33)).unwrap();
+        let theirs = SessionKeys::derive(&[0x42; 32], party(3, 0x33), party(1, 0x11)).unwrap();
+        let data = |seq| {
+            SessionFrame::Data(SessionData {
+                from_incarnation: 1,
+                to_incarnation: 2,
+                lane: 0,
+                seq,
+                base: 0,
+            })
+        };
+        let frames: Vec<_> = (0..3u64)
+            .map(|i| (data(i), Bytes::from(format!("message {i}"))))
+            .collect();
+        let sealed = seal_batch(&keys, 9, &frames).unwrap();
+        let (envelope, body) = decode(&sealed).unwrap();
+        assert_eq!(envelope, Envelope::SealedBatch { counter: 9 });
+        let opened = open(&theirs, 9, body).unwrap();
+        let split: Vec<_> = batch_frames(&opened)
+            .map(|f| wire::decode(&f.unwrap()).unwrap())
+            .collect();
+        assert_eq!(split, frames);
+
+        let p = plain_batch(&frames[..1]);
+        assert_eq!(
+            p.to_vec(),
+            [
+                0x04, 15, 0, 0, 0, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, b'm', b'e', b's', b's',
+                b'a', b'g', b'e', b' ', b'0'
+            ]
+        );
+        // A length that runs past the end is an error, and ends the batch.
+        let cut = Bytes::from_static(&[5, 0, 0, 0, 1, 2]);
+        let mut frames = batch_frames(&cut);
+        assert!(matches!(
+            frames.next(),
+            Some(Err(EnvelopeError::BadBatch { at: 0, len: 6 }))
+        ));
+        assert!(frames.next().is_none());
     }
 
     #[test]

@@ -502,7 +502,7 @@ impl TestPki {
 
     /// Issues `OUT.cert` for `subject`'s key, signed by `issuer` (a name
     /// whose `.key` and `.cert` exist, e.g. `authority`), with `extra`
-    /// arguments (role and the rest).
+    /// arguments (role and the rest); replaces an `OUT.cert` issued before.
     pub fn issue(&self, out: &str, subject: &str, issuer: &str, extra: &[&str]) -> PathBuf {
         self.key(subject);
         let (key, cert, out_file) = (
@@ -522,6 +522,9 @@ impl TestPki {
             &cert,
             "-o",
             &out_file,
+            // Tests issue a certificate again (a junction restarted with a
+            // new one); `cert issue` refuses to overwrite without it.
+            "--force",
         ];
         args.extend_from_slice(extra);
         self.run(&args);

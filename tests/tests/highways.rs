@@ -2,7 +2,8 @@
 //! loopback, certificates made with the real `junction keygen` and
 //! `junction cert`. A line and a triangle of three junctions; calls and
 //! capabilities across two hops; rogue peers refused, each with a clear log
-//! line; numbered messages through a cut link, once and in order.
+//! line, and a valid junction that forges its way to a port refused frame
+//! by frame; numbered messages through a cut link, once and in order.
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -349,4 +350,259 @@ fn revoking_a_linked_junction_closes_its_highway() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop((j1, j3));
+}
+
+/// A junction with a valid certificate, run in this test from the real
+/// core and the real Highways code, that forges what the bus's junctions
+/// send one another: it was never given a capability, yet names ports
+/// and exports directly.
+struct RogueJunction {
+    core: std::cell::RefCell<junction_core::Core>,
+    highways: std::cell::RefCell<Option<std::rc::Rc<junction::highway::Highways>>>,
+    linked: std::cell::Cell<bool>,
+}
+
+impl RogueJunction {
+    /// Moves what the core says to the Highways.
+    fn pump(&self) {
+        let highways = self.highways.borrow().clone();
+        while let Some(output) = self.core.borrow_mut().poll_output() {
+            if let (junction_core::Output::Highway { to, frame, payload }, Some(h)) =
+                (output, highways.as_ref())
+            {
+                h.send(to, &frame, &payload);
+            }
+        }
+    }
+}
+
+fn rogue_now() -> junction_core::Now {
+    junction_core::Now::new(Instant::now(), junction::unix_now())
+}
+
+impl junction::highway::Junction for RogueJunction {
+    fn highway_changed(&self, peer: u16, up: bool) {
+        if up {
+            self.core
+                .borrow_mut()
+                .handle_highway_up(peer, 1, rogue_now());
+            self.linked.set(true);
+        } else {
+            self.core
+                .borrow_mut()
+                .handle_highway_down(peer, rogue_now());
+        }
+        self.pump();
+    }
+
+    fn highway_frame(
+        &self,
+        peer: u16,
+        frame: junction_road::highway::HighwayFrame,
+        payload: bytes::Bytes,
+    ) {
+        self.core
+            .borrow_mut()
+            .handle_highway_frame(peer, frame, payload, rogue_now());
+        self.pump();
+    }
+
+    fn highway_frames(
+        &self,
+        peer: u16,
+        frames: Vec<(junction_road::highway::HighwayFrame, bytes::Bytes)>,
+    ) {
+        self.core
+            .borrow_mut()
+            .handle_highway_frames(peer, frames, rogue_now());
+        self.pump();
+    }
+}
+
+/// A junction whose certificate is valid, linked to the owner of a
+/// service, sends to the service's port naming exports it was never
+/// granted: every frame is refused with a log line on the owner, the
+/// service receives none of them, and the bus goes on working.
+#[test]
+fn a_valid_junction_never_given_a_capability_reaches_no_port() {
+    use junction_road::remote::{self, RemoteFrame, RemotePort, RemoteSend};
+    let bus = Bus::new();
+    let ports = [free_port(), free_port()];
+    let j3 = bus.start(3, ports[1], &[]);
+    let j1 = bus.start(1, ports[0], &[(3, ports[1])]);
+    let (key2, cert2) = bus.junction(2);
+    let rt = runtime();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        // A service on junction 3, reached legitimately from junction 1.
+        let server = Driver::connect(&j3.socket).await.unwrap();
+        let mut port = server.open_port().await.unwrap();
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        server.register("t.vault", &cap).await.unwrap();
+        let client = Driver::connect(&j1.socket).await.unwrap();
+        let vault = lookup_eventually(&client, "t.vault", Duration::from_secs(20)).await;
+        client.send(&vault, "legitimate").await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), port.recv())
+            .await
+            .expect("the legitimate message crossed")
+            .unwrap();
+        assert_eq!(&first.payload[..], b"legitimate");
+
+        // The rogue: junction 2, certified by the bus's own authority.
+        let key = junction_identity::SecretKey::from_pem(&std::fs::read_to_string(&key2).unwrap())
+            .unwrap();
+        let chain = junction_identity::Certificate::chain_from_pem(
+            &std::fs::read_to_string(&cert2).unwrap(),
+        )
+        .unwrap();
+        let identity = junction_highway::TlsIdentity::new(&key, &chain).unwrap();
+        let incarnation = junction::unix_now() * 1000;
+        let trust = junction::config::load_trust(&bus.pki.path("authority.cert")).unwrap();
+        let config = junction_core::Config {
+            junction: 2,
+            incarnation,
+            trust: trust.clone(),
+            junction_identity: Some((std::sync::Arc::new(key), chain)),
+            ..junction_core::Config::default()
+        };
+        let rogue = std::rc::Rc::new(RogueJunction {
+            core: std::cell::RefCell::new(junction_core::Core::new(config, rogue_now())),
+            highways: std::cell::RefCell::new(None),
+            linked: std::cell::Cell::new(false),
+        });
+        let policy =
+            junction_highway::PeerPolicy::new(trust, junction_highway::Revocations::new(None));
+        let highways = junction::highway::Highways::new(junction::highway::HighwaySetup {
+            junction: 2,
+            incarnation,
+            identity,
+            policy,
+            listen: None,
+            peers: vec![(3, format!("127.0.0.1:{}", ports[1]).parse().unwrap())],
+            names: Default::default(),
+        })
+        .unwrap();
+        *rogue.highways.borrow_mut() = Some(highways.clone());
+        let as_junction: std::rc::Rc<dyn junction::highway::Junction> = rogue.clone();
+        tokio::task::spawn_local(highways.clone().run(as_junction));
+        let timers = rogue.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                timers.core.borrow_mut().handle_timeout(rogue_now());
+                timers.pump();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !rogue.linked.get() {
+            assert!(Instant::now() < deadline, "the rogue never linked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Link states go round, so the rogue knows a route to junction 3.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // It names the service's port with every export and generation
+        // it might guess.
+        let target = first.port;
+        for export in 0..8u32 {
+            for generation in 0..2u32 {
+                let forged = RemoteFrame::Send(RemoteSend {
+                    port: RemotePort {
+                        port: target,
+                        generation,
+                        export: export | (generation << 16),
+                    },
+                    n: 0,
+                    origin: junction_road::Address::new(2, 1),
+                    identity: None,
+                    call: 0,
+                    ack: false,
+                    caps: vec![],
+                });
+                let bytes = remote::to_bytes(&forged, b"stolen");
+                rogue
+                    .core
+                    .borrow_mut()
+                    .junction_send(3, remote::data_lane(target), bytes)
+                    .expect("the session takes it");
+            }
+        }
+        rogue.pump();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !j3.log().contains("refused a remote frame") {
+            assert!(
+                Instant::now() < deadline,
+                "junction 3 logged no refusal:\n{}",
+                j3.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = j3.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("refused a remote frame"))
+            .unwrap();
+        assert!(line.contains("junction=2"), "{line}");
+
+        // Nothing forged arrived; the bus goes on working.
+        client.send(&vault, "after").await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), port.recv())
+            .await
+            .expect("the bus still works")
+            .unwrap();
+        assert_eq!(
+            &next.payload[..],
+            b"after",
+            "nothing from the rogue arrived"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), port.recv())
+                .await
+                .is_err(),
+            "nothing from the rogue arrives later either"
+        );
+        highways.close("the test is over");
+    });
+    drop((j1, j3));
+}
+
+/// Peers may be named by host: the name is resolved at each dial, so a
+/// junction starts even when a peer's name does not resolve yet, says so,
+/// and keeps trying, while peers whose names resolve link as usual.
+#[test]
+fn peers_named_by_host_are_resolved_at_each_dial() {
+    let bus = Bus::new();
+    let ports = [free_port(), free_port()];
+    let j1 = bus.start(1, ports[0], &[]);
+    let (key, cert) = bus.junction(2);
+    let by_name = format!("1@localhost:{}", ports[0]);
+    let nowhere = format!("9@nowhere.invalid:{}", ports[1]);
+    let j2 = bus.start_as(
+        2,
+        ports[1],
+        &[],
+        &key,
+        &cert,
+        &["--peer", &by_name, "--peer", &nowhere],
+    );
+    let listing = || {
+        let out = j2.command(&["ls", "--json"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let named = format!("\"localhost:{}\"", ports[0]);
+    eventually(Duration::from_secs(20), "a Highway to localhost", || {
+        let listing = listing();
+        listing.contains(&named) && listing.contains("\"up\"")
+    });
+    eventually(
+        Duration::from_secs(20),
+        "a log line for the name that does not resolve",
+        || j2.log().contains("cannot resolve nowhere.invalid"),
+    );
+    let log = j2.log();
+    assert!(
+        log.contains("peer 9@nowhere.invalid") && log.contains("does not resolve now"),
+        "{log}"
+    );
+    drop((j1, j2));
 }

@@ -53,7 +53,7 @@ impl Core {
                 if let Some(c) = self.conns.get_mut(conn.key()) {
                     c.authentication_failed = true;
                 }
-                self.log_refusal(conn, &refusal.to_string());
+                self.log_refusal(conn, &format!("authentication: {refusal}"));
                 refused(refusal)
             }
         }
@@ -199,7 +199,7 @@ impl Core {
             .get(conn.key())
             .is_some_and(|c| c.identity.is_some() && c.identity_until == at)
         {
-            self.withdraw_identity(conn.key(), "its certificate expired");
+            self.withdraw_identity(conn.key(), "its certificate expired; issue a new one");
         }
     }
 
@@ -208,6 +208,10 @@ impl Core {
     fn withdraw_identity(&mut self, key: crate::slab::Key, why: &str) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
+        };
+        let id = super::ConnId {
+            key,
+            serial: c.serial,
         };
         let conn = format!("c{}", c.serial);
         c.identity = None;
@@ -219,15 +223,29 @@ impl Core {
             .filter(|(_, reg)| reg.chain.is_some() && ports.contains(&(reg.port.index as u16)))
             .map(|(name, _)| name.clone())
             .collect();
-        for name in names {
-            if let Some(reg) = self.registry.remove(&name)
+        let reason: Arc<str> = Arc::from(why);
+        for name in &names {
+            if let Some(reg) = self.registry.remove(name)
                 && let Some(p) = self.ports.get_mut(reg.port)
             {
-                p.names.retain(|n| n != &name);
+                p.names.retain(|n| n != name);
+                if p.withdrawn.len() >= crate::ports::MAX_WITHDRAWN {
+                    p.withdrawn.remove(0);
+                }
+                p.withdrawn.push((name.clone(), reason.clone()));
             }
             tracing::warn!(%conn, "{name} unregistered: {why}");
         }
         self.announce_names();
+        // Said to the connection itself: a listener that lost its name
+        // would otherwise go on waiting for messages nobody can address.
+        self.frame(
+            id,
+            junction_road::Header::IdentityWithdrawn {
+                names,
+                reason: why.to_string(),
+            },
+        );
     }
 
     /// Logs a refused attempt with where it came from.

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use junction_road::control::{
-    ConnectionInfo, ControlReply, ControlRequest, Listing, PortInfo, RouteInfo,
+    ConnectionInfo, ControlReply, ControlRequest, Listing, PortInfo, RouteInfo, WithdrawnName,
 };
 use junction_road::{Address, Deliver, Frame, Granted, Header, Rights};
 
@@ -178,16 +178,7 @@ impl Core {
         }
         let chain = match self.conns.get(conn.key()).and_then(|c| c.identity.clone()) {
             Some((identity, chain)) if identity.names.contains(&name) => Some(chain),
-            _ if self.config.dev_namespace.iter().any(|p| p.matches(&name)) => {
-                if let Some(unlogged) = self.quiet.dev_names.admit(self.now.instant) {
-                    tracing::warn!(
-                        conn = %conn,
-                        "{name} registered without a certificate, in the development namespace{}",
-                        crate::quiet::more(unlogged)
-                    );
-                }
-                None
-            }
+            _ if self.config.dev_namespace.iter().any(|p| p.matches(&name)) => None,
             identity => {
                 let what = match identity {
                     Some((identity, _)) => format!(
@@ -211,6 +202,7 @@ impl Core {
                 return refused(Refusal::NameNotGranted { what });
             }
         };
+        let without_certificate = chain.is_none();
         let proof = chain.as_ref().and_then(|_| {
             let c = self.conns.get(conn.key())?;
             Some((c.nonce, c.proof.clone()?))
@@ -226,8 +218,19 @@ impl Core {
             self.log_refusal(conn, &format!("{name} is taken"));
             return refused(Refusal::NameTaken { name, by });
         }
+        // Logged only now that it is done: a name taken by another is
+        // refused above, and must not have been logged as registered.
+        if without_certificate && let Some(unlogged) = self.quiet.dev_names.admit(self.now.instant)
+        {
+            tracing::warn!(
+                conn = %conn,
+                "{name} registered without a certificate, in the development namespace{}",
+                crate::quiet::more(unlogged)
+            );
+        }
         self.announce_names();
         if let Some(p) = self.ports.get_mut(port) {
+            p.withdrawn.retain(|(n, _)| n != &name);
             p.names.push(name);
         }
         ControlReply::Registered
@@ -320,6 +323,31 @@ impl Core {
             connection_size,
         );
         fill(&mut port_infos, &mut ports, &mut left, 0, port_size);
+        // Withdrawn names of the listed ports (a prefix of the table, in
+        // its order), in what room is left.
+        let all_withdrawn = self.ports.iter().take(ports.len()).flat_map(|(key, p)| {
+            let port = Address::new(junction, key.index as u16);
+            p.withdrawn.iter().map(move |(name, reason)| WithdrawnName {
+                port,
+                name: name.to_string(),
+                reason: reason.to_string(),
+            })
+        });
+        let total_withdrawn: usize = self
+            .ports
+            .iter()
+            .take(ports.len())
+            .map(|(_, p)| p.withdrawn.len())
+            .sum();
+        let mut withdrawn_iter = all_withdrawn.peekable();
+        let mut withdrawn = Vec::new();
+        fill(
+            &mut withdrawn_iter,
+            &mut withdrawn,
+            &mut left,
+            0,
+            |w: &WithdrawnName| postcard::to_allocvec(w).ok().map(|b| b.len()),
+        );
         Listing {
             junction,
             more_ports: (total_ports - ports.len()) as u32,
@@ -332,6 +360,8 @@ impl Core {
             more_highways: more_highways as u32,
             more_routes: more_routes as u32,
             more_sessions: more_sessions as u32,
+            more_withdrawn: (total_withdrawn - withdrawn.len()) as u32,
+            withdrawn,
         }
     }
 }

@@ -904,6 +904,9 @@ impl Core {
     /// The next thing the shell must do, if any.
     #[inline]
     pub fn poll_output(&mut self) -> Option<Output> {
+        if self.has_dirty() {
+            self.transmit_dirty();
+        }
         let output = self.out.pop_front()?;
         if let Output::Frame { conn, frame } = &output {
             self.observe(*conn, frame);
@@ -1647,5 +1650,6 @@ fn frame_name(header: &Header) -> &'static str {
         Header::WatchSenders { .. } => "WatchSenders",
         Header::NoSenders { .. } => "NoSenders",
         Header::Cancel { .. } => "Cancel",
+        Header::IdentityWithdrawn { .. } => "IdentityWithdrawn",
     }
 }

@@ -40,6 +40,12 @@ pub(crate) struct Peers {
     peers: BTreeMap<u16, Peer>,
     /// While a batch of frames is handled: the peers to pump at its end.
     pub(crate) batch: Option<Vec<u16>>,
+    /// Peers with messages sent but not yet transmitted: what a driver's
+    /// frames send goes out when the shell next polls the core, together.
+    dirty: Vec<u16>,
+    /// Whether the shell holds transmissions back until the end of a read
+    /// batch ([`Core::hold_transmits`]).
+    holding: bool,
 }
 
 impl Peers {
@@ -74,9 +80,9 @@ impl Core {
         Ok(seq)
     }
 
-    /// Sends `payload` on `lane` to junction `to` and transmits what can
-    /// go now, without handing out the session's events (the caller may be
-    /// handling one).
+    /// Sends `payload` on `lane` to junction `to`, transmitted when the
+    /// shell next polls the core, without handing out the session's events
+    /// (the caller may be handling one).
     pub(crate) fn session_send(
         &mut self,
         to: u16,
@@ -85,8 +91,38 @@ impl Core {
     ) -> Result<u64, SendError> {
         let now = self.now.instant;
         let seq = self.peer(to).session.send(now, lane, payload)?;
-        self.transmit_peer(to);
+        if !self.peers.dirty.contains(&to) {
+            self.peers.dirty.push(to);
+        }
         Ok(seq)
+    }
+
+    /// Transmits what was sent to other junctions since the shell last
+    /// polled: many messages to one junction share seals and frames.
+    pub(crate) fn transmit_dirty(&mut self) {
+        for id in std::mem::take(&mut self.peers.dirty) {
+            self.transmit_peer(id);
+        }
+    }
+
+    /// Whether messages wait for [`Core::transmit_dirty`] and may go now.
+    pub(crate) fn has_dirty(&self) -> bool {
+        !self.peers.holding && !self.peers.dirty.is_empty()
+    }
+
+    /// Holds back what driver frames send to other junctions until
+    /// [`Core::release_transmits`]: the shell holds them while it handles a
+    /// batch of frames read together, so that many small messages share
+    /// one seal and one `Forward` frame. Everything else comes out of
+    /// [`Core::poll_output`] as usual.
+    pub fn hold_transmits(&mut self) {
+        self.peers.holding = true;
+    }
+
+    /// Ends [`Core::hold_transmits`]: what was held comes out of the next
+    /// [`Core::poll_output`]. Whether anything was held.
+    pub fn release_transmits(&mut self) -> bool {
+        std::mem::take(&mut self.peers.holding) && !self.peers.dirty.is_empty()
     }
 
     /// The session with junction `to`, made on first use.
@@ -183,19 +219,29 @@ impl Core {
             p.channel
                 .receive(now, me.as_ref(), from, known.unwrap_or(0), &checks, &bytes);
         let mut learned = None;
-        let result = match received {
-            Ok(Received::Frame(bytes)) => match wire::decode(&bytes) {
-                Ok((frame, payload)) => {
-                    if let Some(incarnation) = known {
-                        p.session.handle_incarnation(now, incarnation);
-                        learned = Some(incarnation);
-                    }
-                    p.session
-                        .handle_frame(now, frame, payload)
-                        .map_err(|e| format!("refused a session frame: {e}"))
+        let mut take = |frame: &Bytes| match wire::decode(frame) {
+            Ok((frame, payload)) => {
+                if let Some(incarnation) = known {
+                    p.session.handle_incarnation(now, incarnation);
+                    learned = Some(incarnation);
                 }
-                Err(e) => Err(format!("refused a session frame: {e}")),
-            },
+                p.session
+                    .handle_frame(now, frame, payload)
+                    .map_err(|e| format!("refused a session frame: {e}"))
+            }
+            Err(e) => Err(format!("refused a session frame: {e}")),
+        };
+        let result = match received {
+            Ok(Received::Frame(bytes)) => take(&bytes),
+            // Each frame of a batch stands alone, as if it came by itself:
+            // one refused does not take the others with it.
+            Ok(Received::Frames(batch)) => envelope::batch_frames(&batch)
+                .map(|frame| {
+                    frame
+                        .map_err(|e| format!("dropped session traffic: {e}"))
+                        .and_then(|frame| take(&frame))
+                })
+                .fold(Ok(()), Result::and),
             Ok(Received::Hello { incarnation }) => {
                 p.session.handle_incarnation(now, incarnation);
                 learned = Some(incarnation);
@@ -339,24 +385,58 @@ impl Core {
                         Err(e) => tracing::error!("no session hello for junction {id}: {e}"),
                     }
                 } else {
-                    while let Some(t) = p.session.poll_transmit(now) {
-                        let Some(sealed) = p.channel.seal(&t.frame, &t.payload) else {
-                            break;
+                    let channel = &mut p.channel;
+                    let out = &mut self.out;
+                    gather(&mut p.session, now, |frames| {
+                        let sealed = match frames {
+                            [(frame, payload)] => channel.seal(frame, payload),
+                            _ => channel.seal_batch(frames),
                         };
-                        self.out.push_back(forward(sealed));
-                    }
+                        sealed.map(|s| out.push_back(forward(s))).is_some()
+                    });
                 }
             } else {
-                while let Some(t) = p.session.poll_transmit(now) {
-                    self.out
-                        .push_back(forward(envelope::plain(&t.frame, &t.payload)));
-                }
+                gather(&mut p.session, now, |frames| {
+                    self.out.push_back(forward(match frames {
+                        [(frame, payload)] => envelope::plain(frame, payload),
+                        _ => envelope::plain_batch(frames),
+                    }));
+                    true
+                });
             }
         } else {
             // No way there now: nothing goes out, so nothing is lost
             // that might have arrived.
             p.route = None;
         }
+    }
+}
+
+/// Hands what `session` has to send to `emit` in batches of up to
+/// [`envelope::BATCH_BYTES`] (a frame that large goes alone), so that small
+/// messages share a seal and a `Forward` frame. Stops when `emit` says it
+/// could not send.
+fn gather(
+    session: &mut Session,
+    now: Instant,
+    mut emit: impl FnMut(&[(wire::SessionFrame, Bytes)]) -> bool,
+) {
+    let mut batch: Vec<(wire::SessionFrame, Bytes)> = Vec::new();
+    let mut size = 0;
+    while let Some(t) = session.poll_transmit(now) {
+        let len = t.payload.len() + 64;
+        if !batch.is_empty() && size + len > envelope::BATCH_BYTES {
+            if !emit(&batch) {
+                return;
+            }
+            batch.clear();
+            size = 0;
+        }
+        size += len;
+        batch.push((t.frame, t.payload));
+    }
+    if !batch.is_empty() {
+        emit(&batch);
     }
 }
 

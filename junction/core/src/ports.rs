@@ -30,6 +30,9 @@ pub(crate) struct Port {
     pub(crate) watchers: BTreeSet<CapRef>,
     /// Names registered for it.
     pub(crate) names: Vec<ServiceName>,
+    /// Names it lost with its registrant's identity, and why: the last
+    /// [`MAX_WITHDRAWN`], so `junction ls` shows the loss, not a blank.
+    pub(crate) withdrawn: Vec<(ServiceName, std::sync::Arc<str>)>,
     /// Whether it is its owner's home port.
     pub(crate) home: bool,
     /// Whether the owner asked to hear when `senders` reaches zero.
@@ -156,6 +159,10 @@ impl PortTable {
     }
 }
 
+/// Withdrawn names a port remembers (the oldest is forgotten first), so
+/// the memory stays bounded by the ports however often names come and go.
+pub(crate) const MAX_WITHDRAWN: usize = 4;
+
 impl Port {
     fn new(owner: Option<ConnId>, home: bool) -> Self {
         Self {
@@ -164,6 +171,7 @@ impl Port {
             senders: 0,
             watchers: BTreeSet::new(),
             names: Vec::new(),
+            withdrawn: Vec::new(),
             home,
             watch_senders: false,
             proxy: None,

@@ -227,13 +227,13 @@ pub enum Refusal {
     AuthenticationSpent,
     /// The chain is larger than a proven chain may be, or says nothing a
     /// trusted authority signed; refused before any signature is checked.
-    #[error("authentication refused: {what}")]
+    #[error("the certificate chain is not usable: {what}")]
     BadChain {
         /// What was wrong.
         what: String,
     },
     /// The chain or proof did not hold.
-    #[error("authentication refused: {0}")]
+    #[error("{0}")]
     Identity(IdentityError),
     /// The identity would not fit on a delivery.
     #[error(

@@ -303,6 +303,9 @@ impl Me<'_> {
 pub(crate) enum Received {
     /// A session frame, opened (or in clear where that is the mode).
     Frame(Bytes),
+    /// Several session frames, opened (or in clear), as a batch
+    /// ([`junction_road::secure::batch_frames`] splits it).
+    Frames(Bytes),
     /// A hello was taken; the peer lives in this incarnation.
     Hello {
         /// The incarnation its hello names.
@@ -435,6 +438,19 @@ impl Channel {
         envelope::seal(&k.keys, counter, frame, payload).ok()
     }
 
+    /// Seals several session frames together for the peer, or nothing
+    /// without keys (as [`Channel::seal`]).
+    pub(crate) fn seal_batch(&mut self, frames: &[(SessionFrame, Bytes)]) -> Option<Bytes> {
+        let k = self.current.as_mut()?;
+        let counter = k.next;
+        let Some(next) = counter.checked_add(1) else {
+            self.current = None;
+            return None;
+        };
+        k.next = next;
+        envelope::seal_batch(&k.keys, counter, frames).ok()
+    }
+
     /// The confirmation an initiator owes under new keys, if any.
     pub(crate) fn poll_confirmation(&mut self) -> Option<Bytes> {
         if !std::mem::take(&mut self.confirm) {
@@ -490,6 +506,7 @@ impl Channel {
         let Some(me) = me else {
             return match env {
                 Envelope::Plain => Ok((Received::Frame(body), None)),
+                Envelope::PlainBatch => Ok((Received::Frames(body), None)),
                 _ => {
                     self.stats.malformed += 1;
                     Err((ChannelError::NoKey, None))
@@ -497,11 +514,12 @@ impl Channel {
             };
         };
         match env {
-            Envelope::Plain => {
+            Envelope::Plain | Envelope::PlainBatch => {
                 self.stats.malformed += 1;
                 Err((ChannelError::Plaintext, None))
             }
-            Envelope::Sealed { counter } => self.open(now, me, peer, counter, body),
+            Envelope::Sealed { counter } => self.open(now, me, peer, counter, body, false),
+            Envelope::SealedBatch { counter } => self.open(now, me, peer, counter, body, true),
             Envelope::Hello(hello) => {
                 let checked = self.check_hello(me, peer, known, checks, &hello);
                 if let Err(e) = checked {
@@ -520,7 +538,8 @@ impl Channel {
         }
     }
 
-    /// Opens a sealed frame under whichever keys it was sealed with.
+    /// Opens a sealed frame (or `batch`) under whichever keys it was
+    /// sealed with.
     fn open(
         &mut self,
         now: Instant,
@@ -528,6 +547,7 @@ impl Channel {
         peer: u16,
         counter: u64,
         body: Bytes,
+        batch: bool,
     ) -> Result<(Received, Option<Bytes>), (ChannelError, Option<Bytes>)> {
         let mut replayed = false;
         let mut opened = None;
@@ -581,6 +601,8 @@ impl Channel {
         }
         let received = if plain.is_empty() {
             Received::Nothing
+        } else if batch {
+            Received::Frames(plain)
         } else {
             Received::Frame(plain)
         };

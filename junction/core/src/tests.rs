@@ -2263,7 +2263,24 @@ mod identities {
         .unwrap()
         .verify(&pki.trust)
         .unwrap();
+        h.take(owner);
         h.core.set_revocations(Some(list), h.now).unwrap();
+        h.drain();
+        // The owner is told, with the names it lost and why.
+        let told = h.take(owner);
+        assert!(
+            told.iter().any(|f| matches!(
+                f,
+                Header::IdentityWithdrawn { names, reason }
+                    if names.len() == 1 && names[0].as_str() == "org.acme.echo"
+                        && reason.contains("revoked")
+            )),
+            "{told:?}"
+        );
+        // And the listing shows the name its port lost.
+        let listing = h.core.listing();
+        assert_eq!(listing.withdrawn.len(), 1, "{listing:?}");
+        assert_eq!(listing.withdrawn[0].name, "org.acme.echo");
         let (reply, _) = h.control(
             client,
             ControlRequest::Lookup {

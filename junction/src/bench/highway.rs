@@ -2,8 +2,8 @@
 //! with the same TLS, the same framing (the Highway wire) and the same
 //! write batching, in one run, as ratios.
 //!
-//! - **Raw quinn**: an echo and a sink on their own thread and runtime
-//!   (as a second process would be), a client on the bench's: a 64-byte
+//! - **Raw quinn**: an echo and a sink in a second process, a client in
+//!   the bench's: a 64-byte
 //!   round trip on one bidirectional stream, 64-byte one-way frames batched
 //!   into writes of up to 64 KiB on one unidirectional stream, and 1 MiB
 //!   frames.
@@ -36,8 +36,26 @@ pub(crate) struct Figures {
     rtt_p99_us: f64,
     rtt_pinned_p50_us: Option<f64>,
     rtt_pinned_p99_us: Option<f64>,
+    /// The bus only: a call to the same echo from a process on its own
+    /// junction (no Highway), pinned: the two local legs every call across
+    /// a Highway also makes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_rtt_pinned_p50_us: Option<f64>,
     small_msgs_per_sec: f64,
     large_gb_per_sec: f64,
+    /// CPU per 64-byte message, in nanoseconds, by process (the bus only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_per_small_ns: Option<CpuAcross>,
+}
+
+/// CPU time per message of each process on the bus's path, in
+/// nanoseconds.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct CpuAcross {
+    sender: f64,
+    junction_1: f64,
+    junction_2: f64,
+    receiver: f64,
 }
 
 /// The work of one run.
@@ -102,22 +120,29 @@ async fn measure(
     bus: &mut Figures,
     pinned: bool,
 ) -> anyhow::Result<()> {
-    // Raw quinn, with the junctions' own TLS identities.
+    // Raw quinn, with the junctions' own TLS identities: the echo and the
+    // sink in a process of their own, as the far junction would be.
     let (k1, c1) = authority.issue(11, Role::Junction { id: 1 })?;
-    let (k2, c2) = authority.issue(12, Role::Junction { id: 2 })?;
+    let (k2, c2) = authority.issue_files(dir, "raw2", 12, Role::Junction { id: 2 })?;
     let trust = junction::config::load_trust(authority_path)?;
     let policy = PeerPolicy::new(trust, Revocations::new(None));
     let transport = TransportSettings::default();
-    let server =
-        junction_highway::server_config(&TlsIdentity::new(&k2, &c2)?, &policy, &transport)?;
     let client =
         junction_highway::client_config(&TlsIdentity::new(&k1, &c1)?, &policy, &transport)?;
-    let (addr, stop) = raw_server(server, pinned)?;
+    let (mut server, addr) = spawn_raw_quinn(&k2, &c2, authority_path).await?;
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     let conn = endpoint
         .connect_with(client, addr, &junction_highway::cert::server_name(2))?
         .await
         .context("raw quinn: connect")?;
+    let how = if pinned {
+        "pinned to CPU 0"
+    } else {
+        "unpinned"
+    };
+    super::progress(&format!(
+        "raw quinn: round trips, then one-way streams, {how}"
+    ));
     let rtt = raw_round_trips(&conn, work.round_trips).await?;
     set_rtt(raw, &rtt, pinned);
     if !pinned {
@@ -127,9 +152,12 @@ async fn measure(
     }
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
-    let _ = stop.send(());
+    let _ = server.kill().await;
 
     // The bus: two junctions, a Highway between them.
+    super::progress(&format!(
+        "two junctions and a Highway: round trips, then one-way streams, {how}"
+    ));
     let (p1, p2) = (free_udp_port()?, free_udp_port()?);
     let j1 = start_junction(dir, authority, authority_path, 1, p1, None).await?;
     let j2 = start_junction(dir, authority, authority_path, 2, p2, Some((1, p1))).await?;
@@ -141,9 +169,30 @@ async fn measure(
         let sink_cap = lookup(&driver, "bench.sink").await?;
         let rtt = super::junction_round_trips(&driver, &echo_cap, work.round_trips).await?;
         set_rtt(bus, &rtt, pinned);
+        if pinned {
+            let near = Driver::connect(&j2.1).await?;
+            let echo_near = lookup(&near, "bench.echo").await?;
+            let local = super::junction_round_trips(&near, &echo_near, work.round_trips).await?;
+            bus.local_rtt_pinned_p50_us = Some(local.p50_us);
+        }
         if !pinned {
+            let pids = [
+                std::process::id(),
+                j1.0.id().unwrap_or(0),
+                j2.0.id().unwrap_or(0),
+                sink.id().unwrap_or(0),
+            ];
+            let before = pids.map(super::cpu_ns);
             bus.small_msgs_per_sec = work.small as f64
                 / super::junction_stream(&driver, &sink_cap, SMALL, work.small).await?;
+            let after = pids.map(super::cpu_ns);
+            let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / work.small as f64;
+            bus.cpu_per_small_ns = Some(CpuAcross {
+                sender: per(0),
+                junction_1: per(1),
+                junction_2: per(2),
+                receiver: per(3),
+            });
             bus.large_gb_per_sec = (LARGE as u64 * work.large) as f64
                 / 1e9
                 / super::junction_stream(&driver, &sink_cap, LARGE, work.large).await?;
@@ -287,50 +336,77 @@ async fn raw_stream(conn: &quinn::Connection, size: usize, count: u64) -> anyhow
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// The raw quinn echo and sink, on a thread of their own; its address, and
-/// a sender that stops it.
-fn raw_server(
-    config: quinn::ServerConfig,
-    pinned: bool,
-) -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        if pinned {
-            let _ = pin_to_cpu0();
+/// Starts the raw quinn echo and sink in a process of their own (`bench-peer
+/// --role raw-quinn`); the process, and the address it listens on.
+async fn spawn_raw_quinn(
+    key: &Path,
+    cert: &Path,
+    authority: &Path,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = Command::new(crate::self_exe()?)
+        .args(["bench-peer", "--role", "raw-quinn", "--socket"])
+        .arg(authority)
+        .arg("--key")
+        .arg(key)
+        .arg("--cert")
+        .arg(cert)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the raw quinn process")?;
+    let stdout = child.stdout.take().context("raw quinn: no stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        TIMEOUT,
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("raw quinn: the server did not start")??;
+    let addr = line
+        .trim()
+        .parse()
+        .with_context(|| format!("raw quinn: the server said {line:?}, not its address"))?;
+    Ok((child, addr))
+}
+
+/// The raw quinn process: an echo and a sink on a QUIC endpoint with the
+/// identity in `key` and `cert`, trusting the authority certificate in
+/// `authority`. Prints its address, then serves until stdin closes.
+pub(crate) async fn raw_quinn_peer(
+    key: &Path,
+    cert: &Path,
+    authority: &Path,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let key = crate::pki::read_key(key)?;
+    let chain = crate::pki::read_chain(cert)?;
+    let policy = PeerPolicy::new(
+        junction::config::load_trust(authority)?,
+        Revocations::new(None),
+    );
+    let config = junction_highway::server_config(
+        &TlsIdentity::new(&key, &chain)?,
+        &policy,
+        &TransportSettings::default(),
+    )?;
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+    println!("{}", endpoint.local_addr()?);
+    let serve = async {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            tokio::spawn(serve_conn(conn));
         }
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        runtime.block_on(async move {
-            let Ok(endpoint) = quinn::Endpoint::server(
-                config,
-                "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
-            ) else {
-                return;
-            };
-            let _ = addr_tx.send(endpoint.local_addr().ok());
-            let serve = async {
-                while let Some(incoming) = endpoint.accept().await {
-                    let Ok(conn) = incoming.await else { continue };
-                    tokio::spawn(serve_conn(conn));
-                }
-            };
-            tokio::select! {
-                () = serve => {}
-                _ = stop_rx => {}
-            }
-        });
-    });
-    let addr = addr_rx
-        .recv()
-        .ok()
-        .flatten()
-        .context("raw quinn: the server did not start")?;
-    Ok((addr, stop_tx))
+    };
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    let until_closed = async { while stdin.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
+    tokio::select! {
+        () = serve => {}
+        () = until_closed => {}
+    }
+    Ok(())
 }
 
 async fn serve_conn(conn: quinn::Connection) {
@@ -393,6 +469,15 @@ fn report(raw: &Figures, bus: &Figures, json: bool) {
     if let (Some(a), Some(b)) = (raw.rtt_pinned_p99_us, bus.rtt_pinned_p99_us) {
         row("pinned round trip p99 (µs)", a, b);
     }
+    if let (Some(a), Some(b), Some(local)) = (
+        raw.rtt_pinned_p50_us,
+        bus.rtt_pinned_p50_us,
+        bus.local_rtt_pinned_p50_us,
+    ) {
+        // A call across a Highway also makes the two local legs of a call
+        // on one junction; their sum with raw quinn is its floor here.
+        row("pinned p50: raw quinn + local call (µs)", a + local, b);
+    }
     row(
         "64 B one-way (M msg/s)",
         raw.small_msgs_per_sec / 1e6,
@@ -403,4 +488,10 @@ fn report(raw: &Figures, bus: &Figures, json: bool) {
         raw.large_gb_per_sec,
         bus.large_gb_per_sec,
     );
+    if let Some(cpu) = bus.cpu_per_small_ns {
+        println!(
+            "CPU per 64 B message across the Highway: sender {:.0} ns, junction 1 {:.0} ns, junction 2 {:.0} ns, receiver {:.0} ns",
+            cpu.sender, cpu.junction_1, cpu.junction_2, cpu.receiver
+        );
+    }
 }

@@ -129,6 +129,7 @@ pub(super) async fn run(dir: PathBuf, quick: bool, only: Vec<Flood>) -> anyhow::
         if !only.is_empty() && !only.contains(&kind) {
             continue;
         }
+        super::progress(&format!("flood {}", kind.label()));
         let row = match run_flood(&dir, &pki, &plan, kind, i).await {
             Ok(row) => row,
             Err(e) => {
@@ -141,6 +142,7 @@ pub(super) async fn run(dir: PathBuf, quick: bool, only: Vec<Flood>) -> anyhow::
     let idle = if !only.is_empty() {
         None
     } else {
+        super::progress(&format!("{} idle drivers connecting", plan.idle_drivers));
         match idle_connections(&dir, &pki, &plan).await {
             Ok(idle) => Some(idle),
             Err(e) => {
@@ -883,36 +885,39 @@ pub(super) fn report(r: &Report, json: bool) {
         "junction RSS: peak over the flood (sampled every 20 ms), at its end (attacker still \
          connected), and 300 ms after the attacker exited; all minus the RSS before it started"
     );
-    println!(
-        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7}  notes",
-        "flood",
-        "quiet",
-        "flooded",
-        "p50",
-        "quiet",
-        "flooded",
-        "p99",
-        "mean",
-        "calls",
-        "peak RSS",
-        "RSS Δ",
-        "RSS Δ"
-    );
-    println!(
-        "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7}",
-        "",
-        "p50",
-        "p50",
-        "ratio",
-        "p99",
-        "p99",
-        "ratio",
-        "ratio",
-        "flood",
-        "Δ MiB",
-        "at end",
-        "after"
-    );
+    // No heading without rows: every flood may have failed (said on stderr).
+    if !r.floods.is_empty() {
+        println!(
+            "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7}  notes",
+            "flood",
+            "quiet",
+            "flooded",
+            "p50",
+            "quiet",
+            "flooded",
+            "p99",
+            "mean",
+            "calls",
+            "peak RSS",
+            "RSS Δ",
+            "RSS Δ"
+        );
+        println!(
+            "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7}",
+            "",
+            "p50",
+            "p50",
+            "ratio",
+            "p99",
+            "p99",
+            "ratio",
+            "ratio",
+            "flood",
+            "Δ MiB",
+            "at end",
+            "after"
+        );
+    }
     for row in &r.floods {
         println!(
             "{:<34} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>8.1} {:>7} {:>7.1}  {}",
