@@ -425,6 +425,40 @@ impl Driver {
         }
     }
 
+    /// Asks the Junction to deliver a
+    /// [`MonitorEvent`](junction_road::monitor::MonitorEvent) for every
+    /// message matching `filter` to `port` (one this Driver opened for
+    /// them, not its home), until the port closes; with payloads when
+    /// `payloads` (and allowed). Each event arrives as a message from the
+    /// control port: decode it with
+    /// [`Message::decode`]. Refused unless this Driver runs as the
+    /// Junction's user or root, or proved an identity granted
+    /// `junction.monitor` (`junction.monitor.payload` for payloads).
+    pub async fn monitor(
+        &self,
+        port: &Port,
+        filter: junction_road::monitor::MonitorFilter,
+        payloads: bool,
+    ) -> Result<(), Error> {
+        let request = ControlRequest::Monitor {
+            port: port.address().port,
+            filter,
+            payloads,
+        };
+        match self.control(request, &[]).await? {
+            (ControlReply::Monitoring { .. }, _) => Ok(()),
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
+    /// The Junction's traffic counters, as `junction top` shows them.
+    pub async fn traffic(&self) -> Result<junction_road::monitor::TrafficReport, Error> {
+        match self.control(ControlRequest::Traffic, &[]).await? {
+            (ControlReply::Traffic(report), _) => Ok(report),
+            (other, _) => Err(control_error(other)),
+        }
+    }
+
     async fn control(
         &self,
         request: ControlRequest,

@@ -24,6 +24,7 @@ use tokio::process::{Child, Command};
 mod floods;
 mod highway;
 mod hostile;
+mod monitored;
 mod raw;
 
 /// `junction bench` options.
@@ -167,6 +168,16 @@ struct Side {
     /// Junction side only: proving an identity (chain and proof checked), p50.
     authenticate_p50_us: Option<f64>,
     large_gb_per_sec: f64,
+    /// Junction side only: round trips with a `junction monitor` attached.
+    monitored_rtt: Option<Rtt>,
+    monitored_rtt_pinned: Option<Rtt>,
+    /// Junction side only: 64 B one-way, one run without a monitor and one
+    /// with, back to back (msgs/s).
+    unmonitored_small_msgs_per_sec: Option<f64>,
+    monitored_small_msgs_per_sec: Option<f64>,
+    /// The junction's CPU time per message in those two runs (ns).
+    unmonitored_junction_cpu_ns: Option<f64>,
+    monitored_junction_cpu_ns: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -305,6 +316,15 @@ async fn measure(
         let sink = lookup(&driver, "bench.sink").await?;
         progress(&format!("round trips through the junction, {how}"));
         let rtt = junction_round_trips(&driver, &echo, work.round_trips).await?;
+        progress(&format!("round trips with a monitor attached, {how}"));
+        let watcher = monitored::attach(&jct.socket).await?;
+        let watched = junction_round_trips(&driver, &echo, work.round_trips).await?;
+        drop(watcher);
+        if pinned {
+            through.monitored_rtt_pinned = Some(watched);
+        } else {
+            through.monitored_rtt = Some(watched);
+        }
         progress(&format!(
             "identities: registration, lookup, identified round trips, {how}"
         ));
@@ -359,6 +379,20 @@ async fn measure(
             raw.large_gb_per_sec = bytes / 1e9 / raw_secs;
             through.large_gb_per_sec = bytes / 1e9 / junction_secs;
             through.large_cpu_ns = Some(cpu);
+            let n = work.small_messages / 4;
+            let junction_pid = jct.child.id().unwrap_or(0);
+            let before = cpu_ns(junction_pid);
+            let plain = junction_stream(&driver, &sink, SMALL, n).await?;
+            let between = cpu_ns(junction_pid);
+            let watcher = monitored::attach(&jct.socket).await?;
+            let start = cpu_ns(junction_pid);
+            let watched = junction_stream(&driver, &sink, SMALL, n).await?;
+            let after = cpu_ns(junction_pid);
+            drop(watcher);
+            through.unmonitored_small_msgs_per_sec = Some(n as f64 / plain);
+            through.monitored_small_msgs_per_sec = Some(n as f64 / watched);
+            through.unmonitored_junction_cpu_ns = Some((between - before) as f64 / n as f64);
+            through.monitored_junction_cpu_ns = Some((after - start) as f64 / n as f64);
         }
         *rss = (*rss).max(jct.peak_rss_kib());
         drop(driver);
@@ -427,6 +461,10 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
                 "road_vs_plain_pinned_p50": raw.road_rtt_pinned.zip(raw.rtt_pinned).map(|(j, r)| ratio(j.p50_us, r.p50_us)),
                 "small_msgs_per_sec": ratio(through.small_msgs_per_sec, raw.small_msgs_per_sec),
                 "large_gb_per_sec": ratio(through.large_gb_per_sec, raw.large_gb_per_sec),
+                "monitor_vs_none_p50": through.monitored_rtt.map(|m| ratio(m.p50_us, through.rtt.p50_us)),
+                "monitor_vs_none_pinned_p50": through.monitored_rtt_pinned.zip(through.rtt_pinned).map(|(m, r)| ratio(m.p50_us, r.p50_us)),
+                "monitor_vs_none_small_msgs_per_sec": through.monitored_small_msgs_per_sec.zip(through.unmonitored_small_msgs_per_sec).map(|(m, r)| ratio(m, r)),
+                "monitor_vs_none_junction_cpu_per_msg": through.monitored_junction_cpu_ns.zip(through.unmonitored_junction_cpu_ns).map(|(m, r)| ratio(m, r)),
             },
             "junction_peak_rss_kib": rss_kib,
         });
@@ -535,6 +573,7 @@ fn report(raw: &Side, through: &Side, rss_kib: u64, json: bool) {
             cpu.receiver / 1e3
         );
     }
+    monitored::report(through);
     println!("junction peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
 }
 

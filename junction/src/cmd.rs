@@ -164,6 +164,14 @@ pub(crate) struct ServeArgs {
     junction_cert: Option<PathBuf>,
     #[command(flatten)]
     service: crate::ops::ServiceArgs,
+    /// Serve the traffic counters as Prometheus text (GET /metrics) on this
+    /// loopback address, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Let --metrics listen on an address other than loopback: the
+    /// counters name identities and ports [default: refused].
+    #[arg(long)]
+    metrics_allow_remote: bool,
 }
 
 /// Runs a current-thread runtime for a subcommand.
@@ -183,17 +191,34 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Inherited descriptors first, before anything opens files of its own.
     let activated = args.service.activated()?;
     let ready_fd = args.service.ready_fd()?;
-    let mut config = serve_config(args.clone())?;
+    let (mut config, metrics) = serve_config(args.clone())?;
     config.service.ready_fd = ready_fd;
     config.service.activated_listener = activated;
     config.service.reload = Some(std::sync::Arc::new(move || {
-        serve_config(args.clone()).map_err(|e| format!("{e:#}"))
+        serve_config(args.clone())
+            .map(|(config, _)| config)
+            .map_err(|e| format!("{e:#}"))
     }));
-    run_junction(config, shutdown_signal())
+    // Bound once, here: a reload does not move the metrics endpoint.
+    let metrics = match metrics {
+        Some((addr, allow_remote)) => Some((
+            junction::metrics::bind(addr, allow_remote)?,
+            config.socket.clone(),
+        )),
+        None => None,
+    };
+    run_junction(
+        config,
+        junction::metrics::alongside(metrics, shutdown_signal()),
+    )
 }
 
-/// The configuration `args` and the file they name give.
-fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
+/// The configuration `args` and the file they name give, and where to
+/// serve metrics (address, whether off loopback is allowed), if anywhere.
+#[allow(clippy::type_complexity)]
+fn serve_config(
+    args: ServeArgs,
+) -> anyhow::Result<(ServeConfig, Option<(std::net::SocketAddr, bool)>)> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -292,6 +317,10 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     let max_connections_per_uid = max_connections_per_uid
         .unwrap_or_else(|| junction::admit::default_per_uid(max_connections));
     let service = args.service.service(&file)?;
+    let metrics = args.metrics.or(file.metrics).map(|addr| {
+        let allow_remote = args.metrics_allow_remote || file.metrics_allow_remote;
+        (addr, allow_remote)
+    });
     let config = ServeConfig {
         socket,
         core: core::Config {
@@ -333,7 +362,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
         service,
     };
-    Ok(config)
+    Ok((config, metrics))
 }
 
 /// Binds the socket and runs a junction on this thread until `shutdown`.
@@ -405,8 +434,13 @@ pub(crate) fn show(payload: &[u8]) -> String {
 pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
     let driver = connect(&socket).await?;
     let listing = driver.listing().await?;
+    let traffic = driver.traffic().await.ok();
     if json {
-        println!("{}", listing_json(&listing));
+        let mut v = listing_json(&listing);
+        if let Some(report) = &traffic {
+            v["traffic"] = crate::monitor::traffic_json(report);
+        }
+        println!("{v}");
         return Ok(());
     }
     println!(
@@ -490,6 +524,10 @@ pub(crate) async fn ls(socket: PathBuf, json: bool) -> anyhow::Result<()> {
         );
     }
     print!("{}", junctions_tables(&listing));
+    if let Some(report) = &traffic {
+        println!();
+        print!("{}", crate::monitor::traffic_tables(report, None, 20));
+    }
     Ok(())
 }
 

@@ -113,6 +113,13 @@ pub struct FileConfig {
     /// This junction's certificate chain (PEM, leaf first): a junction
     /// certificate for `junction_id` from the bus authority.
     pub junction_cert: Option<PathBuf>,
+    /// Serve the traffic counters as Prometheus text on this address
+    /// (`GET /metrics`); off by default, loopback only unless
+    /// `metrics_allow_remote`.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Let `metrics` listen on an address other than loopback.
+    #[serde(default)]
+    pub metrics_allow_remote: bool,
 }
 
 /// A junction to dial: its id and where it listens.

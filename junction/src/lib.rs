@@ -12,6 +12,7 @@
 //! - [`highway`]: the QUIC endpoint of the junction's Highways to others.
 //! - [`service`]: running under systemd (socket activation, readiness),
 //!   the socket's mode and group, and reloads.
+//! - [`metrics`]: the opt-in Prometheus endpoint for the traffic counters.
 
 pub mod admit;
 pub mod authority;
@@ -19,6 +20,7 @@ pub mod children;
 pub mod config;
 pub use junction_core as core;
 pub mod highway;
+pub mod metrics;
 mod ratelog;
 pub mod service;
 pub mod shell;

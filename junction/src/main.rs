@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod monitor;
 mod ops;
 mod pki;
 mod when;
@@ -36,8 +37,6 @@ EXAMPLES:
 
 Each command has its own help: junction help COMMAND.";
 
-// Parsed once per run: the size of the largest variant costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a junction: the daemon every other command talks to.
@@ -50,7 +49,7 @@ EXAMPLES:
 
 `junction reload` (or SIGHUP) reloads the revocation list and the
 configuration; SIGINT or SIGTERM stop the junction.")]
-    Serve(cmd::ServeArgs),
+    Serve(Box<cmd::ServeArgs>),
     /// Wait until a junction answers on its socket (after `junction serve &`).
     ///
     /// With --name, also until those names are registered (after starting
@@ -183,6 +182,24 @@ EXAMPLES:
         #[arg(long)]
         reply: Option<String>,
     },
+    /// Watch every message the junction sees, live (like dbus-monitor).
+    ///
+    /// Only the junction's own user, root, or an identity granted
+    /// junction.monitor may watch; payloads need the junction's user, root,
+    /// or junction.monitor.payload.
+    #[command(after_help = "\
+EXAMPLES:
+  junction monitor
+  junction monitor --name org.acme.echo --json
+  junction monitor --junction 2 --payload
+  junction monitor --from uid:1000 --port 1.7")]
+    Monitor(monitor::MonitorArgs),
+    /// Traffic per identity, port and junction, refreshed every second.
+    #[command(after_help = "\
+EXAMPLES:
+  junction top
+  junction top --once --json")]
+    Top(monitor::TopArgs),
     /// Measure the junction against a raw socket baseline.
     #[command(after_help = "\
 EXAMPLES:
@@ -269,7 +286,7 @@ fn main() -> ExitCode {
     // the hard limit allows. `serve` checks the result against its limits.
     let _ = junction_road::transport::unix::raise_fd_limit();
     let result = match cli.command {
-        Command::Serve(args) => cmd::serve(args),
+        Command::Serve(args) => cmd::serve(*args),
         Command::Wait {
             socket,
             name,
@@ -307,6 +324,8 @@ fn main() -> ExitCode {
             count,
             reply,
         } => cmd::block_on(cmd::listen(socket.path(), identity, name, count, reply)),
+        Command::Monitor(args) => cmd::block_on(monitor::monitor(args)),
+        Command::Top(args) => cmd::block_on(monitor::top(args)),
         Command::Bench(args) => bench::run(args),
         Command::Keygen { out, force } => pki::keygen(&out, force),
         Command::Cert(command) => pki::cert(command),

@@ -450,7 +450,14 @@ pub async fn serve(
     let high_water = config.max_unread.max(2 * config.core.max_frame as usize);
     let shell = Rc::new(Shell {
         max_frame: config.core.max_frame,
-        core: RefCell::new(Core::new(config.core.clone(), now())),
+        core: RefCell::new(Core::new(
+            core::Config {
+                // Its own user may monitor (see docs/security.md).
+                owner_uid: config.core.owner_uid.or_else(admit::own_uid),
+                ..config.core.clone()
+            },
+            now(),
+        )),
         allow_uids: RefCell::new(config.allow_uids.clone()),
         allow_gids: RefCell::new(config.service.allow_gids.clone()),
         limits: Cell::new(admit::Limits {
@@ -1014,7 +1021,9 @@ impl Shell {
                         // Replies never pause their sender: a service must
                         // not stall for everyone because one caller does not
                         // read (the caller is bounded by its pending calls).
-                        let metered = matches!(&frame.header, Header::Deliver(d) if d.tag == 0);
+                        // Nor do monitor events (from the control port):
+                        // a slow monitor loses its own events instead.
+                        let metered = matches!(&frame.header, Header::Deliver(d) if d.tag == 0 && d.origin.port != 0);
                         if metered
                             && outbox.queued() > self.high_water
                             && let Some(congested) = congested.as_deref_mut()

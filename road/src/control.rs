@@ -48,6 +48,21 @@ pub enum ControlRequest {
     /// `junction reload` and SIGHUP do). Only a connection of the junction's
     /// own user, or root, may ask.
     Reload,
+    /// Deliver a [`MonitorEvent`](crate::monitor::MonitorEvent) for every
+    /// message this junction sees to `port`, a port this connection owns,
+    /// until it closes. Only the junction's own user (or root), or an
+    /// identity granted `junction.monitor`, may.
+    Monitor {
+        /// The port the events go to.
+        port: u16,
+        /// Which messages.
+        filter: crate::monitor::MonitorFilter,
+        /// Whether events carry payloads (the junction's own user, root, or
+        /// an identity granted `junction.monitor.payload`).
+        payloads: bool,
+    },
+    /// The traffic counters (behind `junction top` and the metrics endpoint).
+    Traffic,
 }
 
 /// The control port's answer.
@@ -79,6 +94,15 @@ pub enum ControlReply {
     },
     /// What `Reload` did.
     Reloaded(ReloadReport),
+    /// Events now go to the port named in `Monitor`.
+    Monitoring {
+        /// Whether they carry payloads.
+        payloads: bool,
+        /// How many events may wait unconsumed before the junction drops.
+        queue: u32,
+    },
+    /// What `Traffic` asked for.
+    Traffic(crate::monitor::TrafficReport),
 }
 
 /// What a reload did: one line per change applied, one per problem (a file

@@ -10,6 +10,7 @@
 //!   [`codec::decode`] out of one, with a distinct [`FrameError`] for every way a
 //!   peer's bytes can be wrong;
 //! - [`control`]: the requests the control port (port 0) answers;
+//! - [`monitor`]: what monitors and the traffic counters see;
 //! - [`highway`]: what junctions say to each other (routing, for now);
 //! - [`session`]: the frames of end-to-end sessions between junctions;
 //! - [`remote`]: what junctions say to each other about capabilities;
@@ -33,6 +34,7 @@ pub mod codec;
 pub mod control;
 pub mod frame;
 pub mod highway;
+pub mod monitor;
 #[cfg(feature = "transport")]
 pub mod outbox;
 pub mod remote;

@@ -567,3 +567,106 @@ pub fn hello(label: &str) -> Header {
         label: label.into(),
     })
 }
+
+/// A bus: its authority, and junction certificates made on demand.
+pub struct Bus {
+    /// Its authority, and the certificates it issued.
+    pub pki: TestPki,
+}
+
+impl Bus {
+    /// A bus with a fresh authority.
+    pub fn new() -> Self {
+        Self {
+            pki: TestPki::new(),
+        }
+    }
+
+    /// The key and certificate of junction `id` (made by this authority).
+    pub fn junction(&self, id: u16) -> (PathBuf, PathBuf) {
+        let name = format!("j{id}");
+        let id = id.to_string();
+        let cert = self.pki.issue(
+            &name,
+            &name,
+            "authority",
+            &["--role", "junction", "--junction-id", &id],
+        );
+        (self.pki.path(&format!("{name}.key")), cert)
+    }
+
+    /// Starts junction `id` with its own key and certificate, listening on
+    /// `port` and dialling `peers` (id, port) on loopback.
+    pub fn start(&self, id: u16, port: u16, peers: &[(u16, u16)]) -> TestJunction {
+        let (key, cert) = self.junction(id);
+        self.start_as(id, port, peers, &key, &cert, &[])
+    }
+
+    /// Starts junction `id` as [`Bus::start`] does, with `key` and `cert`
+    /// (whoever's they are) and `extra` arguments.
+    pub fn start_as(
+        &self,
+        id: u16,
+        port: u16,
+        peers: &[(u16, u16)],
+        key: &std::path::Path,
+        cert: &std::path::Path,
+        extra: &[&str],
+    ) -> TestJunction {
+        let id = id.to_string();
+        let listen = format!("127.0.0.1:{port}");
+        let authority = self.pki.path("authority.cert");
+        let mut args: Vec<String> = [
+            "--junction-id",
+            &id,
+            "--authority",
+            &authority.to_string_lossy(),
+            "--junction-key",
+            &key.to_string_lossy(),
+            "--junction-cert",
+            &cert.to_string_lossy(),
+            "--quic-listen",
+            &listen,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (peer, port) in peers {
+            args.push("--peer".into());
+            args.push(format!("{peer}@127.0.0.1:{port}"));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        TestJunction::start(&args)
+    }
+
+    /// Adds `cert`'s certificate to the bus's revocation list
+    /// (`revoked.crl`, made on first use); the list's path.
+    pub fn revoke(&self, cert: &std::path::Path) -> PathBuf {
+        self.pki.run(&[
+            "cert",
+            "revoke",
+            "--authority-key",
+            "authority.key",
+            "--cert",
+            &cert.to_string_lossy(),
+            "-o",
+            "revoked.crl",
+        ]);
+        self.pki.path("revoked.crl")
+    }
+}
+
+/// A UDP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self::new()
+    }
+}

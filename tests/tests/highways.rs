@@ -6,106 +6,10 @@
 //! by frame; numbered messages through a cut link, once and in order.
 
 use std::net::UdpSocket;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use junction_driver::{Driver, Rights};
-use junction_tests::{TestJunction, TestPki, lookup_eventually};
-
-/// A bus: its authority, and junction certificates made on demand.
-struct Bus {
-    pki: TestPki,
-}
-
-impl Bus {
-    fn new() -> Self {
-        Self {
-            pki: TestPki::new(),
-        }
-    }
-
-    /// The key and certificate of junction `id` (made by this authority).
-    fn junction(&self, id: u16) -> (PathBuf, PathBuf) {
-        let name = format!("j{id}");
-        let id = id.to_string();
-        let cert = self.pki.issue(
-            &name,
-            &name,
-            "authority",
-            &["--role", "junction", "--junction-id", &id],
-        );
-        (self.pki.path(&format!("{name}.key")), cert)
-    }
-
-    /// Starts junction `id` with its own key and certificate, listening on
-    /// `port` and dialling `peers` (id, port) on loopback.
-    fn start(&self, id: u16, port: u16, peers: &[(u16, u16)]) -> TestJunction {
-        let (key, cert) = self.junction(id);
-        self.start_as(id, port, peers, &key, &cert, &[])
-    }
-
-    /// Starts junction `id` as [`Bus::start`] does, with `key` and `cert`
-    /// (whoever's they are) and `extra` arguments.
-    fn start_as(
-        &self,
-        id: u16,
-        port: u16,
-        peers: &[(u16, u16)],
-        key: &std::path::Path,
-        cert: &std::path::Path,
-        extra: &[&str],
-    ) -> TestJunction {
-        let id = id.to_string();
-        let listen = format!("127.0.0.1:{port}");
-        let authority = self.pki.path("authority.cert");
-        let mut args: Vec<String> = [
-            "--junction-id",
-            &id,
-            "--authority",
-            &authority.to_string_lossy(),
-            "--junction-key",
-            &key.to_string_lossy(),
-            "--junction-cert",
-            &cert.to_string_lossy(),
-            "--quic-listen",
-            &listen,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for (peer, port) in peers {
-            args.push("--peer".into());
-            args.push(format!("{peer}@127.0.0.1:{port}"));
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        TestJunction::start(&args)
-    }
-
-    /// Adds `cert`'s certificate to the bus's revocation list
-    /// (`revoked.crl`, made on first use); the list's path.
-    fn revoke(&self, cert: &std::path::Path) -> PathBuf {
-        self.pki.run(&[
-            "cert",
-            "revoke",
-            "--authority-key",
-            "authority.key",
-            "--cert",
-            &cert.to_string_lossy(),
-            "-o",
-            "revoked.crl",
-        ]);
-        self.pki.path("revoked.crl")
-    }
-}
-
-/// A UDP port free on loopback now.
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
-}
+use junction_tests::{Bus, free_port, lookup_eventually};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -132,6 +132,12 @@ impl Core {
                 Some((asker, reply)) if asker == conn => (reply, None),
                 _ => (refused(Refusal::ReloadUnavailable), None),
             },
+            ControlRequest::Monitor {
+                port,
+                filter,
+                payloads,
+            } => (self.start_monitor(conn, port, filter, payloads), None),
+            ControlRequest::Traffic => (ControlReply::Traffic(self.traffic()), None),
         })
     }
 

@@ -60,6 +60,7 @@ mod books;
 mod caps;
 mod control;
 mod lanes;
+mod monitor;
 mod path;
 mod peers;
 mod ports;
@@ -152,6 +153,9 @@ pub struct Config {
     /// unreachable before they are released (and a port's no-senders
     /// notice may fire): long enough to ride out a partition.
     pub export_lease: Duration,
+    /// The junction's own user id: it and root may monitor traffic,
+    /// payloads included (`None`: only root and certified monitors).
+    pub owner_uid: Option<u32>,
 }
 
 impl Default for Config {
@@ -173,6 +177,7 @@ impl Default for Config {
             junction_identity: None,
             trust_unsigned_routing: false,
             export_lease: Duration::from_secs(600),
+            owner_uid: None,
         }
     }
 }
@@ -375,6 +380,8 @@ pub struct Core {
     /// The shell's answer to the `Reload` request a connection is about to
     /// make ([`Core::set_reload_answer`]).
     reload_answer: Option<(ConnId, junction_road::control::ControlReply)>,
+    /// Monitors, and the traffic counts not kept on connections and ports.
+    watch: monitor::Watch,
 }
 
 #[derive(Debug)]
@@ -404,6 +411,8 @@ struct Conn {
     authentication_failed: bool,
     /// The proof of possession it proved its identity with, over `nonce`.
     proof: Option<Signature>,
+    /// What it sent and received.
+    traffic: junction_road::monitor::Tally,
 }
 
 /// No handle, in an [`ErrorFrame`].
@@ -454,6 +463,7 @@ impl Core {
             used_once: None,
             highways: Vec::new(),
             reload_answer: None,
+            watch: monitor::Watch::default(),
             config,
         }
     }
@@ -904,11 +914,16 @@ impl Core {
     }
 
     /// The next thing the shell must do, if any.
+    #[inline]
     pub fn poll_output(&mut self) -> Option<Output> {
         if self.has_dirty() {
             self.transmit_dirty();
         }
-        self.out.pop_front()
+        let output = self.out.pop_front()?;
+        if let Output::Frame { conn, frame } = &output {
+            self.observe(*conn, frame);
+        }
+        Some(output)
     }
 
     /// The table of what this junction exports to junction `holder`: a
@@ -948,6 +963,7 @@ impl Core {
             identity_until: 0,
             authentication_failed: false,
             proof: None,
+            traffic: Default::default(),
         };
         self.next_serial += 1;
         let serial = conn.serial;
@@ -1560,6 +1576,7 @@ impl Core {
         let Some(c) = self.conns.remove(conn.key()) else {
             return;
         };
+        self.traffic_departs(&c);
         self.remote_caller_gone(conn, &c.calls);
         for &number in &c.ports {
             if let Some(key) = self.ports.key(number) {

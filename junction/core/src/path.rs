@@ -268,6 +268,11 @@ impl Core {
             }
             cap.in_flight += 1;
         }
+        // Counted as sent once admitted; control requests are not traffic.
+        let Target::Local(to) = cap.target;
+        if to.index != u32::from(CONTROL_PORT) {
+            c.traffic.sent(payload.len());
+        }
         // One message from each budget it draws from, shared with every
         // capability attenuated from the same one.
         let exhausted = !cap.budgets.is_empty() && self.books.spend(&cap.budgets);

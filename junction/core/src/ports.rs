@@ -40,6 +40,8 @@ pub(crate) struct Port {
     /// For a stand-in for something on another junction (no owner here):
     /// what it stands for.
     pub(crate) proxy: Option<Proxy>,
+    /// What was delivered to it.
+    pub(crate) traffic: junction_road::monitor::Tally,
 }
 
 /// A message delivered to a port's owner and not yet consumed.
@@ -173,6 +175,7 @@ impl Port {
             home,
             watch_senders: false,
             proxy: None,
+            traffic: Default::default(),
         }
     }
 }

@@ -260,6 +260,12 @@ pub enum Refusal {
         /// Why not.
         why: String,
     },
+    /// A `Monitor` request was turned down.
+    #[error("cannot monitor: {why}")]
+    MonitorRefused {
+        /// Why, and what would be allowed.
+        why: String,
+    },
 }
 
 impl Refusal {
@@ -302,6 +308,7 @@ impl Refusal {
                 _ => ErrorCode::BadCertificate,
             },
             Self::IdentityTooLarge { .. } => ErrorCode::BadCertificate,
+            Self::MonitorRefused { .. } => ErrorCode::NotAllowed,
         }
     }
 }

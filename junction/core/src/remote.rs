@@ -53,6 +53,7 @@ use junction_identity::ServiceName;
 use junction_road::control::ControlReply;
 use junction_road::frame::credit_cost;
 use junction_road::highway::{MAX_ANNOUNCED_NAME_BYTES, MAX_ANNOUNCED_NAMES};
+use junction_road::monitor::MessageKind;
 use junction_road::remote::{
     self as wire, CALL_LANE, Carried, Possession, REMOTE_LANE_BASE, RemoteFrame, RemotePort,
     RemoteSend, control_lane, data_lane,
@@ -797,6 +798,14 @@ impl Core {
                     return;
                 };
                 self.remote.calls_in.remove(&(junction, call));
+                self.observe_shipped(
+                    Address::new(junction, 0),
+                    envelope.origin,
+                    envelope.from,
+                    MessageKind::Reply,
+                    carried.len(),
+                    &envelope.payload,
+                );
                 let frame = RemoteFrame::Reply {
                     call,
                     caps: carried,
@@ -880,6 +889,13 @@ impl Core {
             .conns
             .get(from.key())
             .and_then(|c| c.identity.as_ref().map(|(id, _)| id.as_ref().clone()));
+        let kind = if call == 0 {
+            MessageKind::Send
+        } else {
+            MessageKind::Call
+        };
+        let to = Address::new(owner, port.port);
+        self.observe_shipped(to, origin, from, kind, caps.len(), &payload);
         let frame = RemoteFrame::Send(RemoteSend {
             port,
             n,
