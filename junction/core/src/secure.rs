@@ -426,6 +426,19 @@ impl Channel {
     /// Seals a session frame for the peer; `None` if there are no keys in
     /// use (or they are worn out: a handshake follows).
     pub(crate) fn seal(&mut self, frame: &SessionFrame, payload: &[u8]) -> Option<Bytes> {
+        let (keys, counter) = self.next_seal()?;
+        envelope::seal(keys, counter, frame, payload).ok()
+    }
+
+    /// Seals several session frames together for the peer, or nothing
+    /// without keys (as [`Channel::seal`]).
+    pub(crate) fn seal_batch(&mut self, frames: &[(SessionFrame, Bytes)]) -> Option<Bytes> {
+        let (keys, counter) = self.next_seal()?;
+        envelope::seal_batch(keys, counter, frames).ok()
+    }
+
+    /// The keys in use and the next counter to seal under them, taken.
+    fn next_seal(&mut self) -> Option<(&SessionKeys, u64)> {
         let k = self.current.as_mut()?;
         let counter = k.next;
         let Some(next) = counter.checked_add(1) else {
@@ -435,20 +448,8 @@ impl Channel {
             return None;
         };
         k.next = next;
-        envelope::seal(&k.keys, counter, frame, payload).ok()
-    }
-
-    /// Seals several session frames together for the peer, or nothing
-    /// without keys (as [`Channel::seal`]).
-    pub(crate) fn seal_batch(&mut self, frames: &[(SessionFrame, Bytes)]) -> Option<Bytes> {
-        let k = self.current.as_mut()?;
-        let counter = k.next;
-        let Some(next) = counter.checked_add(1) else {
-            self.current = None;
-            return None;
-        };
-        k.next = next;
-        envelope::seal_batch(&k.keys, counter, frames).ok()
+        let k = self.current.as_ref()?;
+        Some((&k.keys, counter))
     }
 
     /// The confirmation an initiator owes under new keys, if any.
