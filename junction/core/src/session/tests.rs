@@ -20,6 +20,9 @@ fn small() -> SessionConfig {
         max_rto: Duration::from_millis(400),
         give_up: Duration::from_secs(2),
         persistent_from: 100,
+        // At once, as these tests expect; `acknowledgements_wait_for_data_to_ride`
+        // covers the delay.
+        ack_delay: Duration::ZERO,
     }
 }
 
@@ -712,6 +715,7 @@ impl Sim {
             max_rto: Duration::from_millis(320),
             give_up: Duration::from_millis(1_000 + 500 * rng.below(6)),
             persistent_from: u32::MAX,
+            ack_delay: Duration::from_millis(rng.below(20)),
         };
         let drop = rng.below(300);
         let dup = rng.below(100);
@@ -1318,4 +1322,70 @@ fn a_newer_incarnation_from_routing_is_a_restart() {
     );
     assert_eq!(a.footprint(), SessionFootprint::default());
     assert_eq!(a.send(now, 0, Bytes::new()), Ok(0), "a new sequence space");
+}
+
+/// An acknowledgement waits `ack_delay` for data going back to ride with
+/// it (a call and its reply cost two frames), goes alone when the delay
+/// runs out, and goes at once for a duplicate or a quarter window.
+#[test]
+fn acknowledgements_wait_for_data_to_ride() {
+    let now = Instant::now();
+    let config = SessionConfig {
+        ack_delay: Duration::from_millis(5),
+        ..small()
+    };
+    let (mut a, mut b) = pair(config, now);
+    // A call: its acknowledgement rides with the reply.
+    a.send(now, 1, Bytes::from_static(b"call")).unwrap();
+    assert_eq!(flush(&mut a, &mut b, now), [Ok(())]);
+    assert_eq!(delivered(&events(&mut b)).len(), 1);
+    assert!(transmits(&mut b, now).is_empty(), "the ack waits");
+    assert_eq!(b.poll_timeout(), Some(now + Duration::from_millis(5)));
+    b.send(now, 2, Bytes::from_static(b"reply")).unwrap();
+    let both = transmits(&mut b, now);
+    assert!(
+        matches!(
+            both.as_slice(),
+            [
+                Transmit {
+                    frame: SessionFrame::Ack(_),
+                    ..
+                },
+                Transmit {
+                    frame: SessionFrame::Data(_),
+                    ..
+                }
+            ]
+        ),
+        "{both:?}"
+    );
+    // A one-way message: its acknowledgement goes alone, after the delay.
+    a.send(now, 1, Bytes::from_static(b"one way")).unwrap();
+    assert_eq!(flush(&mut a, &mut b, now), [Ok(())]);
+    assert!(transmits(&mut b, now).is_empty());
+    let later = now + Duration::from_millis(5);
+    b.handle_timeout(later);
+    assert_eq!(
+        transmits(&mut b, later)
+            .into_iter()
+            .map(|t| t.frame)
+            .collect::<Vec<_>>(),
+        [ack(B, A, 1, 2)]
+    );
+    // A duplicate is answered at once: its sender is resending.
+    b.handle_frame(later, data(A, B, 1, 0, 0), Bytes::from_static(b"again"))
+        .unwrap();
+    assert_eq!(
+        transmits(&mut b, later)
+            .into_iter()
+            .map(|t| t.frame)
+            .collect::<Vec<_>>(),
+        [ack(B, A, 1, 2)]
+    );
+    // So is the second of a window of 8: a quarter window.
+    for _ in 0..2 {
+        a.send(later, 3, Bytes::from_static(b"m")).unwrap();
+    }
+    assert_eq!(flush(&mut a, &mut b, later), [Ok(()), Ok(())]);
+    assert_eq!(transmits(&mut b, later).len(), 1, "one ack, at once");
 }
