@@ -135,14 +135,17 @@ fn revoke_svc(pki: &TestPki, j: &TestJunction) {
     sighup(j);
 }
 
-#[test]
-fn a_listener_whose_certificate_is_revoked_says_so_and_exits() {
-    let (pki, j) = revocable_service();
-    let (key, cert) = (pki.path("svc.key"), pki.path("svc.cert"));
-    let mut listener = Proc::spawn(
+/// `junction listen NAME` with a key and certificate, its stderr piped.
+fn certified_listener(
+    j: &TestJunction,
+    name: &str,
+    key: &std::path::Path,
+    cert: &std::path::Path,
+) -> Proc {
+    Proc::spawn(
         j.command(&[
             "listen",
-            "org.acme.svc",
+            name,
             "--key",
             key.to_str().unwrap(),
             "--cert",
@@ -150,7 +153,14 @@ fn a_listener_whose_certificate_is_revoked_says_so_and_exits() {
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped()),
-    );
+    )
+}
+
+#[test]
+fn a_listener_whose_certificate_is_revoked_says_so_and_exits() {
+    let (pki, j) = revocable_service();
+    let (key, cert) = (pki.path("svc.key"), pki.path("svc.cert"));
+    let mut listener = certified_listener(&j, "org.acme.svc", &key, &cert);
     let lines = stderr_lines(&mut listener);
     expect_line(&lines, "listening as org.acme.svc");
     revoke_svc(&pki, &j);
@@ -474,18 +484,7 @@ fn an_identity_refusal_says_refused_once_and_the_log_never_claims_a_refused_regi
         &["--role", "service", "--name", "t.dup"],
     );
     let (key, cert) = (pki.path("dup.key"), pki.path("dup.cert"));
-    let mut first = Proc::spawn(
-        j.command(&[
-            "listen",
-            "t.dup",
-            "--key",
-            key.to_str().unwrap(),
-            "--cert",
-            cert.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped()),
-    );
+    let mut first = certified_listener(&j, "t.dup", &key, &cert);
     expect_line(&stderr_lines(&mut first), "listening as t.dup");
     let (ok, _, err) = run(&j, &["listen", "t.dup"]);
     assert!(!ok);

@@ -219,16 +219,19 @@ impl Core {
             p.channel
                 .receive(now, me.as_ref(), from, known.unwrap_or(0), &checks, &bytes);
         let mut learned = None;
+        // Session frames came: the peer lives in the incarnation routing
+        // knows, whatever they say.
+        if let (Ok(Received::Frame(_) | Received::Frames(_)), Some(incarnation)) =
+            (&received, known)
+        {
+            p.session.handle_incarnation(now, incarnation);
+            learned = Some(incarnation);
+        }
         let mut take = |frame: &Bytes| match wire::decode(frame) {
-            Ok((frame, payload)) => {
-                if let Some(incarnation) = known {
-                    p.session.handle_incarnation(now, incarnation);
-                    learned = Some(incarnation);
-                }
-                p.session
-                    .handle_frame(now, frame, payload)
-                    .map_err(|e| format!("refused a session frame: {e}"))
-            }
+            Ok((frame, payload)) => p
+                .session
+                .handle_frame(now, frame, payload)
+                .map_err(|e| format!("refused a session frame: {e}")),
             Err(e) => Err(format!("refused a session frame: {e}")),
         };
         let result = match received {
