@@ -267,15 +267,21 @@ pub enum Sealing {
     Keying,
     /// Sealed under keys in use.
     Sealed,
+    /// In clear inside the Highway's TLS: the peer is a neighbour and the
+    /// route to it is their Highway alone, which authenticates and encrypts
+    /// the whole way (keys are still agreed, for a route through others).
+    Direct,
 }
 
 impl Sealing {
-    /// Its name as `junction ls` prints it: `clear`, `keying`, `sealed`.
+    /// Its name as `junction ls` prints it: `clear`, `keying`, `sealed`,
+    /// `direct`.
     pub fn as_str(self) -> &'static str {
         match self {
             Sealing::Clear => "clear",
             Sealing::Keying => "keying",
             Sealing::Sealed => "sealed",
+            Sealing::Direct => "direct",
         }
     }
 }

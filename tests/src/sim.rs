@@ -440,7 +440,12 @@ pub struct World<P> {
     pub road_latency: Latency,
     tamper: Option<Box<Tamper>>,
     forwards: Option<Box<TamperForward>>,
+    watch: Option<Box<WatchHighway>>,
 }
+
+/// Sees every frame a core sends over a Highway: given the node, the
+/// neighbour junction it goes to, the frame and its payload.
+pub type WatchHighway = dyn FnMut(NodeId, u16, &HighwayFrame, &bytes::Bytes);
 
 /// A fault injected between a core and its outputs, to check that oracles
 /// catch a junction that misbehaves: given the node, the connection and a
@@ -513,6 +518,7 @@ impl<P: Process> World<P> {
             road_latency: Latency::default(),
             tamper: None,
             forwards: None,
+            watch: None,
         }
     }
 
@@ -625,6 +631,12 @@ impl<P: Process> World<P> {
     /// protection. Never for real runs.
     pub fn danger_tamper_forwards(&mut self, tamper: Box<TamperForward>) {
         self.forwards = Some(tamper);
+    }
+
+    /// Shows every frame any core sends over a Highway to `watch`, as it
+    /// leaves the core.
+    pub fn watch_highways(&mut self, watch: Box<WatchHighway>) {
+        self.watch = Some(watch);
     }
 
     /// Node `node` sends `frame` and `payload` to its neighbour junction
@@ -1025,6 +1037,9 @@ impl<P: Process> World<P> {
                     self.schedule(at, Event::RoadClosed { pid });
                 }
                 Output::Highway { to, frame, payload } => {
+                    if let Some(watch) = self.watch.as_mut() {
+                        watch(node, to, &frame, &payload);
+                    }
                     let passing = match &frame {
                         HighwayFrame::Forward { from, to, .. }
                             if *from != self.nodes[node].junction =>

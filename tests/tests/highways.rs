@@ -93,6 +93,26 @@ fn a_call_and_capabilities_cross_two_highways() {
         },
     );
     assert!(reply.contains("hello from 1"), "{reply}");
+    // Junction 2 calls it too, from next door.
+    let out = j2
+        .command(&["call", "t.echo", "hello from 2", "--timeout", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Junction 3 seals what goes through 2 to 1, and leaves what goes
+    // straight to 2 to their Highway's TLS.
+    let out = j3.command(&["ls", "--json"]).output().unwrap();
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sealing = |junction: u16| {
+        listing["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["junction"] == junction)
+            .map(|s| s["sealing"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(sealing(1).as_deref(), Some("sealed"), "{listing}");
+    assert_eq!(sealing(2).as_deref(), Some("direct"), "{listing}");
     echo.kill();
     drop((j1, j2, j3));
 }

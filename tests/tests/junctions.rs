@@ -920,6 +920,92 @@ fn a_session_through_a_transit_junction_is_sealed_end_to_end() {
     assert_eq!(stats.unsealed + stats.replayed + stats.hellos_refused, 0);
 }
 
+/// Between neighbours the session rides their Highway's TLS in clear, with
+/// no seal of its own; once the Highway is cut and the route runs through
+/// another junction, the same session is sealed, with keys agreed while it
+/// was direct, and every message still arrives once, in order.
+#[test]
+fn a_session_between_neighbours_is_sealed_only_when_others_carry_it() {
+    for seed in seed_from_env(8_350)..seed_from_env(8_350) + 5 {
+        let (mut world, _) = junctions_of(&Bus::new(), seed, 3);
+        let direct = world.add_link(0, 1, 1, wan());
+        world.add_link(1, 2, 1, wan());
+        world.add_link(0, 2, 1, wan());
+        world.run_until_idle(10_000).unwrap();
+        // What junction 1 sends junction 2 of its own, and which way.
+        let seen = Rc::new(RefCell::new(Vec::<(u16, Bytes)>::new()));
+        let record = seen.clone();
+        world.watch_highways(Box::new(move |node, next, frame, payload| {
+            if let (0, HighwayFrame::Forward { to: 2, .. }) = (node, frame) {
+                record.borrow_mut().push((next, payload.clone()));
+            }
+        }));
+        let mut sent = 0u64;
+        for i in 0..100u64 {
+            let payload = Bytes::from(format!("message {i}"));
+            world.junction_send(0, 2, 1, payload).unwrap();
+            sent += 1;
+            let next = world.elapsed() + Duration::from_micros(500);
+            world.run_until(next).unwrap();
+            if i == 50 {
+                assert_eq!(
+                    world.core_mut(0).listing().sessions[0].sealing,
+                    junction_road::control::Sealing::Direct,
+                    "seed {seed}"
+                );
+                world.cut_link(direct);
+            }
+        }
+        world.run_until_idle(1_000_000).unwrap();
+        let got = handed_up(&world, 1, 1, 1);
+        let expected: Vec<_> = (0..sent)
+            .map(|i| (i, format!("message {i}").into_bytes()))
+            .collect();
+        assert_eq!(got, expected, "seed {seed}: once each, in order");
+        let seen = seen.borrow();
+        // Not the handshake: its hellos, and the initiator's confirmation
+        // (an empty sealed frame: a tag alone).
+        let data = |p: &Bytes| match envelope::decode(p) {
+            Ok((Envelope::Hello(_), _)) => false,
+            Ok((Envelope::Sealed { .. }, body)) => body.len() > 16,
+            _ => true,
+        };
+        let clear =
+            |p: &Bytes| matches!(envelope_of(p), Some(Envelope::Plain | Envelope::PlainBatch));
+        let straight: Vec<_> = seen
+            .iter()
+            .filter(|(next, p)| *next == 2 && data(p))
+            .collect();
+        let around: Vec<_> = seen
+            .iter()
+            .filter(|(next, p)| *next == 3 && data(p))
+            .collect();
+        assert!(!straight.is_empty() && !around.is_empty(), "seed {seed}");
+        assert!(
+            straight.iter().all(|(_, p)| clear(p)),
+            "seed {seed}: in clear over the Highway to 2 alone"
+        );
+        assert!(
+            around.iter().all(|(_, p)| !clear(p)),
+            "seed {seed}: sealed through 3"
+        );
+        assert!(
+            !around
+                .iter()
+                .any(|(_, p)| contains(p, b"message 9") || contains(p, b"message 5")),
+            "seed {seed}: junction 3 reads nothing"
+        );
+        assert_eq!(
+            world.core_mut(0).listing().sessions[0].sealing,
+            junction_road::control::Sealing::Sealed,
+            "seed {seed}"
+        );
+        let stats = world.core_mut(1).session_security(1).unwrap();
+        assert_eq!(stats.handshakes, 1, "seed {seed}: keys agreed once");
+        assert_eq!(stats.malformed + stats.unsealed + stats.replayed, 0);
+    }
+}
+
 /// Junction 2 flips a bit in the first sealed frames it carries: each is
 /// caught and dropped where it arrives, and the session's retransmissions
 /// get every message through once, in order, when it stops.

@@ -843,7 +843,7 @@ impl Core {
             return self.refuse_traffic(neighbour, "it did not come the way its route says");
         }
         match self.router.next_hop(path) {
-            Ok(None) => self.session_arrived(from, payload),
+            Ok(None) => self.session_arrived(from, payload, path.len() == 1),
             Ok(Some(next)) => self.out.push_back(Output::Highway {
                 to: next,
                 frame: HighwayFrame::Forward { from, to, route },

@@ -20,7 +20,7 @@ use junction_road::highway::{HighwayFrame, Hops};
 use junction_road::secure as envelope;
 use junction_road::session as wire;
 
-use crate::secure::{Channel, ChannelStats, Me, Received};
+use crate::secure::{Channel, ChannelStats, Me, Origin, Received};
 use crate::session::{SendError, Session, SessionConfig};
 use crate::{Core, Output, quiet, routing};
 
@@ -170,6 +170,7 @@ impl Core {
                 unacked: saturate(footprint.unacked),
                 sealing: match (keyed, p.channel.ready()) {
                     (false, _) => Sealing::Clear,
+                    _ if p.route.is_some_and(|r| r.as_slice() == [junction]) => Sealing::Direct,
                     (true, false) => Sealing::Keying,
                     (true, true) => Sealing::Sealed,
                 },
@@ -186,8 +187,9 @@ impl Core {
     }
 
     /// Session traffic from junction `from` arrived: a hello, a sealed
-    /// frame, or (with no junction key) a frame in clear.
-    pub(crate) fn session_arrived(&mut self, from: u16, bytes: Bytes) {
+    /// frame, or a frame in clear (with no junction key, or `direct`: it
+    /// came straight from `from` over their Highway).
+    pub(crate) fn session_arrived(&mut self, from: u16, bytes: Bytes, direct: bool) {
         let now = self.now.instant;
         let known = self.router.incarnation_of(from);
         if self.config.junction_identity.is_some() && known.is_none() {
@@ -215,9 +217,12 @@ impl Core {
         let Some(p) = self.peers.peers.get_mut(&from) else {
             return;
         };
-        let received =
-            p.channel
-                .receive(now, me.as_ref(), from, known.unwrap_or(0), &checks, &bytes);
+        let origin = Origin {
+            junction: from,
+            known: known.unwrap_or(0),
+            direct,
+        };
+        let received = p.channel.receive(now, me.as_ref(), origin, &checks, &bytes);
         let mut learned = None;
         // Session frames came: the peer lives in the incarnation routing
         // knows, whatever they say.
@@ -358,6 +363,7 @@ impl Core {
                 p.route = Some(hops);
                 p.session.route_changed(now);
             }
+            let direct = next == id;
             let forward = |payload| Output::Highway {
                 to: next,
                 frame: HighwayFrame::Forward {
@@ -376,17 +382,31 @@ impl Core {
                 };
                 self.out.extend(p.channel.take_outgoing().map(forward));
                 self.out.extend(p.channel.poll_confirmation().map(forward));
-                if p.channel.take_fresh_keys() {
+                if p.channel.take_fresh_keys() && !direct {
                     p.session.route_changed(now);
                 }
                 if !p.channel.ready() {
-                    // No keys yet: the session holds its frames (as with no
-                    // route) while the handshake runs.
+                    // No keys yet: a handshake runs, even while the route
+                    // is direct, so that a reroute finds them ready.
                     let busy = p.session.is_busy();
                     match p.channel.poll_hello(now, &own, id, busy) {
                         Ok(hello) => self.out.extend(hello.map(forward)),
                         Err(e) => tracing::error!("no session hello for junction {id}: {e}"),
                     }
+                }
+                if direct {
+                    // Straight to the peer over their Highway: its TLS
+                    // authenticates and encrypts the whole way, so a seal
+                    // would only do it again.
+                    let out = &mut self.out;
+                    gather(&mut p.session, now, |frames| {
+                        out.push_back(forward(in_clear(frames)));
+                        true
+                    });
+                } else if !p.channel.ready() {
+                    // Through other junctions and no keys yet: the session
+                    // holds its frames (as with no route) while the
+                    // handshake runs.
                 } else {
                     let channel = &mut p.channel;
                     let out = &mut self.out;
@@ -400,10 +420,7 @@ impl Core {
                 }
             } else {
                 gather(&mut p.session, now, |frames| {
-                    self.out.push_back(forward(match frames {
-                        [(frame, payload)] => envelope::plain(frame, payload),
-                        _ => envelope::plain_batch(frames),
-                    }));
+                    self.out.push_back(forward(in_clear(frames)));
                     true
                 });
             }
@@ -440,6 +457,15 @@ fn gather(
     }
     if !batch.is_empty() {
         emit(&batch);
+    }
+}
+
+/// Session frames in clear: a `Plain` envelope for one, a `PlainBatch` for
+/// more.
+fn in_clear(frames: &[(wire::SessionFrame, Bytes)]) -> Bytes {
+    match frames {
+        [(frame, payload)] => envelope::plain(frame, payload),
+        _ => envelope::plain_batch(frames),
     }
 }
 

@@ -298,6 +298,18 @@ impl Me<'_> {
     }
 }
 
+/// Where a payload for a channel came from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    /// The peer junction it names as its sender.
+    pub(crate) junction: u16,
+    /// The peer's incarnation as routing knows it (0: unknown).
+    pub(crate) known: u64,
+    /// It came straight from the peer over their Highway, whose TLS
+    /// authenticated the peer: no junction carried it on the way.
+    pub(crate) direct: bool,
+}
+
 /// What a channel made of a payload from its peer.
 #[derive(Debug)]
 pub(crate) enum Received {
@@ -463,20 +475,18 @@ impl Channel {
         envelope::seal_empty(&k.keys, counter).ok()
     }
 
-    /// A `Forward` payload from the peer (in clear if `me` is `None`).
-    /// `known` is the peer's incarnation as routing knows it. Returns what
-    /// it was, or why it was dropped; a hello to send back waits in
-    /// [`Channel::take_outgoing`].
+    /// A `Forward` payload from the peer (in clear if `me` is `None`, or
+    /// if it came `direct`ly). Returns what it was, or why it was dropped;
+    /// a hello to send back waits in [`Channel::take_outgoing`].
     pub(crate) fn receive(
         &mut self,
         now: Instant,
         me: Option<&Me<'_>>,
-        peer: u16,
-        known: u64,
+        origin: Origin,
         checks: &routing::Checks<'_>,
         bytes: &Bytes,
     ) -> Result<Received, ChannelError> {
-        let (result, back) = match self.receive_inner(now, me, peer, known, checks, bytes) {
+        let (result, back) = match self.receive_inner(now, me, origin, checks, bytes) {
             Ok((received, back)) => (Ok(received), back),
             Err((e, back)) => (Err(e), back),
         };
@@ -491,11 +501,15 @@ impl Channel {
         &mut self,
         now: Instant,
         me: Option<&Me<'_>>,
-        peer: u16,
-        known: u64,
+        origin: Origin,
         checks: &routing::Checks<'_>,
         bytes: &Bytes,
     ) -> Result<(Received, Option<Bytes>), (ChannelError, Option<Bytes>)> {
+        let Origin {
+            junction: peer,
+            known,
+            direct,
+        } = origin;
         let decoded = envelope::decode(bytes);
         let (env, body) = match decoded {
             Ok(d) => d,
@@ -515,6 +529,10 @@ impl Channel {
             };
         };
         match env {
+            // Its Highway's TLS authenticated the peer and protects the
+            // hop, which is the whole way.
+            Envelope::Plain if direct => Ok((Received::Frame(body), None)),
+            Envelope::PlainBatch if direct => Ok((Received::Frames(body), None)),
             Envelope::Plain | Envelope::PlainBatch => {
                 self.stats.malformed += 1;
                 Err((ChannelError::Plaintext, None))
@@ -790,6 +808,64 @@ mod tests {
 
     use super::*;
 
+    /// A payload from junction `junction`, carried by others.
+    fn transit(junction: u16, known: u64) -> Origin {
+        Origin {
+            junction,
+            known,
+            direct: false,
+        }
+    }
+
+    /// A keyed junction takes session frames in clear only straight from
+    /// their origin over its Highway; carried by anyone else, they are
+    /// dropped as forgeable.
+    #[test]
+    fn frames_in_clear_are_taken_only_straight_from_the_neighbour_they_name() {
+        let authority = SecretKey::generate().unwrap();
+        let mut trust = TrustStore::new();
+        trust
+            .add_authority(&Certificate::authority(&authority, 99, 0, u64::MAX).unwrap())
+            .unwrap();
+        let (key, chain) = junction(&authority, 3);
+        let me = Me {
+            junction: 3,
+            incarnation: 7,
+            key: &key,
+            chain: &chain,
+        };
+        let checks = routing::Checks {
+            trust: &trust,
+            revocations: None,
+            trust_unsigned: false,
+            now: 100,
+        };
+        let data = junction_road::session::SessionFrame::Ack(junction_road::session::SessionAck {
+            from_incarnation: 5,
+            to_incarnation: 7,
+            lane: 1,
+            upto: 0,
+        });
+        let plain = envelope::plain(&data, b"");
+        let batch = envelope::plain_batch(&[(data, Bytes::new())]);
+        let mut channel = Channel::default();
+        let now = Instant::now();
+        let direct = Origin {
+            direct: true,
+            ..transit(1, 5)
+        };
+        let got = channel.receive(now, Some(&me), direct, &checks, &plain);
+        assert!(matches!(got, Ok(Received::Frame(_))), "{got:?}");
+        let got = channel.receive(now, Some(&me), direct, &checks, &batch);
+        assert!(matches!(got, Ok(Received::Frames(_))), "{got:?}");
+        for p in [&plain, &batch] {
+            let got = channel.receive(now, Some(&me), transit(1, 5), &checks, p);
+            assert_eq!(got.unwrap_err(), ChannelError::Plaintext);
+        }
+        assert_eq!(channel.stats().malformed, 2);
+        assert!(!channel.ready(), "frames in clear make no keys");
+    }
+
     /// A key certified by `authority` for junction `id`.
     fn junction(authority: &SecretKey, id: u16) -> (SecretKey, Vec<Certificate>) {
         let key = SecretKey::generate().unwrap();
@@ -842,7 +918,7 @@ mod tests {
         let mut refusals = Vec::new();
         for i in 0..20u8 {
             let hello = forged.hello(3, [i + 1; 32], None);
-            let got = channel.receive(now, Some(&me), 1, 5, &checks, &hello);
+            let got = channel.receive(now, Some(&me), transit(1, 5), &checks, &hello);
             refusals.push(got.unwrap_err());
         }
         let bad = refusals
@@ -864,7 +940,7 @@ mod tests {
             chain: &one_chain,
         };
         let hello = real.hello(3, Ephemeral::generate().unwrap().public(), None);
-        let got = channel.receive(now, Some(&me), 1, 5, &checks, &hello);
+        let got = channel.receive(now, Some(&me), transit(1, 5), &checks, &hello);
         assert!(matches!(got, Ok(Received::Hello { incarnation: 5 })));
         assert!(channel.take_outgoing().is_some(), "answered");
         assert!(
@@ -877,7 +953,7 @@ mod tests {
             ..real
         };
         let hello = old.hello(3, Ephemeral::generate().unwrap().public(), None);
-        let got = channel.receive(now, Some(&me), 1, 5, &checks, &hello);
+        let got = channel.receive(now, Some(&me), transit(1, 5), &checks, &hello);
         assert!(matches!(got, Err(ChannelError::Stale { .. })));
     }
 
