@@ -209,10 +209,34 @@ impl Encoder {
         self.encode(header, payload, buf)
     }
 
+    /// Appends the start of a data frame to `buf`: its length prefix and
+    /// header, for a payload of `payload_len` bytes that the caller sends
+    /// right after it (without copying it here). Returns the bytes
+    /// appended.
+    pub fn data_head(
+        &self,
+        header: &HighwayFrame,
+        payload_len: usize,
+        buf: &mut BytesMut,
+    ) -> Result<usize, EncodeError> {
+        self.head(header, payload_len, buf)
+    }
+
     fn encode<H: Serialize>(
         &self,
         header: &H,
         payload: &[u8],
+        buf: &mut BytesMut,
+    ) -> Result<usize, EncodeError> {
+        let head = self.head(header, payload.len(), buf)?;
+        buf.extend_from_slice(payload);
+        Ok(head + payload.len())
+    }
+
+    fn head<H: Serialize>(
+        &self,
+        header: &H,
+        payload_len: usize,
         buf: &mut BytesMut,
     ) -> Result<usize, EncodeError> {
         let start = buf.len();
@@ -223,13 +247,12 @@ impl Encoder {
                 detail: e.to_string(),
             });
         }
-        let len = buf.len() - start - LENGTH_BYTES + payload.len();
+        let len = buf.len() - start - LENGTH_BYTES + payload_len;
         let Some(prefix) = u32::try_from(len).ok().filter(|&l| l <= self.max) else {
             buf.truncate(start);
             return Err(EncodeError::TooLarge { len, max: self.max });
         };
         buf[start..start + LENGTH_BYTES].copy_from_slice(&prefix.to_be_bytes());
-        buf.extend_from_slice(payload);
         Ok(buf.len() - start)
     }
 }
@@ -385,6 +408,34 @@ mod tests {
         let mut buf = BytesMut::new();
         Encoder::default().control(frame, &mut buf).unwrap();
         buf.to_vec()
+    }
+
+    /// A head written alone, with its payload after it, is the frame
+    /// `data` writes whole; and a head too large for the encoder is
+    /// refused and leaves nothing behind.
+    #[test]
+    fn a_data_head_and_its_payload_make_the_whole_frame() {
+        let header = HighwayFrame::Forward {
+            from: 1,
+            to: 3,
+            route: Hops::new(&[2, 3]).unwrap(),
+        };
+        let payload = vec![9u8; 5000];
+        let mut whole = BytesMut::new();
+        let n = Encoder::default()
+            .data(&header, &payload, &mut whole)
+            .unwrap();
+        let mut parts = BytesMut::from(&b"before"[..]);
+        let head = Encoder::default()
+            .data_head(&header, payload.len(), &mut parts)
+            .unwrap();
+        assert_eq!(head + payload.len(), n);
+        parts.extend_from_slice(&payload);
+        assert_eq!(&parts[6..], &whole[..]);
+        let mut small = BytesMut::from(&b"before"[..]);
+        let refused = Encoder::new(100).data_head(&header, payload.len(), &mut small);
+        assert!(matches!(refused, Err(EncodeError::TooLarge { .. })));
+        assert_eq!(&small[..], b"before");
     }
 
     /// The examples in docs/protocol.md section 18, byte for byte.

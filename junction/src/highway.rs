@@ -262,7 +262,7 @@ impl Highways {
     /// control stream, forwarded traffic on the data stream of its final
     /// destination. Dropped if `to` is not linked (routing will route
     /// around it, and sessions resend).
-    pub fn send(&self, to: u16, frame: &HighwayFrame, payload: &[u8]) {
+    pub fn send(&self, to: u16, frame: &HighwayFrame, payload: Bytes) {
         let Some(link) = self
             .up
             .borrow()
@@ -290,11 +290,14 @@ impl Highways {
             HighwayFrame::Forward { to: dest, .. } => *dest,
             HighwayFrame::Unroutable { from, .. } => *from,
         };
-        if let Err(e) = self.encoder.data(frame, payload, &mut buf) {
+        // The payload follows its head as it is: the stream's writer
+        // copies small ones together and hands large ones to quinn whole.
+        if let Err(e) = self.encoder.data_head(frame, payload.len(), &mut buf) {
             tracing::warn!(to, "traffic could not be encoded for junction {to}: {e}");
             return;
         }
-        link.bytes_out.set(link.bytes_out.get() + buf.len() as u64);
+        link.bytes_out
+            .set(link.bytes_out.get() + (buf.len() + payload.len()) as u64);
         let queue = link.data.borrow().get(&destination).cloned();
         let queue = match queue {
             Some(q) if !q.is_closed() => q,
@@ -311,6 +314,9 @@ impl Highways {
             }
         };
         let _ = queue.send(buf.freeze());
+        if !payload.is_empty() {
+            let _ = queue.send(payload);
+        }
     }
 
     /// Does what the link state machine asks, and tells the junction of
@@ -625,21 +631,45 @@ async fn read_more(recv: &mut quinn::RecvStream, link: &Link, decoder: &mut Deco
     }
 }
 
+/// Pieces of a stream at least this long go to quinn as they are; shorter
+/// ones are copied together, which costs less than quinn's bookkeeping of
+/// each.
+const WHOLE_FROM: usize = 4096;
+
+/// The most bytes gathered from the queue into one write.
+const WRITE_BYTES: usize = 256 * 1024;
+
 /// Writes what is queued for a stream, everything gathered so far in one
 /// write, until the queue or the stream ends.
 async fn write_all(mut stream: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>) {
-    let mut batch = BytesMut::new();
+    let mut small = BytesMut::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
     while let Some(first) = rx.recv().await {
-        batch.extend_from_slice(&first);
-        while batch.len() < 256 * 1024
-            && let Ok(more) = rx.try_recv()
-        {
-            batch.extend_from_slice(&more);
+        let mut gathered = 0;
+        let mut next = Some(first);
+        while let Some(piece) = next {
+            gathered += piece.len();
+            if piece.len() >= WHOLE_FROM {
+                if !small.is_empty() {
+                    chunks.push(small.split().freeze());
+                }
+                chunks.push(piece);
+            } else {
+                small.extend_from_slice(&piece);
+            }
+            next = if gathered < WRITE_BYTES {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
-        if stream.write_all(&batch).await.is_err() {
+        if !small.is_empty() {
+            chunks.push(small.split().freeze());
+        }
+        if stream.write_all_chunks(&mut chunks).await.is_err() {
             return;
         }
-        batch.clear();
+        chunks.clear();
     }
     let _ = stream.finish();
 }

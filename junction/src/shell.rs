@@ -1055,7 +1055,7 @@ impl Shell {
                 }
                 Output::Highway { to, frame, payload } => {
                     if let Some(highways) = self.highways.borrow().as_ref() {
-                        highways.send(to, &frame, &payload);
+                        highways.send(to, &frame, payload);
                     }
                 }
                 Output::Session { .. } | Output::Unroutable { .. } => {}

@@ -390,7 +390,7 @@ impl RogueJunction {
             if let (junction_core::Output::Highway { to, frame, payload }, Some(h)) =
                 (output, highways.as_ref())
             {
-                h.send(to, &frame, &payload);
+                h.send(to, &frame, payload);
             }
         }
     }

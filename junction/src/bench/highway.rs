@@ -46,6 +46,13 @@ pub(crate) struct Figures {
     /// CPU per 64-byte message, in nanoseconds, by process (the bus only).
     #[serde(skip_serializing_if = "Option::is_none")]
     cpu_per_small_ns: Option<CpuAcross>,
+    /// CPU per 1 MiB message, in nanoseconds, by process (the bus only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_per_large_ns: Option<CpuAcross>,
+    /// CPU per pinned call round trip, in nanoseconds, by process (the bus
+    /// only; the receiver is the echo): where the pinned time goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_per_pinned_call_ns: Option<CpuAcross>,
 }
 
 /// CPU time per message of each process on the bus's path, in
@@ -56,6 +63,20 @@ struct CpuAcross {
     junction_1: f64,
     junction_2: f64,
     receiver: f64,
+}
+
+impl CpuAcross {
+    /// CPU time per unit of work from the CPU times of the four processes
+    /// (sender, junction 1, junction 2, receiver) before and after it.
+    fn between(before: [u64; 4], after: [u64; 4], units: f64) -> Self {
+        let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / units;
+        Self {
+            sender: per(0),
+            junction_1: per(1),
+            junction_2: per(2),
+            receiver: per(3),
+        }
+    }
 }
 
 /// The work of one run.
@@ -167,8 +188,23 @@ async fn measure(
         let driver = Driver::connect(&j1.1).await?;
         let echo_cap = lookup(&driver, "bench.echo").await?;
         let sink_cap = lookup(&driver, "bench.sink").await?;
+        let pids = |far: &Child| {
+            [
+                std::process::id(),
+                j1.0.id().unwrap_or(0),
+                j2.0.id().unwrap_or(0),
+                far.id().unwrap_or(0),
+            ]
+        };
+        let before = pids(&echo).map(super::cpu_ns);
         let rtt = super::junction_round_trips(&driver, &echo_cap, work.round_trips).await?;
+        let after = pids(&echo).map(super::cpu_ns);
         set_rtt(bus, &rtt, pinned);
+        if pinned {
+            // Warm-up calls included, as they ran.
+            let calls = (work.round_trips + work.round_trips / 10) as f64;
+            bus.cpu_per_pinned_call_ns = Some(CpuAcross::between(before, after, calls));
+        }
         if pinned {
             let near = Driver::connect(&j2.1).await?;
             let echo_near = lookup(&near, "bench.echo").await?;
@@ -176,26 +212,17 @@ async fn measure(
             bus.local_rtt_pinned_p50_us = Some(local.p50_us);
         }
         if !pinned {
-            let pids = [
-                std::process::id(),
-                j1.0.id().unwrap_or(0),
-                j2.0.id().unwrap_or(0),
-                sink.id().unwrap_or(0),
-            ];
-            let before = pids.map(super::cpu_ns);
+            let before = pids(&sink).map(super::cpu_ns);
             bus.small_msgs_per_sec = work.small as f64
                 / super::junction_stream(&driver, &sink_cap, SMALL, work.small).await?;
-            let after = pids.map(super::cpu_ns);
-            let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / work.small as f64;
-            bus.cpu_per_small_ns = Some(CpuAcross {
-                sender: per(0),
-                junction_1: per(1),
-                junction_2: per(2),
-                receiver: per(3),
-            });
+            let after = pids(&sink).map(super::cpu_ns);
+            bus.cpu_per_small_ns = Some(CpuAcross::between(before, after, work.small as f64));
+            let before = pids(&sink).map(super::cpu_ns);
             bus.large_gb_per_sec = (LARGE as u64 * work.large) as f64
                 / 1e9
                 / super::junction_stream(&driver, &sink_cap, LARGE, work.large).await?;
+            let after = pids(&sink).map(super::cpu_ns);
+            bus.cpu_per_large_ns = Some(CpuAcross::between(before, after, work.large as f64));
         }
         drop(driver);
         for mut p in [echo, sink] {
@@ -492,6 +519,24 @@ fn report(raw: &Figures, bus: &Figures, json: bool) {
         println!(
             "CPU per 64 B message across the Highway: sender {:.0} ns, junction 1 {:.0} ns, junction 2 {:.0} ns, receiver {:.0} ns",
             cpu.sender, cpu.junction_1, cpu.junction_2, cpu.receiver
+        );
+    }
+    if let Some(cpu) = bus.cpu_per_large_ns {
+        println!(
+            "CPU per 1 MiB message across the Highway: sender {:.0} µs, junction 1 {:.0} µs, junction 2 {:.0} µs, receiver {:.0} µs",
+            cpu.sender / 1e3,
+            cpu.junction_1 / 1e3,
+            cpu.junction_2 / 1e3,
+            cpu.receiver / 1e3
+        );
+    }
+    if let Some(cpu) = bus.cpu_per_pinned_call_ns {
+        println!(
+            "CPU per pinned call across the Highway: caller {:.1} µs, junction 1 {:.1} µs, junction 2 {:.1} µs, echo {:.1} µs",
+            cpu.sender / 1e3,
+            cpu.junction_1 / 1e3,
+            cpu.junction_2 / 1e3,
+            cpu.receiver / 1e3
         );
     }
 }
