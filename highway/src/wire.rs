@@ -20,6 +20,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use junction_road::highway::{HighwayFrame, LinkState};
+use junction_road::pool::{self, POOLED_FRAME};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -272,6 +273,23 @@ pub struct Decoder {
     buf: BytesMut,
     max: u32,
     failed: Option<WireError>,
+    /// A frame of [`POOLED_FRAME`] bytes or more under way.
+    large: Option<Large>,
+}
+
+/// A large frame under way: the pieces received so far, held as they came
+/// until the frame is whole, then copied once into a buffer of its size
+/// from the pool. So a large frame is never copied again and again as a
+/// growing buffer would be, and nothing is allocated for bytes that have
+/// not arrived.
+#[derive(Debug)]
+struct Large {
+    /// The whole frame's length, prefix included.
+    need: usize,
+    /// Bytes held, from the frame's prefix on (the last piece may run
+    /// into the next frame).
+    have: usize,
+    pieces: Vec<Bytes>,
 }
 
 impl Default for Decoder {
@@ -287,12 +305,31 @@ impl Decoder {
             buf: BytesMut::new(),
             max,
             failed: None,
+            large: None,
         }
     }
 
     /// Appends bytes read from the stream.
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        match &mut self.large {
+            Some(large) => {
+                large.have += bytes.len();
+                large.pieces.push(Bytes::copy_from_slice(bytes));
+            }
+            None => self.buf.extend_from_slice(bytes),
+        }
+    }
+
+    /// Appends bytes read from the stream, keeping them as they are while
+    /// a large frame is under way (no copy until it is whole).
+    pub fn feed_bytes(&mut self, bytes: Bytes) {
+        match &mut self.large {
+            Some(large) => {
+                large.have += bytes.len();
+                large.pieces.push(bytes);
+            }
+            None => self.buf.extend_from_slice(&bytes),
+        }
     }
 
     /// The buffer bytes read from the stream are appended to, for a shell
@@ -303,7 +340,7 @@ impl Decoder {
 
     /// Bytes held that are not yet a whole frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.large.as_ref().map_or(0, |l| l.have)
     }
 
     /// The next control frame, `Ok(None)` when no whole frame is buffered.
@@ -338,6 +375,12 @@ impl Decoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        if let Some(large) = &self.large {
+            return Err(WireError::Truncated {
+                have: large.have,
+                need: large.need,
+            });
+        }
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -358,25 +401,57 @@ impl Decoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let len = match self.peek_length() {
-            Ok(Some(len)) => len,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                self.failed = Some(e.clone());
-                return Err(e);
+        let body = match self.large.take() {
+            Some(large) if large.have < large.need => {
+                self.large = Some(large);
+                return Ok(None);
+            }
+            Some(large) => self.assemble(large),
+            None => {
+                let len = match self.peek_length() {
+                    Ok(Some(len)) => len,
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        self.failed = Some(e.clone());
+                        return Err(e);
+                    }
+                };
+                let need = LENGTH_BYTES + len;
+                if self.buf.len() < need {
+                    if need >= POOLED_FRAME {
+                        // What came so far stays as it is; what follows is
+                        // held by reference.
+                        let start = self.buf.split().freeze();
+                        self.large = Some(Large {
+                            need,
+                            have: start.len(),
+                            pieces: vec![start],
+                        });
+                    }
+                    return Ok(None);
+                }
+                self.buf.advance(LENGTH_BYTES);
+                self.buf.split_to(len).freeze()
             }
         };
-        if self.buf.len() < LENGTH_BYTES + len {
-            return Ok(None);
-        }
-        self.buf.advance(LENGTH_BYTES);
-        let body = self.buf.split_to(len).freeze();
         let (header, rest) =
             postcard::take_from_bytes::<H>(&body).map_err(|e| WireError::BadHeader {
                 detail: e.to_string(),
             })?;
         let header_len = body.len() - rest.len();
         Ok(Some((header, body.slice(header_len..))))
+    }
+
+    /// A large frame, whole: its bytes after the prefix, copied once into a
+    /// pooled buffer; what came after it goes back to the buffer.
+    fn assemble(&mut self, large: Large) -> Bytes {
+        let mut frame = pool::take(large.need);
+        for piece in large.pieces {
+            let take = (large.need - frame.len()).min(piece.len());
+            frame.extend_from_slice(&piece[..take]);
+            self.buf.extend_from_slice(&piece[take..]);
+        }
+        pool::into_bytes(frame).slice(LENGTH_BYTES..)
     }
 
     /// The length of the frame at the front, checked, or `None` when fewer
@@ -657,6 +732,59 @@ mod tests {
             }
             rx.finish().unwrap();
             prop_assert_eq!(out, frames);
+        }
+
+        /// Large frames among small ones, fed by copy or by reference in
+        /// pieces of any size, come out whole and in order, and a stream
+        /// cut inside a large one is reported truncated.
+        #[test]
+        fn large_frames_round_trip_in_any_pieces(
+            sizes in proptest::collection::vec(
+                prop_oneof![0usize..100, POOLED_FRAME - 20..POOLED_FRAME + 3000],
+                1..6,
+            ),
+            chunk in 1000usize..40_000,
+            by_reference in any::<bool>(),
+            cut in any::<bool>(),
+        ) {
+            let header = HighwayFrame::Forward {
+                from: 1,
+                to: 2,
+                route: Hops::new(&[2]).unwrap(),
+            };
+            let payloads: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (0..n).map(|j| (i * 7 + j) as u8).collect())
+                .collect();
+            let mut buf = BytesMut::new();
+            for p in &payloads {
+                Encoder::default().data(&header, p, &mut buf).unwrap();
+            }
+            let whole = buf.len();
+            let end = if cut { whole - 1 } else { whole };
+            let mut rx = Decoder::default();
+            let mut out = Vec::new();
+            for piece in buf[..end].chunks(chunk) {
+                if by_reference {
+                    rx.feed_bytes(Bytes::copy_from_slice(piece));
+                } else {
+                    rx.feed(piece);
+                }
+                while let Some(f) = rx.next_data().unwrap() {
+                    prop_assert_eq!(&f.header, &header);
+                    out.push(f.payload.to_vec());
+                }
+            }
+            if cut {
+                prop_assert_eq!(&out[..], &payloads[..payloads.len() - 1]);
+                let truncated = matches!(rx.finish(), Err(WireError::Truncated { .. }));
+                prop_assert!(truncated);
+            } else {
+                rx.finish().unwrap();
+                prop_assert_eq!(rx.buffered(), 0);
+                prop_assert_eq!(out, payloads);
+            }
         }
 
         #[test]

@@ -37,6 +37,7 @@ pub mod highway;
 pub mod monitor;
 #[cfg(feature = "transport")]
 pub mod outbox;
+pub mod pool;
 pub mod remote;
 pub mod secure;
 pub mod session;

@@ -309,8 +309,15 @@ pub fn encode(frame: &RemoteFrame, payload: &[u8], buf: &mut BytesMut) {
     buf.put_slice(payload);
 }
 
-/// `frame` and `payload` as one session message.
+/// `frame` and `payload` as one session message (a large one in a pooled
+/// buffer, [`crate::pool`]).
 pub fn to_bytes(frame: &RemoteFrame, payload: &[u8]) -> Bytes {
+    if payload.len() >= crate::pool::POOLED_FRAME {
+        let mut buf = crate::pool::take(64 + payload.len());
+        postcard::to_io(frame, &mut buf).expect("remote frames always serialize");
+        buf.extend_from_slice(payload);
+        return crate::pool::into_bytes(buf);
+    }
     let mut buf = BytesMut::new();
     encode(frame, payload, &mut buf);
     buf.freeze()

@@ -126,10 +126,18 @@ pub fn decode(bytes: &Bytes) -> Result<(Envelope, Bytes), EnvelopeError> {
     }
 }
 
-/// A session frame and its payload in clear, as a `Forward` payload.
+/// A session frame and its payload in clear, as a `Forward` payload (a
+/// large one in a pooled buffer, [`crate::pool`]).
 pub fn plain(frame: &SessionFrame, payload: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(1 + 64 + payload.len());
+    let mut buf = BytesMut::with_capacity(1 + 64);
     encode(&Envelope::Plain, &mut buf);
+    if payload.len() >= crate::pool::POOLED_FRAME {
+        wire::encode(frame, &[], &mut buf);
+        let mut pooled = crate::pool::take(buf.len() + payload.len());
+        pooled.extend_from_slice(&buf);
+        pooled.extend_from_slice(payload);
+        return crate::pool::into_bytes(pooled);
+    }
     wire::encode(frame, payload, &mut buf);
     buf.freeze()
 }

@@ -113,7 +113,7 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
                 return Ok(Some(frame));
             }
             if let Some(len) = codec::peek_length(&self.buf, self.max_frame)?
-                && len >= pool::POOLED_FRAME
+                && len >= crate::pool::POOLED_FRAME
             {
                 return self.read_large(len).await.map(Some);
             }
@@ -129,7 +129,7 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
     /// next frames arrive, and reusing buffers spares the page faults of
     /// fresh memory for every large message.
     async fn read_large(&mut self, len: usize) -> Result<Frame, RoadError> {
-        let mut body = pool::take(len);
+        let mut body = crate::pool::take(len);
         self.buf.advance(codec::LENGTH_BYTES);
         body.extend_from_slice(&self.buf);
         self.buf.clear();
@@ -155,7 +155,7 @@ impl<R: AsyncRead + Unpin> RoadReader<R> {
                 tokio::task::yield_now().await;
             }
         }
-        Ok(codec::decode_body(pool::into_bytes(body))?)
+        Ok(codec::decode_body(crate::pool::into_bytes(body))?)
     }
 
     /// A frame already buffered, without reading.
@@ -277,60 +277,6 @@ impl<W: AsyncWrite + Unpin> RoadWriter<W> {
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.flush().await?;
         self.io.shutdown().await
-    }
-}
-
-/// Buffers for large frames, reused process-wide.
-mod pool {
-    use std::sync::Mutex;
-
-    use bytes::Bytes;
-
-    /// Frames at least this large get a buffer of their own.
-    pub(super) const POOLED_FRAME: usize = 64 * 1024;
-    /// Buffers kept for reuse, at most.
-    const KEEP: usize = 16;
-    /// Larger buffers are not kept.
-    const KEEP_MAX_BYTES: usize = 8 << 20;
-
-    static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-
-    /// An empty buffer with room for `len` bytes.
-    pub(super) fn take(len: usize) -> Vec<u8> {
-        let reused = {
-            let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
-            free.iter()
-                .position(|b| b.capacity() >= len)
-                .map(|i| free.swap_remove(i))
-        };
-        reused.unwrap_or_else(|| Vec::with_capacity(len))
-    }
-
-    /// Bytes that give their buffer back when the last reference goes.
-    pub(super) fn into_bytes(buf: Vec<u8>) -> Bytes {
-        Bytes::from_owner(Pooled(buf))
-    }
-
-    struct Pooled(Vec<u8>);
-
-    impl AsRef<[u8]> for Pooled {
-        fn as_ref(&self) -> &[u8] {
-            &self.0
-        }
-    }
-
-    impl Drop for Pooled {
-        fn drop(&mut self) {
-            let mut buf = std::mem::take(&mut self.0);
-            if buf.capacity() > KEEP_MAX_BYTES {
-                return;
-            }
-            buf.clear();
-            let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
-            if free.len() < KEEP {
-                free.push(buf);
-            }
-        }
     }
 }
 
