@@ -301,11 +301,22 @@ impl RemoteFrame {
 /// Appends `frame` and, for `Send` and `Reply`, `payload` to `buf`. Other
 /// frames have no payload: pass an empty one.
 pub fn encode(frame: &RemoteFrame, payload: &[u8], buf: &mut BytesMut) {
-    // The header goes straight into the buffer: no allocation of its own
-    // on the message path.
-    buf.reserve(64 + payload.len());
-    let mut writer = (&mut *buf).writer();
-    postcard::to_io(frame, &mut writer).expect("remote frames always serialize");
+    // The usual header fits on the stack and is put in one piece (postcard
+    // through `io::Write` checks room byte by byte); a large one (a chain,
+    // many capabilities) goes straight into the buffer. No allocation of
+    // its own on the message path either way.
+    let mut head = [0u8; 128];
+    match postcard::to_slice(frame, &mut head) {
+        Ok(head) => {
+            buf.reserve(head.len() + payload.len());
+            buf.put_slice(head);
+        }
+        Err(_) => {
+            buf.reserve(256 + payload.len());
+            let mut writer = (&mut *buf).writer();
+            postcard::to_io(frame, &mut writer).expect("remote frames always serialize");
+        }
+    }
     buf.put_slice(payload);
 }
 
@@ -457,6 +468,37 @@ mod tests {
             assert!((REMOTE_LANE_BASE..CONTROL_LANE_BASE).contains(&data_lane(p)));
             assert!((CONTROL_LANE_BASE..CALL_LANE).contains(&control_lane(p)));
         }
+    }
+
+    /// A header too large for the stack (many capabilities) is encoded
+    /// straight into the buffer, after what it already held, and decodes
+    /// back whole.
+    #[test]
+    fn a_large_header_encodes_and_decodes_whole() {
+        let caps: Vec<Carried> = (0..MAX_CAPS_PER_MESSAGE as u16)
+            .map(|i| Carried::Grant {
+                port: port(1000 + i, 70_000),
+                rights: Rights::SEND,
+                token: None,
+            })
+            .collect();
+        let send = RemoteFrame::Send(RemoteSend {
+            port: port(5, 1),
+            n: 300,
+            origin: Address::new(1, 7),
+            identity: None,
+            call: 9,
+            ack: false,
+            caps,
+        });
+        let mut buf = BytesMut::from(&b"before"[..]);
+        encode(&send, b"payload", &mut buf);
+        let bytes = Bytes::from(buf).slice(6..);
+        assert!(bytes.len() > 128 + 7, "{}", bytes.len());
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            (send, Bytes::from_static(b"payload"))
+        );
     }
 
     proptest! {
