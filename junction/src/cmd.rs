@@ -191,16 +191,15 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Inherited descriptors first, before anything opens files of its own.
     let activated = args.service.activated()?;
     let ready_fd = args.service.ready_fd()?;
-    let (mut config, metrics) = serve_config(args.clone())?;
+    let mut config = serve_config(args.clone())?;
     config.service.ready_fd = ready_fd;
     config.service.activated_listener = activated;
     config.service.reload = Some(std::sync::Arc::new(move || {
-        serve_config(args.clone())
-            .map(|(config, _)| config)
-            .map_err(|e| format!("{e:#}"))
+        serve_config(args.clone()).map_err(|e| format!("{e:#}"))
     }));
-    // Bound once, here: a reload does not move the metrics endpoint.
-    let metrics = match metrics {
+    // Bound once, here: a reload does not move the metrics endpoint (it
+    // says so, as for every setting that applies only at start).
+    let metrics = match config.metrics {
         Some((addr, allow_remote)) => Some((
             junction::metrics::bind(addr, allow_remote)?,
             config.socket.clone(),
@@ -213,12 +212,8 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
 }
 
-/// The configuration `args` and the file they name give, and where to
-/// serve metrics (address, whether off loopback is allowed), if anywhere.
-#[allow(clippy::type_complexity)]
-fn serve_config(
-    args: ServeArgs,
-) -> anyhow::Result<(ServeConfig, Option<(std::net::SocketAddr, bool)>)> {
+/// The configuration `args` and the file they name give.
+fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -361,8 +356,9 @@ fn serve_config(
         ),
         grace: Duration::from_millis(file.grace_ms.unwrap_or(3000)),
         service,
+        metrics,
     };
-    Ok((config, metrics))
+    Ok(config)
 }
 
 /// Binds the socket and runs a junction on this thread until `shutdown`.

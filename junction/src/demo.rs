@@ -90,6 +90,7 @@ fn run_in(dir: &Path) -> anyhow::Result<()> {
         write_timeout: Duration::from_secs(30),
         highways: None,
         service: Default::default(),
+        metrics: None,
     };
     step(
         2,

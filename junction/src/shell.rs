@@ -65,6 +65,9 @@ pub struct ServeConfig {
     pub highways: Option<Highways>,
     /// Socket mode and group, group admission, readiness and reloads.
     pub service: crate::service::Service,
+    /// Where the traffic counters are served as Prometheus text, and
+    /// whether off loopback; bound once at start by `junction serve`.
+    pub metrics: Option<(std::net::SocketAddr, bool)>,
 }
 
 /// Where this junction's Highways go.
@@ -1245,6 +1248,14 @@ fn restart_only(config: &ServeConfig) -> Vec<(&'static str, String)> {
             format!("{:04o}", config.service.socket_mode.unwrap_or(0o600)),
         ),
         ("socket_group", format!("{:?}", config.service.socket_group)),
+        (
+            "metrics",
+            match config.metrics {
+                None => "off".into(),
+                Some((addr, false)) => addr.to_string(),
+                Some((addr, true)) => format!("{addr}, remote allowed"),
+            },
+        ),
     ]
 }
 

@@ -380,6 +380,19 @@ async fn reload_puts_a_new_revocation_list_and_allow_lists_in_force() {
     assert!(err.contains("window changed (1024 -> 8)"), "{err}");
     assert!(err.contains("restart the junction"), "{err}");
     assert!(j.log().contains("window changed"), "{}", j.log());
+    // The metrics endpoint is bound once too: a reload that would move it
+    // says so.
+    write_config(&format!(
+        "allow_uids = [{}]\nmetrics = \"127.0.0.1:9\"\n",
+        euid()
+    ));
+    let out = j.command(&["reload"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("metrics changed (off -> 127.0.0.1:9)"),
+        "{err}"
+    );
     // Taking the list out of the file un-revokes nothing.
     std::fs::write(
         &config,
