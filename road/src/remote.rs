@@ -374,22 +374,27 @@ mod tests {
         }
     }
 
-    /// The examples in docs/protocol.md, section 16, byte for byte.
-    #[test]
-    fn remote_frames_encode_as_documented() {
-        let send = RemoteFrame::Send(RemoteSend {
+    /// Message 300 of call 9 to port 5/1 from 1.7, carrying `caps`.
+    fn send_to_5(caps: Vec<Carried>) -> RemoteFrame {
+        RemoteFrame::Send(RemoteSend {
             port: port(5, 1),
             n: 300,
             origin: Address::new(1, 7),
             identity: None,
             call: 9,
             ack: false,
-            caps: vec![Carried::Grant {
-                port: port(8, 0),
-                rights: Rights::SEND | Rights::GRANT,
-                token: None,
-            }],
-        });
+            caps,
+        })
+    }
+
+    /// The examples in docs/protocol.md, section 16, byte for byte.
+    #[test]
+    fn remote_frames_encode_as_documented() {
+        let send = send_to_5(vec![Carried::Grant {
+            port: port(8, 0),
+            rights: Rights::SEND | Rights::GRANT,
+            token: None,
+        }]);
         let bytes = to_bytes(&send, b"hi");
         assert_eq!(
             &bytes[..],
@@ -482,15 +487,7 @@ mod tests {
                 token: None,
             })
             .collect();
-        let send = RemoteFrame::Send(RemoteSend {
-            port: port(5, 1),
-            n: 300,
-            origin: Address::new(1, 7),
-            identity: None,
-            call: 9,
-            ack: false,
-            caps,
-        });
+        let send = send_to_5(caps);
         let mut buf = BytesMut::from(&b"before"[..]);
         encode(&send, b"payload", &mut buf);
         let bytes = Bytes::from(buf).slice(6..);

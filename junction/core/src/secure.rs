@@ -822,11 +822,7 @@ mod tests {
     /// dropped as forgeable.
     #[test]
     fn frames_in_clear_are_taken_only_straight_from_the_neighbour_they_name() {
-        let authority = SecretKey::generate().unwrap();
-        let mut trust = TrustStore::new();
-        trust
-            .add_authority(&Certificate::authority(&authority, 99, 0, u64::MAX).unwrap())
-            .unwrap();
+        let (authority, trust) = authority();
         let (key, chain) = junction(&authority, 3);
         let me = Me {
             junction: 3,
@@ -834,12 +830,7 @@ mod tests {
             key: &key,
             chain: &chain,
         };
-        let checks = routing::Checks {
-            trust: &trust,
-            revocations: None,
-            trust_unsigned: false,
-            now: 100,
-        };
+        let checks = checks_at(&trust, 100);
         let data = junction_road::session::SessionFrame::Ack(junction_road::session::SessionAck {
             from_incarnation: 5,
             to_incarnation: 7,
@@ -866,6 +857,26 @@ mod tests {
         assert!(!channel.ready(), "frames in clear make no keys");
     }
 
+    /// A new bus authority, and a trust store that holds it.
+    fn authority() -> (SecretKey, TrustStore) {
+        let authority = SecretKey::generate().unwrap();
+        let mut trust = TrustStore::new();
+        trust
+            .add_authority(&Certificate::authority(&authority, 99, 0, u64::MAX).unwrap())
+            .unwrap();
+        (authority, trust)
+    }
+
+    /// The checks of a junction that trusts `trust`, at Unix second `now`.
+    fn checks_at(trust: &TrustStore, now: u64) -> routing::Checks<'_> {
+        routing::Checks {
+            trust,
+            revocations: None,
+            trust_unsigned: false,
+            now,
+        }
+    }
+
     /// A key certified by `authority` for junction `id`.
     fn junction(authority: &SecretKey, id: u16) -> (SecretKey, Vec<Certificate>) {
         let key = SecretKey::generate().unwrap();
@@ -887,11 +898,7 @@ mod tests {
     /// second, junction 1's own hello is checked, taken and answered.
     #[test]
     fn hello_checks_are_budgeted_per_peer_and_second() {
-        let authority = SecretKey::generate().unwrap();
-        let mut trust = TrustStore::new();
-        trust
-            .add_authority(&Certificate::authority(&authority, 99, 0, u64::MAX).unwrap())
-            .unwrap();
+        let (authority, trust) = authority();
         let (one_key, one_chain) = junction(&authority, 1);
         let (three_key, three_chain) = junction(&authority, 3);
         let me = Me {
@@ -900,12 +907,7 @@ mod tests {
             key: &three_key,
             chain: &three_chain,
         };
-        let mut checks = routing::Checks {
-            trust: &trust,
-            revocations: None,
-            trust_unsigned: false,
-            now: 100,
-        };
+        let mut checks = checks_at(&trust, 100);
         let mut channel = Channel::default();
         let now = Instant::now();
         let forger = SecretKey::generate().unwrap();
