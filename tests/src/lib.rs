@@ -530,6 +530,16 @@ impl TestPki {
         self.run(&args);
         self.path(&out_file)
     }
+
+    /// Writes the next revocation list, `revoked.crl`, signed by the
+    /// authority, with `extra` arguments (`--cert FILE` to revoke).
+    pub fn revoke(&self, extra: &[&str]) -> PathBuf {
+        let mut args = vec!["cert", "revoke", "--authority-key", "authority.key"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", "revoked.crl"]);
+        self.run(&args);
+        self.path("revoked.crl")
+    }
 }
 
 impl Default for TestPki {

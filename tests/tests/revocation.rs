@@ -73,14 +73,8 @@ async fn a_list_not_numbered_above_the_one_in_force_is_refused() {
         "authority",
         &["--role", "service", "--name", "org.acme.svc"],
     );
-    let revoke = |extra: &[&str]| {
-        let mut args = vec!["cert", "revoke", "--authority-key", "authority.key"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["-o", "revoked.crl"]);
-        pki.run(&args);
-    };
     let crl = pki.path("revoked.crl");
-    revoke(&[]);
+    pki.revoke(&[]);
     let first = RevocationList::from_pem(&std::fs::read_to_string(&crl).unwrap()).unwrap();
     assert_eq!(first.body.number, 1, "cert revoke numbers from 1");
     let j = TestJunction::start(&[
@@ -91,7 +85,7 @@ async fn a_list_not_numbered_above_the_one_in_force_is_refused() {
     ]);
     assert!(!revoked(&j, &pki).await);
 
-    revoke(&["--cert", "svc.cert"]);
+    pki.revoke(&["--cert", "svc.cert"]);
     let second = RevocationList::from_pem(&std::fs::read_to_string(&crl).unwrap()).unwrap();
     assert_eq!(second.body.number, 2, "cert revoke counts up");
     sighup(&j);

@@ -311,13 +311,7 @@ async fn reload_puts_a_new_revocation_list_and_allow_lists_in_force() {
         "authority",
         &["--role", "service", "--name", "org.acme.svc"],
     );
-    let revoke = |extra: &[&str]| {
-        let mut args = vec!["cert", "revoke", "--authority-key", "authority.key"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&["-o", "revoked.crl"]);
-        pki.run(&args);
-    };
-    revoke(&[]);
+    pki.revoke(&[]);
     let config = pki.path("junction.toml");
     let write_config = |extra: &str| {
         std::fs::write(
@@ -346,7 +340,7 @@ async fn reload_puts_a_new_revocation_list_and_allow_lists_in_force() {
     };
     authenticate().await.expect("not revoked yet");
 
-    revoke(&["--cert", "svc.cert"]);
+    pki.revoke(&["--cert", "svc.cert"]);
     let out = j.command(&["reload"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let said = text(&out.stdout);
