@@ -873,7 +873,7 @@ async fn ls_shows_highways_routes_and_sessions() {
     let route = row("ROUTE ");
     assert_eq!(route[..3], ["j2", "j2", "1"], "{text}");
     let session = row("SESSION ");
-    assert_eq!(session[..2], ["j2", "sealed"], "{text}");
+    assert_eq!(session[..2], ["j2", "direct"], "neighbours: {text}");
     assert_eq!(session[6], "1", "one import: {text}");
 
     let out = j1.command(&["ls", "--json"]).output().unwrap();
@@ -882,7 +882,7 @@ async fn ls_shows_highways_routes_and_sessions() {
         r#""highways":[{"#,
         r#""state":"up""#,
         r#""path":[2]"#,
-        r#""sealing":"sealed""#,
+        r#""sealing":"direct""#,
     ] {
         assert!(json.contains(want), "{want} in {json}");
     }

@@ -1932,9 +1932,15 @@ mod identities {
     }
 
     fn connect(h: &mut Harness, nonce: u8) -> (ConnId, Welcome) {
+        connect_as(h, nonce, None)
+    }
+
+    /// A connection from user `uid`, if known.
+    fn connect_as(h: &mut Harness, nonce: u8, uid: Option<u32>) -> (ConnId, Welcome) {
         let conn = h.core.handle_connected(
             Peer {
                 nonce: [nonce; 32],
+                uid,
                 ..Peer::default()
             },
             h.now,
@@ -1982,6 +1988,64 @@ mod identities {
             ControlReply::Refused { code, .. } => *code,
             other => panic!("not refused: {other:?}"),
         }
+    }
+
+    /// Certificates granting `junction.monitor` let anyone monitor, but
+    /// only into all places but the last, which the junction's own user
+    /// can still take: certified monitors cannot lock the operator out.
+    #[test]
+    fn certified_monitors_leave_the_last_place_to_the_owner() {
+        use junction_road::monitor::{MAX_MONITORS, MonitorFilter};
+        const OWNER: u32 = 1000;
+        let pki = Pki::new();
+        let mut h = Harness::with(Config {
+            trust: pki.trust.clone(),
+            owner_uid: Some(OWNER),
+            ..Config::default()
+        });
+        h.now.unix = NOW;
+        let (key, cert) = pki.service(7, &["junction.monitor"]);
+        let monitor = |h: &mut Harness, conn| {
+            let port = h.open_port(conn);
+            let request = ControlRequest::Monitor {
+                port,
+                filter: MonitorFilter::default(),
+                payloads: false,
+            };
+            h.control(conn, request, vec![]).0
+        };
+        let certified = |h: &mut Harness, nonce| {
+            let (conn, w) = connect_as(h, nonce, Some(3000 + u32::from(nonce)));
+            let proof = prove_possession(&key, &w.nonce, w.junction);
+            authenticate(h, conn, vec![cert.clone()], proof);
+            conn
+        };
+        for nonce in 1..MAX_MONITORS as u8 {
+            let conn = certified(&mut h, nonce);
+            let reply = monitor(&mut h, conn);
+            assert!(
+                matches!(
+                    reply,
+                    ControlReply::Monitoring {
+                        payloads: false,
+                        ..
+                    }
+                ),
+                "monitor {nonce}: {reply:?}"
+            );
+        }
+        let last = certified(&mut h, 50);
+        let reply = monitor(&mut h, last);
+        let ControlReply::Refused { message, .. } = &reply else {
+            panic!("a certified monitor took the last place: {reply:?}")
+        };
+        assert!(message.contains("7 monitors are attached"), "{message}");
+        let (owner, _) = connect_as(&mut h, 60, Some(OWNER));
+        let reply = monitor(&mut h, owner);
+        assert!(
+            matches!(reply, ControlReply::Monitoring { .. }),
+            "the owner was locked out: {reply:?}"
+        );
     }
 
     #[test]
@@ -2847,8 +2911,8 @@ mod monitoring {
             assert_eq!(code, ErrorCode::NotAllowed);
             assert!(message.contains("junction.monitor"), "{message}");
         }
-        // Root may take every place (certified monitors all but the last,
-        // which is not exercised here: it needs a certificate).
+        // Root may take every place (certified monitors all but the last:
+        // `identities::certified_monitors_leave_the_last_place_to_the_owner`).
         let root = connect_as(&mut h, Some(0));
         for _ in 0..MAX_MONITORS - 1 {
             assert!(matches!(
