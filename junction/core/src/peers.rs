@@ -2,9 +2,12 @@
 //! session each ([`crate::session`]), carried as the payload of `Forward`
 //! frames along the route routing chose ([`crate::routing`]).
 //!
-//! Between junctions with junction keys, every session frame is sealed end
-//! to end and every hello checked ([`crate::secure`]); the session sends
-//! only once its channel has keys.
+//! Between junctions with junction keys, every session frame that other
+//! junctions carry is sealed end to end and every hello checked
+//! ([`crate::secure`]); such a session sends only once its channel has
+//! keys. Between neighbours whose route is their Highway alone, frames go
+//! in clear inside its TLS (`direct`), and keys are agreed meanwhile for
+//! a route through others.
 //!
 //! The session sends only while a route exists (a frame it hands out and
 //! nobody carries would later be reported undelivered when it may have
@@ -403,11 +406,10 @@ impl Core {
                         out.push_back(forward(in_clear(frames)));
                         true
                     });
-                } else if !p.channel.ready() {
-                    // Through other junctions and no keys yet: the session
-                    // holds its frames (as with no route) while the
+                } else if p.channel.ready() {
+                    // Through other junctions, sealed. With no keys yet the
+                    // session holds its frames (as with no route) while the
                     // handshake runs.
-                } else {
                     let channel = &mut p.channel;
                     let out = &mut self.out;
                     gather(&mut p.session, now, |frames| {

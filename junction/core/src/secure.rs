@@ -40,7 +40,10 @@
 //! A junction with no junction key (development, with
 //! `trust_unsigned_routing`) sends and takes session frames in clear
 //! ([`Envelope::Plain`]): unauthenticated, readable and forgeable by any
-//! junction on the way. A junction with a key refuses them.
+//! junction on the way. A junction with a key refuses them, but for those
+//! that come straight from their origin over its Highway (`Origin`'s
+//! `direct`), whose TLS authenticated that neighbour and protects the
+//! whole way; it sends its own that way too (`crate::peers`).
 
 use std::time::{Duration, Instant};
 
