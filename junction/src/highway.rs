@@ -624,7 +624,7 @@ async fn read_more(recv: &mut quinn::RecvStream, link: &Link, decoder: &mut Deco
         Ok(Some(chunk)) => {
             link.bytes_in
                 .set(link.bytes_in.get() + chunk.bytes.len() as u64);
-            decoder.feed_bytes(chunk.bytes);
+            decoder.feed(&chunk.bytes);
             true
         }
         Ok(None) | Err(_) => false,

@@ -27,6 +27,18 @@ pub fn take(len: usize) -> Vec<u8> {
     reused.unwrap_or_else(|| Vec::with_capacity(len))
 }
 
+/// Gives a buffer back for reuse.
+pub fn give(mut buf: Vec<u8>) {
+    if !(POOLED_FRAME..=KEEP_MAX_BYTES).contains(&buf.capacity()) {
+        return;
+    }
+    buf.clear();
+    let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+    if free.len() < KEEP {
+        free.push(buf);
+    }
+}
+
 /// Bytes that give their buffer back when the last reference goes.
 pub fn into_bytes(buf: Vec<u8>) -> Bytes {
     Bytes::from_owner(Pooled(buf))
@@ -42,15 +54,7 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.0);
-        if buf.capacity() > KEEP_MAX_BYTES {
-            return;
-        }
-        buf.clear();
-        let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < KEEP {
-            free.push(buf);
-        }
+        give(std::mem::take(&mut self.0));
     }
 }
 
