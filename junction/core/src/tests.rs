@@ -79,13 +79,15 @@ impl Harness {
     }
 
     fn connect(&mut self) -> (ConnId, Welcome) {
-        let conn = self.core.handle_connected(
-            Peer {
-                road: "test",
-                ..Peer::default()
-            },
-            self.now,
-        );
+        self.connect_peer(Peer {
+            road: "test",
+            ..Peer::default()
+        })
+    }
+
+    /// A connection from `peer`, through its Hello and Welcome.
+    fn connect_peer(&mut self, peer: Peer) -> (ConnId, Welcome) {
+        let conn = self.core.handle_connected(peer, self.now);
         self.feed(
             conn,
             Header::Hello(Hello {
@@ -1937,27 +1939,11 @@ mod identities {
 
     /// A connection from user `uid`, if known.
     fn connect_as(h: &mut Harness, nonce: u8, uid: Option<u32>) -> (ConnId, Welcome) {
-        let conn = h.core.handle_connected(
-            Peer {
-                nonce: [nonce; 32],
-                uid,
-                ..Peer::default()
-            },
-            h.now,
-        );
-        h.feed(
-            conn,
-            Header::Hello(Hello {
-                magic: MAGIC,
-                version: PROTOCOL_VERSION,
-                max_frame: 1 << 20,
-                label: "t".into(),
-            }),
-        );
-        match h.take(conn).as_slice() {
-            [Header::Welcome(w)] => (conn, w.clone()),
-            other => panic!("{other:?}"),
-        }
+        h.connect_peer(Peer {
+            nonce: [nonce; 32],
+            uid,
+            ..Peer::default()
+        })
     }
 
     fn authenticate(
@@ -2748,25 +2734,12 @@ mod monitoring {
 
     /// A connection from user `uid`.
     fn connect_as(h: &mut Harness, uid: Option<u32>) -> ConnId {
-        let conn = h.core.handle_connected(
-            Peer {
-                road: "test",
-                uid,
-                ..Peer::default()
-            },
-            h.now,
-        );
-        h.feed(
-            conn,
-            Header::Hello(Hello {
-                magic: MAGIC,
-                version: PROTOCOL_VERSION,
-                max_frame: 1 << 20,
-                label: "test".into(),
-            }),
-        );
-        h.take(conn);
-        conn
+        h.connect_peer(Peer {
+            road: "test",
+            uid,
+            ..Peer::default()
+        })
+        .0
     }
 
     fn harness() -> Harness {
