@@ -445,6 +445,11 @@ impl RawClient {
     }
 }
 
+/// A command's output as text, lossily.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// A bus authority and certificates made with the real `junction keygen`
 /// and `junction cert` commands, in a temp dir.
 #[derive(Debug)]

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use junction_tests::{Proc, TempDir, TestJunction, TestPki, junction_bin};
+use junction_tests::{Proc, TempDir, TestJunction, TestPki, junction_bin, text};
 
 /// How long to wait for a line a process should print soon; only a
 /// failing test ever waits this long.
@@ -28,10 +28,6 @@ fn run_in(dir: &std::path::Path, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("junction runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Runs a command of `j`; returns (success, stdout, stderr).
@@ -102,16 +98,8 @@ fn revocable_service() -> (TestPki, TestJunction) {
         "authority",
         &["--role", "service", "--name", "org.acme.svc"],
     );
-    pki.run(&[
-        "cert",
-        "revoke",
-        "--authority-key",
-        "authority.key",
-        "-o",
-        "revoked.crl",
-    ]);
+    let crl = pki.revoke(&[]);
     let authority = pki.path("authority.cert");
-    let crl = pki.path("revoked.crl");
     let j = TestJunction::start(&[
         "--authority",
         authority.to_str().unwrap(),
@@ -122,16 +110,7 @@ fn revocable_service() -> (TestPki, TestJunction) {
 }
 
 fn revoke_svc(pki: &TestPki, j: &TestJunction) {
-    pki.run(&[
-        "cert",
-        "revoke",
-        "--authority-key",
-        "authority.key",
-        "--cert",
-        "svc.cert",
-        "-o",
-        "revoked.crl",
-    ]);
+    pki.revoke(&["--cert", "svc.cert"]);
     sighup(j);
 }
 
@@ -283,14 +262,7 @@ fn certificates_show_dates_and_take_them() {
     let problem = v["problem"].as_str().unwrap();
     assert!(problem.contains("not valid before 2030-01-02"), "{problem}");
     // A revocation list has dates too.
-    pki.run(&[
-        "cert",
-        "revoke",
-        "--authority-key",
-        "authority.key",
-        "-o",
-        "revoked.crl",
-    ]);
+    pki.revoke(&[]);
     let out = run_in(&pki.path(""), &["cert", "inspect", "revoked.crl"]);
     let shown = text(&out.stdout);
     assert!(shown.contains(" UTC ("), "{shown}");

@@ -208,7 +208,6 @@ async fn expired_not_yet_valid_and_untrusted_certificates_are_refused() {
 
 #[tokio::test]
 async fn a_revoked_certificate_is_refused_after_sighup() {
-    let pki_dir_crl = "revoked.crl";
     let bus = Bus::start(&[]).await;
     bus.pki.issue(
         "second",
@@ -217,15 +216,7 @@ async fn a_revoked_certificate_is_refused_after_sighup() {
         &["--role", "service", "--name", "org.acme.second"],
     );
     // Write an empty list first, then restart with it configured.
-    bus.pki.run(&[
-        "cert",
-        "revoke",
-        "--authority-key",
-        "authority.key",
-        "-o",
-        pki_dir_crl,
-    ]);
-    let crl = bus.pki.path(pki_dir_crl);
+    let crl = bus.pki.revoke(&[]);
     let authority = bus.pki.path("authority.cert");
     let junction = TestJunction::start(&[
         "--authority",
@@ -243,16 +234,7 @@ async fn a_revoked_certificate_is_refused_after_sighup() {
     let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
     d.register("org.acme.second", &cap).await.unwrap();
 
-    bus.pki.run(&[
-        "cert",
-        "revoke",
-        "--authority-key",
-        "authority.key",
-        "--cert",
-        "second.cert",
-        "-o",
-        pki_dir_crl,
-    ]);
+    bus.pki.revoke(&["--cert", "second.cert"]);
     junction_tests_sighup(&junction);
     let deadline = Instant::now() + T;
     loop {

@@ -73,8 +73,7 @@ async fn a_list_not_numbered_above_the_one_in_force_is_refused() {
         "authority",
         &["--role", "service", "--name", "org.acme.svc"],
     );
-    let crl = pki.path("revoked.crl");
-    pki.revoke(&[]);
+    let crl = pki.revoke(&[]);
     let first = RevocationList::from_pem(&std::fs::read_to_string(&crl).unwrap()).unwrap();
     assert_eq!(first.body.number, 1, "cert revoke numbers from 1");
     let j = TestJunction::start(&[

@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use junction_driver::Driver;
-use junction_tests::{Proc, TempDir, TestJunction, TestPki, junction_bin};
+use junction_tests::{Proc, TempDir, TestJunction, TestPki, junction_bin, text};
 
 /// How long anything may take before the test gives up (not a timing
 /// assertion: a hung junction must not hang the suite).
@@ -44,10 +44,6 @@ fn run(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("junction runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Makes descriptor `from` the child's descriptor `to` (not closed on exec).

@@ -39,6 +39,11 @@ fn transmits(s: &mut Session, now: Instant) -> Vec<Transmit> {
     std::iter::from_fn(|| s.poll_transmit(now)).collect()
 }
 
+/// The frames `s` transmits now, without their payloads.
+fn frames(s: &mut Session, now: Instant) -> Vec<SessionFrame> {
+    transmits(s, now).into_iter().map(|t| t.frame).collect()
+}
+
 fn events(s: &mut Session) -> Vec<SessionEvent> {
     std::iter::from_fn(|| s.poll_event()).collect()
 }
@@ -1365,23 +1370,11 @@ fn acknowledgements_wait_for_data_to_ride() {
     assert!(transmits(&mut b, now).is_empty());
     let later = now + Duration::from_millis(5);
     b.handle_timeout(later);
-    assert_eq!(
-        transmits(&mut b, later)
-            .into_iter()
-            .map(|t| t.frame)
-            .collect::<Vec<_>>(),
-        [ack(B, A, 1, 2)]
-    );
+    assert_eq!(frames(&mut b, later), [ack(B, A, 1, 2)]);
     // A duplicate is answered at once: its sender is resending.
     b.handle_frame(later, data(A, B, 1, 0, 0), Bytes::from_static(b"again"))
         .unwrap();
-    assert_eq!(
-        transmits(&mut b, later)
-            .into_iter()
-            .map(|t| t.frame)
-            .collect::<Vec<_>>(),
-        [ack(B, A, 1, 2)]
-    );
+    assert_eq!(frames(&mut b, later), [ack(B, A, 1, 2)]);
     // So is the second of a window of 8: a quarter window.
     for _ in 0..2 {
         a.send(later, 3, Bytes::from_static(b"m")).unwrap();
