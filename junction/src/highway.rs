@@ -26,6 +26,7 @@ use bytes::{Bytes, BytesMut};
 use junction_highway::link::{ConnId, LinkConfig, LinkOutput, Links, PeerInfo};
 use junction_highway::wire::{ControlFrame, Decoder, Encoder};
 use junction_highway::{PeerPolicy, Revocations, TlsIdentity, TransportSettings};
+use junction_road::Chained;
 use junction_road::control::{HighwayInfo, HighwayState};
 use junction_road::highway::HighwayFrame;
 use tokio::sync::mpsc;
@@ -262,7 +263,7 @@ impl Highways {
     /// control stream, forwarded traffic on the data stream of its final
     /// destination. Dropped if `to` is not linked (routing will route
     /// around it, and sessions resend).
-    pub fn send(&self, to: u16, frame: &HighwayFrame, payload: Bytes) {
+    pub fn send(&self, to: u16, frame: &HighwayFrame, payload: Chained) {
         let Some(link) = self
             .up
             .borrow()
@@ -290,8 +291,9 @@ impl Highways {
             HighwayFrame::Forward { to: dest, .. } => *dest,
             HighwayFrame::Unroutable { from, .. } => *from,
         };
-        // The payload follows its head as it is: the stream's writer
-        // copies small ones together and hands large ones to quinn whole.
+        // The payload's pieces follow the frame's head as they are: the
+        // stream's writer copies small ones together and hands large ones to
+        // quinn whole.
         if let Err(e) = self.encoder.data_head(frame, payload.len(), &mut buf) {
             tracing::warn!(to, "traffic could not be encoded for junction {to}: {e}");
             return;
@@ -314,8 +316,11 @@ impl Highways {
             }
         };
         let _ = queue.send(buf.freeze());
-        if !payload.is_empty() {
-            let _ = queue.send(payload);
+        let (head, body) = payload.into_pieces();
+        for piece in [head, body] {
+            if !piece.is_empty() {
+                let _ = queue.send(piece);
+            }
         }
     }
 

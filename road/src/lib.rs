@@ -5,6 +5,8 @@
 //! child the Junction spawned. This crate holds everything both ends must agree
 //! on, and nothing that decides what to do with a frame:
 //!
+//! - [`chained`]: bytes in two pieces, so that a large payload is never
+//!   copied behind the headers put in front of it;
 //! - [`frame`]: the frame types ([`Header`], [`Frame`]) and the values they carry;
 //! - [`codec`]: the pure codec: [`codec::encode`] into a buffer and
 //!   [`codec::decode`] out of one, with a distinct [`FrameError`] for every way a
@@ -30,6 +32,7 @@
 #![deny(unsafe_code)]
 
 pub mod address;
+pub mod chained;
 pub mod codec;
 pub mod control;
 pub mod frame;
@@ -47,6 +50,7 @@ mod sys;
 pub mod transport;
 
 pub use address::{Address, AddressError};
+pub use chained::Chained;
 pub use codec::FrameError;
 pub use frame::{
     Attenuate, Call, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Hello, Identity,

@@ -18,8 +18,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use junction_identity::{CapabilityToken, Certificate, ServiceName, Signature};
 use serde::{Deserialize, Serialize};
 
-use crate::Address;
 use crate::frame::{ErrorCode, Identity, MAX_CAPS_PER_MESSAGE, Reason, Rights};
+use crate::{Address, Chained};
 
 /// The first session lane remote frames travel on; lanes below it are left
 /// for other uses. Messages to ports (`Send`) go on [`data_lane`]s, which
@@ -320,18 +320,25 @@ pub fn encode(frame: &RemoteFrame, payload: &[u8], buf: &mut BytesMut) {
     buf.put_slice(payload);
 }
 
-/// `frame` and `payload` as one session message (a large one in a pooled
-/// buffer, [`crate::pool`]).
+/// `frame` and `payload` as one session message, in one piece.
 pub fn to_bytes(frame: &RemoteFrame, payload: &[u8]) -> Bytes {
-    if payload.len() >= crate::pool::POOLED_FRAME {
-        let mut buf = crate::pool::take(64 + payload.len());
-        postcard::to_io(frame, &mut buf).expect("remote frames always serialize");
-        buf.extend_from_slice(payload);
-        return crate::pool::into_bytes(buf);
-    }
     let mut buf = BytesMut::new();
     encode(frame, payload, &mut buf);
     buf.freeze()
+}
+
+/// `frame` and `payload` as one session message: a large payload
+/// ([`crate::pool::POOLED_FRAME`] or more) follows the header as it is,
+/// a smaller one is copied in with it.
+///
+/// Only a large payload is kept by reference because a Road reads each
+/// large frame into a buffer of its own: holding it holds that frame and
+/// nothing else, where a small one may share its buffer with other frames.
+pub fn chained(frame: &RemoteFrame, payload: &Bytes) -> Chained {
+    if payload.len() >= crate::pool::POOLED_FRAME {
+        return Chained::new(to_bytes(frame, &[]), payload.clone());
+    }
+    to_bytes(frame, payload).into()
 }
 
 /// Splits a remote frame into its header and payload (empty but for `Send`
@@ -496,6 +503,21 @@ mod tests {
             decode(&bytes).unwrap(),
             (send, Bytes::from_static(b"payload"))
         );
+    }
+
+    /// A large payload follows its header as it is; a small one is copied
+    /// in with it. Either way the message reads as the same bytes.
+    #[test]
+    fn only_a_large_payload_is_kept_by_reference() {
+        let send = send_to_5(vec![]);
+        let big = Bytes::from(vec![9u8; crate::pool::POOLED_FRAME]);
+        let large = chained(&send, &big);
+        assert_eq!(large.body().as_ptr(), big.as_ptr(), "not copied");
+        assert_eq!(decode(&large.to_bytes()).unwrap(), (send.clone(), big));
+        let small = Bytes::from_static(b"small");
+        let one = chained(&send, &small);
+        assert!(one.body().is_empty(), "one piece");
+        assert_eq!(one.to_bytes(), to_bytes(&send, &small));
     }
 
     proptest! {

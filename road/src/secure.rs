@@ -14,6 +14,7 @@ use junction_identity::secure::{EPHEMERAL_LEN, SessionKeys, TAG_LEN};
 use junction_identity::{Certificate, IdentityError, Signature};
 use serde::{Deserialize, Serialize};
 
+use crate::Chained;
 use crate::session::{self as wire, SessionFrame};
 
 /// What a `Forward` payload carries. Variant order is the wire numbering.
@@ -126,20 +127,22 @@ pub fn decode(bytes: &Bytes) -> Result<(Envelope, Bytes), EnvelopeError> {
     }
 }
 
-/// A session frame and its payload in clear, as a `Forward` payload (a
-/// large one in a pooled buffer, [`crate::pool`]).
-pub fn plain(frame: &SessionFrame, payload: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(1 + 64);
-    encode(&Envelope::Plain, &mut buf);
-    if payload.len() >= crate::pool::POOLED_FRAME {
-        wire::encode(frame, &[], &mut buf);
-        let mut pooled = crate::pool::take(buf.len() + payload.len());
-        pooled.extend_from_slice(&buf);
-        pooled.extend_from_slice(payload);
-        return crate::pool::into_bytes(pooled);
+/// A session frame and its payload in clear, as a `Forward` payload. A
+/// large payload ([`crate::pool::POOLED_FRAME`] or more) keeps its large
+/// piece as it is, behind the headers; a smaller one is copied in whole.
+pub fn plain(frame: &SessionFrame, payload: &Chained) -> Chained {
+    let mut head = BytesMut::with_capacity(1 + 64);
+    encode(&Envelope::Plain, &mut head);
+    wire::encode(frame, &[], &mut head);
+    if payload.len() < crate::pool::POOLED_FRAME {
+        payload.put_into(&mut head);
+        return head.freeze().into();
     }
-    wire::encode(frame, payload, &mut buf);
-    buf.freeze()
+    if payload.body().is_empty() {
+        return Chained::new(head.freeze(), payload.head().clone());
+    }
+    head.put_slice(payload.head());
+    Chained::new(head.freeze(), payload.body().clone())
 }
 
 /// A session frame and its payload sealed under `keys` as the `counter`th
@@ -149,16 +152,16 @@ pub fn seal(
     keys: &SessionKeys,
     counter: u64,
     frame: &SessionFrame,
-    payload: &[u8],
+    payload: &Chained,
 ) -> Result<Bytes, IdentityError> {
     seal_with(keys, counter, 64 + payload.len(), |buf| {
-        wire::encode(frame, payload, buf)
+        put_frame(frame, payload, buf)
     })
 }
 
 /// Session frames and their payloads in clear, as one `Forward` payload
 /// ([`Envelope::PlainBatch`]).
-pub fn plain_batch(frames: &[(SessionFrame, Bytes)]) -> Bytes {
+pub fn plain_batch(frames: &[(SessionFrame, Chained)]) -> Bytes {
     let mut buf = BytesMut::with_capacity(1 + batch_size(frames));
     encode(&Envelope::PlainBatch, &mut buf);
     put_batch(frames, &mut buf);
@@ -171,7 +174,7 @@ pub fn plain_batch(frames: &[(SessionFrame, Bytes)]) -> Bytes {
 pub fn seal_batch(
     keys: &SessionKeys,
     counter: u64,
-    frames: &[(SessionFrame, Bytes)],
+    frames: &[(SessionFrame, Chained)],
 ) -> Result<Bytes, IdentityError> {
     let mut buf = BytesMut::with_capacity(1 + 10 + batch_size(frames) + TAG_LEN);
     encode(&Envelope::SealedBatch { counter }, &mut buf);
@@ -184,20 +187,26 @@ pub fn seal_batch(
 
 /// Room for a batch of `frames`: each session header takes at most 64
 /// bytes, and its length 4.
-fn batch_size(frames: &[(SessionFrame, Bytes)]) -> usize {
+fn batch_size(frames: &[(SessionFrame, Chained)]) -> usize {
     frames.iter().map(|(_, p)| 4 + 64 + p.len()).sum()
 }
 
 /// Appends a batch: each session frame ([`crate::session::encode`])
 /// preceded by its length, a `u32` little-endian.
-fn put_batch(frames: &[(SessionFrame, Bytes)], buf: &mut BytesMut) {
+fn put_batch(frames: &[(SessionFrame, Chained)], buf: &mut BytesMut) {
     for (frame, payload) in frames {
         let at = buf.len();
         buf.put_u32_le(0);
-        wire::encode(frame, payload, buf);
+        put_frame(frame, payload, buf);
         let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
         buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
+}
+
+/// Appends a session frame ([`crate::session::encode`]) with its payload.
+fn put_frame(frame: &SessionFrame, payload: &Chained, buf: &mut BytesMut) {
+    wire::encode(frame, &[], buf);
+    payload.put_into(buf);
 }
 
 /// The session frames of a batch (opened, or in clear), without copying;
@@ -342,7 +351,7 @@ mod tests {
             lane: 7,
             upto: 301,
         });
-        let sealed = seal(&keys, 5, &ack, b"").unwrap();
+        let sealed = seal(&keys, 5, &ack, &Chained::default()).unwrap();
         assert_eq!(
             hex(&sealed),
             "0105de9f9458e347ca9d7e15155155c31cd39956deaccebb8e2d0f4048926311"
@@ -373,7 +382,7 @@ mod tests {
             seq: 0,
             base: 0,
         });
-        let p = plain(&data, b"hi");
+        let p = plain(&data, &Bytes::from_static(b"hi").into()).to_bytes();
         assert_eq!(
             p.to_vec(),
             [0x02, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, b'h', b'i']
@@ -384,6 +393,34 @@ mod tests {
             wire::decode(&body).unwrap(),
             (data, Bytes::from_static(b"hi"))
         );
+    }
+
+    /// A large payload in clear keeps its large piece as it is, behind the
+    /// headers, and reads as the same frame as one copied whole; a small
+    /// one is one piece.
+    #[test]
+    fn a_large_payload_in_clear_is_not_copied() {
+        let data = SessionFrame::Data(SessionData {
+            from_incarnation: 1,
+            to_incarnation: 2,
+            lane: 0,
+            seq: 9,
+            base: 0,
+        });
+        let big = Bytes::from(vec![5u8; crate::pool::POOLED_FRAME]);
+        let remote_head = Bytes::from_static(b"remote header");
+        for payload in [
+            Chained::new(remote_head.clone(), big.clone()),
+            Chained::from(big.clone()),
+        ] {
+            let p = plain(&data, &payload);
+            assert_eq!(p.body().as_ptr(), big.as_ptr(), "the payload is not copied");
+            let (envelope, body) = decode(&p.to_bytes()).unwrap();
+            assert_eq!(envelope, Envelope::Plain);
+            assert_eq!(wire::decode(&body).unwrap(), (data, payload.to_bytes()));
+        }
+        let small = plain(&data, &Chained::new(remote_head, Bytes::from_static(b"x")));
+        assert!(small.body().is_empty());
     }
 
     /// Several frames sealed together open into the same frames, in order;
@@ -407,7 +444,7 @@ mod tests {
             })
         };
         let frames: Vec<_> = (0..3u64)
-            .map(|i| (data(i), Bytes::from(format!("message {i}"))))
+            .map(|i| (data(i), Chained::from(Bytes::from(format!("message {i}")))))
             .collect();
         let sealed = seal_batch(&keys, 9, &frames).unwrap();
         let (envelope, body) = decode(&sealed).unwrap();
@@ -415,6 +452,7 @@ mod tests {
         let opened = open(&theirs, 9, body).unwrap();
         let split: Vec<_> = batch_frames(&opened)
             .map(|f| wire::decode(&f.unwrap()).unwrap())
+            .map(|(frame, payload)| (frame, payload.into()))
             .collect();
         assert_eq!(split, frames);
 

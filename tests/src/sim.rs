@@ -1037,6 +1037,8 @@ impl<P: Process> World<P> {
                     self.schedule(at, Event::RoadClosed { pid });
                 }
                 Output::Highway { to, frame, payload } => {
+                    // A Highway delivers a frame's pieces as one.
+                    let payload = payload.to_bytes();
                     if let Some(watch) = self.watch.as_mut() {
                         watch(node, to, &frame, &payload);
                     }

@@ -73,6 +73,22 @@ fn a_call_and_capabilities_cross_two_highways() {
             .unwrap();
         assert_eq!(&answer.payload[..], b"got it");
         assert_eq!(answer.origin.junction, 3);
+
+        // Megabyte messages arrive byte for byte: sealed from 1 (through
+        // 2), and in clear over the direct Highway from 2, where the
+        // payload goes out in the buffer it was read into.
+        let big: bytes::Bytes = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+        let near = Driver::connect(&j2.socket).await.unwrap();
+        let store_near = lookup_eventually(&near, "t.store", Duration::from_secs(20)).await;
+        for (driver, cap, from) in [(&client, &store, 1), (&near, &store_near, 2)] {
+            driver.send(cap, big.clone()).await.unwrap();
+            let msg = tokio::time::timeout(Duration::from_secs(10), port.recv())
+                .await
+                .expect("the large message crossed")
+                .unwrap();
+            assert_eq!(msg.origin.junction, from);
+            assert!(msg.payload == big, "the large message from {from} changed");
+        }
     });
     // And by the command line: a call across, answered.
     let mut echo = junction_tests::Proc::spawn(

@@ -1124,7 +1124,10 @@ fn frames_forged_by_a_transit_junction_are_refused() {
     junction_road::session::encode(&data, b"forged", &mut sealed);
     sealed.extend_from_slice(&[0; 16]);
     pass_on(&mut world, sealed.freeze());
-    pass_on(&mut world, envelope::plain(&data, b"forged"));
+    pass_on(
+        &mut world,
+        envelope::plain(&data, &Bytes::from_static(b"forged").into()).to_bytes(),
+    );
     world.run_until_idle(100_000).unwrap();
     assert_eq!(handed_up(&world, 2, 1, 1), vec![(0, b"real".to_vec())]);
     let stats = world.core_mut(2).session_security(1).unwrap();

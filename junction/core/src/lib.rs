@@ -89,7 +89,8 @@ use junction_road::control::CONTROL_HANDLE;
 pub use junction_road::frame::{MAX_CAPS_PER_MESSAGE, credit_cost};
 use junction_road::highway::{HighwayFrame, Hops};
 use junction_road::{
-    Address, ErrorFrame, Frame, Header, Identity, MAGIC, PROTOCOL_VERSION, Reason, Rights, Welcome,
+    Address, Chained, ErrorFrame, Frame, Header, Identity, MAGIC, PROTOCOL_VERSION, Reason, Rights,
+    Welcome,
 };
 
 use crate::books::Books;
@@ -288,8 +289,10 @@ pub enum Output {
         to: u16,
         /// The frame.
         frame: HighwayFrame,
-        /// Its payload: what a [`HighwayFrame::Forward`] carries.
-        payload: Bytes,
+        /// Its payload: what a [`HighwayFrame::Forward`] carries, in the
+        /// pieces it was put together from (a large message is not copied
+        /// behind its headers).
+        payload: Chained,
     },
     /// The end-to-end session with junction `peer` has news: a message
     /// handed up, acknowledged, or ended without an acknowledgement (see
@@ -823,7 +826,7 @@ impl Core {
             self.out.push_back(Output::Highway {
                 to,
                 frame: HighwayFrame::LinkState(ls),
-                payload: Bytes::new(),
+                payload: Chained::default(),
             });
         }
     }
@@ -847,7 +850,7 @@ impl Core {
             Ok(Some(next)) => self.out.push_back(Output::Highway {
                 to: next,
                 frame: HighwayFrame::Forward { from, to, route },
-                payload,
+                payload: payload.into(),
             }),
             Err(routing::RouteBroken::LinkDown { .. }) => {
                 // Back the way it came: the junctions before this one,
@@ -862,7 +865,7 @@ impl Core {
                             at: me,
                             route,
                         },
-                        payload: Bytes::new(),
+                        payload: Chained::default(),
                     });
                 }
             }
@@ -894,7 +897,7 @@ impl Core {
                     at,
                     route,
                 },
-                payload: Bytes::new(),
+                payload: Chained::default(),
             }),
             // The way back broke too; routing tells the origin soon enough.
             Err(_) => {}

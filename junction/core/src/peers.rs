@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use bytes::Bytes;
+use junction_road::Chained;
 use junction_road::control::{Sealing, SessionInfo};
 use junction_road::highway::{HighwayFrame, Hops};
 use junction_road::secure as envelope;
@@ -78,7 +79,7 @@ impl Core {
     /// ([`crate::session::SessionEvent::Ended`]). Refused when the lane's
     /// window is full (wait for [`crate::session::SessionEvent::Acked`]).
     pub fn junction_send(&mut self, to: u16, lane: u32, payload: Bytes) -> Result<u64, SendError> {
-        let seq = self.session_send(to, lane, payload)?;
+        let seq = self.session_send(to, lane, payload.into())?;
         self.pump_peer(to);
         Ok(seq)
     }
@@ -90,7 +91,7 @@ impl Core {
         &mut self,
         to: u16,
         lane: u32,
-        payload: Bytes,
+        payload: Chained,
     ) -> Result<u64, SendError> {
         let now = self.now.instant;
         let seq = self.peer(to).session.send(now, lane, payload)?;
@@ -383,8 +384,10 @@ impl Core {
                     key,
                     chain,
                 };
-                self.out.extend(p.channel.take_outgoing().map(forward));
-                self.out.extend(p.channel.poll_confirmation().map(forward));
+                self.out
+                    .extend(p.channel.take_outgoing().map(|b| forward(b.into())));
+                self.out
+                    .extend(p.channel.poll_confirmation().map(|b| forward(b.into())));
                 if p.channel.take_fresh_keys() && !direct {
                     p.session.route_changed(now);
                 }
@@ -393,7 +396,7 @@ impl Core {
                     // is direct, so that a reroute finds them ready.
                     let busy = p.session.is_busy();
                     match p.channel.poll_hello(now, &own, id, busy) {
-                        Ok(hello) => self.out.extend(hello.map(forward)),
+                        Ok(hello) => self.out.extend(hello.map(|b| forward(b.into()))),
                         Err(e) => tracing::error!("no session hello for junction {id}: {e}"),
                     }
                 }
@@ -417,7 +420,7 @@ impl Core {
                             [(frame, payload)] => channel.seal(frame, payload),
                             _ => channel.seal_batch(frames),
                         };
-                        sealed.map(|s| out.push_back(forward(s))).is_some()
+                        sealed.map(|s| out.push_back(forward(s.into()))).is_some()
                     });
                 }
             } else {
@@ -441,9 +444,9 @@ impl Core {
 fn gather(
     session: &mut Session,
     now: Instant,
-    mut emit: impl FnMut(&[(wire::SessionFrame, Bytes)]) -> bool,
+    mut emit: impl FnMut(&[(wire::SessionFrame, Chained)]) -> bool,
 ) {
-    let mut batch: Vec<(wire::SessionFrame, Bytes)> = Vec::new();
+    let mut batch: Vec<(wire::SessionFrame, Chained)> = Vec::new();
     let mut size = 0;
     while let Some(t) = session.poll_transmit(now) {
         let len = t.payload.len() + 64;
@@ -464,10 +467,10 @@ fn gather(
 
 /// Session frames in clear: a `Plain` envelope for one, a `PlainBatch` for
 /// more.
-fn in_clear(frames: &[(wire::SessionFrame, Bytes)]) -> Bytes {
+fn in_clear(frames: &[(wire::SessionFrame, Chained)]) -> Chained {
     match frames {
         [(frame, payload)] => envelope::plain(frame, payload),
-        _ => envelope::plain_batch(frames),
+        _ => envelope::plain_batch(frames).into(),
     }
 }
 

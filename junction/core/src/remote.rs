@@ -59,7 +59,7 @@ use junction_road::remote::{
     RemoteSend, control_lane, data_lane,
 };
 use junction_road::{
-    Address, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Reason, Rights,
+    Address, Chained, Deliver, ErrorCode, ErrorFrame, Frame, Granted, Header, Reason, Rights,
 };
 
 use crate::caps::{CallAt, Cap, CapRef, ReplyRoute, Target};
@@ -112,7 +112,7 @@ impl Proxy {
 
 /// A frame waiting for room on a session lane, and the message it is, if
 /// it is one to an import.
-type Waiting = (Bytes, Option<SentMessage>);
+type Waiting = (Chained, Option<SentMessage>);
 
 /// A message to an import, as the session carries it: its stand-in, its
 /// number there, and the call it makes (0 for none).
@@ -280,24 +280,25 @@ impl Core {
             .lane_address(&self.ports, self.config.junction, number)
     }
 
-    /// Sends a remote frame to junction `to` on `lane`, after whatever
-    /// waits for room on that lane.
-    fn ship(&mut self, to: u16, lane: u32, frame: &RemoteFrame, payload: &[u8]) {
-        self.ship_noted(to, lane, frame, payload, None);
+    /// Sends a remote frame without a payload to junction `to` on `lane`,
+    /// after whatever waits for room on that lane.
+    fn ship(&mut self, to: u16, lane: u32, frame: &RemoteFrame) {
+        self.ship_noted(to, lane, frame, &Bytes::new(), None);
     }
 
-    /// [`Core::ship`] for a message to an import: the session's number
-    /// for it is noted, so that if the session gives it up, its sender is
-    /// told which message.
+    /// [`Core::ship`] for a frame with a payload (a message or a reply).
+    /// For a message to an import, the session's number for it is
+    /// `noted`, so that if the session gives it up, its sender is told
+    /// which message.
     fn ship_noted(
         &mut self,
         to: u16,
         lane: u32,
         frame: &RemoteFrame,
-        payload: &[u8],
+        payload: &Bytes,
         noted: Option<SentMessage>,
     ) {
-        let bytes = wire::to_bytes(frame, payload);
+        let bytes = wire::chained(frame, payload);
         if let Some(waiting) = self.remote.backlog.get_mut(&(to, lane)) {
             waiting.push_back((bytes, noted));
             return;
@@ -616,7 +617,6 @@ impl Core {
             holder,
             control_lane(port.port),
             &RemoteFrame::Dead { port, reason },
-            &[],
         );
     }
 
@@ -690,7 +690,7 @@ impl Core {
         self.remote
             .lookups
             .insert((owner, req), (conn, tag, name.clone()));
-        self.ship(owner, CALL_LANE, &RemoteFrame::Lookup { req, name }, &[]);
+        self.ship(owner, CALL_LANE, &RemoteFrame::Lookup { req, name });
         None
     }
 
@@ -810,7 +810,7 @@ impl Core {
                     call,
                     caps: carried,
                 };
-                self.ship(junction, lane, &frame, &envelope.payload);
+                self.ship_noted(junction, lane, &frame, &envelope.payload, None);
                 self.carried_away(envelope.from, &envelope.caps);
             }
         }
@@ -1068,7 +1068,6 @@ impl Core {
                     owner,
                     control_lane(port.port),
                     &RemoteFrame::Release { port, grants: 1 },
-                    &[],
                 );
             }
         }
@@ -1143,7 +1142,6 @@ impl Core {
             owner,
             control_lane(port.port),
             &RemoteFrame::Release { port, grants },
-            &[],
         );
     }
 
@@ -1197,7 +1195,6 @@ impl Core {
                 holder,
                 control_lane(number),
                 &RemoteFrame::Dead { port, reason },
-                &[],
             );
         }
     }
@@ -1231,7 +1228,6 @@ impl Core {
                 junction,
                 control_lane(port.port),
                 &RemoteFrame::Settled { port, first, count },
-                &[],
             );
         }
     }
@@ -1244,7 +1240,6 @@ impl Core {
                 junction,
                 CALL_LANE,
                 &RemoteFrame::CallFailed { call, reason },
-                &[],
             );
         }
     }
@@ -1252,7 +1247,7 @@ impl Core {
     /// A caller here gave up on its call `call` to `junction`.
     pub(crate) fn remote_cancel(&mut self, junction: u16, call: u64) {
         if self.remote.calls_out.remove(&(junction, call)).is_some() {
-            self.ship(junction, CALL_LANE, &RemoteFrame::Cancel { call }, &[]);
+            self.ship(junction, CALL_LANE, &RemoteFrame::Cancel { call });
         }
     }
 
@@ -1375,12 +1370,7 @@ impl Core {
     fn answer_lookup(&mut self, from: u16, req: u32, name: ServiceName) {
         let Some(reg) = self.registry.get(&name).cloned() else {
             let message = format!("no service is registered as {name}");
-            self.ship(
-                from,
-                CALL_LANE,
-                &RemoteFrame::NotFound { req, message },
-                &[],
-            );
+            self.ship(from, CALL_LANE, &RemoteFrame::NotFound { req, message });
             return;
         };
         let flow = self.new_flow();
@@ -1391,12 +1381,7 @@ impl Core {
                 "junction {} exports {limit} capabilities to junction {from} already, the most it keeps",
                 self.config.junction
             );
-            self.ship(
-                from,
-                CALL_LANE,
-                &RemoteFrame::NotFound { req, message },
-                &[],
-            );
+            self.ship(from, CALL_LANE, &RemoteFrame::NotFound { req, message });
             return;
         };
         let frame = RemoteFrame::Found {
@@ -1409,7 +1394,7 @@ impl Core {
                 .map(|(nonce, signature)| Possession { nonce, signature }),
             token: self.issue_token(from, port, &source),
         };
-        self.ship(from, control_lane(port.port), &frame, &[]);
+        self.ship(from, control_lane(port.port), &frame);
     }
 
     /// Junction `from` answered lookup `req`: the asker gets a capability
@@ -1617,7 +1602,7 @@ impl Core {
         if origin.junction != from {
             let why = format!("a message from junction {from} claims origin {origin}");
             self.refuse_remote(from, &why);
-            self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+            self.ship(from, lane, &refuse(ErrorCode::MissingRight, why));
             return;
         }
         let owner = self.ports.get(key).and_then(|p| p.owner);
@@ -1642,12 +1627,12 @@ impl Core {
                 // so is this message.
                 self.cap_died(party, port.export, reason, |_| true);
                 let why = format!("the capability is dead: {reason}");
-                self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+                self.ship(from, lane, &refuse(ErrorCode::MissingRight, why));
                 return;
             }
             (None, _) => {
                 let reason = self.ports.death_reason(key);
-                self.ship(from, lane, &RemoteFrame::Dead { port, reason }, &[]);
+                self.ship(from, lane, &RemoteFrame::Dead { port, reason });
                 return;
             }
             (Some(_), None) => {
@@ -1656,7 +1641,7 @@ impl Core {
                     Address::new(self.config.junction, port.port)
                 );
                 self.refuse_remote(from, &why);
-                self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+                self.ship(from, lane, &refuse(ErrorCode::MissingRight, why));
                 return;
             }
         };
@@ -1675,7 +1660,7 @@ impl Core {
                 "junction {from} has {units} credit units in flight to this port, the most is {limit}"
             );
             self.refuse_remote(from, &why);
-            self.ship(from, lane, &refuse(ErrorCode::NoCredit, why), &[]);
+            self.ship(from, lane, &refuse(ErrorCode::NoCredit, why));
             return;
         }
         let slot = call == 0
@@ -1685,7 +1670,7 @@ impl Core {
                 .is_some_and(|c| c.caps.has_slot());
         if !slot || !self.has_room(owner, caps.len()) {
             let why = Refusal::ReceiverFull.to_string();
-            self.ship(from, lane, &refuse(ErrorCode::TooManyHandles, why), &[]);
+            self.ship(from, lane, &refuse(ErrorCode::TooManyHandles, why));
             return;
         }
         // A capability coming home must be one this junction gave `from`,
@@ -1701,7 +1686,7 @@ impl Core {
                         Address::new(self.config.junction, home.port)
                     );
                     self.refuse_remote(from, &why);
-                    self.ship(from, lane, &refuse(ErrorCode::MissingRight, why), &[]);
+                    self.ship(from, lane, &refuse(ErrorCode::MissingRight, why));
                     return;
                 }
             }
@@ -1883,7 +1868,6 @@ impl Core {
                     from,
                     control_lane(port.port),
                     &RemoteFrame::Release { port, grants: 1 },
-                    &[],
                 );
             }
         }
@@ -1975,7 +1959,6 @@ impl Core {
             owner,
             control_lane(port.port),
             &RemoteFrame::Open { open, token },
-            &[],
         );
         Some((key, rights))
     }
@@ -2004,7 +1987,7 @@ impl Core {
             Ok(_) => {
                 let why = "the token is not for a port of this junction".to_string();
                 self.refuse_remote(from, &why);
-                return self.ship(from, lane, &refuse(Reason::Revoked, why), &[]);
+                return self.ship(from, lane, &refuse(Reason::Revoked, why));
             }
             Err(e) => {
                 let reason = match e {
@@ -2013,7 +1996,7 @@ impl Core {
                 };
                 let why = format!("the token does not hold: {e}");
                 self.refuse_remote(from, &why);
-                return self.ship(from, lane, &refuse(reason, why), &[]);
+                return self.ship(from, lane, &refuse(reason, why));
             }
         };
         let Some(source) = self.anchor(grantee, port).map(|(_, a)| a.clone()) else {
@@ -2028,12 +2011,11 @@ impl Core {
                         .death_reason(port_key(port.port, port.generation)),
                     why,
                 ),
-                &[],
             );
         };
         if let Some(reason) = source.dead {
             let why = format!("the capability it was passed on from is dead: {reason}");
-            return self.ship(from, lane, &refuse(reason, why), &[]);
+            return self.ship(from, lane, &refuse(reason, why));
         }
         let (_, bits, expiry) = token.current();
         let flow = self.new_flow();
@@ -2050,7 +2032,7 @@ impl Core {
             let why = format!(
                 "junction {me} exports {limit} capabilities to junction {from} already, the most it keeps"
             );
-            return self.ship(from, lane, &refuse(Reason::Revoked, why), &[]);
+            return self.ship(from, lane, &refuse(Reason::Revoked, why));
         };
         self.remote.exports.insert(
             (port.port, from, anchor),
@@ -2063,7 +2045,7 @@ impl Core {
             export: anchor,
             ..port
         };
-        self.ship(from, lane, &RemoteFrame::Opened { open, port }, &[]);
+        self.ship(from, lane, &RemoteFrame::Opened { open, port });
     }
 
     /// The owner opened the token a stand-in waited for: it is an import
@@ -2075,7 +2057,6 @@ impl Core {
                 from,
                 control_lane(port.port),
                 &RemoteFrame::Release { port, grants: 1 },
-                &[],
             );
         };
         if let Some(Proxy::Import {

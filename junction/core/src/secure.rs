@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use junction_identity::secure::{EPHEMERAL_LEN, Ephemeral, HelloTranscript, Party, SessionKeys};
 use junction_identity::{IdentityError, PublicKey};
+use junction_road::Chained;
 use junction_road::secure::{self as envelope, Envelope, EnvelopeError, SessionHello};
 use junction_road::session::SessionFrame;
 
@@ -440,14 +441,14 @@ impl Channel {
 
     /// Seals a session frame for the peer; `None` if there are no keys in
     /// use (or they are worn out: a handshake follows).
-    pub(crate) fn seal(&mut self, frame: &SessionFrame, payload: &[u8]) -> Option<Bytes> {
+    pub(crate) fn seal(&mut self, frame: &SessionFrame, payload: &Chained) -> Option<Bytes> {
         let (keys, counter) = self.next_seal()?;
         envelope::seal(keys, counter, frame, payload).ok()
     }
 
     /// Seals several session frames together for the peer, or nothing
     /// without keys (as [`Channel::seal`]).
-    pub(crate) fn seal_batch(&mut self, frames: &[(SessionFrame, Bytes)]) -> Option<Bytes> {
+    pub(crate) fn seal_batch(&mut self, frames: &[(SessionFrame, Chained)]) -> Option<Bytes> {
         let (keys, counter) = self.next_seal()?;
         envelope::seal_batch(keys, counter, frames).ok()
     }
@@ -840,8 +841,8 @@ mod tests {
             lane: 1,
             upto: 0,
         });
-        let plain = envelope::plain(&data, b"");
-        let batch = envelope::plain_batch(&[(data, Bytes::new())]);
+        let plain = envelope::plain(&data, &Chained::default()).to_bytes();
+        let batch = envelope::plain_batch(&[(data, Chained::default())]);
         let mut channel = Channel::default();
         let now = Instant::now();
         let direct = Origin {

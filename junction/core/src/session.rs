@@ -54,6 +54,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use junction_road::Chained;
 use junction_road::frame::credit_cost;
 pub use junction_road::session::{SessionAck, SessionData, SessionFrame, SessionReset};
 
@@ -169,7 +170,7 @@ pub struct Transmit {
     /// The frame.
     pub frame: SessionFrame,
     /// Its payload: a message's for data, empty otherwise.
-    pub payload: Bytes,
+    pub payload: Chained,
 }
 
 /// Why a send was refused; nothing was kept.
@@ -310,7 +311,7 @@ pub struct SessionFootprint {
 /// A message kept until it is acknowledged.
 #[derive(Debug)]
 struct Pending {
-    payload: Bytes,
+    payload: Chained,
     cost: u32,
     /// Sent at least once to a known incarnation of the peer: if it is
     /// given up, its fate is unknown.
@@ -419,7 +420,13 @@ impl Session {
 
     /// Sends `payload` on `lane`: kept until acknowledged, transmitted at the
     /// next [`Session::poll_transmit`]. Its number on the lane, or why not.
-    pub fn send(&mut self, now: Instant, lane: u32, payload: Bytes) -> Result<u64, SendError> {
+    pub fn send(
+        &mut self,
+        now: Instant,
+        lane: u32,
+        payload: impl Into<Chained>,
+    ) -> Result<u64, SendError> {
+        let payload = payload.into();
         let window = self.config.window;
         let cost = credit_cost(payload.len());
         if cost > window {
@@ -571,7 +578,7 @@ impl Session {
             });
             return Some(Transmit {
                 frame,
-                payload: Bytes::new(),
+                payload: Chained::default(),
             });
         }
         // Acknowledgements go when due, or with data going anyway; all of
@@ -596,7 +603,7 @@ impl Session {
             });
             return Some(Transmit {
                 frame,
-                payload: Bytes::new(),
+                payload: Chained::default(),
             });
         }
         if self.acks.is_empty() {

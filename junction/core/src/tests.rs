@@ -2550,7 +2550,7 @@ fn exchange(cores: [&mut Core; 2], ids: [u16; 2], now: Now) {
             for (to, frame, payload) in frames {
                 quiet = false;
                 let j = ids.iter().position(|&id| id == to).expect("a neighbour");
-                cores[j].handle_highway_frame(ids[i], frame, payload, now);
+                cores[j].handle_highway_frame(ids[i], frame, payload.to_bytes(), now);
             }
         }
         if quiet {

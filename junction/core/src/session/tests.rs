@@ -52,7 +52,7 @@ fn events(s: &mut Session) -> Vec<SessionEvent> {
 fn flush(from: &mut Session, to: &mut Session, now: Instant) -> Vec<Result<(), SessionError>> {
     transmits(from, now)
         .into_iter()
-        .map(|t| to.handle_frame(now, t.frame, t.payload))
+        .map(|t| to.handle_frame(now, t.frame, t.payload.to_bytes()))
         .collect()
 }
 
@@ -105,7 +105,7 @@ fn first_contact_learns_the_incarnation_then_delivers_once() {
                 from_incarnation: B,
                 to_incarnation: A
             }),
-            payload: Bytes::new()
+            payload: Bytes::new().into()
         }]
     );
     a.handle_frame(
@@ -202,7 +202,7 @@ fn duplicates_are_dropped_and_gaps_resent_on_the_timer() {
     let t = transmits(&mut a, now);
     assert_eq!(t.len(), 3);
     let deliver = |b: &mut Session, t: &Transmit| {
-        b.handle_frame(now, t.frame, t.payload.clone()).unwrap();
+        b.handle_frame(now, t.frame, t.payload.to_bytes()).unwrap();
     };
     deliver(&mut b, &t[1]); // early: dropped
     deliver(&mut b, &t[0]);
@@ -402,7 +402,7 @@ fn a_restarted_destination_ends_the_old_session_and_a_new_one_carries_on() {
     }
     let t = transmits(&mut a, now);
     for t in &t[..3] {
-        b.handle_frame(now, t.frame, t.payload.clone()).unwrap();
+        b.handle_frame(now, t.frame, t.payload.to_bytes()).unwrap();
     }
     assert_eq!(delivered(&events(&mut b)).len(), 3);
     // B's acknowledgement is lost, and B restarts.
@@ -413,7 +413,7 @@ fn a_restarted_destination_ends_the_old_session_and_a_new_one_carries_on() {
     a.handle_timeout(now + Duration::from_millis(50));
     let t = a.poll_transmit(now).unwrap();
     assert_eq!(
-        b.handle_frame(now, t.frame, t.payload),
+        b.handle_frame(now, t.frame, t.payload.to_bytes()),
         Err(SessionError::NotThisIncarnation { to: B, me: B + 1 })
     );
     assert_eq!(flush(&mut b, &mut a, now), [Ok(())]);
@@ -964,9 +964,10 @@ impl Sim {
             if self.wire[i].at <= now {
                 let p = self.wire.swap_remove(i);
                 // Refusals are the peer's business; they must only not panic.
-                let _ = self.ends[p.to]
-                    .session
-                    .handle_frame(now, p.t.frame, p.t.payload);
+                let _ =
+                    self.ends[p.to]
+                        .session
+                        .handle_frame(now, p.t.frame, p.t.payload.to_bytes());
                 self.events(p.to);
             } else {
                 i += 1;
@@ -1104,13 +1105,13 @@ fn session_cost_per_message() {
             }
         }
         while let Some(t) = a.poll_transmit(now) {
-            let _ = b.handle_frame(now, t.frame, t.payload);
+            let _ = b.handle_frame(now, t.frame, t.payload.to_bytes());
         }
         while let Some(e) = b.poll_event() {
             handed_up += u64::from(matches!(e, SessionEvent::Delivered { .. }));
         }
         while let Some(t) = b.poll_transmit(now) {
-            let _ = a.handle_frame(now, t.frame, t.payload);
+            let _ = a.handle_frame(now, t.frame, t.payload.to_bytes());
         }
         while a.poll_event().is_some() {}
     }
@@ -1255,7 +1256,7 @@ fn a_cut_link_fails_over_to_another_path_with_nothing_lost() {
         });
         for (at, t) in arrived {
             let s = ends.get_mut(&at).unwrap();
-            let _ = s.handle_frame(now, t.frame, t.payload);
+            let _ = s.handle_frame(now, t.frame, t.payload.to_bytes());
             while let Some(e) = s.poll_event() {
                 match e {
                     SessionEvent::Delivered { lane, payload, .. } => {
