@@ -35,6 +35,10 @@ use tokio::sync::mpsc;
 /// end the link.
 pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// The control stream's send priority in quinn, above the data streams'
+/// default 0.
+const CONTROL_PRIORITY: i32 = 1;
+
 /// What a junction needs to run its Highways.
 pub struct HighwaySetup {
     /// This junction's id.
@@ -511,6 +515,9 @@ impl Highways {
         recv: quinn::RecvStream,
         junction: Rc<dyn Junction>,
     ) {
+        // Control frames go before any traffic waiting in the connection,
+        // so bulk traffic never delays a keep-alive into a missed one.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         let (tx, rx) = mpsc::unbounded_channel();
         *link.control.borrow_mut() = Some(tx);
         tokio::task::spawn_local(write_all(send, rx));

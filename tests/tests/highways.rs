@@ -343,6 +343,74 @@ fn a_cut_highway_reroutes_and_loses_or_repeats_nothing() {
     drop((j1, j2, j3));
 }
 
+/// Bulk traffic does not hold up a Highway's control stream: while a
+/// process streams megabyte messages across as fast as the bus takes them,
+/// keep-alives are answered, so the link never goes down (three missed
+/// end it), and every message arrives whole and in order.
+#[test]
+fn bulk_traffic_leaves_the_control_stream_alone() {
+    let bus = Bus::new();
+    let ports = [free_port(), free_port()];
+    let j1 = bus.start(1, ports[0], &[]);
+    let j2 = bus.start(2, ports[1], &[(1, ports[0])]);
+    let rt = runtime();
+    let samples = rt.block_on(async {
+        let server = Driver::connect(&j2.socket).await.unwrap();
+        let mut port = server.open_port().await.unwrap();
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        server.register("t.sink", &cap).await.unwrap();
+        let client = Driver::connect(&j1.socket).await.unwrap();
+        let sink = lookup_eventually(&client, "t.sink", Duration::from_secs(20)).await;
+        const COUNT: u8 = 100;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Junction 1's view of its Highway, every 100 ms while the bulk
+        // runs.
+        let watcher = std::thread::spawn({
+            let done = done.clone();
+            let mut ls = j1.command(&["ls", "--json"]);
+            move || {
+                let mut samples = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = ls.output().unwrap();
+                    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    let highway = listing["highways"][0].clone();
+                    samples.push((highway["state"].clone(), highway["rtt_us"].as_u64()));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                samples
+            }
+        });
+        let sender = async {
+            for i in 0..COUNT {
+                client.send(&sink, vec![i; 1 << 20]).await.unwrap();
+            }
+        };
+        let receiver = async {
+            for i in 0..COUNT {
+                let msg = tokio::time::timeout(Duration::from_secs(30), port.recv())
+                    .await
+                    .expect("the bulk stalled")
+                    .unwrap();
+                assert!(msg.payload.len() == 1 << 20 && msg.payload.iter().all(|&b| b == i));
+            }
+        };
+        tokio::join!(sender, receiver);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    assert!(!samples.is_empty());
+    assert!(
+        samples.iter().all(|(state, _)| state == "up"),
+        "the Highway left Up under bulk traffic: {samples:?}"
+    );
+    for j in [&j1, &j2] {
+        let log = j.log();
+        assert!(!log.contains("Highway down"), "{log}");
+    }
+    // For the record (a figure, not a test: the machine is shared).
+    let rtts: Vec<_> = samples.iter().filter_map(|(_, rtt)| *rtt).collect();
+    eprintln!("keep-alive round trips during the bulk, µs: {rtts:?}");
+}
 /// A junction revoked while its Highway is up: on SIGHUP the junction that
 /// reloads the list closes the Highway, saying why, and refuses the
 /// redial.
