@@ -172,8 +172,10 @@ pub(crate) struct Remote {
     /// lane).
     backlog: HashMap<(u16, u32), VecDeque<Waiting>>,
     /// Messages to imports the session has not yet handed up at their
-    /// owner, by (owner, lane, session number).
-    sent: BTreeMap<(u16, u32, u64), SentMessage>,
+    /// owner, per (owner, lane), by session number: numbers only grow on a
+    /// lane, so each list is in order and an acknowledgement takes from
+    /// its front.
+    sent: BTreeMap<(u16, u32), VecDeque<(u64, SentMessage)>>,
     /// The incarnation each peer was last known by.
     incarnations: HashMap<u16, u64>,
     /// Holder junctions with no route, since when.
@@ -251,11 +253,51 @@ impl Remote {
             + self.calls_in.len()
             + self.lookups.len()
             + self.backlog.values().map(VecDeque::len).sum::<usize>()
-            + self.sent.len()
+            + self.sent.values().map(VecDeque::len).sum::<usize>()
             + self.tokens.len()
             + self.opening.len()
             + self.waiting.values().map(VecDeque::len).sum::<usize>()
             + self.holds.len()
+    }
+
+    /// Notes message `seq` of `lane` to `owner` as sent to an import.
+    fn note_sent(&mut self, owner: u16, lane: u32, seq: u64, message: SentMessage) {
+        self.sent
+            .entry((owner, lane))
+            .or_default()
+            .push_back((seq, message));
+    }
+
+    /// Forgets the messages of `lane` to `owner` numbered below `upto`.
+    fn forget_sent(&mut self, owner: u16, lane: u32, upto: u64) {
+        if let Some(list) = self.sent.get_mut(&(owner, lane)) {
+            while list.front().is_some_and(|&(n, _)| n < upto) {
+                list.pop_front();
+            }
+            if list.is_empty() {
+                self.sent.remove(&(owner, lane));
+            }
+        }
+    }
+
+    /// Takes the messages of `lane` to `owner` numbered in `range`, in
+    /// order.
+    fn take_sent(
+        &mut self,
+        owner: u16,
+        lane: u32,
+        range: std::ops::Range<u64>,
+    ) -> Vec<SentMessage> {
+        let Some(list) = self.sent.get_mut(&(owner, lane)) else {
+            return Vec::new();
+        };
+        let start = list.partition_point(|&(n, _)| n < range.start);
+        let end = list.partition_point(|&(n, _)| n < range.end);
+        let taken = list.drain(start..end).map(|(_, m)| m).collect();
+        if list.is_empty() {
+            self.sent.remove(&(owner, lane));
+        }
+        taken
     }
 
     /// When the soonest export lease or import hold runs out.
@@ -306,7 +348,7 @@ impl Core {
         match self.session_send(to, lane, bytes.clone()) {
             Ok(seq) => {
                 if let Some(message) = noted {
-                    self.remote.sent.insert((to, lane, seq), message);
+                    self.remote.note_sent(to, lane, seq, message);
                 }
             }
             Err(SendError::NoCredit { .. }) => {
@@ -336,7 +378,7 @@ impl Core {
             match self.session_send(to, lane, bytes) {
                 Ok(seq) => {
                     if let Some(message) = noted {
-                        self.remote.sent.insert((to, lane, seq), message);
+                        self.remote.note_sent(to, lane, seq, message);
                     }
                     if let Some(w) = self.remote.backlog.get_mut(&(to, lane)) {
                         w.pop_front();
@@ -357,15 +399,7 @@ impl Core {
             SessionEvent::Acked { lane, upto, .. } if lane >= REMOTE_LANE_BASE => {
                 // Handed up there: what becomes of them is the owner's to
                 // say now.
-                let arrived: Vec<_> = self
-                    .remote
-                    .sent
-                    .range((peer, lane, 0)..(peer, lane, upto))
-                    .map(|(&k, _)| k)
-                    .collect();
-                for k in arrived {
-                    self.remote.sent.remove(&k);
-                }
+                self.remote.forget_sent(peer, lane, upto);
                 self.ship_backlog(peer, lane);
             }
             SessionEvent::Ended {
@@ -381,14 +415,7 @@ impl Core {
                         // Only messages to ports are given up (control
                         // lanes persist): their senders hear, one by one.
                         let end = first_seq.saturating_add(count);
-                        let lost: Vec<_> = self
-                            .remote
-                            .sent
-                            .range((peer, lane, first_seq)..(peer, lane, end))
-                            .map(|(&k, &m)| (k, m))
-                            .collect();
-                        for (k, message) in lost {
-                            self.remote.sent.remove(&k);
+                        for message in self.remote.take_sent(peer, lane, first_seq..end) {
                             self.message_lost(peer, message);
                         }
                     }
@@ -502,7 +529,7 @@ impl Core {
                 self.kill_port(key, reason);
             }
             self.remote.backlog.retain(|(j, _), _| *j != peer);
-            self.remote.sent.retain(|(j, _, _), _| *j != peer);
+            self.remote.sent.retain(|(j, _), _| *j != peer);
         }
     }
 
