@@ -20,7 +20,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use junction_highway::link::{ConnId, LinkConfig, LinkOutput, Links, PeerInfo};
@@ -33,7 +33,20 @@ use tokio::sync::mpsc;
 
 /// How often a link's control stream carries a keep-alive; three missed
 /// end the link.
-pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(250);
+pub const KEEPALIVE: Duration = Duration::from_millis(250);
+
+/// The most bytes queued for one Highway's streams and not yet taken by
+/// quinn (which holds up to its own send window, 10 MB, beyond them);
+/// traffic past it is dropped, and sessions resend it.
+pub const HIGHWAY_QUEUE_BYTES: usize = 64 << 20;
+
+/// How long a Highway stream's writer may make no progress while traffic
+/// waits before the link is closed: the neighbour takes nothing in.
+pub const STALLED_WRITE: Duration = Duration::from_secs(30);
+
+/// The QUIC application error code of a link closed for
+/// [`STALLED_WRITE`].
+const STALLED_CODE: u32 = 3;
 
 /// The control stream's send priority in quinn, above the data streams'
 /// default 0.
@@ -89,6 +102,11 @@ struct Link {
     remote: SocketAddr,
     bytes_out: Cell<u64>,
     bytes_in: Cell<u64>,
+    /// Bytes queued for its streams and not yet taken by quinn.
+    queued: Cell<usize>,
+    /// Whether traffic is being dropped for a full queue (said once per
+    /// spell in the log).
+    dropping: Cell<bool>,
 }
 
 /// The Highways of one junction.
@@ -287,8 +305,7 @@ impl Highways {
                 }
                 let queue = link.control.borrow().clone();
                 if let Some(queue) = queue {
-                    link.bytes_out.set(link.bytes_out.get() + buf.len() as u64);
-                    let _ = queue.send(buf.freeze());
+                    link.enqueue(&queue, buf.freeze());
                 }
                 return;
             }
@@ -302,28 +319,40 @@ impl Highways {
             tracing::warn!(to, "traffic could not be encoded for junction {to}: {e}");
             return;
         }
-        link.bytes_out
-            .set(link.bytes_out.get() + (buf.len() + payload.len()) as u64);
+        if !link.has_room(buf.len() + payload.len()) {
+            // The neighbour takes nothing in: like a lost packet, sessions
+            // resend it; a writer stuck for STALLED_WRITE closes the link.
+            if !link.dropping.replace(true) {
+                tracing::warn!(
+                    to,
+                    "the Highway to junction {to} has {} bytes queued: dropping traffic for it until it drains",
+                    link.queued.get()
+                );
+            }
+            return;
+        }
+        link.dropping.set(false);
         let queue = link.data.borrow().get(&destination).cloned();
         let queue = match queue {
             Some(q) if !q.is_closed() => q,
             _ => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 link.data.borrow_mut().insert(destination, tx.clone());
-                let conn = link.conn.clone();
+                let link = link.clone();
                 tokio::task::spawn_local(async move {
-                    if let Ok(stream) = conn.open_uni().await {
-                        write_all(stream, rx).await;
+                    match link.conn.open_uni().await {
+                        Ok(stream) => write_all(stream, rx, &link, STALLED_WRITE).await,
+                        Err(_) => forget(rx, &link),
                     }
                 });
                 tx
             }
         };
-        let _ = queue.send(buf.freeze());
+        link.enqueue(&queue, buf.freeze());
         let (head, body) = payload.into_pieces();
         for piece in [head, body] {
             if !piece.is_empty() {
-                let _ = queue.send(piece);
+                link.enqueue(&queue, piece);
             }
         }
     }
@@ -350,8 +379,7 @@ impl Highways {
                         && let Some(link) = self.conns.borrow().get(&conn.0)
                         && let Some(queue) = link.control.borrow().as_ref()
                     {
-                        link.bytes_out.set(link.bytes_out.get() + buf.len() as u64);
-                        let _ = queue.send(buf.freeze());
+                        link.enqueue(queue, buf.freeze());
                     }
                 }
                 LinkOutput::Close { conn, reason } => {
@@ -378,7 +406,7 @@ impl Highways {
                         if self.encoder.control(&goodbye, &mut buf).is_ok()
                             && let Some(queue) = link.control.borrow().as_ref()
                         {
-                            let _ = queue.send(buf.freeze());
+                            link.enqueue(queue, buf.freeze());
                         }
                         link.conn.close(1u32.into(), text.as_bytes());
                     }
@@ -403,14 +431,7 @@ impl Highways {
     fn register(&self, conn: quinn::Connection) -> (u64, Rc<Link>) {
         let id = self.next.get();
         self.next.set(id + 1);
-        let link = Rc::new(Link {
-            remote: conn.remote_address(),
-            conn,
-            control: RefCell::new(None),
-            data: RefCell::new(HashMap::new()),
-            bytes_out: Cell::new(0),
-            bytes_in: Cell::new(0),
-        });
+        let link = Rc::new(Link::new(conn));
         self.conns.borrow_mut().insert(id, link.clone());
         (id, link)
     }
@@ -520,7 +541,8 @@ impl Highways {
         let _ = send.set_priority(CONTROL_PRIORITY);
         let (tx, rx) = mpsc::unbounded_channel();
         *link.control.borrow_mut() = Some(tx);
-        tokio::task::spawn_local(write_all(send, rx));
+        let l = link.clone();
+        tokio::task::spawn_local(async move { write_all(send, rx, &l, STALLED_WRITE).await });
         let this = self.clone();
         let j = junction.clone();
         let l = link.clone();
@@ -652,8 +674,15 @@ const WHOLE_FROM: usize = 4096;
 const WRITE_BYTES: usize = 256 * 1024;
 
 /// Writes what is queued for a stream, everything gathered so far in one
-/// write, until the queue or the stream ends.
-async fn write_all(mut stream: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+/// write, until the queue or the stream ends. A write that makes no
+/// progress for `stall` (the neighbour takes nothing in) closes the link;
+/// what was not written leaves the link's count either way.
+async fn write_all(
+    mut stream: quinn::SendStream,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    link: &Link,
+    stall: Duration,
+) {
     let mut small = BytesMut::new();
     let mut chunks: Vec<Bytes> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -678,12 +707,80 @@ async fn write_all(mut stream: quinn::SendStream, mut rx: mpsc::UnboundedReceive
         if !small.is_empty() {
             chunks.push(small.split().freeze());
         }
-        if stream.write_all_chunks(&mut chunks).await.is_err() {
-            return;
-        }
+        let written = write_chunks(&mut stream, &mut chunks, link, stall).await;
+        link.queued.set(link.queued.get().saturating_sub(gathered));
         chunks.clear();
+        if !written {
+            return forget(rx, link);
+        }
     }
     let _ = stream.finish();
+}
+
+/// Writes `chunks` whole; false if the stream failed, or made no progress
+/// for `stall`, in which case the link is closed.
+async fn write_chunks(
+    stream: &mut quinn::SendStream,
+    chunks: &mut [Bytes],
+    link: &Link,
+    stall: Duration,
+) -> bool {
+    let mut rest = chunks;
+    while !rest.is_empty() {
+        match tokio::time::timeout(stall, stream.write_chunks(rest)).await {
+            Ok(Ok(written)) => rest = &mut rest[written.chunks..],
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                tracing::warn!(
+                    remote = %link.remote,
+                    "a Highway took nothing in for {stall:?} while traffic waited: closing it"
+                );
+                link.conn.close(STALLED_CODE.into(), b"took nothing in");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// A stream's queue that will not be written: its bytes leave the link's
+/// count.
+fn forget(mut rx: mpsc::UnboundedReceiver<Bytes>, link: &Link) {
+    rx.close();
+    while let Ok(piece) = rx.try_recv() {
+        link.queued
+            .set(link.queued.get().saturating_sub(piece.len()));
+    }
+}
+
+impl Link {
+    fn new(conn: quinn::Connection) -> Self {
+        Self {
+            remote: conn.remote_address(),
+            conn,
+            control: RefCell::new(None),
+            data: RefCell::new(HashMap::new()),
+            bytes_out: Cell::new(0),
+            bytes_in: Cell::new(0),
+            queued: Cell::new(0),
+            dropping: Cell::new(false),
+        }
+    }
+
+    /// Whether `len` more bytes of traffic fit in its queues
+    /// ([`HIGHWAY_QUEUE_BYTES`]).
+    fn has_room(&self, len: usize) -> bool {
+        self.queued.get() + len <= HIGHWAY_QUEUE_BYTES
+    }
+
+    /// Queues `piece` for one of its streams, counted until quinn takes it.
+    fn enqueue(&self, queue: &mpsc::UnboundedSender<Bytes>, piece: Bytes) {
+        let len = piece.len();
+        if queue.send(piece).is_ok() {
+            self.queued.set(self.queued.get() + len);
+            self.bytes_out.set(self.bytes_out.get() + len as u64);
+        }
+    }
 }
 
 /// The first address `host` resolves to, with `port`, of the family the
@@ -748,4 +845,94 @@ pub fn setup(
         peers,
         names,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use junction_identity::Role;
+
+    /// A QUIC connection from junction 1 to junction 2 on loopback, with
+    /// real bus identities: both endpoints and both ends.
+    async fn pair() -> [(quinn::Endpoint, quinn::Connection); 2] {
+        let authority = crate::authority::LocalAuthority::new().unwrap();
+        let policy = PeerPolicy::new(authority.trust(), Revocations::new(None));
+        let transport = TransportSettings::default();
+        let identity = |id: u16| {
+            let (key, chain) = authority
+                .issue(u64::from(id), Role::Junction { id })
+                .unwrap();
+            TlsIdentity::new(&key, &chain).unwrap()
+        };
+        let server_config =
+            junction_highway::server_config(&identity(2), &policy, &transport).unwrap();
+        let server =
+            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client_config =
+            junction_highway::client_config(&identity(1), &policy, &transport).unwrap();
+        let dial = client
+            .connect_with(
+                client_config,
+                server.local_addr().unwrap(),
+                &junction_highway::cert::server_name(2),
+            )
+            .unwrap();
+        let (dialed, accepted) = tokio::join!(dial, async { server.accept().await.unwrap().await });
+        [(client, dialed.unwrap()), (server, accepted.unwrap())]
+    }
+
+    /// Queues eight 1 MiB pieces for a new stream of `link`.
+    async fn queue_eight_mib(link: &Link) -> (quinn::SendStream, mpsc::UnboundedReceiver<Bytes>) {
+        let stream = link.conn.open_uni().await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        for i in 0..8u8 {
+            link.enqueue(&tx, Bytes::from(vec![i; 1 << 20]));
+        }
+        (stream, rx)
+    }
+
+    /// A neighbour that reads its stream gets it all, and the link's
+    /// count of queued bytes goes back to zero; one that takes nothing in
+    /// stops the writer at quinn's flow control, and once the writer has
+    /// made no progress for its deadline the link is closed and its queue
+    /// leaves the count.
+    #[tokio::test]
+    async fn a_neighbour_that_takes_nothing_in_is_closed_and_its_queue_freed() {
+        let stall = Duration::from_millis(500);
+        let [(_near, conn), (_far, far)] = pair().await;
+        let link = Link::new(conn);
+
+        let (stream, rx) = queue_eight_mib(&link).await;
+        assert_eq!(link.queued.get(), 8 << 20);
+        assert!(link.has_room(HIGHWAY_QUEUE_BYTES - (8 << 20)));
+        assert!(!link.has_room(HIGHWAY_QUEUE_BYTES - (8 << 20) + 1));
+        let reader = async {
+            let mut stream = far.accept_uni().await.unwrap();
+            stream.read_to_end(16 << 20).await.unwrap().len()
+        };
+        // The writer ends with its queue (the sender is gone).
+        let (read, ()) = tokio::join!(reader, write_all(stream, rx, &link, stall));
+        assert_eq!(read, 8 << 20, "all of it arrived");
+        assert_eq!(link.queued.get(), 0);
+        assert!(
+            link.conn.close_reason().is_none(),
+            "a reading neighbour stays"
+        );
+
+        // Now nobody reads the next stream.
+        let (stream, rx) = queue_eight_mib(&link).await;
+        tokio::time::timeout(Duration::from_secs(30), write_all(stream, rx, &link, stall))
+            .await
+            .expect("the stalled writer gave up");
+        assert!(
+            matches!(
+                link.conn.close_reason(),
+                Some(quinn::ConnectionError::LocallyClosed)
+            ),
+            "{:?}",
+            link.conn.close_reason()
+        );
+        assert_eq!(link.queued.get(), 0, "what waited left the count");
+    }
 }
