@@ -31,6 +31,8 @@ use junction_road::control::{HighwayInfo, HighwayState};
 use junction_road::highway::HighwayFrame;
 use tokio::sync::mpsc;
 
+use crate::ratelog::RateLimitedWarn;
+
 /// How often a link's control stream carries a keep-alive; three missed
 /// end the link.
 pub const KEEPALIVE: Duration = Duration::from_millis(250);
@@ -104,9 +106,6 @@ struct Link {
     bytes_in: Cell<u64>,
     /// Bytes queued for its streams and not yet taken by quinn.
     queued: Cell<usize>,
-    /// Whether traffic is being dropped for a full queue (said once per
-    /// spell in the log).
-    dropping: Cell<bool>,
 }
 
 /// The Highways of one junction.
@@ -126,6 +125,8 @@ pub struct Highways {
     policy: PeerPolicy,
     /// Peers configured by host name, resolved before each dial.
     names: HashMap<u16, (String, u16)>,
+    /// Traffic dropped for a full Highway queue.
+    full: RateLimitedWarn,
 }
 
 /// What the driver asks of the junction around it: the core's side.
@@ -172,6 +173,7 @@ impl Highways {
             revocations: setup.policy.revocations().clone(),
             policy: setup.policy,
             names: setup.names,
+            full: RateLimitedWarn::new("dropped traffic for a Highway whose queue is full"),
         }))
     }
 
@@ -320,18 +322,15 @@ impl Highways {
             return;
         }
         if !link.has_room(buf.len() + payload.len()) {
-            // The neighbour takes nothing in: like a lost packet, sessions
-            // resend it; a writer stuck for STALLED_WRITE closes the link.
-            if !link.dropping.replace(true) {
-                tracing::warn!(
-                    to,
-                    "the Highway to junction {to} has {} bytes queued: dropping traffic for it until it drains",
-                    link.queued.get()
-                );
-            }
+            // The neighbour takes in too little: like a lost packet,
+            // sessions resend it; a writer stuck for STALLED_WRITE closes
+            // the link.
+            self.full.warn(format_args!(
+                "junction {to}, {} bytes queued",
+                link.queued.get()
+            ));
             return;
         }
-        link.dropping.set(false);
         let queue = link.data.borrow().get(&destination).cloned();
         let queue = match queue {
             Some(q) if !q.is_closed() => q,
@@ -763,7 +762,6 @@ impl Link {
             bytes_out: Cell::new(0),
             bytes_in: Cell::new(0),
             queued: Cell::new(0),
-            dropping: Cell::new(false),
         }
     }
 

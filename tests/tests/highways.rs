@@ -406,7 +406,10 @@ fn bulk_traffic_leaves_the_control_stream_alone() {
     for j in [&j1, &j2] {
         let log = j.log();
         assert!(!log.contains("Highway down"), "{log}");
-        assert!(!log.contains("dropping traffic"), "bulk overflowed a queue: {log}");
+        assert!(
+            !log.contains("queue is full"),
+            "bulk overflowed a queue: {log}"
+        );
     }
     // For the record (a figure, not a test: the machine is shared).
     let rtts: Vec<_> = samples.iter().filter_map(|(_, rtt)| *rtt).collect();
