@@ -191,7 +191,11 @@ impl TestJunction {
                 // names under t.*; the impostor suite uses certificates.
                 .args(["--dev-namespace", "t.*"])
                 .args(extra)
-                .env("RUST_LOG", "warn")
+                // JUNCTION_TEST_LOG=debug to see more while a test fails.
+                .env(
+                    "RUST_LOG",
+                    std::env::var("JUNCTION_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdin(Stdio::null())
                 .stderr(log),
         );

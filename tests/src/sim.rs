@@ -245,6 +245,9 @@ pub struct Link {
     pub latency: Latency,
     /// Whether the link is cut (nothing passes until it heals).
     pub cut: bool,
+    /// Whether it drops everything while its ends still count it up: a
+    /// cut their liveness checks have not noticed yet.
+    pub silent: bool,
     /// Counts its lives: a frame sent in an earlier one is dropped.
     life: u64,
     /// When the last frame each way arrives (towards `ends.0`, `ends.1`),
@@ -546,12 +549,22 @@ impl<P: Process> World<P> {
             cost,
             latency,
             cut: true,
+            silent: false,
             life: 0,
             last: (Duration::ZERO, Duration::ZERO),
         });
         let link = self.links.len() - 1;
         self.heal_link(link);
         link
+    }
+
+    /// Makes Highway `link` drop everything from now on without its ends
+    /// hearing of it, as a cut does until their liveness checks notice;
+    /// [`World::cut_link`] then tells them.
+    pub fn silence_link(&mut self, link: usize) {
+        if let Some(l) = self.links.get_mut(link) {
+            l.silent = true;
+        }
     }
 
     /// Cuts Highway `link`: what is in flight is lost, both ends hear it
@@ -564,6 +577,7 @@ impl<P: Process> World<P> {
             return;
         }
         l.cut = true;
+        l.silent = false;
         l.life += 1;
         let (a, b) = l.ends;
         let now = self.now();
@@ -1114,6 +1128,9 @@ impl<P: Process> World<P> {
             return;
         };
         let l = &self.links[link];
+        if l.silent {
+            return;
+        }
         let (latency, life) = (l.latency, l.life);
         let target = if l.ends.0 == node { l.ends.1 } else { l.ends.0 };
         let delay = self.rng.between(latency.min, latency.max);

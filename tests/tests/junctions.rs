@@ -1006,6 +1006,44 @@ fn a_session_between_neighbours_is_sealed_only_when_others_carry_it() {
     }
 }
 
+/// A session whose handshake ran over a link that had silently died (its
+/// hellos lost, no keys yet) hears of the new route when the cut is
+/// noticed, and sends its hello again at once, not when its doubling
+/// interval next comes round: the messages waiting go the other way
+/// within a few round trips, under a second.
+#[test]
+fn a_handshake_lost_on_a_dead_link_starts_again_on_the_new_route() {
+    for seed in seed_from_env(8_400)..seed_from_env(8_400) + 5 {
+        let (mut world, _) = junctions_of(&Bus::new(), seed, 3);
+        let direct = world.add_link(0, 1, 1, wan());
+        world.add_link(1, 2, 1, wan());
+        world.add_link(0, 2, 1, wan());
+        world.run_until_idle(10_000).unwrap();
+        // The direct link dies before the first message; nobody knows.
+        world.silence_link(direct);
+        for i in 0..20u64 {
+            let payload = Bytes::from(format!("message {i}"));
+            world.junction_send(0, 2, 1, payload).unwrap();
+        }
+        // As long as three missed keep-alives take on a real Highway.
+        let noticed = world.elapsed() + Duration::from_millis(750);
+        world.run_until(noticed).unwrap();
+        assert!(handed_up(&world, 1, 1, 1).is_empty(), "seed {seed}");
+        world.cut_link(direct);
+        world
+            .run_until(noticed + Duration::from_millis(250))
+            .unwrap();
+        let expected: Vec<_> = (0..20u64)
+            .map(|i| (i, format!("message {i}").into_bytes()))
+            .collect();
+        assert_eq!(
+            handed_up(&world, 1, 1, 1),
+            expected,
+            "seed {seed}: all of them, through junction 3, soon after the cut"
+        );
+    }
+}
+
 /// Junction 2 flips a bit in the first sealed frames it carries: each is
 /// caught and dropped where it arrives, and the session's retransmissions
 /// get every message through once, in order, when it stops.

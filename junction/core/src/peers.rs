@@ -366,6 +366,7 @@ impl Core {
             if p.route != Some(hops) {
                 p.route = Some(hops);
                 p.session.route_changed(now);
+                p.channel.route_changed(now);
             }
             let direct = next == id;
             let forward = |payload| Output::Highway {

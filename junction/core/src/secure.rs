@@ -382,6 +382,17 @@ impl Channel {
         }
     }
 
+    /// The route to the peer changed: the hellos of a handshake under way
+    /// may have gone the dead way, so the hello goes again now and its
+    /// interval starts over, as a session resends its frames at once
+    /// ([`crate::session::Session::route_changed`]).
+    pub(crate) fn route_changed(&mut self, now: Instant) {
+        if self.hello.is_some() && !self.ready() {
+            self.interval = HELLO_FIRST;
+            self.nudge(now);
+        }
+    }
+
     /// The hello is due now; the next time after the interval, doubled.
     fn nudge(&mut self, now: Instant) {
         self.due = true;
