@@ -13,6 +13,8 @@
 //! - [`service`]: running under systemd (socket activation, readiness),
 //!   the socket's mode and group, and reloads.
 //! - [`metrics`]: the opt-in Prometheus endpoint for the traffic counters.
+//! - [`relay`]: a UDP relay that cuts a Highway on demand, for the tests
+//!   and the benchmark.
 
 pub mod admit;
 pub mod authority;
@@ -22,6 +24,7 @@ pub use junction_core as core;
 pub mod highway;
 pub mod metrics;
 mod ratelog;
+pub mod relay;
 pub mod service;
 pub mod shell;
 

@@ -591,3 +591,25 @@ fn bench_shows_progress_on_stderr_and_labels_its_tables() {
         "no heading without rows:\n{report}"
     );
 }
+
+/// `junction bench --highway` runs end to end (quick, unpinned): raw quinn
+/// and the bus across a real Highway, and the reroute after a cut, every
+/// figure it reports a positive number.
+#[test]
+fn bench_highway_measures_the_bus_across_a_highway_and_a_cut() {
+    let dir = TempDir::new();
+    let out = run_in(
+        dir.path(),
+        &["bench", "--highway", "--quick", "--no-pin", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is only the JSON");
+    let figure = |side: &str, key: &str| report["highway"][side][key].as_f64().unwrap_or(0.0);
+    for side in ["raw_quinn", "bus"] {
+        for key in ["rtt_p50_us", "small_msgs_per_sec", "large_gb_per_sec"] {
+            assert!(figure(side, key) > 0.0, "{side} {key}: {report}");
+        }
+    }
+    assert!(figure("bus", "reroute_ms") > 0.0, "{report}");
+}

@@ -5,9 +5,9 @@
 //! line, and a valid junction that forges its way to a port refused frame
 //! by frame; numbered messages through a cut link, once and in order.
 
-use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
+use junction::relay::UdpRelay;
 use junction_driver::{Driver, Rights};
 use junction_tests::{Bus, free_port, lookup_eventually};
 
@@ -228,62 +228,6 @@ fn rogue_peers_are_refused_with_reasons() {
     drop((foreign, liar, revoked, j1));
 }
 
-/// A UDP relay standing in for the wire of one Highway: it passes
-/// datagrams between whoever sends to it and `target`, until cut.
-struct Relay {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Relay {
-    fn new(target: u16) -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let port = socket.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(AtomicBool::new(false));
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (c, s) = (cut.clone(), stop.clone());
-        let target: std::net::SocketAddr = format!("127.0.0.1:{target}").parse().unwrap();
-        std::thread::spawn(move || {
-            let mut client = None;
-            let mut buf = [0u8; 65536];
-            while !s.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                    continue;
-                };
-                if c.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let to = if from == target {
-                    match client {
-                        Some(client) => client,
-                        None => continue,
-                    }
-                } else {
-                    client = Some(from);
-                    target
-                };
-                let _ = socket.send_to(&buf[..n], to);
-            }
-        });
-        Self { port, cut, stop }
-    }
-
-    fn cut(&self, cut: bool) {
-        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// A triangle of junctions; numbered messages from 1 to a service on 3 go
 /// over the direct Highway until it is cut mid-stream: the rest go round
 /// through 2, and every message arrives once, in order. Then the link
@@ -292,14 +236,14 @@ impl Drop for Relay {
 fn a_cut_highway_reroutes_and_loses_or_repeats_nothing() {
     let bus = Bus::new();
     let ports = [free_port(), free_port(), free_port()];
-    let relay = Relay::new(ports[2]);
+    let relay = UdpRelay::new(([127, 0, 0, 1], ports[2]).into()).unwrap();
     let j1 = bus.start(1, ports[0], &[]);
     let j2 = bus.start(2, ports[1], &[(1, ports[0])]);
     let j3 = bus.start(3, ports[2], &[(2, ports[1])]);
     // Junction 1 reaches 3 directly, through the relay.
     let (k1, c1) = bus.junction(1);
     drop(j1);
-    let j1 = bus.start_as(1, ports[0], &[(3, relay.port)], &k1, &c1, &[]);
+    let j1 = bus.start_as(1, ports[0], &[(3, relay.port())], &k1, &c1, &[]);
     let rt = runtime();
     rt.block_on(async {
         let server = Driver::connect(&j3.socket).await.unwrap();

@@ -11,6 +11,10 @@
 //!   two `junction serve` processes on loopback, an echo and a sink driver
 //!   on junction 2, the bench's driver on junction 1.
 //!
+//! - **Reroute**: three junctions in a triangle, a steady stream from 1 to
+//!   3 over their direct Highway, which a relay cuts: the longest wait at 3
+//!   between two messages, each checked once and in order.
+//!
 //! Round trips are measured unpinned and with every process pinned to one
 //! CPU (judge them pinned); throughput is measured unpinned, the best of
 //! three runs on each side, raw and bus in turn (as `junction bench` does),
@@ -22,10 +26,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::BytesMut;
+use junction::relay::UdpRelay;
 use junction_driver::Driver;
+use junction_driver::Rights;
 use junction_highway::wire::{Decoder, Encoder};
 use junction_highway::{PeerPolicy, Revocations, TlsIdentity, TransportSettings};
 use junction_identity::Role;
+use junction_road::control::HighwayState;
 use junction_road::highway::{HighwayFrame, Hops};
 use tokio::process::{Child, Command};
 
@@ -51,6 +58,11 @@ pub(crate) struct Figures {
     /// CPU per 1 MiB message, in nanoseconds, by process (the bus only).
     #[serde(skip_serializing_if = "Option::is_none")]
     cpu_per_large_ns: Option<CpuAcross>,
+    /// The bus only: the longest wait between two of a steady stream of
+    /// messages, in milliseconds, when the direct Highway they take is cut
+    /// and another way is up (three junctions in a triangle).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reroute_ms: Option<f64>,
     /// CPU per pinned call round trip, in nanoseconds, by process (the bus
     /// only; the receiver is the echo): where the pinned time goes.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,6 +133,8 @@ pub(crate) async fn run(dir: PathBuf, quick: bool, no_pin: bool, json: bool) -> 
         false,
     )
     .await?;
+    super::progress("three junctions in a triangle: a stream, its direct Highway cut");
+    bus.reroute_ms = Some(reroute(&dir, &authority, &authority_path).await?);
     if !no_pin {
         pin_to_cpu0()?;
         measure(
@@ -179,8 +193,8 @@ async fn measure(
         "two junctions and a Highway: round trips, then one-way streams, {how}"
     ));
     let (p1, p2) = (free_udp_port()?, free_udp_port()?);
-    let j1 = start_junction(dir, authority, authority_path, 1, p1, None).await?;
-    let j2 = start_junction(dir, authority, authority_path, 2, p2, Some((1, p1))).await?;
+    let j1 = start_junction(dir, authority, authority_path, 1, p1, &[]).await?;
+    let j2 = start_junction(dir, authority, authority_path, 2, p2, &[(1, p1)]).await?;
     let result = async {
         let echo = spawn_peer(super::Role::Echo, &j2.1, 0, false)?;
         let sink = spawn_peer(super::Role::Sink, &j2.1, 0, false)?;
@@ -280,6 +294,101 @@ impl Streams<'_> {
     }
 }
 
+/// Traffic again after a cut: three junctions in a triangle, junction 1
+/// reaching 3 directly through a relay, and a steady stream of numbered
+/// messages (one a millisecond) from 1 to a port on 3; a quarter of the way
+/// in the relay cuts the direct Highway. The longest wait at 3 between two
+/// messages, in milliseconds; each must arrive once and in order.
+async fn reroute(
+    dir: &Path,
+    authority: &junction::authority::LocalAuthority,
+    authority_path: &Path,
+) -> anyhow::Result<f64> {
+    const COUNT: u32 = 2_000;
+    let (p1, p2, p3) = (free_udp_port()?, free_udp_port()?, free_udp_port()?);
+    let relay = UdpRelay::new(SocketAddr::from(([127, 0, 0, 1], p1)))?;
+    let j1 = start_junction(dir, authority, authority_path, 1, p1, &[]).await?;
+    let j2 = start_junction(dir, authority, authority_path, 2, p2, &[(1, p1)]).await?;
+    let j3 = start_junction(
+        dir,
+        authority,
+        authority_path,
+        3,
+        p3,
+        &[(2, p2), (1, relay.port())],
+    )
+    .await?;
+    let result = async {
+        let far = Driver::connect(&j3.1).await?;
+        let mut port = far.open_port().await?;
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await?;
+        far.register("bench.reroute", &cap).await?;
+        let near = Driver::connect(&j1.1).await?;
+        // Both Highways of junction 1 up, and its way to 3 the direct one.
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let listing = near.listing().await?;
+            let up = listing
+                .highways
+                .iter()
+                .filter(|h| h.state == HighwayState::Up)
+                .count();
+            let direct = listing
+                .routes
+                .iter()
+                .any(|r| r.junction == 3 && r.path == [3]);
+            if up == 2 && direct {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the triangle of junctions did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sink = lookup(&near, "bench.reroute").await?;
+        let sender = async {
+            for i in 0..COUNT {
+                near.send(&sink, i.to_be_bytes().to_vec()).await?;
+                if i == COUNT / 4 {
+                    relay.cut(true);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let receiver = async {
+            let (mut last, mut longest) = (None::<Instant>, Duration::ZERO);
+            for i in 0..COUNT {
+                let msg = tokio::time::timeout(TIMEOUT, port.recv())
+                    .await
+                    .context("the stream stalled after the cut")?
+                    .context("the port closed")?;
+                let n = msg
+                    .payload
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_be_bytes);
+                if n != Some(i) {
+                    bail!("message {n:?} arrived where {i} was due");
+                }
+                let now = Instant::now();
+                if let Some(last) = last {
+                    longest = longest.max(now - last);
+                }
+                last = Some(now);
+            }
+            Ok(longest)
+        };
+        let ((), longest) = tokio::try_join!(sender, receiver)?;
+        Ok::<_, anyhow::Error>(longest.as_secs_f64() * 1e3)
+    }
+    .await;
+    for (mut child, _) in [j1, j2, j3] {
+        let _ = child.kill().await;
+    }
+    result
+}
+
 fn set_rtt(figures: &mut Figures, rtt: &Rtt, pinned: bool) {
     if pinned {
         figures.rtt_pinned_p50_us = Some(rtt.p50_us);
@@ -297,14 +406,14 @@ fn free_udp_port() -> anyhow::Result<u16> {
 }
 
 /// A `junction serve` with a Highway identity, listening on `port`, and
-/// dialling `peer`; its socket.
+/// dialling `peers` (id, port); its socket.
 async fn start_junction(
     dir: &Path,
     authority: &junction::authority::LocalAuthority,
     authority_path: &Path,
     id: u16,
     port: u16,
-    peer: Option<(u16, u16)>,
+    peers: &[(u16, u16)],
 ) -> anyhow::Result<(Child, PathBuf)> {
     let name = format!("hw{id}");
     let (key, cert) =
@@ -327,7 +436,7 @@ async fn start_junction(
         .env("RUST_LOG", "error")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    if let Some((peer, port)) = peer {
+    for (peer, port) in peers {
         command
             .arg("--peer")
             .arg(format!("{peer}@127.0.0.1:{port}"));
@@ -558,6 +667,11 @@ fn report(raw: &Figures, bus: &Figures, json: bool) {
         raw.large_gb_per_sec,
         bus.large_gb_per_sec,
     );
+    if let Some(ms) = bus.reroute_ms {
+        println!(
+            "traffic again after a cut (the longest wait between two messages, another way up): {ms:.0} ms"
+        );
+    }
     if let Some(cpu) = bus.cpu_per_small_ns {
         println!(
             "CPU per 64 B message across the Highway: sender {:.0} ns, junction 1 {:.0} ns, junction 2 {:.0} ns, receiver {:.0} ns",
