@@ -13,7 +13,7 @@
 //! - **Handshake.** The junction with the lower id initiates: it sends a
 //!   hello with a fresh ephemeral key and no echo, resent on a timer
 //!   ([`HELLO_FIRST`] doubling to [`HELLO_MAX`], for at most
-//!   [`HANDSHAKE_GIVE_UP`]). The other, the responder, answers each new one
+//!   [`HANDSHAKE_GIVE_UP`]), and at once when the route changes. The other, the responder, answers each new one
 //!   with a hello of its own, with a fresh ephemeral key and the
 //!   initiator's echoed; it derives the keys at once but sends under them
 //!   only once a frame sealed under them arrives (the initiator sends an
