@@ -58,6 +58,11 @@ pub(crate) struct Figures {
     /// CPU per 1 MiB message, in nanoseconds, by process (the bus only).
     #[serde(skip_serializing_if = "Option::is_none")]
     cpu_per_large_ns: Option<CpuAcross>,
+    /// Raw quinn only: CPU per pinned call round trip, in nanoseconds, of
+    /// the client and of the echo's process: what one QUIC endpoint costs,
+    /// beside what each junction costs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoints_cpu_per_pinned_call_ns: Option<CpuOfEndpoints>,
     /// The bus only: the longest wait between two of a steady stream of
     /// messages, in milliseconds, when the direct Highway they take is cut
     /// and another way is up (three junctions in a triangle).
@@ -91,6 +96,13 @@ impl CpuAcross {
             receiver: per(3),
         }
     }
+}
+
+/// CPU time per call of raw quinn's two processes, in nanoseconds.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct CpuOfEndpoints {
+    client: f64,
+    server: f64,
 }
 
 /// The work of one run.
@@ -184,8 +196,20 @@ async fn measure(
     super::progress(&format!(
         "raw quinn: round trips, then one-way streams, {how}"
     ));
+    let processes = [std::process::id(), server.id().unwrap_or(0)];
+    let before = processes.map(super::cpu_ns);
     let rtt = raw_round_trips(&conn, work.round_trips).await?;
+    let after = processes.map(super::cpu_ns);
     set_rtt(raw, &rtt, pinned);
+    if pinned {
+        // Warm-up calls included, as they ran.
+        let calls = (work.round_trips + work.round_trips / 10) as f64;
+        let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / calls;
+        raw.endpoints_cpu_per_pinned_call_ns = Some(CpuOfEndpoints {
+            client: per(0),
+            server: per(1),
+        });
+    }
 
     // The bus: two junctions, a Highway between them. Raw quinn stays up
     // beside it, idle, so that the one-way streams can alternate.
@@ -685,6 +709,13 @@ fn report(raw: &Figures, bus: &Figures, json: bool) {
             cpu.junction_1 / 1e3,
             cpu.junction_2 / 1e3,
             cpu.receiver / 1e3
+        );
+    }
+    if let Some(cpu) = raw.endpoints_cpu_per_pinned_call_ns {
+        println!(
+            "CPU per pinned call, raw quinn: client {:.1} µs, echo {:.1} µs",
+            cpu.client / 1e3,
+            cpu.server / 1e3
         );
     }
     if let Some(cpu) = bus.cpu_per_pinned_call_ns {
