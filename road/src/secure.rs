@@ -509,5 +509,46 @@ mod tests {
                 proptest::prop_assert!(open(&keys, counter, body).is_err());
             }
         }
+
+        /// A payload in two pieces, split anywhere, small or large, encodes
+        /// to the same bytes as the same payload in one piece, in clear,
+        /// sealed, alone or in a batch; and it decodes back whole.
+        #[test]
+        fn a_payload_encodes_the_same_wherever_it_splits(
+            len in proptest::prop_oneof![0..200usize, 65_000..70_000usize],
+            at in proptest::num::usize::ANY,
+            seq in 0..u64::MAX,
+        ) {
+            let keys = SessionKeys::derive(
+                &[1; 32],
+                Party { junction: 1, incarnation: 1, ephemeral: [1; 32] },
+                Party { junction: 2, incarnation: 1, ephemeral: [2; 32] },
+            ).unwrap();
+            let whole = Bytes::from((0..len).map(|i| i as u8).collect::<Vec<_>>());
+            let at = if len == 0 { 0 } else { at % (len + 1) };
+            let split = Chained::new(whole.slice(..at), whole.slice(at..));
+            let whole = Chained::from(whole);
+            let frame = SessionFrame::Data(SessionData {
+                from_incarnation: 1,
+                to_incarnation: 2,
+                lane: 3,
+                seq,
+                base: 0,
+            });
+            proptest::prop_assert_eq!(plain(&frame, &split), plain(&frame, &whole));
+            proptest::prop_assert_eq!(
+                seal(&keys, 7, &frame, &split).unwrap(),
+                seal(&keys, 7, &frame, &whole).unwrap()
+            );
+            let batch = |p: &Chained| vec![(frame.clone(), p.clone()), (frame.clone(), Chained::default())];
+            proptest::prop_assert_eq!(plain_batch(&batch(&split)), plain_batch(&batch(&whole)));
+            proptest::prop_assert_eq!(
+                seal_batch(&keys, 8, &batch(&split)).unwrap(),
+                seal_batch(&keys, 8, &batch(&whole)).unwrap()
+            );
+            let (envelope, body) = decode(&plain(&frame, &split).to_bytes()).unwrap();
+            proptest::prop_assert_eq!(envelope, Envelope::Plain);
+            proptest::prop_assert_eq!(wire::decode(&body).unwrap(), (frame, whole.to_bytes()));
+        }
     }
 }
