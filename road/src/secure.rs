@@ -540,7 +540,7 @@ mod tests {
                 seal(&keys, 7, &frame, &split).unwrap(),
                 seal(&keys, 7, &frame, &whole).unwrap()
             );
-            let batch = |p: &Chained| vec![(frame.clone(), p.clone()), (frame.clone(), Chained::default())];
+            let batch = |p: &Chained| vec![(frame, p.clone()), (frame, Chained::default())];
             proptest::prop_assert_eq!(plain_batch(&batch(&split)), plain_batch(&batch(&whole)));
             proptest::prop_assert_eq!(
                 seal_batch(&keys, 8, &batch(&split)).unwrap(),
