@@ -650,19 +650,26 @@ impl Highways {
     }
 }
 
-/// Reads what has arrived on `recv` into `decoder`, counting it on `link`;
-/// false when the stream has ended (or failed).
+/// Reads everything that has arrived on `recv` (up to [`READ_CHUNKS`]
+/// pieces, as quinn received them) into `decoder`, counting it on `link`;
+/// false when the stream has ended (or failed). Taking all that waits in
+/// one read lets the frames of many packets go to the core together.
 async fn read_more(recv: &mut quinn::RecvStream, link: &Link, decoder: &mut Decoder) -> bool {
-    match recv.read_chunk(64 * 1024, true).await {
-        Ok(Some(chunk)) => {
-            link.bytes_in
-                .set(link.bytes_in.get() + chunk.bytes.len() as u64);
-            decoder.feed(&chunk.bytes);
+    let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
+    match recv.read_chunks(&mut chunks).await {
+        Ok(Some(n)) => {
+            for chunk in &chunks[..n] {
+                link.bytes_in.set(link.bytes_in.get() + chunk.len() as u64);
+                decoder.feed(chunk);
+            }
             true
         }
         Ok(None) | Err(_) => false,
     }
 }
+
+/// The most pieces one read of a Highway stream takes from quinn.
+const READ_CHUNKS: usize = 32;
 
 /// Pieces of a stream at least this long go to quinn as they are; shorter
 /// ones are copied together, which costs less than quinn's bookkeeping of
