@@ -9,12 +9,17 @@
 //!   admits it, after the peer's `Hello` on the control stream: a client the
 //!   server refused still sees its QUIC connect succeed.
 //! - The **control stream** (bidirectional, opened by the dialer) carries
-//!   hellos, keep-alives and link states, which bulk traffic never delays;
-//!   **data streams** (unidirectional) carry forwarded traffic, one per
-//!   destination junction, so unrelated flows never block each other.
+//!   hellos, keep-alives and link states, ahead of traffic (a higher quinn
+//!   priority), so bulk traffic never delays them; **data streams**
+//!   (unidirectional) carry forwarded traffic, one per destination
+//!   junction, so unrelated flows never block each other.
 //! - Each stream has a writer task fed by a queue; the core's output is
 //!   encoded into it at once, and the task writes what has gathered in one
-//!   call.
+//!   call. What waits is bounded per Highway ([`HIGHWAY_QUEUE_BYTES`];
+//!   traffic past it is dropped, and sessions resend it), and a writer
+//!   that makes no progress for [`STALLED_WRITE`] closes its Highway.
+//! - Each stream's reader takes all that quinn holds for it in one read,
+//!   so the frames of many packets reach the core together.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
