@@ -909,7 +909,6 @@ mod tests {
     /// leaves the count.
     #[tokio::test]
     async fn a_neighbour_that_takes_nothing_in_is_closed_and_its_queue_freed() {
-        let stall = Duration::from_millis(500);
         let [(_near, conn), (_far, far)] = pair().await;
         let link = Link::new(conn);
 
@@ -921,8 +920,10 @@ mod tests {
             let mut stream = far.accept_uni().await.unwrap();
             stream.read_to_end(16 << 20).await.unwrap().len()
         };
-        // The writer ends with its queue (the sender is gone).
-        let (read, ()) = tokio::join!(reader, write_all(stream, rx, &link, stall));
+        // The writer ends with its queue (the sender is gone). A deadline
+        // a busy machine cannot reach while the neighbour reads.
+        let patient = write_all(stream, rx, &link, Duration::from_secs(20));
+        let (read, ()) = tokio::join!(reader, patient);
         assert_eq!(read, 8 << 20, "all of it arrived");
         assert_eq!(link.queued.get(), 0);
         assert!(
@@ -932,6 +933,7 @@ mod tests {
 
         // Now nobody reads the next stream.
         let (stream, rx) = queue_eight_mib(&link).await;
+        let stall = Duration::from_millis(500);
         tokio::time::timeout(Duration::from_secs(30), write_all(stream, rx, &link, stall))
             .await
             .expect("the stalled writer gave up");
