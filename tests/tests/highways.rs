@@ -350,15 +350,12 @@ fn bulk_traffic_leaves_the_control_stream_alone() {
     for j in [&j1, &j2] {
         let log = j.log();
         assert!(!log.contains("Highway down"), "{log}");
-        assert!(
-            !log.contains("queue is full"),
-            "bulk overflowed a queue: {log}"
-        );
     }
     // For the record (a figure, not a test: the machine is shared).
     let rtts: Vec<_> = samples.iter().filter_map(|(_, rtt)| *rtt).collect();
     eprintln!("keep-alive round trips during the bulk, µs: {rtts:?}");
 }
+
 /// A junction revoked while its Highway is up: on SIGHUP the junction that
 /// reloads the list closes the Highway, saying why, and refuses the
 /// redial.
