@@ -334,7 +334,7 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<ServeConfig> {
                 .or(file.hello_timeout_ms)
                 .map_or(defaults.hello_timeout, Duration::from_millis),
             // The start time: each life outranks the ones before.
-            incarnation: junction::unix_now(),
+            incarnation: junction::new_incarnation(),
             junction_identity,
             ..defaults
         },
@@ -621,13 +621,13 @@ fn junctions_tables(listing: &junction_road::control::Listing) -> String {
     out
 }
 
-/// A junction's incarnation (its start time) as a date; `-` for 0, an
-/// incarnation not heard yet.
+/// A junction's incarnation (its start time, in Unix milliseconds) as a
+/// date; `-` for 0, an incarnation not heard yet.
 fn started(incarnation: u64) -> String {
     if incarnation == 0 {
         "-".to_string()
     } else {
-        junction_identity::when::utc(incarnation)
+        junction_identity::when::utc(incarnation / 1000)
     }
 }
 
@@ -1004,11 +1004,11 @@ mod tests {
             next_hop: 2,
             cost: 2,
             path: vec![2, 3],
-            incarnation: 7,
+            incarnation: 7_000,
         });
         l.sessions.push(SessionInfo {
             junction: 3,
-            incarnation: 7,
+            incarnation: 7_000,
             lanes_out: 1,
             lanes_in: 2,
             unacked: 3,

@@ -28,6 +28,17 @@ pub mod relay;
 pub mod service;
 pub mod shell;
 
+/// A new life's incarnation: its start time in Unix milliseconds. Peers
+/// take a greater incarnation for a restart; in seconds, a junction
+/// restarted within the second it last started would look like its
+/// earlier life, and its first messages, numbered from 0 again, would be
+/// dropped as already delivered.
+pub fn new_incarnation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Seconds since the Unix epoch: the clock certificates and capability
 /// expiries are read against.
 pub fn unix_now() -> u64 {

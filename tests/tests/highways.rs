@@ -356,6 +356,43 @@ fn bulk_traffic_leaves_the_control_stream_alone() {
     eprintln!("keep-alive round trips during the bulk, µs: {rtts:?}");
 }
 
+/// A junction that restarts within a second of its last start is still a
+/// new life to its neighbour: its lookups are answered and its messages
+/// taken, none mistaken for the earlier life's (which, numbered from 0 on
+/// the same lanes, would be dropped as already delivered).
+#[test]
+fn a_junction_restarted_at_once_is_a_new_life_to_its_peers() {
+    let bus = Bus::new();
+    let ports = [free_port(), free_port()];
+    let (k1, c1) = bus.junction(1);
+    let j2 = bus.start(2, ports[1], &[]);
+    let rt = runtime();
+    rt.block_on(async {
+        let server = Driver::connect(&j2.socket).await.unwrap();
+        let mut port = server.open_port().await.unwrap();
+        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
+        server.register("t.sink", &cap).await.unwrap();
+        for life in 0..3u8 {
+            let j1 = bus.start_as(1, ports[0], &[(2, ports[1])], &k1, &c1, &[]);
+            let client = Driver::connect(&j1.socket).await.unwrap();
+            let sink = lookup_eventually(&client, "t.sink", Duration::from_secs(20)).await;
+            for i in 0..5u8 {
+                client.send(&sink, vec![life, i]).await.unwrap();
+            }
+            for i in 0..5u8 {
+                let msg = tokio::time::timeout(Duration::from_secs(10), port.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("life {life}: message {i} never came"))
+                    .unwrap();
+                assert_eq!(&msg.payload[..], [life, i], "life {life}");
+            }
+            // Killed and started again at once, as a crash and a restart.
+            drop(client);
+            drop(j1);
+        }
+    });
+}
+
 /// A junction revoked while its Highway is up: on SIGHUP the junction that
 /// reloads the list closes the Highway, saying why, and refuses the
 /// redial.
