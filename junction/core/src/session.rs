@@ -27,9 +27,11 @@
 //!   cost of resending what a reordering path delivered early. Either way it
 //!   acknowledges, so a sender whose acknowledgement was lost hears again.
 //! - **Retransmission** of a lane's unacknowledged messages when its timer
-//!   runs out (`rto`, doubled on each timeout without progress up to
-//!   `max_rto`), and at once, for every lane, when the caller says the route
-//!   changed ([`Session::route_changed`]).
+//!   runs out (`rto`, or the measured round trip and four times its
+//!   variation if longer, so a slow path is not flooded with copies of
+//!   what is still on its way; doubled on each timeout without progress up
+//!   to `max_rto`), and at once, for every lane, when the caller says the
+//!   route changed ([`Session::route_changed`]).
 //! - **Outcomes.** When the peer restarts, or a lane makes no progress for
 //!   `give_up` (30 s by default), every message not acknowledged ends with an
 //!   [`Outcome`] its sender is told: [`Outcome::Unknown`] if it was ever
@@ -316,6 +318,10 @@ struct Pending {
     /// Sent at least once to a known incarnation of the peer: if it is
     /// given up, its fate is unknown.
     sent: bool,
+    /// When it was transmitted, while it has been transmitted only once:
+    /// its acknowledgement then times the round trip (that of a resent one
+    /// could answer either copy, and is not taken: Karn's rule).
+    timed_from: Option<Instant>,
 }
 
 /// A lane this junction sends on.
@@ -374,6 +380,46 @@ pub struct Session {
     acks_due: bool,
     /// Messages received since acknowledgements last went.
     unacked_in: u32,
+    /// The round trip to the peer as acknowledgements have timed it.
+    rtt: RoundTrip,
+}
+
+/// A smoothed round trip and its variation, as TCP keeps them (RFC 6298),
+/// from which a lane's resend timer is set: on a path slower than `rto`
+/// (a long or busy one), the timer waits as long as acknowledgements take
+/// instead of resending what is still on its way.
+#[derive(Debug, Default, Clone, Copy)]
+struct RoundTrip {
+    smoothed: Option<Duration>,
+    variation: Duration,
+}
+
+impl RoundTrip {
+    fn sample(&mut self, rtt: Duration) {
+        match self.smoothed {
+            None => {
+                self.smoothed = Some(rtt);
+                self.variation = rtt / 2;
+            }
+            Some(srtt) => {
+                self.variation = (self.variation * 3 + srtt.abs_diff(rtt)) / 4;
+                self.smoothed = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+    }
+}
+
+/// How long a lane waits for an acknowledgement after `backoff` timeouts
+/// in a row: `config.rto`, or the measured round trip and four times its
+/// variation if longer; doubled per timeout up to `config.max_rto` (or
+/// the measured wait, if that is longer).
+fn resend_after(config: &SessionConfig, rtt: &RoundTrip, backoff: u32) -> Duration {
+    let measured = rtt
+        .smoothed
+        .map_or(Duration::ZERO, |srtt| srtt + rtt.variation * 4);
+    let base = config.rto.max(measured);
+    base.saturating_mul(1u32 << backoff.min(16))
+        .min(config.max_rto.max(base))
 }
 
 impl Session {
@@ -399,6 +445,7 @@ impl Session {
             ack_at: None,
             acks_due: false,
             unacked_in: 0,
+            rtt: RoundTrip::default(),
         }
     }
 
@@ -452,6 +499,7 @@ impl Session {
             payload,
             cost,
             sent: false,
+            timed_from: None,
         });
         if l.stalled_since.is_none() {
             l.stalled_since = Some(now);
@@ -506,6 +554,8 @@ impl Session {
     /// The path to the peer changed: everything unacknowledged goes again,
     /// over the new one, at once.
     pub fn route_changed(&mut self, _now: Instant) {
+        // A new path: its round trip is to be measured again.
+        self.rtt = RoundTrip::default();
         for (&lane, l) in self.sending.iter_mut() {
             l.resend_at = None;
             l.backoff = 0;
@@ -626,6 +676,7 @@ impl Session {
             // Data for incarnation 0 is never taken, so it does not count
             // as sent.
             p.sent |= self.peer != 0;
+            p.timed_from = (l.cursor >= l.sent_upto).then_some(now);
             let frame = SessionFrame::Data(SessionData {
                 from_incarnation: self.me,
                 to_incarnation: self.peer,
@@ -637,11 +688,7 @@ impl Session {
             l.cursor += 1;
             l.sent_upto = l.sent_upto.max(l.cursor);
             if l.resend_at.is_none() {
-                let rto = self
-                    .config
-                    .rto
-                    .saturating_mul(1u32 << l.backoff.min(16))
-                    .min(self.config.max_rto);
+                let rto = resend_after(&self.config, &self.rtt, l.backoff);
                 l.resend_at = now.checked_add(rto);
             }
             if l.cursor < l.next_seq {
@@ -694,6 +741,7 @@ impl Session {
         self.acks_due = false;
         self.unacked_in = 0;
         self.reset = None;
+        self.rtt = RoundTrip::default();
     }
 
     fn data(&mut self, now: Instant, d: SessionData, payload: Bytes) -> Result<(), SessionError> {
@@ -759,19 +807,33 @@ impl Session {
             return Ok(());
         }
         let mut units = 0;
+        let mut timed = None;
         while l.base < upto {
             let Some(p) = l.unacked.pop_front() else {
                 break;
             };
             units += p.cost;
             l.base += 1;
+            timed = p.timed_from;
         }
         l.units -= units;
         l.cursor = l.cursor.max(l.base);
-        l.backoff = 0;
+        // The newest message acknowledged, if it went only once, times the
+        // round trip (its acknowledgement may have waited for data going
+        // back, which the timer must allow for anyway), and the timer
+        // starts over from it. Otherwise the timer stays backed off (Karn's
+        // rule): reset by every acknowledgement, it would never outgrow a
+        // round trip longer than `rto`, resending each message while it is
+        // on its way.
+        if let Some(sent) = timed {
+            let rtt = now.saturating_duration_since(sent);
+            self.rtt.sample(rtt.min(self.config.give_up / 2));
+            l.backoff = 0;
+        }
         let waiting = (!l.unacked.is_empty()).then_some(now);
         l.stalled_since = waiting;
-        l.resend_at = waiting.and_then(|now| now.checked_add(self.config.rto));
+        let rto = resend_after(&self.config, &self.rtt, l.backoff);
+        l.resend_at = waiting.and_then(|now| now.checked_add(rto));
         self.events
             .push_back(SessionEvent::Acked { lane, upto, units });
         Ok(())

@@ -1068,7 +1068,9 @@ fn a_restart_mid_stream_ends_correctly_and_traffic_goes_on() {
     }
     sim.restart(1);
     let sent_before = sim.oracle.sent;
-    for _ in 0..400 {
+    // Four seconds: the resend timer may have grown to the link's measured
+    // round trip before the restart is noticed.
+    for _ in 0..800 {
         sim.step(false);
         sim.send(0);
     }
@@ -1382,4 +1384,72 @@ fn acknowledgements_wait_for_data_to_ride() {
     }
     assert_eq!(flush(&mut a, &mut b, later), [Ok(()), Ok(())]);
     assert_eq!(transmits(&mut b, later).len(), 1, "one ack, at once");
+}
+
+/// On a path slower than `rto`, the first message is resent while it is
+/// still on its way (nothing is measured yet); once an acknowledgement has
+/// timed the round trip, the timer waits that long, and the next messages
+/// go once each instead of a copy per timeout.
+#[test]
+fn the_resend_timer_learns_a_slow_round_trip() {
+    let t0 = Instant::now();
+    let config = SessionConfig {
+        rto: Duration::from_millis(200),
+        max_rto: Duration::from_secs(5),
+        give_up: Duration::from_secs(30),
+        window: 64,
+        ..small()
+    };
+    let (mut a, mut b) = pair(config, t0);
+    let one_way = Duration::from_secs(1);
+    let is_data = |t: &Transmit| matches!(t.frame, SessionFrame::Data(_));
+    // Steps the clock from `from` for a round trip and more, 50 ms at a
+    // time, carrying what `a` sends to `b` one way later and `b`'s answers
+    // back; how many data frames `a` sent.
+    let round = |a: &mut Session, b: &mut Session, from: Instant| {
+        let mut in_flight: Vec<(Instant, bool, Transmit)> = Vec::new();
+        let mut sent = 0;
+        let mut now = from;
+        while now < from + one_way * 3 {
+            a.handle_timeout(now);
+            for t in transmits(a, now) {
+                sent += usize::from(is_data(&t));
+                in_flight.push((now + one_way, true, t));
+            }
+            b.handle_timeout(now);
+            for t in transmits(b, now) {
+                in_flight.push((now + one_way, false, t));
+            }
+            let (due, later): (Vec<_>, Vec<_>) =
+                in_flight.drain(..).partition(|(at, _, _)| *at <= now);
+            in_flight = later;
+            for (_, to_b, t) in due {
+                let to = if to_b { &mut *b } else { &mut *a };
+                let _ = to.handle_frame(now, t.frame, t.payload.to_bytes());
+            }
+            now += Duration::from_millis(50);
+        }
+        events(a);
+        events(b);
+        sent
+    };
+    a.send(t0, 1, Bytes::from_static(b"first")).unwrap();
+    let first = round(&mut a, &mut b, t0);
+    assert!(
+        first > 1,
+        "nothing measured yet: resent while on its way ({first})"
+    );
+    // Acknowledgements of resent messages time nothing (either copy may
+    // have been answered), so the timer stays backed off until a message
+    // goes once and is timed; from then on it waits a measured round trip.
+    let mut sent = Vec::new();
+    for r in 1..4u32 {
+        let at = t0 + one_way * 3 * r;
+        for i in 0..10u8 {
+            a.send(at, 1, Bytes::from(vec![i])).unwrap();
+        }
+        sent.push(round(&mut a, &mut b, at));
+    }
+    assert_eq!(sent[2], 10, "once each, at last: {sent:?}");
+    assert!(sent[0] <= 20, "at most one copy more on the way: {sent:?}");
 }
