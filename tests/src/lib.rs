@@ -557,6 +557,23 @@ impl Default for TestPki {
     }
 }
 
+/// A port on the junction at `socket`, registered as `name` (a name of
+/// the development namespace, `t.*`): the driver that owns it (keep it, or
+/// the port goes) and the port.
+pub async fn registered_port(
+    socket: &Path,
+    name: &str,
+) -> (junction_driver::Driver, junction_driver::Port) {
+    let owner = junction_driver::Driver::connect(socket).await.unwrap();
+    let port = owner.open_port().await.unwrap();
+    let cap = port
+        .mint(junction_driver::Rights::SEND | junction_driver::Rights::GRANT)
+        .await
+        .unwrap();
+    owner.register(name, &cap).await.unwrap();
+    (owner, port)
+}
+
 /// Looks `name` up until it is registered (a service process starting up),
 /// for at most `patience`.
 pub async fn lookup_eventually(

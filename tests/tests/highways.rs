@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use junction::relay::UdpRelay;
 use junction_driver::{Driver, Rights};
-use junction_tests::{Bus, free_port, lookup_eventually};
+use junction_tests::{Bus, free_port, lookup_eventually, registered_port};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -39,10 +39,7 @@ fn a_call_and_capabilities_cross_two_highways() {
     let rt = runtime();
     rt.block_on(async {
         // A service on junction 3.
-        let server = Driver::connect(&j3.socket).await.unwrap();
-        let mut port = server.open_port().await.unwrap();
-        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
-        server.register("t.store", &cap).await.unwrap();
+        let (server, mut port) = registered_port(&j3.socket, "t.store").await;
 
         // A client on junction 1 finds it across two Highways.
         let client = Driver::connect(&j1.socket).await.unwrap();
@@ -246,10 +243,7 @@ fn a_cut_highway_reroutes_and_loses_or_repeats_nothing() {
     let j1 = bus.start_as(1, ports[0], &[(3, relay.port())], &k1, &c1, &[]);
     let rt = runtime();
     rt.block_on(async {
-        let server = Driver::connect(&j3.socket).await.unwrap();
-        let mut port = server.open_port().await.unwrap();
-        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
-        server.register("t.sink", &cap).await.unwrap();
+        let (_server, mut port) = registered_port(&j3.socket, "t.sink").await;
         let client = Driver::connect(&j1.socket).await.unwrap();
         let sink = lookup_eventually(&client, "t.sink", Duration::from_secs(20)).await;
         const COUNT: u32 = 400;
@@ -299,10 +293,7 @@ fn bulk_traffic_leaves_the_control_stream_alone() {
     let j2 = bus.start(2, ports[1], &[(1, ports[0])]);
     let rt = runtime();
     let samples = rt.block_on(async {
-        let server = Driver::connect(&j2.socket).await.unwrap();
-        let mut port = server.open_port().await.unwrap();
-        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
-        server.register("t.sink", &cap).await.unwrap();
+        let (_server, mut port) = registered_port(&j2.socket, "t.sink").await;
         let client = Driver::connect(&j1.socket).await.unwrap();
         let sink = lookup_eventually(&client, "t.sink", Duration::from_secs(20)).await;
         const COUNT: u8 = 100;
@@ -368,10 +359,7 @@ fn a_junction_restarted_at_once_is_a_new_life_to_its_peers() {
     let j2 = bus.start(2, ports[1], &[]);
     let rt = runtime();
     rt.block_on(async {
-        let server = Driver::connect(&j2.socket).await.unwrap();
-        let mut port = server.open_port().await.unwrap();
-        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
-        server.register("t.sink", &cap).await.unwrap();
+        let (_server, mut port) = registered_port(&j2.socket, "t.sink").await;
         for life in 0..3u8 {
             let j1 = bus.start_as(1, ports[0], &[(2, ports[1])], &k1, &c1, &[]);
             let client = Driver::connect(&j1.socket).await.unwrap();
@@ -521,10 +509,7 @@ fn a_valid_junction_never_given_a_capability_reaches_no_port() {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         // A service on junction 3, reached legitimately from junction 1.
-        let server = Driver::connect(&j3.socket).await.unwrap();
-        let mut port = server.open_port().await.unwrap();
-        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
-        server.register("t.vault", &cap).await.unwrap();
+        let (_server, mut port) = registered_port(&j3.socket, "t.vault").await;
         let client = Driver::connect(&j1.socket).await.unwrap();
         let vault = lookup_eventually(&client, "t.vault", Duration::from_secs(20)).await;
         client.send(&vault, "legitimate").await.unwrap();

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use junction_driver::{Driver, Rights};
 use junction_road::monitor::TrafficReport;
-use junction_tests::{Bus, Proc, TestJunction, TestPki, free_port, lookup_eventually};
+use junction_tests::{
+    Bus, Proc, TestJunction, TestPki, free_port, lookup_eventually, registered_port,
+};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -289,10 +291,7 @@ fn a_slow_monitor_drops_its_events_and_holds_nothing_up() {
     assert!(line.starts_with("monitoring"), "{line}");
     let rt = runtime();
     let took = rt.block_on(async {
-        let server = Driver::connect(&j.socket).await.unwrap();
-        let mut port = server.open_port().await.unwrap();
-        let cap = port.mint(Rights::SEND | Rights::GRANT).await.unwrap();
-        server.register("t.sink", &cap).await.unwrap();
+        let (_server, mut port) = registered_port(&j.socket, "t.sink").await;
         let client = Driver::connect(&j.socket).await.unwrap();
         let sink = client.lookup("t.sink").await.unwrap();
         let start = Instant::now();
