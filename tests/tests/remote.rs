@@ -20,7 +20,7 @@ use junction_identity::{
 use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
 use junction_road::remote::{self, RemoteFrame, RemotePort, RemoteSend};
 use junction_road::{Address, ErrorCode, Frame, Reason, Rights};
-use junction_tests::sim::{Ctx, Latency, Process, World, seed_from_env};
+use junction_tests::sim::{Ctx, Latency, Process, Rng, World, seed_from_env};
 
 /// A process: the real driver state machine, and what it heard.
 struct Proc {
@@ -1640,6 +1640,344 @@ fn revoking_bus(seed: u64) {
     }
     assert!(delivered > 0, "the capabilities worked before");
     for node in 0..n {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+/// A remote frame that hostile junction `me` makes up, and the lane it
+/// sends it on: every kind of frame, looking up `name`, naming the port
+/// `port` or a few others,
+/// with generations, exports, message numbers, calls and requests drawn
+/// from small ranges (so that they hit what the other junctions really
+/// hold) or anywhere, on the right lane or a wrong one.
+fn hostile_frame(rng: &mut Rng, me: u16, port: u16, name: &str) -> (u32, Bytes) {
+    fn small_or_any(rng: &mut Rng, small: u64) -> u64 {
+        if rng.chance(80) {
+            rng.below(small)
+        } else {
+            rng.next_u64()
+        }
+    }
+    let remote_port = |rng: &mut Rng| {
+        let generation = rng.below(3) as u32;
+        RemotePort {
+            port: if rng.chance(70) {
+                port
+            } else {
+                rng.below(8) as u16
+            },
+            generation,
+            export: if rng.chance(80) {
+                rng.below(8) as u32 | ((rng.below(2) as u32) << 16)
+            } else {
+                rng.next_u64() as u32
+            },
+        }
+    };
+    let rights = |rng: &mut Rng| -> Rights { postcard::from_bytes(&[rng.below(8) as u8]).unwrap() };
+    let reason = |rng: &mut Rng| {
+        [
+            Reason::PortClosed,
+            Reason::OwnerGone,
+            Reason::Revoked,
+            Reason::Expired,
+            Reason::ReplyDropped,
+            Reason::Shutdown,
+            Reason::Exhausted,
+            Reason::Cancelled,
+            Reason::JunctionRestarted,
+            Reason::JunctionUnreachable,
+        ][rng.index(10)]
+    };
+    let caps = |rng: &mut Rng| -> Vec<remote::Carried> {
+        (0..rng.below(3))
+            .map(|_| {
+                let port = remote_port(rng);
+                let rights = rights(rng);
+                if rng.chance(50) {
+                    remote::Carried::Grant {
+                        port,
+                        rights,
+                        token: None,
+                    }
+                } else {
+                    remote::Carried::Home { port, rights }
+                }
+            })
+            .collect()
+    };
+    let call = |rng: &mut Rng| small_or_any(rng, 6);
+    let target = remote_port(rng);
+    let frame = match rng.below(13) {
+        0 => RemoteFrame::Lookup {
+            req: rng.below(4) as u32,
+            name: name.parse().unwrap(),
+        },
+        1 => RemoteFrame::Found {
+            req: rng.below(4) as u32,
+            port: target,
+            rights: rights(rng),
+            chain: None,
+            proof: None,
+            token: None,
+        },
+        2 => RemoteFrame::NotFound {
+            req: rng.below(4) as u32,
+            message: "made up".into(),
+        },
+        3 => RemoteFrame::Send(RemoteSend {
+            port: target,
+            n: small_or_any(rng, 8),
+            origin: Address::new(
+                if rng.chance(70) {
+                    me
+                } else {
+                    rng.below(4) as u16
+                },
+                rng.below(4) as u16,
+            ),
+            identity: None,
+            call: if rng.chance(50) { 0 } else { call(rng) },
+            ack: rng.chance(50),
+            caps: caps(rng),
+        }),
+        4 => RemoteFrame::Settled {
+            port: target,
+            first: small_or_any(rng, 8),
+            count: small_or_any(rng, 8) as u32,
+        },
+        5 => RemoteFrame::Refused {
+            port: target,
+            n: small_or_any(rng, 8),
+            call: call(rng),
+            code: ErrorCode::MissingRight,
+            message: "made up".into(),
+        },
+        6 => RemoteFrame::Dead {
+            port: target,
+            reason: reason(rng),
+        },
+        7 => RemoteFrame::Release {
+            port: target,
+            grants: small_or_any(rng, 4) as u32,
+        },
+        8 => RemoteFrame::Reply {
+            call: call(rng),
+            caps: caps(rng),
+        },
+        9 => RemoteFrame::CallFailed {
+            call: call(rng),
+            reason: reason(rng),
+        },
+        10 => RemoteFrame::Cancel { call: call(rng) },
+        11 => RemoteFrame::Opened {
+            open: rng.below(4) as u32,
+            port: target,
+        },
+        _ => RemoteFrame::OpenRefused {
+            open: rng.below(4) as u32,
+            reason: reason(rng),
+            message: "made up".into(),
+        },
+    };
+    let right = match &frame {
+        RemoteFrame::Send(send) => remote::data_lane(send.port.port),
+        RemoteFrame::Found { port, .. }
+        | RemoteFrame::Settled { port, .. }
+        | RemoteFrame::Refused { port, .. }
+        | RemoteFrame::Dead { port, .. }
+        | RemoteFrame::Release { port, .. }
+        | RemoteFrame::Opened { port, .. } => remote::control_lane(port.port),
+        _ => remote::CALL_LANE,
+    };
+    let lane = match rng.below(10) {
+        0 => remote::data_lane(rng.below(64) as u16),
+        1 => remote::control_lane(rng.below(64) as u16),
+        2 => rng.next_u64() as u32,
+        _ => right,
+    };
+    let payload: &[u8] = if frame.has_payload() { b"forged" } else { b"" };
+    (lane, remote::to_bytes(&frame, payload))
+}
+
+/// Node `attacker` sends made-up remote frames to the junctions in
+/// `targets`, naming `port` and looking up `name`, a few at a time with the
+/// world running between.
+fn attack(
+    world: &mut World<Proc>,
+    seed: u64,
+    attacker: usize,
+    targets: &[u16],
+    (port, name): (u16, &str),
+) {
+    let mut rng = Rng::new(seed ^ 0x5eed_0bad);
+    for round in 0..8 {
+        for _ in 0..12 {
+            let me = world.nodes()[attacker].junction;
+            let (lane, bytes) = hostile_frame(&mut rng, me, port, name);
+            let to = targets[rng.index(targets.len())];
+            // A full lane window refuses more: the attacker just waits.
+            let _ = world.junction_send(attacker, to, lane, bytes);
+        }
+        let until = world.elapsed() + Duration::from_millis(50 + 25 * round);
+        world.run_until(until).unwrap();
+    }
+    run(world);
+}
+
+/// Junction 2, which links junctions 1 and 3 and was given nothing, turns
+/// hostile: it sends both of them made-up remote frames of every kind
+/// while a call between them is under way. Nothing it says reaches a
+/// process, each frame is refused or ignored, no junction breaks its
+/// invariants, and the call it tried to meddle with completes, as does a
+/// new one.
+#[test]
+fn a_hostile_junction_between_two_others_reaches_nothing_and_breaks_nothing() {
+    let refused = std::sync::atomic::AtomicU64::new(0);
+    junction_tests::sim::for_seeds(8_800, 12, |seed| {
+        refused.fetch_add(
+            hostile_bystander(seed),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    });
+    if std::env::var(junction_tests::sim::SEED_VAR).is_err() {
+        assert!(refused.into_inner() > 0, "the junctions refused forgeries");
+    }
+}
+
+/// One run; how many remote frames the honest junctions refused.
+fn hostile_bystander(seed: u64) -> u64 {
+    let mut world = line(seed);
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.vault");
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.vault").unwrap();
+    world.act(client, |p, _| {
+        p.machine
+            .call(handle, &[], Bytes::from_static(b"before"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, server));
+    assert_eq!(got.len(), 1);
+    let reply = got[0].0.reply.expect("a call carries a reply capability");
+    let refused_before: u64 = (0..3).map(|n| world.core_mut(n).remote_refusals()).sum();
+
+    // Not the service's name: a lookup of it would give junction 2 a
+    // capability, as it would any junction that asks.
+    attack(&mut world, seed, 1, &[1, 3], (port, "dev.nothing"));
+
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+    let refused: u64 = (0..3).map(|n| world.core_mut(n).remote_refusals()).sum();
+    assert_eq!(
+        take(&mut world, server),
+        vec![],
+        "nothing reached the server"
+    );
+    assert_eq!(
+        take(&mut world, client),
+        vec![],
+        "nothing reached the client"
+    );
+
+    // The call under way and a new one both complete.
+    world.act(server, |p, _| {
+        p.machine.read(port, 6, false);
+        p.machine
+            .reply(reply, &[], Bytes::from_static(b"after"))
+            .unwrap();
+    });
+    run(&mut world);
+    let replied = take(&mut world, client).into_iter().find_map(|e| match e {
+        Event::Replied { payload, .. } => Some(payload),
+        _ => None,
+    });
+    assert_eq!(replied.as_deref(), Some(&b"after"[..]));
+    world.act(client, |p, _| {
+        p.machine
+            .send(handle, &[], Bytes::from_static(b"again"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, server));
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].1[..], b"again");
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+    refused - refused_before
+}
+
+/// Junctions 1 and 3, a holder and an owner with a call under way between
+/// them, both turn hostile and send each other made-up remote frames.
+/// Each can hurt only what it was given; neither core breaks, and junction
+/// 1 still reaches a service on junction 2, which stayed honest.
+#[test]
+fn junctions_that_turn_on_each_other_break_neither_core() {
+    junction_tests::sim::for_seeds(8_900, 12, hostile_ends);
+}
+
+fn hostile_ends(seed: u64) {
+    let mut world = line(seed);
+    run(&mut world);
+    let (server, port) = service(&mut world, 2, "dev.vault");
+    let (other, other_port) = service(&mut world, 1, "dev.other");
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.vault").unwrap();
+    let own = open_port(&mut world, client);
+    let passed = mint(&mut world, client, own, Rights::SEND | Rights::GRANT);
+    let tag = world
+        .act(client, |p, _| {
+            p.machine
+                .call(handle, &[passed], Bytes::from_static(b"before"))
+                .unwrap()
+        })
+        .unwrap();
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, server)).len(), 1);
+
+    let mut rng = Rng::new(seed);
+    for _ in 0..2 {
+        let attacker = if rng.chance(50) { 0 } else { 2 };
+        let target = if attacker == 0 { 3 } else { 1 };
+        attack(
+            &mut world,
+            rng.next_u64(),
+            attacker,
+            &[target],
+            (port, "dev.vault"),
+        );
+    }
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+    // Junction 3 was given the call's reply and a capability to `own`, and
+    // it owns the port `handle` reaches: it may answer the call, send to
+    // `own`, and refuse or end what was sent on `handle` (junction 1's own
+    // forgeries confuse its books for that port). It reaches nothing else.
+    for event in take(&mut world, client) {
+        match event {
+            Event::Delivered { deliver, .. } => assert_eq!(deliver.port, own),
+            Event::Notice { handle: h, .. } => assert_eq!(h, Some(handle)),
+            Event::Replied { tag: t, .. } | Event::CallFailed { tag: t, .. } => assert_eq!(t, tag),
+            Event::SendCredit { .. } | Event::Dead { .. } | Event::Undeliverable { .. } => {}
+            other => panic!("junction 3 made up {other:?}"),
+        }
+    }
+
+    let (handle, _) = lookup(&mut world, client, "dev.other").unwrap();
+    world.act(client, |p, _| {
+        p.machine
+            .send(handle, &[], Bytes::from_static(b"still here"))
+            .unwrap()
+    });
+    run(&mut world);
+    let got = deliveries(&take(&mut world, other));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.port, other_port);
+    for node in 0..3 {
         world.core_mut(node).check_invariants().unwrap();
     }
 }
