@@ -578,7 +578,7 @@ impl Core {
         let anchor = match found {
             Some(anchor) => {
                 if let Some(e) = self.remote.exports.get_mut(&(number, holder, anchor)) {
-                    e.grants += 1;
+                    e.grants = e.grants.saturating_add(1);
                 }
                 anchor
             }
@@ -1067,7 +1067,7 @@ impl Core {
             && let Some(Proxy::Import { grants, .. }) =
                 self.ports.get_mut(key).and_then(|p| p.proxy.as_mut())
         {
-            *grants += 1;
+            *grants = grants.saturating_add(1);
             if let Some(token) = token {
                 self.remote.tokens.insert(key, token);
             }
