@@ -49,6 +49,10 @@ pub struct Outbox {
     closed: bool,
     /// A second handle on the link, for writing without waking the writer.
     direct: Option<Direct>,
+    /// The last frame in `staging`, when it is a `Credit`: its port, its
+    /// count and where it starts. A `Credit` for the same port that follows
+    /// it is added to it instead of queued behind it.
+    last_credit: Option<(u16, u32, usize)>,
 }
 
 /// A non-blocking handle on a link that [`Outbox::flush_direct`] writes
@@ -97,10 +101,38 @@ impl Outbox {
 
     /// Encodes a frame into the outbox without waking the writer: call
     /// [`Outbox::flush_direct`] when the batch is complete.
+    ///
+    /// A `Credit` right behind an unwritten `Credit` for the same port is
+    /// merged into it: one frame counting both, as the Road's rules allow
+    /// (a count covers everything consumed before it). An application that
+    /// reads faster than its link writes then sends one `Credit` per write,
+    /// not one per message that asked for an ack.
     pub fn push_quiet(&mut self, header: &Header, payload: &Bytes) {
         if self.closed {
             return;
         }
+        if let Header::Credit { port, count } = *header {
+            let (count, start) = match self.last_credit.take() {
+                Some((last, queued, start)) if last == port => match queued.checked_add(count) {
+                    Some(sum) => {
+                        self.queued -= self.staging.len() - start;
+                        self.staging.truncate(start);
+                        (sum, start)
+                    }
+                    None => (count, self.staging.len()),
+                },
+                _ => (count, self.staging.len()),
+            };
+            codec::encode_parts(
+                &Header::Credit { port, count },
+                &Bytes::new(),
+                &mut self.staging,
+            );
+            self.queued += self.staging.len() - start;
+            self.last_credit = Some((port, count, start));
+            return;
+        }
+        self.last_credit = None;
         let before = self.staging.len();
         if payload.len() >= COPY_LIMIT {
             codec::encode_header(header, payload.len(), &mut self.staging);
@@ -127,6 +159,7 @@ impl Outbox {
         if self.direct.is_none() || !self.pending.is_empty() {
             return self.waker.take();
         }
+        self.last_credit = None;
         while !self.staging.is_empty() {
             let Some(direct) = &self.direct else { break };
             match direct.try_write(&self.staging) {
@@ -193,6 +226,7 @@ impl Outbox {
     /// already took go with the writer) and wakes everyone waiting.
     #[must_use = "wake the returned waker, or the writer sleeps on"]
     pub fn abandon(&mut self) -> Option<Waker> {
+        self.last_credit = None;
         self.staging = BytesMut::new();
         self.pending = VecDeque::new();
         self.queued = 0;
@@ -209,6 +243,7 @@ impl Outbox {
     /// drained. The bytes stay counted as queued until the writer reports
     /// them written ([`Outbox::wrote`]).
     pub fn poll_take(&mut self, cx: &mut Context<'_>, batch: &mut VecDeque<Bytes>) -> Poll<bool> {
+        self.last_credit = None;
         if !self.staging.is_empty() {
             self.pending.push_back(self.staging.split().freeze());
         }
@@ -380,6 +415,64 @@ mod tests {
             "closing shuts the link down"
         );
         writer.await.unwrap().unwrap();
+    }
+
+    /// The frames an outbox holds, decoded.
+    fn frames_in(outbox: &mut Outbox) -> Vec<Header> {
+        let mut batch = VecDeque::new();
+        let waker = std::task::Waker::noop();
+        let _ = outbox.poll_take(&mut Context::from_waker(waker), &mut batch);
+        let mut bytes = BytesMut::new();
+        for b in batch {
+            bytes.extend_from_slice(&b);
+        }
+        let queued = outbox.queued();
+        assert_eq!(queued, bytes.len(), "every byte counted once");
+        outbox.wrote(queued);
+        std::iter::from_fn(|| codec::decode(&mut bytes, 1 << 20).unwrap())
+            .map(|f| f.header)
+            .collect()
+    }
+
+    #[test]
+    fn a_credit_behind_an_unwritten_credit_for_its_port_is_added_to_it() {
+        let mut outbox = Outbox::new();
+        let credit = |port, count| Header::Credit { port, count };
+        let none = Bytes::new();
+        for count in [1, 3, 300] {
+            outbox.push_quiet(&credit(2, count), &none);
+        }
+        assert_eq!(frames_in(&mut outbox), [credit(2, 304)]);
+        // Another port, or any other frame, between them keeps them apart.
+        outbox.push_quiet(&credit(2, 1), &none);
+        outbox.push_quiet(&credit(3, 1), &none);
+        outbox.push_quiet(&credit(2, 1), &none);
+        outbox.push_quiet(&Header::Ping { nonce: 7 }, &none);
+        outbox.push_quiet(&credit(2, 1), &none);
+        outbox.push_quiet(&credit(2, u32::MAX), &none);
+        assert_eq!(
+            frames_in(&mut outbox),
+            [
+                credit(2, 1),
+                credit(3, 1),
+                credit(2, 1),
+                Header::Ping { nonce: 7 },
+                credit(2, 1),
+                credit(2, u32::MAX),
+            ],
+            "a sum past u32 is not merged"
+        );
+        // What the writer took is not changed after.
+        outbox.push_quiet(&credit(2, 1), &none);
+        let mut batch = VecDeque::new();
+        let _ = outbox.poll_take(
+            &mut Context::from_waker(std::task::Waker::noop()),
+            &mut batch,
+        );
+        outbox.push_quiet(&credit(2, 1), &none);
+        let taken = batch.iter().map(|b| b.len()).sum::<usize>();
+        outbox.wrote(taken);
+        assert_eq!(frames_in(&mut outbox), [credit(2, 1)]);
     }
 
     /// Counts its wake-ups.

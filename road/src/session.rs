@@ -32,7 +32,7 @@ pub enum SessionFrame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionData {
     /// The sender's incarnation: chosen when it starts, greater than in any
-    /// earlier life (its start time in Unix seconds, as in routing).
+    /// earlier life (its start time in Unix milliseconds, as in routing).
     pub from_incarnation: u64,
     /// The incarnation the sender believes the destination has; 0 when it
     /// does not know it yet. A destination takes the message only when this
