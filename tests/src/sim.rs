@@ -915,21 +915,43 @@ impl<P: Process> World<P> {
         self.drain_core(node);
     }
 
+    /// A frame from process `pid` reaches its node's core.
+    fn core_in(&mut self, pid: ProcessId, frame: Frame, now: Now) {
+        let Road { node, conn, .. } = self.roads[pid];
+        if self.roads[pid].closed {
+            // The core closed this Road already: the bytes go nowhere.
+            return;
+        }
+        self.record(Traced::CoreIn {
+            node,
+            conn: conn.get(),
+            frame: frame.clone(),
+        });
+        self.nodes[node].core.handle_frame(conn, frame, now);
+        self.drain_core(node);
+    }
+
     fn handle(&mut self, event: Event) {
         let now = self.now();
         match event {
             Event::ToCore { pid, frame } => {
-                let Road { node, conn, .. } = self.roads[pid];
-                if self.roads[pid].closed {
-                    // The core closed this Road already: the bytes go nowhere.
-                    return;
+                // As the shell does, frames a Road brings at once are one
+                // batch: what they send to other junctions is held until
+                // its end, and goes out together.
+                let node = self.roads[pid].node;
+                self.nodes[node].core.hold_transmits();
+                self.core_in(pid, frame, now);
+                while let Some(next) = self.queue.first_entry()
+                    && next.key().0 <= self.elapsed
+                    && matches!(next.get(), Event::ToCore { pid: p, .. } if *p == pid)
+                {
+                    let Event::ToCore { frame, .. } = next.remove() else {
+                        unreachable!("matched above")
+                    };
+                    self.step += 1;
+                    self.core_in(pid, frame, now);
                 }
-                self.record(Traced::CoreIn {
-                    node,
-                    conn: conn.get(),
-                    frame: frame.clone(),
-                });
-                self.nodes[node].core.handle_frame(conn, frame, now);
+                self.nodes[node].core.release_transmits();
                 self.drain_core(node);
             }
             Event::Disconnect { pid } => {

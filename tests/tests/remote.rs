@@ -6,6 +6,8 @@
 //! both ways, and hears of revocation, expiry, death and no-senders as a
 //! local client would.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +20,10 @@ use junction_identity::{
     prove_possession,
 };
 use junction_road::control::{CONTROL_HANDLE, ControlReply, ControlRequest};
+use junction_road::highway::HighwayFrame;
 use junction_road::remote::{self, RemoteFrame, RemotePort, RemoteSend};
+use junction_road::secure::{self, Envelope};
+use junction_road::session::{self, SessionFrame};
 use junction_road::{Address, ErrorCode, Frame, Reason, Rights};
 use junction_tests::sim::{Ctx, Latency, Process, Rng, World, seed_from_env};
 
@@ -1977,6 +1982,130 @@ fn hostile_ends(seed: u64) {
     let got = deliveries(&take(&mut world, other));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0.port, other_port);
+    for node in 0..3 {
+        world.core_mut(node).check_invariants().unwrap();
+    }
+}
+
+/// What [`watch_settled`] records for a `Dead`.
+const DEAD: (u64, u32) = (u64::MAX, 0);
+
+/// The `Settled` frames node `node` sends in its sessions in clear, as
+/// (first, count), and its `Dead` frames, in the order they leave.
+fn watch_settled(world: &mut World<Proc>, node: usize) -> Rc<RefCell<Vec<(u64, u32)>>> {
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let out = seen.clone();
+    world.watch_highways(Box::new(move |from, _, frame, payload| {
+        if from != node || !matches!(frame, HighwayFrame::Forward { .. }) {
+            return;
+        }
+        let Ok((envelope, body)) = secure::decode(payload) else {
+            return;
+        };
+        let frames: Vec<Bytes> = match envelope {
+            Envelope::Plain => vec![body],
+            Envelope::PlainBatch => secure::batch_frames(&body).flatten().collect(),
+            _ => return,
+        };
+        for frame in frames {
+            if let Ok((SessionFrame::Data(_), payload)) = session::decode(&frame) {
+                match remote::decode(&payload) {
+                    Ok((RemoteFrame::Settled { first, count, .. }, _)) => {
+                        out.borrow_mut().push((first, count));
+                    }
+                    Ok((RemoteFrame::Dead { .. }, _)) => out.borrow_mut().push(DEAD),
+                    _ => {}
+                }
+            }
+        }
+    }));
+    seen
+}
+
+/// Reports of consumption that reach the owner's junction together (one
+/// batch, as the shell reads them) go back to the holder's junction as one
+/// `Settled` per run of messages, not one each; the sender's credit comes
+/// back all the same.
+#[test]
+fn reports_that_arrive_together_are_settled_together() {
+    let mut world = line(seed_from_env(96));
+    run(&mut world);
+    // Frames written together reach the junction together.
+    let at_once = Duration::from_micros(50);
+    world.road_latency = Latency {
+        min: at_once,
+        max: at_once,
+    };
+    let (server, port) = service(&mut world, 2, "dev.sink");
+    let client = attach(&mut world, 0, "client");
+    let (handle, _) = lookup(&mut world, client, "dev.sink").unwrap();
+    world.act(client, |p, _| {
+        for i in 0..8u8 {
+            p.machine.send(handle, &[], Bytes::from(vec![i])).unwrap();
+        }
+    });
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, server)).len(), 8);
+    take(&mut world, client);
+    let settled = watch_settled(&mut world, 2);
+
+    // Each read asks for an ack, so each makes a `Credit`.
+    world.act(server, |p, _| {
+        for _ in 0..8 {
+            p.machine.read(port, 1, true);
+        }
+    });
+    run(&mut world);
+    assert_eq!(*settled.borrow(), [(0, 8)], "one Settled for eight reports");
+    let credit = take(&mut world, client)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::SendCredit { credits, .. } => Some(credits),
+            _ => None,
+        })
+        .last();
+    assert_eq!(
+        credit,
+        Some(world.core_mut(0).config().window),
+        "the sender has its whole window back"
+    );
+
+    // A report alone is settled alone, as before.
+    world.act(client, |p, _| {
+        p.machine
+            .send(handle, &[], Bytes::from_static(b"9"))
+            .unwrap();
+    });
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, server)).len(), 1);
+    world.act(server, |p, _| p.machine.read(port, 1, true));
+    run(&mut world);
+    assert_eq!(*settled.borrow(), [(0, 8), (8, 1)]);
+
+    // Reports, then the port's end, in one batch: the settlement still
+    // goes first, so the holder knows those two were consumed.
+    world.act(client, |p, _| {
+        for i in 0..3u8 {
+            p.machine.send(handle, &[], Bytes::from(vec![i])).unwrap();
+        }
+    });
+    run(&mut world);
+    assert_eq!(deliveries(&take(&mut world, server)).len(), 3);
+    world.act(server, |p, _| {
+        p.machine.read(port, 1, true);
+        p.machine.read(port, 1, true);
+        p.machine.close_port(port);
+    });
+    run(&mut world);
+    assert_eq!(*settled.borrow(), [(0, 8), (8, 1), (9, 2), DEAD]);
+    let lost: u32 = take(&mut world, client)
+        .iter()
+        .map(|e| match e {
+            Event::Undeliverable { count, .. } => *count,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(lost, 1, "only the unread message is reported undelivered");
     for node in 0..3 {
         world.core_mut(node).check_invariants().unwrap();
     }

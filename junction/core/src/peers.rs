@@ -104,6 +104,7 @@ impl Core {
     /// Transmits what was sent to other junctions since the shell last
     /// polled: many messages to one junction share seals and frames.
     pub(crate) fn transmit_dirty(&mut self) {
+        self.ship_all_settling();
         for id in std::mem::take(&mut self.peers.dirty) {
             self.transmit_peer(id);
         }
@@ -111,7 +112,7 @@ impl Core {
 
     /// Whether messages wait for [`Core::transmit_dirty`] and may go now.
     pub(crate) fn has_dirty(&self) -> bool {
-        !self.peers.holding && !self.peers.dirty.is_empty()
+        !self.peers.holding && (!self.peers.dirty.is_empty() || self.has_settling())
     }
 
     /// Holds back what driver frames send to other junctions until
@@ -126,7 +127,8 @@ impl Core {
     /// Ends [`Core::hold_transmits`]: what was held comes out of the next
     /// [`Core::poll_output`]. Whether anything was held.
     pub fn release_transmits(&mut self) -> bool {
-        std::mem::take(&mut self.peers.holding) && !self.peers.dirty.is_empty()
+        std::mem::take(&mut self.peers.holding)
+            && (!self.peers.dirty.is_empty() || self.has_settling())
     }
 
     /// The session with junction `to`, made on first use.

@@ -197,6 +197,20 @@ pub(crate) struct Remote {
     /// The stand-in being killed, and the address its lane is known by:
     /// credit given back as it dies still names that lane.
     pub(crate) dying: Option<(u16, Address)>,
+    /// Settlements not yet shipped, in the order they were made: the
+    /// consumption reported by a batch of frames goes out as one
+    /// `Settled` per run of messages, not one per report.
+    settling: Vec<Settling>,
+}
+
+/// Messages `first..first + count` that holder junction `to` sent to
+/// `port` were settled here, and it has not been told yet.
+#[derive(Debug, Clone, Copy)]
+struct Settling {
+    to: u16,
+    port: RemotePort,
+    first: u64,
+    count: u32,
 }
 
 impl Remote {
@@ -333,6 +347,85 @@ impl Core {
     /// `noted`, so that if the session gives it up, its sender is told
     /// which message.
     fn ship_noted(
+        &mut self,
+        to: u16,
+        lane: u32,
+        frame: &RemoteFrame,
+        payload: &Bytes,
+        noted: Option<SentMessage>,
+    ) {
+        if !self.remote.settling.is_empty() {
+            // What this port's holder is owed goes first: a lane keeps the
+            // order things were said in (a `Dead` after a settlement must
+            // not overtake it).
+            self.ship_settling(|s| s.to == to && control_lane(s.port.port) == lane);
+        }
+        self.ship_now(to, lane, frame, payload, noted);
+    }
+
+    /// Settlements wait, to be merged with those that follow, until the
+    /// junction next transmits or something else goes on their lane.
+    fn settle_later(&mut self, to: u16, port: RemotePort, first: u64, count: u32) {
+        let pending = self
+            .remote
+            .settling
+            .iter_mut()
+            .find(|s| s.to == to && s.port == port);
+        match pending {
+            Some(s)
+                if s.first.checked_add(u64::from(s.count)) == Some(first)
+                    && s.count.checked_add(count).is_some() =>
+            {
+                s.count += count;
+            }
+            Some(_) => {
+                // Not a continuation: the earlier run goes first.
+                self.ship_settling(|s| s.to == to && s.port == port);
+                self.remote.settling.push(Settling {
+                    to,
+                    port,
+                    first,
+                    count,
+                });
+            }
+            None => self.remote.settling.push(Settling {
+                to,
+                port,
+                first,
+                count,
+            }),
+        }
+    }
+
+    /// Ships the pending settlements that `which` picks, in order.
+    fn ship_settling(&mut self, which: impl Fn(&Settling) -> bool) {
+        let mut pending = std::mem::take(&mut self.remote.settling);
+        for s in pending.iter().filter(|s| which(s)) {
+            let frame = RemoteFrame::Settled {
+                port: s.port,
+                first: s.first,
+                count: s.count,
+            };
+            self.ship_now(s.to, control_lane(s.port.port), &frame, &Bytes::new(), None);
+        }
+        pending.retain(|s| !which(s));
+        self.remote.settling = pending;
+    }
+
+    /// Ships every pending settlement.
+    pub(crate) fn ship_all_settling(&mut self) {
+        if !self.remote.settling.is_empty() {
+            self.ship_settling(|_| true);
+        }
+    }
+
+    /// Whether settlements wait to be shipped.
+    pub(crate) fn has_settling(&self) -> bool {
+        !self.remote.settling.is_empty()
+    }
+
+    /// [`Core::ship_noted`], behind nothing that waits to be merged.
+    fn ship_now(
         &mut self,
         to: u16,
         lane: u32,
@@ -1251,11 +1344,7 @@ impl Core {
             if let Some(e) = self.remote.exports.get_mut(&(port.port, junction, export)) {
                 e.units = e.units.saturating_sub(units);
             }
-            self.ship(
-                junction,
-                control_lane(port.port),
-                &RemoteFrame::Settled { port, first, count },
-            );
+            self.settle_later(junction, port, first, count);
         }
     }
 
