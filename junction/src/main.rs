@@ -205,7 +205,7 @@ EXAMPLES:
 EXAMPLES:
   junction bench --quick
   junction bench --json > bench.json
-  junction bench --hostile --only credit-hoard")]
+  junction bench --hostile --only hoard --only pings")]
     Bench(bench::BenchArgs),
     /// Make a new ed25519 key (PKCS#8 PEM, readable by openssl) and print its public half.
     #[command(after_help = "\
@@ -475,5 +475,72 @@ mod tests {
         walk(&Cli::command(), "", &mut problems);
         assert!(problems.is_empty(), "{}", problems.join("\n"));
         Cli::command().debug_assert();
+    }
+
+    /// The words of one example command line, as a shell splits them: up
+    /// to a comment, a pipe or a redirection, without a trailing `&`, with
+    /// single quotes taken off.
+    fn example_words(line: &str) -> Vec<String> {
+        let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+        for c in line.chars() {
+            match c {
+                '\'' => {
+                    quoted = !quoted;
+                    any = true;
+                }
+                c if quoted => word.push(c),
+                '#' | '|' | '>' => break,
+                c if c.is_whitespace() => {
+                    if any || !word.is_empty() {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    any = false;
+                }
+                c => word.push(c),
+            }
+        }
+        if any || !word.is_empty() {
+            words.push(word);
+        }
+        if words.last().is_some_and(|w| w == "&") {
+            words.pop();
+        }
+        words
+    }
+
+    /// Every example in `--help` is a command line the parser takes, so
+    /// none can name an option or a value that is not there.
+    #[test]
+    fn every_example_in_help_parses() {
+        fn walk(cmd: &clap::Command, lines: &mut Vec<String>) {
+            for help in [cmd.get_after_help(), cmd.get_after_long_help()]
+                .into_iter()
+                .flatten()
+            {
+                let text = help.to_string().replace("\\\n", " ");
+                lines.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| l.starts_with("junction "))
+                        .map(String::from),
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, lines);
+            }
+        }
+        let mut lines = Vec::new();
+        walk(&Cli::command(), &mut lines);
+        assert!(lines.len() > 30, "examples found: {lines:?}");
+        let refused: Vec<String> = lines
+            .iter()
+            .filter_map(|line| {
+                let words = example_words(line);
+                <Cli as clap::Parser>::try_parse_from(&words)
+                    .err()
+                    .map(|e| format!("{line}\n  {}", e.to_string().lines().next().unwrap_or("")))
+            })
+            .collect();
+        assert!(refused.is_empty(), "{}", refused.join("\n"));
     }
 }
