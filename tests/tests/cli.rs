@@ -612,4 +612,18 @@ fn bench_highway_measures_the_bus_across_a_highway_and_a_cut() {
         }
     }
     assert!(figure("bus", "reroute_ms") > 0.0, "{report}");
+    let cpu = |side: &str, key: &str, process: &str| {
+        report["highway"][side][key][process]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    for process in ["sender", "junction_1", "junction_2", "receiver"] {
+        assert!(cpu("bus", "cpu_per_small_ns", process) > 0.0, "{report}");
+    }
+    for process in ["client", "server"] {
+        assert!(
+            cpu("raw_quinn", "endpoints_cpu_per_small_ns", process) > 0.0,
+            "{report}"
+        );
+    }
 }
