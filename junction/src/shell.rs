@@ -1279,7 +1279,8 @@ const TURN_BYTES: usize = 64 * 1024;
 /// Frames whose traffic to other junctions one reader holds back, across
 /// turns, to send together (or [`TURN_BYTES`] of payload): each send to a
 /// Highway costs quinn a write, packets and a wake-up, and at one send per
-/// turn of 16 small messages that cost was a third of a junction's work.
+/// turn of 16 small messages that cost was about a quarter of the sending
+/// junction's work.
 const HOLD_FRAMES: usize = 128;
 
 async fn read_loop<R: AsyncRead + Unpin>(

@@ -379,8 +379,9 @@ impl Core {
                 s.count += count;
             }
             Some(_) => {
-                // Not a continuation: the earlier run goes first.
-                self.ship_settling(|s| s.to == to && s.port == port);
+                // Not a continuation: what waits on the lane goes first.
+                let lane = control_lane(port.port);
+                self.ship_settling(|s| s.to == to && control_lane(s.port.port) == lane);
                 self.remote.settling.push(Settling {
                     to,
                     port,
