@@ -94,6 +94,15 @@ fn run(world: &mut World<Proc>) {
     world.run_until(until).unwrap();
 }
 
+/// A service on junction 3 registered as `name`, and a client on junction
+/// 1 that looked it up: ((server pid, its port), (client pid, its handle)).
+fn served(world: &mut World<Proc>, name: &str) -> ((usize, u16), (usize, u32)) {
+    let server = service(world, 2, name);
+    let client = attach(world, 0, "client");
+    let (handle, _) = lookup(world, client, name).unwrap();
+    (server, (client, handle))
+}
+
 /// The events `pid` heard since last asked.
 fn take(world: &mut World<Proc>, pid: usize) -> Vec<Event> {
     world
@@ -276,9 +285,7 @@ fn a_name_nobody_registered_is_not_found_anywhere() {
 fn capabilities_pass_both_ways_between_junctions() {
     let mut world = line(seed_from_env(83));
     run(&mut world);
-    let (server, sport) = service(&mut world, 2, "dev.store");
-    let client = attach(&mut world, 0, "client");
-    let (to_server, _) = lookup(&mut world, client, "dev.store").unwrap();
+    let ((server, sport), (client, to_server)) = served(&mut world, "dev.store");
     // The client passes a capability to a port of its own.
     let cport = open_port(&mut world, client);
     let mine = mint(&mut world, client, cport, Rights::SEND | Rights::GRANT);
@@ -372,9 +379,7 @@ fn capabilities_pass_both_ways_between_junctions() {
 fn a_service_death_reaches_callers_on_other_junctions() {
     let mut world = line(seed_from_env(84));
     run(&mut world);
-    let (server, port) = service(&mut world, 2, "dev.mortal");
-    let client = attach(&mut world, 0, "client");
-    let (handle, _) = lookup(&mut world, client, "dev.mortal").unwrap();
+    let ((server, port), (client, handle)) = served(&mut world, "dev.mortal");
     world.act(client, |p, _| p.machine.watch(handle).unwrap());
     // A call in flight when the port closes fails.
     let tag = world
@@ -603,9 +608,7 @@ fn revocation_expiry_and_budgets_reach_across_junctions() {
 fn a_junction_never_given_a_capability_reaches_no_port() {
     let mut world = line(seed_from_env(87));
     run(&mut world);
-    let (server, port) = service(&mut world, 2, "dev.vault");
-    let client = attach(&mut world, 0, "client");
-    let (handle, _) = lookup(&mut world, client, "dev.vault").unwrap();
+    let ((server, port), (client, handle)) = served(&mut world, "dev.vault");
     // The client's grant is export e on junction 3; junction 2 (transit,
     // never granted anything) names it, and other exports, directly.
     world.act(client, |p, _| {
@@ -731,9 +734,7 @@ fn a_cut_link_mid_stream_loses_and_repeats_nothing() {
     let bc = world.add_link(1, 2, 1, wan());
     world.add_link(0, 2, 5, wan());
     run(&mut world);
-    let (server, port) = service(&mut world, 2, "dev.sink");
-    let client = attach(&mut world, 0, "client");
-    let (to_server, _) = lookup(&mut world, client, "dev.sink").unwrap();
+    let ((server, port), (client, to_server)) = served(&mut world, "dev.sink");
     let mut received = Vec::new();
     for i in 0u32..600 {
         world.act(client, |p, _| {
@@ -784,9 +785,7 @@ fn a_partition_fails_calls_as_unknown_and_keeps_exports_for_the_lease() {
     let mut world = line(seed_from_env(90));
     let bc = 1;
     run(&mut world);
-    let (server, port) = service(&mut world, 2, "dev.far");
-    let client = attach(&mut world, 0, "client");
-    let (handle, _) = lookup(&mut world, client, "dev.far").unwrap();
+    let ((server, port), (client, handle)) = served(&mut world, "dev.far");
     watch_remote_senders(&mut world, server, port, "dev.far");
     world.cut_link(bc);
     run(&mut world);
@@ -1238,9 +1237,7 @@ fn record_reports(
 fn a_restarted_junction_ends_what_others_held_of_it() {
     let mut world = line(seed_from_env(92));
     run(&mut world);
-    let (server, _) = service(&mut world, 2, "dev.phoenix");
-    let client = attach(&mut world, 0, "client");
-    let (handle, _) = lookup(&mut world, client, "dev.phoenix").unwrap();
+    let ((server, _), (client, handle)) = served(&mut world, "dev.phoenix");
     world.act(client, |p, _| {
         p.machine.watch(handle).unwrap();
         p.machine
@@ -1854,9 +1851,7 @@ fn a_hostile_junction_between_two_others_reaches_nothing_and_breaks_nothing() {
 fn hostile_bystander(seed: u64) -> u64 {
     let mut world = line(seed);
     run(&mut world);
-    let (server, port) = service(&mut world, 2, "dev.vault");
-    let client = attach(&mut world, 0, "client");
-    let (handle, _) = lookup(&mut world, client, "dev.vault").unwrap();
+    let ((server, port), (client, handle)) = served(&mut world, "dev.vault");
     world.act(client, |p, _| {
         p.machine
             .call(handle, &[], Bytes::from_static(b"before"))
@@ -2036,9 +2031,7 @@ fn reports_that_arrive_together_are_settled_together() {
         min: at_once,
         max: at_once,
     };
-    let (server, port) = service(&mut world, 2, "dev.sink");
-    let client = attach(&mut world, 0, "client");
-    let (handle, _) = lookup(&mut world, client, "dev.sink").unwrap();
+    let ((server, port), (client, handle)) = served(&mut world, "dev.sink");
     world.act(client, |p, _| {
         for i in 0..8u8 {
             p.machine.send(handle, &[], Bytes::from(vec![i])).unwrap();
