@@ -47,6 +47,14 @@ pub const KEEPALIVE: Duration = Duration::from_millis(250);
 /// traffic past it is dropped, and sessions resend it.
 pub const HIGHWAY_QUEUE_BYTES: usize = 64 << 20;
 
+/// The most data streams a junction opens on one Highway. Traffic for
+/// destination junction `d` takes stream `d % DATA_STREAMS`, so flows to up
+/// to this many destinations never share a stream, and the count stays
+/// under the streams a neighbour lets it open at once (quinn's default,
+/// 100): a stream per destination, kept for the link's life, would stall
+/// the first destination past that for good.
+pub const DATA_STREAMS: u16 = 64;
+
 /// How long a Highway stream's writer may make no progress while traffic
 /// waits before the link is closed: the neighbour takes nothing in.
 pub const STALLED_WRITE: Duration = Duration::from_secs(30);
@@ -103,7 +111,7 @@ struct Link {
     conn: quinn::Connection,
     /// The control stream's queue, once the stream is open.
     control: RefCell<Option<mpsc::UnboundedSender<Bytes>>>,
-    /// Data streams' queues, by destination junction.
+    /// Data streams' queues, by stream ([`Link::data_queue`]).
     data: RefCell<HashMap<u16, mpsc::UnboundedSender<Bytes>>>,
     /// Where it goes.
     remote: SocketAddr,
@@ -336,22 +344,7 @@ impl Highways {
             ));
             return;
         }
-        let queue = link.data.borrow().get(&destination).cloned();
-        let queue = match queue {
-            Some(q) if !q.is_closed() => q,
-            _ => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                link.data.borrow_mut().insert(destination, tx.clone());
-                let link = link.clone();
-                tokio::task::spawn_local(async move {
-                    match link.conn.open_uni().await {
-                        Ok(stream) => write_all(stream, rx, &link, STALLED_WRITE).await,
-                        Err(_) => forget(rx, &link),
-                    }
-                });
-                tx
-            }
-        };
+        let queue = link.data_queue(destination);
         link.enqueue(&queue, buf.freeze());
         let (head, body) = payload.into_pieces();
         for piece in [head, body] {
@@ -777,6 +770,28 @@ impl Link {
         }
     }
 
+    /// The queue of the data stream that traffic for junction
+    /// `destination` takes, its stream opened (and its writer started) on
+    /// first use: one of at most [`DATA_STREAMS`], by the destination's id.
+    fn data_queue(self: &Rc<Self>, destination: u16) -> mpsc::UnboundedSender<Bytes> {
+        let stream = destination % DATA_STREAMS;
+        if let Some(queue) = self.data.borrow().get(&stream)
+            && !queue.is_closed()
+        {
+            return queue.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.data.borrow_mut().insert(stream, tx.clone());
+        let link = self.clone();
+        tokio::task::spawn_local(async move {
+            match link.conn.open_uni().await {
+                Ok(stream) => write_all(stream, rx, &link, STALLED_WRITE).await,
+                Err(_) => forget(rx, &link),
+            }
+        });
+        tx
+    }
+
     /// Whether `len` more bytes of traffic fit in its queues
     /// ([`HIGHWAY_QUEUE_BYTES`]).
     fn has_room(&self, len: usize) -> bool {
@@ -890,6 +905,55 @@ mod tests {
             .unwrap();
         let (dialed, accepted) = tokio::join!(dial, async { server.accept().await.unwrap().await });
         [(client, dialed.unwrap()), (server, accepted.unwrap())]
+    }
+
+    /// Traffic for three times as many destinations as a neighbour lets a
+    /// junction open streams at once (quinn's default, 100) all arrives
+    /// while the streams stay open, as they do for a link's life: the
+    /// destinations share at most [`DATA_STREAMS`] streams. With a stream
+    /// per destination, the 101st never opened.
+    #[tokio::test]
+    async fn traffic_for_hundreds_of_destinations_shares_a_bounded_set_of_streams() {
+        let [(_near, conn), (_far, far)] = pair().await;
+        let (tx, mut arrived) = mpsc::unbounded_channel::<u16>();
+        let streams = Rc::new(Cell::new(0usize));
+        let accepting = {
+            let streams = streams.clone();
+            async move {
+                while let Ok(mut stream) = far.accept_uni().await {
+                    streams.set(streams.get() + 1);
+                    let tx = tx.clone();
+                    tokio::task::spawn_local(async move {
+                        let mut id = [0u8; 2];
+                        while stream.read_exact(&mut id).await.is_ok() {
+                            let _ = tx.send(u16::from_be_bytes(id));
+                        }
+                    });
+                }
+            }
+        };
+        tokio::task::LocalSet::new()
+            .run_until(async move {
+                tokio::task::spawn_local(accepting);
+                let link = Rc::new(Link::new(conn));
+                for destination in 0..300u16 {
+                    let queue = link.data_queue(destination);
+                    link.enqueue(&queue, Bytes::from(destination.to_be_bytes().to_vec()));
+                }
+                let mut got = Vec::new();
+                while got.len() < 300 {
+                    let next = tokio::time::timeout(Duration::from_secs(20), arrived.recv());
+                    match next.await {
+                        Ok(Some(id)) => got.push(id),
+                        _ => panic!("{} of 300 destinations heard from", got.len()),
+                    }
+                }
+                got.sort_unstable();
+                assert_eq!(got, (0..300).collect::<Vec<_>>());
+                assert_eq!(link.data.borrow().len(), usize::from(DATA_STREAMS));
+                assert_eq!(streams.get(), usize::from(DATA_STREAMS));
+            })
+            .await;
     }
 
     /// Queues eight 1 MiB pieces for a new stream of `link`.
