@@ -449,3 +449,43 @@ fn transport_settings_are_checked() {
         Err(HighwayError::IdleTimeout { .. })
     ));
 }
+
+/// A Highway carries one bidirectional stream, the control stream its
+/// dialer opens: a neighbour cannot open more, each of which quinn would
+/// fill with up to a stream window of data nobody reads. Unidirectional
+/// streams, for traffic, stay many.
+#[tokio::test]
+async fn a_neighbour_may_open_one_bidirectional_stream() {
+    let b = bus();
+    let (_, _, one) = b.junction(1);
+    let (_, _, two) = b.junction(2);
+    let policy = b.policy();
+    let transport = TransportSettings::default();
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server_ep =
+        quinn::Endpoint::server(server_config(&two, &policy, &transport).unwrap(), listen).unwrap();
+    let client_ep = quinn::Endpoint::client(listen).unwrap();
+    let connecting = client_ep
+        .connect_with(
+            client_config(&one, &policy, &transport).unwrap(),
+            server_ep.local_addr().unwrap(),
+            &server_name(2),
+        )
+        .unwrap();
+    let (conn, accepted) = tokio::join!(connecting, async {
+        server_ep.accept().await.unwrap().await
+    });
+    let (conn, _accepted) = (conn.unwrap(), accepted.unwrap());
+
+    assert!(conn.open_bi().await.is_ok(), "the control stream");
+    // Opening a stream is decided at once, from the peer's limit.
+    let mut second = std::pin::pin!(conn.open_bi());
+    let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(second.as_mut().poll(cx))).await;
+    assert!(polled.is_pending(), "no second bidirectional stream");
+    for _ in 0..64 {
+        let mut next = std::pin::pin!(conn.open_uni());
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx))).await;
+        assert!(polled.is_ready(), "data streams open at once");
+    }
+}

@@ -429,8 +429,12 @@ impl TransportSettings {
             }
         })?;
         let mut t = quinn::TransportConfig::default();
+        // One bidirectional stream, the control stream the dialer opens:
+        // a peer gets no more, each of which quinn would buffer up to a
+        // stream window of data for, unread.
         t.keep_alive_interval(Some(self.keep_alive))
-            .max_idle_timeout(Some(idle));
+            .max_idle_timeout(Some(idle))
+            .max_concurrent_bidi_streams(1u32.into());
         Ok(Arc::new(t))
     }
 }
