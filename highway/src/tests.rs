@@ -452,8 +452,8 @@ fn transport_settings_are_checked() {
 
 /// A Highway carries one bidirectional stream, the control stream its
 /// dialer opens: a neighbour cannot open more, each of which quinn would
-/// fill with up to a stream window of data nobody reads. Unidirectional
-/// streams, for traffic, stay many.
+/// fill with up to a stream window of data nobody reads, nor send
+/// datagrams. Unidirectional streams, for traffic, stay many.
 #[tokio::test]
 async fn a_neighbour_may_open_one_bidirectional_stream() {
     let b = bus();
@@ -477,6 +477,7 @@ async fn a_neighbour_may_open_one_bidirectional_stream() {
     });
     let (conn, _accepted) = (conn.unwrap(), accepted.unwrap());
 
+    assert_eq!(conn.max_datagram_size(), None, "no datagrams");
     assert!(conn.open_bi().await.is_ok(), "the control stream");
     // Opening a stream is decided at once, from the peer's limit.
     let mut second = std::pin::pin!(conn.open_bi());

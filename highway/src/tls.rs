@@ -431,10 +431,12 @@ impl TransportSettings {
         let mut t = quinn::TransportConfig::default();
         // One bidirectional stream, the control stream the dialer opens:
         // a peer gets no more, each of which quinn would buffer up to a
-        // stream window of data for, unread.
+        // stream window of data for, unread. No datagrams either: nothing
+        // reads them.
         t.keep_alive_interval(Some(self.keep_alive))
             .max_idle_timeout(Some(idle))
-            .max_concurrent_bidi_streams(1u32.into());
+            .max_concurrent_bidi_streams(1u32.into())
+            .datagram_receive_buffer_size(None);
         Ok(Arc::new(t))
     }
 }
