@@ -110,6 +110,18 @@ struct CpuOfEndpoints {
     server: f64,
 }
 
+impl CpuOfEndpoints {
+    /// CPU time per unit of work from the CPU times of the two processes
+    /// (client, server) before and after it.
+    fn between(before: [u64; 2], after: [u64; 2], units: f64) -> Self {
+        let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / units;
+        Self {
+            client: per(0),
+            server: per(1),
+        }
+    }
+}
+
 /// The work of one run.
 struct Work {
     round_trips: usize,
@@ -209,11 +221,7 @@ async fn measure(
     if pinned {
         // Warm-up calls included, as they ran.
         let calls = (work.round_trips + work.round_trips / 10) as f64;
-        let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / calls;
-        raw.endpoints_cpu_per_pinned_call_ns = Some(CpuOfEndpoints {
-            client: per(0),
-            server: per(1),
-        });
+        raw.endpoints_cpu_per_pinned_call_ns = Some(CpuOfEndpoints::between(before, after, calls));
     }
 
     // The bus: two junctions, a Highway between them. Raw quinn stays up
@@ -323,11 +331,7 @@ impl Streams<'_> {
             let after = self.raw_pids.map(super::cpu_ns);
             if secs < best_raw {
                 best_raw = secs;
-                let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / count as f64;
-                raw_cpu = CpuOfEndpoints {
-                    client: per(0),
-                    server: per(1),
-                };
+                raw_cpu = CpuOfEndpoints::between(before, after, count as f64);
             }
             let before = self.pids.map(super::cpu_ns);
             let secs = super::junction_stream(self.driver, self.sink, size, count).await?;
